@@ -1,0 +1,83 @@
+"""The baseline: a bare grpc.aio server answering MemberService.GetMember with a constant member.
+
+It serves the real method path with the real protobuf (de)serializers, so the driver calls it
+with the very stub and requests it sends to the service: both sides pay the same HTTP/2
+framing, protobuf parsing and serialization, and a response of the same shape and size
+(an IDENTIFICATION view: member_id, login_id, name, email, timestamps, two consents). Raw
+bytes would make the baseline cheaper than any protobuf servicer can be and inflate the
+gap; the difference measured against GetMember is then exactly the service's own work
+(authorization, store lookup, DEK unwrap, field decryption, interceptors).
+
+Configured like the service, from PRIVACY_VAULT_LISTEN_ADDRESS; it serves grpc.health.v1
+for readiness and uses a default ``grpc.aio.server()`` (no tuning, as the service).
+Run: ``python bench/echo_server.py`` (the privacyvault stubs must be importable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from privacyvault.v1 import member_pb2
+
+_CREATED = Timestamp(seconds=1_700_000_000)
+_SEEN = Timestamp(seconds=1_750_000_000)
+_TEMPLATE = member_pb2.Member(
+    login_id="bench-member-0001",
+    name="Bench Member",
+    email="bench-member-0001@example.com",
+    created_at=_CREATED,
+    last_seen_at=_SEEN,
+    consents=[
+        member_pb2.Consent(
+            purpose=purpose, granted=True, policy_version="2025-01-01", recorded_at=_CREATED
+        )
+        for purpose in (member_pb2.PURPOSE_INQUIRY, member_pb2.PURPOSE_STATISTICS)
+    ],
+)
+
+
+async def get_member(
+    request: member_pb2.GetMemberRequest, context: Any
+) -> member_pb2.GetMemberResponse:
+    member = member_pb2.Member()
+    member.CopyFrom(_TEMPLATE)
+    member.member_id = request.member_id
+    return member_pb2.GetMemberResponse(member=member)
+
+
+async def serve(address: str) -> None:
+    server = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(
+        get_member,
+        request_deserializer=member_pb2.GetMemberRequest.FromString,
+        response_serializer=member_pb2.GetMemberResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "privacyvault.v1.MemberService", {"GetMember": handler}
+            ),
+        )
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(os.environ.get("PRIVACY_VAULT_LISTEN_ADDRESS", "127.0.0.1:50051")))

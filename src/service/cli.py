@@ -1,0 +1,47 @@
+"""``privacy-vault``: run the server, apply migrations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.logs import configure_logging
+
+app = typer.Typer(
+    name="privacy-vault",
+    help="An identity-and-privacy service: an envelope-encrypted member vault over gRPC.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings.from_env()
+    except ValidationError as exc:
+        # Name the settings that are wrong, not their values (they may be secrets).
+        bad = ", ".join("PRIVACY_VAULT_" + str(e["loc"][0]).upper() for e in exc.errors() if e["loc"])
+        typer.echo(f"invalid configuration: {bad or exc.error_count()}", err=True)
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+@app.command()
+def serve() -> None:
+    """Run the gRPC server (embedded default: SQLite and a key file in ./privacy-vault-data)."""
+    from service.server import serve as run
+
+    asyncio.run(run(_settings()))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations and exit."""
+    from service.server import migrate_only
+
+    versions = asyncio.run(migrate_only(_settings()))
+    typer.echo(f"applied migrations: {versions}" if versions else "database is up to date")

@@ -1,0 +1,110 @@
+"""Configuration from ``PRIVACY_VAULT_*`` environment variables.
+
+Defaults give the embedded mode: SQLite and a local key file in ``./privacy-vault-data``,
+listening on 127.0.0.1. Any setting ``X`` may instead come from a file named by
+``PRIVACY_VAULT_X_FILE`` (mounted secrets), or from ``PRIVACY_VAULT_SECRETS_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vault import OWASP, Argon2Profile, VaultSettings
+
+ENV_PREFIX = "PRIVACY_VAULT_"
+
+
+def _file_sourced_env() -> dict[str, str]:
+    """``PRIVACY_VAULT_X_FILE=/path`` -> setting X from that file's content."""
+    values: dict[str, str] = {}
+    for key, path in os.environ.items():
+        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and key != "PRIVACY_VAULT_LOCAL_KEY_FILE":
+            name = key[len(ENV_PREFIX) : -len("_FILE")].lower()
+            values[name] = Path(path).read_text().strip()
+    return values
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        secrets_dir=os.environ.get("PRIVACY_VAULT_SECRETS_DIR") or None,
+        extra="ignore",
+    )
+
+    #: "embedded" (the default: developer-friendly, reflection on) or "production".
+    environment: Literal["embedded", "production"] = "embedded"
+    data_dir: Path = Path("privacy-vault-data")
+    #: sqlite:///path or postgresql://...; default SQLite in data_dir. May hold a password.
+    database_url: SecretStr | None = None
+    database_pool_size: int = Field(10, ge=1, le=200)
+    #: A mounted key file (read-only); default: ``kek.json`` in data_dir, created on first start.
+    local_key_file: Path | None = None
+
+    listen_address: str = "127.0.0.1:50051"
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: With a client CA, clients must present a certificate it signed (mTLS).
+    tls_client_ca_file: Path | None = None
+    #: gRPC reflection; default on in the embedded environment, off in production.
+    reflection: bool | None = None
+    max_request_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    #: Applied to calls that arrive without a deadline.
+    default_deadline_seconds: float = Field(10.0, gt=0, le=600)
+    shutdown_grace_seconds: float = Field(10.0, ge=0, le=300)
+
+    argon2_time_cost: int = Field(OWASP.time_cost, ge=1)
+    argon2_memory_cost: int = Field(OWASP.memory_cost, ge=8)
+    argon2_parallelism: int = Field(OWASP.parallelism, ge=1)
+    #: Threads hashing passwords; default: one per core.
+    password_workers: int | None = Field(None, ge=1, le=256)
+
+    dek_cache_size: int = Field(10_000, ge=0)
+    dek_cache_ttl_seconds: float = Field(300.0, ge=0)
+
+    policy_version: str = "1"
+    privacy_officer_contact: str = "the privacy officer (contact not configured)"
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("listen_address")
+    @classmethod
+    def _has_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("listen_address must be host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        return cls(**{**_file_sourced_env(), **overrides})
+
+    @property
+    def reflection_enabled(self) -> bool:
+        return self.environment == "embedded" if self.reflection is None else self.reflection
+
+    @property
+    def argon2(self) -> Argon2Profile:
+        return Argon2Profile(self.argon2_time_cost, self.argon2_memory_cost, self.argon2_parallelism)
+
+    @property
+    def vault_settings(self) -> VaultSettings:
+        return VaultSettings(
+            policy_version=self.policy_version,
+            privacy_officer_contact=self.privacy_officer_contact,
+            dek_cache_size=self.dek_cache_size,
+            dek_cache_ttl=self.dek_cache_ttl_seconds,
+        )

@@ -1,0 +1,173 @@
+"""MemberService: proto in, vault call, proto out. Errors rise to the interceptor."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from privacyvault.v1 import member_pb2 as pb
+from privacyvault.v1 import member_pb2_grpc
+from vault import (
+    AccessPage,
+    ConsentChoice,
+    MemberChanges,
+    MemberView,
+    NewMember,
+    Purpose,
+    WithdrawalOutcome,
+)
+from vault.errors import FieldViolation, InvalidInput
+
+CLIENT_IP_KEY = "x-client-ip"
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class MemberVault(Protocol):
+    """The slice of the vault this servicer needs."""
+
+    async def sign_up(self, new: NewMember) -> str: ...
+    async def authenticate(self, login_id: str, password: str, client_ip: str) -> str: ...
+    async def get_member(self, member_id: str, purpose: Purpose) -> MemberView: ...
+    async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView: ...
+    async def change_password(self, member_id: str, current: str, new: str) -> None: ...
+    async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome: ...
+    async def export_member(self, member_id: str) -> str: ...
+    async def record_access(self, member_id: str, action: str, ip: str) -> None: ...
+    async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage: ...
+
+
+_PURPOSE_PREFIX = "PURPOSE_"
+
+
+def _purpose(value: int, field: str) -> Purpose:
+    name = pb.Purpose.Name(value) if value in pb.Purpose.values() else ""
+    try:
+        return Purpose(name.removeprefix(_PURPOSE_PREFIX))
+    except ValueError:
+        raise InvalidInput([FieldViolation(field, "must name a purpose")]) from None
+
+
+def _purpose_pb(purpose: str) -> pb.Purpose.ValueType:
+    return pb.Purpose.Value(_PURPOSE_PREFIX + purpose)
+
+
+def _ts(at: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(at)
+    return ts
+
+
+def _member_pb(view: MemberView) -> pb.Member:
+    member = pb.Member(
+        member_id=view.member_id,
+        created_at=_ts(view.created_at),
+        last_seen_at=_ts(view.last_seen_at),
+        consents=[
+            pb.Consent(
+                purpose=_purpose_pb(c.purpose),
+                granted=c.granted,
+                policy_version=c.policy_version,
+                recorded_at=_ts(c.recorded_at),
+            )
+            for c in view.consents
+        ],
+    )
+    for name in ("login_id", "name", "email", "mobile_phone"):
+        value = getattr(view, name)
+        if value is not None:
+            setattr(member, name, value)
+    return member
+
+
+def _client_ip(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_IP_KEY and isinstance(value, str):
+            return value
+    return ""
+
+
+class MemberServicer(member_pb2_grpc.MemberServiceServicer):
+    def __init__(self, vault: MemberVault) -> None:
+        self._vault = vault
+
+    async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.SignUpResponse:
+        consents = [
+            ConsentChoice(_purpose(c.purpose, f"consents[{i}].purpose"), c.granted)
+            for i, c in enumerate(request.consents)
+        ]
+        member_id = await self._vault.sign_up(
+            NewMember(
+                login_id=request.login_id,
+                password=request.password,
+                name=request.name,
+                email=request.email,
+                birth_date=request.birth_date,
+                mobile_phone=request.mobile_phone if request.HasField("mobile_phone") else None,
+                consents=consents,
+            )
+        )
+        return pb.SignUpResponse(member_id=member_id)
+
+    async def Authenticate(
+        self, request: pb.AuthenticateRequest, context: Context
+    ) -> pb.AuthenticateResponse:
+        member_id = await self._vault.authenticate(
+            request.login_id, request.password, _client_ip(context)
+        )
+        return pb.AuthenticateResponse(member_id=member_id)
+
+    async def GetMember(self, request: pb.GetMemberRequest, context: Context) -> pb.GetMemberResponse:
+        view = await self._vault.get_member(request.member_id, _purpose(request.purpose, "purpose"))
+        return pb.GetMemberResponse(member=_member_pb(view))
+
+    async def UpdateMember(
+        self, request: pb.UpdateMemberRequest, context: Context
+    ) -> pb.UpdateMemberResponse:
+        changes = MemberChanges(
+            paths=frozenset(request.update_mask.paths),
+            name=request.name if request.HasField("name") else None,
+            email=request.email if request.HasField("email") else None,
+            mobile_phone=request.mobile_phone if request.HasField("mobile_phone") else None,
+        )
+        view = await self._vault.update_member(request.member_id, changes)
+        return pb.UpdateMemberResponse(member=_member_pb(view))
+
+    async def ChangePassword(
+        self, request: pb.ChangePasswordRequest, context: Context
+    ) -> pb.ChangePasswordResponse:
+        await self._vault.change_password(
+            request.member_id, request.current_password, request.new_password
+        )
+        return pb.ChangePasswordResponse()
+
+    async def Withdraw(self, request: pb.WithdrawRequest, context: Context) -> pb.WithdrawResponse:
+        outcome = await self._vault.withdraw(request.member_id, request.password)
+        if outcome.retained_until is not None:
+            return pb.WithdrawResponse(retained_until=_ts(outcome.retained_until))
+        assert outcome.destroyed_at is not None
+        return pb.WithdrawResponse(destroyed_at=_ts(outcome.destroyed_at))
+
+    async def ExportMemberData(
+        self, request: pb.ExportMemberDataRequest, context: Context
+    ) -> pb.ExportMemberDataResponse:
+        return pb.ExportMemberDataResponse(json=await self._vault.export_member(request.member_id))
+
+    async def RecordAccess(
+        self, request: pb.RecordAccessRequest, context: Context
+    ) -> pb.RecordAccessResponse:
+        await self._vault.record_access(request.member_id, request.action, request.ip)
+        return pb.RecordAccessResponse()
+
+    async def ListAccessHistory(
+        self, request: pb.ListAccessHistoryRequest, context: Context
+    ) -> pb.ListAccessHistoryResponse:
+        page = await self._vault.list_access(
+            request.member_id, request.page_size, request.page_token
+        )
+        return pb.ListAccessHistoryResponse(
+            entries=[pb.AccessEntry(at=_ts(e.at), action=e.action, ip=e.ip) for e in page.entries],
+            next_page_token=page.next_page_token,
+        )

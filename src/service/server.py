@@ -1,0 +1,126 @@
+"""Building and running the gRPC server.
+
+:func:`run_server` starts the real server in-process (tests use it too);
+:func:`serve` adds signal handling for ``privacy-vault serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from privacyvault.v1 import member_pb2, member_pb2_grpc
+from service.config import Settings
+from service.interceptors import ServiceInterceptor
+from service.member_servicer import MemberServicer
+from vault import Clock, Vault, migrate_database, open_vault
+
+log = structlog.get_logger("service.server")
+
+SERVICE_NAMES = (member_pb2.DESCRIPTOR.services_by_name["MemberService"].full_name,)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    vault: Vault
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING so balancers drain us, then let calls in flight finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+@contextlib.asynccontextmanager
+async def run_server(settings: Settings, *, clock: Clock | None = None) -> AsyncIterator[RunningServer]:
+    async with open_vault(
+        data_dir=settings.data_dir,
+        database_url=settings.database_url.get_secret_value() if settings.database_url else None,
+        local_key_file=settings.local_key_file,
+        argon2=settings.argon2,
+        password_workers=settings.password_workers,
+        database_pool_size=settings.database_pool_size,
+        clock=clock,
+        settings=settings.vault_settings,
+    ) as vault:
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(settings.default_deadline_seconds)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_request_bytes),
+                ("grpc.max_send_message_length", 4 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        member_pb2_grpc.add_MemberServiceServicer_to_server(MemberServicer(vault), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if settings.reflection_enabled:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        credentials = _credentials(settings)
+        port = (
+            server.add_secure_port(settings.listen_address, credentials)
+            if credentials
+            else server.add_insecure_port(settings.listen_address)
+        )
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        running = RunningServer(server, port, health_servicer, vault)
+        log.info(
+            "server_started",
+            port=port,
+            tls=credentials is not None,
+            mtls=settings.tls_client_ca_file is not None,
+            reflection=settings.reflection_enabled,
+            environment=settings.environment,
+        )
+        try:
+            yield running
+        finally:
+            await running.stop(settings.shutdown_grace_seconds)
+            log.info("server_stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_server(settings):
+        await stop.wait()
+        log.info("shutdown_requested", grace_seconds=settings.shutdown_grace_seconds)
+
+
+async def migrate_only(settings: Settings) -> list[int]:
+    return await migrate_database(
+        data_dir=settings.data_dir,
+        database_url=settings.database_url.get_secret_value() if settings.database_url else None,
+    )

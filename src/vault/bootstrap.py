@@ -1,0 +1,66 @@
+"""Assemble a Vault from plain settings: store URL, key provider, argon2 profile."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from vault.clock import Clock, SystemClock
+from vault.facade import Vault, VaultSettings
+from vault.passwords import OWASP, Argon2Profile, PasswordHasher
+from vault.providers.local import LocalKeyProvider
+from vault.store import open_store
+
+LOCAL_KEY_FILE = "kek.json"
+
+
+def default_database_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'vault.db'}"
+
+
+@contextlib.asynccontextmanager
+async def open_vault(
+    *,
+    data_dir: Path,
+    database_url: str | None = None,
+    local_key_file: Path | None = None,
+    argon2: Argon2Profile = OWASP,
+    password_workers: int | None = None,
+    database_pool_size: int = 10,
+    clock: Clock | None = None,
+    settings: VaultSettings | None = None,
+) -> AsyncIterator[Vault]:
+    """Open the vault; the embedded default is SQLite and a local key file in ``data_dir``.
+
+    ``local_key_file`` names a mounted secret instead (read-only: the vault will
+    not write to it).
+    """
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    provider = (
+        LocalKeyProvider(local_key_file, writable=False)
+        if local_key_file
+        else LocalKeyProvider(data_dir / LOCAL_KEY_FILE)
+    )
+    store = await open_store(database_url or default_database_url(data_dir), pool_size=database_pool_size)
+    hasher = PasswordHasher(argon2, workers=password_workers)
+    try:
+        vault = await Vault.open(store, provider, hasher, clock or SystemClock(), settings)
+    except BaseException:
+        await store.close()
+        hasher.close()
+        raise
+    try:
+        yield vault
+    finally:
+        await vault.close()
+
+
+async def migrate_database(*, data_dir: Path, database_url: str | None = None) -> list[int]:
+    """Apply pending migrations; return the versions applied now."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store = await open_store(database_url or default_database_url(data_dir), pool_size=1)
+    try:
+        return await store.migrate()
+    finally:
+        await store.close()

@@ -1,0 +1,101 @@
+"""The vault's error tree.
+
+Every error the vault raises on purpose is a :class:`VaultError` subclass; caller
+mistakes in the Python API itself stay plain ``ValueError``/``TypeError``. No
+message here ever carries a submitted value, a plaintext or key material: the
+gRPC layer turns these into statuses one-for-one (``service.errors``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid request field; ``description`` says what is wrong, never the value."""
+
+    field: str
+    description: str
+
+
+class VaultError(Exception):
+    """Base of the vault's errors; never raised bare."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(VaultError):
+    """The request is malformed; ``violations`` names each bad field."""
+
+    def __init__(self, violations: Iterable[FieldViolation]) -> None:
+        self.violations = tuple(violations)
+        if not self.violations:
+            raise ValueError("InvalidInput needs at least one violation")
+        fields = ", ".join(v.field for v in self.violations)
+        super().__init__(f"invalid request fields: {fields}")
+
+
+class AlreadyExists(VaultError):
+    """A unique field is taken. Only the field's name is said, never its value."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        super().__init__(f"a member with this {field} already exists")
+
+
+class NotFound(VaultError):
+    """The member does not exist, or has been destroyed."""
+
+    def __init__(self, what: str = "member") -> None:
+        self.what = what
+        super().__init__(f"{what} not found")
+
+
+class AuthenticationFailed(VaultError):
+    """Wrong credentials. The same error whether the login ID or the password was wrong."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid credentials")
+
+
+class PurposeNotAllowed(VaultError):
+    """The member has not consented to (or has refused) the stated purpose."""
+
+    def __init__(self, purpose: str) -> None:
+        self.purpose = purpose
+        super().__init__(f"the member has not consented to the purpose {purpose}")
+
+
+class PreconditionFailed(VaultError):
+    """The system is not in a state that allows the operation."""
+
+    def __init__(self, subject: str, description: str, kind: str = "STATE") -> None:
+        self.subject = subject
+        self.description = description
+        self.kind = kind
+        super().__init__(description)
+
+
+class DecryptionError(VaultError):
+    """Any failure to decrypt or unwrap: one opaque error, so it is no oracle."""
+
+    def __init__(self) -> None:
+        super().__init__("data could not be decrypted")
+
+
+class KeyUnavailable(VaultError):
+    """The key provider could not supply a key (missing version, HSM down)."""
+
+    def __init__(self, description: str = "a key-encryption key is unavailable") -> None:
+        super().__init__(description)
+
+
+class StorageUnavailable(VaultError):
+    """The database could not be reached; the operation may be retried."""
+
+    def __init__(self, description: str = "the database is unavailable") -> None:
+        super().__init__(description)

@@ -1,0 +1,582 @@
+"""The vault's safe surface: create, read, update, shred members.
+
+Everything the service layer may do with personal data goes through
+:class:`Vault`. It validates input, encrypts every field under the member's own
+DEK, keeps blind indexes for lookup, and crypto-shreds on withdrawal. It knows
+nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from vault import _hazmat, policy
+from vault.cache import DekCache
+from vault.clock import Clock
+from vault.errors import (
+    AuthenticationFailed,
+    DecryptionError,
+    FieldViolation,
+    InvalidInput,
+    KeyUnavailable,
+    NotFound,
+    PreconditionFailed,
+    PurposeNotAllowed,
+)
+from vault.passwords import PasswordHasher
+from vault.policy import ConsentChoice, Purpose, Violations
+from vault.providers.base import KeyProvider
+from vault.store.base import (
+    AccessEntryRow,
+    ConsentRow,
+    IndexKeyRow,
+    KekVersionRow,
+    MemberKeyRow,
+    MemberRow,
+    NewAccessEntry,
+    Store,
+)
+
+log = structlog.get_logger("vault")
+
+INDEX_KEY_ID = 1
+FIRST_DEK_ID = 1
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+EXPORT_FORMAT = "privacy-vault-export/1"
+
+
+@dataclass(frozen=True, slots=True)
+class VaultSettings:
+    policy_version: str = "1"
+    privacy_officer_contact: str = "the privacy officer (contact not configured)"
+    dek_cache_size: int = 10_000
+    dek_cache_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewMember:
+    login_id: str
+    password: str
+    name: str
+    email: str
+    birth_date: str
+    mobile_phone: str | None = None
+    consents: Sequence[ConsentChoice] = ()
+
+    def __repr__(self) -> str:
+        return "<NewMember (personal data hidden)>"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChanges:
+    """A correction: ``paths`` names the fields to change (a field mask)."""
+
+    paths: frozenset[str]
+    name: str | None = None
+    email: str | None = None
+    mobile_phone: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<MemberChanges paths={sorted(self.paths)}>"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """A member as one purpose may see it: fields it does not allow are None."""
+
+    member_id: str
+    created_at: datetime
+    last_seen_at: datetime
+    login_id: str | None = None
+    name: str | None = None
+    email: str | None = None
+    mobile_phone: str | None = None
+    consents: tuple[ConsentRow, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<MemberView {self.member_id}>"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEntry:
+    at: datetime
+    action: str
+    ip: str
+
+    def __repr__(self) -> str:
+        return f"<AccessEntry at={self.at.isoformat()}>"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPage:
+    entries: tuple[AccessEntry, ...]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalOutcome:
+    destroyed_at: datetime | None = None
+    retained_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Keyring:
+    """KEK versions as recorded; exactly one is active (checked in one place)."""
+
+    versions: tuple[KekVersionRow, ...] = field(default_factory=tuple)
+
+    @property
+    def active(self) -> int:
+        return next(v.version for v in self.versions if v.state == "active")
+
+    @staticmethod
+    def validated(rows: Sequence[KekVersionRow]) -> _Keyring:
+        active = [r for r in rows if r.state == "active"]
+        if len(active) != 1:
+            raise PreconditionFailed(
+                "kek_versions", f"exactly one KEK version must be active, found {len(active)}"
+            )
+        return _Keyring(tuple(rows))
+
+
+def _micros(at: datetime) -> int:
+    return (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+class Vault:
+    """Use :meth:`open`; the constructor takes already-bootstrapped parts."""
+
+    def __init__(
+        self,
+        store: Store,
+        provider: KeyProvider,
+        hasher: PasswordHasher,
+        clock: Clock,
+        settings: VaultSettings,
+        keyring: _Keyring,
+        index_key: _hazmat.IndexKey,
+    ) -> None:
+        self._store = store
+        self._provider = provider
+        self._hasher = hasher
+        self._clock = clock
+        self._settings = settings
+        self._keyring = keyring
+        self._index_key = index_key
+        self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
+        # Decrypted when the login ID is unknown, so that path does the same work.
+        self._decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
+        self._decoy_ct = _hazmat.seal_field(self._decoy_key, "decoy", "password_hash", b"x" * 97)
+
+    def __repr__(self) -> str:
+        return f"<Vault provider={self._provider.name} active_kek={self._keyring.active}>"
+
+    # --- lifecycle -------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        store: Store,
+        provider: KeyProvider,
+        hasher: PasswordHasher,
+        clock: Clock,
+        settings: VaultSettings | None = None,
+    ) -> Vault:
+        """Migrate the store, make sure the key hierarchy exists, and check that the
+        provider's keys open this database (fail at start, not at the first request)."""
+        await store.migrate()
+        now = clock.now()
+        rows = await store.list_kek_versions()
+        if not rows:
+            await provider.create_version(1)
+            await store.insert_kek_version(KekVersionRow(1, "active", now))
+            rows = await store.list_kek_versions()
+        keyring = _Keyring.validated(rows)
+        if not await provider.has_version(keyring.active):
+            raise KeyUnavailable(
+                f"the {provider.name} key provider does not hold the active KEK version "
+                f"{keyring.active}"
+            )
+        stored = await store.get_index_key()
+        if stored is None:
+            material = _hazmat.new_key_material()
+            wrapped = await provider.wrap(keyring.active, material, cls._index_context())
+            stored = await store.insert_index_key(
+                IndexKeyRow(INDEX_KEY_ID, keyring.active, wrapped, now)
+            )
+        try:
+            material = await provider.unwrap(
+                stored.kek_version, stored.wrapped_key, cls._index_context()
+            )
+        except DecryptionError:
+            raise KeyUnavailable(
+                "the key provider's KEKs do not open this database (wrong key file?)"
+            ) from None
+        index_key = _hazmat.IndexKey(stored.key_id, material)
+        return cls(store, provider, hasher, clock, settings or VaultSettings(), keyring, index_key)
+
+    async def close(self) -> None:
+        self._deks.clear()
+        await self._store.close()
+        await self._provider.close()
+        self._hasher.close()
+
+    # --- keys --------------------------------------------------------------------
+    @staticmethod
+    def _index_context() -> bytes:
+        return f"index-key|{INDEX_KEY_ID}".encode()
+
+    @staticmethod
+    def _dek_context(member_id: str, dek_id: int) -> bytes:
+        return f"dek|{member_id}|{dek_id}".encode()
+
+    async def _dek(self, key_row: MemberKeyRow) -> _hazmat.SecretKey:
+        key = self._deks.get(key_row.member_id, key_row.dek_id)
+        if key is None:
+            material = await self._provider.unwrap(
+                key_row.kek_version,
+                key_row.wrapped_dek,
+                self._dek_context(key_row.member_id, key_row.dek_id),
+            )
+            key = _hazmat.SecretKey(key_row.dek_id, material)
+            self._deks.put(key_row.member_id, key)
+        return key
+
+    def _index(self, domain: str, value: str) -> bytes:
+        return _hazmat.blind_index(self._index_key, domain, value)
+
+    def _login_index(self, login_id: str) -> bytes:
+        return self._index("login_id", policy.login_id_index_value(login_id))
+
+    def _email_index(self, email: str) -> bytes:
+        return self._index("email", policy.email_index_value(email))
+
+    # --- members -----------------------------------------------------------------
+    async def sign_up(self, new: NewMember) -> str:
+        v = Violations()
+        login_id = policy.check_login_id(new.login_id, v)
+        password = policy.check_password(new.password, v, login_id=new.login_id)
+        name = policy.check_name(new.name, v)
+        email = policy.check_email(new.email, v)
+        mobile = policy.check_mobile_phone(new.mobile_phone, v) if new.mobile_phone else ""
+        policy.check_birth_date(new.birth_date, self._clock.now().date(), v)
+        consents = policy.check_consents(new.consents, v)
+        v.raise_if_any()
+        assert login_id and password and name and email and mobile is not None
+
+        encoded_hash = await self._hasher.hash(password)
+        member_id = str(uuid.uuid4())
+        material = _hazmat.new_key_material()
+        kek_version = self._keyring.active
+        wrapped = await self._provider.wrap(
+            kek_version, material, self._dek_context(member_id, FIRST_DEK_ID)
+        )
+        dek = _hazmat.SecretKey(FIRST_DEK_ID, material)
+        plain = {
+            "login_id": login_id,
+            "password_hash": encoded_hash,
+            "name": name,
+            "email": email,
+            "mobile_phone": mobile,
+        }
+        now = self._clock.now()
+        row = MemberRow(
+            member_id=member_id,
+            created_at=now,
+            last_seen_at=now,
+            ciphertexts={
+                f: _hazmat.seal_field(dek, member_id, f, value.encode())
+                for f, value in plain.items()
+            },
+            blind_indexes={
+                "login_id": self._login_index(login_id),
+                "email": self._email_index(email),
+            },
+            key=MemberKeyRow(member_id, FIRST_DEK_ID, kek_version, wrapped),
+        )
+        await self._store.insert_member(
+            row,
+            [
+                ConsentRow(p.value, granted, self._settings.policy_version, now)
+                for p, granted in sorted(consents.items())
+            ],
+        )
+        self._deks.put(member_id, dek)
+        log.info("member_signed_up")
+        return member_id
+
+    async def authenticate(self, login_id: str, password: str, client_ip: str) -> str:
+        v = Violations()
+        checked_login = policy.check_login_id(login_id, v)
+        if not password:
+            v.add("password", "must not be empty")
+        ip = policy.check_ip(client_ip, v, field="x-client-ip")
+        v.raise_if_any()
+        assert checked_login and ip
+
+        row = await self._store.find_member("login_id", self._login_index(checked_login))
+        if row is None:
+            # Same work as a wrong password: a decryption and a verification.
+            _hazmat.open_field(self._decoy_key, "decoy", "password_hash", self._decoy_ct)
+            await self._hasher.verify_decoy(password)
+            raise AuthenticationFailed
+        dek = await self._dek(row.key)
+        encoded = self._open(dek, row, "password_hash")
+        if not await self._hasher.verify(encoded, password):
+            raise AuthenticationFailed
+        rehashed = None
+        if self._hasher.needs_rehash(encoded):
+            rehashed = _hazmat.seal_field(
+                dek, row.member_id, "password_hash", (await self._hasher.hash(password)).encode()
+            )
+        entry = self._access_entry(dek, row.member_id, "authenticate", ip)
+        if not await self._store.record_login(row.member_id, entry, rehashed):
+            raise AuthenticationFailed  # shredded between the lookup and now
+        return row.member_id
+
+    async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
+        row = await self._row(member_id)
+        consents = await self._store.list_consents(row.member_id)
+        if not policy.purpose_permitted(purpose, {c.purpose: c.granted for c in consents}):
+            raise PurposeNotAllowed(purpose.value)
+        return await self._view(row, policy.ALLOWED_FIELDS[purpose], consents)
+
+    async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView:
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        unknown = changes.paths - {"name", "email", "mobile_phone"}
+        for path in sorted(unknown):
+            v.add("update_mask", f"'{path}' cannot be updated; use name, email or mobile_phone")
+        if not changes.paths:
+            v.add("update_mask", "must name at least one field")
+        new_values: dict[str, str] = {}
+        if "name" in changes.paths and (name := policy.check_name(changes.name or "", v)):
+            new_values["name"] = name
+        if "email" in changes.paths and (email := policy.check_email(changes.email or "", v)):
+            new_values["email"] = email
+        if "mobile_phone" in changes.paths:
+            if changes.mobile_phone:
+                if phone := policy.check_mobile_phone(changes.mobile_phone, v):
+                    new_values["mobile_phone"] = phone
+            else:
+                new_values["mobile_phone"] = ""  # removing the optional item
+        v.raise_if_any()
+        assert mid
+
+        row = await self._row(mid)
+        dek = await self._dek(row.key)
+        ciphertexts = {
+            f: _hazmat.seal_field(dek, mid, f, value.encode()) for f, value in new_values.items()
+        }
+        indexes = {"email": self._email_index(new_values["email"])} if "email" in new_values else None
+        if not await self._store.update_member(mid, ciphertexts, indexes):
+            raise NotFound
+        log.info("member_updated", fields=sorted(new_values))
+        return await self.get_member(mid, Purpose.MEMBER_REQUEST)
+
+    async def change_password(self, member_id: str, current: str, new: str) -> None:
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        if not current:
+            v.add("current_password", "must not be empty")
+        policy.check_password(new, v, "new_password")
+        v.raise_if_any()
+        assert mid
+        row = await self._row(mid)
+        dek = await self._dek(row.key)
+        login_id = self._open(dek, row, "login_id")
+        if new.casefold() == login_id.casefold():
+            raise InvalidInput([FieldViolation("new_password", "must differ from the login ID")])
+        await self._check_password(dek, row, current)
+        encoded = await self._hasher.hash(new)
+        ct = _hazmat.seal_field(dek, mid, "password_hash", encoded.encode())
+        if not await self._store.update_member(mid, {"password_hash": ct}):
+            raise NotFound
+        log.info("member_password_changed")
+
+    async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome:
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        if not password:
+            v.add("password", "must not be empty")
+        v.raise_if_any()
+        assert mid
+        row = await self._row(mid)
+        await self._check_password(await self._dek(row.key), row, password)
+        return WithdrawalOutcome(destroyed_at=await self.shred(mid, reason="withdrawal"))
+
+    async def shred(self, member_id: str, reason: str) -> datetime:
+        """Crypto-shred a member: the DEK row goes, so every ciphertext of theirs,
+        wherever it is copied, is noise once the wrapping KEK version is destroyed."""
+        record = await self._store.shred_member(member_id, self._clock.now(), reason)
+        self._deks.evict(member_id)
+        if record is None:
+            raise NotFound
+        log.info(
+            "member_shredded",
+            member_id=member_id,
+            reason=reason,
+            items=dict(record.items),
+            kek_versions=list(record.kek_versions),
+        )
+        return record.destroyed_at
+
+    async def export_member(self, member_id: str) -> str:
+        """The member's whole record as a JSON document (section 7, right of access)."""
+        row = await self._row(member_id)
+        consents = await self._store.list_consents(row.member_id)
+        view = await self._view(row, policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST], consents)
+        history: list[AccessEntry] = []
+        token = ""
+        while True:
+            page = await self.list_access(row.member_id, MAX_PAGE_SIZE, token)
+            history.extend(page.entries)
+            token = page.next_page_token
+            if not token:
+                break
+        document = {
+            "format": EXPORT_FORMAT,
+            "exported_at": self._clock.now().isoformat(),
+            "policy_version": self._settings.policy_version,
+            "privacy_officer": self._settings.privacy_officer_contact,
+            "member": {
+                "member_id": view.member_id,
+                "login_id": view.login_id,
+                "name": view.name,
+                "email": view.email,
+                "mobile_phone": view.mobile_phone or None,
+                "password": "kept only as an encrypted argon2id hash; it cannot be exported",
+                "created_at": view.created_at.isoformat(),
+                "last_seen_at": view.last_seen_at.isoformat(),
+            },
+            "consents": [
+                {
+                    "purpose": c.purpose,
+                    "granted": c.granted,
+                    "policy_version": c.policy_version,
+                    "recorded_at": c.recorded_at.isoformat(),
+                }
+                for c in consents
+            ],
+            "access_history": [
+                {"at": e.at.isoformat(), "action": e.action, "ip": e.ip} for e in history
+            ],
+        }
+        return json.dumps(document, ensure_ascii=False, indent=2)
+
+    # --- access log ----------------------------------------------------------------
+    def _access_entry(
+        self, dek: _hazmat.SecretKey, member_id: str, action: str, ip: str
+    ) -> NewAccessEntry:
+        at = self._clock.now()
+        # The time is bound into the associated data: an entry's ciphertexts
+        # cannot be moved onto another entry.
+        stamp = _micros(at)
+        return NewAccessEntry(
+            at=at,
+            action_ct=_hazmat.seal_field(dek, member_id, f"access.action@{stamp}", action.encode()),
+            ip_ct=_hazmat.seal_field(dek, member_id, f"access.ip@{stamp}", ip.encode()),
+        )
+
+    def _open_access(self, dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRow) -> AccessEntry:
+        stamp = _micros(row.at)
+        return AccessEntry(
+            at=row.at,
+            action=_hazmat.open_field(dek, member_id, f"access.action@{stamp}", row.action_ct).decode(),
+            ip=_hazmat.open_field(dek, member_id, f"access.ip@{stamp}", row.ip_ct).decode(),
+        )
+
+    async def record_access(self, member_id: str, action: str, ip: str) -> None:
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        checked_action = policy.check_action(action, v)
+        checked_ip = policy.check_ip(ip, v)
+        v.raise_if_any()
+        assert mid and checked_action and checked_ip
+        row = await self._row(mid)
+        dek = await self._dek(row.key)
+        entry = self._access_entry(dek, mid, checked_action, checked_ip)
+        if not await self._store.append_access(mid, entry):
+            raise NotFound
+
+    async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage:
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        if page_size < 0:
+            v.add("page_size", "must not be negative")
+        cursor = None
+        if page_token:
+            cursor = _decode_page_token(page_token)
+            if cursor is None:
+                v.add("page_token", "is not a token returned by ListAccessHistory")
+        v.raise_if_any()
+        assert mid
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        row = await self._row(mid)
+        dek = await self._dek(row.key)
+        # One extra row tells whether another page exists.
+        rows = await self._store.list_access(mid, size + 1, cursor)
+        entries = tuple(self._open_access(dek, mid, r) for r in rows[:size])
+        token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
+        return AccessPage(entries, token)
+
+    # --- helpers -------------------------------------------------------------------
+    async def _row(self, member_id: str) -> MemberRow:
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        v.raise_if_any()
+        assert mid
+        row = await self._store.get_member(mid)
+        if row is None:
+            raise NotFound
+        return row
+
+    @staticmethod
+    def _open(dek: _hazmat.SecretKey, row: MemberRow, field_name: str) -> str:
+        return _hazmat.open_field(dek, row.member_id, field_name, row.ciphertexts[field_name]).decode()
+
+    async def _check_password(self, dek: _hazmat.SecretKey, row: MemberRow, password: str) -> None:
+        if not await self._hasher.verify(self._open(dek, row, "password_hash"), password):
+            raise AuthenticationFailed
+
+    async def _view(
+        self, row: MemberRow, allowed: frozenset[str], consents: Sequence[ConsentRow]
+    ) -> MemberView:
+        values: dict[str, str | None] = {}
+        if allowed:
+            dek = await self._dek(row.key)
+            for name in allowed:
+                values[name] = self._open(dek, row, name)
+            if values.get("mobile_phone") == "":
+                values["mobile_phone"] = None
+        return MemberView(
+            member_id=row.member_id,
+            created_at=row.created_at,
+            last_seen_at=row.last_seen_at,
+            consents=tuple(consents),
+            **values,  # type: ignore[arg-type]
+        )
+
+
+def _encode_page_token(row: AccessEntryRow) -> str:
+    raw = f"v1:{_micros(row.at)}:{row.entry_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[datetime, int] | None:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        tag, micros, entry_id = raw.split(":")
+        if tag != "v1":
+            return None
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros))
+        return at, int(entry_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+        return None

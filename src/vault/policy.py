@@ -1,0 +1,219 @@
+"""The privacy policy's rules as code: purposes, consent, minimum age, input checks.
+
+Section numbers refer to ``privacy-policy.txt``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from enum import StrEnum
+
+from email_validator import EmailNotValidError, validate_email
+
+from vault.errors import FieldViolation, InvalidInput
+
+#: Section 8: members must be at least 14 years old.
+MINIMUM_AGE = 14
+
+
+class Purpose(StrEnum):
+    """Why personal data is read (section 3)."""
+
+    IDENTIFICATION = "IDENTIFICATION"
+    ACCOUNT_RECOVERY = "ACCOUNT_RECOVERY"
+    INQUIRY = "INQUIRY"
+    MEMBER_REQUEST = "MEMBER_REQUEST"
+    STATISTICS = "STATISTICS"
+
+
+PII_FIELDS: tuple[str, ...] = ("login_id", "name", "email", "mobile_phone")
+
+#: The fields each purpose may read (DESIGN.md, "Purposes").
+ALLOWED_FIELDS: Mapping[Purpose, frozenset[str]] = {
+    Purpose.IDENTIFICATION: frozenset({"login_id", "name", "email"}),
+    Purpose.ACCOUNT_RECOVERY: frozenset({"login_id", "email"}),
+    Purpose.INQUIRY: frozenset({"name", "email", "mobile_phone"}),
+    Purpose.MEMBER_REQUEST: frozenset(PII_FIELDS),
+    Purpose.STATISTICS: frozenset(),
+}
+
+#: Section 3(1): sign-up and service (identifying, re-issuing a lost ID or
+#: password) is what membership is; signing up is consenting to it, and
+#: refusing it means the service cannot be provided.
+REQUIRED_PURPOSES: frozenset[Purpose] = frozenset(
+    {Purpose.IDENTIFICATION, Purpose.ACCOUNT_RECOVERY}
+)
+#: Sections 1(2), 3(2), 3(3): the member may refuse these; reading for them then
+#: stops. They are opt-in: no recorded grant, no use.
+OPTIONAL_PURPOSES: frozenset[Purpose] = frozenset({Purpose.INQUIRY, Purpose.STATISTICS})
+#: Section 7: the member's own access right needs no consent.
+CONSENT_FREE_PURPOSES: frozenset[Purpose] = frozenset({Purpose.MEMBER_REQUEST})
+
+
+def purpose_permitted(purpose: Purpose, consents: Mapping[str, bool]) -> bool:
+    """Whether recorded consents (purpose name -> granted) allow reading for ``purpose``."""
+    if purpose in CONSENT_FREE_PURPOSES:
+        return True
+    if purpose in REQUIRED_PURPOSES:
+        return consents.get(purpose.value, True)
+    return consents.get(purpose.value, False)
+
+
+class Violations:
+    """Collects every field violation of a request, so the caller sees them all at once."""
+
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self._items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self._items:
+            raise InvalidInput(self._items)
+
+
+_LOGIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{3,63}")
+_ACTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+_PHONE_SEPARATORS = re.compile(r"[\s().-]")
+_PHONE = re.compile(r"\+?[0-9]{7,15}")
+PASSWORD_MIN, PASSWORD_MAX = 8, 256
+NAME_MAX = 100
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in text)
+
+
+def check_login_id(value: str, v: Violations, field: str = "login_id") -> str | None:
+    if not _LOGIN_ID.fullmatch(value):
+        v.add(field, "must be 4-64 characters of letters, digits, '.', '_' or '-', "
+              "starting with a letter or digit")
+        return None
+    return value
+
+
+def login_id_index_value(login_id: str) -> str:
+    """Login IDs are unique regardless of case."""
+    return login_id.casefold()
+
+
+def check_password(value: str, v: Violations, field: str = "password", *, login_id: str = "") -> str | None:
+    if not PASSWORD_MIN <= len(value) <= PASSWORD_MAX:
+        v.add(field, f"must be {PASSWORD_MIN}-{PASSWORD_MAX} characters")
+        return None
+    if login_id and value.casefold() == login_id.casefold():
+        v.add(field, "must differ from the login ID")
+        return None
+    return value
+
+
+def check_name(value: str, v: Violations, field: str = "name") -> str | None:
+    name = unicodedata.normalize("NFC", value.strip())
+    if not 1 <= len(name) <= NAME_MAX or _has_control(name):
+        v.add(field, f"must be 1-{NAME_MAX} printable characters")
+        return None
+    return name
+
+
+def check_email(value: str, v: Violations, field: str = "email") -> str | None:
+    try:
+        return validate_email(value.strip(), check_deliverability=False).normalized
+    except EmailNotValidError:
+        # The library's message quotes the address; say only what kind of problem.
+        v.add(field, "must be a valid e-mail address")
+        return None
+
+
+def email_index_value(email: str) -> str:
+    """E-mail addresses are unique regardless of case."""
+    return email.casefold()
+
+
+def check_mobile_phone(value: str, v: Violations, field: str = "mobile_phone") -> str | None:
+    phone = _PHONE_SEPARATORS.sub("", value)
+    if not _PHONE.fullmatch(phone):
+        v.add(field, "must be a phone number of 7-15 digits, optionally starting with '+'")
+        return None
+    return phone
+
+
+def check_birth_date(value: str, today: date, v: Violations, field: str = "birth_date") -> None:
+    """Section 8. The birth date is checked here and never stored."""
+    try:
+        born = date.fromisoformat(value) if len(value) == 10 else None
+    except ValueError:
+        born = None
+    if born is None:
+        v.add(field, "must be a date as YYYY-MM-DD")
+        return
+    if born > today:
+        v.add(field, "must not be in the future")
+        return
+    age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+    if age < MINIMUM_AGE:
+        v.add(field, f"members must be at least {MINIMUM_AGE} years old (privacy policy, section 8)")
+    elif age > 150:
+        v.add(field, "must be a plausible birth date")
+
+
+def check_member_id(value: str, v: Violations, field: str = "member_id") -> str | None:
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        v.add(field, "must be a member ID as returned by SignUp")
+        return None
+    return str(parsed)
+
+
+def check_ip(value: str, v: Violations, field: str = "ip") -> str | None:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        v.add(field, "must be an IPv4 or IPv6 address")
+        return None
+
+
+def check_action(value: str, v: Violations, field: str = "action") -> str | None:
+    if not _ACTION.fullmatch(value):
+        v.add(field, "must be 1-64 characters of letters, digits and '._:/-'")
+        return None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentChoice:
+    purpose: Purpose
+    granted: bool
+
+
+def check_consents(
+    choices: Iterable[ConsentChoice], v: Violations, field: str = "consents"
+) -> dict[Purpose, bool]:
+    """Sign-up consents: required purposes are implied and cannot be refused;
+    optional ones are recorded as answered; the member's own access right is not
+    a consent."""
+    decided: dict[Purpose, bool] = {}
+    for i, choice in enumerate(choices):
+        where = f"{field}[{i}].purpose"
+        if choice.purpose in CONSENT_FREE_PURPOSES:
+            v.add(where, f"{choice.purpose.value} is the member's right and needs no consent")
+        elif choice.purpose in decided:
+            v.add(where, f"{choice.purpose.value} is given more than once")
+        elif choice.purpose in REQUIRED_PURPOSES and not choice.granted:
+            v.add(
+                f"{field}[{i}].granted",
+                f"{choice.purpose.value} is required to provide the service and cannot be "
+                "refused at sign-up (privacy policy, sections 1 and 3)",
+            )
+        else:
+            decided[choice.purpose] = choice.granted
+    for purpose in REQUIRED_PURPOSES:
+        decided.setdefault(purpose, True)
+    return decided

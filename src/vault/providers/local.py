@@ -1,0 +1,135 @@
+"""The embedded default key provider: KEK material in a 0600 JSON file.
+
+The file lives in the data directory (created on first start) or is a mounted
+secret (read-only: new versions must then be added to the secret itself).
+
+Format: {"format": "privacy-vault-local-kek/1", "versions": {"1": "<base64>"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import os
+import stat
+from pathlib import Path
+
+import structlog
+
+from vault import _hazmat
+from vault.errors import KeyUnavailable
+
+FILE_FORMAT = "privacy-vault-local-kek/1"
+log = structlog.get_logger("vault.keys")
+
+
+class LocalKeyProvider:
+    name = "local"
+
+    def __init__(self, path: Path, *, writable: bool = True) -> None:
+        self._path = path
+        self._writable = writable
+        self._keys: dict[int, _hazmat.SecretKey] = {}
+        self._lock = asyncio.Lock()
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"<LocalKeyProvider versions={sorted(self._keys)}>"
+
+    def _load(self) -> None:
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            self._keys = {}
+            return
+        except OSError:
+            raise KeyUnavailable("the local key file cannot be read") from None
+        mode = stat.S_IMODE(self._path.stat().st_mode)
+        if self._writable and mode & 0o077:
+            # A key file others can read is a leaked key file; refuse rather than warn.
+            raise KeyUnavailable(
+                f"the local key file is readable by group or others (mode {mode:o}); chmod 600 it"
+            )
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != FILE_FORMAT:
+                raise KeyUnavailable("the local key file has an unknown format")
+            self._keys = {
+                int(v): _hazmat.SecretKey(int(v), base64.b64decode(m, validate=True))
+                for v, m in doc["versions"].items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+            # Never echo the parse error: it could quote key material.
+            raise KeyUnavailable("the local key file is malformed") from None
+
+    def _store(self, versions: dict[str, str]) -> None:
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self._path.with_suffix(".tmp")
+        doc = json.dumps({"format": FILE_FORMAT, "versions": versions}, indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, doc)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path)
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(self._path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    async def has_version(self, version: int) -> bool:
+        return version in self._keys
+
+    async def create_version(self, version: int) -> None:
+        async with self._lock:
+            created = await asyncio.to_thread(self._create_version_locked, version)
+        if created:
+            log.info("kek_version_created", provider=self.name, kek_version=version)
+
+    def _create_version_locked(self, version: int) -> bool:
+        if not self._writable:
+            self._load()
+            if version in self._keys:
+                return False
+            raise KeyUnavailable(
+                f"KEK version {version} is not in the mounted key file; add it to the secret"
+            )
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # flock serialises processes sharing the data directory (two servers
+        # starting at once must not each invent a different version 1).
+        lock_fd = os.open(self._path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            self._load()
+            if version in self._keys:
+                return False
+            raw = self._path.read_bytes() if self._path.exists() else b""
+            versions: dict[str, str] = json.loads(raw)["versions"] if raw else {}
+            versions[str(version)] = base64.b64encode(_hazmat.new_key_material()).decode()
+            self._store(versions)
+            self._load()
+            return True
+        finally:
+            os.close(lock_fd)  # closing releases the lock
+
+    def _key(self, version: int) -> _hazmat.SecretKey:
+        try:
+            return self._keys[version]
+        except KeyError:
+            raise KeyUnavailable(f"KEK version {version} is not in the local key file") from None
+
+    async def wrap(self, version: int, material: bytes, context: bytes) -> bytes:
+        return _hazmat.wrap_key(self._key(version), material, context)
+
+    async def unwrap(self, version: int, wrapped: bytes, context: bytes) -> bytes:
+        return _hazmat.unwrap_key(self._key(version), wrapped, context)
+
+    async def close(self) -> None:
+        self._keys = {}

@@ -1,0 +1,97 @@
+"""What both backends share: the column whitelists and the checks on arguments.
+
+Column names in SQL are only ever taken from the constant maps here, never from
+a caller's string. Checks raise ``ValueError`` (a caller mistake) and never
+echo the offending value.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import get_args
+
+from vault.store.base import (
+    ENCRYPTED_FIELDS,
+    INDEXED_FIELDS,
+    ConsentRow,
+    KekState,
+    KekVersionRow,
+    MemberRow,
+)
+
+# Field name -> column; the only source of column names built into SQL.
+CT_COLUMNS: Mapping[str, str] = {f: f"{f}_ct" for f in ENCRYPTED_FIELDS}
+HMAC_COLUMNS: Mapping[str, str] = {"login_id": "login_hmac", "email": "email_hmac"}
+assert tuple(HMAC_COLUMNS) == INDEXED_FIELDS
+
+KEK_STATES: tuple[str, ...] = get_args(KekState)
+
+
+def canonical_member_id(member_id: str) -> str:
+    """The canonical lowercase form, so both backends match ids the same way."""
+    try:
+        return str(uuid.UUID(member_id))
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError("member_id must be a UUID") from None
+
+
+def require_aware(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("datetimes must be timezone-aware")
+    return value
+
+
+def check_kek_version(row: KekVersionRow) -> None:
+    if row.state not in KEK_STATES:
+        raise ValueError("unknown KEK version state")
+    require_aware(row.created_at)
+    if row.destroyed_at is not None:
+        require_aware(row.destroyed_at)
+
+
+def check_new_member(member: MemberRow, consents: Sequence[ConsentRow]) -> str:
+    """Validate a member to insert; return its canonical id."""
+    member_id = canonical_member_id(member.member_id)
+    if canonical_member_id(member.key.member_id) != member_id:
+        raise ValueError("the member key belongs to another member")
+    if set(member.ciphertexts) != set(ENCRYPTED_FIELDS):
+        raise ValueError("a new member needs exactly one ciphertext per encrypted field")
+    if set(member.blind_indexes) != set(INDEXED_FIELDS):
+        raise ValueError("a new member needs exactly one blind index per indexed field")
+    require_aware(member.created_at)
+    require_aware(member.last_seen_at)
+    purposes = [c.purpose for c in consents]
+    if len(set(purposes)) != len(purposes):
+        raise ValueError("consents name a purpose more than once")
+    for consent in consents:
+        require_aware(consent.recorded_at)
+    return member_id
+
+
+def update_assignments(
+    ciphertexts: Mapping[str, bytes], blind_indexes: Mapping[str, bytes] | None
+) -> list[tuple[str, bytes]]:
+    """(column, value) pairs for an update, columns from the whitelist only."""
+    indexes = blind_indexes or {}
+    if not set(ciphertexts) <= set(ENCRYPTED_FIELDS):
+        raise ValueError("unknown encrypted field name")
+    if not set(indexes) <= set(INDEXED_FIELDS):
+        raise ValueError("unknown indexed field name")
+    return [(CT_COLUMNS[f], bytes(ciphertexts[f])) for f in ENCRYPTED_FIELDS if f in ciphertexts] + [
+        (HMAC_COLUMNS[f], bytes(indexes[f])) for f in INDEXED_FIELDS if f in indexes
+    ]
+
+
+def hmac_column(index: str) -> str:
+    column = HMAC_COLUMNS.get(index)
+    if column is None:
+        raise ValueError("unknown indexed field name")
+    return column
+
+
+def check_limit(limit: int) -> int:
+    if limit < 0:
+        raise ValueError("limit must not be negative")
+    return limit

@@ -1,0 +1,207 @@
+"""The storage contract: what the vault asks of a database, and nothing more.
+
+A store sees only ciphertexts, HMACs, wrapped keys and timestamps; it never
+encrypts, decrypts or sees a plaintext. Each backend (``sqlite``, ``postgres``)
+is one module implementing :class:`Store`, and both pass
+``tests/test_store_contract.py``.
+
+Conventions every backend keeps:
+- datetimes in and out are timezone-aware UTC;
+- member ids are canonical lowercase UUID strings;
+- every method that changes more than one row does it in one transaction, so
+  nothing is ever half-written;
+- a unique violation on a blind index raises :class:`vault.errors.AlreadyExists`
+  naming the field (``"login_id"`` or ``"email"``), never the value;
+- an unreachable database raises :class:`vault.errors.StorageUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+# The encrypted member columns, in a fixed order. Names double as the field
+# names bound into each ciphertext's associated data.
+ENCRYPTED_FIELDS: tuple[str, ...] = ("login_id", "password_hash", "name", "email", "mobile_phone")
+# Fields with a blind index (HMAC) for uniqueness and lookup.
+INDEXED_FIELDS: tuple[str, ...] = ("login_id", "email")
+
+KekState = Literal["active", "decrypt_only", "destroyed"]
+IndexedField = Literal["login_id", "email"]
+
+
+@dataclass(frozen=True, slots=True)
+class KekVersionRow:
+    version: int
+    state: KekState
+    created_at: datetime
+    destroyed_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexKeyRow:
+    """The blind-index HMAC key, wrapped under a KEK version."""
+
+    key_id: int
+    kek_version: int
+    wrapped_key: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MemberKeyRow:
+    """A member's data-encryption key, wrapped under a KEK version."""
+
+    member_id: str
+    dek_id: int
+    kek_version: int
+    wrapped_dek: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    member_id: str
+    created_at: datetime
+    last_seen_at: datetime
+    # Field name (one of ENCRYPTED_FIELDS) -> ciphertext. Every field is present;
+    # an absent optional field is the encryption of an empty string, so a row
+    # does not tell whether a member gave a mobile phone.
+    ciphertexts: Mapping[str, bytes]
+    # Field name (one of INDEXED_FIELDS) -> HMAC.
+    blind_indexes: Mapping[str, bytes]
+    key: MemberKeyRow
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRow:
+    purpose: str
+    granted: bool
+    policy_version: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewAccessEntry:
+    at: datetime
+    action_ct: bytes
+    ip_ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEntryRow:
+    entry_id: int
+    at: datetime
+    action_ct: bytes
+    ip_ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DestructionRecord:
+    """Proof that a member was destroyed. Carries no personal data."""
+
+    member_id: str
+    destroyed_at: datetime
+    reason: str
+    # What was destroyed, e.g. {"member": 1, "member_keys": 1, "access_log": 12}.
+    items: Mapping[str, int] = field(default_factory=dict)
+    # The KEK versions that wrapped the destroyed DEKs: once each is destroyed,
+    # backups holding the wrapped DEK are undecryptable too.
+    kek_versions: tuple[int, ...] = ()
+
+
+class Store(Protocol):
+    """One database holding the vault. See the module docstring for conventions."""
+
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; return the versions applied now (idempotent)."""
+        ...
+
+    # --- key hierarchy -------------------------------------------------------
+    async def list_kek_versions(self) -> list[KekVersionRow]:
+        """Every KEK version, oldest first."""
+        ...
+
+    async def insert_kek_version(self, row: KekVersionRow) -> bool:
+        """Add a version; False if that version number exists already."""
+        ...
+
+    async def get_index_key(self) -> IndexKeyRow | None: ...
+
+    async def insert_index_key(self, row: IndexKeyRow) -> IndexKeyRow:
+        """Store the index key unless one exists; return the one that is stored.
+
+        Two processes bootstrapping at once both get the same key back.
+        """
+        ...
+
+    # --- members ---------------------------------------------------------------
+    async def insert_member(self, member: MemberRow, consents: Sequence[ConsentRow]) -> None:
+        """Insert the member, its key and its consents in one transaction."""
+        ...
+
+    async def get_member(self, member_id: str) -> MemberRow | None: ...
+
+    async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
+        """Look a member up by blind index."""
+        ...
+
+    async def update_member(
+        self,
+        member_id: str,
+        ciphertexts: Mapping[str, bytes],
+        blind_indexes: Mapping[str, bytes] | None = None,
+    ) -> bool:
+        """Replace the named ciphertexts (and blind indexes); False if no such member."""
+        ...
+
+    async def record_login(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        password_hash_ct: bytes | None = None,
+    ) -> bool:
+        """Set last_seen_at to ``entry.at``, append ``entry`` to the access log and,
+        when given, replace the password hash (a rehash). One transaction; False
+        if no such member."""
+        ...
+
+    async def list_consents(self, member_id: str) -> list[ConsentRow]:
+        """The member's consents, one per purpose, in purpose order."""
+        ...
+
+    # --- access log ------------------------------------------------------------
+    async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
+        """False if no such member."""
+        ...
+
+    async def list_access(
+        self,
+        member_id: str,
+        limit: int,
+        before: tuple[datetime, int] | None = None,
+    ) -> list[AccessEntryRow]:
+        """Entries newest first (by ``at``, then ``entry_id``), strictly older than
+        the ``(at, entry_id)`` cursor when given."""
+        ...
+
+    # --- destruction -----------------------------------------------------------
+    async def shred_member(
+        self, member_id: str, destroyed_at: datetime, reason: str
+    ) -> DestructionRecord | None:
+        """Crypto-shred: in one transaction delete the member's DEK rows, blind
+        indexes, ciphertexts, consents and access log; leave a tombstone and a
+        destruction record. Then scrub what the backend can (SQLite: WAL
+        checkpoint). None if no such member (already shredded or never was)."""
+        ...
+
+    async def is_destroyed(self, member_id: str) -> bool:
+        """Whether a tombstone exists for the member."""
+        ...
+
+    async def list_destruction_records(self, member_id: str | None = None) -> list[DestructionRecord]:
+        """Destruction records, oldest first; only the member's when given."""
+        ...

@@ -1,0 +1,527 @@
+"""PostgreSQL backend on asyncpg: production, and the base for scale-out.
+
+Every method runs in one transaction on one pooled connection. Member ids are
+``uuid`` columns (canonical lowercase strings at the boundary), timestamps
+``timestamptz``, bytes ``bytea``. Connection failures become
+:class:`StorageUnavailable` raised ``from None``: asyncpg's messages can hold
+the DSN, and unique-violation details hold the HMAC, so neither is chained.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from vault.errors import AlreadyExists, PreconditionFailed, StorageUnavailable
+from vault.store._common import (
+    CT_COLUMNS,
+    HMAC_COLUMNS,
+    canonical_member_id,
+    check_kek_version,
+    check_limit,
+    check_new_member,
+    hmac_column,
+    require_aware,
+    update_assignments,
+)
+from vault.store._migrations import load_migrations
+from vault.store.base import (
+    AccessEntryRow,
+    ConsentRow,
+    DestructionRecord,
+    IndexedField,
+    IndexKeyRow,
+    KekVersionRow,
+    MemberKeyRow,
+    MemberRow,
+    NewAccessEntry,
+)
+
+# Errors meaning "the server cannot be reached or used right now".
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes ConnectionError and TimeoutError
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+# Unique constraint (named in the migration) -> the field it protects.
+_UNIQUE_FIELDS: Mapping[str, str] = {
+    "members_login_hmac_key": "login_id",
+    "members_email_hmac_key": "email",
+    "members_pkey": "member_id",
+    "member_keys_pkey": "member_id",
+}
+
+_MEMBER_COLUMNS = ", ".join(
+    [
+        "m.member_id",
+        "m.created_at",
+        "m.last_seen_at",
+        *(f"m.{column}" for column in HMAC_COLUMNS.values()),
+        *(f"m.{column}" for column in CT_COLUMNS.values()),
+        "k.dek_id",
+        "k.kek_version",
+        "k.wrapped_dek",
+    ]
+)
+_SELECT_MEMBER = (
+    f"SELECT {_MEMBER_COLUMNS} FROM members AS m "
+    "JOIN member_keys AS k ON k.member_id = m.member_id"
+)
+_SELECT_INDEX_KEY = (
+    "SELECT key_id, kek_version, wrapped_key, created_at FROM index_keys ORDER BY key_id LIMIT 1"
+)
+_CREATE_SCHEMA_MIGRATIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer     NOT NULL,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT schema_migrations_pkey PRIMARY KEY (version)
+)
+"""
+# Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; the
+# loser retries and then finds the table.
+_MIGRATE_ATTEMPTS = 3
+
+
+def _uuid(member_id: str) -> uuid.UUID:
+    return uuid.UUID(canonical_member_id(member_id))
+
+
+def _affected(status: str) -> int:
+    """Row count from a command status such as ``DELETE 3`` or ``INSERT 0 1``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _unique_error(exc: asyncpg.UniqueViolationError) -> Exception:
+    field = _UNIQUE_FIELDS.get(exc.constraint_name or "")
+    if field is None:
+        # Not a blind index; the detail would hold a value, so say nothing of it.
+        return RuntimeError("a unique constraint failed")
+    return AlreadyExists(field)
+
+
+def _kek_version(row: Mapping[str, Any]) -> KekVersionRow:
+    return KekVersionRow(
+        version=int(row["version"]),
+        state=row["state"],
+        created_at=row["created_at"],
+        destroyed_at=row["destroyed_at"],
+    )
+
+
+def _index_key(row: Mapping[str, Any]) -> IndexKeyRow:
+    return IndexKeyRow(
+        key_id=int(row["key_id"]),
+        kek_version=int(row["kek_version"]),
+        wrapped_key=bytes(row["wrapped_key"]),
+        created_at=row["created_at"],
+    )
+
+
+def _member(row: Mapping[str, Any]) -> MemberRow:
+    member_id = str(row["member_id"])
+    return MemberRow(
+        member_id=member_id,
+        created_at=row["created_at"],
+        last_seen_at=row["last_seen_at"],
+        ciphertexts={field: bytes(row[column]) for field, column in CT_COLUMNS.items()},
+        blind_indexes={field: bytes(row[column]) for field, column in HMAC_COLUMNS.items()},
+        key=MemberKeyRow(
+            member_id=member_id,
+            dek_id=int(row["dek_id"]),
+            kek_version=int(row["kek_version"]),
+            wrapped_dek=bytes(row["wrapped_dek"]),
+        ),
+    )
+
+
+def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
+    return DestructionRecord(
+        member_id=str(row["member_id"]),
+        destroyed_at=row["destroyed_at"],
+        reason=str(row["reason"]),
+        items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
+        kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
+    )
+
+
+class PostgresStore:
+    """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size)
+        except _CONNECTION_ERRORS:
+            raise StorageUnavailable() from None
+        except ValueError:
+            # asyncpg's DSN parsing errors quote parts of the DSN.
+            raise ValueError("invalid PostgreSQL database URL") from None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield conn
+        except _CONNECTION_ERRORS:
+            raise StorageUnavailable() from None
+
+    async def migrate(self) -> list[int]:
+        migrations = load_migrations("postgres")
+        for attempt in range(_MIGRATE_ATTEMPTS):
+            try:
+                async with self._transaction() as conn:
+                    await conn.execute(_CREATE_SCHEMA_MIGRATIONS)
+                    # Two servers starting at once: the second waits here, then
+                    # sees what the first applied. A table lock, no advisory lock.
+                    await conn.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
+                    rows = await conn.fetch("SELECT version FROM schema_migrations")
+                    applied = {int(r["version"]) for r in rows}
+                    done: list[int] = []
+                    for migration in migrations:
+                        if migration.version in applied:
+                            continue
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            migration.version,
+                            migration.name,
+                        )
+                        done.append(migration.version)
+                    return done
+            except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+                if attempt == _MIGRATE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    # --- key hierarchy -------------------------------------------------------
+    async def list_kek_versions(self) -> list[KekVersionRow]:
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "SELECT version, state, created_at, destroyed_at FROM kek_versions ORDER BY version"
+            )
+        return [_kek_version(r) for r in rows]
+
+    async def insert_kek_version(self, row: KekVersionRow) -> bool:
+        check_kek_version(row)
+        try:
+            async with self._transaction() as conn:
+                status = await conn.execute(
+                    "INSERT INTO kek_versions (version, state, created_at, destroyed_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (version) DO NOTHING",
+                    row.version,
+                    row.state,
+                    row.created_at,
+                    row.destroyed_at,
+                )
+        except asyncpg.UniqueViolationError:
+            # The only other unique constraint is the one-active partial index.
+            raise PreconditionFailed(
+                "kek_version", "another KEK version is active already"
+            ) from None
+        return _affected(status) == 1
+
+    async def get_index_key(self) -> IndexKeyRow | None:
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(_SELECT_INDEX_KEY)
+        return None if row is None else _index_key(row)
+
+    async def insert_index_key(self, row: IndexKeyRow) -> IndexKeyRow:
+        require_aware(row.created_at)
+        async with self._transaction() as conn:
+            # Self-conflicting lock: concurrent bootstraps run check-then-insert
+            # one after the other; plain readers are not blocked.
+            await conn.execute("LOCK TABLE index_keys IN SHARE ROW EXCLUSIVE MODE")
+            existing = await conn.fetchrow(_SELECT_INDEX_KEY)
+            if existing is None:
+                await conn.execute(
+                    "INSERT INTO index_keys (key_id, kek_version, wrapped_key, created_at) "
+                    "VALUES ($1, $2, $3, $4)",
+                    row.key_id,
+                    row.kek_version,
+                    bytes(row.wrapped_key),
+                    row.created_at,
+                )
+                existing = await conn.fetchrow(_SELECT_INDEX_KEY)
+        return _index_key(existing)
+
+    # --- members ---------------------------------------------------------------
+    async def insert_member(self, member: MemberRow, consents: Sequence[ConsentRow]) -> None:
+        member_id = uuid.UUID(check_new_member(member, consents))
+        columns = [
+            "member_id",
+            "created_at",
+            "last_seen_at",
+            *HMAC_COLUMNS.values(),
+            *CT_COLUMNS.values(),
+        ]
+        placeholders = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+        values = [
+            member_id,
+            member.created_at,
+            member.last_seen_at,
+            *(bytes(member.blind_indexes[f]) for f in HMAC_COLUMNS),
+            *(bytes(member.ciphertexts[f]) for f in CT_COLUMNS),
+        ]
+        key = member.key
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(
+                    f"INSERT INTO members ({', '.join(columns)}) VALUES ({placeholders})", *values
+                )
+                await conn.execute(
+                    "INSERT INTO member_keys (member_id, dek_id, kek_version, wrapped_dek) "
+                    "VALUES ($1, $2, $3, $4)",
+                    member_id,
+                    key.dek_id,
+                    key.kek_version,
+                    bytes(key.wrapped_dek),
+                )
+                if consents:
+                    await conn.executemany(
+                        "INSERT INTO consents (member_id, purpose, granted, policy_version, "
+                        "recorded_at) VALUES ($1, $2, $3, $4, $5)",
+                        [
+                            (member_id, c.purpose, c.granted, c.policy_version, c.recorded_at)
+                            for c in consents
+                        ],
+                    )
+        except asyncpg.UniqueViolationError as exc:
+            raise _unique_error(exc) from None
+        except asyncpg.ForeignKeyViolationError:
+            # The only foreign key a caller can miss here is the KEK version.
+            raise ValueError("the member key's KEK version does not exist") from None
+
+    async def get_member(self, member_id: str) -> MemberRow | None:
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(f"{_SELECT_MEMBER} WHERE m.member_id = $1", _uuid(member_id))
+        return None if row is None else _member(row)
+
+    async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
+        column = hmac_column(index)
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(f"{_SELECT_MEMBER} WHERE m.{column} = $1", bytes(hmac))
+        return None if row is None else _member(row)
+
+    async def update_member(
+        self,
+        member_id: str,
+        ciphertexts: Mapping[str, bytes],
+        blind_indexes: Mapping[str, bytes] | None = None,
+    ) -> bool:
+        key = _uuid(member_id)
+        assignments = update_assignments(ciphertexts, blind_indexes)
+        try:
+            async with self._transaction() as conn:
+                if not assignments:
+                    found = await conn.fetchval("SELECT 1 FROM members WHERE member_id = $1", key)
+                    return found is not None
+                setters = ", ".join(
+                    f"{column} = ${i}" for i, (column, _) in enumerate(assignments, start=2)
+                )
+                status = await conn.execute(
+                    f"UPDATE members SET {setters} WHERE member_id = $1",
+                    key,
+                    *(value for _, value in assignments),
+                )
+        except asyncpg.UniqueViolationError as exc:
+            raise _unique_error(exc) from None
+        return _affected(status) == 1
+
+    async def record_login(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        password_hash_ct: bytes | None = None,
+    ) -> bool:
+        key = _uuid(member_id)
+        at = require_aware(entry.at)
+        async with self._transaction() as conn:
+            if password_hash_ct is None:
+                status = await conn.execute(
+                    "UPDATE members SET last_seen_at = $2 WHERE member_id = $1", key, at
+                )
+            else:
+                status = await conn.execute(
+                    "UPDATE members SET last_seen_at = $2, password_hash_ct = $3 "
+                    "WHERE member_id = $1",
+                    key,
+                    at,
+                    bytes(password_hash_ct),
+                )
+            if _affected(status) != 1:
+                return False
+            await conn.execute(
+                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)",
+                key,
+                at,
+                bytes(entry.action_ct),
+                bytes(entry.ip_ct),
+            )
+        return True
+
+    async def list_consents(self, member_id: str) -> list[ConsentRow]:
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "SELECT purpose, granted, policy_version, recorded_at FROM consents "
+                "WHERE member_id = $1 ORDER BY purpose",
+                _uuid(member_id),
+            )
+        return [
+            ConsentRow(
+                purpose=str(r["purpose"]),
+                granted=bool(r["granted"]),
+                policy_version=str(r["policy_version"]),
+                recorded_at=r["recorded_at"],
+            )
+            for r in rows
+        ]
+
+    # --- access log ------------------------------------------------------------
+    async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
+        key = _uuid(member_id)
+        at = require_aware(entry.at)
+        async with self._transaction() as conn:
+            # Hold the member row against a concurrent shred until we commit.
+            found = await conn.fetchval(
+                "SELECT 1 FROM members WHERE member_id = $1 FOR KEY SHARE", key
+            )
+            if found is None:
+                return False
+            await conn.execute(
+                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)",
+                key,
+                at,
+                bytes(entry.action_ct),
+                bytes(entry.ip_ct),
+            )
+        return True
+
+    async def list_access(
+        self,
+        member_id: str,
+        limit: int,
+        before: tuple[datetime, int] | None = None,
+    ) -> list[AccessEntryRow]:
+        key = _uuid(member_id)
+        limit = check_limit(limit)
+        async with self._transaction() as conn:
+            if before is None:
+                rows = await conn.fetch(
+                    "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = $1 "
+                    "ORDER BY at DESC, entry_id DESC LIMIT $2",
+                    key,
+                    limit,
+                )
+            else:
+                rows = await conn.fetch(
+                    "SELECT entry_id, at, action_ct, ip_ct FROM access_log "
+                    "WHERE member_id = $1 AND (at, entry_id) < ($2, $3) "
+                    "ORDER BY at DESC, entry_id DESC LIMIT $4",
+                    key,
+                    require_aware(before[0]),
+                    int(before[1]),
+                    limit,
+                )
+        return [
+            AccessEntryRow(
+                entry_id=int(r["entry_id"]),
+                at=r["at"],
+                action_ct=bytes(r["action_ct"]),
+                ip_ct=bytes(r["ip_ct"]),
+            )
+            for r in rows
+        ]
+
+    # --- destruction -----------------------------------------------------------
+    async def shred_member(
+        self, member_id: str, destroyed_at: datetime, reason: str
+    ) -> DestructionRecord | None:
+        key = _uuid(member_id)
+        require_aware(destroyed_at)
+        async with self._transaction() as conn:
+            # Lock the member first: a concurrent shred waits, then finds nothing.
+            found = await conn.fetchval(
+                "SELECT 1 FROM members WHERE member_id = $1 FOR UPDATE", key
+            )
+            if found is None:
+                return None
+            # Explicit deletes, children first, so each count is exact (not cascaded).
+            access_log = _affected(
+                await conn.execute("DELETE FROM access_log WHERE member_id = $1", key)
+            )
+            consents = _affected(await conn.execute("DELETE FROM consents WHERE member_id = $1", key))
+            key_rows = await conn.fetch(
+                "DELETE FROM member_keys WHERE member_id = $1 RETURNING kek_version", key
+            )
+            members = _affected(await conn.execute("DELETE FROM members WHERE member_id = $1", key))
+            items = {
+                "member": members,
+                "member_keys": len(key_rows),
+                "consents": consents,
+                "access_log": access_log,
+            }
+            versions = sorted({int(r["kek_version"]) for r in key_rows})
+            await conn.execute(
+                "INSERT INTO tombstones (member_id, destroyed_at) VALUES ($1, $2) "
+                "ON CONFLICT (member_id) DO NOTHING",
+                key,
+                destroyed_at,
+            )
+            row = await conn.fetchrow(
+                "INSERT INTO destruction_records "
+                "(member_id, destroyed_at, reason, items, kek_versions) "
+                "VALUES ($1, $2, $3, $4, $5) RETURNING member_id, destroyed_at",
+                key,
+                destroyed_at,
+                reason,
+                json.dumps(items),
+                json.dumps(versions),
+            )
+        return DestructionRecord(
+            member_id=str(row["member_id"]),
+            destroyed_at=row["destroyed_at"],
+            reason=reason,
+            items=items,
+            kek_versions=tuple(versions),
+        )
+
+    async def is_destroyed(self, member_id: str) -> bool:
+        async with self._transaction() as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM tombstones WHERE member_id = $1", _uuid(member_id)
+            )
+        return found is not None
+
+    async def list_destruction_records(self, member_id: str | None = None) -> list[DestructionRecord]:
+        select = (
+            "SELECT member_id, destroyed_at, reason, items::text AS items, "
+            "kek_versions::text AS kek_versions FROM destruction_records"
+        )
+        order = "ORDER BY destroyed_at, record_id"
+        async with self._transaction() as conn:
+            if member_id is None:
+                rows = await conn.fetch(f"{select} {order}")
+            else:
+                rows = await conn.fetch(
+                    f"{select} WHERE member_id = $1 {order}", _uuid(member_id)
+                )
+        return [_destruction_record(r) for r in rows]

@@ -1,0 +1,646 @@
+"""SQLite backend: the embedded default.
+
+One connection, used only from one worker thread: every method hands all its SQL
+to that thread in one call, and writes run in ``BEGIN IMMEDIATE`` ... ``COMMIT``
+so they never half-apply. Timestamps are INTEGER microseconds since the Unix
+epoch (UTC). ``secure_delete`` zeroes deleted content in the file, and a shred
+is followed by a WAL checkpoint so old page images leave the WAL as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from vault.errors import AlreadyExists, PreconditionFailed, StorageUnavailable
+from vault.store._common import (
+    CT_COLUMNS,
+    HMAC_COLUMNS,
+    canonical_member_id,
+    check_kek_version,
+    check_limit,
+    check_new_member,
+    hmac_column,
+    require_aware,
+    update_assignments,
+)
+from vault.store._migrations import load_migrations
+from vault.store.base import (
+    AccessEntryRow,
+    ConsentRow,
+    DestructionRecord,
+    IndexedField,
+    IndexKeyRow,
+    KekVersionRow,
+    MemberKeyRow,
+    MemberRow,
+    NewAccessEntry,
+)
+
+_T = TypeVar("_T")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+# Applied on every open; the values are the privacy and durability promises.
+_PRAGMAS: Mapping[str, str] = {
+    "busy_timeout": "5000",
+    "journal_mode": "WAL",
+    "synchronous": "FULL",
+    "foreign_keys": "ON",
+    "secure_delete": "ON",
+}
+
+# SQLite names a failed unique constraint by "table.column"; which field that is.
+_UNIQUE_FIELDS: Mapping[str, str] = {
+    "members.login_hmac": "login_id",
+    "members.email_hmac": "email",
+    "members.member_id": "member_id",
+    "member_keys.member_id": "member_id",
+}
+# Error codes that mean "the database cannot be used right now".
+_UNAVAILABLE_CODES = ("SQLITE_CANTOPEN", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR")
+
+_MEMBER_COLUMNS = ", ".join(
+    [
+        "m.member_id",
+        "m.created_at",
+        "m.last_seen_at",
+        *(f"m.{column}" for column in HMAC_COLUMNS.values()),
+        *(f"m.{column}" for column in CT_COLUMNS.values()),
+        "k.dek_id",
+        "k.kek_version",
+        "k.wrapped_dek",
+    ]
+)
+_SELECT_MEMBER = (
+    f"SELECT {_MEMBER_COLUMNS} FROM members AS m "
+    "JOIN member_keys AS k ON k.member_id = m.member_id"
+)
+_CREATE_SCHEMA_MIGRATIONS = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+)
+
+
+def _to_us(value: datetime) -> int:
+    return (require_aware(value) - _EPOCH) // _MICROSECOND
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _is_unavailable(exc: sqlite3.Error) -> bool:
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(_UNAVAILABLE_CODES):
+        return True
+    # Without an error code (old builds), fall back to the stable message stems.
+    text = str(exc)
+    return not name and ("unable to open" in text or "locked" in text)
+
+
+def _integrity_error(exc: sqlite3.IntegrityError) -> Exception:
+    """The vault error for a constraint failure; the SQLite text is never echoed."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"):
+        _, _, columns = str(exc).partition("failed: ")
+        field = _UNIQUE_FIELDS.get(columns.split(",")[0].strip())
+        if field is not None:
+            return AlreadyExists(field)
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        # The only foreign key a caller can miss here is the KEK version.
+        return ValueError("the member key's KEK version does not exist")
+    return exc
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration into statements; executescript() would commit mid-migration."""
+    statements: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        not ln.strip() or ln.strip().startswith("--") for ln in buffer.splitlines()
+    ):
+        raise ValueError("a migration ends with an incomplete statement")
+    return statements
+
+
+def _transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    # IMMEDIATE takes the write lock up front, so a transaction never fails
+    # half-way on a lock upgrade.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    # Create the file 0600 before SQLite does (SQLite would use 0644), so it is
+    # never world-readable; -wal and -shm inherit its mode.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        for name, value in _PRAGMAS.items():
+            conn.execute(f"PRAGMA {name} = {value}")
+        if _read_pragmas(conn) != {
+            "busy_timeout": 5000,
+            "journal_mode": "wal",
+            "synchronous": 2,
+            "foreign_keys": 1,
+            "secure_delete": 1,
+        }:
+            # Refuse to run without secure_delete and WAL rather than break
+            # the shredding promise silently.
+            raise StorageUnavailable("the SQLite database does not accept the required settings")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _read_pragmas(conn: sqlite3.Connection) -> dict[str, int | str]:
+    values: dict[str, int | str] = {}
+    for name in _PRAGMAS:
+        value = conn.execute(f"PRAGMA {name}").fetchone()[0]
+        values[name] = value if isinstance(value, str) else int(value)
+    return values
+
+
+def _kek_version(row: sqlite3.Row) -> KekVersionRow:
+    return KekVersionRow(
+        version=int(row["version"]),
+        state=row["state"],
+        created_at=_from_us(row["created_at"]),
+        destroyed_at=None if row["destroyed_at"] is None else _from_us(row["destroyed_at"]),
+    )
+
+
+def _index_key(row: sqlite3.Row) -> IndexKeyRow:
+    return IndexKeyRow(
+        key_id=int(row["key_id"]),
+        kek_version=int(row["kek_version"]),
+        wrapped_key=bytes(row["wrapped_key"]),
+        created_at=_from_us(row["created_at"]),
+    )
+
+
+def _member(row: sqlite3.Row) -> MemberRow:
+    member_id = str(row["member_id"])
+    return MemberRow(
+        member_id=member_id,
+        created_at=_from_us(row["created_at"]),
+        last_seen_at=_from_us(row["last_seen_at"]),
+        ciphertexts={field: bytes(row[column]) for field, column in CT_COLUMNS.items()},
+        blind_indexes={field: bytes(row[column]) for field, column in HMAC_COLUMNS.items()},
+        key=MemberKeyRow(
+            member_id=member_id,
+            dek_id=int(row["dek_id"]),
+            kek_version=int(row["kek_version"]),
+            wrapped_dek=bytes(row["wrapped_dek"]),
+        ),
+    )
+
+
+def _destruction_record(row: sqlite3.Row) -> DestructionRecord:
+    return DestructionRecord(
+        member_id=str(row["member_id"]),
+        destroyed_at=_from_us(row["destroyed_at"]),
+        reason=str(row["reason"]),
+        items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
+        kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
+    )
+
+
+class SqliteStore:
+    """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``."""
+
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._conn = conn
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-sqlite")
+        try:
+            conn = await cls._in_thread(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor)
+
+    @staticmethod
+    async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except sqlite3.DatabaseError as exc:
+            if _is_unavailable(exc):
+                raise StorageUnavailable() from None
+            raise
+        except OSError:
+            # Creating the directory or file failed; the message holds the path.
+            raise StorageUnavailable() from None
+
+    async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` (a single statement, atomic by itself) on the worker thread."""
+        if self._closed:
+            raise RuntimeError("the store is closed")
+        return await self._in_thread(self._executor, work, self._conn)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` in one write transaction on the worker thread."""
+        return await self._read(lambda conn: _transaction(conn, work))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+    async def pragmas(self) -> dict[str, int | str]:
+        """The connection's effective settings (journal_mode, secure_delete, ...)."""
+        return await self._read(_read_pragmas)
+
+    async def migrate(self) -> list[int]:
+        def work(conn: sqlite3.Connection) -> list[int]:
+            migrations = load_migrations("sqlite")
+            conn.execute(_CREATE_SCHEMA_MIGRATIONS)
+            applied = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+            done: list[int] = []
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                for statement in _split_statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, _to_us(datetime.now(UTC))),
+                )
+                done.append(migration.version)
+            return done
+
+        return await self._write(work)
+
+    # --- key hierarchy -------------------------------------------------------
+    async def list_kek_versions(self) -> list[KekVersionRow]:
+        def work(conn: sqlite3.Connection) -> list[KekVersionRow]:
+            rows = conn.execute(
+                "SELECT version, state, created_at, destroyed_at FROM kek_versions ORDER BY version"
+            )
+            return [_kek_version(r) for r in rows]
+
+        return await self._read(work)
+
+    async def insert_kek_version(self, row: KekVersionRow) -> bool:
+        check_kek_version(row)
+        params = (
+            row.version,
+            row.state,
+            _to_us(row.created_at),
+            None if row.destroyed_at is None else _to_us(row.destroyed_at),
+        )
+
+        def work(conn: sqlite3.Connection) -> bool:
+            try:
+                cur = conn.execute(
+                    "INSERT INTO kek_versions (version, state, created_at, destroyed_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
+                    params,
+                )
+            except sqlite3.IntegrityError:
+                # The only other constraint is the one-active partial index.
+                raise PreconditionFailed(
+                    "kek_version", "another KEK version is active already"
+                ) from None
+            return cur.rowcount == 1
+
+        return await self._write(work)
+
+    async def get_index_key(self) -> IndexKeyRow | None:
+        def work(conn: sqlite3.Connection) -> IndexKeyRow | None:
+            row = conn.execute(
+                "SELECT key_id, kek_version, wrapped_key, created_at FROM index_keys "
+                "ORDER BY key_id LIMIT 1"
+            ).fetchone()
+            return None if row is None else _index_key(row)
+
+        return await self._read(work)
+
+    async def insert_index_key(self, row: IndexKeyRow) -> IndexKeyRow:
+        params = (row.key_id, row.kek_version, bytes(row.wrapped_key), _to_us(row.created_at))
+        select = (
+            "SELECT key_id, kek_version, wrapped_key, created_at FROM index_keys "
+            "ORDER BY key_id LIMIT 1"
+        )
+
+        def work(conn: sqlite3.Connection) -> IndexKeyRow:
+            # BEGIN IMMEDIATE serialises writers, so check-then-insert is safe.
+            existing = conn.execute(select).fetchone()
+            if existing is None:
+                conn.execute(
+                    "INSERT INTO index_keys (key_id, kek_version, wrapped_key, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    params,
+                )
+                existing = conn.execute(select).fetchone()
+            return _index_key(existing)
+
+        return await self._write(work)
+
+    # --- members ---------------------------------------------------------------
+    async def insert_member(self, member: MemberRow, consents: Sequence[ConsentRow]) -> None:
+        member_id = check_new_member(member, consents)
+        columns = [
+            "member_id",
+            "created_at",
+            "last_seen_at",
+            *HMAC_COLUMNS.values(),
+            *CT_COLUMNS.values(),
+        ]
+        values = [
+            member_id,
+            _to_us(member.created_at),
+            _to_us(member.last_seen_at),
+            *(bytes(member.blind_indexes[f]) for f in HMAC_COLUMNS),
+            *(bytes(member.ciphertexts[f]) for f in CT_COLUMNS),
+        ]
+        insert_member = (
+            f"INSERT INTO members ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        )
+        key = member.key
+        consent_rows = [
+            (member_id, c.purpose, int(c.granted), c.policy_version, _to_us(c.recorded_at))
+            for c in consents
+        ]
+
+        def work(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(insert_member, values)
+                conn.execute(
+                    "INSERT INTO member_keys (member_id, dek_id, kek_version, wrapped_dek) "
+                    "VALUES (?, ?, ?, ?)",
+                    (member_id, key.dek_id, key.kek_version, bytes(key.wrapped_dek)),
+                )
+                conn.executemany(
+                    "INSERT INTO consents (member_id, purpose, granted, policy_version, "
+                    "recorded_at) VALUES (?, ?, ?, ?, ?)",
+                    consent_rows,
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _integrity_error(exc) from None
+
+        await self._write(work)
+
+    async def get_member(self, member_id: str) -> MemberRow | None:
+        member_id = canonical_member_id(member_id)
+
+        def work(conn: sqlite3.Connection) -> MemberRow | None:
+            row = conn.execute(f"{_SELECT_MEMBER} WHERE m.member_id = ?", (member_id,)).fetchone()
+            return None if row is None else _member(row)
+
+        return await self._read(work)
+
+    async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
+        column = hmac_column(index)
+        value = bytes(hmac)
+
+        def work(conn: sqlite3.Connection) -> MemberRow | None:
+            row = conn.execute(f"{_SELECT_MEMBER} WHERE m.{column} = ?", (value,)).fetchone()
+            return None if row is None else _member(row)
+
+        return await self._read(work)
+
+    async def update_member(
+        self,
+        member_id: str,
+        ciphertexts: Mapping[str, bytes],
+        blind_indexes: Mapping[str, bytes] | None = None,
+    ) -> bool:
+        member_id = canonical_member_id(member_id)
+        assignments = update_assignments(ciphertexts, blind_indexes)
+        setters = ", ".join(f"{column} = ?" for column, _ in assignments)
+        params = [value for _, value in assignments] + [member_id]
+
+        def work(conn: sqlite3.Connection) -> bool:
+            if not assignments:
+                found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
+                return found.fetchone() is not None
+            try:
+                cur = conn.execute(f"UPDATE members SET {setters} WHERE member_id = ?", params)
+            except sqlite3.IntegrityError as exc:
+                raise _integrity_error(exc) from None
+            return cur.rowcount == 1
+
+        return await self._write(work)
+
+    async def record_login(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        password_hash_ct: bytes | None = None,
+    ) -> bool:
+        member_id = canonical_member_id(member_id)
+        at = _to_us(entry.at)
+        if password_hash_ct is None:
+            update: tuple[str, list[Any]] = (
+                "UPDATE members SET last_seen_at = ? WHERE member_id = ?",
+                [at, member_id],
+            )
+        else:
+            update = (
+                "UPDATE members SET last_seen_at = ?, password_hash_ct = ? WHERE member_id = ?",
+                [at, bytes(password_hash_ct), member_id],
+            )
+        log_params = (member_id, at, bytes(entry.action_ct), bytes(entry.ip_ct))
+
+        def work(conn: sqlite3.Connection) -> bool:
+            if conn.execute(*update).rowcount != 1:
+                return False
+            conn.execute(
+                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
+                log_params,
+            )
+            return True
+
+        return await self._write(work)
+
+    async def list_consents(self, member_id: str) -> list[ConsentRow]:
+        member_id = canonical_member_id(member_id)
+
+        def work(conn: sqlite3.Connection) -> list[ConsentRow]:
+            rows = conn.execute(
+                "SELECT purpose, granted, policy_version, recorded_at FROM consents "
+                "WHERE member_id = ? ORDER BY purpose",
+                (member_id,),
+            )
+            return [
+                ConsentRow(
+                    purpose=str(r["purpose"]),
+                    granted=bool(r["granted"]),
+                    policy_version=str(r["policy_version"]),
+                    recorded_at=_from_us(r["recorded_at"]),
+                )
+                for r in rows
+            ]
+
+        return await self._read(work)
+
+    # --- access log ------------------------------------------------------------
+    async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
+        member_id = canonical_member_id(member_id)
+        params = (
+            member_id,
+            _to_us(entry.at),
+            bytes(entry.action_ct),
+            bytes(entry.ip_ct),
+            member_id,
+        )
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
+                "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM members WHERE member_id = ?)",
+                params,
+            )
+            return cur.rowcount == 1
+
+        return await self._write(work)
+
+    async def list_access(
+        self,
+        member_id: str,
+        limit: int,
+        before: tuple[datetime, int] | None = None,
+    ) -> list[AccessEntryRow]:
+        member_id = canonical_member_id(member_id)
+        limit = check_limit(limit)
+        if before is None:
+            query = (
+                "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = ? "
+                "ORDER BY at DESC, entry_id DESC LIMIT ?"
+            )
+            params: tuple[Any, ...] = (member_id, limit)
+        else:
+            query = (
+                "SELECT entry_id, at, action_ct, ip_ct FROM access_log "
+                "WHERE member_id = ? AND (at, entry_id) < (?, ?) "
+                "ORDER BY at DESC, entry_id DESC LIMIT ?"
+            )
+            params = (member_id, _to_us(before[0]), int(before[1]), limit)
+
+        def work(conn: sqlite3.Connection) -> list[AccessEntryRow]:
+            return [
+                AccessEntryRow(
+                    entry_id=int(r["entry_id"]),
+                    at=_from_us(r["at"]),
+                    action_ct=bytes(r["action_ct"]),
+                    ip_ct=bytes(r["ip_ct"]),
+                )
+                for r in conn.execute(query, params)
+            ]
+
+        return await self._read(work)
+
+    # --- destruction -----------------------------------------------------------
+    async def shred_member(
+        self, member_id: str, destroyed_at: datetime, reason: str
+    ) -> DestructionRecord | None:
+        member_id = canonical_member_id(member_id)
+        at = _to_us(destroyed_at)
+
+        def work(conn: sqlite3.Connection) -> DestructionRecord | None:
+            if conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,)).fetchone() is None:
+                return None
+            versions = sorted(
+                {
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT kek_version FROM member_keys WHERE member_id = ?", (member_id,)
+                    )
+                }
+            )
+            # Explicit deletes, children first, so each count is exact (not cascaded).
+            counts = {
+                table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", (member_id,)).rowcount
+                for table in ("access_log", "consents", "member_keys", "members")
+            }
+            items = {
+                "member": counts["members"],
+                "member_keys": counts["member_keys"],
+                "consents": counts["consents"],
+                "access_log": counts["access_log"],
+            }
+            conn.execute(
+                "INSERT INTO tombstones (member_id, destroyed_at) VALUES (?, ?) "
+                "ON CONFLICT (member_id) DO NOTHING",
+                (member_id, at),
+            )
+            conn.execute(
+                "INSERT INTO destruction_records "
+                "(member_id, destroyed_at, reason, items, kek_versions) VALUES (?, ?, ?, ?, ?)",
+                (member_id, at, reason, json.dumps(items), json.dumps(versions)),
+            )
+            return DestructionRecord(
+                member_id=member_id,
+                destroyed_at=_from_us(at),
+                reason=reason,
+                items=items,
+                kek_versions=tuple(versions),
+            )
+
+        def shred(conn: sqlite3.Connection) -> DestructionRecord | None:
+            record = _transaction(conn, work)
+            if record is not None:
+                # Copy the zeroed pages into the file and empty the WAL, so the
+                # deleted rows' old page images do not linger in it.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return record
+
+        return await self._read(shred)
+
+    async def is_destroyed(self, member_id: str) -> bool:
+        member_id = canonical_member_id(member_id)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            found = conn.execute("SELECT 1 FROM tombstones WHERE member_id = ?", (member_id,))
+            return found.fetchone() is not None
+
+        return await self._read(work)
+
+    async def list_destruction_records(self, member_id: str | None = None) -> list[DestructionRecord]:
+        select = (
+            "SELECT member_id, destroyed_at, reason, items, kek_versions FROM destruction_records"
+        )
+        order = "ORDER BY destroyed_at, record_id"
+        params: tuple[str, ...] = ()
+        query = f"{select} {order}"
+        if member_id is not None:
+            query = f"{select} WHERE member_id = ? {order}"
+            params = (canonical_member_id(member_id),)
+
+        def work(conn: sqlite3.Connection) -> list[DestructionRecord]:
+            return [_destruction_record(r) for r in conn.execute(query, params)]
+
+        return await self._read(work)

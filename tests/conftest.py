@@ -1,0 +1,142 @@
+"""Shared fixtures: real databases for every test, never mocks.
+
+PostgreSQL: the server at ``PRIVACY_VAULT_TEST_PG_DSN`` (default
+``postgresql://postgres@127.0.0.1:5432/postgres``; a URL with a superuser or
+CREATEDB role). Each test gets a fresh database that is dropped afterwards.
+When the server is unreachable, PostgreSQL tests are skipped with a loud
+warning, or fail when ``PRIVACY_VAULT_REQUIRE_POSTGRES=1`` (set it in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from vault.store import Store, open_store
+
+# --- PostgreSQL availability ---------------------------------------------------
+
+PG_ADMIN_DSN = os.environ.get(
+    "PRIVACY_VAULT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_POSTGRES = os.environ.get("PRIVACY_VAULT_REQUIRE_POSTGRES") == "1"
+# Every PostgreSQL skip reason starts with this; the terminal summary counts them.
+PG_SKIP_REASON = "PostgreSQL unavailable"
+
+# Probed once per session: None when reachable, else the error's type name.
+_pg_probe: dict[str, str | None] = {}
+
+
+async def require_postgres() -> str:
+    """The admin DSN, or skip (fail, when required) the calling test."""
+    if "error" not in _pg_probe:
+        try:
+            conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            _pg_probe["error"] = type(exc).__name__
+        else:
+            await conn.close()
+            _pg_probe["error"] = None
+    error = _pg_probe["error"]
+    if error is not None:
+        # The DSN itself is not shown: it may hold a password.
+        reason = f"{PG_SKIP_REASON} at PRIVACY_VAULT_TEST_PG_DSN ({error})"
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"{reason}, and PRIVACY_VAULT_REQUIRE_POSTGRES=1", pytrace=False)
+        pytest.skip(reason)
+    return PG_ADMIN_DSN
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if PG_SKIP_REASON in str(getattr(report, "longrepr", ""))
+    ]
+    if skipped:
+        terminalreporter.write_sep(
+            "!", f"{len(skipped)} PostgreSQL TESTS WERE SKIPPED", red=True, bold=True
+        )
+        terminalreporter.write_line(
+            "The PostgreSQL backend was NOT tested. Start PostgreSQL or set "
+            "PRIVACY_VAULT_TEST_PG_DSN; set PRIVACY_VAULT_REQUIRE_POSTGRES=1 to make this fail.",
+            red=True,
+        )
+
+
+@pytest.fixture
+async def postgres_admin_dsn() -> str:
+    """The admin DSN of a reachable server (skips or fails the test otherwise)."""
+    return await require_postgres()
+
+
+@pytest.fixture
+async def make_postgres_database() -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """A factory: each call creates an empty database ``pv_test_<hex>`` and returns
+    its URL. All of them are dropped (WITH (FORCE)) at teardown."""
+    created: list[str] = []
+
+    async def make() -> str:
+        admin_dsn = await require_postgres()
+        name = f"pv_test_{secrets.token_hex(8)}"
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        created.append(name)
+        return urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
+
+    yield make
+
+    if created:
+        conn = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            for name in created:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+# --- stores ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite database URL (absolute path: ``sqlite:////...``)."""
+    return f"sqlite:///{tmp_path / 'vault.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage backend under test; store_url and store follow it."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def store_url(
+    backend: str,
+    sqlite_url: str,
+    make_postgres_database: Callable[[], Awaitable[str]],
+) -> str:
+    """A fresh, empty (unmigrated) database URL for the backend under test."""
+    if backend == "postgres":
+        return await make_postgres_database()
+    return sqlite_url
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """A migrated, empty store for the backend under test."""
+    opened = await open_store(store_url)
+    try:
+        await opened.migrate()
+        yield opened
+    finally:
+        await opened.close()
