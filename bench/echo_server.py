@@ -9,7 +9,8 @@ gap; the difference measured against GetMember is then exactly the service's own
 (authorization, store lookup, DEK unwrap, field decryption, interceptors).
 
 Configured like the service, from PRIVACY_VAULT_LISTEN_ADDRESS; it serves grpc.health.v1
-for readiness and uses a default ``grpc.aio.server()`` (no tuning, as the service).
+for readiness and uses a default ``grpc.aio.server()``. The service sets only limits
+(message sizes, no SO_REUSEPORT), no throughput tuning, so neither side is tuned.
 Run: ``python bench/echo_server.py`` (the privacyvault stubs must be importable).
 """
 

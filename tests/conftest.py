@@ -12,12 +12,18 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import grpc
 import pytest
 
+from privacyvault.v1 import member_pb2_grpc
+from service.config import Settings
+from service.server import RunningServer, run_server
+from vault import CHEAPEST, FrozenClock
 from vault.store import Store, open_store
 
 # --- PostgreSQL availability ---------------------------------------------------
@@ -140,3 +146,45 @@ async def store(store_url: str) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
+
+
+# --- the gRPC server, in-process over a real channel ------------------------------
+
+# A fixed, known "now" so age checks and timestamps are deterministic.
+TEST_NOW = datetime(2026, 6, 15, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(TEST_NOW)
+
+
+@pytest.fixture
+def server_settings(store_url: str, tmp_path: Path) -> Settings:
+    """Embedded-mode settings on the backend under test, with the cheapest argon2."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=store_url,
+        listen_address="127.0.0.1:0",
+        argon2_time_cost=CHEAPEST.time_cost,
+        argon2_memory_cost=CHEAPEST.memory_cost,
+        argon2_parallelism=CHEAPEST.parallelism,
+        shutdown_grace_seconds=0,
+    )
+
+
+@pytest.fixture
+async def server(server_settings: Settings, clock: FrozenClock) -> AsyncIterator[RunningServer]:
+    async with run_server(server_settings, clock=clock) as running:
+        yield running
+
+
+@pytest.fixture
+async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(server.target) as ch:
+        yield ch
+
+
+@pytest.fixture
+def members(channel: grpc.aio.Channel) -> member_pb2_grpc.MemberServiceStub:
+    return member_pb2_grpc.MemberServiceStub(channel)

@@ -42,7 +42,7 @@ __all__ = [
     "open_store",
 ]
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?=//)")
 
 
 async def open_store(url: str, *, pool_size: int = 10) -> Store:

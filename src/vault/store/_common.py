@@ -79,9 +79,9 @@ def update_assignments(
         raise ValueError("unknown encrypted field name")
     if not set(indexes) <= set(INDEXED_FIELDS):
         raise ValueError("unknown indexed field name")
-    return [(CT_COLUMNS[f], bytes(ciphertexts[f])) for f in ENCRYPTED_FIELDS if f in ciphertexts] + [
-        (HMAC_COLUMNS[f], bytes(indexes[f])) for f in INDEXED_FIELDS if f in indexes
-    ]
+    pairs = [(CT_COLUMNS[f], bytes(ciphertexts[f])) for f in ENCRYPTED_FIELDS if f in ciphertexts]
+    pairs += [(HMAC_COLUMNS[f], bytes(indexes[f])) for f in INDEXED_FIELDS if f in indexes]
+    return pairs
 
 
 def hmac_column(index: str) -> str:

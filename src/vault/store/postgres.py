@@ -73,8 +73,7 @@ _MEMBER_COLUMNS = ", ".join(
     ]
 )
 _SELECT_MEMBER = (
-    f"SELECT {_MEMBER_COLUMNS} FROM members AS m "
-    "JOIN member_keys AS k ON k.member_id = m.member_id"
+    f"SELECT {_MEMBER_COLUMNS} FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 _SELECT_INDEX_KEY = (
     "SELECT key_id, kek_version, wrapped_key, created_at FROM index_keys ORDER BY key_id LIMIT 1"
@@ -468,7 +467,9 @@ class PostgresStore:
             access_log = _affected(
                 await conn.execute("DELETE FROM access_log WHERE member_id = $1", key)
             )
-            consents = _affected(await conn.execute("DELETE FROM consents WHERE member_id = $1", key))
+            consents = _affected(
+                await conn.execute("DELETE FROM consents WHERE member_id = $1", key)
+            )
             key_rows = await conn.fetch(
                 "DELETE FROM member_keys WHERE member_id = $1 RETURNING kek_version", key
             )
@@ -511,7 +512,9 @@ class PostgresStore:
             )
         return found is not None
 
-    async def list_destruction_records(self, member_id: str | None = None) -> list[DestructionRecord]:
+    async def list_destruction_records(
+        self, member_id: str | None = None
+    ) -> list[DestructionRecord]:
         select = (
             "SELECT member_id, destroyed_at, reason, items::text AS items, "
             "kek_versions::text AS kek_versions FROM destruction_records"
@@ -521,7 +524,5 @@ class PostgresStore:
             if member_id is None:
                 rows = await conn.fetch(f"{select} {order}")
             else:
-                rows = await conn.fetch(
-                    f"{select} WHERE member_id = $1 {order}", _uuid(member_id)
-                )
+                rows = await conn.fetch(f"{select} WHERE member_id = $1 {order}", _uuid(member_id))
         return [_destruction_record(r) for r in rows]

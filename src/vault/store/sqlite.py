@@ -57,6 +57,15 @@ _PRAGMAS: Mapping[str, str] = {
     "secure_delete": "ON",
 }
 
+# What PRAGMA reads back once _PRAGMAS took effect (synchronous FULL is 2).
+_EXPECTED_PRAGMAS: Mapping[str, int | str] = {
+    "busy_timeout": 5000,
+    "journal_mode": "wal",
+    "synchronous": 2,
+    "foreign_keys": 1,
+    "secure_delete": 1,
+}
+
 # SQLite names a failed unique constraint by "table.column"; which field that is.
 _UNIQUE_FIELDS: Mapping[str, str] = {
     "members.login_hmac": "login_id",
@@ -80,8 +89,7 @@ _MEMBER_COLUMNS = ", ".join(
     ]
 )
 _SELECT_MEMBER = (
-    f"SELECT {_MEMBER_COLUMNS} FROM members AS m "
-    "JOIN member_keys AS k ON k.member_id = m.member_id"
+    f"SELECT {_MEMBER_COLUMNS} FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 _CREATE_SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -163,20 +171,18 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.row_factory = sqlite3.Row
         for name, value in _PRAGMAS.items():
             conn.execute(f"PRAGMA {name} = {value}")
-        if _read_pragmas(conn) != {
-            "busy_timeout": 5000,
-            "journal_mode": "wal",
-            "synchronous": 2,
-            "foreign_keys": 1,
-            "secure_delete": 1,
-        }:
-            # Refuse to run without secure_delete and WAL rather than break
-            # the shredding promise silently.
-            raise StorageUnavailable("the SQLite database does not accept the required settings")
+        _check_pragmas(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _check_pragmas(conn: sqlite3.Connection) -> None:
+    if _read_pragmas(conn) != _EXPECTED_PRAGMAS:
+        # Refuse to run without secure_delete and WAL rather than break the
+        # shredding promise silently.
+        raise StorageUnavailable("the SQLite database does not accept the required settings")
 
 
 def _read_pragmas(conn: sqlite3.Connection) -> dict[str, int | str]:
@@ -262,15 +268,18 @@ class SqliteStore:
             # Creating the directory or file failed; the message holds the path.
             raise StorageUnavailable() from None
 
-    async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``work`` (a single statement, atomic by itself) on the worker thread."""
+    async def _call(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` on the worker thread: one hand-off for all of a method's SQL.
+
+        Reads pass a single statement (atomic by itself); writes use :meth:`_write`.
+        """
         if self._closed:
             raise RuntimeError("the store is closed")
         return await self._in_thread(self._executor, work, self._conn)
 
     async def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``work`` in one write transaction on the worker thread."""
-        return await self._read(lambda conn: _transaction(conn, work))
+        return await self._call(lambda conn: _transaction(conn, work))
 
     async def close(self) -> None:
         if self._closed:
@@ -281,7 +290,7 @@ class SqliteStore:
 
     async def pragmas(self) -> dict[str, int | str]:
         """The connection's effective settings (journal_mode, secure_delete, ...)."""
-        return await self._read(_read_pragmas)
+        return await self._call(_read_pragmas)
 
     async def migrate(self) -> list[int]:
         def work(conn: sqlite3.Connection) -> list[int]:
@@ -311,7 +320,7 @@ class SqliteStore:
             )
             return [_kek_version(r) for r in rows]
 
-        return await self._read(work)
+        return await self._call(work)
 
     async def insert_kek_version(self, row: KekVersionRow) -> bool:
         check_kek_version(row)
@@ -346,7 +355,7 @@ class SqliteStore:
             ).fetchone()
             return None if row is None else _index_key(row)
 
-        return await self._read(work)
+        return await self._call(work)
 
     async def insert_index_key(self, row: IndexKeyRow) -> IndexKeyRow:
         params = (row.key_id, row.kek_version, bytes(row.wrapped_key), _to_us(row.created_at))
@@ -420,7 +429,7 @@ class SqliteStore:
             row = conn.execute(f"{_SELECT_MEMBER} WHERE m.member_id = ?", (member_id,)).fetchone()
             return None if row is None else _member(row)
 
-        return await self._read(work)
+        return await self._call(work)
 
     async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
         column = hmac_column(index)
@@ -430,7 +439,7 @@ class SqliteStore:
             row = conn.execute(f"{_SELECT_MEMBER} WHERE m.{column} = ?", (value,)).fetchone()
             return None if row is None else _member(row)
 
-        return await self._read(work)
+        return await self._call(work)
 
     async def update_member(
         self,
@@ -505,7 +514,7 @@ class SqliteStore:
                 for r in rows
             ]
 
-        return await self._read(work)
+        return await self._call(work)
 
     # --- access log ------------------------------------------------------------
     async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
@@ -561,17 +570,19 @@ class SqliteStore:
                 for r in conn.execute(query, params)
             ]
 
-        return await self._read(work)
+        return await self._call(work)
 
     # --- destruction -----------------------------------------------------------
     async def shred_member(
         self, member_id: str, destroyed_at: datetime, reason: str
     ) -> DestructionRecord | None:
         member_id = canonical_member_id(member_id)
+        params = (member_id,)
         at = _to_us(destroyed_at)
 
         def work(conn: sqlite3.Connection) -> DestructionRecord | None:
-            if conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,)).fetchone() is None:
+            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
+            if found.fetchone() is None:
                 return None
             versions = sorted(
                 {
@@ -583,7 +594,7 @@ class SqliteStore:
             )
             # Explicit deletes, children first, so each count is exact (not cascaded).
             counts = {
-                table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", (member_id,)).rowcount
+                table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", params).rowcount
                 for table in ("access_log", "consents", "member_keys", "members")
             }
             items = {
@@ -618,7 +629,7 @@ class SqliteStore:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return record
 
-        return await self._read(shred)
+        return await self._call(shred)
 
     async def is_destroyed(self, member_id: str) -> bool:
         member_id = canonical_member_id(member_id)
@@ -627,9 +638,11 @@ class SqliteStore:
             found = conn.execute("SELECT 1 FROM tombstones WHERE member_id = ?", (member_id,))
             return found.fetchone() is not None
 
-        return await self._read(work)
+        return await self._call(work)
 
-    async def list_destruction_records(self, member_id: str | None = None) -> list[DestructionRecord]:
+    async def list_destruction_records(
+        self, member_id: str | None = None
+    ) -> list[DestructionRecord]:
         select = (
             "SELECT member_id, destroyed_at, reason, items, kek_versions FROM destruction_records"
         )
@@ -643,4 +656,4 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> list[DestructionRecord]:
             return [_destruction_record(r) for r in conn.execute(query, params)]
 
-        return await self._read(work)
+        return await self._call(work)
