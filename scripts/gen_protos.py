@@ -36,7 +36,9 @@ def generate(into: Path) -> None:
     ]
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
-    for pkg in {p.parent for p in (into / "privacyvault").rglob("*_pb2.py")} | {into / "privacyvault"}:
+    for pkg in {p.parent for p in (into / "privacyvault").rglob("*_pb2.py")} | {
+        into / "privacyvault"
+    }:
         (pkg / "__init__.py").touch()
 
 

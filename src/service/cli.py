@@ -23,7 +23,9 @@ def _settings() -> Settings:
         settings = Settings.from_env()
     except ValidationError as exc:
         # Name the settings that are wrong, not their values (they may be secrets).
-        bad = ", ".join("PRIVACY_VAULT_" + str(e["loc"][0]).upper() for e in exc.errors() if e["loc"])
+        bad = ", ".join(
+            "PRIVACY_VAULT_" + str(e["loc"][0]).upper() for e in exc.errors() if e["loc"]
+        )
         typer.echo(f"invalid configuration: {bad or exc.error_count()}", err=True)
         raise typer.Exit(2) from None
     configure_logging(settings.log_level, settings.log_format)

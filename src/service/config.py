@@ -23,7 +23,11 @@ def _file_sourced_env() -> dict[str, str]:
     """``PRIVACY_VAULT_X_FILE=/path`` -> setting X from that file's content."""
     values: dict[str, str] = {}
     for key, path in os.environ.items():
-        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and key != "PRIVACY_VAULT_LOCAL_KEY_FILE":
+        if (
+            key.startswith(ENV_PREFIX)
+            and key.endswith("_FILE")
+            and key != "PRIVACY_VAULT_LOCAL_KEY_FILE"
+        ):
             name = key[len(ENV_PREFIX) : -len("_FILE")].lower()
             values[name] = Path(path).read_text().strip()
     return values
@@ -98,7 +102,9 @@ class Settings(BaseSettings):
 
     @property
     def argon2(self) -> Argon2Profile:
-        return Argon2Profile(self.argon2_time_cost, self.argon2_memory_cost, self.argon2_parallelism)
+        return Argon2Profile(
+            self.argon2_time_cost, self.argon2_memory_cost, self.argon2_parallelism
+        )
 
     @property
     def vault_settings(self) -> VaultSettings:

@@ -52,7 +52,9 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
         return [
             _packed(
                 error_details_pb2.ErrorInfo(
-                    reason=f"{exc.field.upper()}_TAKEN", domain=DOMAIN, metadata={"field": exc.field}
+                    reason=f"{exc.field.upper()}_TAKEN",
+                    domain=DOMAIN,
+                    metadata={"field": exc.field},
                 )
             )
         ]
@@ -95,7 +97,5 @@ def to_status(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode
         message, details = "internal error", []
     if request_id and code == grpc.StatusCode.INTERNAL:
         details.append(_packed(error_details_pb2.RequestInfo(request_id=request_id)))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=details
-    )
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return code, message, status.SerializeToString()

@@ -45,13 +45,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),
@@ -77,7 +79,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async with asyncio.timeout(self._timeout(context)):
                     response = await behavior(request, context)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, rid, started, exc)
             finally:
                 request_id_var.reset(token)
@@ -87,7 +89,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async def wrapped(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             rid = _request_id(context)
             token = request_id_var.set(rid)
             started = time.perf_counter()
@@ -95,7 +99,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 async with asyncio.timeout(self._timeout(context)):
                     async for item in behavior(request, context):
                         yield item
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, rid, started, exc)
             finally:
                 request_id_var.reset(token)

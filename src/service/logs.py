@@ -16,8 +16,21 @@ import structlog
 
 # Field names that must never reach a log line, whatever a caller binds.
 _FORBIDDEN = frozenset(
-    {"password", "login_id", "email", "name", "mobile_phone", "birth_date", "ip", "key", "dek",
-     "kek", "material", "token", "plaintext"}
+    {
+        "password",
+        "login_id",
+        "email",
+        "name",
+        "mobile_phone",
+        "birth_date",
+        "ip",
+        "key",
+        "dek",
+        "kek",
+        "material",
+        "token",
+        "plaintext",
+    }
 )
 
 

@@ -43,7 +43,7 @@ _PURPOSE_PREFIX = "PURPOSE_"
 
 
 def _purpose(value: int, field: str) -> Purpose:
-    name = pb.Purpose.Name(value) if value in pb.Purpose.values() else ""
+    name = pb.Purpose.Name(pb.Purpose.ValueType(value)) if value in pb.Purpose.values() else ""
     try:
         return Purpose(name.removeprefix(_PURPOSE_PREFIX))
     except ValueError:
@@ -119,7 +119,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         )
         return pb.AuthenticateResponse(member_id=member_id)
 
-    async def GetMember(self, request: pb.GetMemberRequest, context: Context) -> pb.GetMemberResponse:
+    async def GetMember(
+        self, request: pb.GetMemberRequest, context: Context
+    ) -> pb.GetMemberResponse:
         view = await self._vault.get_member(request.member_id, _purpose(request.purpose, "purpose"))
         return pb.GetMemberResponse(member=_member_pb(view))
 

@@ -57,7 +57,9 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 @contextlib.asynccontextmanager
-async def run_server(settings: Settings, *, clock: Clock | None = None) -> AsyncIterator[RunningServer]:
+async def run_server(
+    settings: Settings, *, clock: Clock | None = None
+) -> AsyncIterator[RunningServer]:
     async with open_vault(
         data_dir=settings.data_dir,
         database_url=settings.database_url.get_secret_value() if settings.database_url else None,

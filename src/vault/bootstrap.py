@@ -36,13 +36,15 @@ async def open_vault(
     ``local_key_file`` names a mounted secret instead (read-only: the vault will
     not write to it).
     """
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     provider = (
         LocalKeyProvider(local_key_file, writable=False)
         if local_key_file
         else LocalKeyProvider(data_dir / LOCAL_KEY_FILE)
     )
-    store = await open_store(database_url or default_database_url(data_dir), pool_size=database_pool_size)
+    store = await open_store(
+        database_url or default_database_url(data_dir), pool_size=database_pool_size
+    )
     hasher = PasswordHasher(argon2, workers=password_workers)
     try:
         vault = await Vault.open(store, provider, hasher, clock or SystemClock(), settings)
@@ -58,7 +60,7 @@ async def open_vault(
 
 async def migrate_database(*, data_dir: Path, database_url: str | None = None) -> list[int]:
     """Apply pending migrations; return the versions applied now."""
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     store = await open_store(database_url or default_database_url(data_dir), pool_size=1)
     try:
         return await store.migrate()

@@ -16,7 +16,9 @@ from vault._hazmat import SecretKey
 
 class DekCache:
     def __init__(
-        self, max_size: int = 10_000, ttl: float = 300.0,
+        self,
+        max_size: int = 10_000,
+        ttl: float = 300.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_size < 0 or ttl < 0:

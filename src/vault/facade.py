@@ -269,7 +269,11 @@ class Vault:
         policy.check_birth_date(new.birth_date, self._clock.now().date(), v)
         consents = policy.check_consents(new.consents, v)
         v.raise_if_any()
-        assert login_id and password and name and email and mobile is not None
+        assert login_id
+        assert password
+        assert name
+        assert email
+        assert mobile is not None
 
         encoded_hash = await self._hasher.hash(password)
         member_id = str(uuid.uuid4())
@@ -319,7 +323,8 @@ class Vault:
             v.add("password", "must not be empty")
         ip = policy.check_ip(client_ip, v, field="x-client-ip")
         v.raise_if_any()
-        assert checked_login and ip
+        assert checked_login
+        assert ip
 
         row = await self._store.find_member("login_id", self._login_index(checked_login))
         if row is None:
@@ -375,7 +380,9 @@ class Vault:
         ciphertexts = {
             f: _hazmat.seal_field(dek, mid, f, value.encode()) for f, value in new_values.items()
         }
-        indexes = {"email": self._email_index(new_values["email"])} if "email" in new_values else None
+        indexes = (
+            {"email": self._email_index(new_values["email"])} if "email" in new_values else None
+        )
         if not await self._store.update_member(mid, ciphertexts, indexes):
             raise NotFound
         log.info("member_updated", fields=sorted(new_values))
@@ -485,11 +492,15 @@ class Vault:
             ip_ct=_hazmat.seal_field(dek, member_id, f"access.ip@{stamp}", ip.encode()),
         )
 
-    def _open_access(self, dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRow) -> AccessEntry:
+    def _open_access(
+        self, dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRow
+    ) -> AccessEntry:
         stamp = _micros(row.at)
         return AccessEntry(
             at=row.at,
-            action=_hazmat.open_field(dek, member_id, f"access.action@{stamp}", row.action_ct).decode(),
+            action=_hazmat.open_field(
+                dek, member_id, f"access.action@{stamp}", row.action_ct
+            ).decode(),
             ip=_hazmat.open_field(dek, member_id, f"access.ip@{stamp}", row.ip_ct).decode(),
         )
 
@@ -499,7 +510,9 @@ class Vault:
         checked_action = policy.check_action(action, v)
         checked_ip = policy.check_ip(ip, v)
         v.raise_if_any()
-        assert mid and checked_action and checked_ip
+        assert mid
+        assert checked_action
+        assert checked_ip
         row = await self._row(mid)
         dek = await self._dek(row.key)
         entry = self._access_entry(dek, mid, checked_action, checked_ip)
@@ -540,7 +553,9 @@ class Vault:
 
     @staticmethod
     def _open(dek: _hazmat.SecretKey, row: MemberRow, field_name: str) -> str:
-        return _hazmat.open_field(dek, row.member_id, field_name, row.ciphertexts[field_name]).decode()
+        return _hazmat.open_field(
+            dek, row.member_id, field_name, row.ciphertexts[field_name]
+        ).decode()
 
     async def _check_password(self, dek: _hazmat.SecretKey, row: MemberRow, password: str) -> None:
         if not await self._hasher.verify(self._open(dek, row, "password_hash"), password):
@@ -561,7 +576,7 @@ class Vault:
             created_at=row.created_at,
             last_seen_at=row.last_seen_at,
             consents=tuple(consents),
-            **values,  # type: ignore[arg-type]
+            **values,
         )
 
 

@@ -93,8 +93,11 @@ def _has_control(text: str) -> bool:
 
 def check_login_id(value: str, v: Violations, field: str = "login_id") -> str | None:
     if not _LOGIN_ID.fullmatch(value):
-        v.add(field, "must be 4-64 characters of letters, digits, '.', '_' or '-', "
-              "starting with a letter or digit")
+        v.add(
+            field,
+            "must be 4-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+        )
         return None
     return value
 
@@ -104,7 +107,9 @@ def login_id_index_value(login_id: str) -> str:
     return login_id.casefold()
 
 
-def check_password(value: str, v: Violations, field: str = "password", *, login_id: str = "") -> str | None:
+def check_password(
+    value: str, v: Violations, field: str = "password", *, login_id: str = ""
+) -> str | None:
     if not PASSWORD_MIN <= len(value) <= PASSWORD_MAX:
         v.add(field, f"must be {PASSWORD_MIN}-{PASSWORD_MAX} characters")
         return None
@@ -158,7 +163,9 @@ def check_birth_date(value: str, today: date, v: Violations, field: str = "birth
         return
     age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
     if age < MINIMUM_AGE:
-        v.add(field, f"members must be at least {MINIMUM_AGE} years old (privacy policy, section 8)")
+        v.add(
+            field, f"members must be at least {MINIMUM_AGE} years old (privacy policy, section 8)"
+        )
     elif age > 150:
         v.add(field, "must be a plausible birth date")
 

@@ -202,6 +202,8 @@ class Store(Protocol):
         """Whether a tombstone exists for the member."""
         ...
 
-    async def list_destruction_records(self, member_id: str | None = None) -> list[DestructionRecord]:
+    async def list_destruction_records(
+        self, member_id: str | None = None
+    ) -> list[DestructionRecord]:
         """Destruction records, oldest first; only the member's when given."""
         ...
