@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from datetime import timedelta
 
 import grpc
@@ -12,7 +14,8 @@ from grpc_support import CLIENT_IP, error_info, field_violations, rich_status, s
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
-from service.server import RunningServer
+from service.config import Settings
+from service.server import RunningServer, run_server
 from vault import FrozenClock
 
 Code = grpc.StatusCode
@@ -576,3 +579,34 @@ async def test_unknown_member_is_not_found(members: MemberServiceStub) -> None:
         ),
         Code.NOT_FOUND,
     )
+
+
+async def test_unknown_login_costs_what_a_wrong_password_costs(
+    server_settings: Settings, clock: FrozenClock
+) -> None:
+    """An unknown login ID must not answer faster: that would tell which IDs exist."""
+    costly = server_settings.model_copy(update={"argon2_memory_cost": 16 * 1024})
+    request = sign_up_request()
+    async with (
+        run_server(costly, clock=clock) as running,
+        grpc.aio.insecure_channel(running.target) as ch,
+    ):
+        stub = MemberServiceStub(ch)
+        await stub.SignUp(request)
+
+        async def attempt(login_id: str) -> float:
+            started = time.perf_counter()
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Authenticate(
+                    pb.AuthenticateRequest(login_id=login_id, password="wrong password"),
+                    metadata=CLIENT_IP,
+                )
+            return time.perf_counter() - started
+
+        wrong, unknown = [], []
+        for i in range(15):  # interleaved, so machine noise hits both alike
+            wrong.append(await attempt(request.login_id))
+            unknown.append(await attempt(f"unknown{i:04d}"))
+    ratio = statistics.median(unknown) / statistics.median(wrong)
+    # Without the decoy verification an unknown ID answers ~50x faster.
+    assert 0.7 < ratio < 1.4, ratio
