@@ -47,6 +47,8 @@ _CTX = multiprocessing.get_context("spawn")
 
 @dataclass(frozen=True)
 class Argon2Params:
+    """argon2id costs, for the service (environment) and the raw baseline; OWASP defaults."""
+
     time_cost: int = 2
     memory_cost: int = 19456  # KiB
     parallelism: int = 1

@@ -74,7 +74,7 @@ def serve(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
     try:
         deadline = time.monotonic() + 60
         with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # typeshed lacks its methods
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{' '.join(cmd)} exited ({proc.returncode}):\n{_tail(log)}")
@@ -184,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--members", type=int, default=64, help="members seeded via SignUp")
     parser.add_argument("--database-url", help="PRIVACY_VAULT_DATABASE_URL for the service")
-    parser.add_argument("--argon2-time-cost", type=int, default=2)
-    parser.add_argument("--argon2-memory-cost", type=int, default=19456, help="KiB")
-    parser.add_argument("--argon2-parallelism", type=int, default=1)
+    owasp = Argon2Params()
+    parser.add_argument("--argon2-time-cost", type=int, default=owasp.time_cost)
+    parser.add_argument("--argon2-memory-cost", type=int, default=owasp.memory_cost, help="KiB")
+    parser.add_argument("--argon2-parallelism", type=int, default=owasp.parallelism)
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 on a missed target or error")
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 import stat
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -169,8 +170,10 @@ async def test_index_key_first_writer_wins(vault: Store) -> None:
 
 
 async def test_member_roundtrip(vault: Store) -> None:
-    member = new_member()
-    await vault.insert_member(member, CONSENTS)
+    # Inserted in any order, consents come back in purpose order.
+    await vault.insert_member(replace(new_member(), consents=tuple(CONSENTS)))
+    member = replace(new_member(), consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(member)
 
     got = await vault.get_member(member.member_id)
     assert got == member
@@ -205,7 +208,7 @@ async def test_member_ids_and_datetimes_are_normalised(vault: Store) -> None:
         blind_indexes=member.blind_indexes,
         key=member.key,
     )
-    await vault.insert_member(member, [])
+    await vault.insert_member(member)
     got = await vault.get_member(member.member_id)  # upper case finds it too
     assert got is not None
     assert got.member_id == member.member_id.lower()
@@ -227,7 +230,7 @@ async def test_invalid_arguments_are_value_errors(vault: Store) -> None:
         key=member.key,
     )
     with pytest.raises(ValueError):
-        await vault.insert_member(naive, [])
+        await vault.insert_member(naive)
     missing = MemberRow(
         member_id=member.member_id,
         created_at=T0,
@@ -237,9 +240,9 @@ async def test_invalid_arguments_are_value_errors(vault: Store) -> None:
         key=member.key,
     )
     with pytest.raises(ValueError):
-        await vault.insert_member(missing, [])
+        await vault.insert_member(missing)
     with pytest.raises(ValueError):
-        await vault.insert_member(member, [CONSENTS[0], CONSENTS[0]])
+        await vault.insert_member(replace(member, consents=tuple([CONSENTS[0], CONSENTS[0]])))
     with pytest.raises(ValueError):
         await vault.list_access(member.member_id, -1)
     assert await vault.get_member(member.member_id) is None
@@ -248,12 +251,14 @@ async def test_invalid_arguments_are_value_errors(vault: Store) -> None:
 @pytest.mark.parametrize("field", ["login_id", "email"])
 async def test_duplicate_blind_index_is_already_exists(vault: Store, field: str) -> None:
     first = new_member()
-    await vault.insert_member(first, CONSENTS)
+    first = replace(first, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(first)
     taken = first.blind_indexes[field]
     second = new_member(login_hmac=taken) if field == "login_id" else new_member(email_hmac=taken)
 
     with pytest.raises(AlreadyExists) as info:
-        await vault.insert_member(second, CONSENTS)
+        second = replace(second, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+        await vault.insert_member(second)
 
     assert info.value.field == field
     text = str(info.value)
@@ -274,7 +279,8 @@ async def test_failed_insert_rolls_back_every_row(vault: Store) -> None:
     # The key row fails (unknown KEK version) after the member row went in.
     member = new_member(kek_version=99)
     with pytest.raises(ValueError):
-        await vault.insert_member(member, CONSENTS)
+        member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+        await vault.insert_member(member)
     assert await vault.get_member(member.member_id) is None
     assert await vault.list_consents(member.member_id) == []
     assert await vault.find_member("login_id", member.blind_indexes["login_id"]) is None
@@ -287,15 +293,16 @@ async def test_failed_insert_rolls_back_every_row(vault: Store) -> None:
         blind_indexes=member.blind_indexes,
         key=MemberKeyRow(member.member_id, 1, 1, member.key.wrapped_dek),
     )
-    await vault.insert_member(fixed, CONSENTS)
+    fixed = replace(fixed, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(fixed)
     assert await vault.get_member(member.member_id) == fixed
 
 
 async def test_update_member_changes_only_named_fields(vault: Store) -> None:
     member = new_member()
     other = new_member()
-    await vault.insert_member(member, [])
-    await vault.insert_member(other, [])
+    await vault.insert_member(member)
+    await vault.insert_member(other)
 
     new_email_hmac = secrets.token_bytes(32)
     assert await vault.update_member(
@@ -327,8 +334,8 @@ async def test_update_member_changes_only_named_fields(vault: Store) -> None:
 async def test_update_member_refuses_a_taken_blind_index(vault: Store) -> None:
     member = new_member()
     other = new_member()
-    await vault.insert_member(member, [])
-    await vault.insert_member(other, [])
+    await vault.insert_member(member)
+    await vault.insert_member(other)
     taken = other.blind_indexes["login_id"]
     with pytest.raises(AlreadyExists) as info:
         await vault.update_member(member.member_id, {"login_id": b"x"}, {"login_id": taken})
@@ -352,7 +359,7 @@ async def test_update_member_rejects_unknown_fields(
     vault: Store, ciphertexts: dict[str, bytes], blind_indexes: dict[str, bytes] | None
 ) -> None:
     member = new_member()
-    await vault.insert_member(member, [])
+    await vault.insert_member(member)
     with pytest.raises(ValueError):
         await vault.update_member(member.member_id, ciphertexts, blind_indexes)
     assert await vault.get_member(member.member_id) == member
@@ -365,7 +372,7 @@ async def test_update_unknown_member_is_false(vault: Store) -> None:
 
 async def test_record_login(vault: Store) -> None:
     member = new_member()
-    await vault.insert_member(member, [])
+    await vault.insert_member(member)
 
     assert await vault.record_login(member.member_id, entry(ts(60), 1)) is True
     got = await vault.get_member(member.member_id)
@@ -393,8 +400,8 @@ async def test_record_login(vault: Store) -> None:
 async def test_access_log_pages_through_ties_without_loss_or_duplication(vault: Store) -> None:
     member = new_member()
     other = new_member()
-    await vault.insert_member(member, [])
-    await vault.insert_member(other, [])
+    await vault.insert_member(member)
+    await vault.insert_member(other)
     # Several entries share a timestamp, so only entry_id orders them.
     times = [ts(0), ts(10), ts(10), ts(10), ts(5), ts(20), ts(20), ts(10), ts(0)]
     for n, at in enumerate(times):
@@ -438,8 +445,10 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
     assert await vault.insert_kek_version(KekVersionRow(2, "decrypt_only", T0))
     member = new_member(kek_version=2)
     bystander = new_member()
-    await vault.insert_member(member, CONSENTS)
-    await vault.insert_member(bystander, CONSENTS)
+    member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(member)
+    bystander = replace(bystander, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(bystander)
     for n in range(3):
         assert await vault.append_access(member.member_id, entry(ts(n), n))
     assert await vault.append_access(bystander.member_id, entry(ts(1)))
@@ -491,7 +500,7 @@ async def test_shred_unknown_member_is_none(vault: Store) -> None:
 async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None:
     members = [new_member() for _ in range(3)]
     for m in members:
-        await vault.insert_member(m, [])
+        await vault.insert_member(m)
     # Shred out of time order: the list follows destroyed_at, not insertion.
     r2 = await vault.shred_member(members[2].member_id, ts(300), "withdrawal")
     r0 = await vault.shred_member(members[0].member_id, ts(100), "inactivity")
@@ -504,19 +513,21 @@ async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None
 
 async def test_blind_indexes_are_free_again_after_shred(vault: Store) -> None:
     member = new_member()
-    await vault.insert_member(member, [])
+    await vault.insert_member(member)
     assert await vault.shred_member(member.member_id, ts(1), "withdrawal") is not None
     successor = new_member(
         login_hmac=member.blind_indexes["login_id"], email_hmac=member.blind_indexes["email"]
     )
-    await vault.insert_member(successor, CONSENTS)
+    successor = replace(successor, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(successor)
     assert await vault.find_member("login_id", member.blind_indexes["login_id"]) == successor
     assert await vault.find_member("email", member.blind_indexes["email"]) == successor
 
 
 async def test_concurrent_shreds_destroy_once(vault: Store) -> None:
     member = new_member()
-    await vault.insert_member(member, CONSENTS)
+    member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+    await vault.insert_member(member)
     results = await asyncio.gather(
         *(vault.shred_member(member.member_id, ts(1), "withdrawal") for _ in range(3))
     )
@@ -598,7 +609,8 @@ async def test_sqlite_shred_leaves_no_trace_in_any_file(tmp_path: Path) -> None:
         await store.migrate()
         await with_active_kek(store)
         member = new_member(ciphertexts={"name": small, "email": large})
-        await store.insert_member(member, CONSENTS)
+        member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+        await store.insert_member(member)
         assert await store.append_access(
             member.member_id, NewAccessEntry(ts(1), b"act-" + small, b"ip")
         )

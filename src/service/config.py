@@ -8,6 +8,7 @@ listening on 127.0.0.1. Any setting ``X`` may instead come from a file named by
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,16 +20,17 @@ from vault import OWASP, Argon2Profile, VaultSettings
 ENV_PREFIX = "PRIVACY_VAULT_"
 
 
-def _file_sourced_env() -> dict[str, str]:
-    """``PRIVACY_VAULT_X_FILE=/path`` -> setting X from that file's content."""
+def _file_sourced_env(fields: Iterable[str]) -> dict[str, str]:
+    """``PRIVACY_VAULT_X_FILE=/path`` -> setting X from that file's content.
+
+    Only for real settings X: settings that are themselves paths (``tls_cert_file``)
+    keep their plain meaning.
+    """
+    known = set(fields)
     values: dict[str, str] = {}
     for key, path in os.environ.items():
-        if (
-            key.startswith(ENV_PREFIX)
-            and key.endswith("_FILE")
-            and key != "PRIVACY_VAULT_LOCAL_KEY_FILE"
-        ):
-            name = key[len(ENV_PREFIX) : -len("_FILE")].lower()
+        name = key.removeprefix(ENV_PREFIX).removesuffix("_FILE").lower()
+        if key.startswith(ENV_PREFIX) and key.endswith("_FILE") and name in known:
             values[name] = Path(path).read_text().strip()
     return values
 
@@ -94,7 +96,7 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        return cls(**{**_file_sourced_env(), **overrides})
+        return cls(**{**_file_sourced_env(cls.model_fields), **overrides})
 
     @property
     def reflection_enabled(self) -> bool:

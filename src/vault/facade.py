@@ -304,14 +304,12 @@ class Vault:
                 "email": self._email_index(email),
             },
             key=MemberKeyRow(member_id, FIRST_DEK_ID, kek_version, wrapped),
-        )
-        await self._store.insert_member(
-            row,
-            [
+            consents=tuple(
                 ConsentRow(p.value, granted, self._settings.policy_version, now)
                 for p, granted in sorted(consents.items())
-            ],
+            ),
         )
+        await self._store.insert_member(row)
         self._deks.put(member_id, dek)
         log.info("member_signed_up")
         return member_id
@@ -348,10 +346,9 @@ class Vault:
 
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
         row = await self._row(member_id)
-        consents = await self._store.list_consents(row.member_id)
-        if not policy.purpose_permitted(purpose, {c.purpose: c.granted for c in consents}):
+        if not policy.purpose_permitted(purpose, {c.purpose: c.granted for c in row.consents}):
             raise PurposeNotAllowed(purpose.value)
-        return await self._view(row, policy.ALLOWED_FIELDS[purpose], consents)
+        return await self._view(row, policy.ALLOWED_FIELDS[purpose])
 
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView:
         v = Violations()
@@ -438,8 +435,7 @@ class Vault:
     async def export_member(self, member_id: str) -> str:
         """The member's whole record as a JSON document (section 7, right of access)."""
         row = await self._row(member_id)
-        consents = await self._store.list_consents(row.member_id)
-        view = await self._view(row, policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST], consents)
+        view = await self._view(row, policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST])
         history: list[AccessEntry] = []
         token = ""
         while True:
@@ -470,7 +466,7 @@ class Vault:
                     "policy_version": c.policy_version,
                     "recorded_at": c.recorded_at.isoformat(),
                 }
-                for c in consents
+                for c in row.consents
             ],
             "access_history": [
                 {"at": e.at.isoformat(), "action": e.action, "ip": e.ip} for e in history
@@ -561,9 +557,7 @@ class Vault:
         if not await self._hasher.verify(self._open(dek, row, "password_hash"), password):
             raise AuthenticationFailed
 
-    async def _view(
-        self, row: MemberRow, allowed: frozenset[str], consents: Sequence[ConsentRow]
-    ) -> MemberView:
+    async def _view(self, row: MemberRow, allowed: frozenset[str]) -> MemberView:
         values: dict[str, str | None] = {}
         if allowed:
             dek = await self._dek(row.key)
@@ -575,7 +569,7 @@ class Vault:
             member_id=row.member_id,
             created_at=row.created_at,
             last_seen_at=row.last_seen_at,
-            consents=tuple(consents),
+            consents=row.consents,
             **values,
         )
 

@@ -8,14 +8,13 @@ echo the offending value.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from typing import get_args
 
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
-    ConsentRow,
     KekState,
     KekVersionRow,
     MemberRow,
@@ -51,7 +50,7 @@ def check_kek_version(row: KekVersionRow) -> None:
         require_aware(row.destroyed_at)
 
 
-def check_new_member(member: MemberRow, consents: Sequence[ConsentRow]) -> str:
+def check_new_member(member: MemberRow) -> str:
     """Validate a member to insert; return its canonical id."""
     member_id = canonical_member_id(member.member_id)
     if canonical_member_id(member.key.member_id) != member_id:
@@ -62,10 +61,10 @@ def check_new_member(member: MemberRow, consents: Sequence[ConsentRow]) -> str:
         raise ValueError("a new member needs exactly one blind index per indexed field")
     require_aware(member.created_at)
     require_aware(member.last_seen_at)
-    purposes = [c.purpose for c in consents]
+    purposes = [c.purpose for c in member.consents]
     if len(set(purposes)) != len(purposes):
         raise ValueError("consents name a purpose more than once")
-    for consent in consents:
+    for consent in member.consents:
         require_aware(consent.recorded_at)
     return member_id
 

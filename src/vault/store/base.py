@@ -17,7 +17,7 @@ Conventions every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -61,6 +61,14 @@ class MemberKeyRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsentRow:
+    purpose: str
+    granted: bool
+    policy_version: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class MemberRow:
     member_id: str
     created_at: datetime
@@ -72,14 +80,9 @@ class MemberRow:
     # Field name (one of INDEXED_FIELDS) -> HMAC.
     blind_indexes: Mapping[str, bytes]
     key: MemberKeyRow
-
-
-@dataclass(frozen=True, slots=True)
-class ConsentRow:
-    purpose: str
-    granted: bool
-    policy_version: str
-    recorded_at: datetime
+    # One per purpose, in purpose order. Read with the member (one round trip
+    # for the hot GetMember path) and inserted with it.
+    consents: tuple[ConsentRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +142,13 @@ class Store(Protocol):
         ...
 
     # --- members ---------------------------------------------------------------
-    async def insert_member(self, member: MemberRow, consents: Sequence[ConsentRow]) -> None:
+    async def insert_member(self, member: MemberRow) -> None:
         """Insert the member, its key and its consents in one transaction."""
         ...
 
-    async def get_member(self, member_id: str) -> MemberRow | None: ...
+    async def get_member(self, member_id: str) -> MemberRow | None:
+        """The member with its key and consents."""
+        ...
 
     async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
         """Look a member up by blind index."""

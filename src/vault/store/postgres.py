@@ -72,8 +72,12 @@ _MEMBER_COLUMNS = ", ".join(
         "k.wrapped_dek",
     ]
 )
+# The member's consents ride along as an array of records: one round trip.
 _SELECT_MEMBER = (
-    f"SELECT {_MEMBER_COLUMNS} FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
+    f"SELECT {_MEMBER_COLUMNS}, ARRAY("
+    "SELECT ROW(c.purpose, c.granted, c.policy_version, c.recorded_at) FROM consents AS c "
+    "WHERE c.member_id = m.member_id ORDER BY c.purpose) AS consents "
+    "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 _SELECT_INDEX_KEY = (
     "SELECT key_id, kek_version, wrapped_key, created_at FROM index_keys ORDER BY key_id LIMIT 1"
@@ -140,7 +144,13 @@ def _member(row: Mapping[str, Any]) -> MemberRow:
             kek_version=int(row["kek_version"]),
             wrapped_dek=bytes(row["wrapped_dek"]),
         ),
+        consents=tuple(_consent(c) for c in row["consents"]),
     )
+
+
+def _consent(row: Sequence[Any]) -> ConsentRow:
+    purpose, granted, policy_version, recorded_at = row
+    return ConsentRow(str(purpose), bool(granted), str(policy_version), recorded_at)
 
 
 def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
@@ -174,6 +184,15 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for a single read: no BEGIN/COMMIT round trips."""
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except _CONNECTION_ERRORS:
+            raise StorageUnavailable() from None
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
@@ -213,7 +232,7 @@ class PostgresStore:
 
     # --- key hierarchy -------------------------------------------------------
     async def list_kek_versions(self) -> list[KekVersionRow]:
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(
                 "SELECT version, state, created_at, destroyed_at FROM kek_versions ORDER BY version"
             )
@@ -239,7 +258,7 @@ class PostgresStore:
         return _affected(status) == 1
 
     async def get_index_key(self) -> IndexKeyRow | None:
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             row = await conn.fetchrow(_SELECT_INDEX_KEY)
         return None if row is None else _index_key(row)
 
@@ -263,8 +282,9 @@ class PostgresStore:
         return _index_key(existing)
 
     # --- members ---------------------------------------------------------------
-    async def insert_member(self, member: MemberRow, consents: Sequence[ConsentRow]) -> None:
-        member_id = uuid.UUID(check_new_member(member, consents))
+    async def insert_member(self, member: MemberRow) -> None:
+        member_id = uuid.UUID(check_new_member(member))
+        consents = member.consents
         columns = [
             "member_id",
             "created_at",
@@ -310,13 +330,13 @@ class PostgresStore:
             raise ValueError("the member key's KEK version does not exist") from None
 
     async def get_member(self, member_id: str) -> MemberRow | None:
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             row = await conn.fetchrow(f"{_SELECT_MEMBER} WHERE m.member_id = $1", _uuid(member_id))
         return None if row is None else _member(row)
 
     async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
         column = hmac_column(index)
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             row = await conn.fetchrow(f"{_SELECT_MEMBER} WHERE m.{column} = $1", bytes(hmac))
         return None if row is None else _member(row)
 
@@ -378,7 +398,7 @@ class PostgresStore:
         return True
 
     async def list_consents(self, member_id: str) -> list[ConsentRow]:
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(
                 "SELECT purpose, granted, policy_version, recorded_at FROM consents "
                 "WHERE member_id = $1 ORDER BY purpose",
@@ -422,7 +442,7 @@ class PostgresStore:
     ) -> list[AccessEntryRow]:
         key = _uuid(member_id)
         limit = check_limit(limit)
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             if before is None:
                 rows = await conn.fetch(
                     "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = $1 "
@@ -506,7 +526,7 @@ class PostgresStore:
         )
 
     async def is_destroyed(self, member_id: str) -> bool:
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             found = await conn.fetchval(
                 "SELECT 1 FROM tombstones WHERE member_id = $1", _uuid(member_id)
             )
@@ -520,7 +540,7 @@ class PostgresStore:
             "kek_versions::text AS kek_versions FROM destruction_records"
         )
         order = "ORDER BY destroyed_at, record_id"
-        async with self._transaction() as conn:
+        async with self._connection() as conn:
             if member_id is None:
                 rows = await conn.fetch(f"{select} {order}")
             else:
