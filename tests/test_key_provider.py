@@ -116,6 +116,7 @@ async def test_data_dir_with_a_readable_key_file_does_not_open(tmp_path: Path) -
 
 
 SECRET_LOOKING = "c2VjcmV0LWtleS1tYXRlcmlhbC10aGF0LW11c3Qtbm90LWxlYWs"
+SHORT_KEY = base64.b64encode(b"sixteen-byte-key").decode()  # valid base64, not 32 bytes
 
 
 @pytest.mark.parametrize(
@@ -130,7 +131,7 @@ SECRET_LOOKING = "c2VjcmV0LWtleS1tYXRlcmlhbC10aGF0LW11c3Qtbm90LWxlYWs"
             id="bad-base64",
         ),
         pytest.param(
-            f'{{"format": "{FILE_FORMAT}", "versions": {{"1": "{SECRET_LOOKING}"}}}}',
+            f'{{"format": "{FILE_FORMAT}", "versions": {{"1": "{SHORT_KEY}"}}}}',
             id="key-of-wrong-length",
         ),
         pytest.param(
@@ -153,6 +154,7 @@ def test_malformed_key_file_is_refused_without_echo(tmp_path: Path, content: str
     message = str(caught.value)
     assert "malformed" in message
     assert SECRET_LOOKING not in message
+    assert SHORT_KEY not in message
     assert SECRET_LOOKING[:12] not in message
     assert caught.value.__cause__ is None
 
@@ -170,7 +172,11 @@ def test_key_file_of_unknown_format_is_refused(tmp_path: Path) -> None:
 
 
 def _race_create(
-    path: str, barrier: Barrier, material: bytes, outbox: multiprocessing.Queue, inbox: multiprocessing.Queue
+    path: str,
+    barrier: Barrier,
+    material: bytes,
+    outbox: multiprocessing.Queue,
+    inbox: multiprocessing.Queue,
 ) -> None:
     """In a spawned process: create version 1, wrap ``material``, then unwrap what the
     other process wrapped, all with this process's in-memory view of the file."""
@@ -197,9 +203,7 @@ def test_concurrent_create_version_in_two_processes_agrees(tmp_path: Path) -> No
     outboxes = [ctx.Queue() for _ in materials]
     inboxes = [ctx.Queue() for _ in materials]
     processes = [
-        ctx.Process(
-            target=_race_create, args=(str(path), barrier, m, outboxes[i], inboxes[i])
-        )
+        ctx.Process(target=_race_create, args=(str(path), barrier, m, outboxes[i], inboxes[i]))
         for i, m in enumerate(materials)
     ]
     for process in processes:
@@ -260,9 +264,7 @@ async def test_vault_on_mounted_key_file_without_version_1_fails_at_start(tmp_pa
     mounted.write_bytes(source.read_bytes())
     mounted.chmod(0o400)
     with pytest.raises(KeyUnavailable):
-        async with open_vault(
-            data_dir=tmp_path / "data", local_key_file=mounted, argon2=CHEAPEST
-        ):
+        async with open_vault(data_dir=tmp_path / "data", local_key_file=mounted, argon2=CHEAPEST):
             pass
     assert mounted.read_bytes() == source.read_bytes()
 

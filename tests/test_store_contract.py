@@ -256,8 +256,9 @@ async def test_duplicate_blind_index_is_already_exists(vault: Store, field: str)
     taken = first.blind_indexes[field]
     second = new_member(login_hmac=taken) if field == "login_id" else new_member(email_hmac=taken)
 
+    second = replace(second, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
+
     with pytest.raises(AlreadyExists) as info:
-        second = replace(second, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
         await vault.insert_member(second)
 
     assert info.value.field == field
@@ -278,8 +279,8 @@ async def test_duplicate_blind_index_is_already_exists(vault: Store, field: str)
 async def test_failed_insert_rolls_back_every_row(vault: Store) -> None:
     # The key row fails (unknown KEK version) after the member row went in.
     member = new_member(kek_version=99)
+    member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
     with pytest.raises(ValueError):
-        member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
         await vault.insert_member(member)
     assert await vault.get_member(member.member_id) is None
     assert await vault.list_consents(member.member_id) == []

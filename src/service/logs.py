@@ -58,5 +58,6 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
             logging.getLevelNamesMapping()[level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(out),
+        # Cached loggers keep the stream they first wrote to: configure once, at start.
         cache_logger_on_first_use=True,
     )

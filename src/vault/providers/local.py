@@ -70,7 +70,11 @@ class LocalKeyProvider:
         self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self._path.with_suffix(".tmp")
         doc = json.dumps({"format": FILE_FORMAT, "versions": versions}, indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A leftover temp file (a crash mid-write) could carry a loose mode or be a
+        # link: start from nothing, and never follow one.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, doc)
             os.fsync(fd)
