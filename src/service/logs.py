@@ -40,7 +40,17 @@ def _drop_forbidden(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are logged; hot paths check before building them."""
+    return _debug
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    global _debug
+    _debug = level == "debug"
     out = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.types.Processor = (

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
+from service.interceptors import Context, metadata_value
 from vault import (
     AccessPage,
     ConsentChoice,
@@ -22,7 +22,6 @@ from vault import (
 from vault.errors import FieldViolation, InvalidInput
 
 CLIENT_IP_KEY = "x-client-ip"
-Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class MemberVault(Protocol):
@@ -40,13 +39,13 @@ class MemberVault(Protocol):
 
 
 _PURPOSE_PREFIX = "PURPOSE_"
+_PURPOSES: dict[int, Purpose] = {pb.Purpose.Value(_PURPOSE_PREFIX + p.value): p for p in Purpose}
 
 
 def _purpose(value: int, field: str) -> Purpose:
-    name = pb.Purpose.Name(pb.Purpose.ValueType(value)) if value in pb.Purpose.values() else ""
     try:
-        return Purpose(name.removeprefix(_PURPOSE_PREFIX))
-    except ValueError:
+        return _PURPOSES[value]
+    except KeyError:
         raise InvalidInput([FieldViolation(field, "must name a purpose")]) from None
 
 
@@ -54,10 +53,14 @@ def _purpose_pb(purpose: str) -> pb.Purpose.ValueType:
     return pb.Purpose.Value(_PURPOSE_PREFIX + purpose)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _ts(at: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(at)
-    return ts
+    # Timestamp.FromDatetime is several times slower, and this runs four times a read.
+    micros = (at - _EPOCH) // _MICROSECOND
+    return Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 
 def _member_pb(view: MemberView) -> pb.Member:
@@ -80,13 +83,6 @@ def _member_pb(view: MemberView) -> pb.Member:
         if value is not None:
             setattr(member, name, value)
     return member
-
-
-def _client_ip(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_IP_KEY and isinstance(value, str):
-            return value
-    return ""
 
 
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
@@ -115,7 +111,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         self, request: pb.AuthenticateRequest, context: Context
     ) -> pb.AuthenticateResponse:
         member_id = await self._vault.authenticate(
-            request.login_id, request.password, _client_ip(context)
+            request.login_id, request.password, metadata_value(context, CLIENT_IP_KEY)
         )
         return pb.AuthenticateResponse(member_id=member_id)
 

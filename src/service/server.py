@@ -17,15 +17,16 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from privacyvault.v1 import member_pb2, member_pb2_grpc
+from privacyvault.v1 import member_pb2
 from service.config import Settings
-from service.interceptors import ServiceInterceptor
+from service.interceptors import ServiceInterceptor, add_servicer
 from service.member_servicer import MemberServicer
 from vault import Clock, Vault, migrate_database, open_vault
 
 log = structlog.get_logger("service.server")
 
-SERVICE_NAMES = (member_pb2.DESCRIPTOR.services_by_name["MemberService"].full_name,)
+MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
+SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
 
 
 @dataclass
@@ -71,14 +72,14 @@ async def run_server(
         settings=settings.vault_settings,
     ) as vault:
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(settings.default_deadline_seconds)],
             options=[
                 ("grpc.max_receive_message_length", settings.max_request_bytes),
                 ("grpc.max_send_message_length", 4 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        member_pb2_grpc.add_MemberServiceServicer_to_server(MemberServicer(vault), server)
+        interceptor = ServiceInterceptor(settings.default_deadline_seconds)
+        add_servicer(server, MemberServicer(vault), MEMBER_SERVICE, interceptor)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if settings.reflection_enabled:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from vault import _hazmat, policy
+from vault import _hazmat, ids, policy
 from vault.cache import DekCache
 from vault.clock import Clock
 from vault.errors import (
@@ -276,7 +275,7 @@ class Vault:
         assert mobile is not None
 
         encoded_hash = await self._hasher.hash(password)
-        member_id = str(uuid.uuid4())
+        member_id = ids.new_member_id()
         material = _hazmat.new_key_material()
         kek_version = self._keyring.active
         wrapped = await self._provider.wrap(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -16,6 +15,7 @@ from enum import StrEnum
 
 from email_validator import EmailNotValidError, validate_email
 
+from vault import ids
 from vault.errors import FieldViolation, InvalidInput
 
 #: Section 8: members must be at least 14 years old.
@@ -171,12 +171,10 @@ def check_birth_date(value: str, today: date, v: Violations, field: str = "birth
 
 
 def check_member_id(value: str, v: Violations, field: str = "member_id") -> str | None:
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
+    canonical = ids.canonical_member_id(value)
+    if canonical is None:
         v.add(field, "must be a member ID as returned by SignUp")
-        return None
-    return str(parsed)
+    return canonical
 
 
 def check_ip(value: str, v: Violations, field: str = "ip") -> str | None:

@@ -7,11 +7,11 @@ echo the offending value.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from typing import get_args
 
+from vault import ids
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
@@ -30,10 +30,10 @@ KEK_STATES: tuple[str, ...] = get_args(KekState)
 
 def canonical_member_id(member_id: str) -> str:
     """The canonical lowercase form, so both backends match ids the same way."""
-    try:
-        return str(uuid.UUID(member_id))
-    except (TypeError, ValueError, AttributeError):
-        raise ValueError("member_id must be a UUID") from None
+    canonical = ids.canonical_member_id(member_id)
+    if canonical is None:
+        raise ValueError("member_id must be a UUID")
+    return canonical
 
 
 def require_aware(value: datetime) -> datetime:

@@ -92,8 +92,12 @@ _MEMBER_COLUMNS = ", ".join(
         "k.wrapped_dek",
     ]
 )
+# The member's consents ride along as a JSON array: one statement per read.
 _SELECT_MEMBER = (
-    f"SELECT {_MEMBER_COLUMNS} FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
+    f"SELECT {_MEMBER_COLUMNS}, (SELECT json_group_array("
+    "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at)) FROM "
+    "(SELECT * FROM consents WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
+    "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 _CREATE_SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -228,7 +232,7 @@ def _index_key(row: sqlite3.Row) -> IndexKeyRow:
     )
 
 
-def _member(conn: sqlite3.Connection, row: sqlite3.Row) -> MemberRow:
+def _member(row: sqlite3.Row) -> MemberRow:
     member_id = str(row["member_id"])
     return MemberRow(
         member_id=member_id,
@@ -242,7 +246,10 @@ def _member(conn: sqlite3.Connection, row: sqlite3.Row) -> MemberRow:
             kek_version=int(row["kek_version"]),
             wrapped_dek=bytes(row["wrapped_dek"]),
         ),
-        consents=tuple(_consents(conn, member_id)),
+        consents=tuple(
+            ConsentRow(str(purpose), bool(granted), str(version), _from_us(recorded_at))
+            for purpose, granted, version, recorded_at in json.loads(row["consents"])
+        ),
     )
 
 
@@ -484,7 +491,7 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> MemberRow | None:
             row = conn.execute(f"{_SELECT_MEMBER} WHERE m.member_id = ?", (member_id,)).fetchone()
-            return None if row is None else _member(conn, row)
+            return None if row is None else _member(row)
 
         return self._read(work)
 
@@ -494,7 +501,7 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> MemberRow | None:
             row = conn.execute(f"{_SELECT_MEMBER} WHERE m.{column} = ?", (value,)).fetchone()
-            return None if row is None else _member(conn, row)
+            return None if row is None else _member(row)
 
         return self._read(work)
 
