@@ -70,7 +70,10 @@ class ServiceInterceptor:
         async def wrapped(request: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self._timeout(context)):
+                if context.time_remaining() is None:
+                    async with asyncio.timeout(self._default_deadline):
+                        response = await behavior(request, context)
+                else:  # gRPC enforces the caller's own deadline
                     response = await behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, started, exc)

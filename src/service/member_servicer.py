@@ -64,7 +64,13 @@ def _ts(at: datetime) -> Timestamp:
 
 
 def _member_pb(view: MemberView) -> pb.Member:
-    member = pb.Member(
+    # Unset (None) fields are the ones the purpose does not allow.
+    fields = {
+        name: value
+        for name in ("login_id", "name", "email", "mobile_phone")
+        if (value := getattr(view, name)) is not None
+    }
+    return pb.Member(
         member_id=view.member_id,
         created_at=_ts(view.created_at),
         last_seen_at=_ts(view.last_seen_at),
@@ -77,12 +83,8 @@ def _member_pb(view: MemberView) -> pb.Member:
             )
             for c in view.consents
         ],
+        **fields,
     )
-    for name in ("login_id", "name", "email", "mobile_phone"):
-        value = getattr(view, name)
-        if value is not None:
-            setattr(member, name, value)
-    return member
 
 
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):

@@ -345,7 +345,7 @@ class Vault:
 
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
         row = await self._row(member_id)
-        if not policy.purpose_permitted(purpose, {c.purpose: c.granted for c in row.consents}):
+        if not policy.purpose_permitted(purpose, row.consents):
             raise PurposeNotAllowed(purpose.value)
         return await self._view(row, policy.ALLOWED_FIELDS[purpose])
 

@@ -54,6 +54,11 @@ class PasswordHasher:
         # Verified against when the login ID is unknown, so that costs what a
         # wrong password costs.
         self._decoy = self._hasher.hash(os.urandom(16).hex())
+        # Everything up to the salt names the parameters; a hash that starts the
+        # same way and is as long was made with the current ones.
+        self._current_prefix = self._decoy[
+            : self._decoy.rindex("$", 0, self._decoy.rindex("$")) + 1
+        ]
 
     async def _run(self, fn: object, *args: str) -> object:
         loop = asyncio.get_running_loop()
@@ -77,6 +82,8 @@ class PasswordHasher:
         return False
 
     def needs_rehash(self, encoded: str) -> bool:
+        if len(encoded) == len(self._decoy) and encoded.startswith(self._current_prefix):
+            return False
         try:
             return bool(self._hasher.check_needs_rehash(encoded))
         except InvalidHashError:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
+from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -30,6 +31,13 @@ class Purpose(StrEnum):
     INQUIRY = "INQUIRY"
     MEMBER_REQUEST = "MEMBER_REQUEST"
     STATISTICS = "STATISTICS"
+
+
+class ConsentRecord(Protocol):
+    @property
+    def purpose(self) -> str: ...
+    @property
+    def granted(self) -> bool: ...
 
 
 PII_FIELDS: tuple[str, ...] = ("login_id", "name", "email", "mobile_phone")
@@ -56,13 +64,15 @@ OPTIONAL_PURPOSES: frozenset[Purpose] = frozenset({Purpose.INQUIRY, Purpose.STAT
 CONSENT_FREE_PURPOSES: frozenset[Purpose] = frozenset({Purpose.MEMBER_REQUEST})
 
 
-def purpose_permitted(purpose: Purpose, consents: Mapping[str, bool]) -> bool:
-    """Whether recorded consents (purpose name -> granted) allow reading for ``purpose``."""
+def purpose_permitted(purpose: Purpose, consents: Iterable[ConsentRecord]) -> bool:
+    """Whether the member's recorded consents allow reading for ``purpose``."""
     if purpose in CONSENT_FREE_PURPOSES:
         return True
-    if purpose in REQUIRED_PURPOSES:
-        return consents.get(purpose.value, True)
-    return consents.get(purpose.value, False)
+    default = purpose in REQUIRED_PURPOSES
+    for consent in consents:
+        if consent.purpose == purpose.value:
+            return consent.granted
+    return default
 
 
 class Violations:

@@ -232,25 +232,35 @@ def _index_key(row: sqlite3.Row) -> IndexKeyRow:
     )
 
 
-def _member(row: sqlite3.Row) -> MemberRow:
-    member_id = str(row["member_id"])
+# Column positions in _SELECT_MEMBER: member reads are the hot path, and plain
+# tuples index faster than sqlite3.Row looks names up.
+_HMAC_AT = {field: 3 + i for i, field in enumerate(HMAC_COLUMNS)}
+_CT_AT = {field: 3 + len(HMAC_COLUMNS) + i for i, field in enumerate(CT_COLUMNS)}
+_KEY_AT = 3 + len(HMAC_COLUMNS) + len(CT_COLUMNS)
+
+
+def _member(row: tuple[Any, ...]) -> MemberRow:
+    member_id = str(row[0])
+    dek_id, kek_version, wrapped_dek, consents = row[_KEY_AT : _KEY_AT + 4]
     return MemberRow(
         member_id=member_id,
-        created_at=_from_us(row["created_at"]),
-        last_seen_at=_from_us(row["last_seen_at"]),
-        ciphertexts={field: bytes(row[column]) for field, column in CT_COLUMNS.items()},
-        blind_indexes={field: bytes(row[column]) for field, column in HMAC_COLUMNS.items()},
-        key=MemberKeyRow(
-            member_id=member_id,
-            dek_id=int(row["dek_id"]),
-            kek_version=int(row["kek_version"]),
-            wrapped_dek=bytes(row["wrapped_dek"]),
-        ),
+        created_at=_from_us(row[1]),
+        last_seen_at=_from_us(row[2]),
+        ciphertexts={field: row[at] for field, at in _CT_AT.items()},
+        blind_indexes={field: row[at] for field, at in _HMAC_AT.items()},
+        key=MemberKeyRow(member_id, int(dek_id), int(kek_version), wrapped_dek),
         consents=tuple(
             ConsentRow(str(purpose), bool(granted), str(version), _from_us(recorded_at))
-            for purpose, granted, version, recorded_at in json.loads(row["consents"])
+            for purpose, granted, version, recorded_at in json.loads(consents)
         ),
     )
+
+
+def _fetch_member(conn: sqlite3.Connection, where: str, value: object) -> MemberRow | None:
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    row = cursor.execute(f"{_SELECT_MEMBER} WHERE {where} = ?", (value,)).fetchone()
+    return None if row is None else _member(row)
 
 
 def _consents(conn: sqlite3.Connection, member_id: str) -> list[ConsentRow]:
@@ -489,21 +499,13 @@ class SqliteStore:
     async def get_member(self, member_id: str) -> MemberRow | None:
         member_id = canonical_member_id(member_id)
 
-        def work(conn: sqlite3.Connection) -> MemberRow | None:
-            row = conn.execute(f"{_SELECT_MEMBER} WHERE m.member_id = ?", (member_id,)).fetchone()
-            return None if row is None else _member(row)
-
-        return self._read(work)
+        return self._read(lambda conn: _fetch_member(conn, "m.member_id", member_id))
 
     async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
         column = hmac_column(index)
         value = bytes(hmac)
 
-        def work(conn: sqlite3.Connection) -> MemberRow | None:
-            row = conn.execute(f"{_SELECT_MEMBER} WHERE m.{column} = ?", (value,)).fetchone()
-            return None if row is None else _member(row)
-
-        return self._read(work)
+        return self._read(lambda conn: _fetch_member(conn, f"m.{column}", value))
 
     async def update_member(
         self,
