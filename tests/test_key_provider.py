@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vault import CHEAPEST, open_vault
+from vault import CHEAPEST, KeyProviderSettings, open_vault
 from vault.errors import DecryptionError, KeyUnavailable
 from vault.providers.local import FILE_FORMAT, LocalKeyProvider
 
@@ -264,7 +264,11 @@ async def test_vault_on_mounted_key_file_without_version_1_fails_at_start(tmp_pa
     mounted.write_bytes(source.read_bytes())
     mounted.chmod(0o400)
     with pytest.raises(KeyUnavailable):
-        async with open_vault(data_dir=tmp_path / "data", local_key_file=mounted, argon2=CHEAPEST):
+        async with open_vault(
+            data_dir=tmp_path / "data",
+            key_provider=KeyProviderSettings(local_key_file=mounted),
+            argon2=CHEAPEST,
+        ):
             pass
     assert mounted.read_bytes() == source.read_bytes()
 
@@ -324,7 +328,7 @@ async def test_vault_with_another_mounted_key_file_fails_at_start(
         async with open_vault(
             data_dir=tmp_path / "second",
             database_url=store_url,
-            local_key_file=mounted,
+            key_provider=KeyProviderSettings(local_key_file=mounted),
             argon2=CHEAPEST,
         ):
             pass

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from vault import OWASP, Argon2Profile, VaultSettings
+from vault import OWASP, Argon2Profile, KeyProviderSettings, VaultSettings
 
 ENV_PREFIX = "PRIVACY_VAULT_"
 
@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         return Argon2Profile(
             self.argon2_time_cost, self.argon2_memory_cost, self.argon2_parallelism
         )
+
+    @property
+    def key_provider_settings(self) -> KeyProviderSettings:
+        return KeyProviderSettings(kind="local", local_key_file=self.local_key_file)
 
     @property
     def vault_settings(self) -> VaultSettings:

@@ -64,7 +64,7 @@ async def run_server(
     async with open_vault(
         data_dir=settings.data_dir,
         database_url=settings.database_url.get_secret_value() if settings.database_url else None,
-        local_key_file=settings.local_key_file,
+        key_provider=settings.key_provider_settings,
         argon2=settings.argon2,
         password_workers=settings.password_workers,
         database_pool_size=settings.database_pool_size,

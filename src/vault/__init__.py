@@ -4,7 +4,7 @@ The safe surface is :class:`Vault` (opened with :func:`open_vault`); raw crypto
 lives in the private ``vault._hazmat``. Nothing here knows of gRPC.
 """
 
-from vault.bootstrap import migrate_database, open_vault
+from vault.bootstrap import KeyProviderSettings, migrate_database, open_vault
 from vault.clock import Clock, FrozenClock, SystemClock
 from vault.facade import (
     AccessEntry,
@@ -28,6 +28,7 @@ __all__ = [
     "Clock",
     "ConsentChoice",
     "FrozenClock",
+    "KeyProviderSettings",
     "MemberChanges",
     "MemberView",
     "NewMember",

@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vault.clock import Clock, SystemClock
 from vault.facade import Vault, VaultSettings
 from vault.passwords import OWASP, Argon2Profile, PasswordHasher
+from vault.providers.base import KeyProvider
 from vault.providers.local import LocalKeyProvider
 from vault.store import open_store
 
 LOCAL_KEY_FILE = "kek.json"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyProviderSettings:
+    """Which key provider holds the KEKs, and how to reach it."""
+
+    kind: Literal["local", "pkcs11"] = "local"
+    #: local: a mounted key file (read-only) instead of ``kek.json`` in the data dir.
+    local_key_file: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"<KeyProviderSettings kind={self.kind}>"
+
+
+def open_key_provider(settings: KeyProviderSettings, data_dir: Path) -> KeyProvider:
+    if settings.kind == "local":
+        if settings.local_key_file:
+            return LocalKeyProvider(settings.local_key_file, writable=False)
+        return LocalKeyProvider(data_dir / LOCAL_KEY_FILE)
+    raise ValueError(f"unknown key provider {settings.kind!r}")
 
 
 def default_database_url(data_dir: Path) -> str:
@@ -24,7 +47,7 @@ async def open_vault(
     *,
     data_dir: Path,
     database_url: str | None = None,
-    local_key_file: Path | None = None,
+    key_provider: KeyProviderSettings | None = None,
     argon2: Argon2Profile = OWASP,
     password_workers: int | None = None,
     database_pool_size: int = 10,
@@ -33,15 +56,10 @@ async def open_vault(
 ) -> AsyncIterator[Vault]:
     """Open the vault; the embedded default is SQLite and a local key file in ``data_dir``.
 
-    ``local_key_file`` names a mounted secret instead (read-only: the vault will
-    not write to it).
+    ``key_provider`` chooses where the KEKs live (default: the local key file).
     """
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
-    provider = (
-        LocalKeyProvider(local_key_file, writable=False)
-        if local_key_file
-        else LocalKeyProvider(data_dir / LOCAL_KEY_FILE)
-    )
+    provider = open_key_provider(key_provider or KeyProviderSettings(), data_dir)
     store = await open_store(
         database_url or default_database_url(data_dir), pool_size=database_pool_size
     )

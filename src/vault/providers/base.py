@@ -31,4 +31,9 @@ class KeyProvider(Protocol):
         version :class:`vault.errors.KeyUnavailable`."""
         ...
 
+    async def destroy_version(self, version: int) -> None:
+        """Destroy a version's material, irreversibly. Idempotent. The vault calls
+        this only after the store has refused nothing: no key is wrapped under it."""
+        ...
+
     async def close(self) -> None: ...

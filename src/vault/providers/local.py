@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -89,13 +90,60 @@ class LocalKeyProvider:
                 os.close(dir_fd)
 
     async def has_version(self, version: int) -> bool:
-        return version in self._keys
+        try:
+            self._key(version)
+        except KeyUnavailable:
+            return False
+        return True
 
     async def create_version(self, version: int) -> None:
         async with self._lock:
             created = await asyncio.to_thread(self._create_version_locked, version)
         if created:
             log.info("kek_version_created", provider=self.name, kek_version=version)
+
+    async def destroy_version(self, version: int) -> None:
+        async with self._lock:
+            destroyed = await asyncio.to_thread(self._destroy_version_locked, version)
+        if destroyed:
+            log.info("kek_version_material_destroyed", provider=self.name, kek_version=version)
+
+    def _destroy_version_locked(self, version: int) -> bool:
+        if not self._writable:
+            self._load()
+            if version not in self._keys:
+                return False
+            raise KeyUnavailable(
+                f"KEK version {version} is in the mounted key file; remove it from the secret"
+            )
+        with self._file_lock():
+            self._load()
+            if version not in self._keys:
+                return False
+            versions = self._read_versions()
+            versions.pop(str(version), None)
+            # Rewritten whole and renamed over the old file: the old material is
+            # not left behind in this file (copies elsewhere are the horizon).
+            self._store(versions)
+            self._load()
+            return True
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        # flock serialises processes sharing the data directory (two servers
+        # starting at once must not each invent a different version 1).
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_fd = os.open(self._path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock_fd)  # closing releases the lock
+
+    def _read_versions(self) -> dict[str, str]:
+        raw = self._path.read_bytes() if self._path.exists() else b""
+        versions: dict[str, str] = json.loads(raw)["versions"] if raw else {}
+        return versions
 
     def _create_version_locked(self, version: int) -> bool:
         if not self._writable:
@@ -105,29 +153,25 @@ class LocalKeyProvider:
             raise KeyUnavailable(
                 f"KEK version {version} is not in the mounted key file; add it to the secret"
             )
-        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # flock serialises processes sharing the data directory (two servers
-        # starting at once must not each invent a different version 1).
-        lock_fd = os.open(self._path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        with self._file_lock():
             self._load()
             if version in self._keys:
                 return False
-            raw = self._path.read_bytes() if self._path.exists() else b""
-            versions: dict[str, str] = json.loads(raw)["versions"] if raw else {}
+            versions = self._read_versions()
             versions[str(version)] = base64.b64encode(_hazmat.new_key_material()).decode()
             self._store(versions)
             self._load()
             return True
-        finally:
-            os.close(lock_fd)  # closing releases the lock
 
     def _key(self, version: int) -> _hazmat.SecretKey:
-        try:
-            return self._keys[version]
-        except KeyError:
-            raise KeyUnavailable(f"KEK version {version} is not in the local key file") from None
+        key = self._keys.get(version)
+        if key is None:
+            # Another process (a rotation) may have added it since we loaded.
+            self._load()
+            key = self._keys.get(version)
+        if key is None:
+            raise KeyUnavailable(f"KEK version {version} is not in the local key file")
+        return key
 
     async def wrap(self, version: int, material: bytes, context: bytes) -> bytes:
         return _hazmat.wrap_key(self._key(version), material, context)
