@@ -98,7 +98,7 @@ def assert_utc(value: datetime) -> None:
 async def test_migrate_applies_once_then_nothing(store_url: str) -> None:
     first = await open_store(store_url)
     try:
-        assert await first.migrate() == [1]
+        assert await first.migrate() == [1, 2]
         assert await first.migrate() == []
     finally:
         await first.close()
@@ -115,7 +115,7 @@ async def test_concurrent_migrations_apply_each_version_once(store_url: str) -> 
     stores = [await open_store(store_url), await open_store(store_url)]
     try:
         results = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(results) == [[], [1]]
+        assert sorted(results) == [[], [1, 2]]
     finally:
         for s in stores:
             await s.close()
@@ -310,6 +310,7 @@ async def test_update_member_changes_only_named_fields(vault: Store) -> None:
         member.member_id,
         {"name": b"new-name-ct", "email": b"new-email-ct"},
         {"email": new_email_hmac},
+        dek_id=1,
     )
     got = await vault.get_member(member.member_id)
     assert got is not None
@@ -328,7 +329,7 @@ async def test_update_member_changes_only_named_fields(vault: Store) -> None:
     assert await vault.get_member(other.member_id) == other
 
     # An empty update changes nothing but still says whether the member exists.
-    assert await vault.update_member(member.member_id, {}) is True
+    assert await vault.update_member(member.member_id, {}, dek_id=1) is True
     assert await vault.get_member(member.member_id) == got
 
 
@@ -339,7 +340,9 @@ async def test_update_member_refuses_a_taken_blind_index(vault: Store) -> None:
     await vault.insert_member(other)
     taken = other.blind_indexes["login_id"]
     with pytest.raises(AlreadyExists) as info:
-        await vault.update_member(member.member_id, {"login_id": b"x"}, {"login_id": taken})
+        await vault.update_member(
+            member.member_id, {"login_id": b"x"}, {"login_id": taken}, dek_id=1
+        )
     assert info.value.field == "login_id"
     assert taken.hex() not in str(info.value)
     assert info.value.__cause__ is None
@@ -362,20 +365,20 @@ async def test_update_member_rejects_unknown_fields(
     member = new_member()
     await vault.insert_member(member)
     with pytest.raises(ValueError):
-        await vault.update_member(member.member_id, ciphertexts, blind_indexes)
+        await vault.update_member(member.member_id, ciphertexts, blind_indexes, dek_id=1)
     assert await vault.get_member(member.member_id) == member
 
 
 async def test_update_unknown_member_is_false(vault: Store) -> None:
-    assert await vault.update_member(str(uuid.uuid4()), {"name": b"x"}) is False
-    assert await vault.update_member(str(uuid.uuid4()), {}) is False
+    assert await vault.update_member(str(uuid.uuid4()), {"name": b"x"}, dek_id=1) is False
+    assert await vault.update_member(str(uuid.uuid4()), {}, dek_id=1) is False
 
 
 async def test_record_login(vault: Store) -> None:
     member = new_member()
     await vault.insert_member(member)
 
-    assert await vault.record_login(member.member_id, entry(ts(60), 1)) is True
+    assert await vault.record_login(member.member_id, entry(ts(60), 1), dek_id=1) is True
     got = await vault.get_member(member.member_id)
     assert got is not None
     assert got.last_seen_at == ts(60)
@@ -385,7 +388,10 @@ async def test_record_login(vault: Store) -> None:
     assert_utc(entries[0].at)
 
     # A rehash on login swaps the password hash in the same transaction.
-    assert await vault.record_login(member.member_id, entry(ts(120), 2), b"rehashed-ct") is True
+    assert (
+        await vault.record_login(member.member_id, entry(ts(120), 2), b"rehashed-ct", dek_id=1)
+        is True
+    )
     got = await vault.get_member(member.member_id)
     assert got is not None
     assert got.last_seen_at == ts(120)
@@ -394,7 +400,7 @@ async def test_record_login(vault: Store) -> None:
     assert len(await vault.list_access(member.member_id, 10)) == 2
 
     stranger = str(uuid.uuid4())
-    assert await vault.record_login(stranger, entry(ts(180)), b"ct") is False
+    assert await vault.record_login(stranger, entry(ts(180)), b"ct", dek_id=1) is False
     assert await vault.list_access(stranger, 10) == []
 
 
@@ -406,9 +412,9 @@ async def test_access_log_pages_through_ties_without_loss_or_duplication(vault: 
     # Several entries share a timestamp, so only entry_id orders them.
     times = [ts(0), ts(10), ts(10), ts(10), ts(5), ts(20), ts(20), ts(10), ts(0)]
     for n, at in enumerate(times):
-        assert await vault.append_access(member.member_id, entry(at, n))
-    assert await vault.append_access(other.member_id, entry(ts(10), 99))
-    assert await vault.append_access(str(uuid.uuid4()), entry(ts(10))) is False
+        assert await vault.append_access(member.member_id, entry(at, n), dek_id=1)
+    assert await vault.append_access(other.member_id, entry(ts(10), 99), dek_id=1)
+    assert await vault.append_access(str(uuid.uuid4()), entry(ts(10)), dek_id=1) is False
 
     everything = await vault.list_access(member.member_id, 100)
     assert len(everything) == len(times)
@@ -451,8 +457,8 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
     bystander = replace(bystander, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
     await vault.insert_member(bystander)
     for n in range(3):
-        assert await vault.append_access(member.member_id, entry(ts(n), n))
-    assert await vault.append_access(bystander.member_id, entry(ts(1)))
+        assert await vault.append_access(member.member_id, entry(ts(n), n), dek_id=1)
+    assert await vault.append_access(bystander.member_id, entry(ts(1)), dek_id=1)
     assert await vault.is_destroyed(member.member_id) is False
 
     record = await vault.shred_member(member.member_id, ts(100), "inactivity")
@@ -472,9 +478,9 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
     assert await vault.list_access(member.member_id, 10) == []
     assert await vault.is_destroyed(member.member_id) is True
     # A shredded member takes no new writes.
-    assert await vault.append_access(member.member_id, entry(ts(200))) is False
-    assert await vault.record_login(member.member_id, entry(ts(200))) is False
-    assert await vault.update_member(member.member_id, {"name": b"x"}) is False
+    assert await vault.append_access(member.member_id, entry(ts(200)), dek_id=1) is False
+    assert await vault.record_login(member.member_id, entry(ts(200)), dek_id=1) is False
+    assert await vault.update_member(member.member_id, {"name": b"x"}, dek_id=1) is False
 
     # Shredding is idempotent: nothing is left to destroy the second time.
     assert await vault.shred_member(member.member_id, ts(200), "again") is None
@@ -581,7 +587,7 @@ async def test_sqlite_relative_url(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     store = await open_store("sqlite:///data/vault.db")
     try:
-        assert await store.migrate() == [1]
+        assert await store.migrate() == [1, 2]
     finally:
         await store.close()
     assert _mode(tmp_path / "data" / "vault.db") == 0o600
@@ -613,10 +619,12 @@ async def test_sqlite_shred_leaves_no_trace_in_any_file(tmp_path: Path) -> None:
         member = replace(member, consents=tuple(sorted(CONSENTS, key=lambda c: c.purpose)))
         await store.insert_member(member)
         assert await store.append_access(
-            member.member_id, NewAccessEntry(ts(1), b"act-" + small, b"ip")
+            member.member_id, NewAccessEntry(ts(1), b"act-" + small, b"ip"), dek_id=1
         )
         # An update leaves an older copy of the row's page behind, too.
-        assert await store.update_member(member.member_id, {"mobile_phone": small + b"-2"})
+        assert await store.update_member(
+            member.member_id, {"mobile_phone": small + b"-2"}, dek_id=1
+        )
         assert small in raw()
         assert large[:200] in raw()
 

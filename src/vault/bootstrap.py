@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +13,7 @@ from vault.facade import Vault, VaultSettings
 from vault.passwords import OWASP, Argon2Profile, PasswordHasher
 from vault.providers.base import KeyProvider
 from vault.providers.local import LocalKeyProvider
+from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.store import open_store
 
 LOCAL_KEY_FILE = "kek.json"
@@ -25,6 +26,14 @@ class KeyProviderSettings:
     kind: Literal["local", "pkcs11"] = "local"
     #: local: a mounted key file (read-only) instead of ``kek.json`` in the data dir.
     local_key_file: Path | None = None
+    #: pkcs11: the PKCS#11 module (a shared library), the token and its user PIN.
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str = "privacy-vault"
+    pkcs11_pin: str | None = field(default=None, repr=False)
+    #: pkcs11: KEK version N is the key object labelled ``f"{prefix}{N}"``.
+    pkcs11_label_prefix: str = "privacy-vault-kek-"
+    #: pkcs11: threads calling into the module, each with its own session.
+    pkcs11_workers: int = 4
 
     def __repr__(self) -> str:
         return f"<KeyProviderSettings kind={self.kind}>"
@@ -35,6 +44,19 @@ def open_key_provider(settings: KeyProviderSettings, data_dir: Path) -> KeyProvi
         if settings.local_key_file:
             return LocalKeyProvider(settings.local_key_file, writable=False)
         return LocalKeyProvider(data_dir / LOCAL_KEY_FILE)
+    if settings.kind == "pkcs11":
+        if settings.pkcs11_module is None:
+            raise ValueError("the pkcs11 key provider needs pkcs11_module (the PKCS#11 library)")
+        if not settings.pkcs11_pin:
+            raise ValueError("the pkcs11 key provider needs pkcs11_pin (the token's user PIN)")
+        # python-pkcs11 (a native module) is imported only now, by open().
+        return Pkcs11KeyProvider.open(
+            settings.pkcs11_module,
+            settings.pkcs11_token_label,
+            settings.pkcs11_pin,
+            label_prefix=settings.pkcs11_label_prefix,
+            workers=settings.pkcs11_workers,
+        )
     raise ValueError(f"unknown key provider {settings.kind!r}")
 
 

@@ -99,3 +99,10 @@ class StorageUnavailable(VaultError):
 
     def __init__(self, description: str = "the database is unavailable") -> None:
         super().__init__(description)
+
+
+class KeyChanged(VaultError):
+    """The member's DEK was rotated while an operation was under way; retry it."""
+
+    def __init__(self) -> None:
+        super().__init__("the member's key changed during the operation; retry")

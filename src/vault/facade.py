@@ -11,20 +11,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from vault import _hazmat, ids, policy
+from vault.bindings import INDEX_KEY_ID, access_field, dek_context, index_key_context
 from vault.cache import DekCache
+from vault.keyadmin import KeyAdmin
 from vault.clock import Clock
 from vault.errors import (
     AuthenticationFailed,
     DecryptionError,
     FieldViolation,
     InvalidInput,
+    KeyChanged,
     KeyUnavailable,
     NotFound,
     PreconditionFailed,
@@ -46,7 +49,7 @@ from vault.store.base import (
 
 log = structlog.get_logger("vault")
 
-INDEX_KEY_ID = 1
+KEY_CHANGE_RETRIES = 3
 FIRST_DEK_ID = 1
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 EXPORT_FORMAT = "privacy-vault-export/1"
@@ -160,7 +163,6 @@ class Vault:
         hasher: PasswordHasher,
         clock: Clock,
         settings: VaultSettings,
-        keyring: _Keyring,
         index_key: _hazmat.IndexKey,
     ) -> None:
         self._store = store
@@ -168,15 +170,16 @@ class Vault:
         self._hasher = hasher
         self._clock = clock
         self._settings = settings
-        self._keyring = keyring
         self._index_key = index_key
         self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
+        #: Key management (rotation, re-wrap, destruction) for the security team.
+        self.keys = KeyAdmin(store, provider, clock, self._deks)
         # Decrypted when the login ID is unknown, so that path does the same work.
         self._decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
         self._decoy_ct = _hazmat.seal_field(self._decoy_key, "decoy", "password_hash", b"x" * 97)
 
     def __repr__(self) -> str:
-        return f"<Vault provider={self._provider.name} active_kek={self._keyring.active}>"
+        return f"<Vault provider={self._provider.name}>"
 
     # --- lifecycle -------------------------------------------------------------
     @classmethod
@@ -206,20 +209,20 @@ class Vault:
         stored = await store.get_index_key()
         if stored is None:
             material = _hazmat.new_key_material()
-            wrapped = await provider.wrap(keyring.active, material, cls._index_context())
+            wrapped = await provider.wrap(keyring.active, material, index_key_context())
             stored = await store.insert_index_key(
                 IndexKeyRow(INDEX_KEY_ID, keyring.active, wrapped, now)
             )
         try:
             material = await provider.unwrap(
-                stored.kek_version, stored.wrapped_key, cls._index_context()
+                stored.kek_version, stored.wrapped_key, index_key_context()
             )
         except DecryptionError:
             raise KeyUnavailable(
                 "the key provider's KEKs do not open this database (wrong key file?)"
             ) from None
         index_key = _hazmat.IndexKey(stored.key_id, material)
-        return cls(store, provider, hasher, clock, settings or VaultSettings(), keyring, index_key)
+        return cls(store, provider, hasher, clock, settings or VaultSettings(), index_key)
 
     async def close(self) -> None:
         self._deks.clear()
@@ -228,21 +231,13 @@ class Vault:
         self._hasher.close()
 
     # --- keys --------------------------------------------------------------------
-    @staticmethod
-    def _index_context() -> bytes:
-        return f"index-key|{INDEX_KEY_ID}".encode()
-
-    @staticmethod
-    def _dek_context(member_id: str, dek_id: int) -> bytes:
-        return f"dek|{member_id}|{dek_id}".encode()
-
     async def _dek(self, key_row: MemberKeyRow) -> _hazmat.SecretKey:
         key = self._deks.get(key_row.member_id, key_row.dek_id)
         if key is None:
             material = await self._provider.unwrap(
                 key_row.kek_version,
                 key_row.wrapped_dek,
-                self._dek_context(key_row.member_id, key_row.dek_id),
+                dek_context(key_row.member_id, key_row.dek_id),
             )
             key = _hazmat.SecretKey(key_row.dek_id, material)
             self._deks.put(key_row.member_id, key)
@@ -277,10 +272,6 @@ class Vault:
         encoded_hash = await self._hasher.hash(password)
         member_id = ids.new_member_id()
         material = _hazmat.new_key_material()
-        kek_version = self._keyring.active
-        wrapped = await self._provider.wrap(
-            kek_version, material, self._dek_context(member_id, FIRST_DEK_ID)
-        )
         dek = _hazmat.SecretKey(FIRST_DEK_ID, material)
         plain = {
             "login_id": login_id,
@@ -290,6 +281,12 @@ class Vault:
             "mobile_phone": mobile,
         }
         now = self._clock.now()
+        # Read from the database each time: a rotation by any process applies to
+        # the very next sign-up, with no restart.
+        kek_version = await self._active_kek_version()
+        wrapped = await self._provider.wrap(
+            kek_version, material, dek_context(member_id, FIRST_DEK_ID)
+        )
         row = MemberRow(
             member_id=member_id,
             created_at=now,
@@ -333,14 +330,21 @@ class Vault:
         encoded = self._open(dek, row, "password_hash")
         if not await self._hasher.verify(encoded, password):
             raise AuthenticationFailed
-        rehashed = None
-        if self._hasher.needs_rehash(encoded):
-            rehashed = _hazmat.seal_field(
-                dek, row.member_id, "password_hash", (await self._hasher.hash(password)).encode()
+        rehash = await self._hasher.hash(password) if self._hasher.needs_rehash(encoded) else None
+
+        async def record(current: MemberRow, key: _hazmat.SecretKey) -> bool:
+            mid = current.member_id
+            return await self._store.record_login(
+                mid,
+                self._access_entry(key, mid, "authenticate", ip),
+                None if rehash is None else self._seal(key, mid, "password_hash", rehash),
+                dek_id=current.key.dek_id,
             )
-        entry = self._access_entry(dek, row.member_id, "authenticate", ip)
-        if not await self._store.record_login(row.member_id, entry, rehashed):
-            raise AuthenticationFailed  # shredded between the lookup and now
+
+        try:
+            await self._under_current_key(row.member_id, record, first=(row, dek))
+        except NotFound:
+            raise AuthenticationFailed from None  # shredded between the lookup and now
         return row.member_id
 
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
@@ -371,16 +375,15 @@ class Vault:
         v.raise_if_any()
         assert mid
 
-        row = await self._row(mid)
-        dek = await self._dek(row.key)
-        ciphertexts = {
-            f: _hazmat.seal_field(dek, mid, f, value.encode()) for f, value in new_values.items()
-        }
         indexes = (
             {"email": self._email_index(new_values["email"])} if "email" in new_values else None
         )
-        if not await self._store.update_member(mid, ciphertexts, indexes):
-            raise NotFound
+
+        async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
+            ciphertexts = {f: self._seal(key, mid, f, value) for f, value in new_values.items()}
+            return await self._store.update_member(mid, ciphertexts, indexes, dek_id=row.key.dek_id)
+
+        await self._under_current_key(mid, write)
         log.info("member_updated", fields=sorted(new_values))
         return await self.get_member(mid, Purpose.MEMBER_REQUEST)
 
@@ -399,9 +402,14 @@ class Vault:
             raise InvalidInput([FieldViolation("new_password", "must differ from the login ID")])
         await self._check_password(dek, row, current)
         encoded = await self._hasher.hash(new)
-        ct = _hazmat.seal_field(dek, mid, "password_hash", encoded.encode())
-        if not await self._store.update_member(mid, {"password_hash": ct}):
-            raise NotFound
+
+        async def write(current: MemberRow, key: _hazmat.SecretKey) -> bool:
+            ct = self._seal(key, mid, "password_hash", encoded)
+            return await self._store.update_member(
+                mid, {"password_hash": ct}, dek_id=current.key.dek_id
+            )
+
+        await self._under_current_key(mid, write, first=(row, dek))
         log.info("member_password_changed")
 
     async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome:
@@ -478,26 +486,18 @@ class Vault:
         self, dek: _hazmat.SecretKey, member_id: str, action: str, ip: str
     ) -> NewAccessEntry:
         at = self._clock.now()
-        # The time is bound into the associated data: an entry's ciphertexts
-        # cannot be moved onto another entry.
-        stamp = _micros(at)
         return NewAccessEntry(
             at=at,
-            action_ct=_hazmat.seal_field(dek, member_id, f"access.action@{stamp}", action.encode()),
-            ip_ct=_hazmat.seal_field(dek, member_id, f"access.ip@{stamp}", ip.encode()),
+            action_ct=self._seal(dek, member_id, access_field("action", at), action),
+            ip_ct=self._seal(dek, member_id, access_field("ip", at), ip),
         )
 
     def _open_access(
         self, dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRow
     ) -> AccessEntry:
-        stamp = _micros(row.at)
-        return AccessEntry(
-            at=row.at,
-            action=_hazmat.open_field(
-                dek, member_id, f"access.action@{stamp}", row.action_ct
-            ).decode(),
-            ip=_hazmat.open_field(dek, member_id, f"access.ip@{stamp}", row.ip_ct).decode(),
-        )
+        action = _hazmat.open_field(dek, member_id, access_field("action", row.at), row.action_ct)
+        ip = _hazmat.open_field(dek, member_id, access_field("ip", row.at), row.ip_ct)
+        return AccessEntry(at=row.at, action=action.decode(), ip=ip.decode())
 
     async def record_access(self, member_id: str, action: str, ip: str) -> None:
         v = Violations()
@@ -508,11 +508,12 @@ class Vault:
         assert mid
         assert checked_action
         assert checked_ip
-        row = await self._row(mid)
-        dek = await self._dek(row.key)
-        entry = self._access_entry(dek, mid, checked_action, checked_ip)
-        if not await self._store.append_access(mid, entry):
-            raise NotFound
+
+        async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
+            entry = self._access_entry(key, mid, checked_action, checked_ip)
+            return await self._store.append_access(mid, entry, dek_id=row.key.dek_id)
+
+        await self._under_current_key(mid, write)
 
     async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage:
         v = Violations()
@@ -536,6 +537,36 @@ class Vault:
         return AccessPage(entries, token)
 
     # --- helpers -------------------------------------------------------------------
+    async def _active_kek_version(self) -> int:
+        return _Keyring.validated(await self._store.list_kek_versions()).active
+
+    @staticmethod
+    def _seal(key: _hazmat.SecretKey, member_id: str, field_name: str, value: str) -> bytes:
+        return _hazmat.seal_field(key, member_id, field_name, value.encode())
+
+    async def _under_current_key(
+        self,
+        member_id: str,
+        write: Callable[[MemberRow, _hazmat.SecretKey], Awaitable[bool]],
+        first: tuple[MemberRow, _hazmat.SecretKey] | None = None,
+    ) -> None:
+        """Run a write encrypted under the member's current DEK. A per-member key
+        rotation in between makes the store refuse it (KeyChanged): read again,
+        encrypt again. False from ``write`` means the member is gone."""
+        for _ in range(KEY_CHANGE_RETRIES):
+            if first is None:
+                row = await self._row(member_id)
+                current = (row, await self._dek(row.key))
+            else:
+                current, first = first, None
+            try:
+                if not await write(*current):
+                    raise NotFound
+                return
+            except KeyChanged:
+                self._deks.evict(member_id)
+        raise KeyChanged
+
     async def _row(self, member_id: str) -> MemberRow:
         v = Violations()
         mid = policy.check_member_id(member_id, v)

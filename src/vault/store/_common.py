@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import get_args
 
 from vault import ids
+from vault.errors import PreconditionFailed
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
@@ -48,6 +49,17 @@ def check_kek_version(row: KekVersionRow) -> None:
     require_aware(row.created_at)
     if row.destroyed_at is not None:
         require_aware(row.destroyed_at)
+
+
+def check_unused(version: int, member_keys: int, index_keys: int) -> None:
+    """The destroy guard: no key may still be wrapped under the version."""
+    if member_keys or index_keys:
+        raise PreconditionFailed(
+            "kek_version",
+            f"KEK version {version} still wraps {member_keys} member keys and {index_keys} "
+            "index keys; re-wrap them to the active version first",
+            "IN_USE",
+        )
 
 
 def check_new_member(member: MemberRow) -> str:

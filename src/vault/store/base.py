@@ -17,7 +17,7 @@ Conventions every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -114,6 +114,39 @@ class DestructionRecord:
     kek_versions: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class KekUsage:
+    """How many keys a KEK version still wraps."""
+
+    version: int
+    member_keys: int
+    index_keys: int
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapUpdate:
+    """A member DEK re-wrapped from one KEK version to another (same DEK, same id)."""
+
+    member_id: str
+    dek_id: int
+    from_version: int
+    to_version: int
+    wrapped_dek: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEvent:
+    """A key operation, for the security team's audit trail. Never key bytes."""
+
+    at: datetime
+    actor: str
+    operation: str
+    kek_version: int | None = None
+    member_id: str | None = None
+    # Counts and outcomes, e.g. {"rewrapped": 1000}.
+    details: Mapping[str, int | str | bool] = field(default_factory=dict)
+
+
 class Store(Protocol):
     """One database holding the vault. See the module docstring for conventions."""
 
@@ -141,9 +174,64 @@ class Store(Protocol):
         """
         ...
 
+    async def rotate_kek(self, version: int, at: datetime) -> KekVersionRow:
+        """In one transaction, demote the active version to decrypt_only and add
+        ``version`` as the active one. PreconditionFailed if ``version`` exists."""
+        ...
+
+    async def destroy_kek_version(self, version: int, at: datetime) -> KekVersionRow:
+        """Mark a version destroyed, guarded in the same transaction: NotFound if it
+        does not exist; PreconditionFailed (saying why) if it is active or any member
+        DEK or index key is still wrapped under it. Idempotent for a destroyed one."""
+        ...
+
+    async def kek_usage(self) -> list[KekUsage]:
+        """Per version (every version, oldest first), the keys wrapped under it."""
+        ...
+
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]:
+        """Up to ``limit`` member keys not under ``target_version``, by member id,
+        strictly after ``after_member_id`` when given (a resumable scan)."""
+        ...
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
+        """Store re-wrapped DEKs in one transaction, each only if the row still has
+        the same dek_id and from_version (else it is skipped: someone else moved
+        it). Returns how many rows were updated."""
+        ...
+
+    async def rewrap_index_key(
+        self, key_id: int, from_version: int, to_version: int, wrapped_key: bytes
+    ) -> bool:
+        """Conditional like apply_rewrap; False if the key had already moved."""
+        ...
+
+    async def replace_member_key(
+        self,
+        member_id: str,
+        old_dek_id: int,
+        new_key: MemberKeyRow,
+        ciphertexts: Mapping[str, bytes],
+        access_log: Mapping[int, tuple[bytes, bytes]],
+    ) -> bool:
+        """Per-member DEK rotation, atomically: the new key row, every field
+        ciphertext, and every access-log entry (entry_id -> (action_ct, ip_ct))
+        re-encrypted. Only if the member still has ``old_dek_id`` and exactly these
+        access-log entries; False otherwise (retry with fresh data)."""
+        ...
+
+    async def record_key_event(self, event: KeyEvent) -> None: ...
+
+    async def list_key_events(self, limit: int = 100) -> list[KeyEvent]:
+        """Newest first."""
+        ...
+
     # --- members ---------------------------------------------------------------
     async def insert_member(self, member: MemberRow) -> None:
-        """Insert the member, its key and its consents in one transaction."""
+        """Insert the member, its key and its consents in one transaction.
+        PreconditionFailed if the key's KEK version has been destroyed meanwhile."""
         ...
 
     async def get_member(self, member_id: str) -> MemberRow | None:
@@ -159,8 +247,12 @@ class Store(Protocol):
         member_id: str,
         ciphertexts: Mapping[str, bytes],
         blind_indexes: Mapping[str, bytes] | None = None,
+        *,
+        dek_id: int,
     ) -> bool:
-        """Replace the named ciphertexts (and blind indexes); False if no such member."""
+        """Replace the named ciphertexts (and blind indexes), encrypted under the
+        member's DEK ``dek_id``. False if no such member; KeyChanged if the member's
+        DEK has been rotated meanwhile (the ciphertexts would be unreadable)."""
         ...
 
     async def record_login(
@@ -168,10 +260,12 @@ class Store(Protocol):
         member_id: str,
         entry: NewAccessEntry,
         password_hash_ct: bytes | None = None,
+        *,
+        dek_id: int,
     ) -> bool:
         """Set last_seen_at to ``entry.at``, append ``entry`` to the access log and,
         when given, replace the password hash (a rehash). One transaction; False
-        if no such member."""
+        if no such member; KeyChanged as for update_member."""
         ...
 
     async def list_consents(self, member_id: str) -> list[ConsentRow]:
@@ -179,8 +273,8 @@ class Store(Protocol):
         ...
 
     # --- access log ------------------------------------------------------------
-    async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
-        """False if no such member."""
+    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
+        """False if no such member; KeyChanged as for update_member."""
         ...
 
     async def list_access(

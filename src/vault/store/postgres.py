@@ -18,7 +18,13 @@ from typing import Any
 
 import asyncpg
 
-from vault.errors import AlreadyExists, PreconditionFailed, StorageUnavailable
+from vault.errors import (
+    AlreadyExists,
+    KeyChanged,
+    NotFound,
+    PreconditionFailed,
+    StorageUnavailable,
+)
 from vault.store._common import (
     CT_COLUMNS,
     HMAC_COLUMNS,
@@ -26,21 +32,26 @@ from vault.store._common import (
     check_kek_version,
     check_limit,
     check_new_member,
+    check_unused,
     hmac_column,
     require_aware,
     update_assignments,
 )
 from vault.store._migrations import load_migrations
 from vault.store.base import (
+    ENCRYPTED_FIELDS,
     AccessEntryRow,
     ConsentRow,
     DestructionRecord,
     IndexedField,
     IndexKeyRow,
+    KekUsage,
     KekVersionRow,
+    KeyEvent,
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    RewrapUpdate,
 )
 
 # Errors meaning "the server cannot be reached or used right now".
@@ -163,6 +174,19 @@ def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
     )
 
 
+async def _member_has_dek(conn: Any, member_id: uuid.UUID, dek_id: int) -> bool:
+    """Inside a write: False if no such member; KeyChanged if its DEK was rotated.
+    The share lock holds the key row (against a rotation or a shred) until commit."""
+    current = await conn.fetchval(
+        "SELECT dek_id FROM member_keys WHERE member_id = $1 FOR SHARE", member_id
+    )
+    if current is None:
+        return False
+    if int(current) != dek_id:
+        raise KeyChanged
+    return True
+
+
 class PostgresStore:
     """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""
 
@@ -281,6 +305,205 @@ class PostgresStore:
                 existing = await conn.fetchrow(_SELECT_INDEX_KEY)
         return _index_key(existing)
 
+    async def rotate_kek(self, version: int, at: datetime) -> KekVersionRow:
+        row = KekVersionRow(version, "active", at)
+        check_kek_version(row)
+        async with self._transaction() as conn:
+            # Rotations (and destroys) of KEK versions take turns.
+            await conn.execute("LOCK TABLE kek_versions IN SHARE ROW EXCLUSIVE MODE")
+            if await conn.fetchval("SELECT 1 FROM kek_versions WHERE version = $1", version):
+                raise PreconditionFailed("kek_version", f"KEK version {version} exists already")
+            await conn.execute(
+                "UPDATE kek_versions SET state = 'decrypt_only' WHERE state = 'active'"
+            )
+            await conn.execute(
+                "INSERT INTO kek_versions (version, state, created_at) VALUES ($1, 'active', $2)",
+                version,
+                at,
+            )
+        return row
+
+    async def destroy_kek_version(self, version: int, at: datetime) -> KekVersionRow:
+        require_aware(at)
+        async with self._transaction() as conn:
+            # FOR UPDATE waits for sign-ups holding the version FOR SHARE, so a DEK
+            # being wrapped under it is either counted below or refused.
+            found = await conn.fetchrow(
+                "SELECT version, state, created_at, destroyed_at FROM kek_versions "
+                "WHERE version = $1 FOR UPDATE",
+                version,
+            )
+            if found is None:
+                raise NotFound(f"KEK version {version}")
+            current = _kek_version(found)
+            if current.state == "destroyed":
+                return current
+            if current.state == "active":
+                raise PreconditionFailed(
+                    "kek_version", f"KEK version {version} is active; rotate first", "ACTIVE"
+                )
+            counts = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM member_keys WHERE kek_version = $1) AS m, "
+                "(SELECT count(*) FROM index_keys WHERE kek_version = $1) AS i",
+                version,
+            )
+            check_unused(version, int(counts["m"]), int(counts["i"]))
+            await conn.execute(
+                "UPDATE kek_versions SET state = 'destroyed', destroyed_at = $2 WHERE version = $1",
+                version,
+                at,
+            )
+        return KekVersionRow(version, "destroyed", current.created_at, at)
+
+    async def kek_usage(self) -> list[KekUsage]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT v.version, "
+                "(SELECT count(*) FROM member_keys AS k WHERE k.kek_version = v.version) AS m, "
+                "(SELECT count(*) FROM index_keys AS i WHERE i.kek_version = v.version) AS i "
+                "FROM kek_versions AS v ORDER BY v.version"
+            )
+        return [KekUsage(int(r["version"]), int(r["m"]), int(r["i"])) for r in rows]
+
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]:
+        limit = check_limit(limit)
+        after = None if after_member_id is None else _uuid(after_member_id)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT member_id, dek_id, kek_version, wrapped_dek FROM member_keys "
+                "WHERE kek_version <> $1 AND ($2::uuid IS NULL OR member_id > $2) "
+                "ORDER BY member_id LIMIT $3",
+                target_version,
+                after,
+                limit,
+            )
+        return [
+            MemberKeyRow(
+                str(r["member_id"]),
+                int(r["dek_id"]),
+                int(r["kek_version"]),
+                bytes(r["wrapped_dek"]),
+            )
+            for r in rows
+        ]
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
+        if not updates:
+            return 0
+        async with self._transaction() as conn:
+            # One statement for the batch: the arrays join the rows to update.
+            status = await conn.execute(
+                "UPDATE member_keys AS k SET kek_version = u.to_version, wrapped_dek = u.wrapped "
+                "FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::bytea[]) "
+                "AS u(member_id, dek_id, from_version, to_version, wrapped) "
+                "WHERE k.member_id = u.member_id AND k.dek_id = u.dek_id "
+                "AND k.kek_version = u.from_version",
+                [_uuid(u.member_id) for u in updates],
+                [u.dek_id for u in updates],
+                [u.from_version for u in updates],
+                [u.to_version for u in updates],
+                [bytes(u.wrapped_dek) for u in updates],
+            )
+        return _affected(status)
+
+    async def rewrap_index_key(
+        self, key_id: int, from_version: int, to_version: int, wrapped_key: bytes
+    ) -> bool:
+        async with self._transaction() as conn:
+            status = await conn.execute(
+                "UPDATE index_keys SET kek_version = $3, wrapped_key = $4 "
+                "WHERE key_id = $1 AND kek_version = $2",
+                key_id,
+                from_version,
+                to_version,
+                bytes(wrapped_key),
+            )
+        return _affected(status) == 1
+
+    async def replace_member_key(
+        self,
+        member_id: str,
+        old_dek_id: int,
+        new_key: MemberKeyRow,
+        ciphertexts: Mapping[str, bytes],
+        access_log: Mapping[int, tuple[bytes, bytes]],
+    ) -> bool:
+        key = _uuid(member_id)
+        if _uuid(new_key.member_id) != key:
+            raise ValueError("the new key belongs to another member")
+        if set(ciphertexts) != set(ENCRYPTED_FIELDS):
+            raise ValueError("a key rotation re-encrypts every field")
+        assignments = update_assignments(ciphertexts, None)
+        setters = ", ".join(f"{column} = ${i}" for i, (column, _) in enumerate(assignments, 2))
+        async with self._transaction() as conn:
+            current = await conn.fetchval(
+                "SELECT dek_id FROM member_keys WHERE member_id = $1 FOR UPDATE", key
+            )
+            if current is None or int(current) != old_dek_id:
+                return False
+            present = {
+                int(r["entry_id"])
+                for r in await conn.fetch(
+                    "SELECT entry_id FROM access_log WHERE member_id = $1 FOR UPDATE", key
+                )
+            }
+            if present != set(access_log):
+                return False  # an entry came (or went) since the caller read them
+            await conn.execute(
+                "UPDATE member_keys SET dek_id = $2, kek_version = $3, wrapped_dek = $4 "
+                "WHERE member_id = $1",
+                key,
+                new_key.dek_id,
+                new_key.kek_version,
+                bytes(new_key.wrapped_dek),
+            )
+            await conn.execute(
+                f"UPDATE members SET {setters} WHERE member_id = $1",
+                key,
+                *(value for _, value in assignments),
+            )
+            if access_log:
+                await conn.executemany(
+                    "UPDATE access_log SET action_ct = $2, ip_ct = $3 WHERE entry_id = $1",
+                    [(entry_id, bytes(a), bytes(i)) for entry_id, (a, i) in access_log.items()],
+                )
+        return True
+
+    async def record_key_event(self, event: KeyEvent) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO key_events (at, actor, operation, kek_version, member_id, details) "
+                "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+                require_aware(event.at),
+                event.actor,
+                event.operation,
+                event.kek_version,
+                None if event.member_id is None else _uuid(event.member_id),
+                json.dumps(dict(event.details), sort_keys=True),
+            )
+
+    async def list_key_events(self, limit: int = 100) -> list[KeyEvent]:
+        limit = check_limit(limit)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT at, actor, operation, kek_version, member_id, details::text AS details "
+                "FROM key_events ORDER BY event_id DESC LIMIT $1",
+                limit,
+            )
+        return [
+            KeyEvent(
+                r["at"],
+                r["actor"],
+                r["operation"],
+                r["kek_version"],
+                None if r["member_id"] is None else str(r["member_id"]),
+                json.loads(r["details"]),
+            )
+            for r in rows
+        ]
+
     # --- members ---------------------------------------------------------------
     async def insert_member(self, member: MemberRow) -> None:
         member_id = uuid.UUID(check_new_member(member))
@@ -303,6 +526,16 @@ class PostgresStore:
         key = member.key
         try:
             async with self._transaction() as conn:
+                # FOR SHARE: a concurrent destroy of this version waits for us, then
+                # counts this DEK and refuses.
+                state = await conn.fetchval(
+                    "SELECT state FROM kek_versions WHERE version = $1 FOR SHARE",
+                    key.kek_version,
+                )
+                if state == "destroyed":
+                    raise PreconditionFailed(
+                        "kek_version", f"KEK version {key.kek_version} has been destroyed"
+                    )
                 await conn.execute(
                     f"INSERT INTO members ({', '.join(columns)}) VALUES ({placeholders})", *values
                 )
@@ -345,14 +578,17 @@ class PostgresStore:
         member_id: str,
         ciphertexts: Mapping[str, bytes],
         blind_indexes: Mapping[str, bytes] | None = None,
+        *,
+        dek_id: int,
     ) -> bool:
         key = _uuid(member_id)
         assignments = update_assignments(ciphertexts, blind_indexes)
         try:
             async with self._transaction() as conn:
+                if not await _member_has_dek(conn, key, dek_id):
+                    return False
                 if not assignments:
-                    found = await conn.fetchval("SELECT 1 FROM members WHERE member_id = $1", key)
-                    return found is not None
+                    return True
                 setters = ", ".join(
                     f"{column} = ${i}" for i, (column, _) in enumerate(assignments, start=2)
                 )
@@ -370,10 +606,14 @@ class PostgresStore:
         member_id: str,
         entry: NewAccessEntry,
         password_hash_ct: bytes | None = None,
+        *,
+        dek_id: int,
     ) -> bool:
         key = _uuid(member_id)
         at = require_aware(entry.at)
         async with self._transaction() as conn:
+            if not await _member_has_dek(conn, key, dek_id):
+                return False
             if password_hash_ct is None:
                 status = await conn.execute(
                     "UPDATE members SET last_seen_at = $2 WHERE member_id = $1", key, at
@@ -415,15 +655,11 @@ class PostgresStore:
         ]
 
     # --- access log ------------------------------------------------------------
-    async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
+    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
         key = _uuid(member_id)
         at = require_aware(entry.at)
         async with self._transaction() as conn:
-            # Hold the member row against a concurrent shred until we commit.
-            found = await conn.fetchval(
-                "SELECT 1 FROM members WHERE member_id = $1 FOR KEY SHARE", key
-            )
-            if found is None:
+            if not await _member_has_dek(conn, key, dek_id):
                 return False
             await conn.execute(
                 "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)",

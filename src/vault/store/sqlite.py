@@ -17,12 +17,18 @@ import asyncio
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from vault.errors import AlreadyExists, PreconditionFailed, StorageUnavailable
+from vault.errors import (
+    AlreadyExists,
+    KeyChanged,
+    NotFound,
+    PreconditionFailed,
+    StorageUnavailable,
+)
 from vault.store._common import (
     CT_COLUMNS,
     HMAC_COLUMNS,
@@ -30,21 +36,26 @@ from vault.store._common import (
     check_kek_version,
     check_limit,
     check_new_member,
+    check_unused,
     hmac_column,
     require_aware,
     update_assignments,
 )
 from vault.store._migrations import load_migrations
 from vault.store.base import (
+    ENCRYPTED_FIELDS,
     AccessEntryRow,
     ConsentRow,
     DestructionRecord,
     IndexedField,
     IndexKeyRow,
+    KekUsage,
     KekVersionRow,
+    KeyEvent,
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    RewrapUpdate,
 )
 
 _T = TypeVar("_T")
@@ -134,6 +145,18 @@ def _integrity_error(exc: sqlite3.IntegrityError) -> Exception:
         # The only foreign key a caller can miss here is the KEK version.
         return ValueError("the member key's KEK version does not exist")
     return exc
+
+
+def _member_has_dek(conn: sqlite3.Connection, member_id: str, dek_id: int) -> bool:
+    """Inside a write: False if no such member; KeyChanged if its DEK was rotated."""
+    row = conn.execute(
+        "SELECT dek_id FROM member_keys WHERE member_id = ?", (member_id,)
+    ).fetchone()
+    if row is None:
+        return False
+    if int(row[0]) != dek_id:
+        raise KeyChanged
+    return True
 
 
 def _split_statements(script: str) -> list[str]:
@@ -451,6 +474,203 @@ class SqliteStore:
 
         return await self._write(work)
 
+    async def rotate_kek(self, version: int, at: datetime) -> KekVersionRow:
+        row = KekVersionRow(version, "active", at)
+        check_kek_version(row)
+        created = _to_us(at)
+
+        def work(conn: sqlite3.Connection) -> KekVersionRow:
+            exists = conn.execute("SELECT 1 FROM kek_versions WHERE version = ?", (version,))
+            if exists.fetchone() is not None:
+                raise PreconditionFailed("kek_version", f"KEK version {version} exists already")
+            conn.execute("UPDATE kek_versions SET state = 'decrypt_only' WHERE state = 'active'")
+            conn.execute(
+                "INSERT INTO kek_versions (version, state, created_at) VALUES (?, 'active', ?)",
+                (version, created),
+            )
+            return row
+
+        return await self._write(work)
+
+    async def destroy_kek_version(self, version: int, at: datetime) -> KekVersionRow:
+        destroyed_at = _to_us(require_aware(at))
+
+        def work(conn: sqlite3.Connection) -> KekVersionRow:
+            found = conn.execute(
+                "SELECT version, state, created_at, destroyed_at FROM kek_versions "
+                "WHERE version = ?",
+                (version,),
+            ).fetchone()
+            if found is None:
+                raise NotFound(f"KEK version {version}")
+            current = _kek_version(found)
+            if current.state == "destroyed":
+                return current
+            if current.state == "active":
+                raise PreconditionFailed(
+                    "kek_version", f"KEK version {version} is active; rotate first", "ACTIVE"
+                )
+            members, indexes = conn.execute(
+                "SELECT (SELECT count(*) FROM member_keys WHERE kek_version = ?), "
+                "(SELECT count(*) FROM index_keys WHERE kek_version = ?)",
+                (version, version),
+            ).fetchone()
+            check_unused(version, int(members), int(indexes))
+            conn.execute(
+                "UPDATE kek_versions SET state = 'destroyed', destroyed_at = ? WHERE version = ?",
+                (destroyed_at, version),
+            )
+            return KekVersionRow(version, "destroyed", current.created_at, _from_us(destroyed_at))
+
+        return await self._write(work)
+
+    async def kek_usage(self) -> list[KekUsage]:
+        def work(conn: sqlite3.Connection) -> list[KekUsage]:
+            rows = conn.execute(
+                "SELECT v.version, "
+                "(SELECT count(*) FROM member_keys AS k WHERE k.kek_version = v.version), "
+                "(SELECT count(*) FROM index_keys AS i WHERE i.kek_version = v.version) "
+                "FROM kek_versions AS v ORDER BY v.version"
+            ).fetchall()
+            return [KekUsage(int(v), int(m), int(i)) for v, m, i in rows]
+
+        return self._read(work)
+
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]:
+        limit = check_limit(limit)
+        after = "" if after_member_id is None else canonical_member_id(after_member_id)
+
+        def work(conn: sqlite3.Connection) -> list[MemberKeyRow]:
+            rows = conn.execute(
+                "SELECT member_id, dek_id, kek_version, wrapped_dek FROM member_keys "
+                "WHERE kek_version <> ? AND member_id > ? ORDER BY member_id LIMIT ?",
+                (target_version, after, limit),
+            ).fetchall()
+            return [MemberKeyRow(str(m), int(d), int(v), bytes(w)) for m, d, v, w in rows]
+
+        return self._read(work)
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
+        params = [
+            (
+                u.to_version,
+                bytes(u.wrapped_dek),
+                canonical_member_id(u.member_id),
+                u.dek_id,
+                u.from_version,
+            )
+            for u in updates
+        ]
+
+        def work(conn: sqlite3.Connection) -> int:
+            applied = 0
+            for p in params:
+                applied += conn.execute(
+                    "UPDATE member_keys SET kek_version = ?, wrapped_dek = ? "
+                    "WHERE member_id = ? AND dek_id = ? AND kek_version = ?",
+                    p,
+                ).rowcount
+            return applied
+
+        return await self._write(work) if params else 0
+
+    async def rewrap_index_key(
+        self, key_id: int, from_version: int, to_version: int, wrapped_key: bytes
+    ) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "UPDATE index_keys SET kek_version = ?, wrapped_key = ? "
+                    "WHERE key_id = ? AND kek_version = ?",
+                    (to_version, bytes(wrapped_key), key_id, from_version),
+                ).rowcount
+                == 1
+            )
+
+        return await self._write(work)
+
+    async def replace_member_key(
+        self,
+        member_id: str,
+        old_dek_id: int,
+        new_key: MemberKeyRow,
+        ciphertexts: Mapping[str, bytes],
+        access_log: Mapping[int, tuple[bytes, bytes]],
+    ) -> bool:
+        member_id = canonical_member_id(member_id)
+        if canonical_member_id(new_key.member_id) != member_id:
+            raise ValueError("the new key belongs to another member")
+        if set(ciphertexts) != set(ENCRYPTED_FIELDS):
+            raise ValueError("a key rotation re-encrypts every field")
+        assignments = update_assignments(ciphertexts, None)
+        setters = ", ".join(f"{column} = ?" for column, _ in assignments)
+        field_params = [value for _, value in assignments] + [member_id]
+        entries = [(bytes(a), bytes(i), entry_id) for entry_id, (a, i) in access_log.items()]
+
+        def work(conn: sqlite3.Connection) -> bool:
+            try:
+                if not _member_has_dek(conn, member_id, old_dek_id):
+                    return False
+            except KeyChanged:
+                return False
+            present = {
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT entry_id FROM access_log WHERE member_id = ?", (member_id,)
+                )
+            }
+            if present != set(access_log):
+                return False  # an entry came (or went) since the caller read them
+            conn.execute(
+                "UPDATE member_keys SET dek_id = ?, kek_version = ?, wrapped_dek = ? "
+                "WHERE member_id = ?",
+                (new_key.dek_id, new_key.kek_version, bytes(new_key.wrapped_dek), member_id),
+            )
+            conn.execute(f"UPDATE members SET {setters} WHERE member_id = ?", field_params)
+            conn.executemany(
+                "UPDATE access_log SET action_ct = ?, ip_ct = ? WHERE entry_id = ?", entries
+            )
+            return True
+
+        return await self._write(work)
+
+    async def record_key_event(self, event: KeyEvent) -> None:
+        params = (
+            _to_us(require_aware(event.at)),
+            event.actor,
+            event.operation,
+            event.kek_version,
+            None if event.member_id is None else canonical_member_id(event.member_id),
+            json.dumps(dict(event.details), sort_keys=True),
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO key_events (at, actor, operation, kek_version, member_id, details) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+
+        await self._write(work)
+
+    async def list_key_events(self, limit: int = 100) -> list[KeyEvent]:
+        limit = check_limit(limit)
+
+        def work(conn: sqlite3.Connection) -> list[KeyEvent]:
+            rows = conn.execute(
+                "SELECT at, actor, operation, kek_version, member_id, details FROM key_events "
+                "ORDER BY event_id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [
+                KeyEvent(_from_us(at), actor, op, version, member, json.loads(details))
+                for at, actor, op, version, member, details in rows
+            ]
+
+        return self._read(work)
+
     # --- members ---------------------------------------------------------------
     async def insert_member(self, member: MemberRow) -> None:
         member_id = check_new_member(member)
@@ -479,6 +699,14 @@ class SqliteStore:
         ]
 
         def work(conn: sqlite3.Connection) -> None:
+            state = conn.execute(
+                "SELECT state FROM kek_versions WHERE version = ?", (key.kek_version,)
+            ).fetchone()
+            if state is not None and state[0] == "destroyed":
+                # A rotation, re-wrap and destroy ran while this DEK was being wrapped.
+                raise PreconditionFailed(
+                    "kek_version", f"KEK version {key.kek_version} has been destroyed"
+                )
             try:
                 conn.execute(insert_member, values)
                 conn.execute(
@@ -512,6 +740,8 @@ class SqliteStore:
         member_id: str,
         ciphertexts: Mapping[str, bytes],
         blind_indexes: Mapping[str, bytes] | None = None,
+        *,
+        dek_id: int,
     ) -> bool:
         member_id = canonical_member_id(member_id)
         assignments = update_assignments(ciphertexts, blind_indexes)
@@ -519,9 +749,10 @@ class SqliteStore:
         params = [value for _, value in assignments] + [member_id]
 
         def work(conn: sqlite3.Connection) -> bool:
+            if not _member_has_dek(conn, member_id, dek_id):
+                return False
             if not assignments:
-                found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
-                return found.fetchone() is not None
+                return True
             try:
                 cur = conn.execute(f"UPDATE members SET {setters} WHERE member_id = ?", params)
             except sqlite3.IntegrityError as exc:
@@ -535,6 +766,8 @@ class SqliteStore:
         member_id: str,
         entry: NewAccessEntry,
         password_hash_ct: bytes | None = None,
+        *,
+        dek_id: int,
     ) -> bool:
         member_id = canonical_member_id(member_id)
         at = _to_us(entry.at)
@@ -551,8 +784,9 @@ class SqliteStore:
         log_params = (member_id, at, bytes(entry.action_ct), bytes(entry.ip_ct))
 
         def work(conn: sqlite3.Connection) -> bool:
-            if conn.execute(*update).rowcount != 1:
+            if not _member_has_dek(conn, member_id, dek_id):
                 return False
+            conn.execute(*update)
             conn.execute(
                 "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
                 log_params,
@@ -566,23 +800,18 @@ class SqliteStore:
         return self._read(lambda conn: _consents(conn, member_id))
 
     # --- access log ------------------------------------------------------------
-    async def append_access(self, member_id: str, entry: NewAccessEntry) -> bool:
+    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
         member_id = canonical_member_id(member_id)
-        params = (
-            member_id,
-            _to_us(entry.at),
-            bytes(entry.action_ct),
-            bytes(entry.ip_ct),
-            member_id,
-        )
+        params = (member_id, _to_us(entry.at), bytes(entry.action_ct), bytes(entry.ip_ct))
 
         def work(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
-                "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM members WHERE member_id = ?)",
+            if not _member_has_dek(conn, member_id, dek_id):
+                return False
+            conn.execute(
+                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
                 params,
             )
-            return cur.rowcount == 1
+            return True
 
         return await self._write(work)
 

@@ -1,0 +1,27 @@
+"""What each wrapped key and ciphertext is bound to (its associated data).
+
+One place for these names: a wrapped DEK names its member and DEK id, the index
+key its id, and an access-log ciphertext its time, so no ciphertext can be moved
+to another row and still decrypt.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+INDEX_KEY_ID = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def index_key_context(key_id: int = INDEX_KEY_ID) -> bytes:
+    return f"index-key|{key_id}".encode()
+
+
+def dek_context(member_id: str, dek_id: int) -> bytes:
+    return f"dek|{member_id}|{dek_id}".encode()
+
+
+def access_field(kind: str, at: datetime) -> str:
+    """``kind`` is "action" or "ip"; the entry's time (to the microsecond) is bound in."""
+    return f"access.{kind}@{(at - _EPOCH) // _MICROSECOND}"

@@ -1,0 +1,328 @@
+"""Key management for the security team: rotate, re-wrap, destroy, rotate a member.
+
+Like Vault Transit's rotate / rewrap / trim, over our hierarchy: KEK versions in a
+key provider wrap one DEK per member and the blind-index key. Every operation
+writes a key event (who, what, when; never key bytes).
+
+The shredding horizon: shredding deletes a member's wrapped DEK from the live
+database at once. Copies made before (backups, PostgreSQL WAL and dead tuples)
+still hold it, wrapped under some KEK version; they become undecryptable when
+that version is destroyed, which needs a rotation and a re-wrap first. Running
+:meth:`KeyAdmin.maintain` on a schedule bounds that horizon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+
+from vault import _hazmat, ids
+from vault.bindings import access_field, dek_context, index_key_context
+from vault.cache import DekCache
+from vault.clock import Clock
+from vault.errors import KeyChanged, NotFound, PreconditionFailed
+from vault.providers.base import KeyProvider
+from vault.store.base import (
+    ENCRYPTED_FIELDS,
+    KekVersionRow,
+    KeyEvent,
+    MemberKeyRow,
+    MemberRow,
+    RewrapUpdate,
+    Store,
+)
+
+log = structlog.get_logger("vault.keys")
+
+DEFAULT_BATCH = 500
+MAX_BATCH = 10_000
+_ROTATE_MEMBER_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class KekVersionStatus:
+    version: int
+    state: str
+    created_at: datetime
+    destroyed_at: datetime | None
+    member_keys: int
+    index_keys: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStatus:
+    provider: str
+    active_version: int
+    versions: tuple[KekVersionStatus, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapProgress:
+    target_version: int
+    #: Keys (member DEKs and the index key) not under the target when the run began.
+    total: int
+    rewrapped: int
+    #: Keys that moved (re-wrapped, rotated or shredded) by someone else meanwhile.
+    skipped: int
+    batches: int
+    done: bool
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyPlan:
+    version: int
+    allowed: bool
+    reason: str
+
+
+class KeyAdmin:
+    """Reached as ``vault.keys``; shares the vault's store, provider and DEK cache."""
+
+    def __init__(self, store: Store, provider: KeyProvider, clock: Clock, deks: DekCache) -> None:
+        self._store = store
+        self._provider = provider
+        self._clock = clock
+        self._deks = deks
+
+    def __repr__(self) -> str:
+        return f"<KeyAdmin provider={self._provider.name}>"
+
+    async def _event(self, actor: str, operation: str, **fields: object) -> None:
+        details = fields.pop("details", {})
+        event = KeyEvent(
+            at=self._clock.now(),
+            actor=actor,
+            operation=operation,
+            details=details,  # type: ignore[arg-type]
+            **fields,  # type: ignore[arg-type]
+        )
+        await self._store.record_key_event(event)
+        log.info("key_event", actor=actor, operation=operation, **fields, **details)  # type: ignore[arg-type]
+
+    # --- status ------------------------------------------------------------------------
+    async def status(self) -> KeyStatus:
+        versions = await self._store.list_kek_versions()
+        usage = {u.version: u for u in await self._store.kek_usage()}
+        active = [v.version for v in versions if v.state == "active"]
+        if len(active) != 1:
+            raise PreconditionFailed("kek_versions", "exactly one KEK version must be active")
+        return KeyStatus(
+            provider=self._provider.name,
+            active_version=active[0],
+            versions=tuple(
+                KekVersionStatus(
+                    v.version,
+                    v.state,
+                    v.created_at,
+                    v.destroyed_at,
+                    usage[v.version].member_keys if v.version in usage else 0,
+                    usage[v.version].index_keys if v.version in usage else 0,
+                )
+                for v in versions
+            ),
+        )
+
+    async def events(self, limit: int = 100) -> list[KeyEvent]:
+        return await self._store.list_key_events(limit)
+
+    # --- rotation ----------------------------------------------------------------------
+    async def rotate(self, actor: str) -> KekVersionRow:
+        """Add a KEK version and make it active; new DEKs wrap under it at once in
+        every process (they read the active version from the database)."""
+        versions = await self._store.list_kek_versions()
+        new_version = max((v.version for v in versions), default=0) + 1
+        # The material exists before the database says the version is active.
+        await self._provider.create_version(new_version)
+        row = await self._store.rotate_kek(new_version, self._clock.now())
+        previous = [v.version for v in versions if v.state == "active"]
+        await self._event(
+            actor,
+            "rotate_kek",
+            kek_version=new_version,
+            details={"previous_active": previous[0] if previous else 0},
+        )
+        return row
+
+    async def rewrap(
+        self, actor: str, *, batch_size: int = DEFAULT_BATCH, dry_run: bool = False
+    ) -> AsyncIterator[RewrapProgress]:
+        """Move every member DEK and the index key to the active KEK version, online.
+
+        Batches commit one by one, each row only if it did not move meanwhile, so
+        the run can be killed at any point and run again: it resumes where the keys
+        are, and a second run finds nothing to do.
+        """
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be 1-{MAX_BATCH}")
+        status = await self.status()
+        target = status.active_version
+        total = sum(v.member_keys + v.index_keys for v in status.versions if v.version != target)
+        rewrapped = skipped = batches = 0
+        if dry_run or total == 0:
+            yield RewrapProgress(target, total, 0, 0, 0, True, dry_run)
+            return
+        index_key = await self._store.get_index_key()
+        if index_key is not None and index_key.kek_version != target:
+            material = await self._provider.unwrap(
+                index_key.kek_version, index_key.wrapped_key, index_key_context(index_key.key_id)
+            )
+            wrapped = await self._provider.wrap(target, material, index_key_context())
+            moved = await self._store.rewrap_index_key(
+                index_key.key_id, index_key.kek_version, target, wrapped
+            )
+            rewrapped, skipped = rewrapped + moved, skipped + (not moved)
+        after: str | None = None
+        pending: asyncio.Task[int] | None = None
+        pending_size = 0
+        try:
+            while True:
+                keys = await self._store.member_keys_to_rewrap(target, after, batch_size)
+                updates = [await self._rewrapped(key, target) for key in keys] if keys else []
+                # The previous batch's commit overlaps this batch's unwrap/wrap.
+                if pending is not None:
+                    applied = await pending
+                    rewrapped, skipped = rewrapped + applied, skipped + pending_size - applied
+                    batches += 1
+                    yield RewrapProgress(target, total, rewrapped, skipped, batches, False)
+                    pending = None
+                if not keys:
+                    break
+                after = keys[-1].member_id
+                pending, pending_size = (
+                    asyncio.ensure_future(self._store.apply_rewrap(updates)),
+                    len(updates),
+                )
+        finally:
+            if pending is not None:
+                pending.cancel()
+        await self._event(
+            actor,
+            "rewrap",
+            kek_version=target,
+            details={"rewrapped": rewrapped, "skipped": skipped, "batches": batches},
+        )
+        yield RewrapProgress(target, total, rewrapped, skipped, batches, True)
+
+    async def _rewrapped(self, key: MemberKeyRow, target: int) -> RewrapUpdate:
+        context = dek_context(key.member_id, key.dek_id)
+        material = await self._provider.unwrap(key.kek_version, key.wrapped_dek, context)
+        wrapped = await self._provider.wrap(target, material, context)
+        return RewrapUpdate(key.member_id, key.dek_id, key.kek_version, target, wrapped)
+
+    # --- destruction -------------------------------------------------------------------
+    async def plan_destroy(self, version: int) -> DestroyPlan:
+        status = await self.status()
+        found = [v for v in status.versions if v.version == version]
+        if not found:
+            raise NotFound(f"KEK version {version}")
+        v = found[0]
+        if v.state == "destroyed":
+            return DestroyPlan(version, True, "already destroyed")
+        if v.state == "active":
+            return DestroyPlan(version, False, "it is the active version; rotate first")
+        if v.member_keys or v.index_keys:
+            return DestroyPlan(
+                version,
+                False,
+                f"it still wraps {v.member_keys} member keys and {v.index_keys} index keys; "
+                "re-wrap first",
+            )
+        return DestroyPlan(version, True, "no key is wrapped under it")
+
+    async def destroy_version(self, version: int, actor: str) -> KekVersionRow:
+        """Destroy a KEK version: first in the database (guarded: never the active
+        one, never one still wrapping a key), then its material in the provider.
+        Irreversible; every copy of a DEK wrapped under it becomes noise."""
+        row = await self._store.destroy_kek_version(version, self._clock.now())
+        await self._provider.destroy_version(version)
+        await self._event(actor, "destroy_kek_version", kek_version=version)
+        return row
+
+    # --- per-member rotation -----------------------------------------------------------
+    async def rotate_member_key(self, member_id: str, actor: str) -> int:
+        """Re-encrypt one member's fields and access log under a fresh DEK, atomically.
+        Returns the new DEK id."""
+        canonical = ids.canonical_member_id(member_id)
+        if canonical is None:
+            raise NotFound
+        for _ in range(_ROTATE_MEMBER_ATTEMPTS):
+            row = await self._store.get_member(canonical)
+            if row is None:
+                raise NotFound
+            new_dek_id = await self._try_rotate_member_key(row)
+            if new_dek_id is not None:
+                self._deks.evict(canonical)
+                await self._event(
+                    actor,
+                    "rotate_member_key",
+                    member_id=canonical,
+                    details={"dek_id": new_dek_id},
+                )
+                return new_dek_id
+        raise KeyChanged
+
+    async def _try_rotate_member_key(self, row: MemberRow) -> int | None:
+        mid, old = row.member_id, row.key
+        old_key = _hazmat.SecretKey(
+            old.dek_id,
+            await self._provider.unwrap(
+                old.kek_version, old.wrapped_dek, dek_context(mid, old.dek_id)
+            ),
+        )
+        new_id = old.dek_id + 1
+        material = _hazmat.new_key_material()
+        new_key = _hazmat.SecretKey(new_id, material)
+        active = (await self.status()).active_version
+        wrapped = await self._provider.wrap(active, material, dek_context(mid, new_id))
+
+        def reseal(name: str, blob: bytes) -> bytes:
+            return _hazmat.seal_field(
+                new_key, mid, name, _hazmat.open_field(old_key, mid, name, blob)
+            )
+
+        ciphertexts = {f: reseal(f, row.ciphertexts[f]) for f in ENCRYPTED_FIELDS}
+        entries: dict[int, tuple[bytes, bytes]] = {}
+        cursor = None
+        while True:
+            page = await self._store.list_access(mid, 1000, cursor)
+            for e in page:
+                entries[e.entry_id] = (
+                    reseal(access_field("action", e.at), e.action_ct),
+                    reseal(access_field("ip", e.at), e.ip_ct),
+                )
+            if len(page) < 1000:
+                break
+            cursor = (page[-1].at, page[-1].entry_id)
+        replaced = await self._store.replace_member_key(
+            mid, old.dek_id, MemberKeyRow(mid, new_id, active, wrapped), ciphertexts, entries
+        )
+        return new_id if replaced else None
+
+    # --- the schedule --------------------------------------------------------------------
+    async def maintain(
+        self, actor: str, *, rotate_after: timedelta, batch_size: int = DEFAULT_BATCH
+    ) -> dict[str, int]:
+        """The scheduled horizon job: rotate when the active version is older than
+        ``rotate_after``, re-wrap everything to the active version, then destroy
+        every old version that no longer wraps a key. Safe to run as often as you
+        like (a cron job, a Kubernetes CronJob, the sidecar)."""
+        status = await self.status()
+        active = next(v for v in status.versions if v.version == status.active_version)
+        rotated = 0
+        if self._clock.now() - active.created_at >= rotate_after:
+            await self.rotate(actor)
+            rotated = 1
+        rewrapped = 0
+        async for progress in self.rewrap(actor, batch_size=batch_size):
+            rewrapped = progress.rewrapped
+        destroyed = 0
+        for v in (await self.status()).versions:
+            if v.state == "decrypt_only" and not v.member_keys and not v.index_keys:
+                await self.destroy_version(v.version, actor)
+                destroyed += 1
+        return {"rotated": rotated, "rewrapped": rewrapped, "destroyed": destroyed}
