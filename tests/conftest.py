@@ -5,13 +5,20 @@ PostgreSQL: the server at ``PRIVACY_VAULT_TEST_PG_DSN`` (default
 CREATEDB role). Each test gets a fresh database that is dropped afterwards.
 When the server is unreachable, PostgreSQL tests are skipped with a loud
 warning, or fail when ``PRIVACY_VAULT_REQUIRE_POSTGRES=1`` (set it in CI).
+
+SoftHSM2 (the pkcs11 key provider): a token initialised per session in a private
+token directory; without SoftHSM2 its tests skip loudly, or fail when
+``PRIVACY_VAULT_REQUIRE_SOFTHSM=1`` (set it in CI).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -72,6 +79,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             "The PostgreSQL backend was NOT tested. Start PostgreSQL or set "
             "PRIVACY_VAULT_TEST_PG_DSN; set PRIVACY_VAULT_REQUIRE_POSTGRES=1 to make this fail.",
+            red=True,
+        )
+    softhsm_skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if SOFTHSM_SKIP_REASON in str(getattr(report, "longrepr", ""))
+    ]
+    if softhsm_skipped:
+        terminalreporter.write_sep(
+            "!", f"{len(softhsm_skipped)} SOFTHSM2 TESTS WERE SKIPPED", red=True, bold=True
+        )
+        terminalreporter.write_line(
+            "The pkcs11 key provider was NOT tested. Install softhsm2 (apt-get install "
+            "softhsm2); set PRIVACY_VAULT_REQUIRE_SOFTHSM=1 to make this fail.",
             red=True,
         )
 
@@ -188,3 +209,74 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def members(channel: grpc.aio.Channel) -> member_pb2_grpc.MemberServiceStub:
     return member_pb2_grpc.MemberServiceStub(channel)
+
+
+# --- SoftHSM2: a real PKCS#11 token for the pkcs11 key provider ---------------------
+
+REQUIRE_SOFTHSM = os.environ.get("PRIVACY_VAULT_REQUIRE_SOFTHSM") == "1"
+# Every SoftHSM skip reason starts with this; the terminal summary counts them.
+SOFTHSM_SKIP_REASON = "SoftHSM2 unavailable"
+SOFTHSM_MODULES = (
+    Path("/usr/lib/softhsm/libsofthsm2.so"),  # Debian, Ubuntu
+    Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"),
+    Path("/usr/lib64/pkcs11/libsofthsm2.so"),  # Fedora
+    Path("/usr/local/lib/softhsm/libsofthsm2.so"),  # built from source
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SoftHsmToken:
+    """An initialised SoftHSM2 token, private to this test session."""
+
+    module: Path
+    token_label: str
+    pin: str = field(repr=False)
+
+
+@pytest.fixture(scope="session")
+def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:
+    """A fresh token in a private token directory (``SOFTHSM2_CONF`` is set for the
+    session). Skips loudly without SoftHSM2, or fails when
+    ``PRIVACY_VAULT_REQUIRE_SOFTHSM=1`` (set it in CI)."""
+    module = next((m for m in SOFTHSM_MODULES if m.is_file()), None)
+    util = shutil.which("softhsm2-util")
+    if module is None or util is None:
+        missing = "softhsm2-util" if util is None else "libsofthsm2.so"
+        reason = f"{SOFTHSM_SKIP_REASON} ({missing} not found)"
+        if REQUIRE_SOFTHSM:
+            pytest.fail(f"{reason}, and PRIVACY_VAULT_REQUIRE_SOFTHSM=1", pytrace=False)
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("softhsm")
+    (root / "tokens").mkdir(mode=0o700)
+    conf = root / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    try:
+        token = SoftHsmToken(module, f"pv-test-{secrets.token_hex(4)}", secrets.token_hex(8))
+        init = subprocess.run(
+            [
+                util,
+                "--init-token",
+                "--free",
+                "--label",
+                token.token_label,
+                "--pin",
+                token.pin,
+                "--so-pin",
+                secrets.token_hex(8),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if init.returncode != 0:
+            pytest.fail(f"softhsm2-util --init-token failed: {init.stderr.strip()}", pytrace=False)
+        yield token
+    finally:
+        if previous is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = previous

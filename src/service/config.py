@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from vault import OWASP, Argon2Profile, KeyProviderSettings, VaultSettings
 
 ENV_PREFIX = "PRIVACY_VAULT_"
+#: Where Debian's softhsm2 puts its module: the pkcs11 default when it is installed.
+SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 
 
 def _file_sourced_env(fields: Iterable[str]) -> dict[str, str]:
@@ -50,12 +52,24 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(10, ge=1, le=200)
     #: A mounted key file (read-only); default: ``kek.json`` in data_dir, created on first start.
     local_key_file: Path | None = None
+    #: Where the KEKs live: "local" (a key file) or "pkcs11" (an HSM).
+    key_provider: Literal["local", "pkcs11"] = "local"
+    #: The PKCS#11 module; default: SoftHSM2's, when it is installed.
+    pkcs11_module: Path | None = None
+    pkcs11_token_label: str = "privacy-vault"  # noqa: S105 - a label, not a secret
+    #: The token's user PIN: PRIVACY_VAULT_PKCS11_PIN or PRIVACY_VAULT_PKCS11_PIN_FILE.
+    pkcs11_pin: SecretStr | None = None
+    pkcs11_label_prefix: str = Field("privacy-vault-kek-", min_length=1)
+    pkcs11_workers: int = Field(4, ge=1, le=64)
 
     listen_address: str = "127.0.0.1:50051"
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     #: With a client CA, clients must present a certificate it signed (mTLS).
     tls_client_ca_file: Path | None = None
+    #: Bearer token for KeyAdminService (PRIVACY_VAULT_ADMIN_TOKEN or
+    #: PRIVACY_VAULT_ADMIN_TOKEN_FILE). Unset: the admin API is not served at all.
+    admin_token: SecretStr | None = Field(None, min_length=16)
     #: gRPC reflection; default on in the embedded environment, off in production.
     reflection: bool | None = None
     max_request_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
@@ -110,7 +124,24 @@ class Settings(BaseSettings):
 
     @property
     def key_provider_settings(self) -> KeyProviderSettings:
-        return KeyProviderSettings(kind="local", local_key_file=self.local_key_file)
+        if self.key_provider == "local":
+            return KeyProviderSettings(kind="local", local_key_file=self.local_key_file)
+        module = self.pkcs11_module
+        if module is None:
+            if not SOFTHSM_MODULE.exists():
+                raise ValueError(
+                    "key_provider pkcs11 needs PRIVACY_VAULT_PKCS11_MODULE "
+                    f"(the PKCS#11 library; {SOFTHSM_MODULE} is not installed)"
+                )
+            module = SOFTHSM_MODULE
+        return KeyProviderSettings(
+            kind="pkcs11",
+            pkcs11_module=module,
+            pkcs11_token_label=self.pkcs11_token_label,
+            pkcs11_pin=self.pkcs11_pin.get_secret_value() if self.pkcs11_pin else None,
+            pkcs11_label_prefix=self.pkcs11_label_prefix,
+            pkcs11_workers=self.pkcs11_workers,
+        )
 
     @property
     def vault_settings(self) -> VaultSettings:

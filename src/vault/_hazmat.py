@@ -138,12 +138,17 @@ def open_field(key: SecretKey, member_id: str, field: str, blob: bytes) -> bytes
     return _open(key, blob, _field_binding(member_id, field), key.key_id, "field")
 
 
+def wrap_associated_data(header: bytes, context: bytes) -> bytes:
+    """The AAD a wrapped key binds; for providers that wrap inside an HSM."""
+    return _aad("wrap", header, _lp(context))
+
+
 def wrap_key(
     kek: SecretKey, material: bytes, context: bytes, *, nonce: bytes | None = None
 ) -> bytes:
     """Wrap a DEK or index key under a KEK; ``context`` names what is wrapped."""
     header = _HEADER.pack(FORMAT_V1, kek.key_id)
-    aad = _aad("wrap", header, _lp(context))
+    aad = wrap_associated_data(header, context)
     return _seal(kek, header, aad, material, nonce or os.urandom(NONCE_SIZE))
 
 

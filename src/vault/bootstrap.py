@@ -28,7 +28,7 @@ class KeyProviderSettings:
     local_key_file: Path | None = None
     #: pkcs11: the PKCS#11 module (a shared library), the token and its user PIN.
     pkcs11_module: Path | None = None
-    pkcs11_token_label: str = "privacy-vault"
+    pkcs11_token_label: str = "privacy-vault"  # noqa: S105 - a label, not a secret
     pkcs11_pin: str | None = field(default=None, repr=False)
     #: pkcs11: KEK version N is the key object labelled ``f"{prefix}{N}"``.
     pkcs11_label_prefix: str = "privacy-vault-kek-"
@@ -82,16 +82,17 @@ async def open_vault(
     """
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     provider = open_key_provider(key_provider or KeyProviderSettings(), data_dir)
-    store = await open_store(
-        database_url or default_database_url(data_dir), pool_size=database_pool_size
-    )
-    hasher = PasswordHasher(argon2, workers=password_workers)
-    try:
+    async with contextlib.AsyncExitStack() as undo:
+        # Whatever was opened is closed again if a later step fails.
+        undo.push_async_callback(provider.close)
+        store = await open_store(
+            database_url or default_database_url(data_dir), pool_size=database_pool_size
+        )
+        undo.push_async_callback(store.close)
+        hasher = PasswordHasher(argon2, workers=password_workers)
+        undo.callback(hasher.close)
         vault = await Vault.open(store, provider, hasher, clock or SystemClock(), settings)
-    except BaseException:
-        await store.close()
-        hasher.close()
-        raise
+        undo.pop_all()  # from here on vault.close() owns them
     try:
         yield vault
     finally:

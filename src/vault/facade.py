@@ -20,7 +20,6 @@ import structlog
 from vault import _hazmat, ids, policy
 from vault.bindings import INDEX_KEY_ID, access_field, dek_context, index_key_context
 from vault.cache import DekCache
-from vault.keyadmin import KeyAdmin
 from vault.clock import Clock
 from vault.errors import (
     AuthenticationFailed,
@@ -33,6 +32,7 @@ from vault.errors import (
     PreconditionFailed,
     PurposeNotAllowed,
 )
+from vault.keyadmin import KeyAdmin
 from vault.passwords import PasswordHasher
 from vault.policy import ConsentChoice, Purpose, Violations
 from vault.providers.base import KeyProvider

@@ -41,6 +41,8 @@ log = structlog.get_logger("vault.keys")
 DEFAULT_BATCH = 500
 MAX_BATCH = 10_000
 _ROTATE_MEMBER_ATTEMPTS = 3
+#: Extra passes from the start after a pass that moved keys (see rewrap).
+_REWRAP_SWEEPS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,27 +181,45 @@ class KeyAdmin:
         after: str | None = None
         pending: asyncio.Task[int] | None = None
         pending_size = 0
+        # A sign-up (or member key rotation) that read the active version just
+        # before the rotation can commit a key under the old version behind the
+        # cursor. So a pass that moved keys is followed by another from the start,
+        # until one finds nothing to move (normally one cheap query).
+        moved_in_pass, sweeps, seen = False, 0, rewrapped + skipped
         try:
             while True:
                 keys = await self._store.member_keys_to_rewrap(target, after, batch_size)
-                updates = [await self._rewrapped(key, target) for key in keys] if keys else []
+                # A key under a newer version (a rotation during this run) stays put:
+                # never move a key back to an older KEK.
+                movable = [key for key in keys if key.kek_version < target]
+                updates = [await self._rewrapped(key, target) for key in movable]
                 # The previous batch's commit overlaps this batch's unwrap/wrap.
                 if pending is not None:
                     applied = await pending
                     rewrapped, skipped = rewrapped + applied, skipped + pending_size - applied
                     batches += 1
-                    yield RewrapProgress(target, total, rewrapped, skipped, batches, False)
+                    yield RewrapProgress(
+                        target, max(total, seen), rewrapped, skipped, batches, False
+                    )
                     pending = None
                 if not keys:
-                    break
+                    if not moved_in_pass or sweeps >= _REWRAP_SWEEPS:
+                        break
+                    moved_in_pass, sweeps, after = False, sweeps + 1, None
+                    continue
                 after = keys[-1].member_id
-                pending, pending_size = (
-                    asyncio.ensure_future(self._store.apply_rewrap(updates)),
-                    len(updates),
-                )
+                if updates:
+                    moved_in_pass, seen = True, seen + len(updates)
+                    pending, pending_size = (
+                        asyncio.ensure_future(self._store.apply_rewrap(updates)),
+                        len(updates),
+                    )
         finally:
             if pending is not None:
                 pending.cancel()
+        # Stragglers found by a sweep count in the total, so a finished run never
+        # reports more keys moved than it set out to move.
+        total = max(total, seen)
         await self._event(
             actor,
             "rewrap",

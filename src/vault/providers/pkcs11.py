@@ -78,8 +78,8 @@ _T = TypeVar("_T")
 
 
 def _wrap_aad(header: bytes, context: bytes) -> bytes:
-    # The very AAD _hazmat.wrap_key binds, built by the same functions.
-    return _hazmat._aad("wrap", header, _hazmat._lp(context))
+    # The very AAD _hazmat.wrap_key binds, built by the same function.
+    return _hazmat.wrap_associated_data(header, context)
 
 
 # --- the process-wide state of a loaded module -------------------------------------
@@ -165,7 +165,10 @@ def _attach(module_path: Path, token_label: str, pin: str) -> tuple[_Module, Tok
             login = _logins.get((key, token_label))
             if login is not None:
                 if not hmac.compare_digest(login.pin_digest, digest):
-                    raise KeyUnavailable(f"login to the PKCS#11 token {token_label!r} failed")
+                    raise KeyUnavailable(
+                        f"login to the PKCS#11 token {token_label!r} failed "
+                        "(not the PIN this process is logged in with)"
+                    )
                 login.users += 1
                 return module, token
             try:
