@@ -41,6 +41,7 @@ from vault.store.base import (
     ConsentRow,
     IndexKeyRow,
     KekVersionRow,
+    KeyEvent,
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
@@ -198,7 +199,10 @@ class Vault:
         rows = await store.list_kek_versions()
         if not rows:
             await provider.create_version(1)
-            await store.insert_kek_version(KekVersionRow(1, "active", now))
+            if await store.insert_kek_version(KekVersionRow(1, "active", now)):
+                await store.record_key_event(
+                    KeyEvent(now, "bootstrap", "create_kek_version", 1, details={})
+                )
             rows = await store.list_kek_versions()
         keyring = _Keyring.validated(rows)
         if not await provider.has_version(keyring.active):
