@@ -71,6 +71,17 @@ async def test_destroy_is_guarded(vault: Store) -> None:
     # Nothing can be wrapped under a destroyed version any more.
     with pytest.raises(PreconditionFailed):
         await vault.insert_member(new_member(kek_version=1))
+    current = await vault.get_member(member.member_id)
+    assert current is not None
+    with pytest.raises(PreconditionFailed):
+        await vault.replace_member_key(
+            member.member_id,
+            1,
+            MemberKeyRow(member.member_id, 2, 1, b"under a destroyed version"),
+            dict(current.ciphertexts),
+            {},
+            old_ciphertexts=current.ciphertexts,
+        )
 
 
 async def test_rewrap_scan_is_resumable_and_conditional(vault: Store) -> None:
@@ -122,14 +133,21 @@ async def test_replace_member_key_is_atomic_and_conditional(vault: Store) -> Non
     fields = {f: b"re-" + ct for f, ct in member.ciphertexts.items()}
     reencrypted = {logged.entry_id: (b"re-action", b"re-ip")}
 
-    # Refused: the caller's view of the access log is out of date.
-    assert not await vault.replace_member_key(mid, 1, new_key, fields, {})
-    assert not await vault.replace_member_key(mid, 9, new_key, fields, reencrypted)
+    old = member.ciphertexts
+    # Refused: the caller's view is out of date (access log, DEK id, a field).
+    assert not await vault.replace_member_key(mid, 1, new_key, fields, {}, old_ciphertexts=old)
+    assert not await vault.replace_member_key(
+        mid, 9, new_key, fields, reencrypted, old_ciphertexts=old
+    )
+    stale = {**old, "name": b"what the caller read before an update"}
+    assert not await vault.replace_member_key(
+        mid, 1, new_key, fields, reencrypted, old_ciphertexts=stale
+    )
     unchanged = await vault.get_member(mid)
     assert unchanged is not None
     assert unchanged.key.dek_id == 1
 
-    assert await vault.replace_member_key(mid, 1, new_key, fields, reencrypted)
+    assert await vault.replace_member_key(mid, 1, new_key, fields, reencrypted, old_ciphertexts=old)
     rotated = await vault.get_member(mid)
     assert rotated is not None
     assert rotated.key == new_key
@@ -137,10 +155,17 @@ async def test_replace_member_key_is_atomic_and_conditional(vault: Store) -> Non
     (after,) = await vault.list_access(mid, 10)
     assert (after.action_ct, after.ip_ct) == (b"re-action", b"re-ip")
     with pytest.raises(ValueError):
-        await vault.replace_member_key(mid, 2, new_key, {"name": b"x"}, reencrypted)
+        await vault.replace_member_key(
+            mid, 2, new_key, {"name": b"x"}, reencrypted, old_ciphertexts=fields
+        )
     with pytest.raises(ValueError):
         await vault.replace_member_key(
-            mid, 2, replace(new_key, member_id=new_member().member_id), fields, reencrypted
+            mid,
+            2,
+            replace(new_key, member_id=new_member().member_id),
+            fields,
+            reencrypted,
+            old_ciphertexts=fields,
         )
 
 

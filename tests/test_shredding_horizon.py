@@ -21,6 +21,7 @@ import pytest
 from vault import CHEAPEST, NewMember, Vault, _hazmat, open_vault
 from vault.bindings import dek_context
 from vault.errors import DecryptionError, KeyUnavailable
+from vault.providers.local import LocalKeyProvider
 from vault.store import Store, open_store
 
 CANARY_NAME = "Horizon Canary Qx7"
@@ -115,3 +116,20 @@ async def test_destroyed_material_is_gone_from_the_key_file(tmp_path: Path) -> N
         "kek.json",
         "kek.lock",
     ]
+
+
+async def test_a_version_destroyed_elsewhere_leaves_this_process_too(tmp_path: Path) -> None:
+    """The keys CLI destroys a version in another process: a running server's
+    provider must not keep the material in memory until it restarts."""
+    key_file = tmp_path / "kek.json"
+    server_side, cli_side = LocalKeyProvider(key_file), LocalKeyProvider(key_file)
+    await server_side.create_version(1)
+    await cli_side.create_version(2)
+    wrapped = await server_side.wrap(1, b"k" * 32, b"ctx")
+    assert await server_side.unwrap(1, wrapped, b"ctx") == b"k" * 32
+    assert await server_side.has_version(2)  # added by the other process
+
+    await cli_side.destroy_version(1)
+    with pytest.raises(KeyUnavailable):
+        await server_side.unwrap(1, wrapped, b"ctx")
+    assert not await server_side.has_version(1)

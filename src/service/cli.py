@@ -1,4 +1,4 @@
-"""``privacy-vault``: run the server, apply migrations."""
+"""``privacy-vault``: run the server, apply migrations, manage keys (``keys``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.keys_cli import keys_app
 from service.logs import configure_logging
 
 app = typer.Typer(
@@ -16,9 +17,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(keys_app, name="keys")
 
 
-def _settings() -> Settings:
+def load_settings() -> Settings:
+    """Settings from the environment; exit 2 naming the bad settings (never their values)."""
     try:
         settings = Settings.from_env()
     except ValidationError as exc:
@@ -37,7 +40,7 @@ def serve() -> None:
     """Run the gRPC server (embedded default: SQLite and a key file in ./privacy-vault-data)."""
     from service.server import serve as run
 
-    asyncio.run(run(_settings()))
+    asyncio.run(run(load_settings()))
 
 
 @app.command()
@@ -45,5 +48,5 @@ def migrate() -> None:
     """Apply pending database migrations and exit."""
     from service.server import migrate_only
 
-    versions = asyncio.run(migrate_only(_settings()))
+    versions = asyncio.run(migrate_only(load_settings()))
     typer.echo(f"applied migrations: {versions}" if versions else "database is up to date")

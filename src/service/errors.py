@@ -15,7 +15,24 @@ from vault import errors as ve
 
 DOMAIN = "privacyvault.v1"
 
-_CODES: tuple[tuple[type[ve.VaultError], grpc.StatusCode], ...] = (
+
+class ServiceError(Exception):
+    """Base of the errors the service layer itself raises (the vault raises
+    ``VaultError``); like those, its message is sent and never holds a value."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdminUnauthenticated(ServiceError):
+    """The admin token is missing or wrong: one message for both, so no oracle."""
+
+    def __init__(self) -> None:
+        super().__init__("the key admin API needs a valid admin token")
+
+
+_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (ve.NotFound, grpc.StatusCode.NOT_FOUND),
@@ -25,6 +42,9 @@ _CODES: tuple[tuple[type[ve.VaultError], grpc.StatusCode], ...] = (
     (ve.DecryptionError, grpc.StatusCode.INTERNAL),
     (ve.KeyUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ve.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    # The member kept changing under a per-member key rotation: retry.
+    (ve.KeyChanged, grpc.StatusCode.ABORTED),
+    (AdminUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 
@@ -93,6 +113,8 @@ def to_status(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode
     code = code_for(exc)
     if isinstance(exc, ve.VaultError):
         message, details = exc.message, _details(exc)
+    elif isinstance(exc, ServiceError):
+        message, details = exc.message, []
     else:
         message, details = "internal error", []
     if request_id and code == grpc.StatusCode.INTERNAL:

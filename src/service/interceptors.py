@@ -61,9 +61,6 @@ class ServiceInterceptor:
     def __init__(self, default_deadline: float) -> None:
         self._default_deadline = default_deadline
 
-    def _timeout(self, context: Context) -> float | None:
-        return self._default_deadline if context.time_remaining() is None else None
-
     # The request id is read (or made) only when something is logged or sent
     # back: a successful call at info level pays for neither.
     def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
@@ -86,10 +83,11 @@ class ServiceInterceptor:
     def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
         async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
+            # No default deadline here: a stream (a re-wrap of a million keys)
+            # runs until it is done or the caller cancels or sets a deadline.
             try:
-                async with asyncio.timeout(self._timeout(context)):
-                    async for item in behavior(request, context):
-                        yield item
+                async for item in behavior(request, context):
+                    yield item
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, started, exc)
             if debug_enabled():

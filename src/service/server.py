@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import grpc
@@ -17,15 +18,17 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from privacyvault.v1 import member_pb2
+from privacyvault.v1 import key_admin_pb2, member_pb2
 from service.config import Settings
 from service.interceptors import ServiceInterceptor, add_servicer
+from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
 from vault import Clock, Vault, migrate_database, open_vault
 
 log = structlog.get_logger("service.server")
 
 MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
+KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
 SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
 
 
@@ -57,11 +60,11 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-@contextlib.asynccontextmanager
-async def run_server(
+def open_configured_vault(
     settings: Settings, *, clock: Clock | None = None
-) -> AsyncIterator[RunningServer]:
-    async with open_vault(
+) -> AbstractAsyncContextManager[Vault]:
+    """The vault as ``settings`` describe it: the server's and the CLI's one way in."""
+    return open_vault(
         data_dir=settings.data_dir,
         database_url=settings.database_url.get_secret_value() if settings.database_url else None,
         key_provider=settings.key_provider_settings,
@@ -70,7 +73,14 @@ async def run_server(
         database_pool_size=settings.database_pool_size,
         clock=clock,
         settings=settings.vault_settings,
-    ) as vault:
+    )
+
+
+@contextlib.asynccontextmanager
+async def run_server(
+    settings: Settings, *, clock: Clock | None = None
+) -> AsyncIterator[RunningServer]:
+    async with open_configured_vault(settings, clock=clock) as vault:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -80,11 +90,18 @@ async def run_server(
         )
         interceptor = ServiceInterceptor(settings.default_deadline_seconds)
         add_servicer(server, MemberServicer(vault), MEMBER_SERVICE, interceptor)
+        service_names: tuple[str, ...] = SERVICE_NAMES
+        if settings.admin_token is not None:
+            keys = KeyAdminServicer(vault.keys, settings.admin_token.get_secret_value())
+            add_servicer(server, keys, KEY_ADMIN_SERVICE, interceptor)
+            service_names = (*service_names, KEY_ADMIN_SERVICE.full_name)
+        else:
+            log.info("admin_api_disabled", reason="PRIVACY_VAULT_ADMIN_TOKEN is not set")
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         if settings.reflection_enabled:
             reflection.enable_server_reflection(
-                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         credentials = _credentials(settings)
         port = (
@@ -93,15 +110,19 @@ async def run_server(
             else server.add_insecure_port(settings.listen_address)
         )
         await server.start()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *service_names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         running = RunningServer(server, port, health_servicer, vault)
+        if settings.admin_token is not None and credentials is None:
+            # The bearer token crosses the network in the clear without TLS.
+            log.warning("admin_api_without_tls")
         log.info(
             "server_started",
             port=port,
             tls=credentials is not None,
             mtls=settings.tls_client_ca_file is not None,
             reflection=settings.reflection_enabled,
+            admin_api=settings.admin_token is not None,
             environment=settings.environment,
         )
         try:

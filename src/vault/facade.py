@@ -14,6 +14,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import structlog
 
@@ -51,6 +52,7 @@ from vault.store.base import (
 log = structlog.get_logger("vault")
 
 KEY_CHANGE_RETRIES = 3
+T = TypeVar("T")
 FIRST_DEK_ID = 1
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 EXPORT_FORMAT = "privacy-vault-export/1"
@@ -285,31 +287,38 @@ class Vault:
             "mobile_phone": mobile,
         }
         now = self._clock.now()
-        # Read from the database each time: a rotation by any process applies to
-        # the very next sign-up, with no restart.
-        kek_version = await self._active_kek_version()
-        wrapped = await self._provider.wrap(
-            kek_version, material, dek_context(member_id, FIRST_DEK_ID)
+        ciphertexts = {
+            f: _hazmat.seal_field(dek, member_id, f, value.encode()) for f, value in plain.items()
+        }
+        indexes = {"login_id": self._login_index(login_id), "email": self._email_index(email)}
+        consent_rows = tuple(
+            ConsentRow(p.value, granted, self._settings.policy_version, now)
+            for p, granted in sorted(consents.items())
         )
-        row = MemberRow(
-            member_id=member_id,
-            created_at=now,
-            last_seen_at=now,
-            ciphertexts={
-                f: _hazmat.seal_field(dek, member_id, f, value.encode())
-                for f, value in plain.items()
-            },
-            blind_indexes={
-                "login_id": self._login_index(login_id),
-                "email": self._email_index(email),
-            },
-            key=MemberKeyRow(member_id, FIRST_DEK_ID, kek_version, wrapped),
-            consents=tuple(
-                ConsentRow(p.value, granted, self._settings.policy_version, now)
-                for p, granted in sorted(consents.items())
-            ),
-        )
-        await self._store.insert_member(row)
+        for attempt in range(KEY_CHANGE_RETRIES):
+            # Read from the database each time: a rotation by any process applies
+            # to the very next sign-up, with no restart.
+            kek_version = await self._active_kek_version()
+            wrapped = await self._provider.wrap(
+                kek_version, material, dek_context(member_id, FIRST_DEK_ID)
+            )
+            try:
+                await self._store.insert_member(
+                    MemberRow(
+                        member_id,
+                        now,
+                        now,
+                        ciphertexts,
+                        indexes,
+                        MemberKeyRow(member_id, FIRST_DEK_ID, kek_version, wrapped),
+                        consent_rows,
+                    )
+                )
+                break
+            except PreconditionFailed:
+                # That version was rotated away and destroyed while we wrapped.
+                if attempt == KEY_CHANGE_RETRIES - 1:
+                    raise
         self._deks.put(member_id, dek)
         log.info("member_signed_up")
         return member_id
@@ -355,7 +364,12 @@ class Vault:
         row = await self._row(member_id)
         if not policy.purpose_permitted(purpose, row.consents):
             raise PurposeNotAllowed(purpose.value)
-        return await self._view(row, policy.ALLOWED_FIELDS[purpose])
+        allowed = policy.ALLOWED_FIELDS[purpose]
+        if not allowed:  # statistics: nothing to decrypt, no key needed
+            return MemberView(
+                row.member_id, row.created_at, row.last_seen_at, consents=row.consents
+            )
+        return await self._read_under_key(row, lambda r, dek: self._view(r, allowed, dek))
 
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView:
         v = Violations()
@@ -446,7 +460,8 @@ class Vault:
     async def export_member(self, member_id: str) -> str:
         """The member's whole record as a JSON document (section 7, right of access)."""
         row = await self._row(member_id)
-        view = await self._view(row, policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST])
+        everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
+        view = await self._read_under_key(row, lambda r, dek: self._view(r, everything, dek))
         history: list[AccessEntry] = []
         token = ""
         while True:
@@ -532,15 +547,36 @@ class Vault:
         v.raise_if_any()
         assert mid
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        row = await self._row(mid)
-        dek = await self._dek(row.key)
-        # One extra row tells whether another page exists.
-        rows = await self._store.list_access(mid, size + 1, cursor)
-        entries = tuple(self._open_access(dek, mid, r) for r in rows[:size])
-        token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
-        return AccessPage(entries, token)
+
+        async def read(row: MemberRow, dek: _hazmat.SecretKey) -> AccessPage:
+            # One extra row tells whether another page exists.
+            rows = await self._store.list_access(mid, size + 1, cursor)
+            entries = tuple(self._open_access(dek, mid, r) for r in rows[:size])
+            token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
+            return AccessPage(entries, token)
+
+        return await self._read_under_key(await self._row(mid), read)
 
     # --- helpers -------------------------------------------------------------------
+    async def _read_under_key(
+        self,
+        row: MemberRow,
+        read: Callable[[MemberRow, _hazmat.SecretKey], Awaitable[T]],
+    ) -> T:
+        """Run a read with the member's DEK. A per-member key rotation (or a re-wrap
+        and destroy) that commits between reading ``row`` and the rest makes the
+        key and the data disagree: read the row again and retry, only then fail."""
+        for attempt in range(KEY_CHANGE_RETRIES):
+            try:
+                return await read(row, await self._dek(row.key))
+            except (DecryptionError, KeyUnavailable):
+                fresh = await self._row(row.member_id)
+                if fresh.key == row.key or attempt == KEY_CHANGE_RETRIES - 1:
+                    raise
+                self._deks.evict(row.member_id)
+                row = fresh
+        raise AssertionError("unreachable")
+
     async def _active_kek_version(self) -> int:
         return _Keyring.validated(await self._store.list_kek_versions()).active
 
@@ -591,10 +627,11 @@ class Vault:
         if not await self._hasher.verify(self._open(dek, row, "password_hash"), password):
             raise AuthenticationFailed
 
-    async def _view(self, row: MemberRow, allowed: frozenset[str]) -> MemberView:
+    async def _view(
+        self, row: MemberRow, allowed: frozenset[str], dek: _hazmat.SecretKey
+    ) -> MemberView:
         values: dict[str, str | None] = {}
         if allowed:
-            dek = await self._dek(row.key)
             for name in allowed:
                 values[name] = self._open(dek, row, name)
             if values.get("mobile_phone") == "":

@@ -318,9 +318,17 @@ class KeyAdmin:
             if len(page) < 1000:
                 break
             cursor = (page[-1].at, page[-1].entry_id)
-        replaced = await self._store.replace_member_key(
-            mid, old.dek_id, MemberKeyRow(mid, new_id, active, wrapped), ciphertexts, entries
-        )
+        try:
+            replaced = await self._store.replace_member_key(
+                mid,
+                old.dek_id,
+                MemberKeyRow(mid, new_id, active, wrapped),
+                ciphertexts,
+                entries,
+                old_ciphertexts=row.ciphertexts,
+            )
+        except PreconditionFailed:
+            return None  # the version we wrapped under was destroyed meanwhile: again
         return new_id if replaced else None
 
     # --- the schedule --------------------------------------------------------------------

@@ -35,13 +35,22 @@ class LocalKeyProvider:
         self._path = path
         self._writable = writable
         self._keys: dict[int, _hazmat.SecretKey] = {}
+        self._loaded_from: tuple[int, int, int] | None = None
         self._lock = asyncio.Lock()
         self._load()
 
     def __repr__(self) -> str:
         return f"<LocalKeyProvider versions={sorted(self._keys)}>"
 
+    def _identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
     def _load(self) -> None:
+        self._loaded_from = self._identity()
         try:
             raw = self._path.read_bytes()
         except FileNotFoundError:
@@ -164,11 +173,14 @@ class LocalKeyProvider:
             return True
 
     def _key(self, version: int) -> _hazmat.SecretKey:
-        key = self._keys.get(version)
-        if key is None:
-            # Another process (a rotation) may have added it since we loaded.
+        # Another process (the keys CLI) may have rotated or destroyed a version:
+        # the file is replaced whole, so a changed identity means reload. Material
+        # destroyed elsewhere thus leaves this process's memory too, and the
+        # shredding horizon does not wait for a restart. (One stat per unwrap; the
+        # DEK cache keeps unwraps off the hot path.)
+        if self._identity() != self._loaded_from:
             self._load()
-            key = self._keys.get(version)
+        key = self._keys.get(version)
         if key is None:
             raise KeyUnavailable(f"KEK version {version} is not in the local key file")
         return key

@@ -215,11 +215,15 @@ class Store(Protocol):
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
         access_log: Mapping[int, tuple[bytes, bytes]],
+        *,
+        old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
         """Per-member DEK rotation, atomically: the new key row, every field
         ciphertext, and every access-log entry (entry_id -> (action_ct, ip_ct))
-        re-encrypted. Only if the member still has ``old_dek_id`` and exactly these
-        access-log entries; False otherwise (retry with fresh data)."""
+        re-encrypted. Only if the member still has ``old_dek_id``, exactly these
+        access-log entries, and field ciphertexts equal to ``old_ciphertexts`` (what
+        the caller re-encrypted: a field written meanwhile under the old DEK must not
+        be overwritten by its stale value); False otherwise (retry with fresh data)."""
         ...
 
     async def record_key_event(self, event: KeyEvent) -> None: ...

@@ -174,6 +174,16 @@ def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
     )
 
 
+async def _require_not_destroyed(conn: Any, kek_version: int) -> None:
+    """Inside a write: a DEK may not be stored wrapped under a destroyed version.
+    FOR SHARE makes a concurrent destroy of it wait for us, then count this DEK."""
+    state = await conn.fetchval(
+        "SELECT state FROM kek_versions WHERE version = $1 FOR SHARE", kek_version
+    )
+    if state == "destroyed":
+        raise PreconditionFailed("kek_version", f"KEK version {kek_version} has been destroyed")
+
+
 async def _member_has_dek(conn: Any, member_id: uuid.UUID, dek_id: int) -> bool:
     """Inside a write: False if no such member; KeyChanged if its DEK was rotated.
     The share lock holds the key row (against a rotation or a shred) until commit."""
@@ -429,8 +439,14 @@ class PostgresStore:
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
         access_log: Mapping[int, tuple[bytes, bytes]],
+        *,
+        old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
         key = _uuid(member_id)
+        if set(old_ciphertexts) != set(ENCRYPTED_FIELDS):
+            raise ValueError("a key rotation re-encrypts every field")
+        expected = [bytes(old_ciphertexts[f]) for f in ENCRYPTED_FIELDS]
+        select_cts = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
         if _uuid(new_key.member_id) != key:
             raise ValueError("the new key belongs to another member")
         if set(ciphertexts) != set(ENCRYPTED_FIELDS):
@@ -442,6 +458,14 @@ class PostgresStore:
                 "SELECT dek_id FROM member_keys WHERE member_id = $1 FOR UPDATE", key
             )
             if current is None or int(current) != old_dek_id:
+                return False
+            await _require_not_destroyed(conn, new_key.kek_version)
+            # FOR UPDATE: writers of these fields wait for us (and then fail their
+            # dek_id check); one that committed since the caller read must win.
+            fields = await conn.fetchrow(
+                f"SELECT {select_cts} FROM members WHERE member_id = $1 FOR UPDATE", key
+            )
+            if fields is None or [bytes(c) for c in fields] != expected:
                 return False
             present = {
                 int(r["entry_id"])
@@ -526,16 +550,7 @@ class PostgresStore:
         key = member.key
         try:
             async with self._transaction() as conn:
-                # FOR SHARE: a concurrent destroy of this version waits for us, then
-                # counts this DEK and refuses.
-                state = await conn.fetchval(
-                    "SELECT state FROM kek_versions WHERE version = $1 FOR SHARE",
-                    key.kek_version,
-                )
-                if state == "destroyed":
-                    raise PreconditionFailed(
-                        "kek_version", f"KEK version {key.kek_version} has been destroyed"
-                    )
+                await _require_not_destroyed(conn, key.kek_version)
                 await conn.execute(
                     f"INSERT INTO members ({', '.join(columns)}) VALUES ({placeholders})", *values
                 )

@@ -147,6 +147,16 @@ def _integrity_error(exc: sqlite3.IntegrityError) -> Exception:
     return exc
 
 
+def _require_not_destroyed(conn: sqlite3.Connection, kek_version: int) -> None:
+    """Inside a write: a DEK may not be stored wrapped under a destroyed version (a
+    rotation, re-wrap and destroy ran while it was being wrapped)."""
+    state = conn.execute(
+        "SELECT state FROM kek_versions WHERE version = ?", (kek_version,)
+    ).fetchone()
+    if state is not None and state[0] == "destroyed":
+        raise PreconditionFailed("kek_version", f"KEK version {kek_version} has been destroyed")
+
+
 def _member_has_dek(conn: sqlite3.Connection, member_id: str, dek_id: int) -> bool:
     """Inside a write: False if no such member; KeyChanged if its DEK was rotated."""
     row = conn.execute(
@@ -598,8 +608,14 @@ class SqliteStore:
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
         access_log: Mapping[int, tuple[bytes, bytes]],
+        *,
+        old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
         member_id = canonical_member_id(member_id)
+        if set(old_ciphertexts) != set(ENCRYPTED_FIELDS):
+            raise ValueError("a key rotation re-encrypts every field")
+        expected = [bytes(old_ciphertexts[f]) for f in ENCRYPTED_FIELDS]
+        select_cts = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
         if canonical_member_id(new_key.member_id) != member_id:
             raise ValueError("the new key belongs to another member")
         if set(ciphertexts) != set(ENCRYPTED_FIELDS):
@@ -615,6 +631,12 @@ class SqliteStore:
                     return False
             except KeyChanged:
                 return False
+            _require_not_destroyed(conn, new_key.kek_version)
+            current = conn.execute(
+                f"SELECT {select_cts} FROM members WHERE member_id = ?", (member_id,)
+            ).fetchone()
+            if current is None or [bytes(c) for c in current] != expected:
+                return False  # a field was written since the caller read it
             present = {
                 int(r[0])
                 for r in conn.execute(
@@ -699,14 +721,7 @@ class SqliteStore:
         ]
 
         def work(conn: sqlite3.Connection) -> None:
-            state = conn.execute(
-                "SELECT state FROM kek_versions WHERE version = ?", (key.kek_version,)
-            ).fetchone()
-            if state is not None and state[0] == "destroyed":
-                # A rotation, re-wrap and destroy ran while this DEK was being wrapped.
-                raise PreconditionFailed(
-                    "kek_version", f"KEK version {key.kek_version} has been destroyed"
-                )
+            _require_not_destroyed(conn, key.kek_version)
             try:
                 conn.execute(insert_member, values)
                 conn.execute(

@@ -1,0 +1,490 @@
+"""``privacy-vault keys``: key management for the security team.
+
+Each command opens the vault with the server's own settings (``PRIVACY_VAULT_*``)
+and calls ``vault.keys`` directly: run it where the database and the key provider
+are reachable. On a terminal the output is tables and a progress bar; otherwise
+it is JSON lines on stdout, one object per result or progress step, each with a
+``type``. Errors go to stderr (a JSON object when stderr is not a terminal).
+Nothing printed ever holds key bytes or personal data.
+
+Exit codes (scripts may rely on them):
+  0  done (for ``--dry-run``: the operation would be allowed)
+  1  refused: the vault's state does not allow it (FAILED_PRECONDITION), e.g.
+     destroying a version still in use or the active one
+  2  usage or configuration error
+  3  unavailable: the database or the key provider cannot be reached (or the
+     member kept changing during a member key rotation); retry
+  4  not found: no such KEK version or member
+  5  internal error
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import Annotated, Any, TextIO
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.config import Settings
+from service.errors import ServiceError
+from service.key_admin_servicer import check_actor
+from vault import errors as ve
+from vault.keyadmin import DEFAULT_BATCH, MAX_BATCH, KeyAdmin, KeyStatus
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    REFUSED = 1
+    USAGE = 2
+    UNAVAILABLE = 3
+    NOT_FOUND = 4
+    INTERNAL = 5
+
+
+_EXIT_CODES_HELP = (
+    "Exit codes: 0 done (dry run: allowed); 1 refused (the vault's state does not allow it); "
+    "2 usage or configuration error; 3 database or key provider unavailable, retry; "
+    "4 not found; 5 internal error."
+)
+
+keys_app = typer.Typer(
+    name="keys",
+    help=(
+        "Key management for the security team: KEK status, rotation, re-wrap, "
+        "destruction, member key rotation, the scheduled horizon job. Uses the server's "
+        "PRIVACY_VAULT_* settings. JSON lines on stdout when not on a terminal. " + _EXIT_CODES_HELP
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _default_actor() -> str:
+    return os.environ.get("USER") or "cli"
+
+
+ActorOption = Annotated[
+    str,
+    typer.Option(
+        "--actor",
+        help="Who runs the operation, recorded in the key event. Default: $USER, else 'cli'.",
+        default_factory=_default_actor,
+        show_default=False,
+    ),
+]
+
+
+def _valid_actor(actor: str) -> None:
+    """Checks --actor before anything is opened: a bad one is a usage error (exit 2)."""
+    try:
+        check_actor(actor, "--actor")
+    except ve.InvalidInput as exc:
+        Output().error(ExitCode.USAGE, _message_for(exc))
+        raise typer.Exit(ExitCode.USAGE) from None
+
+
+class Output:
+    """Results for people (a terminal) or for scripts (JSON lines)."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self._out = out or sys.stdout
+        self._err = err or sys.stderr
+        self.tty = self._out.isatty()
+        self.console = Console(file=self._out, highlight=False)
+        self._err_console = Console(file=self._err, highlight=False)
+
+    def line(self, kind: str, **fields: Any) -> None:
+        """One JSON object on stdout (scripts only; callers print for people)."""
+        self._out.write(json.dumps({"type": kind, **fields}, default=_json_default) + "\n")
+        self._out.flush()
+
+    def error(self, code: ExitCode, message: str) -> None:
+        if self._err.isatty():
+            self._err_console.print(f"[bold red]error[/] ({code.name.lower()}): {message}")
+        else:
+            self._err.write(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "exit_code": int(code),
+                        "error": code.name.lower(),
+                        "message": message,
+                    }
+                )
+                + "\n"
+            )
+            self._err.flush()
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _when(at: datetime | None) -> str:
+    """A compact UTC time for tables (JSON lines carry full ISO 8601)."""
+    return "-" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _exit_code_for(exc: BaseException) -> ExitCode:
+    if isinstance(exc, ve.PreconditionFailed):
+        return ExitCode.REFUSED
+    if isinstance(exc, ve.InvalidInput):
+        return ExitCode.USAGE
+    if isinstance(exc, ve.NotFound):
+        return ExitCode.NOT_FOUND
+    if isinstance(exc, ve.KeyUnavailable | ve.StorageUnavailable | ve.KeyChanged | OSError):
+        return ExitCode.UNAVAILABLE
+    return ExitCode.INTERNAL
+
+
+def _message_for(exc: BaseException) -> str:
+    if isinstance(exc, ve.InvalidInput):
+        return "; ".join(f"{v.field} {v.description}" for v in exc.violations)
+    if isinstance(exc, ve.VaultError | ServiceError):
+        return exc.message
+    # Any other text may quote anything: say only what kind of failure it was.
+    return f"{type(exc).__name__} (details withheld)"
+
+
+def _run(work: Callable[[KeyAdmin, Output], Awaitable[ExitCode]]) -> None:
+    """Open the vault as the server does, run ``work`` on ``vault.keys``, exit with its code."""
+    from service.cli import load_settings
+    from service.server import open_configured_vault
+
+    out = Output()
+    settings: Settings = load_settings()
+    try:
+        settings.key_provider_settings  # noqa: B018 - a misconfigured provider is a usage error
+    except ValueError as exc:
+        out.error(ExitCode.USAGE, str(exc))
+        raise typer.Exit(ExitCode.USAGE) from None
+
+    async def main() -> ExitCode:
+        async with open_configured_vault(settings) as vault:
+            return await work(vault.keys, out)
+
+    try:
+        code = asyncio.run(main())
+    except Exception as exc:  # noqa: BLE001 - the CLI's one place errors become exit codes
+        code = _exit_code_for(exc)
+        out.error(code, _message_for(exc))
+    raise typer.Exit(code)
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def _print_status(out: Output, status: KeyStatus) -> None:
+    if not out.tty:
+        out.line(
+            "status",
+            provider=status.provider,
+            active_version=status.active_version,
+            versions=[
+                {
+                    "version": v.version,
+                    "state": v.state,
+                    "created_at": v.created_at,
+                    "destroyed_at": v.destroyed_at,
+                    "member_keys": v.member_keys,
+                    "index_keys": v.index_keys,
+                }
+                for v in status.versions
+            ],
+        )
+        return
+    table = Table(title=f"KEK versions (provider: {status.provider})")
+    for column in ("version", "state", "created", "destroyed", "member keys", "index keys"):
+        table.add_column(column, justify="right" if "keys" in column else "left")
+    styles = {"active": "bold green", "decrypt_only": "yellow", "destroyed": "dim"}
+    for v in status.versions:
+        table.add_row(
+            str(v.version),
+            v.state,
+            _when(v.created_at),
+            _when(v.destroyed_at),
+            str(v.member_keys),
+            str(v.index_keys),
+            style=styles.get(v.state, ""),
+        )
+    out.console.print(table)
+
+
+@keys_app.command(epilog=_EXIT_CODES_HELP)
+def status() -> None:
+    """Show each KEK version's state and how many member and index keys it still wraps."""
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        _print_status(out, await keys.status())
+        return ExitCode.OK
+
+    _run(work)
+
+
+# --- rotate -------------------------------------------------------------------------------
+
+
+@keys_app.command(epilog=_EXIT_CODES_HELP)
+def rotate(actor: ActorOption) -> None:
+    """Add a KEK version and make it active; new member keys are wrapped under it at once.
+
+    Then run `keys rewrap` to move the existing keys, and `keys destroy-version` for
+    the old version.
+    """
+    _valid_actor(actor)
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        row = await keys.rotate(actor)
+        if out.tty:
+            out.console.print(
+                f"KEK version [bold]{row.version}[/] is active; version {row.version - 1} is "
+                "decrypt-only. Next: [bold]privacy-vault keys rewrap[/]."
+            )
+        else:
+            out.line(
+                "rotated",
+                version=row.version,
+                previous_version=row.version - 1,
+                created_at=row.created_at,
+            )
+        return ExitCode.OK
+
+    _run(work)
+
+
+# --- rewrap -------------------------------------------------------------------------------
+
+
+@keys_app.command(epilog=_EXIT_CODES_HELP)
+def rewrap(
+    actor: ActorOption,
+    batch_size: Annotated[
+        int,
+        typer.Option(min=1, max=MAX_BATCH, help="Keys per batch; each batch is one transaction."),
+    ] = DEFAULT_BATCH,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count the keys that would move.")
+    ] = False,
+) -> None:
+    """Move every member key and the index key to the active KEK version, online.
+
+    Batches commit one by one: an interrupted run can simply be started again.
+    """
+    _valid_actor(actor)
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        steps = keys.rewrap(actor, batch_size=batch_size, dry_run=dry_run)
+        if not out.tty:
+            async for step in steps:
+                out.line(
+                    "rewrap_progress",
+                    target_version=step.target_version,
+                    total=step.total,
+                    rewrapped=step.rewrapped,
+                    skipped=step.skipped,
+                    batches=step.batches,
+                    done=step.done,
+                    dry_run=step.dry_run,
+                )
+            return ExitCode.OK
+        last = None
+        with Progress(
+            TextColumn("[bold]re-wrap[/] to v{task.fields[target]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[batches]} batches"),
+            TimeElapsedColumn(),
+            console=out.console,
+            transient=False,
+        ) as bar:
+            task = None
+            async for step in steps:
+                last = step
+                if task is None:
+                    task = bar.add_task(
+                        "rewrap", total=step.total, target=step.target_version, batches=0
+                    )
+                bar.update(
+                    task,
+                    total=step.total,
+                    completed=step.rewrapped + step.skipped,
+                    batches=step.batches,
+                )
+        if last is not None:
+            verb = "would move" if last.dry_run else "re-wrapped"
+            count = last.total if last.dry_run else last.rewrapped
+            out.console.print(
+                f"{verb} {count} keys to KEK version {last.target_version}"
+                + ("" if last.dry_run else f" ({last.skipped} moved meanwhile by others)")
+            )
+        return ExitCode.OK
+
+    _run(work)
+
+
+# --- destroy-version ----------------------------------------------------------------------
+
+
+@keys_app.command("destroy-version", epilog=_EXIT_CODES_HELP)
+def destroy_version(
+    version: Annotated[int, typer.Argument(min=1, help="The KEK version to destroy.")],
+    actor: ActorOption,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Only say whether it is allowed and why: exit 0 if so, else 1."
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask for confirmation on a terminal.")
+    ] = False,
+) -> None:
+    """Destroy a KEK version's material, irreversibly.
+
+    Refused (exit 1) while it is the active version or still wraps any key: rotate and
+    re-wrap first. Copies of keys wrapped under it (backups, WAL) become undecryptable.
+    """
+    _valid_actor(actor)
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        plan = await keys.plan_destroy(version)
+        if dry_run:
+            if out.tty:
+                verdict = "[green]allowed[/]" if plan.allowed else "[red]refused[/]"
+                out.console.print(f"destroying KEK version {version}: {verdict}: {plan.reason}")
+            else:
+                out.line("destroy_plan", version=version, allowed=plan.allowed, reason=plan.reason)
+            return ExitCode.OK if plan.allowed else ExitCode.REFUSED
+        if out.tty and not yes and plan.allowed:
+            typer.confirm(f"Destroy KEK version {version}? This cannot be undone", abort=True)
+        # The store re-checks in the destroying transaction; a refusal (the plan
+        # went stale, or was never allowed) raises PreconditionFailed: exit 1.
+        row = await keys.destroy_version(version, actor)
+        if out.tty:
+            out.console.print(f"KEK version {row.version} is destroyed.")
+        else:
+            out.line("destroyed", version=row.version, destroyed_at=row.destroyed_at)
+        return ExitCode.OK
+
+    _run(work)
+
+
+# --- rotate-member ------------------------------------------------------------------------
+
+
+@keys_app.command("rotate-member", epilog=_EXIT_CODES_HELP)
+def rotate_member(
+    member_id: Annotated[str, typer.Argument(help="The member's id.")],
+    actor: ActorOption,
+) -> None:
+    """Re-encrypt one member's fields and access history under a fresh data key."""
+    _valid_actor(actor)
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        dek_id = await keys.rotate_member_key(member_id, actor)
+        if out.tty:
+            out.console.print(f"member {member_id} now has data key {dek_id}.")
+        else:
+            out.line("member_key_rotated", member_id=member_id, dek_id=dek_id)
+        return ExitCode.OK
+
+    _run(work)
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@keys_app.command(epilog=_EXIT_CODES_HELP)
+def events(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
+) -> None:
+    """Show the audit trail of key operations (who, what, when), newest first."""
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        found = await keys.events(limit)
+        if not out.tty:
+            for e in found:
+                out.line(
+                    "key_event",
+                    at=e.at,
+                    actor=e.actor,
+                    operation=e.operation,
+                    kek_version=e.kek_version,
+                    member_id=e.member_id,
+                    details=dict(e.details),
+                )
+            return ExitCode.OK
+        table = Table(title="key events (newest first)")
+        for column in ("at", "actor", "operation", "KEK", "member", "details"):
+            table.add_column(column)
+        for e in found:
+            table.add_row(
+                _when(e.at),
+                e.actor,
+                e.operation,
+                "-" if e.kek_version is None else str(e.kek_version),
+                e.member_id or "-",
+                ", ".join(f"{k}={v}" for k, v in sorted(e.details.items())),
+            )
+        out.console.print(table)
+        return ExitCode.OK
+
+    _run(work)
+
+
+# --- maintain -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(value: str) -> timedelta:
+    """'90d', '12h', '30m', '45s', '2w' -> timedelta."""
+    match = _DURATION.fullmatch(value.strip())
+    if match is None:
+        raise typer.BadParameter("use a number and a unit: s, m, h, d or w (e.g. 90d)")
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@keys_app.command(epilog=_EXIT_CODES_HELP)
+def maintain(
+    actor: ActorOption,
+    rotate_after: Annotated[
+        str,
+        typer.Option(help="Rotate when the active KEK version is older than this (e.g. 90d)."),
+    ] = "90d",
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = DEFAULT_BATCH,
+) -> None:
+    """The scheduled horizon job (cron, a Kubernetes CronJob): rotate when due, re-wrap
+    everything, destroy every old version that no longer wraps a key.
+
+    Safe to run as often as you like. Bounds how long backups of shredded members'
+    keys stay decryptable.
+    """
+    horizon = parse_duration(rotate_after)
+    _valid_actor(actor)
+
+    async def work(keys: KeyAdmin, out: Output) -> ExitCode:
+        done = await keys.maintain(actor, rotate_after=horizon, batch_size=batch_size)
+        if out.tty:
+            out.console.print(
+                f"rotated: {done['rotated']}, re-wrapped: {done['rewrapped']}, "
+                f"destroyed versions: {done['destroyed']}"
+            )
+        else:
+            out.line("maintained", **done)
+        return ExitCode.OK
+
+    _run(work)
