@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     #: Bearer token for KeyAdminService (PRIVACY_VAULT_ADMIN_TOKEN or
     #: PRIVACY_VAULT_ADMIN_TOKEN_FILE). Unset: the admin API is not served at all.
     admin_token: SecretStr | None = Field(None, min_length=16)
+    #: The shredding horizon's bound: ``privacy-vault keys maintain`` (and the
+    #: sidecar) rotate the KEK when the active version is older than this.
+    kek_rotation_days: int = Field(90, ge=1, le=3650)
     #: gRPC reflection; default on in the embedded environment, off in production.
     reflection: bool | None = None
     max_request_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)

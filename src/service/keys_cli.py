@@ -462,9 +462,12 @@ def parse_duration(value: str) -> timedelta:
 def maintain(
     actor: ActorOption,
     rotate_after: Annotated[
-        str,
-        typer.Option(help="Rotate when the active KEK version is older than this (e.g. 90d)."),
-    ] = "90d",
+        str | None,
+        typer.Option(
+            help="Rotate when the active KEK version is older than this (e.g. 90d); "
+            "default: PRIVACY_VAULT_KEK_ROTATION_DAYS."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=MAX_BATCH)] = DEFAULT_BATCH,
 ) -> None:
     """The scheduled horizon job (cron, a Kubernetes CronJob): rotate when due, re-wrap
@@ -473,7 +476,13 @@ def maintain(
     Safe to run as often as you like. Bounds how long backups of shredded members'
     keys stay decryptable.
     """
-    horizon = parse_duration(rotate_after)
+    from service.cli import load_settings
+
+    horizon = (
+        parse_duration(rotate_after)
+        if rotate_after is not None
+        else timedelta(days=load_settings().kek_rotation_days)
+    )
     _valid_actor(actor)
 
     async def work(keys: KeyAdmin, out: Output) -> ExitCode:
