@@ -122,7 +122,9 @@ async def test_a_version_destroyed_elsewhere_leaves_this_process_too(tmp_path: P
     """The keys CLI destroys a version in another process: a running server's
     provider must not keep the material in memory until it restarts."""
     key_file = tmp_path / "kek.json"
-    server_side, cli_side = LocalKeyProvider(key_file), LocalKeyProvider(key_file)
+    # recheck_seconds=0: look at the file on every call (the default waits 0.5 s).
+    server_side = LocalKeyProvider(key_file, recheck_seconds=0)
+    cli_side = LocalKeyProvider(key_file)
     await server_side.create_version(1)
     await cli_side.create_version(2)
     wrapped = await server_side.wrap(1, b"k" * 32, b"ctx")

@@ -38,7 +38,9 @@ from vault.store.base import (
 
 log = structlog.get_logger("vault.keys")
 
-DEFAULT_BATCH = 500
+# Measured best at 1M members on PostgreSQL (bench/README.md): each batch holds
+# its rows' locks for ~25-45 ms.
+DEFAULT_BATCH = 2000
 MAX_BATCH = 10_000
 _ROTATE_MEMBER_ATTEMPTS = 3
 #: Extra passes from the start after a pass that moved keys (see rewrap).

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,9 +32,11 @@ log = structlog.get_logger("vault.keys")
 class LocalKeyProvider:
     name = "local"
 
-    def __init__(self, path: Path, *, writable: bool = True) -> None:
+    def __init__(self, path: Path, *, writable: bool = True, recheck_seconds: float = 0.5) -> None:
         self._path = path
         self._writable = writable
+        self._recheck_seconds = recheck_seconds
+        self._next_check = 0.0
         self._keys: dict[int, _hazmat.SecretKey] = {}
         self._loaded_from: tuple[int, int, int] | None = None
         self._lock = asyncio.Lock()
@@ -176,11 +179,17 @@ class LocalKeyProvider:
         # Another process (the keys CLI) may have rotated or destroyed a version:
         # the file is replaced whole, so a changed identity means reload. Material
         # destroyed elsewhere thus leaves this process's memory too, and the
-        # shredding horizon does not wait for a restart. (One stat per unwrap; the
-        # DEK cache keeps unwraps off the hot path.)
-        if self._identity() != self._loaded_from:
-            self._load()
+        # shredding horizon does not wait for a restart. At most one stat per
+        # ``recheck_seconds``: a re-wrap unwraps and wraps a million keys.
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._recheck_seconds
+            if self._identity() != self._loaded_from:
+                self._load()
         key = self._keys.get(version)
+        if key is None and self._identity() != self._loaded_from:
+            self._load()  # a version added elsewhere within the interval
+            key = self._keys.get(version)
         if key is None:
             raise KeyUnavailable(f"KEK version {version} is not in the local key file")
         return key
