@@ -8,6 +8,7 @@ token (else UNAUTHENTICATED, one message whether it is missing or wrong) and
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import re
 from collections.abc import AsyncIterator
@@ -91,15 +92,7 @@ def _status_version_pb(v: KekVersionStatus) -> pb.KekVersion:
 
 
 def _progress_pb(p: RewrapProgress) -> pb.RewrapProgress:
-    return pb.RewrapProgress(
-        target_version=p.target_version,
-        total=p.total,
-        rewrapped=p.rewrapped,
-        skipped=p.skipped,
-        batches=p.batches,
-        done=p.done,
-        dry_run=p.dry_run,
-    )
+    return pb.RewrapProgress(**dataclasses.asdict(p))
 
 
 def _detail(value: object) -> str:

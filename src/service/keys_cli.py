@@ -21,6 +21,7 @@ Exit codes (scripts may rely on them):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -288,16 +289,7 @@ def rewrap(
         steps = keys.rewrap(actor, batch_size=batch_size, dry_run=dry_run)
         if not out.tty:
             async for step in steps:
-                out.line(
-                    "rewrap_progress",
-                    target_version=step.target_version,
-                    total=step.total,
-                    rewrapped=step.rewrapped,
-                    skipped=step.skipped,
-                    batches=step.batches,
-                    done=step.done,
-                    dry_run=step.dry_run,
-                )
+                out.line("rewrap_progress", **dataclasses.asdict(step))
             return ExitCode.OK
         last = None
         with Progress(
