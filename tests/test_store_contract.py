@@ -98,7 +98,7 @@ def assert_utc(value: datetime) -> None:
 async def test_migrate_applies_once_then_nothing(store_url: str) -> None:
     first = await open_store(store_url)
     try:
-        assert await first.migrate() == [1, 2]
+        assert await first.migrate() == [1, 2, 3]
         assert await first.migrate() == []
     finally:
         await first.close()
@@ -115,7 +115,7 @@ async def test_concurrent_migrations_apply_each_version_once(store_url: str) -> 
     stores = [await open_store(store_url), await open_store(store_url)]
     try:
         results = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(results) == [[], [1, 2]]
+        assert sorted(results) == [[], [1, 2, 3]]
     finally:
         for s in stores:
             await s.close()
@@ -468,7 +468,13 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
     assert record.destroyed_at == ts(100)
     assert_utc(record.destroyed_at)
     assert record.reason == "inactivity"
-    assert dict(record.items) == {"member": 1, "member_keys": 1, "consents": 2, "access_log": 3}
+    assert dict(record.items) == {
+        "member": 1,
+        "member_keys": 1,
+        "consents": 2,
+        "access_log": 3,
+        "outbox": 0,
+    }
     assert record.kek_versions == (2,)
 
     assert await vault.get_member(member.member_id) is None
@@ -514,7 +520,13 @@ async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None
     r1 = await vault.shred_member(members[1].member_id, ts(200), "inactivity")
     assert await vault.list_destruction_records() == [r0, r1, r2]
     assert r0 is not None
-    assert dict(r0.items) == {"member": 1, "member_keys": 1, "consents": 0, "access_log": 0}
+    assert dict(r0.items) == {
+        "member": 1,
+        "member_keys": 1,
+        "consents": 0,
+        "access_log": 0,
+        "outbox": 0,
+    }
     assert r0.kek_versions == (1,)
 
 
@@ -587,7 +599,7 @@ async def test_sqlite_relative_url(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     store = await open_store("sqlite:///data/vault.db")
     try:
-        assert await store.migrate() == [1, 2]
+        assert await store.migrate() == [1, 2, 3]
     finally:
         await store.close()
     assert _mode(tmp_path / "data" / "vault.db") == 0o600

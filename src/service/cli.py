@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -41,6 +42,30 @@ def serve() -> None:
     from service.server import serve as run
 
     asyncio.run(run(load_settings()))
+
+
+@app.command()
+def sidecar(
+    once: Annotated[bool, typer.Option("--once", help="Run one round and exit.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print what one round would do (counts); change nothing."),
+    ] = False,
+    interval: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Seconds between rounds (default: the setting)."),
+    ] = None,
+) -> None:
+    """Run the lifecycle sidecar: inactivity notices and shredding, access-log purge."""
+    import sys
+
+    from service.sidecar import run_cli
+
+    settings = load_settings()
+    code = asyncio.run(
+        run_cli(settings, once=once, dry_run=dry_run, interval=interval, out=sys.stdout)
+    )
+    raise typer.Exit(code)
 
 
 @app.command()

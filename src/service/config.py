@@ -92,6 +92,28 @@ class Settings(BaseSettings):
     policy_version: str = "1"
     privacy_officer_contact: str = "the privacy officer (contact not configured)"
 
+    #: smtp://user:pass@host:port or smtps://... (implicit TLS); may hold a password, so
+    #: it is checked where it is parsed (service.mailer), never echoed by a validator.
+    #: Unset: mails are written as .eml files under data_dir/outbox-mail (embedded).
+    smtp_url: SecretStr | None = None
+    #: STARTTLS on smtp://: None uses it when the server offers it, True requires it.
+    smtp_starttls: bool | None = None
+    smtp_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    mail_from: str = Field("privacy-vault@localhost", min_length=3)
+    #: Delivery attempts before a message is given up (backoff 30 s doubling, capped at 1 h).
+    mail_max_attempts: int = Field(24, ge=1, le=1000)
+
+    #: The lifecycle sidecar (privacy policy sections 1, 5, 6): shred after this long
+    #: without a login, with an e-mail notice this many days before.
+    inactivity_days: int = Field(365, ge=2, le=36500)
+    inactivity_notice_days: int = Field(30, ge=1, le=36500)
+    #: Access logs (IP, time, use history) are purged after this many days (6 months).
+    access_log_retention_days: int = Field(183, ge=1, le=36500)
+    sidecar_interval_seconds: float = Field(60.0, gt=0, le=86400)
+    #: Run the sidecar inside ``serve``; default on in embedded, off in production
+    #: (where it runs as its own ``privacy-vault sidecar`` process).
+    sidecar_in_process: bool | None = None
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -111,6 +133,12 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
+    @model_validator(mode="after")
+    def _notice_before_expiry(self) -> Settings:
+        if self.inactivity_notice_days >= self.inactivity_days:
+            raise ValueError("inactivity_notice_days must be less than inactivity_days")
+        return self
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         return cls(**{**_file_sourced_env(cls.model_fields), **overrides})
@@ -118,6 +146,12 @@ class Settings(BaseSettings):
     @property
     def reflection_enabled(self) -> bool:
         return self.environment == "embedded" if self.reflection is None else self.reflection
+
+    @property
+    def sidecar_in_process_enabled(self) -> bool:
+        if self.sidecar_in_process is None:
+            return self.environment == "embedded"
+        return self.sidecar_in_process
 
     @property
     def argon2(self) -> Argon2Profile:

@@ -23,6 +23,7 @@ from service.config import Settings
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
+from service.sidecar import Sidecar
 from vault import Clock, Vault, migrate_database, open_vault
 
 log = structlog.get_logger("service.server")
@@ -125,9 +126,19 @@ async def run_server(
             admin_api=settings.admin_token is not None,
             environment=settings.environment,
         )
+        sidecar_task: asyncio.Task[None] | None = None
+        if settings.sidecar_in_process_enabled:
+            # The embedded default: lifecycle sweeps in this process. Cancelling a
+            # round is safe (every step is crash-safe); the lease is released.
+            sidecar = Sidecar.for_vault(vault, settings)
+            sidecar_task = asyncio.create_task(sidecar.run(asyncio.Event()))
         try:
             yield running
         finally:
+            if sidecar_task is not None:
+                sidecar_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sidecar_task
             await running.stop(settings.shutdown_grace_seconds)
             log.info("server_stopped")
 

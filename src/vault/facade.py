@@ -34,6 +34,7 @@ from vault.errors import (
     PurposeNotAllowed,
 )
 from vault.keyadmin import KeyAdmin
+from vault.mail import Recipient
 from vault.passwords import PasswordHasher
 from vault.policy import ConsentChoice, Purpose, Violations
 from vault.providers.base import KeyProvider
@@ -235,6 +236,15 @@ class Vault:
         await self._store.close()
         await self._provider.close()
         self._hasher.close()
+
+    @property
+    def store(self) -> Store:
+        """The store, for the lifecycle sidecar's sweeps (ciphertexts and ids only)."""
+        return self._store
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     # --- keys --------------------------------------------------------------------
     async def _dek(self, key_row: MemberKeyRow) -> _hazmat.SecretKey:
@@ -456,6 +466,20 @@ class Vault:
             kek_versions=list(record.kek_versions),
         )
         return record.destroyed_at
+
+    async def resolve_recipient(self, member_id: str) -> Recipient | None:
+        """The member's e-mail address and name, decrypted now (the outbox relay's
+        send-time lookup); None if the member is gone, so their mail is dropped."""
+        try:
+            row = await self._row(member_id)
+            view = await self._read_under_key(
+                row, lambda r, dek: self._view(r, frozenset({"name", "email"}), dek)
+            )
+        except NotFound:  # shredded, possibly between the lookup and the decryption
+            return None
+        assert view.email is not None
+        assert view.name is not None
+        return Recipient(view.member_id, view.email, view.name)
 
     async def export_member(self, member_id: str) -> str:
         """The member's whole record as a JSON document (section 7, right of access)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 # The encrypted member columns, in a fixed order. Names double as the field
@@ -145,6 +145,24 @@ class KeyEvent:
     member_id: str | None = None
     # Counts and outcomes, e.g. {"rewrapped": 1000}.
     details: Mapping[str, int | str | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """An e-mail to send, written in the same transaction as its cause.
+
+    It names its recipient by member id only: the address (and any personal data
+    in the text) is resolved at send time, so mail for a member shredded in
+    between is dropped, and the outbox itself holds no personal data.
+    """
+
+    message_id: str  # stable across retries: the Message-ID header
+    member_id: str
+    kind: str  # e.g. "inactivity_notice", "password_changed"
+    params: Mapping[str, str]  # template parameters without personal data (dates, counts)
+    created_at: datetime
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
 
 
 class Store(Protocol):
@@ -310,3 +328,60 @@ class Store(Protocol):
     ) -> list[DestructionRecord]:
         """Destruction records, oldest first; only the member's when given."""
         ...
+
+    # --- lifecycle (the sidecar) -------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        """Take or renew the lease row ``name`` for ``holder`` until now + ttl, if it
+        is free, expired, or already ``holder``'s. One portable conditional write
+        (no advisory locks): of two sidecars, exactly one gets True."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
+
+    async def members_due_for_notice(
+        self, last_seen_before: datetime, limit: int
+    ) -> list[tuple[str, datetime]]:
+        """(member_id, last_seen_at) of members inactive since before the cutoff who
+        have no pending inactivity notice, oldest first (indexed; the sweep's cost
+        follows the due members, not the total)."""
+        ...
+
+    async def record_inactivity_notice(
+        self, member_id: str, last_seen_at: datetime, message: OutboxMessage
+    ) -> bool:
+        """Mark the notice sent and enqueue its e-mail in one transaction, only if
+        the member's last_seen_at is still ``last_seen_at`` (no login since) and no
+        notice is pending. False otherwise."""
+        ...
+
+    async def members_due_for_expiry(
+        self, last_seen_before: datetime, noticed_before: datetime, limit: int
+    ) -> list[str]:
+        """Members inactive since before ``last_seen_before`` whose notice went out
+        before ``noticed_before`` (a login clears the notice), oldest first."""
+        ...
+
+    async def purge_access_log(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` access-log entries older than ``before`` (one short
+        transaction); returns how many. Called in a loop until it returns 0."""
+        ...
+
+    async def count_access_log_before(self, before: datetime) -> int:
+        """How many access-log entries are older than ``before`` (a dry run's count)."""
+        ...
+
+    async def enqueue_outbox(self, message: OutboxMessage) -> bool:
+        """Add a message unless its member is gone; False then."""
+        ...
+
+    async def due_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
+        """Messages whose next attempt is due, oldest first."""
+        ...
+
+    async def outbox_sent(self, message_id: str) -> None:
+        """Remove a message that was delivered (or dropped)."""
+        ...
+
+    async def outbox_retry(
+        self, message_id: str, attempts: int, next_attempt_at: datetime
+    ) -> None: ...

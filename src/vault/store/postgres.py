@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -51,6 +51,7 @@ from vault.store.base import (
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    OutboxMessage,
     RewrapUpdate,
 )
 
@@ -171,6 +172,27 @@ def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
         reason=str(row["reason"]),
         items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
         kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
+    )
+
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (message_id, member_id, kind, params, created_at, attempts, "
+    "next_attempt_at) VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)"
+)
+
+
+def _outbox_params(message: OutboxMessage) -> tuple[Any, ...]:
+    """The outbox row; a message without a next attempt is due at once."""
+    created = require_aware(message.created_at)
+    due = created if message.next_attempt_at is None else require_aware(message.next_attempt_at)
+    return (
+        message.message_id,
+        _uuid(message.member_id),
+        message.kind,
+        json.dumps({str(k): str(v) for k, v in message.params.items()}, sort_keys=True),
+        created,
+        int(message.attempts),
+        due,
     )
 
 
@@ -631,12 +653,16 @@ class PostgresStore:
                 return False
             if password_hash_ct is None:
                 status = await conn.execute(
-                    "UPDATE members SET last_seen_at = $2 WHERE member_id = $1", key, at
+                    # A connection cancels a pending inactivity notice (the clock restarts).
+                    "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL "
+                    "WHERE member_id = $1",
+                    key,
+                    at,
                 )
             else:
                 status = await conn.execute(
-                    "UPDATE members SET last_seen_at = $2, password_hash_ct = $3 "
-                    "WHERE member_id = $1",
+                    "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL, "
+                    "password_hash_ct = $3 WHERE member_id = $1",
                     key,
                     at,
                     bytes(password_hash_ct),
@@ -735,6 +761,7 @@ class PostgresStore:
             if found is None:
                 return None
             # Explicit deletes, children first, so each count is exact (not cascaded).
+            outbox = _affected(await conn.execute("DELETE FROM outbox WHERE member_id = $1", key))
             access_log = _affected(
                 await conn.execute("DELETE FROM access_log WHERE member_id = $1", key)
             )
@@ -750,6 +777,7 @@ class PostgresStore:
                 "member_keys": len(key_rows),
                 "consents": consents,
                 "access_log": access_log,
+                "outbox": outbox,
             }
             versions = sorted({int(r["kek_version"]) for r in key_rows})
             await conn.execute(
@@ -797,3 +825,138 @@ class PostgresStore:
             else:
                 rows = await conn.fetch(f"{select} WHERE member_id = $1 {order}", _uuid(member_id))
         return [_destruction_record(r) for r in rows]
+
+    # --- lifecycle (the sidecar) -------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        async with self._transaction() as conn:
+            # One upsert: of two racing callers the second waits on the row, then
+            # re-checks the WHERE against the winner's version and updates nothing.
+            status = await conn.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires_at = excluded.expires_at "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at <= $4",
+                name,
+                holder,
+                require_aware(now) + ttl,
+                now,
+            )
+        return _affected(status) == 1
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM leases WHERE name = $1 AND holder = $2", name, holder)
+
+    async def members_due_for_notice(
+        self, last_seen_before: datetime, limit: int
+    ) -> list[tuple[str, datetime]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT member_id, last_seen_at FROM members "
+                "WHERE inactivity_notice_at IS NULL AND last_seen_at < $1 "
+                "ORDER BY last_seen_at LIMIT $2",
+                require_aware(last_seen_before),
+                check_limit(limit),
+            )
+        return [(str(r["member_id"]), r["last_seen_at"]) for r in rows]
+
+    async def record_inactivity_notice(
+        self, member_id: str, last_seen_at: datetime, message: OutboxMessage
+    ) -> bool:
+        key = _uuid(member_id)
+        if _uuid(message.member_id) != key:
+            raise ValueError("the message is for another member")
+        async with self._transaction() as conn:
+            status = await conn.execute(
+                "UPDATE members SET inactivity_notice_at = $3 WHERE member_id = $1 "
+                "AND last_seen_at = $2 AND inactivity_notice_at IS NULL",
+                key,
+                require_aware(last_seen_at),
+                require_aware(message.created_at),
+            )
+            if _affected(status) != 1:
+                return False
+            await conn.execute(_INSERT_OUTBOX, *_outbox_params(message))
+        return True
+
+    async def members_due_for_expiry(
+        self, last_seen_before: datetime, noticed_before: datetime, limit: int
+    ) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT member_id FROM members WHERE inactivity_notice_at IS NOT NULL "
+                "AND last_seen_at < $1 AND inactivity_notice_at < $2 "
+                "ORDER BY last_seen_at LIMIT $3",
+                require_aware(last_seen_before),
+                require_aware(noticed_before),
+                check_limit(limit),
+            )
+        return [str(r["member_id"]) for r in rows]
+
+    async def purge_access_log(self, before: datetime, limit: int) -> int:
+        async with self._transaction() as conn:
+            # SKIP LOCKED: rows a concurrent shred holds are left for the next batch.
+            status = await conn.execute(
+                "DELETE FROM access_log WHERE entry_id IN (SELECT entry_id FROM access_log "
+                "WHERE at < $1 ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                require_aware(before),
+                check_limit(limit),
+            )
+        return _affected(status)
+
+    async def count_access_log_before(self, before: datetime) -> int:
+        async with self._connection() as conn:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM access_log WHERE at < $1", require_aware(before)
+            )
+        return int(count)
+
+    async def enqueue_outbox(self, message: OutboxMessage) -> bool:
+        row = _outbox_params(message)
+        try:
+            async with self._transaction() as conn:
+                # FOR SHARE holds the member against a concurrent shred until commit.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM members WHERE member_id = $1 FOR SHARE", row[1]
+                )
+                if found is None:
+                    return False
+                await conn.execute(f"{_INSERT_OUTBOX} ON CONFLICT (message_id) DO NOTHING", *row)
+        except asyncpg.ForeignKeyViolationError:
+            return False
+        return True
+
+    async def due_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT message_id, member_id, kind, params::text AS params, created_at, "
+                "attempts, next_attempt_at FROM outbox WHERE next_attempt_at <= $1 "
+                "ORDER BY next_attempt_at, created_at, message_id LIMIT $2",
+                require_aware(now),
+                check_limit(limit),
+            )
+        return [
+            OutboxMessage(
+                message_id=str(r["message_id"]),
+                member_id=str(r["member_id"]),
+                kind=str(r["kind"]),
+                params={str(k): str(v) for k, v in json.loads(r["params"]).items()},
+                created_at=r["created_at"],
+                attempts=int(r["attempts"]),
+                next_attempt_at=r["next_attempt_at"],
+            )
+            for r in rows
+        ]
+
+    async def outbox_sent(self, message_id: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM outbox WHERE message_id = $1", message_id)
+
+    async def outbox_retry(self, message_id: str, attempts: int, next_attempt_at: datetime) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "UPDATE outbox SET attempts = $2, next_attempt_at = $3 WHERE message_id = $1",
+                message_id,
+                attempts,
+                require_aware(next_attempt_at),
+            )

@@ -55,6 +55,7 @@ from vault.store.base import (
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    OutboxMessage,
     RewrapUpdate,
 )
 
@@ -311,6 +312,27 @@ def _consents(conn: sqlite3.Connection, member_id: str) -> list[ConsentRow]:
         )
         for r in rows
     ]
+
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (message_id, member_id, kind, params, created_at, attempts, "
+    "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _outbox_params(message: OutboxMessage) -> tuple[Any, ...]:
+    """The outbox row; a message without a next attempt is due at once."""
+    created = _to_us(message.created_at)
+    due = created if message.next_attempt_at is None else _to_us(message.next_attempt_at)
+    return (
+        message.message_id,
+        canonical_member_id(message.member_id),
+        message.kind,
+        json.dumps({str(k): str(v) for k, v in message.params.items()}, sort_keys=True),
+        created,
+        int(message.attempts),
+        due,
+    )
 
 
 def _destruction_record(row: sqlite3.Row) -> DestructionRecord:
@@ -788,12 +810,15 @@ class SqliteStore:
         at = _to_us(entry.at)
         if password_hash_ct is None:
             update: tuple[str, list[Any]] = (
-                "UPDATE members SET last_seen_at = ? WHERE member_id = ?",
+                # A connection cancels a pending inactivity notice (the clock restarts).
+                "UPDATE members SET last_seen_at = ?, inactivity_notice_at = NULL "
+                "WHERE member_id = ?",
                 [at, member_id],
             )
         else:
             update = (
-                "UPDATE members SET last_seen_at = ?, password_hash_ct = ? WHERE member_id = ?",
+                "UPDATE members SET last_seen_at = ?, inactivity_notice_at = NULL, "
+                "password_hash_ct = ? WHERE member_id = ?",
                 [at, bytes(password_hash_ct), member_id],
             )
         log_params = (member_id, at, bytes(entry.action_ct), bytes(entry.ip_ct))
@@ -888,13 +913,14 @@ class SqliteStore:
             # Explicit deletes, children first, so each count is exact (not cascaded).
             counts = {
                 table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", params).rowcount
-                for table in ("access_log", "consents", "member_keys", "members")
+                for table in ("outbox", "access_log", "consents", "member_keys", "members")
             }
             items = {
                 "member": counts["members"],
                 "member_keys": counts["member_keys"],
                 "consents": counts["consents"],
                 "access_log": counts["access_log"],
+                "outbox": counts["outbox"],
             }
             conn.execute(
                 "INSERT INTO tombstones (member_id, destroyed_at) VALUES (?, ?) "
@@ -950,3 +976,155 @@ class SqliteStore:
             return [_destruction_record(r) for r in conn.execute(query, params)]
 
         return self._read(work)
+
+    # --- lifecycle (the sidecar) -------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        params = (name, holder, _to_us(now + ttl), _to_us(now))
+
+        def work(conn: sqlite3.Connection) -> bool:
+            # One upsert: taken only if free, expired, or already ours.
+            cur = conn.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires_at = excluded.expires_at "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at <= ?",
+                params,
+            )
+            return cur.rowcount == 1
+
+        return await self._write(work)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+        await self._write(work)
+
+    async def members_due_for_notice(
+        self, last_seen_before: datetime, limit: int
+    ) -> list[tuple[str, datetime]]:
+        params = (_to_us(last_seen_before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, datetime]]:
+            rows = conn.execute(
+                "SELECT member_id, last_seen_at FROM members "
+                "WHERE inactivity_notice_at IS NULL AND last_seen_at < ? "
+                "ORDER BY last_seen_at LIMIT ?",
+                params,
+            ).fetchall()
+            return [(str(r[0]), _from_us(r[1])) for r in rows]
+
+        return self._read(work)
+
+    async def record_inactivity_notice(
+        self, member_id: str, last_seen_at: datetime, message: OutboxMessage
+    ) -> bool:
+        member_id = canonical_member_id(member_id)
+        if canonical_member_id(message.member_id) != member_id:
+            raise ValueError("the message is for another member")
+        mark = (_to_us(message.created_at), member_id, _to_us(last_seen_at))
+        row = _outbox_params(message)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE members SET inactivity_notice_at = ? WHERE member_id = ? "
+                "AND last_seen_at = ? AND inactivity_notice_at IS NULL",
+                mark,
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(_INSERT_OUTBOX, row)
+            return True
+
+        return await self._write(work)
+
+    async def members_due_for_expiry(
+        self, last_seen_before: datetime, noticed_before: datetime, limit: int
+    ) -> list[str]:
+        params = (_to_us(last_seen_before), _to_us(noticed_before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT member_id FROM members WHERE inactivity_notice_at IS NOT NULL "
+                "AND last_seen_at < ? AND inactivity_notice_at < ? "
+                "ORDER BY last_seen_at LIMIT ?",
+                params,
+            ).fetchall()
+            return [str(r[0]) for r in rows]
+
+        return self._read(work)
+
+    async def purge_access_log(self, before: datetime, limit: int) -> int:
+        params = (_to_us(before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM access_log WHERE entry_id IN (SELECT entry_id FROM access_log "
+                "WHERE at < ? ORDER BY at LIMIT ?)",
+                params,
+            ).rowcount
+
+        return await self._write(work)
+
+    async def count_access_log_before(self, before: datetime) -> int:
+        params = (_to_us(before),)
+
+        def work(conn: sqlite3.Connection) -> int:
+            return int(
+                conn.execute("SELECT count(*) FROM access_log WHERE at < ?", params).fetchone()[0]
+            )
+
+        return self._read(work)
+
+    async def enqueue_outbox(self, message: OutboxMessage) -> bool:
+        row = _outbox_params(message)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (row[1],))
+            if found.fetchone() is None:
+                return False
+            conn.execute(f"{_INSERT_OUTBOX} ON CONFLICT (message_id) DO NOTHING", row)
+            return True
+
+        return await self._write(work)
+
+    async def due_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
+        params = (_to_us(now), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[OutboxMessage]:
+            rows = conn.execute(
+                "SELECT message_id, member_id, kind, params, created_at, attempts, "
+                "next_attempt_at FROM outbox WHERE next_attempt_at <= ? "
+                "ORDER BY next_attempt_at, created_at, message_id LIMIT ?",
+                params,
+            ).fetchall()
+            return [
+                OutboxMessage(
+                    message_id=str(r[0]),
+                    member_id=str(r[1]),
+                    kind=str(r[2]),
+                    params={str(k): str(v) for k, v in json.loads(r[3]).items()},
+                    created_at=_from_us(r[4]),
+                    attempts=int(r[5]),
+                    next_attempt_at=_from_us(r[6]),
+                )
+                for r in rows
+            ]
+
+        return self._read(work)
+
+    async def outbox_sent(self, message_id: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
+
+        await self._write(work)
+
+    async def outbox_retry(self, message_id: str, attempts: int, next_attempt_at: datetime) -> None:
+        params = (attempts, _to_us(next_attempt_at), message_id)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?", params
+            )
+
+        await self._write(work)

@@ -1,0 +1,37 @@
+-- The lifecycle sidecar: a lease so only one sidecar acts, the inactivity
+-- notice mark, and the transactional e-mail outbox. No PII in any of them.
+
+CREATE TABLE leases (
+    name       text        NOT NULL,
+    holder     text        NOT NULL,
+    expires_at timestamptz NOT NULL,
+    CONSTRAINT leases_pkey PRIMARY KEY (name)
+);
+
+-- Set when the inactivity notice is enqueued; a login clears it.
+ALTER TABLE members ADD COLUMN inactivity_notice_at timestamptz;
+-- Partial indexes: the notice sweep reads only members without a notice, the
+-- expiry sweep only those with one, each in last_seen_at order, so a sweep
+-- costs what is due, not the member count.
+CREATE INDEX members_notice_due_idx ON members (last_seen_at)
+    WHERE inactivity_notice_at IS NULL;
+CREATE INDEX members_expiry_due_idx ON members (last_seen_at)
+    WHERE inactivity_notice_at IS NOT NULL;
+
+-- The recipient is named by member id only and resolved at send time.
+-- params: template parameters without personal data.
+CREATE TABLE outbox (
+    message_id      text        NOT NULL,
+    member_id       uuid        NOT NULL,
+    kind            text        NOT NULL,
+    params          jsonb       NOT NULL,
+    created_at      timestamptz NOT NULL,
+    attempts        integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL,
+    CONSTRAINT outbox_pkey PRIMARY KEY (message_id),
+    CONSTRAINT outbox_member_id_fkey
+        FOREIGN KEY (member_id) REFERENCES members (member_id) ON DELETE CASCADE
+);
+CREATE INDEX outbox_next_attempt_idx ON outbox (next_attempt_at);
+-- A shred deletes the member's pending mail.
+CREATE INDEX outbox_member_idx ON outbox (member_id);
