@@ -98,7 +98,7 @@ def assert_utc(value: datetime) -> None:
 async def test_migrate_applies_once_then_nothing(store_url: str) -> None:
     first = await open_store(store_url)
     try:
-        assert await first.migrate() == [1, 2, 3]
+        assert await first.migrate() == [1, 2, 3, 4]
         assert await first.migrate() == []
     finally:
         await first.close()
@@ -115,7 +115,7 @@ async def test_concurrent_migrations_apply_each_version_once(store_url: str) -> 
     stores = [await open_store(store_url), await open_store(store_url)]
     try:
         results = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(results) == [[], [1, 2, 3]]
+        assert sorted(results) == [[], [1, 2, 3, 4]]
     finally:
         for s in stores:
             await s.close()
@@ -474,6 +474,7 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
         "consents": 2,
         "access_log": 3,
         "outbox": 0,
+        "password_resets": 0,
     }
     assert record.kek_versions == (2,)
 
@@ -526,6 +527,7 @@ async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None
         "consents": 0,
         "access_log": 0,
         "outbox": 0,
+        "password_resets": 0,
     }
     assert r0.kek_versions == (1,)
 
@@ -599,7 +601,7 @@ async def test_sqlite_relative_url(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir(tmp_path)
     store = await open_store("sqlite:///data/vault.db")
     try:
-        assert await store.migrate() == [1, 2, 3]
+        assert await store.migrate() == [1, 2, 3, 4]
     finally:
         await store.close()
     assert _mode(tmp_path / "data" / "vault.db") == 0o600

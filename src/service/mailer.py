@@ -210,7 +210,11 @@ class OutboxStore(Protocol):
 class RecipientResolver(Protocol):
     """Satisfied by :class:`vault.Vault`."""
 
-    async def resolve_recipient(self, member_id: str) -> Recipient | None: ...
+    async def resolve_recipient(
+        self, member_id: str, message: OutboxMessage | None = None
+    ) -> Recipient | None:
+        """With ``message``, its sealed params are opened into ``Recipient.unsealed``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +309,7 @@ class OutboxRelay:
             "attempt": attempt,
         }
         try:
-            recipient = await self._recipients.resolve_recipient(message.member_id)
+            recipient = await self._recipients.resolve_recipient(message.member_id, message)
             if recipient is None:
                 await self._store.outbox_sent(message.message_id)
                 result.dropped += 1

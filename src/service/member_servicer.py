@@ -36,6 +36,9 @@ class MemberVault(Protocol):
     async def export_member(self, member_id: str) -> str: ...
     async def record_access(self, member_id: str, action: str, ip: str) -> None: ...
     async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage: ...
+    async def find_login_id(self, email: str) -> None: ...
+    async def start_password_reset(self, *, login_id: str = "", email: str = "") -> None: ...
+    async def complete_password_reset(self, token: str, new_password: str) -> None: ...
 
 
 _PURPOSE_PREFIX = "PURPOSE_"
@@ -171,3 +174,25 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             entries=[pb.AccessEntry(at=_ts(e.at), action=e.action, ip=e.ip) for e in page.entries],
             next_page_token=page.next_page_token,
         )
+
+    async def FindLoginId(
+        self, request: pb.FindLoginIdRequest, context: Context
+    ) -> pb.FindLoginIdResponse:
+        await self._vault.find_login_id(request.email)
+        return pb.FindLoginIdResponse()
+
+    async def StartPasswordReset(
+        self, request: pb.StartPasswordResetRequest, context: Context
+    ) -> pb.StartPasswordResetResponse:
+        which = request.WhichOneof("account")
+        await self._vault.start_password_reset(
+            login_id=request.login_id if which == "login_id" else "",
+            email=request.email if which == "email" else "",
+        )
+        return pb.StartPasswordResetResponse()
+
+    async def CompletePasswordReset(
+        self, request: pb.CompletePasswordResetRequest, context: Context
+    ) -> pb.CompletePasswordResetResponse:
+        await self._vault.complete_password_reset(request.token, request.new_password)
+        return pb.CompletePasswordResetResponse()

@@ -8,13 +8,17 @@ nothing of gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -34,19 +38,27 @@ from vault.errors import (
     PurposeNotAllowed,
 )
 from vault.keyadmin import KeyAdmin
-from vault.mail import Recipient
+from vault.mail import (
+    LOGIN_ID_REMINDER,
+    PASSWORD_CHANGED,
+    PASSWORD_RESET,
+    SEALED_PREFIX,
+    Recipient,
+)
 from vault.passwords import PasswordHasher
 from vault.policy import ConsentChoice, Purpose, Violations
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     AccessEntryRow,
     ConsentRow,
+    IndexedField,
     IndexKeyRow,
     KekVersionRow,
     KeyEvent,
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    OutboxMessage,
     Store,
 )
 
@@ -57,6 +69,10 @@ T = TypeVar("T")
 FIRST_DEK_ID = 1
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 EXPORT_FORMAT = "privacy-vault-export/1"
+#: The longest a password reset token may live (issue 4: "expiring within 30 minutes").
+MAX_PASSWORD_RESET_TTL = timedelta(minutes=30)
+RESET_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
+_INVALID_TOKEN = FieldViolation("token", "is invalid or expired")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +81,11 @@ class VaultSettings:
     privacy_officer_contact: str = "the privacy officer (contact not configured)"
     dek_cache_size: int = 10_000
     dek_cache_ttl: float = 300.0
+    password_reset_ttl: timedelta = MAX_PASSWORD_RESET_TTL
+
+    def __post_init__(self) -> None:
+        if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
+            raise ValueError("password_reset_ttl must be positive and at most 30 minutes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +197,7 @@ class Vault:
         self._settings = settings
         self._index_key = index_key
         self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
+        self._background: set[asyncio.Task[None]] = set()
         #: Key management (rotation, re-wrap, destruction) for the security team.
         self.keys = KeyAdmin(store, provider, clock, self._deks)
         # Decrypted when the login ID is unknown, so that path does the same work.
@@ -232,6 +254,7 @@ class Vault:
         return cls(store, provider, hasher, clock, settings or VaultSettings(), index_key)
 
     async def close(self) -> None:
+        await self.settle()
         self._deks.clear()
         await self._store.close()
         await self._provider.close()
@@ -431,14 +454,145 @@ class Vault:
         await self._check_password(dek, row, current)
         encoded = await self._hasher.hash(new)
 
+        await self._store_password(mid, encoded, "change", first=(row, dek))
+        log.info("member_password_changed")
+
+    async def _store_password(
+        self,
+        member_id: str,
+        encoded: str,
+        via: str,
+        first: tuple[MemberRow, _hazmat.SecretKey] | None = None,
+    ) -> None:
+        """Write the new password hash and, in the same transaction, the
+        password_changed mail: the member hears of every change, and of no change
+        that did not happen."""
+        notice = self._message(member_id, PASSWORD_CHANGED, {"via": via})
+
         async def write(current: MemberRow, key: _hazmat.SecretKey) -> bool:
-            ct = self._seal(key, mid, "password_hash", encoded)
+            ct = self._seal(key, member_id, "password_hash", encoded)
             return await self._store.update_member(
-                mid, {"password_hash": ct}, dek_id=current.key.dek_id
+                member_id, {"password_hash": ct}, dek_id=current.key.dek_id, notify=notice
             )
 
-        await self._under_current_key(mid, write, first=(row, dek))
-        log.info("member_password_changed")
+        await self._under_current_key(member_id, write, first=first)
+
+    def _message(self, member_id: str, kind: str, params: dict[str, str]) -> OutboxMessage:
+        now = self._clock.now()
+        return OutboxMessage(
+            message_id=str(uuid.uuid4()),
+            member_id=member_id,
+            kind=kind,
+            params={"at": now.isoformat(), **params},
+            created_at=now,
+        )
+
+    # --- account recovery ------------------------------------------------------------
+    # Unknown e-mails and login IDs get the same answer as known ones, in the same
+    # time by construction: the request is validated, answered, and the lookup and
+    # the mail happen afterwards in a background task (see _after_answer). The
+    # background work is the same too: the same blind-index lookup, then the same
+    # store call in a write transaction (for an unknown account with a random
+    # member id it finds absent, so it writes nothing), so not even the database's
+    # load tells.
+
+    async def find_login_id(self, email: str) -> None:
+        """Mail the login ID to ``email`` if a member has it; the same otherwise.
+
+        The outbox message holds no login ID: the relay decrypts it at send time
+        (resolve_recipient), so a shred in between leaves nothing to send."""
+        v = Violations()
+        checked = policy.check_email(email, v)
+        v.raise_if_any()
+        assert checked
+        self._after_answer(self._find_login_id(checked))
+
+    async def _find_login_id(self, checked: str) -> None:
+        row = await self._store.find_member("email", self._email_index(checked))
+        member_id = ids.new_member_id() if row is None else row.member_id
+        # False for the decoy (no such member): nothing is written.
+        await self._store.enqueue_outbox(self._message(member_id, LOGIN_ID_REMINDER, {}))
+        log.info("login_id_reminder_requested")
+
+    async def start_password_reset(self, *, login_id: str = "", email: str = "") -> None:
+        """Mail a single-use reset token to the member named by login ID or e-mail
+        (exactly one of them); the same answer, after the same work, if none is."""
+        v = Violations()
+        if bool(login_id) == bool(email):
+            v.add("account", "must be exactly one of login_id and email")
+            v.raise_if_any()
+        if login_id:
+            checked_login = policy.check_login_id(login_id, v)
+            v.raise_if_any()
+            assert checked_login
+            lookup: tuple[IndexedField, bytes] = ("login_id", self._login_index(checked_login))
+        else:
+            checked_email = policy.check_email(email, v)
+            v.raise_if_any()
+            assert checked_email
+            lookup = ("email", self._email_index(checked_email))
+        self._after_answer(self._start_password_reset(*lookup))
+
+    async def _start_password_reset(self, index: IndexedField, hmac: bytes) -> None:
+        row = await self._store.find_member(index, hmac)
+
+        token = secrets.token_urlsafe(RESET_TOKEN_BYTES)
+        now = self._clock.now()
+        expires_at = now + self._settings.password_reset_ttl
+        message_id = str(uuid.uuid4())
+        if row is None:
+            member_id, key = ids.new_member_id(), self._decoy_key
+        else:
+            member_id, key = row.member_id, await self._dek(row.key)
+        # The token must reach the mail, and the outbox is a database table. It is
+        # not stored there in clear: it is sealed under the member's DEK, bound to
+        # this message, and opened only by the relay at send time (a shred makes
+        # it unreadable with the rest). password_resets holds only its SHA-256.
+        # If the member's DEK is rotated before the mail goes out, the sealed token
+        # cannot be opened and the mail is dropped; the member asks again.
+        sealed = _hazmat.seal_field(
+            key, member_id, _sealed_field(message_id, "token"), token.encode()
+        )
+        message = OutboxMessage(
+            message_id=message_id,
+            member_id=member_id,
+            kind=PASSWORD_RESET,
+            params={
+                "expires_at": expires_at.isoformat(),
+                SEALED_PREFIX + "token": base64.b64encode(sealed).decode(),
+            },
+            created_at=now,
+        )
+        # False for the decoy (no such member) or a member shredded meanwhile.
+        await self._store.create_password_reset(_token_hash(token), member_id, expires_at, message)
+        log.info("password_reset_requested")
+
+    async def complete_password_reset(self, token: str, new_password: str) -> None:
+        """Set a new password with a token from start_password_reset. An unknown,
+        used or expired token is one and the same error."""
+        v = Violations()
+        if not token:
+            v.add(_INVALID_TOKEN.field, _INVALID_TOKEN.description)
+        policy.check_password(new_password, v, "new_password")
+        v.raise_if_any()
+        # Hashed before the token is spent, so an invalid password does not burn it.
+        encoded = await self._hasher.hash(new_password)
+        member_id = await self._store.consume_password_reset(_token_hash(token), self._clock.now())
+        if member_id is None:
+            raise InvalidInput([_INVALID_TOKEN])
+        try:
+            row = await self._row(member_id)
+        except NotFound:  # shredded since the token was issued
+            raise InvalidInput([_INVALID_TOKEN]) from None
+        dek = await self._dek(row.key)
+        if new_password.casefold() == self._open(dek, row, "login_id").casefold():
+            # Rare, and checked only now that the member is known: the token is spent.
+            raise InvalidInput([FieldViolation("new_password", "must differ from the login ID")])
+        try:
+            await self._store_password(member_id, encoded, "reset", first=(row, dek))
+        except NotFound:
+            raise InvalidInput([_INVALID_TOKEN]) from None
+        log.info("member_password_reset")
 
     async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome:
         v = Violations()
@@ -467,19 +621,42 @@ class Vault:
         )
         return record.destroyed_at
 
-    async def resolve_recipient(self, member_id: str) -> Recipient | None:
-        """The member's e-mail address and name, decrypted now (the outbox relay's
-        send-time lookup); None if the member is gone, so their mail is dropped."""
+    async def resolve_recipient(
+        self, member_id: str, message: OutboxMessage | None = None
+    ) -> Recipient | None:
+        """The member's e-mail address, name and login ID, decrypted now (the outbox
+        relay's send-time lookup), and ``message``'s sealed params opened; None if
+        the member is gone, so their mail is dropped, or if a sealed param no longer
+        opens (the member's DEK was rotated since: that mail cannot be sent)."""
+        wanted = frozenset({"name", "email", "login_id"})
+
+        async def read(r: MemberRow, dek: _hazmat.SecretKey) -> tuple[MemberView, dict[str, str]]:
+            opened: dict[str, str] = {}
+            for name, value in (message.params if message is not None else {}).items():
+                if name.startswith(SEALED_PREFIX):
+                    assert message is not None
+                    bare = name.removeprefix(SEALED_PREFIX)
+                    opened[bare] = _hazmat.open_field(
+                        dek,
+                        r.member_id,
+                        _sealed_field(message.message_id, bare),
+                        base64.b64decode(value, validate=True),
+                    ).decode()
+            return await self._view(r, wanted, dek), opened
+
         try:
             row = await self._row(member_id)
-            view = await self._read_under_key(
-                row, lambda r, dek: self._view(r, frozenset({"name", "email"}), dek)
-            )
+            view, opened = await self._read_under_key(row, read)
         except NotFound:  # shredded, possibly between the lookup and the decryption
+            return None
+        except DecryptionError:
+            if message is None:
+                raise
             return None
         assert view.email is not None
         assert view.name is not None
-        return Recipient(view.member_id, view.email, view.name)
+        assert view.login_id is not None
+        return Recipient(view.member_id, view.email, view.name, view.login_id, opened)
 
     async def export_member(self, member_id: str) -> str:
         """The member's whole record as a JSON document (section 7, right of access)."""
@@ -582,6 +759,25 @@ class Vault:
         return await self._read_under_key(await self._row(mid), read)
 
     # --- helpers -------------------------------------------------------------------
+    def _after_answer(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` after the caller has its answer; failures are logged by type
+        only (the work touches personal data)."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception as exc:  # noqa: BLE001 - nobody awaits a background task
+                log.error("background_work_failed", error=type(exc).__name__)  # noqa: TRY400
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for work started after answering (tests, and a clean close)."""
+        while self._background:
+            await asyncio.gather(*self._background)
+
     async def _read_under_key(
         self,
         row: MemberRow,
@@ -667,6 +863,17 @@ class Vault:
             consents=row.consents,
             **values,
         )
+
+
+def _token_hash(token: str) -> bytes:
+    """What password_resets stores: SHA-256 (a 256-bit random token needs no salt
+    or slow hash; nobody can guess one to test against the table)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _sealed_field(message_id: str, name: str) -> str:
+    """The field name bound into a sealed outbox param: this message, this param."""
+    return f"outbox/{message_id}/{name}"
 
 
 def _encode_page_token(row: AccessEntryRow) -> str:

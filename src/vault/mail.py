@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -20,7 +21,12 @@ from vault.store.base import OutboxMessage
 
 INACTIVITY_NOTICE = "inactivity_notice"
 PASSWORD_CHANGED = "password_changed"  # noqa: S105 - a message kind, not a password
-KINDS = frozenset({INACTIVITY_NOTICE, PASSWORD_CHANGED})
+LOGIN_ID_REMINDER = "login_id_reminder"
+PASSWORD_RESET = "password_reset"  # noqa: S105 - a message kind, not a password
+KINDS = frozenset({INACTIVITY_NOTICE, PASSWORD_CHANGED, LOGIN_ID_REMINDER, PASSWORD_RESET})
+# A param named "sealed_<name>" is a secret encrypted under the member's DEK (see
+# Vault.start_password_reset); it is opened at send time into Recipient.unsealed[name].
+SEALED_PREFIX = "sealed_"
 
 # Message ids become a header and a file name: keep them to a safe alphabet.
 # "<uuid>" and "<uuid>@<domain>" (already a Message-ID's shape) both fit.
@@ -48,6 +54,9 @@ class Recipient:
     member_id: str
     email: str
     name: str
+    login_id: str = ""
+    # The message's sealed params, decrypted at send time: name -> value.
+    unsealed: Mapping[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"<Recipient {self.member_id}>"
@@ -111,6 +120,10 @@ class MailRenderer:
             subject, body = self._inactivity_notice(message, recipient)
         elif message.kind == PASSWORD_CHANGED:
             subject, body = self._password_changed(message, recipient)
+        elif message.kind == LOGIN_ID_REMINDER:
+            subject, body = self._login_id_reminder(recipient)
+        elif message.kind == PASSWORD_RESET:
+            subject, body = self._password_reset(message, recipient)
         else:
             raise ValueError(f"unknown outbox message kind {message.kind!r}")
         mail = EmailMessage()
@@ -160,3 +173,36 @@ class MailRenderer:
             f"at once and contact {self._contact}.\n"
         )
         return "Your password was changed", body
+
+    def _login_id_reminder(self, recipient: Recipient) -> tuple[str, str]:
+        if not recipient.login_id:
+            raise ValueError("login_id_reminder needs the recipient's login ID")
+        body = (
+            f"Dear {recipient.name},\n\n"
+            "You asked for the login ID of the account registered with this e-mail\n"
+            "address. Your login ID is:\n\n"
+            f"    {recipient.login_id}\n\n"
+            "If you did not ask for it, you can ignore this e-mail; nothing has changed.\n"
+            f"If you have questions, contact {self._contact}.\n"
+        )
+        return "Your login ID", body
+
+    def _password_reset(self, message: OutboxMessage, recipient: Recipient) -> tuple[str, str]:
+        token = recipient.unsealed.get("token")
+        if not token:
+            raise ValueError("password_reset needs its sealed token, opened at send time")
+        if "expires_at" not in message.params:
+            raise ValueError("password_reset needs an expires_at param")
+        when = format_utc(parse_utc(message.params["expires_at"]))
+        body = (
+            f"Dear {recipient.name},\n\n"
+            "Someone (we hope you) asked to reset the password of your account.\n"
+            "To choose a new password, enter this reset code on the password reset\n"
+            "page, together with your new password:\n\n"
+            f"    {token}\n\n"
+            f"The code works once, and only until {when}.\n"
+            "Do not share it: anyone who has it can set a new password for your account.\n\n"
+            "If you did not ask for a reset, ignore this e-mail: your password stays as it\n"
+            f"is. If this keeps happening, contact {self._contact}.\n"
+        )
+        return "Reset your password", body

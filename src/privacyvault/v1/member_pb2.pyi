@@ -629,3 +629,118 @@ class ListAccessHistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAccessHistoryResponse: _TypeAlias = ListAccessHistoryResponse  # noqa: Y015
+
+@_typing.final
+class FindLoginIdRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindLoginIdRequest: _TypeAlias = FindLoginIdRequest  # noqa: Y015
+
+@_typing.final
+class FindLoginIdResponse(_message.Message):
+    """Empty whether or not an account has the e-mail address."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindLoginIdResponse: _TypeAlias = FindLoginIdResponse  # noqa: Y015
+
+@_typing.final
+class StartPasswordResetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOGIN_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    login_id: _builtins.str
+    email: _builtins.str
+    def __init__(
+        self,
+        *,
+        login_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "email", b"email", "login_id", b"login_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "email", b"email", "login_id", b"login_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_account: _TypeAlias = _typing.Literal["login_id", "email"]  # noqa: Y015
+    _WhichOneofArgType_account: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_account) -> _WhichOneofReturnType_account | None: ...
+
+Global___StartPasswordResetRequest: _TypeAlias = StartPasswordResetRequest  # noqa: Y015
+
+@_typing.final
+class StartPasswordResetResponse(_message.Message):
+    """Empty whether or not the account exists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPasswordResetResponse: _TypeAlias = StartPasswordResetResponse  # noqa: Y015
+
+@_typing.final
+class CompletePasswordResetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token from the reset e-mail."""
+    new_password: _builtins.str
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        new_password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_password", b"new_password", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletePasswordResetRequest: _TypeAlias = CompletePasswordResetRequest  # noqa: Y015
+
+@_typing.final
+class CompletePasswordResetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletePasswordResetResponse: _TypeAlias = CompletePasswordResetResponse  # noqa: Y015

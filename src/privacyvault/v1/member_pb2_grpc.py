@@ -85,6 +85,21 @@ class MemberServiceStub:
                 request_serializer=privacyvault_dot_v1_dot_member__pb2.ListAccessHistoryRequest.SerializeToString,
                 response_deserializer=privacyvault_dot_v1_dot_member__pb2.ListAccessHistoryResponse.FromString,
                 _registered_method=True)
+        self.FindLoginId = channel.unary_unary(
+                '/privacyvault.v1.MemberService/FindLoginId',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.FindLoginIdRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.FindLoginIdResponse.FromString,
+                _registered_method=True)
+        self.StartPasswordReset = channel.unary_unary(
+                '/privacyvault.v1.MemberService/StartPasswordReset',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.StartPasswordResetRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.StartPasswordResetResponse.FromString,
+                _registered_method=True)
+        self.CompletePasswordReset = channel.unary_unary(
+                '/privacyvault.v1.MemberService/CompletePasswordReset',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetResponse.FromString,
+                _registered_method=True)
 
 
 class MemberServiceServicer:
@@ -165,6 +180,38 @@ class MemberServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindLoginId(self, request, context):
+        """FindLoginId sends the login ID of the account registered with `email` to
+        that address. The answer is OK for any well-formed e-mail address, whether
+        or not an account has it, and takes the same time: it tells the caller
+        nothing about which addresses are registered. Only a malformed address is
+        INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPasswordReset(self, request, context):
+        """StartPasswordReset sends a single-use reset token (256 bits, valid for at
+        most 30 minutes) to the e-mail address of the account named by login ID or
+        e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
+        the account exists, and takes the same time. Each call issues a new token;
+        earlier unexpired ones stay valid until used or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompletePasswordReset(self, request, context):
+        """CompletePasswordReset sets a new password with a token from
+        StartPasswordReset; the token is spent. An unknown, used or expired token is
+        INVALID_ARGUMENT with one field violation on "token", the same for every
+        case. The member is told of the change by e-mail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemberServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +259,21 @@ def add_MemberServiceServicer_to_server(servicer, server):
                     servicer.ListAccessHistory,
                     request_deserializer=privacyvault_dot_v1_dot_member__pb2.ListAccessHistoryRequest.FromString,
                     response_serializer=privacyvault_dot_v1_dot_member__pb2.ListAccessHistoryResponse.SerializeToString,
+            ),
+            'FindLoginId': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindLoginId,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.FindLoginIdRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.FindLoginIdResponse.SerializeToString,
+            ),
+            'StartPasswordReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPasswordReset,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.StartPasswordResetRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.StartPasswordResetResponse.SerializeToString,
+            ),
+            'CompletePasswordReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompletePasswordReset,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -463,6 +525,87 @@ class MemberService:
             '/privacyvault.v1.MemberService/ListAccessHistory',
             privacyvault_dot_v1_dot_member__pb2.ListAccessHistoryRequest.SerializeToString,
             privacyvault_dot_v1_dot_member__pb2.ListAccessHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindLoginId(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/FindLoginId',
+            privacyvault_dot_v1_dot_member__pb2.FindLoginIdRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.FindLoginIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPasswordReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/StartPasswordReset',
+            privacyvault_dot_v1_dot_member__pb2.StartPasswordResetRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.StartPasswordResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompletePasswordReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/CompletePasswordReset',
+            privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetResponse.FromString,
             options,
             channel_credentials,
             insecure,

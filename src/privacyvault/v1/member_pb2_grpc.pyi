@@ -68,6 +68,26 @@ class MemberServiceStub:
     """RecordAccess appends an entry to the member's service use history."""
     ListAccessHistory: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]
     """ListAccessHistory pages through the member's access log, newest first."""
+    FindLoginId: _grpc.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]
+    """FindLoginId sends the login ID of the account registered with `email` to
+    that address. The answer is OK for any well-formed e-mail address, whether
+    or not an account has it, and takes the same time: it tells the caller
+    nothing about which addresses are registered. Only a malformed address is
+    INVALID_ARGUMENT.
+    """
+    StartPasswordReset: _grpc.UnaryUnaryMultiCallable[_member_pb2.StartPasswordResetRequest, _member_pb2.StartPasswordResetResponse]
+    """StartPasswordReset sends a single-use reset token (256 bits, valid for at
+    most 30 minutes) to the e-mail address of the account named by login ID or
+    e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
+    the account exists, and takes the same time. Each call issues a new token;
+    earlier unexpired ones stay valid until used or expired.
+    """
+    CompletePasswordReset: _grpc.UnaryUnaryMultiCallable[_member_pb2.CompletePasswordResetRequest, _member_pb2.CompletePasswordResetResponse]
+    """CompletePasswordReset sets a new password with a token from
+    StartPasswordReset; the token is spent. An unknown, used or expired token is
+    INVALID_ARGUMENT with one field violation on "token", the same for every
+    case. The member is told of the change by e-mail.
+    """
 
 @_typing.type_check_only
 class MemberServiceAsyncStub(MemberServiceStub):
@@ -109,6 +129,26 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """RecordAccess appends an entry to the member's service use history."""
     ListAccessHistory: _aio.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]  # type: ignore[assignment]
     """ListAccessHistory pages through the member's access log, newest first."""
+    FindLoginId: _aio.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]  # type: ignore[assignment]
+    """FindLoginId sends the login ID of the account registered with `email` to
+    that address. The answer is OK for any well-formed e-mail address, whether
+    or not an account has it, and takes the same time: it tells the caller
+    nothing about which addresses are registered. Only a malformed address is
+    INVALID_ARGUMENT.
+    """
+    StartPasswordReset: _aio.UnaryUnaryMultiCallable[_member_pb2.StartPasswordResetRequest, _member_pb2.StartPasswordResetResponse]  # type: ignore[assignment]
+    """StartPasswordReset sends a single-use reset token (256 bits, valid for at
+    most 30 minutes) to the e-mail address of the account named by login ID or
+    e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
+    the account exists, and takes the same time. Each call issues a new token;
+    earlier unexpired ones stay valid until used or expired.
+    """
+    CompletePasswordReset: _aio.UnaryUnaryMultiCallable[_member_pb2.CompletePasswordResetRequest, _member_pb2.CompletePasswordResetResponse]  # type: ignore[assignment]
+    """CompletePasswordReset sets a new password with a token from
+    StartPasswordReset; the token is spent. An unknown, used or expired token is
+    INVALID_ARGUMENT with one field violation on "token", the same for every
+    case. The member is told of the change by e-mail.
+    """
 
 class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     """MemberService keeps members' personal data in an envelope-encrypted vault.
@@ -201,5 +241,43 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ListAccessHistoryResponse, _abc.Awaitable[_member_pb2.ListAccessHistoryResponse]]:
         """ListAccessHistory pages through the member's access log, newest first."""
+
+    @_abc_1.abstractmethod
+    def FindLoginId(
+        self,
+        request: _member_pb2.FindLoginIdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.FindLoginIdResponse, _abc.Awaitable[_member_pb2.FindLoginIdResponse]]:
+        """FindLoginId sends the login ID of the account registered with `email` to
+        that address. The answer is OK for any well-formed e-mail address, whether
+        or not an account has it, and takes the same time: it tells the caller
+        nothing about which addresses are registered. Only a malformed address is
+        INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def StartPasswordReset(
+        self,
+        request: _member_pb2.StartPasswordResetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.StartPasswordResetResponse, _abc.Awaitable[_member_pb2.StartPasswordResetResponse]]:
+        """StartPasswordReset sends a single-use reset token (256 bits, valid for at
+        most 30 minutes) to the e-mail address of the account named by login ID or
+        e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
+        the account exists, and takes the same time. Each call issues a new token;
+        earlier unexpired ones stay valid until used or expired.
+        """
+
+    @_abc_1.abstractmethod
+    def CompletePasswordReset(
+        self,
+        request: _member_pb2.CompletePasswordResetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.CompletePasswordResetResponse, _abc.Awaitable[_member_pb2.CompletePasswordResetResponse]]:
+        """CompletePasswordReset sets a new password with a token from
+        StartPasswordReset; the token is spent. An unknown, used or expired token is
+        INVALID_ARGUMENT with one field violation on "token", the same for every
+        case. The member is told of the change by e-mail.
+        """
 
 def add_MemberServiceServicer_to_server(servicer: MemberServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -106,3 +106,14 @@ def check_limit(limit: int) -> int:
     if limit < 0:
         raise ValueError("limit must not be negative")
     return limit
+
+
+TOKEN_HASH_BYTES = 32  # SHA-256
+
+
+def check_token_hash(token_hash: bytes) -> bytes:
+    """A password reset token's hash as stored: exactly 32 bytes (never the token)."""
+    value = bytes(token_hash)
+    if len(value) != TOKEN_HASH_BYTES:
+        raise ValueError("a token hash is the 32-byte SHA-256 of the token")
+    return value

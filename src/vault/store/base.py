@@ -271,10 +271,14 @@ class Store(Protocol):
         blind_indexes: Mapping[str, bytes] | None = None,
         *,
         dek_id: int,
+        notify: OutboxMessage | None = None,
     ) -> bool:
         """Replace the named ciphertexts (and blind indexes), encrypted under the
         member's DEK ``dek_id``. False if no such member; KeyChanged if the member's
-        DEK has been rotated meanwhile (the ciphertexts would be unreadable)."""
+        DEK has been rotated meanwhile (the ciphertexts would be unreadable).
+
+        ``notify`` (for the same member) is enqueued in the same transaction: it
+        is written exactly when the update is, never without it."""
         ...
 
     async def record_login(
@@ -314,7 +318,8 @@ class Store(Protocol):
         self, member_id: str, destroyed_at: datetime, reason: str
     ) -> DestructionRecord | None:
         """Crypto-shred: in one transaction delete the member's DEK rows, blind
-        indexes, ciphertexts, consents and access log; leave a tombstone and a
+        indexes, ciphertexts, consents, access log, pending mail and password
+        reset tokens; leave a tombstone and a
         destruction record. Then scrub what the backend can (SQLite: WAL
         checkpoint). None if no such member (already shredded or never was)."""
         ...
@@ -368,6 +373,21 @@ class Store(Protocol):
 
     async def count_access_log_before(self, before: datetime) -> int:
         """How many access-log entries are older than ``before`` (a dry run's count)."""
+        ...
+
+    # --- account recovery --------------------------------------------------------
+    async def create_password_reset(
+        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
+    ) -> bool:
+        """Store a reset token's hash (32 bytes, SHA-256; never the token) and enqueue
+        its e-mail ``message`` (for the same member) in one transaction. False, with
+        nothing written, if the member is gone."""
+        ...
+
+    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        """Atomically mark the token used and return its member id; None (and no
+        change) if it is unknown, already used, or expired at ``now``. Of two
+        concurrent calls with one token, at most one gets the member id."""
         ...
 
     async def enqueue_outbox(self, message: OutboxMessage) -> bool:

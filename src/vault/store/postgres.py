@@ -32,6 +32,7 @@ from vault.store._common import (
     check_kek_version,
     check_limit,
     check_new_member,
+    check_token_hash,
     check_unused,
     hmac_column,
     require_aware,
@@ -617,26 +618,33 @@ class PostgresStore:
         blind_indexes: Mapping[str, bytes] | None = None,
         *,
         dek_id: int,
+        notify: OutboxMessage | None = None,
     ) -> bool:
         key = _uuid(member_id)
         assignments = update_assignments(ciphertexts, blind_indexes)
+        outbox_row = None if notify is None else _outbox_params(notify)
+        if outbox_row is not None and outbox_row[1] != key:
+            raise ValueError("the message is for another member")
         try:
             async with self._transaction() as conn:
                 if not await _member_has_dek(conn, key, dek_id):
                     return False
-                if not assignments:
-                    return True
-                setters = ", ".join(
-                    f"{column} = ${i}" for i, (column, _) in enumerate(assignments, start=2)
-                )
-                status = await conn.execute(
-                    f"UPDATE members SET {setters} WHERE member_id = $1",
-                    key,
-                    *(value for _, value in assignments),
-                )
+                if assignments:
+                    setters = ", ".join(
+                        f"{column} = ${i}" for i, (column, _) in enumerate(assignments, start=2)
+                    )
+                    status = await conn.execute(
+                        f"UPDATE members SET {setters} WHERE member_id = $1",
+                        key,
+                        *(value for _, value in assignments),
+                    )
+                    if _affected(status) != 1:
+                        return False
+                if outbox_row is not None:
+                    await conn.execute(_INSERT_OUTBOX, *outbox_row)
         except asyncpg.UniqueViolationError as exc:
             raise _unique_error(exc) from None
-        return _affected(status) == 1
+        return True
 
     async def record_login(
         self,
@@ -762,6 +770,9 @@ class PostgresStore:
                 return None
             # Explicit deletes, children first, so each count is exact (not cascaded).
             outbox = _affected(await conn.execute("DELETE FROM outbox WHERE member_id = $1", key))
+            password_resets = _affected(
+                await conn.execute("DELETE FROM password_resets WHERE member_id = $1", key)
+            )
             access_log = _affected(
                 await conn.execute("DELETE FROM access_log WHERE member_id = $1", key)
             )
@@ -778,6 +789,7 @@ class PostgresStore:
                 "consents": consents,
                 "access_log": access_log,
                 "outbox": outbox,
+                "password_resets": password_resets,
             }
             versions = sorted({int(r["kek_version"]) for r in key_rows})
             await conn.execute(
@@ -911,6 +923,52 @@ class PostgresStore:
             )
         return int(count)
 
+    # --- account recovery --------------------------------------------------------
+    async def create_password_reset(
+        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
+    ) -> bool:
+        key = _uuid(member_id)
+        row = _outbox_params(message)
+        if row[1] != key:
+            raise ValueError("the message is for another member")
+        token_hash = check_token_hash(token_hash)
+        try:
+            async with self._transaction() as conn:
+                # FOR SHARE holds the member against a concurrent shred until commit.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM members WHERE member_id = $1 FOR SHARE", key
+                )
+                if found is None:
+                    # As costly as the insert: a transaction id makes the commit
+                    # write and flush a commit record, as a real insert would (a
+                    # caller probing for accounts must not see the difference).
+                    await conn.execute("SELECT pg_current_xact_id()")
+                    return False
+                await conn.execute(
+                    "INSERT INTO password_resets (token_hash, member_id, expires_at) "
+                    "VALUES ($1, $2, $3)",
+                    token_hash,
+                    key,
+                    require_aware(expires_at),
+                )
+                await conn.execute(_INSERT_OUTBOX, *row)
+        except asyncpg.ForeignKeyViolationError:
+            return False
+        return True
+
+    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        token_hash = check_token_hash(token_hash)
+        async with self._transaction() as conn:
+            # One conditional UPDATE: a concurrent consumer waits on the row lock,
+            # then re-checks used_at and finds it set.
+            member_id = await conn.fetchval(
+                "UPDATE password_resets SET used_at = $2 WHERE token_hash = $1 "
+                "AND used_at IS NULL AND expires_at > $2 RETURNING member_id",
+                token_hash,
+                require_aware(now),
+            )
+        return None if member_id is None else str(member_id)
+
     async def enqueue_outbox(self, message: OutboxMessage) -> bool:
         row = _outbox_params(message)
         try:
@@ -920,6 +978,10 @@ class PostgresStore:
                     "SELECT 1 FROM members WHERE member_id = $1 FOR SHARE", row[1]
                 )
                 if found is None:
+                    # As costly as the insert: a transaction id makes the commit
+                    # write and flush a commit record, as a real insert would (a
+                    # caller probing for accounts must not see the difference).
+                    await conn.execute("SELECT pg_current_xact_id()")
                     return False
                 await conn.execute(f"{_INSERT_OUTBOX} ON CONFLICT (message_id) DO NOTHING", *row)
         except asyncpg.ForeignKeyViolationError:

@@ -36,6 +36,7 @@ from vault.store._common import (
     check_kek_version,
     check_limit,
     check_new_member,
+    check_token_hash,
     check_unused,
     hmac_column,
     require_aware,
@@ -168,6 +169,14 @@ def _member_has_dek(conn: sqlite3.Connection, member_id: str, dek_id: int) -> bo
     if int(row[0]) != dek_id:
         raise KeyChanged
     return True
+
+
+def _decoy_write(conn: sqlite3.Connection) -> None:
+    """Inside a write: dirty a page without changing anything, so the commit writes
+    and syncs the WAL as a real insert's would. A caller probing for accounts must
+    not see a missing member answer faster."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    conn.execute(f"PRAGMA user_version = {int(version)}")
 
 
 def _split_statements(script: str) -> list[str]:
@@ -779,22 +788,29 @@ class SqliteStore:
         blind_indexes: Mapping[str, bytes] | None = None,
         *,
         dek_id: int,
+        notify: OutboxMessage | None = None,
     ) -> bool:
         member_id = canonical_member_id(member_id)
         assignments = update_assignments(ciphertexts, blind_indexes)
         setters = ", ".join(f"{column} = ?" for column, _ in assignments)
         params = [value for _, value in assignments] + [member_id]
+        outbox_row = None if notify is None else _outbox_params(notify)
+        if outbox_row is not None and outbox_row[1] != member_id:
+            raise ValueError("the message is for another member")
 
         def work(conn: sqlite3.Connection) -> bool:
             if not _member_has_dek(conn, member_id, dek_id):
                 return False
-            if not assignments:
-                return True
-            try:
-                cur = conn.execute(f"UPDATE members SET {setters} WHERE member_id = ?", params)
-            except sqlite3.IntegrityError as exc:
-                raise _integrity_error(exc) from None
-            return cur.rowcount == 1
+            if assignments:
+                try:
+                    cur = conn.execute(f"UPDATE members SET {setters} WHERE member_id = ?", params)
+                except sqlite3.IntegrityError as exc:
+                    raise _integrity_error(exc) from None
+                if cur.rowcount != 1:
+                    return False
+            if outbox_row is not None:
+                conn.execute(_INSERT_OUTBOX, outbox_row)
+            return True
 
         return await self._write(work)
 
@@ -913,7 +929,14 @@ class SqliteStore:
             # Explicit deletes, children first, so each count is exact (not cascaded).
             counts = {
                 table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", params).rowcount
-                for table in ("outbox", "access_log", "consents", "member_keys", "members")
+                for table in (
+                    "outbox",
+                    "password_resets",
+                    "access_log",
+                    "consents",
+                    "member_keys",
+                    "members",
+                )
             }
             items = {
                 "member": counts["members"],
@@ -921,6 +944,7 @@ class SqliteStore:
                 "consents": counts["consents"],
                 "access_log": counts["access_log"],
                 "outbox": counts["outbox"],
+                "password_resets": counts["password_resets"],
             }
             conn.execute(
                 "INSERT INTO tombstones (member_id, destroyed_at) VALUES (?, ?) "
@@ -1076,12 +1100,51 @@ class SqliteStore:
 
         return self._read(work)
 
+    # --- account recovery --------------------------------------------------------
+    async def create_password_reset(
+        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
+    ) -> bool:
+        member_id = canonical_member_id(member_id)
+        row = _outbox_params(message)
+        if row[1] != member_id:
+            raise ValueError("the message is for another member")
+        reset = (check_token_hash(token_hash), member_id, _to_us(expires_at))
+
+        def work(conn: sqlite3.Connection) -> bool:
+            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
+            if found.fetchone() is None:
+                _decoy_write(conn)
+                return False
+            conn.execute(
+                "INSERT INTO password_resets (token_hash, member_id, expires_at) VALUES (?, ?, ?)",
+                reset,
+            )
+            conn.execute(_INSERT_OUTBOX, row)
+            return True
+
+        return await self._write(work)
+
+    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        params = (_to_us(now), check_token_hash(token_hash), _to_us(now))
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            # One conditional UPDATE: the check and the mark cannot be split.
+            row = conn.execute(
+                "UPDATE password_resets SET used_at = ? WHERE token_hash = ? "
+                "AND used_at IS NULL AND expires_at > ? RETURNING member_id",
+                params,
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._write(work)
+
     async def enqueue_outbox(self, message: OutboxMessage) -> bool:
         row = _outbox_params(message)
 
         def work(conn: sqlite3.Connection) -> bool:
             found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (row[1],))
             if found.fetchone() is None:
+                _decoy_write(conn)
                 return False
             conn.execute(f"{_INSERT_OUTBOX} ON CONFLICT (message_id) DO NOTHING", row)
             return True
