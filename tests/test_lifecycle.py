@@ -18,7 +18,7 @@ import pytest
 from service.config import Settings
 from service.server import run_server
 from service.sidecar import LEASE_NAME, Sidecar
-from vault import CHEAPEST, FrozenClock, SystemClock, Vault, open_vault
+from vault import CHEAPEST, FrozenClock, Purpose, SystemClock, Vault, open_vault
 from vault.facade import NewMember
 from vault.lifecycle import NOTICE_ITEMS, BatchHook, Lifecycle, LifecyclePolicy
 from vault.store import open_store
@@ -311,6 +311,8 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
         "notices": 2,
         "shredded": 1,
         "access_log_purged": 3,
+        "kek_rotated": 0,
+        "kek_versions_destroyed": 0,
         "dry_run": True,
     }
     after = (
@@ -404,3 +406,36 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
     assert "member0001" not in result.stdout + result.stderr
     async with open_vault(data_dir=data, argon2=CHEAPEST, clock=long_ago) as vault:
         assert await outbox(vault) == before  # nothing was sent
+
+
+async def test_the_sidecar_bounds_the_shredding_horizon_when_asked(
+    vault: Vault, lc_clock: FrozenClock, tmp_path: Path
+) -> None:
+    """With key maintenance on, a round rotates the KEK once the active version is
+    KEK_ROTATION_DAYS old, re-wraps every key and destroys the unused old version;
+    the members still read. Off (the default), a round touches no key."""
+    member_id = await sign_up(vault, 1)
+    settings = Settings(data_dir=tmp_path / "mail", kek_rotation_days=90)
+    off = Sidecar.for_vault(vault, settings, interval=60)
+    lc_clock.advance(91 * DAY)
+    report = await off.run_round()
+    assert report is not None
+    assert report.kek_rotated == 0
+    await off.release()
+    assert [v.state for v in (await vault.keys.status()).versions] == ["active"]
+
+    on = Sidecar.for_vault(vault, settings.model_copy(update={"sidecar_key_maintenance": True}))
+    report = await on.run_round()
+    assert report is not None
+    assert (report.kek_rotated, report.kek_versions_destroyed) == (1, 1)
+    status = await vault.keys.status()
+    assert [(v.version, v.state, v.member_keys) for v in status.versions] == [
+        (1, "destroyed", 0),
+        (2, "active", 1),
+    ]
+    assert (await vault.get_member(member_id, Purpose.MEMBER_REQUEST)).member_id == member_id
+    lc_clock.advance(30 * DAY)  # not due again yet
+    report = await on.run_round()
+    assert report is not None
+    assert report.kek_rotated == 0
+    await on.release()

@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     #: Run the sidecar inside ``serve``; default on in embedded, off in production
     #: (where it runs as its own ``privacy-vault sidecar`` process).
     sidecar_in_process: bool | None = None
+    #: The sidecar also runs ``keys maintain`` each round: rotate the KEK once the
+    #: active version is KEK_ROTATION_DAYS old, re-wrap, destroy unused versions.
+    #: Off by default: destroying is irreversible, and a mounted key file cannot rotate.
+    sidecar_key_maintenance: bool = False
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

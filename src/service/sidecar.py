@@ -27,6 +27,7 @@ from service.mailer import OutboxRelay, build_relay
 from vault import Clock, SystemClock, Vault
 from vault.bootstrap import default_database_url
 from vault.errors import StorageUnavailable
+from vault.keyadmin import KeyAdmin
 from vault.lifecycle import Lifecycle, LifecyclePolicy, RoundReport
 from vault.store import open_store
 from vault.store.base import Store
@@ -62,6 +63,8 @@ class Sidecar:
         interval: float,
         holder: str | None = None,
         relay: OutboxRelay | None = None,
+        keys: KeyAdmin | None = None,
+        rotate_after: timedelta | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -72,6 +75,10 @@ class Sidecar:
         self._ttl = max(timedelta(seconds=interval * _LEASE_INTERVALS), _MIN_LEASE)
         self.holder = holder or make_holder()
         self._relay = relay
+        if (keys is None) != (rotate_after is None):
+            raise ValueError("key maintenance needs both keys and rotate_after")
+        self._keys = keys
+        self._rotate_after = rotate_after
 
     @classmethod
     def for_vault(
@@ -84,6 +91,12 @@ class Sidecar:
             vault.clock,
             interval=settings.sidecar_interval_seconds if interval is None else interval,
             relay=build_relay(settings, vault.store, vault, vault.clock),
+            keys=vault.keys if settings.sidecar_key_maintenance else None,
+            rotate_after=(
+                timedelta(days=settings.kek_rotation_days)
+                if settings.sidecar_key_maintenance
+                else None
+            ),
         )
 
     async def _hold(self) -> bool:
@@ -110,12 +123,16 @@ class Sidecar:
             report.notices = await lifecycle.send_inactivity_notices()
         if await self._hold():
             report.access_log_purged = await lifecycle.purge_access_logs()
+        # The shredding horizon's bound (README): old KEK versions go on schedule.
+        if self._keys is not None and self._rotate_after is not None and await self._hold():
+            done = await self._keys.maintain("sidecar", rotate_after=self._rotate_after)
+            report.kek_rotated, report.kek_versions_destroyed = done["rotated"], done["destroyed"]
         # Last, so the notices enqueued above go out in the same round. Only the
         # lease holder sends: two relays would deliver each message twice.
         if self._relay is not None and await self._hold():
             await self._relay.relay_once()
         # Idle rounds (the usual case) only at debug: one line a minute is noise.
-        busy = report.notices or report.shredded or report.access_log_purged
+        busy = any(v for k, v in report.as_dict().items() if k != "dry_run")
         (log.info if busy else log.debug)("lifecycle_round", **report.as_dict())
         return report
 

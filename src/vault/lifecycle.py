@@ -68,6 +68,9 @@ class RoundReport:
     notices: int = 0
     shredded: int = 0
     access_log_purged: int = 0
+    #: Key maintenance (rotate when due, re-wrap, destroy unused versions), when on.
+    kek_rotated: int = 0
+    kek_versions_destroyed: int = 0
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, int | bool]:
@@ -75,6 +78,8 @@ class RoundReport:
             "notices": self.notices,
             "shredded": self.shredded,
             "access_log_purged": self.access_log_purged,
+            "kek_rotated": self.kek_rotated,
+            "kek_versions_destroyed": self.kek_versions_destroyed,
             "dry_run": self.dry_run,
         }
 
