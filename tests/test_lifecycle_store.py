@@ -228,3 +228,21 @@ async def test_shred_deletes_and_counts_pending_mail(vault: Store) -> None:
     assert [m.message_id for m in await vault.due_outbox(ts(1000), 10)] == [kept.message_id]
     (stored,) = await vault.list_destruction_records(member.member_id)
     assert stored.items["outbox"] == 2
+
+
+async def test_an_expiry_shred_spares_a_member_who_connected_since(vault: Store) -> None:
+    member = replace(new_member(), last_seen_at=ts(100))
+    await vault.insert_member(member)
+    # Decided when the member was last seen at ts(100): a login at ts(500) since.
+    assert await vault.record_login(member.member_id, entry(ts(500)), dek_id=1)
+    assert (
+        await vault.shred_member(member.member_id, ts(600), "inactivity", last_seen_before=ts(200))
+        is None
+    )
+    assert await vault.get_member(member.member_id) is not None
+    assert not await vault.is_destroyed(member.member_id)
+    record = await vault.shred_member(
+        member.member_id, ts(700), "inactivity", last_seen_before=ts(501)
+    )
+    assert record is not None
+    assert record.reason == "inactivity"

@@ -16,7 +16,7 @@ import secrets
 import signal
 import socket
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -200,7 +200,9 @@ async def _dry_run(settings: Settings, out: TextIO) -> int:
     return 0
 
 
-async def _no_shred(member_id: str, reason: str) -> None:
+async def _no_shred(
+    member_id: str, reason: str, *, last_seen_before: datetime | None = None
+) -> None:
     raise AssertionError("a dry run never shreds")
 
 

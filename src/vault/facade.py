@@ -65,6 +65,7 @@ from vault.store.base import (
 log = structlog.get_logger("vault")
 
 KEY_CHANGE_RETRIES = 3
+AFTER_ANSWER_DELAY = 0.05  # seconds
 T = TypeVar("T")
 FIRST_DEK_ID = 1
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
@@ -605,10 +606,16 @@ class Vault:
         await self._check_password(await self._dek(row.key), row, password)
         return WithdrawalOutcome(destroyed_at=await self.shred(mid, reason="withdrawal"))
 
-    async def shred(self, member_id: str, reason: str) -> datetime:
+    async def shred(
+        self, member_id: str, reason: str, *, last_seen_before: datetime | None = None
+    ) -> datetime:
         """Crypto-shred a member: the DEK row goes, so every ciphertext of theirs,
-        wherever it is copied, is noise once the wrapping KEK version is destroyed."""
-        record = await self._store.shred_member(member_id, self._clock.now(), reason)
+        wherever it is copied, is noise once the wrapping KEK version is destroyed.
+        With ``last_seen_before``, only if the member has not connected since then
+        (NotFound otherwise)."""
+        record = await self._store.shred_member(
+            member_id, self._clock.now(), reason, last_seen_before=last_seen_before
+        )
         self._deks.evict(member_id)
         if record is None:
             raise NotFound
@@ -765,6 +772,9 @@ class Vault:
 
         async def guarded() -> None:
             try:
+                # Start once the answer is on its way: work scheduled at once would
+                # run before gRPC sends the reply and make known accounts slower.
+                await asyncio.sleep(AFTER_ANSWER_DELAY)
                 await work
             except Exception as exc:  # noqa: BLE001 - nobody awaits a background task
                 log.error("background_work_failed", error=type(exc).__name__)  # noqa: TRY400

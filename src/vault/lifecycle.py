@@ -20,8 +20,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 from vault.clock import Clock
 from vault.errors import NotFound
@@ -37,7 +37,15 @@ SHRED_REASON = "inactivity"
 # exactly the boundary (inactive for exactly the period), as the policy reads.
 _TICK = timedelta(microseconds=1)
 
-ShredFunction = Callable[[str, str], Awaitable[Any]]
+
+class ShredFunction(Protocol):
+    """Vault.shred: crypto-shred a member, only if not connected since ``last_seen_before``."""
+
+    def __call__(
+        self, member_id: str, reason: str, *, last_seen_before: datetime | None = None
+    ) -> Awaitable[Any]: ...
+
+
 #: Called after each batch with the step name and the batch's count; tests use it
 #: to stop a sweep part-way.
 BatchHook = Callable[[str, int], Awaitable[None]]
@@ -158,14 +166,12 @@ class Lifecycle:
             )
             done = 0
             for member_id in due:
-                # Re-read just before: a login since the listing cancels the destruction.
-                member = await self._store.get_member(member_id)
-                if member is None or member.last_seen_at >= seen_cutoff:
-                    continue
                 try:
-                    await self._shred(member_id, SHRED_REASON)
+                    # Conditional in the shred's own transaction: a login since the
+                    # listing cancels the destruction, with no window in between.
+                    await self._shred(member_id, SHRED_REASON, last_seen_before=seen_cutoff)
                 except NotFound:
-                    continue  # another sidecar shredded them first
+                    continue  # shredded by another sidecar, or connected since
                 done += 1
             shredded += done
             await self._batch_done("shredded", done)

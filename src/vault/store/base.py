@@ -315,13 +315,20 @@ class Store(Protocol):
 
     # --- destruction -----------------------------------------------------------
     async def shred_member(
-        self, member_id: str, destroyed_at: datetime, reason: str
+        self,
+        member_id: str,
+        destroyed_at: datetime,
+        reason: str,
+        *,
+        last_seen_before: datetime | None = None,
     ) -> DestructionRecord | None:
         """Crypto-shred: in one transaction delete the member's DEK rows, blind
         indexes, ciphertexts, consents, access log, pending mail and password
         reset tokens; leave a tombstone and a
         destruction record. Then scrub what the backend can (SQLite: WAL
-        checkpoint). None if no such member (already shredded or never was)."""
+        checkpoint). None if no such member (already shredded or never was), or if
+        ``last_seen_before`` is given and the member connected at or after it (checked
+        in the same transaction: an expiry never shreds a member who just logged in)."""
         ...
 
     async def is_destroyed(self, member_id: str) -> bool:

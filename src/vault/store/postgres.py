@@ -757,16 +757,24 @@ class PostgresStore:
 
     # --- destruction -----------------------------------------------------------
     async def shred_member(
-        self, member_id: str, destroyed_at: datetime, reason: str
+        self,
+        member_id: str,
+        destroyed_at: datetime,
+        reason: str,
+        *,
+        last_seen_before: datetime | None = None,
     ) -> DestructionRecord | None:
         key = _uuid(member_id)
         require_aware(destroyed_at)
         async with self._transaction() as conn:
-            # Lock the member first: a concurrent shred waits, then finds nothing.
-            found = await conn.fetchval(
-                "SELECT 1 FROM members WHERE member_id = $1 FOR UPDATE", key
+            # Lock the member first: a concurrent shred waits, then finds nothing, and
+            # a concurrent login (which updates this row) is either seen or waits.
+            last_seen = await conn.fetchval(
+                "SELECT last_seen_at FROM members WHERE member_id = $1 FOR UPDATE", key
             )
-            if found is None:
+            if last_seen is None:
+                return None
+            if last_seen_before is not None and last_seen >= require_aware(last_seen_before):
                 return None
             # Explicit deletes, children first, so each count is exact (not cascaded).
             outbox = _affected(await conn.execute("DELETE FROM outbox WHERE member_id = $1", key))

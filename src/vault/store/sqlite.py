@@ -908,16 +908,26 @@ class SqliteStore:
 
     # --- destruction -----------------------------------------------------------
     async def shred_member(
-        self, member_id: str, destroyed_at: datetime, reason: str
+        self,
+        member_id: str,
+        destroyed_at: datetime,
+        reason: str,
+        *,
+        last_seen_before: datetime | None = None,
     ) -> DestructionRecord | None:
         member_id = canonical_member_id(member_id)
         params = (member_id,)
         at = _to_us(destroyed_at)
+        seen_limit = None if last_seen_before is None else _to_us(last_seen_before)
 
         def work(conn: sqlite3.Connection) -> DestructionRecord | None:
-            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
-            if found.fetchone() is None:
+            found = conn.execute(
+                "SELECT last_seen_at FROM members WHERE member_id = ?", (member_id,)
+            ).fetchone()
+            if found is None:
                 return None
+            if seen_limit is not None and found[0] >= seen_limit:
+                return None  # connected since the caller decided: not inactive
             versions = sorted(
                 {
                     int(r[0])
