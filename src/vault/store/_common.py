@@ -18,6 +18,7 @@ from vault.store.base import (
     INDEXED_FIELDS,
     KekState,
     KekVersionRow,
+    MemberKeyRow,
     MemberRow,
 )
 
@@ -117,3 +118,23 @@ def check_token_hash(token_hash: bytes) -> bytes:
     if len(value) != TOKEN_HASH_BYTES:
         raise ValueError("a token hash is the 32-byte SHA-256 of the token")
     return value
+
+
+def check_key_replacement(
+    member_id: str,
+    new_key: MemberKeyRow,
+    ciphertexts: Mapping[str, bytes],
+    old_ciphertexts: Mapping[str, bytes],
+) -> tuple[str, list[bytes]]:
+    """The checks of replace_member_key; returns the canonical member id and the old
+    ciphertexts in column order (what the row must still hold)."""
+    canonical = canonical_member_id(member_id)
+    if canonical_member_id(new_key.member_id) != canonical:
+        raise ValueError("the new key belongs to another member")
+    if set(ciphertexts) != set(ENCRYPTED_FIELDS) or set(old_ciphertexts) != set(ENCRYPTED_FIELDS):
+        raise ValueError("a key rotation re-encrypts every field")
+    return canonical, [bytes(old_ciphertexts[f]) for f in ENCRYPTED_FIELDS]
+
+
+#: The ciphertext columns in ENCRYPTED_FIELDS order, for reading a whole row's fields.
+CT_SELECT = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)

@@ -27,9 +27,11 @@ from vault.errors import (
 )
 from vault.store._common import (
     CT_COLUMNS,
+    CT_SELECT,
     HMAC_COLUMNS,
     canonical_member_id,
     check_kek_version,
+    check_key_replacement,
     check_limit,
     check_new_member,
     check_token_hash,
@@ -40,7 +42,6 @@ from vault.store._common import (
 )
 from vault.store._migrations import load_migrations
 from vault.store.base import (
-    ENCRYPTED_FIELDS,
     AccessEntryRow,
     ConsentRow,
     DestructionRecord,
@@ -465,15 +466,11 @@ class PostgresStore:
         *,
         old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
-        key = _uuid(member_id)
-        if set(old_ciphertexts) != set(ENCRYPTED_FIELDS):
-            raise ValueError("a key rotation re-encrypts every field")
-        expected = [bytes(old_ciphertexts[f]) for f in ENCRYPTED_FIELDS]
-        select_cts = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
-        if _uuid(new_key.member_id) != key:
-            raise ValueError("the new key belongs to another member")
-        if set(ciphertexts) != set(ENCRYPTED_FIELDS):
-            raise ValueError("a key rotation re-encrypts every field")
+        canonical, expected = check_key_replacement(
+            member_id, new_key, ciphertexts, old_ciphertexts
+        )
+        key = uuid.UUID(canonical)
+        select_cts = CT_SELECT
         assignments = update_assignments(ciphertexts, None)
         setters = ", ".join(f"{column} = ${i}" for i, (column, _) in enumerate(assignments, 2))
         async with self._transaction() as conn:

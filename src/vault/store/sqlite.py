@@ -31,9 +31,11 @@ from vault.errors import (
 )
 from vault.store._common import (
     CT_COLUMNS,
+    CT_SELECT,
     HMAC_COLUMNS,
     canonical_member_id,
     check_kek_version,
+    check_key_replacement,
     check_limit,
     check_new_member,
     check_token_hash,
@@ -44,7 +46,6 @@ from vault.store._common import (
 )
 from vault.store._migrations import load_migrations
 from vault.store.base import (
-    ENCRYPTED_FIELDS,
     AccessEntryRow,
     ConsentRow,
     DestructionRecord,
@@ -642,15 +643,10 @@ class SqliteStore:
         *,
         old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
-        member_id = canonical_member_id(member_id)
-        if set(old_ciphertexts) != set(ENCRYPTED_FIELDS):
-            raise ValueError("a key rotation re-encrypts every field")
-        expected = [bytes(old_ciphertexts[f]) for f in ENCRYPTED_FIELDS]
-        select_cts = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
-        if canonical_member_id(new_key.member_id) != member_id:
-            raise ValueError("the new key belongs to another member")
-        if set(ciphertexts) != set(ENCRYPTED_FIELDS):
-            raise ValueError("a key rotation re-encrypts every field")
+        member_id, expected = check_key_replacement(
+            member_id, new_key, ciphertexts, old_ciphertexts
+        )
+        select_cts = CT_SELECT
         assignments = update_assignments(ciphertexts, None)
         setters = ", ".join(f"{column} = ?" for column, _ in assignments)
         field_params = [value for _, value in assignments] + [member_id]
