@@ -379,12 +379,6 @@ def test_blind_index_distinguishes_values() -> None:
     )
 
 
-def test_constant_time_equal() -> None:
-    assert _hazmat.constant_time_equal(b"abc", b"abc")
-    assert not _hazmat.constant_time_equal(b"abc", b"abd")
-    assert not _hazmat.constant_time_equal(b"abc", b"ab")
-
-
 # --- the DEK cache -------------------------------------------------------------------
 
 

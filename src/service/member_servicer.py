@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,6 +19,7 @@ from vault import (
     Purpose,
     WithdrawalOutcome,
 )
+from vault.clock import to_micros
 from vault.errors import FieldViolation, InvalidInput
 
 CLIENT_IP_KEY = "x-client-ip"
@@ -56,13 +57,9 @@ def _purpose_pb(purpose: str) -> pb.Purpose.ValueType:
     return pb.Purpose.Value(_PURPOSE_PREFIX + purpose)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
 def _ts(at: datetime) -> Timestamp:
     # Timestamp.FromDatetime is several times slower, and this runs four times a read.
-    micros = (at - _EPOCH) // _MICROSECOND
+    micros = to_micros(at)
     return Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 

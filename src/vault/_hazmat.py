@@ -174,7 +174,3 @@ def blind_index(key: IndexKey, domain: str, normalized_value: str) -> bytes:
     return hmac.new(
         key._material, _lp(domain.encode()) + normalized_value.encode(), hashlib.sha256
     ).digest()
-
-
-def constant_time_equal(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)

@@ -7,11 +7,11 @@ to another row and still decrypt.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
+
+from vault.clock import to_micros
 
 INDEX_KEY_ID = 1
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 def index_key_context(key_id: int = INDEX_KEY_ID) -> bytes:
@@ -24,4 +24,4 @@ def dek_context(member_id: str, dek_id: int) -> bytes:
 
 def access_field(kind: str, at: datetime) -> str:
     """``kind`` is "action" or "ip"; the entry's time (to the microsecond) is bound in."""
-    return f"access.{kind}@{(at - _EPOCH) // _MICROSECOND}"
+    return f"access.{kind}@{to_micros(at)}"

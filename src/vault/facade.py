@@ -17,7 +17,7 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -25,7 +25,7 @@ import structlog
 from vault import _hazmat, ids, policy
 from vault.bindings import INDEX_KEY_ID, access_field, dek_context, index_key_context
 from vault.cache import DekCache
-from vault.clock import Clock
+from vault.clock import Clock, from_micros, to_micros
 from vault.errors import (
     AuthenticationFailed,
     DecryptionError,
@@ -173,10 +173,6 @@ class _Keyring:
                 "kek_versions", f"exactly one KEK version must be active, found {len(active)}"
             )
         return _Keyring(tuple(rows))
-
-
-def _micros(at: datetime) -> int:
-    return (at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 class Vault:
@@ -887,7 +883,7 @@ def _sealed_field(message_id: str, name: str) -> str:
 
 
 def _encode_page_token(row: AccessEntryRow) -> str:
-    raw = f"v1:{_micros(row.at)}:{row.entry_id}".encode()
+    raw = f"v1:{to_micros(row.at)}:{row.entry_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -897,7 +893,7 @@ def _decode_page_token(token: str) -> tuple[datetime, int] | None:
         tag, micros, entry_id = raw.split(":")
         if tag != "v1":
             return None
-        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros))
+        at = from_micros(int(micros))
         return at, int(entry_id)
     except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
         return None

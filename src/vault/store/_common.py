@@ -7,6 +7,7 @@ echo the offending value.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import get_args
@@ -20,6 +21,7 @@ from vault.store.base import (
     KekVersionRow,
     MemberKeyRow,
     MemberRow,
+    OutboxMessage,
 )
 
 # Field name -> column; the only source of column names built into SQL.
@@ -138,3 +140,8 @@ def check_key_replacement(
 
 #: The ciphertext columns in ENCRYPTED_FIELDS order, for reading a whole row's fields.
 CT_SELECT = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
+
+
+def outbox_params_json(message: OutboxMessage) -> str:
+    """An outbox message's template parameters as stored: a JSON object of strings."""
+    return json.dumps({str(k): str(v) for k, v in message.params.items()}, sort_keys=True)

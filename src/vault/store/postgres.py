@@ -37,6 +37,7 @@ from vault.store._common import (
     check_token_hash,
     check_unused,
     hmac_column,
+    outbox_params_json,
     require_aware,
     update_assignments,
 )
@@ -191,7 +192,7 @@ def _outbox_params(message: OutboxMessage) -> tuple[Any, ...]:
         message.message_id,
         _uuid(message.member_id),
         message.kind,
-        json.dumps({str(k): str(v) for k, v in message.params.items()}, sort_keys=True),
+        outbox_params_json(message),
         created,
         int(message.attempts),
         due,

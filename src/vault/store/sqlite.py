@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from vault.clock import from_micros, to_micros
 from vault.errors import (
     AlreadyExists,
     KeyChanged,
@@ -41,6 +42,7 @@ from vault.store._common import (
     check_token_hash,
     check_unused,
     hmac_column,
+    outbox_params_json,
     require_aware,
     update_assignments,
 )
@@ -63,8 +65,6 @@ from vault.store.base import (
 
 _T = TypeVar("_T")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 # Applied on every open; the values are the privacy and durability promises.
 _PRAGMAS: Mapping[str, str] = {
@@ -120,11 +120,11 @@ _CREATE_SCHEMA_MIGRATIONS = (
 
 
 def _to_us(value: datetime) -> int:
-    return (require_aware(value) - _EPOCH) // _MICROSECOND
+    return to_micros(require_aware(value))
 
 
 def _from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    return from_micros(value)
 
 
 def _is_unavailable(exc: sqlite3.Error) -> bool:
@@ -338,7 +338,7 @@ def _outbox_params(message: OutboxMessage) -> tuple[Any, ...]:
         message.message_id,
         canonical_member_id(message.member_id),
         message.kind,
-        json.dumps({str(k): str(v) for k, v in message.params.items()}, sort_keys=True),
+        outbox_params_json(message),
         created,
         int(message.attempts),
         due,
