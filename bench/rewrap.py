@@ -26,7 +26,6 @@ import contextlib
 import cProfile
 import json
 import os
-import random
 import secrets
 import signal
 import struct
@@ -36,26 +35,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
+from seed import Activity, SeedOptions, seed
 
-try:
-    import vault
-except ImportError:  # not pip-installed: use the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    import vault
+import vault
 from vault.bindings import dek_context
 from vault.keyadmin import DEFAULT_BATCH, MAX_BATCH
 from vault.providers.base import KeyProvider
 
 TARGET = 0.5
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-SEED_CHUNK = 50_000
 SAMPLE = 1_000  # members whose DEK is kept to check that re-wrapping kept it
 Scenario = Literal["service", "raw"]
 
@@ -72,23 +66,6 @@ APPLY_REWRAP = (
     "WHERE k.member_id = u.member_id AND k.dek_id = u.dek_id "
     "AND k.kek_version = u.from_version"
 )
-MEMBER_COLUMNS = (
-    "member_id",
-    "created_at",
-    "last_seen_at",
-    "login_hmac",
-    "email_hmac",
-    "login_id_ct",
-    "password_hash_ct",
-    "name_ct",
-    "email_ct",
-    "mobile_phone_ct",
-)
-# Field ciphertext = 0x01 | dek_id (4) | nonce (12) | AES-GCM(plaintext | tag (16)):
-# 33 bytes + the plaintext. Plaintext lengths: login id, argon2 PHC string, name, e-mail,
-# phone number (always present: empty when not given).
-CT_PLAINTEXT = (12, 97, 16, 24, 12)
-_CT_HEADER = b"\x01\x00\x00\x00\x01"
 _VERSION = struct.Struct(">I")
 
 
@@ -168,68 +145,6 @@ async def settle(conn: asyncpg.Connection) -> None:
 async def version_counts(conn: asyncpg.Connection) -> dict[int, int]:
     rows = await conn.fetch("SELECT kek_version, count(*) FROM member_keys GROUP BY kek_version")
     return {int(r[0]): int(r[1]) for r in rows}
-
-
-# --- seeding -----------------------------------------------------------------------------
-async def seed(
-    url: str, provider: KeyProvider, members: int, sample_every: int
-) -> dict[str, bytes]:
-    """COPY ``members`` members and their keys (a fresh DEK each, wrapped under KEK v1 with
-    its real context). Returns the DEKs of every ``sample_every``-th member."""
-    sample: dict[str, bytes] = {}
-    base = datetime(2024, 1, 1, tzinfo=UTC)
-    rng = random.Random(secrets.randbits(64))
-    ct_lengths = [33 + n for n in CT_PLAINTEXT]
-    per_member = 64 + sum(n - len(_CT_HEADER) for n in ct_lengths)
-    members_conn = await asyncpg.connect(url)
-    keys_conn = await asyncpg.connect(url)
-    try:
-        # The member rows are written alongside: the foreign-key check (one lookup and one
-        # row lock per key row) is not what is measured here.
-        await keys_conn.execute("SET session_replication_role = replica")
-        done = 0
-        while done < members:
-            n = min(SEED_CHUNK, members - done)
-            noise = rng.randbytes(n * per_member)
-            deks = os.urandom(n * 32)
-            member_rows: list[tuple[Any, ...]] = []
-            key_rows: list[tuple[Any, ...]] = []
-            at = 0
-            for i in range(n):
-                member_id = uuid.uuid4()
-                mid = str(member_id)
-                created = base + timedelta(seconds=rng.randrange(63_072_000))
-                fields: list[bytes] = [noise[at : at + 32], noise[at + 32 : at + 64]]
-                at += 64
-                for length in ct_lengths:
-                    end = at + length - len(_CT_HEADER)
-                    fields.append(_CT_HEADER + noise[at:end])
-                    at = end
-                seen = created + timedelta(seconds=rng.randrange(86_400))
-                member_rows.append((member_id, created, seen, *fields))
-                dek = deks[i * 32 : i * 32 + 32]
-                key_rows.append((member_id, 1, 1, await provider.wrap(1, dek, dek_context(mid, 1))))
-                if (done + i) % sample_every == 0:
-                    sample[mid] = dek
-            await asyncio.gather(
-                members_conn.copy_records_to_table(
-                    "members", records=member_rows, columns=MEMBER_COLUMNS
-                ),
-                keys_conn.copy_records_to_table(
-                    "member_keys",
-                    records=key_rows,
-                    columns=("member_id", "dek_id", "kek_version", "wrapped_dek"),
-                ),
-            )
-            done += n
-            print(f"  seeded {done:,}/{members:,}", file=sys.stderr, end="\r")
-        print(file=sys.stderr)
-        await members_conn.execute("VACUUM (ANALYZE) members")
-        await keys_conn.execute("VACUUM (ANALYZE) member_keys")
-    finally:
-        await members_conn.close()
-        await keys_conn.close()
-    return sample
 
 
 # --- the two scenarios -------------------------------------------------------------------
@@ -334,7 +249,14 @@ async def measure(args: argparse.Namespace, url: str, results: Results) -> None:
             provider: KeyProvider = v._provider
             print(f"seeding {args.members:,} members...", file=sys.stderr)
             started = time.perf_counter()
-            sample = await seed(url, provider, args.members, max(1, args.members // SAMPLE))
+            sample: dict[str, bytes] = {}
+            every = max(1, args.members // SAMPLE)
+
+            def keep(index: int, member_id: uuid.UUID, dek: bytes, activity: Activity) -> None:
+                if index % every == 0:
+                    sample[str(member_id)] = dek
+
+            await seed(url, provider, SeedOptions(args.members, vacuum=True, on_member=keep))
             results.seed_seconds = time.perf_counter() - started
             print(f"  seeded in {results.seed_seconds:.1f} s", file=sys.stderr)
             async with _connect(url) as conn:

@@ -49,20 +49,10 @@ from typing import Any
 
 import asyncpg
 import structlog
-from rewrap import (
-    _CT_HEADER,
-    ADMIN_DSN,
-    CT_PLAINTEXT,
-    MEMBER_COLUMNS,
-    SEED_CHUNK,
-    _connect,
-    create_database,
-    database_url,
-    drop_database,
-)
+from rewrap import ADMIN_DSN, _connect, create_database, database_url, drop_database
+from seed import TWO_YEARS, Activity, SeedOptions, seed
 
 import vault
-from vault.bindings import dek_context
 from vault.clock import FrozenClock
 from vault.lifecycle import Lifecycle, LifecyclePolicy
 from vault.providers.base import KeyProvider
@@ -147,105 +137,41 @@ class Seeded:
 
 
 # --- seeding -----------------------------------------------------------------------------
-async def seed(
+async def seed_due(
     url: str, provider: KeyProvider, members: int, due_per_half: int, now: datetime
 ) -> Seeded:
-    """COPY ``members`` members with their keys (a fresh DEK each, wrapped under KEK v1
-    with its real context); every ``stride``-th member is due, alternately in the sweep's
-    and the direct shred's half, with consents and access-log entries."""
-    rng = random.Random(secrets.randbits(64))
+    """COPY ``members`` members with their keys (``seed.seed``); every ``stride``-th member
+    is due, alternately in the sweep's and the direct shred's half, with consents and
+    access-log entries."""
     stride = members // (2 * due_per_half)
-    ct_lengths = [33 + n for n in CT_PLAINTEXT]
-    per_member = 64 + sum(n - len(_CT_HEADER) for n in ct_lengths)
-    seeded = Seeded([], [])
-    conns = [await asyncpg.connect(url) for _ in range(3)]
-    members_conn, keys_conn, extra_conn = conns
-    try:
-        # The child rows are written alongside their members: skip the foreign-key checks.
-        for conn in (keys_conn, extra_conn):
-            await conn.execute("SET session_replication_role = replica")
-        done = 0
-        while done < members:
-            n = min(SEED_CHUNK, members - done)
-            noise = rng.randbytes(n * per_member)
-            deks = os.urandom(n * 32)
-            member_rows: list[tuple[Any, ...]] = []
-            key_rows: list[tuple[Any, ...]] = []
-            consent_rows: list[tuple[Any, ...]] = []
-            access_rows: list[tuple[Any, ...]] = []
-            at = 0
-            for i in range(n):
-                member_id = uuid.uuid4()
-                fields: list[bytes] = [noise[at : at + 32], noise[at + 32 : at + 64]]
-                at += 64
-                for length in ct_lengths:
-                    end = at + length - len(_CT_HEADER)
-                    fields.append(_CT_HEADER + noise[at:end])
-                    at = end
-                position, rest = divmod(done + i, stride)
-                notice: datetime | None = None
-                if rest == 0 and position < 2 * due_per_half:
-                    seen = now - DUE_SEEN - timedelta(seconds=rng.randrange(DUE_SPREAD))
-                    notice = now - DUE_NOTICE - timedelta(seconds=rng.randrange(NOTICE_SPREAD))
-                    (seeded.sweep if position % 2 == 0 else seeded.direct).append(member_id)
-                    for purpose in CONSENTS:
-                        consent_rows.append((member_id, purpose, True, "2024-01", seen))
-                    for k in range(ACCESS_PER_DUE):
-                        access_rows.append(
-                            (
-                                member_id,
-                                seen - timedelta(hours=k),
-                                _CT_HEADER + os.urandom(28 + 8),
-                                _CT_HEADER + os.urandom(28 + 16),
-                            )
-                        )
-                else:
-                    seen = now - timedelta(seconds=rng.randrange(int(ACTIVE_SPAN.total_seconds())))
-                created = seen - timedelta(seconds=rng.randrange(63_072_000))
-                member_rows.append((member_id, created, seen, *fields, notice))
-                dek = deks[i * 32 : i * 32 + 32]
-                wrapped = await provider.wrap(1, dek, dek_context(str(member_id), 1))
-                key_rows.append((member_id, 1, 1, wrapped))
+    due: list[uuid.UUID] = []
 
-            async def extras(consents: list[Any], access: list[Any]) -> None:
-                if consents:
-                    await extra_conn.copy_records_to_table(
-                        "consents",
-                        records=consents,
-                        columns=(
-                            "member_id",
-                            "purpose",
-                            "granted",
-                            "policy_version",
-                            "recorded_at",
-                        ),
-                    )
-                if access:
-                    await extra_conn.copy_records_to_table(
-                        "access_log",
-                        records=access,
-                        columns=("member_id", "at", "action_ct", "ip_ct"),
-                    )
+    def activity(index: int, rng: random.Random) -> Activity:
+        position, rest = divmod(index, stride)
+        if rest == 0 and position < 2 * due_per_half:
+            seen = now - DUE_SEEN - timedelta(seconds=rng.randrange(DUE_SPREAD))
+            notice = now - DUE_NOTICE - timedelta(seconds=rng.randrange(NOTICE_SPREAD))
+            extras = True
+        else:
+            seen = now - timedelta(seconds=rng.randrange(int(ACTIVE_SPAN.total_seconds())))
+            notice, extras = None, False
+        created = seen - timedelta(seconds=rng.randrange(TWO_YEARS))
+        return Activity(created, seen, notice, extras)
 
-            await asyncio.gather(
-                members_conn.copy_records_to_table(
-                    "members",
-                    records=member_rows,
-                    columns=(*MEMBER_COLUMNS, "inactivity_notice_at"),
-                ),
-                keys_conn.copy_records_to_table(
-                    "member_keys",
-                    records=key_rows,
-                    columns=("member_id", "dek_id", "kek_version", "wrapped_dek"),
-                ),
-                extras(consent_rows, access_rows),
-            )
-            done += n
-            print(f"  seeded {done:,}/{members:,}", file=sys.stderr, end="\r")
-        print(file=sys.stderr)
-    finally:
-        for conn in conns:
-            await conn.close()
+    def keep(index: int, member_id: uuid.UUID, dek: bytes, seeded_as: Activity) -> None:
+        if seeded_as.extras:
+            due.append(member_id)
+
+    options = SeedOptions(
+        members,
+        activity=activity,
+        consents=CONSENTS,
+        access_log=ACCESS_PER_DUE,
+        on_member=keep,
+    )
+    await seed(url, provider, options)
+    # The due members in seeding order alternate between the halves, the sweep's first.
+    seeded = Seeded(due[0::2], due[1::2])
     if len(seeded.sweep) != due_per_half or len(seeded.direct) != due_per_half:
         raise RuntimeError(f"seeded {len(seeded.sweep)} + {len(seeded.direct)} due members")
     return seeded
@@ -325,7 +251,7 @@ async def _measure(v: vault.Vault, conn: asyncpg.Connection, url: str, run: Run)
         file=sys.stderr,
     )
     started = time.perf_counter()
-    seeded = await seed(url, v._provider, run.members, run.due_per_half, now)
+    seeded = await seed_due(url, v._provider, run.members, run.due_per_half, now)
     run.seed_seconds = time.perf_counter() - started
     print(f"  seeded in {run.seed_seconds:.1f} s", file=sys.stderr)
     await settle(conn)

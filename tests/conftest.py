@@ -159,6 +159,17 @@ async def store_url(
 
 
 @pytest.fixture
+async def retention_url(
+    backend: str, tmp_path: Path, make_postgres_database: Callable[[], Awaitable[str]]
+) -> str:
+    """The separated retention storage for the backend under test: a second database
+    of the same kind (SQLite: ``retention.db`` in the data directory)."""
+    if backend == "postgres":
+        return await make_postgres_database()
+    return f"sqlite:///{tmp_path / 'data' / 'retention.db'}"
+
+
+@pytest.fixture
 async def store(store_url: str) -> AsyncIterator[Store]:
     """A migrated, empty store for the backend under test."""
     opened = await open_store(store_url)

@@ -198,6 +198,15 @@ def captured_logs() -> Iterator[io.StringIO]:
 
 
 @pytest.fixture
+def server_settings(server_settings: Settings, retention_url: str) -> Settings:
+    """conftest's settings with withdrawals retained: the copy is at rest too."""
+    return Settings(
+        **server_settings.model_dump()
+        | {"retention_database_url": retention_url, "withdrawal_retention_days": 30}
+    )
+
+
+@pytest.fixture
 def server(captured_logs: io.StringIO, server: RunningServer) -> RunningServer:
     """conftest's server, started only after the logs go into ``captured_logs``."""
     return server
@@ -349,6 +358,11 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
     for member_id in member_ids:
         exported = await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id))
         exports.append(exported.json)
+    # The third withdraws: their data moves to the retention database, at rest there.
+    withdrawn = await members.Withdraw(
+        pb.WithdrawRequest(member_id=member_ids[2], password=PEOPLE[2].password)
+    )
+    assert withdrawn.WhichOneof("outcome") == "retained_until"
     return exports
 
 
@@ -366,6 +380,10 @@ async def _pg_dump(url: str) -> bytes:
     return stdout
 
 
+def documents_member_id(export: str) -> str:
+    return str(json.loads(export)["member"]["member_id"])
+
+
 def _files_under(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
@@ -379,9 +397,16 @@ async def test_no_canary_at_rest_in_logs_or_errors(
     server_settings: Settings,
     backend: str,
     tmp_path: Path,
+    retention_url: str,
 ) -> None:
     errors = ClientErrors([])
     exports = await _drive_api(members, errors)
+    # Positive control for the retention database: the withdrawn member's canaries
+    # are really in it (decryptable by the privacy officer's tool), as ciphertext.
+    disclosed = await server.vault.retention.disclose(
+        documents_member_id(exports[2]), "canary-test", "test"
+    )
+    assert disclosed["member"]["name"] == PEOPLE[2].name
 
     # The data really went in and comes back out: the export holds the canaries.
     documents = [json.loads(text) for text in exports]
@@ -407,6 +432,7 @@ async def test_no_canary_at_rest_in_logs_or_errors(
         files = _files_under(tmp_path)
         assert db_file.name in files
         assert any(name.startswith("data/kek") for name in files)
+        assert "data/retention.db" in files
         # Every file under tmp_path (the database, -wal, -shm, the data dir, its key
         # file) as raw bytes, while the server is still running and nothing is
         # checkpointed.
@@ -417,6 +443,9 @@ async def test_no_canary_at_rest_in_logs_or_errors(
         assert b"CREATE TABLE" in dump
         assert b"COPY " in dump  # the data itself is dumped, not only the schema
         assert find_canaries(dump) == []
+        retained_dump = await _pg_dump(retention_url)
+        assert b"COPY public.retained_members" in retained_dump
+        assert find_canaries(retained_dump) == []
         for name, content in _files_under(server_settings.data_dir).items():
             assert find_canaries(content) == [], name
 

@@ -139,6 +139,7 @@ async def test_keys_cli_rotate_rewrap_destroy(
         "destroyed_at": None,
         "member_keys": 10,
         "index_keys": 1,
+        "retained_keys": 0,
     }
 
     rotated = cli("rotate", "--actor", "sec-team")

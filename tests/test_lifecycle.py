@@ -311,6 +311,7 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
         "notices": 2,
         "shredded": 1,
         "access_log_purged": 3,
+        "retained_destroyed": 0,
         "kek_rotated": 0,
         "kek_versions_destroyed": 0,
         "dry_run": True,
@@ -400,6 +401,7 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
     assert {line["step"]: line["count"] for line in lines} == {
         "shredded": 0,
         "inactivity_notices": 1,
+        "retained_destroyed": 0,
         "access_log_purged": 1,
     }
     assert all(line["dry_run"] is True for line in lines)

@@ -1,4 +1,5 @@
-"""``privacy-vault``: run the server, apply migrations, manage keys (``keys``)."""
+"""``privacy-vault``: run the server and the sidecar, apply migrations, manage keys
+(``keys``) and withdrawn members' retained data (``retention``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 from service.config import Settings
 from service.keys_cli import keys_app
 from service.logs import configure_logging
+from service.retention_cli import retention_app
 
 app = typer.Typer(
     name="privacy-vault",
@@ -19,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(keys_app, name="keys")
+app.add_typer(retention_app, name="retention")
 
 
 def load_settings() -> Settings:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from vault import OWASP, Argon2Profile, KeyProviderSettings, VaultSettings
+from vault import OWASP, Argon2Profile, KeyProviderSettings, RetentionRule, VaultSettings
 
 ENV_PREFIX = "PRIVACY_VAULT_"
 #: Where Debian's softhsm2 puts its module: the pkcs11 default when it is installed.
@@ -49,6 +50,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("privacy-vault-data")
     #: sqlite:///path or postgresql://...; default SQLite in data_dir. May hold a password.
     database_url: SecretStr | None = None
+    #: The separated storage for withdrawn members' retained data: a database of its
+    #: own. Default: ``retention.db`` in data_dir beside an embedded (SQLite) vault;
+    #: required with a PostgreSQL vault when WITHDRAWAL_RETENTION_DAYS > 0.
+    retention_database_url: SecretStr | None = None
     database_pool_size: int = Field(10, ge=1, le=200)
     #: A mounted key file (read-only); default: ``kek.json`` in data_dir, created on first start.
     local_key_file: Path | None = None
@@ -109,6 +114,12 @@ class Settings(BaseSettings):
     inactivity_notice_days: int = Field(30, ge=1, le=36500)
     #: Access logs (IP, time, use history) are purged after this many days (6 months).
     access_log_retention_days: int = Field(183, ge=1, le=36500)
+    #: Withdrawal (policy section 6): what the member entered is kept in the separated
+    #: storage this long, for the stated reason, then destroyed. 0: destroyed at once.
+    withdrawal_retention_days: int = Field(0, ge=0, le=36500)
+    withdrawal_retention_reason: str = Field(
+        "information security (internal policy)", min_length=1, max_length=200
+    )
     sidecar_interval_seconds: float = Field(60.0, gt=0, le=86400)
     #: Run the sidecar inside ``serve``; default on in embedded, off in production
     #: (where it runs as its own ``privacy-vault sidecar`` process).
@@ -142,6 +153,32 @@ class Settings(BaseSettings):
         if self.inactivity_notice_days >= self.inactivity_days:
             raise ValueError("inactivity_notice_days must be less than inactivity_days")
         return self
+
+    @model_validator(mode="after")
+    def _separate_retention(self) -> Settings:
+        retention = self.retention_url
+        if (
+            retention is not None
+            and self.database_url is not None
+            and retention == self.database_url.get_secret_value()
+        ):
+            raise ValueError("retention_database_url must name a database of its own")
+        vault_url = self.database_url.get_secret_value() if self.database_url else "sqlite:"
+        if (
+            self.withdrawal_retention_days
+            and retention is None
+            and not vault_url.startswith("sqlite:")
+        ):
+            raise ValueError(
+                "withdrawal_retention_days needs retention_database_url with a PostgreSQL vault"
+            )
+        return self
+
+    @property
+    def retention_url(self) -> str | None:
+        if self.retention_database_url is None:
+            return None
+        return self.retention_database_url.get_secret_value()
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -191,4 +228,7 @@ class Settings(BaseSettings):
             privacy_officer_contact=self.privacy_officer_contact,
             dek_cache_size=self.dek_cache_size,
             dek_cache_ttl=self.dek_cache_ttl_seconds,
+            withdrawal_retention=RetentionRule(
+                timedelta(days=self.withdrawal_retention_days), self.withdrawal_retention_reason
+            ),
         )

@@ -74,6 +74,7 @@ def _kek_version_pb(
     destroyed_at: datetime | None,
     member_keys: int = 0,
     index_keys: int = 0,
+    retained_member_keys: int = 0,
 ) -> pb.KekVersion:
     return pb.KekVersion(
         version=version,
@@ -82,12 +83,19 @@ def _kek_version_pb(
         destroyed_at=None if destroyed_at is None else _ts(destroyed_at),
         member_keys=member_keys,
         index_keys=index_keys,
+        retained_member_keys=retained_member_keys,
     )
 
 
 def _status_version_pb(v: KekVersionStatus) -> pb.KekVersion:
     return _kek_version_pb(
-        v.version, v.state, v.created_at, v.destroyed_at, v.member_keys, v.index_keys
+        v.version,
+        v.state,
+        v.created_at,
+        v.destroyed_at,
+        v.member_keys,
+        v.index_keys,
+        v.retained_keys,
     )
 
 

@@ -39,6 +39,7 @@ from rich.table import Table
 from service.config import Settings
 from service.errors import ServiceError
 from service.key_admin_servicer import check_actor
+from vault import Vault
 from vault import errors as ve
 from vault.keyadmin import DEFAULT_BATCH, MAX_BATCH, KeyAdmin, KeyStatus
 
@@ -85,7 +86,7 @@ ActorOption = Annotated[
 ]
 
 
-def _valid_actor(actor: str) -> None:
+def valid_actor(actor: str) -> None:
     """Checks --actor before anything is opened: a bad one is a usage error (exit 2)."""
     try:
         check_actor(actor, "--actor")
@@ -133,7 +134,7 @@ def _json_default(value: object) -> str:
     raise TypeError(type(value).__name__)
 
 
-def _when(at: datetime | None) -> str:
+def when(at: datetime | None) -> str:
     """A compact UTC time for tables (JSON lines carry full ISO 8601)."""
     return "-" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -161,6 +162,12 @@ def _message_for(exc: BaseException) -> str:
 
 def _run(work: Callable[[KeyAdmin, Output], Awaitable[ExitCode]]) -> None:
     """Open the vault as the server does, run ``work`` on ``vault.keys``, exit with its code."""
+    run_vault_command(lambda vault, out: work(vault.keys, out))
+
+
+def run_vault_command(work: Callable[[Vault, Output], Awaitable[ExitCode]]) -> None:
+    """Open the vault as the server does, run ``work``, exit with its code (the admin
+    CLIs' one place where errors become exit codes)."""
     from service.cli import load_settings
     from service.server import open_configured_vault
 
@@ -174,7 +181,7 @@ def _run(work: Callable[[KeyAdmin, Output], Awaitable[ExitCode]]) -> None:
 
     async def main() -> ExitCode:
         async with open_configured_vault(settings) as vault:
-            return await work(vault.keys, out)
+            return await work(vault, out)
 
     try:
         code = asyncio.run(main())
@@ -201,23 +208,33 @@ def _print_status(out: Output, status: KeyStatus) -> None:
                     "destroyed_at": v.destroyed_at,
                     "member_keys": v.member_keys,
                     "index_keys": v.index_keys,
+                    "retained_keys": v.retained_keys,
                 }
                 for v in status.versions
             ],
         )
         return
     table = Table(title=f"KEK versions (provider: {status.provider})")
-    for column in ("version", "state", "created", "destroyed", "member keys", "index keys"):
+    for column in (
+        "version",
+        "state",
+        "created",
+        "destroyed",
+        "member keys",
+        "index keys",
+        "retained keys",
+    ):
         table.add_column(column, justify="right" if "keys" in column else "left")
     styles = {"active": "bold green", "decrypt_only": "yellow", "destroyed": "dim"}
     for v in status.versions:
         table.add_row(
             str(v.version),
             v.state,
-            _when(v.created_at),
-            _when(v.destroyed_at),
+            when(v.created_at),
+            when(v.destroyed_at),
             str(v.member_keys),
             str(v.index_keys),
+            str(v.retained_keys),
             style=styles.get(v.state, ""),
         )
     out.console.print(table)
@@ -244,7 +261,7 @@ def rotate(actor: ActorOption) -> None:
     Then run `keys rewrap` to move the existing keys, and `keys destroy-version` for
     the old version.
     """
-    _valid_actor(actor)
+    valid_actor(actor)
 
     async def work(keys: KeyAdmin, out: Output) -> ExitCode:
         row = await keys.rotate(actor)
@@ -283,7 +300,7 @@ def rewrap(
 
     Batches commit one by one: an interrupted run can simply be started again.
     """
-    _valid_actor(actor)
+    valid_actor(actor)
 
     async def work(keys: KeyAdmin, out: Output) -> ExitCode:
         steps = keys.rewrap(actor, batch_size=batch_size, dry_run=dry_run)
@@ -348,7 +365,7 @@ def destroy_version(
     Refused (exit 1) while it is the active version or still wraps any key: rotate and
     re-wrap first. Copies of keys wrapped under it (backups, WAL) become undecryptable.
     """
-    _valid_actor(actor)
+    valid_actor(actor)
 
     async def work(keys: KeyAdmin, out: Output) -> ExitCode:
         plan = await keys.plan_destroy(version)
@@ -382,7 +399,7 @@ def rotate_member(
     actor: ActorOption,
 ) -> None:
     """Re-encrypt one member's fields and access history under a fresh data key."""
-    _valid_actor(actor)
+    valid_actor(actor)
 
     async def work(keys: KeyAdmin, out: Output) -> ExitCode:
         dek_id = await keys.rotate_member_key(member_id, actor)
@@ -423,7 +440,7 @@ def events(
             table.add_column(column)
         for e in found:
             table.add_row(
-                _when(e.at),
+                when(e.at),
                 e.actor,
                 e.operation,
                 "-" if e.kek_version is None else str(e.kek_version),
@@ -475,7 +492,7 @@ def maintain(
         if rotate_after is not None
         else timedelta(days=load_settings().kek_rotation_days)
     )
-    _valid_actor(actor)
+    valid_actor(actor)
 
     async def work(keys: KeyAdmin, out: Output) -> ExitCode:
         done = await keys.maintain(actor, rotate_after=horizon, batch_size=batch_size)

@@ -74,6 +74,7 @@ def open_configured_vault(
         database_pool_size=settings.database_pool_size,
         clock=clock,
         settings=settings.vault_settings,
+        retention_url=settings.retention_url,
     )
 
 
@@ -158,4 +159,5 @@ async def migrate_only(settings: Settings) -> list[int]:
     return await migrate_database(
         data_dir=settings.data_dir,
         database_url=settings.database_url.get_secret_value() if settings.database_url else None,
+        retention_url=settings.retention_url,
     )

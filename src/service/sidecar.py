@@ -25,11 +25,11 @@ import structlog
 from service.config import Settings
 from service.mailer import OutboxRelay, build_relay
 from vault import Clock, SystemClock, Vault
-from vault.bootstrap import default_database_url
+from vault.bootstrap import default_database_url, retention_database_url
 from vault.errors import StorageUnavailable
 from vault.keyadmin import KeyAdmin
 from vault.lifecycle import Lifecycle, LifecyclePolicy, RoundReport
-from vault.store import open_store
+from vault.store import open_retention_store, open_store
 from vault.store.base import Store
 
 log = structlog.get_logger("service.sidecar")
@@ -84,7 +84,13 @@ class Sidecar:
     def for_vault(
         cls, vault: Vault, settings: Settings, *, interval: float | None = None
     ) -> Sidecar:
-        lifecycle = Lifecycle(vault.store, vault.shred, vault.clock, lifecycle_policy(settings))
+        lifecycle = Lifecycle(
+            vault.store,
+            vault.shred,
+            vault.clock,
+            lifecycle_policy(settings),
+            retained=vault.retention.store,
+        )
         return cls(
             lifecycle,
             vault.store,
@@ -121,6 +127,8 @@ class Sidecar:
         # expiry) stops rather than work beside the new holder.
         if await self._hold():
             report.notices = await lifecycle.send_inactivity_notices()
+        if await self._hold():
+            report.retained_destroyed = await lifecycle.destroy_retained()
         if await self._hold():
             report.access_log_purged = await lifecycle.purge_access_logs()
         # The shredding horizon's bound (README): old KEK versions go on schedule.
@@ -171,6 +179,7 @@ def _print_report(report: RoundReport | None, out: TextIO) -> None:
     for step, count in (
         ("shredded", report.shredded),
         ("inactivity_notices", report.notices),
+        ("retained_destroyed", report.retained_destroyed),
         ("access_log_purged", report.access_log_purged),
     ):
         if out.isatty():
@@ -191,10 +200,20 @@ async def _dry_run(settings: Settings, out: TextIO) -> int:
             print("no database in the data directory; nothing to do", file=sys.stderr)
             return 1
     store = await open_store(url, pool_size=1)
+    retained = None
     try:
-        lifecycle = Lifecycle(store, _no_shred, SystemClock(), lifecycle_policy(settings))
+        retained_url = retention_database_url(settings.data_dir, url, settings.retention_url)
+        if retained_url is not None and (
+            settings.retention_url or Path(retained_url.removeprefix("sqlite:///")).exists()  # noqa: ASYNC240
+        ):
+            retained = await open_retention_store(retained_url, pool_size=1)
+        lifecycle = Lifecycle(
+            store, _no_shred, SystemClock(), lifecycle_policy(settings), retained=retained
+        )
         report = await lifecycle.run_round(dry_run=True)
     finally:
+        if retained is not None:
+            await retained.close()
         await store.close()
     _print_report(report, out)
     return 0

@@ -18,6 +18,7 @@ from vault.facade import (
 )
 from vault.passwords import CHEAPEST, OWASP, Argon2Profile, PasswordHasher
 from vault.policy import ConsentChoice, Purpose
+from vault.retention import RetentionRule
 
 __all__ = [
     "CHEAPEST",
@@ -34,6 +35,7 @@ __all__ = [
     "NewMember",
     "PasswordHasher",
     "Purpose",
+    "RetentionRule",
     "SystemClock",
     "Vault",
     "VaultSettings",

@@ -14,7 +14,7 @@ from vault.passwords import OWASP, Argon2Profile, PasswordHasher
 from vault.providers.base import KeyProvider
 from vault.providers.local import LocalKeyProvider
 from vault.providers.pkcs11 import Pkcs11KeyProvider
-from vault.store import open_store
+from vault.store import database_backend, open_retention_store, open_store
 
 LOCAL_KEY_FILE = "kek.json"
 
@@ -64,6 +64,27 @@ def default_database_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'vault.db'}"
 
 
+def default_retention_url(data_dir: Path) -> str:
+    """The embedded default: a second SQLite file beside the vault's."""
+    return f"sqlite:///{data_dir / 'retention.db'}"
+
+
+def retention_database_url(
+    data_dir: Path, database_url: str | None, retention_url: str | None
+) -> str | None:
+    """Where the retention store is: the configured URL; else, beside an embedded
+    (SQLite) vault, ``retention.db``; else none (a PostgreSQL vault with no retention
+    database configured cannot retain, see open_vault)."""
+    if retention_url:
+        if retention_url == database_url:
+            raise ValueError("the retention database must be a database of its own")
+        return retention_url
+    vault_url = database_url or default_database_url(data_dir)
+    if database_backend(vault_url)[0] == "sqlite":
+        return default_retention_url(data_dir)
+    return None
+
+
 @contextlib.asynccontextmanager
 async def open_vault(
     *,
@@ -75,11 +96,20 @@ async def open_vault(
     database_pool_size: int = 10,
     clock: Clock | None = None,
     settings: VaultSettings | None = None,
+    retention_url: str | None = None,
 ) -> AsyncIterator[Vault]:
     """Open the vault; the embedded default is SQLite and a local key file in ``data_dir``.
 
-    ``key_provider`` chooses where the KEKs live (default: the local key file).
+    ``key_provider`` chooses where the KEKs live (default: the local key file);
+    ``retention_url`` the separated storage for withdrawn members' retained data
+    (default: ``retention.db`` in ``data_dir`` beside an embedded vault).
     """
+    settings = settings or VaultSettings()
+    retained_url = retention_database_url(data_dir, database_url, retention_url)
+    if retained_url is None and settings.withdrawal_retention.period:
+        raise ValueError(
+            "a withdrawal retention period needs a retention database (retention_database_url)"
+        )
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     provider = open_key_provider(key_provider or KeyProviderSettings(), data_dir)
     async with contextlib.AsyncExitStack() as undo:
@@ -89,9 +119,15 @@ async def open_vault(
             database_url or default_database_url(data_dir), pool_size=database_pool_size
         )
         undo.push_async_callback(store.close)
+        retained = None
+        if retained_url is not None:
+            retained = await open_retention_store(retained_url)
+            undo.push_async_callback(retained.close)
         hasher = PasswordHasher(argon2, workers=password_workers)
         undo.callback(hasher.close)
-        vault = await Vault.open(store, provider, hasher, clock or SystemClock(), settings)
+        vault = await Vault.open(
+            store, provider, hasher, clock or SystemClock(), settings, retained
+        )
         undo.pop_all()  # from here on vault.close() owns them
     try:
         yield vault
@@ -99,11 +135,22 @@ async def open_vault(
         await vault.close()
 
 
-async def migrate_database(*, data_dir: Path, database_url: str | None = None) -> list[int]:
-    """Apply pending migrations; return the versions applied now."""
+async def migrate_database(
+    *, data_dir: Path, database_url: str | None = None, retention_url: str | None = None
+) -> list[int]:
+    """Apply pending migrations (the vault's, then the retention store's); return the
+    vault's versions applied now."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     store = await open_store(database_url or default_database_url(data_dir), pool_size=1)
     try:
-        return await store.migrate()
+        applied = await store.migrate()
     finally:
         await store.close()
+    retained_url = retention_database_url(data_dir, database_url, retention_url)
+    if retained_url is not None:
+        retained = await open_retention_store(retained_url, pool_size=1)
+        try:
+            await retained.migrate()
+        finally:
+            await retained.close()
+    return applied

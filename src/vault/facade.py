@@ -48,6 +48,7 @@ from vault.mail import (
 from vault.passwords import PasswordHasher
 from vault.policy import ConsentChoice, Purpose, Violations
 from vault.providers.base import KeyProvider
+from vault.retention import WITHDRAWAL, Retention, RetentionRule
 from vault.store.base import (
     AccessEntryRow,
     ConsentRow,
@@ -59,6 +60,7 @@ from vault.store.base import (
     MemberRow,
     NewAccessEntry,
     OutboxMessage,
+    RetentionStore,
     Store,
 )
 
@@ -83,6 +85,9 @@ class VaultSettings:
     dek_cache_size: int = 10_000
     dek_cache_ttl: float = 300.0
     password_reset_ttl: timedelta = MAX_PASSWORD_RESET_TTL
+    #: What a withdrawal keeps in the separated storage, and for how long (default:
+    #: nothing; the member is shredded at once).
+    withdrawal_retention: RetentionRule = field(default_factory=RetentionRule)
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
@@ -186,6 +191,7 @@ class Vault:
         clock: Clock,
         settings: VaultSettings,
         index_key: _hazmat.IndexKey,
+        retained: RetentionStore | None = None,
     ) -> None:
         self._store = store
         self._provider = provider
@@ -196,7 +202,17 @@ class Vault:
         self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
         self._background: set[asyncio.Task[None]] = set()
         #: Key management (rotation, re-wrap, destruction) for the security team.
-        self.keys = KeyAdmin(store, provider, clock, self._deks)
+        self.keys = KeyAdmin(store, provider, clock, self._deks, retained)
+        #: Withdrawn members' data in the separated storage (policy section 6).
+        self.retention = Retention(
+            store,
+            retained,
+            provider,
+            clock,
+            self._deks,
+            settings.withdrawal_retention,
+            self._active_kek_version,
+        )
         # Decrypted when the login ID is unknown, so that path does the same work.
         self._decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
         self._decoy_ct = _hazmat.seal_field(self._decoy_key, "decoy", "password_hash", b"x" * 97)
@@ -213,10 +229,14 @@ class Vault:
         hasher: PasswordHasher,
         clock: Clock,
         settings: VaultSettings | None = None,
+        retained: RetentionStore | None = None,
     ) -> Vault:
-        """Migrate the store, make sure the key hierarchy exists, and check that the
-        provider's keys open this database (fail at start, not at the first request)."""
+        """Migrate the store (and the retention store, when given), make sure the key
+        hierarchy exists, and check that the provider's keys open this database
+        (fail at start, not at the first request)."""
         await store.migrate()
+        if retained is not None:
+            await retained.migrate()
         now = clock.now()
         rows = await store.list_kek_versions()
         if not rows:
@@ -248,11 +268,13 @@ class Vault:
                 "the key provider's KEKs do not open this database (wrong key file?)"
             ) from None
         index_key = _hazmat.IndexKey(stored.key_id, material)
-        return cls(store, provider, hasher, clock, settings or VaultSettings(), index_key)
+        return cls(store, provider, hasher, clock, settings or VaultSettings(), index_key, retained)
 
     async def close(self) -> None:
         await self.settle()
         self._deks.clear()
+        if self.retention.store is not None:
+            await self.retention.store.close()
         await self._store.close()
         await self._provider.close()
         self._hasher.close()
@@ -600,7 +622,9 @@ class Vault:
         assert mid
         row = await self._row(mid)
         await self._check_password(await self._dek(row.key), row, password)
-        return WithdrawalOutcome(destroyed_at=await self.shred(mid, reason="withdrawal"))
+        if self.retention.enabled:
+            return WithdrawalOutcome(retained_until=await self.retention.withdraw(mid))
+        return WithdrawalOutcome(destroyed_at=await self.shred(mid, reason=WITHDRAWAL))
 
     async def shred(
         self, member_id: str, reason: str, *, last_seen_before: datetime | None = None

@@ -32,6 +32,7 @@ from vault.store.base import (
     KeyEvent,
     MemberKeyRow,
     MemberRow,
+    RetentionStore,
     RewrapUpdate,
     Store,
 )
@@ -55,6 +56,12 @@ class KekVersionStatus:
     destroyed_at: datetime | None
     member_keys: int
     index_keys: int
+    #: Withdrawn members' DEKs in the separated retention storage.
+    retained_keys: int = 0
+
+    @property
+    def wraps_keys(self) -> bool:
+        return bool(self.member_keys or self.index_keys or self.retained_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +94,21 @@ class DestroyPlan:
 class KeyAdmin:
     """Reached as ``vault.keys``; shares the vault's store, provider and DEK cache."""
 
-    def __init__(self, store: Store, provider: KeyProvider, clock: Clock, deks: DekCache) -> None:
+    def __init__(
+        self,
+        store: Store,
+        provider: KeyProvider,
+        clock: Clock,
+        deks: DekCache,
+        retained: RetentionStore | None = None,
+    ) -> None:
         self._store = store
         self._provider = provider
         self._clock = clock
         self._deks = deks
+        # The retention store's DEKs are under the same KEK versions: re-wrapped with
+        # the vault's, and counted by the destroy guard.
+        self._retained = retained
 
     def __repr__(self) -> str:
         return f"<KeyAdmin provider={self._provider.name}>"
@@ -112,6 +129,7 @@ class KeyAdmin:
     async def status(self) -> KeyStatus:
         versions = await self._store.list_kek_versions()
         usage = {u.version: u for u in await self._store.kek_usage()}
+        retained = await self._retained_usage()
         active = [v.version for v in versions if v.state == "active"]
         if len(active) != 1:
             raise PreconditionFailed("kek_versions", "exactly one KEK version must be active")
@@ -126,10 +144,16 @@ class KeyAdmin:
                     v.destroyed_at,
                     usage[v.version].member_keys if v.version in usage else 0,
                     usage[v.version].index_keys if v.version in usage else 0,
+                    retained.get(v.version, 0),
                 )
                 for v in versions
             ),
         )
+
+    async def _retained_usage(self) -> dict[int, int]:
+        if self._retained is None:
+            return {}
+        return {u.version: u.retained_keys for u in await self._retained.kek_usage()}
 
     async def events(self, limit: int = 100) -> list[KeyEvent]:
         return await self._store.list_key_events(limit)
@@ -165,7 +189,11 @@ class KeyAdmin:
             raise ValueError(f"batch_size must be 1-{MAX_BATCH}")
         status = await self.status()
         target = status.active_version
-        total = sum(v.member_keys + v.index_keys for v in status.versions if v.version != target)
+        total = sum(
+            v.member_keys + v.index_keys + v.retained_keys
+            for v in status.versions
+            if v.version != target
+        )
         rewrapped = skipped = batches = 0
         if dry_run or total == 0:
             yield RewrapProgress(target, total, 0, 0, 0, True, dry_run)
@@ -219,6 +247,9 @@ class KeyAdmin:
         finally:
             if pending is not None:
                 pending.cancel()
+        if self._retained is not None:
+            kept, missed = await self._rewrap_retained(self._retained, target, batch_size)
+            rewrapped, skipped, seen = rewrapped + kept, skipped + missed, seen + kept + missed
         # Stragglers found by a sweep count in the total, so a finished run never
         # reports more keys moved than it set out to move.
         total = max(total, seen)
@@ -229,6 +260,23 @@ class KeyAdmin:
             details={"rewrapped": rewrapped, "skipped": skipped, "batches": batches},
         )
         yield RewrapProgress(target, total, rewrapped, skipped, batches, True)
+
+    async def _rewrap_retained(
+        self, retained: RetentionStore, target: int, batch_size: int
+    ) -> tuple[int, int]:
+        """The retention store's DEKs, after the vault's: few (withdrawals within the
+        retention period), so one plain pass. A copy written meanwhile is under the
+        active version already (the withdrawal checks it)."""
+        moved = missed = 0
+        after: str | None = None
+        while True:
+            keys = await retained.member_keys_to_rewrap(target, after, batch_size)
+            if not keys:
+                return moved, missed
+            after = keys[-1].member_id
+            updates = [await self._rewrapped(k, target) for k in keys if k.kek_version < target]
+            applied = await retained.apply_rewrap(updates)
+            moved, missed = moved + applied, missed + len(updates) - applied
 
     async def _rewrapped(self, key: MemberKeyRow, target: int) -> RewrapUpdate:
         context = dek_context(key.member_id, key.dek_id)
@@ -247,19 +295,32 @@ class KeyAdmin:
             return DestroyPlan(version, True, "already destroyed")
         if v.state == "active":
             return DestroyPlan(version, False, "it is the active version; rotate first")
-        if v.member_keys or v.index_keys:
-            return DestroyPlan(
-                version,
-                False,
-                f"it still wraps {v.member_keys} member keys and {v.index_keys} index keys; "
-                "re-wrap first",
-            )
+        if v.wraps_keys:
+            return DestroyPlan(version, False, _in_use(v) + "; re-wrap first")
         return DestroyPlan(version, True, "no key is wrapped under it")
 
     async def destroy_version(self, version: int, actor: str) -> KekVersionRow:
         """Destroy a KEK version: first in the database (guarded: never the active
         one, never one still wrapping a key), then its material in the provider.
         Irreversible; every copy of a DEK wrapped under it becomes noise."""
+        if self._retained is not None:
+            # Checked here, the vault's own keys in the vault's transaction below. A
+            # withdrawal only ever commits a copy under the version active at that
+            # moment, so once this version is seen inactive, no new copy can land
+            # under it between this count and the destroy.
+            states = {v.version: v.state for v in await self._store.list_kek_versions()}
+            if states.get(version) == "active":
+                raise PreconditionFailed(
+                    "kek_version", f"KEK version {version} is active; rotate first", "ACTIVE"
+                )
+            retained = (await self._retained_usage()).get(version, 0)
+            if retained and states.get(version) != "destroyed":
+                raise PreconditionFailed(
+                    "kek_version",
+                    f"KEK version {version} still wraps {retained} retained member keys; "
+                    "re-wrap them to the active version first",
+                    "IN_USE",
+                )
         row = await self._store.destroy_kek_version(version, self._clock.now())
         await self._provider.destroy_version(version)
         await self._event(actor, "destroy_kek_version", kek_version=version)
@@ -352,7 +413,14 @@ class KeyAdmin:
             rewrapped = progress.rewrapped
         destroyed = 0
         for v in (await self.status()).versions:
-            if v.state == "decrypt_only" and not v.member_keys and not v.index_keys:
+            if v.state == "decrypt_only" and not v.wraps_keys:
                 await self.destroy_version(v.version, actor)
                 destroyed += 1
         return {"rotated": rotated, "rewrapped": rewrapped, "destroyed": destroyed}
+
+
+def _in_use(v: KekVersionStatus) -> str:
+    text = f"it still wraps {v.member_keys} member keys and {v.index_keys} index keys"
+    if v.retained_keys:
+        text += f" and {v.retained_keys} retained member keys"
+    return text

@@ -7,7 +7,11 @@
   after the notice went out (a late notice, e.g. after downtime, postpones the
   destruction rather than cut the member's warning short), the member is
   crypto-shredded with a destruction record.
-- Access logs older than the retention period are purged in small batches.
+- Access logs older than the retention period are purged in small batches (in
+  the retention store as well).
+- Withdrawn members' copies in the separated retention storage are destroyed once
+  their destroy-after time passes, and copies a crash left unconfirmed are settled
+  (:mod:`vault.retention`).
 
 Every step is idempotent and crash-safe: each write is one conditional
 transaction, so a rerun after a crash (or a second sidecar racing this one)
@@ -25,7 +29,8 @@ from typing import Any, Protocol
 
 from vault.clock import Clock
 from vault.errors import NotFound
-from vault.store.base import OutboxMessage, Store
+from vault.retention import RETENTION_EXPIRED, destroy_copy, reconcile_copies
+from vault.store.base import OutboxMessage, RetentionStore, Store
 
 INACTIVITY_NOTICE = "inactivity_notice"
 #: What the notice says will be destroyed: item keys the mail templates spell out
@@ -76,6 +81,8 @@ class RoundReport:
     notices: int = 0
     shredded: int = 0
     access_log_purged: int = 0
+    #: Withdrawn members' retained copies destroyed (their date passed).
+    retained_destroyed: int = 0
     #: Key maintenance (rotate when due, re-wrap, destroy unused versions), when on.
     kek_rotated: int = 0
     kek_versions_destroyed: int = 0
@@ -86,6 +93,7 @@ class RoundReport:
             "notices": self.notices,
             "shredded": self.shredded,
             "access_log_purged": self.access_log_purged,
+            "retained_destroyed": self.retained_destroyed,
             "kek_rotated": self.kek_rotated,
             "kek_versions_destroyed": self.kek_versions_destroyed,
             "dry_run": self.dry_run,
@@ -100,12 +108,14 @@ class Lifecycle:
         clock: Clock,
         policy: LifecyclePolicy | None = None,
         *,
+        retained: RetentionStore | None = None,
         on_batch: BatchHook | None = None,
     ) -> None:
         self._store = store
         self._shred = shred
         self._clock = clock
         self._policy = policy or LifecyclePolicy()
+        self._retained = retained
         self._on_batch = on_batch
 
     @property
@@ -182,21 +192,51 @@ class Lifecycle:
         """Delete access-log entries older than the retention, batch by batch."""
         policy = self._policy
         before = self._clock.now() - policy.access_log_retention
-        if dry_run:
-            return await self._store.count_access_log_before(before)
+        stores: list[Store | RetentionStore] = [self._store]
+        if self._retained is not None:
+            stores.append(self._retained)  # the 6-month rule holds in retention too
         purged = 0
+        for store in stores:
+            if dry_run:
+                purged += await store.count_access_log_before(before)
+                continue
+            while True:
+                # One short transaction per batch: logins are never held up for long.
+                count = await store.purge_access_log(before, policy.batch_size)
+                purged += count
+                await self._batch_done("access_log_purged", count)
+                if count < policy.batch_size:
+                    break
+        return purged
+
+    async def destroy_retained(self, *, dry_run: bool = False) -> int:
+        """Destroy withdrawn members' retained copies whose date has passed, after
+        settling copies a crash left unconfirmed; returns how many were destroyed."""
+        retained = self._retained
+        if retained is None:
+            return 0
+        policy = self._policy
+        now = self._clock.now()
+        await reconcile_copies(self._store, retained, now, policy.batch_size, dry_run=dry_run)
+        if dry_run:
+            return len(await retained.retained_due(now, policy.dry_run_limit))
+        destroyed = 0
         while True:
-            # One short transaction per batch: logins are never held up for long.
-            count = await self._store.purge_access_log(before, policy.batch_size)
-            purged += count
-            await self._batch_done("access_log_purged", count)
-            if count < policy.batch_size:
-                return purged
+            due = await retained.retained_due(now, policy.batch_size)
+            done = 0
+            for member_id in due:
+                if await destroy_copy(self._store, retained, member_id, RETENTION_EXPIRED, now):
+                    done += 1
+            destroyed += done
+            await self._batch_done("retained_destroyed", done)
+            if len(due) < policy.batch_size or done == 0:
+                return destroyed
 
     async def run_round(self, *, dry_run: bool = False) -> RoundReport:
         """Every step once, in an order where each sees the previous one's effect."""
         report = RoundReport(dry_run=dry_run)
         report.shredded = await self.expire_inactive(dry_run=dry_run)
         report.notices = await self.send_inactivity_notices(dry_run=dry_run)
+        report.retained_destroyed = await self.destroy_retained(dry_run=dry_run)
         report.access_log_purged = await self.purge_access_logs(dry_run=dry_run)
         return report

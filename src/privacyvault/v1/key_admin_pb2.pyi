@@ -60,6 +60,7 @@ class KekVersion(_message.Message):
     DESTROYED_AT_FIELD_NUMBER: _builtins.int
     MEMBER_KEYS_FIELD_NUMBER: _builtins.int
     INDEX_KEYS_FIELD_NUMBER: _builtins.int
+    RETAINED_MEMBER_KEYS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Version number, from 1, increasing with each rotation."""
     state: Global___KekState.ValueType
@@ -68,6 +69,10 @@ class KekVersion(_message.Message):
     """How many member DEKs are wrapped under this version."""
     index_keys: _builtins.int
     """How many blind-index keys are wrapped under this version (0 or 1)."""
+    retained_member_keys: _builtins.int
+    """How many withdrawn members' DEKs in the separated retention storage are
+    wrapped under this version; they too must be re-wrapped before destroying it.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the version was created."""
@@ -85,10 +90,11 @@ class KekVersion(_message.Message):
         destroyed_at: _timestamp_pb2.Timestamp | None = ...,
         member_keys: _builtins.int = ...,
         index_keys: _builtins.int = ...,
+        retained_member_keys: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroyed_at", b"destroyed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroyed_at", b"destroyed_at", "index_keys", b"index_keys", "member_keys", b"member_keys", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroyed_at", b"destroyed_at", "index_keys", b"index_keys", "member_keys", b"member_keys", "retained_member_keys", b"retained_member_keys", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -456,7 +456,9 @@ class WithdrawResponse(_message.Message):
 
     @_builtins.property
     def retained_until(self) -> _timestamp_pb2.Timestamp:
-        """The member's data is kept in separated storage until this time."""
+        """The member's data is kept in separated storage until this time, then
+        crypto-shredded.
+        """
 
     def __init__(
         self,

@@ -152,7 +152,11 @@ class MemberServiceServicer:
 
     def Withdraw(self, request, context):
         """Withdraw ends the membership. With no retention rule the member's data is
-        crypto-shredded at once: afterwards every call for the member is NOT_FOUND.
+        crypto-shredded at once; with one, what the member entered moves, encrypted,
+        to the separated retention storage (no RPC here reads it) and is shredded
+        when the rule's period ends. Either way every later call for the member is
+        NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+        withdrawal of the same member is in flight.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

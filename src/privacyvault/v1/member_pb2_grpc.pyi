@@ -58,7 +58,11 @@ class MemberServiceStub:
     """ChangePassword replaces the password after checking the current one."""
     Withdraw: _grpc.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]
     """Withdraw ends the membership. With no retention rule the member's data is
-    crypto-shredded at once: afterwards every call for the member is NOT_FOUND.
+    crypto-shredded at once; with one, what the member entered moves, encrypted,
+    to the separated retention storage (no RPC here reads it) and is shredded
+    when the rule's period ends. Either way every later call for the member is
+    NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+    withdrawal of the same member is in flight.
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -119,7 +123,11 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """ChangePassword replaces the password after checking the current one."""
     Withdraw: _aio.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]  # type: ignore[assignment]
     """Withdraw ends the membership. With no retention rule the member's data is
-    crypto-shredded at once: afterwards every call for the member is NOT_FOUND.
+    crypto-shredded at once; with one, what the member entered moves, encrypted,
+    to the separated retention storage (no RPC here reads it) and is shredded
+    when the rule's period ends. Either way every later call for the member is
+    NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+    withdrawal of the same member is in flight.
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -213,7 +221,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.WithdrawResponse, _abc.Awaitable[_member_pb2.WithdrawResponse]]:
         """Withdraw ends the membership. With no retention rule the member's data is
-        crypto-shredded at once: afterwards every call for the member is NOT_FOUND.
+        crypto-shredded at once; with one, what the member entered moves, encrypted,
+        to the separated retention storage (no RPC here reads it) and is shredded
+        when the rule's period ends. Either way every later call for the member is
+        NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+        withdrawal of the same member is in flight.
         """
 
     @_abc_1.abstractmethod

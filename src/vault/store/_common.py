@@ -17,11 +17,14 @@ from vault.errors import PreconditionFailed
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
+    RETAINED_FIELDS,
     KekState,
     KekVersionRow,
     MemberKeyRow,
     MemberRow,
     OutboxMessage,
+    RetainedMember,
+    RetentionCheck,
 )
 
 # Field name -> column; the only source of column names built into SQL.
@@ -145,3 +148,64 @@ CT_SELECT = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
 def outbox_params_json(message: OutboxMessage) -> str:
     """An outbox message's template parameters as stored: a JSON object of strings."""
     return json.dumps({str(k): str(v) for k, v in message.params.items()}, sort_keys=True)
+
+
+def check_retention(check: RetentionCheck) -> list[bytes]:
+    """The checks on a RetentionCheck; returns the ciphertexts in column order (what
+    the member row must still hold for the copy to be current)."""
+    if set(check.ciphertexts) != set(ENCRYPTED_FIELDS):
+        raise ValueError("a retention check names every encrypted field")
+    require_aware(check.retained_until)
+    return [bytes(check.ciphertexts[f]) for f in ENCRYPTED_FIELDS]
+
+
+#: What a shred deleted, table by table, as the destruction record names it.
+_SHRED_ITEMS: Mapping[str, str] = {
+    "members": "member",
+    "member_keys": "member_keys",
+    "consents": "consents",
+    "access_log": "access_log",
+    "outbox": "outbox",
+    "password_resets": "password_resets",
+}
+SHRED_TABLES: tuple[str, ...] = (
+    "outbox",
+    "password_resets",
+    "access_log",
+    "consents",
+    "member_keys",
+    "members",
+)  # children first, so each count is exact (not cascaded)
+
+
+def shred_items(counts: Mapping[str, int]) -> dict[str, int]:
+    """A destruction record's items from a shred's per-table delete counts."""
+    return {item: int(counts[table]) for table, item in _SHRED_ITEMS.items()}
+
+
+def check_retained(member: RetainedMember) -> str:
+    """Validate a copy for the retention store; return its canonical member id."""
+    member_id = canonical_member_id(member.member_id)
+    if canonical_member_id(member.key.member_id) != member_id:
+        raise ValueError("the retained key belongs to another member")
+    if set(member.ciphertexts) != set(RETAINED_FIELDS):
+        raise ValueError("a retained member needs exactly one ciphertext per retained field")
+    require_aware(member.retained_at)
+    require_aware(member.destroy_after)
+    for entry in member.access_log:
+        require_aware(entry.at)
+    return member_id
+
+
+#: Retained field -> column, the only source of those column names in SQL.
+RETAINED_COLUMNS: Mapping[str, str] = {f: CT_COLUMNS[f] for f in RETAINED_FIELDS}
+
+
+def retained_items(members: int, consents: int, access_entries: int) -> dict[str, int]:
+    """What destroying a retained copy deleted, as its destruction record names it."""
+    return {
+        "retained_member": members,
+        "member_keys": members,
+        "consents": consents,
+        "access_log": access_entries,
+    }

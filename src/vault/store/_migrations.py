@@ -1,4 +1,6 @@
-"""Versioned SQL migrations, read from package data ``migrations/<backend>/NNNN_name.sql``."""
+"""Versioned SQL migrations, read from package data: the vault's in
+``migrations/<backend>/NNNN_name.sql``, the retention store's (a database of its
+own) in ``migrations/retention/<backend>/``."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import NamedTuple
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 BACKENDS = ("sqlite", "postgres")
+SCHEMAS = ("vault", "retention")
 
 
 class Migration(NamedTuple):
@@ -16,12 +19,17 @@ class Migration(NamedTuple):
     sql: str
 
 
-def load_migrations(backend: str) -> list[Migration]:
-    """The backend's migrations, oldest first."""
+def load_migrations(backend: str, schema: str = "vault") -> list[Migration]:
+    """The backend's migrations for the vault or the retention store, oldest first."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown storage backend {backend!r}")
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}")
+    root = files("vault.store") / "migrations"
+    if schema == "retention":
+        root = root / "retention"
     found: dict[int, Migration] = {}
-    for entry in (files("vault.store") / "migrations" / backend).iterdir():
+    for entry in (root / backend).iterdir():
         match = _FILE_NAME.match(entry.name)
         if match is None:
             continue

@@ -112,6 +112,9 @@ class DestructionRecord:
     # The KEK versions that wrapped the destroyed DEKs: once each is destroyed,
     # backups holding the wrapped DEK are undecryptable too.
     kek_versions: tuple[int, ...] = ()
+    # A withdrawal with retention: what the member entered was moved to the
+    # separated storage until this time (a second record follows its destruction).
+    retained_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,25 @@ class KekUsage:
     version: int
     member_keys: int
     index_keys: int
+    #: Withdrawn members' DEKs in the separated retention storage (KeyAdmin adds them).
+    retained_keys: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionCheck:
+    """A withdrawal into retention copied the member as read; the shred that follows
+    must find the member exactly so, or the copy is stale (KeyChanged: read again).
+
+    The copy's DEK is wrapped under ``kek_version``, which must still be the active
+    version when the shred commits: a version can only be destroyed once it is no
+    longer active, so the key guard, which counts retained keys, is sure to see it.
+    """
+
+    dek_id: int
+    ciphertexts: Mapping[str, bytes]  # every ENCRYPTED_FIELDS ciphertext as read
+    access_entry_ids: frozenset[int]
+    kek_version: int
+    retained_until: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +185,131 @@ class OutboxMessage:
     created_at: datetime
     attempts: int = 0
     next_attempt_at: datetime | None = None
+
+
+# What a withdrawal keeps in the separated storage: what the member entered, less
+# the password hash (no retention purpose needs it: data minimisation).
+RETAINED_FIELDS: tuple[str, ...] = ("login_id", "name", "email", "mobile_phone")
+
+
+@dataclass(frozen=True, slots=True)
+class RetainedMember:
+    """A withdrawn member's data in the separated storage, still ciphertext under the
+    member's own DEK (re-wrapped under the KEK version active at the move)."""
+
+    member_id: str
+    retained_at: datetime
+    destroy_after: datetime
+    reason: str  # the retention rule's stated reason (its legal basis); no PII
+    key: MemberKeyRow
+    ciphertexts: Mapping[str, bytes]  # exactly RETAINED_FIELDS
+    consents: tuple[ConsentRow, ...] = ()
+    access_log: tuple[AccessEntryRow, ...] = ()
+    #: Which withdrawal attempt wrote the copy: only that attempt may replace it.
+    attempt: str = ""
+    #: False until the vault's shred committed; an unconfirmed copy left by a crash
+    #: in between is reconciled by the sidecar.
+    confirmed: bool = False
+
+    def __repr__(self) -> str:
+        return f"<RetainedMember {self.member_id}>"
+
+
+@dataclass(frozen=True, slots=True)
+class RetainedSummary:
+    """A retained member as the privacy officer's list shows it: no ciphertexts."""
+
+    member_id: str
+    retained_at: datetime
+    destroy_after: datetime
+    reason: str
+    confirmed: bool
+    kek_version: int
+    access_entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionEvent:
+    """Who did what to retained data, and why (a disclosure, an early destruction)."""
+
+    at: datetime
+    actor: str
+    operation: str
+    member_id: str
+    basis: str  # the stated legal basis or reason, as the officer gave it
+
+
+class RetentionStore(Protocol):
+    """The separated storage for withdrawn members' retained data (policy section 6):
+    a database of its own, which no member API reads. Same conventions as Store.
+
+    Its wrapped DEKs are under the vault's KEK versions, so key management re-wraps
+    them (``member_keys_to_rewrap`` / ``apply_rewrap``, as on Store) and the destroy
+    guard counts them (``kek_usage``).
+    """
+
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> list[int]: ...
+
+    async def put_retained(self, member: RetainedMember, stale_before: datetime) -> bool:
+        """Insert the copy unconfirmed, in one transaction. An unconfirmed copy of the
+        same member is replaced if the same attempt wrote it (a retry after
+        KeyChanged) or it was made before ``stale_before`` (a crash's leftover; the
+        caller has just seen the member alive in the vault). False, with nothing
+        changed, if a confirmed copy or another attempt's recent copy is there."""
+        ...
+
+    async def confirm_retained(self, member_id: str) -> bool:
+        """Mark the copy confirmed (the vault's shred committed). False if none."""
+        ...
+
+    async def get_retained(self, member_id: str) -> RetainedMember | None: ...
+
+    async def list_retained(
+        self, limit: int, after_member_id: str | None = None
+    ) -> list[RetainedSummary]:
+        """Confirmed and unconfirmed copies by member id, after the cursor when given."""
+        ...
+
+    async def retained_due(self, now: datetime, limit: int) -> list[str]:
+        """Confirmed copies whose destroy-after time is at or before ``now``, oldest
+        first (indexed: a sweep costs what is due)."""
+        ...
+
+    async def unconfirmed_before(self, before: datetime, limit: int) -> list[str]:
+        """Unconfirmed copies made before ``before`` (left by a crash)."""
+        ...
+
+    async def delete_retained(
+        self, member_id: str, *, attempt: str | None = None
+    ) -> dict[str, int] | None:
+        """Destroy the copy (its wrapped DEK with it) in one transaction, then scrub
+        what the backend can; the counts of what went, or None if there was none.
+        With ``attempt``, only an unconfirmed copy that attempt wrote."""
+        ...
+
+    async def purge_access_log(self, before: datetime, limit: int) -> int:
+        """As Store.purge_access_log: the 6-month rule holds in retention too."""
+        ...
+
+    async def count_access_log_before(self, before: datetime) -> int: ...
+
+    async def kek_usage(self) -> list[KekUsage]:
+        """Per KEK version holding retained DEKs: ``retained_keys`` counts them."""
+        ...
+
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]: ...
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int: ...
+
+    async def record_event(self, event: RetentionEvent) -> None: ...
+
+    async def list_events(self, member_id: str | None = None) -> list[RetentionEvent]:
+        """Oldest first."""
+        ...
 
 
 class Store(Protocol):
@@ -321,6 +468,7 @@ class Store(Protocol):
         reason: str,
         *,
         last_seen_before: datetime | None = None,
+        retention: RetentionCheck | None = None,
     ) -> DestructionRecord | None:
         """Crypto-shred: in one transaction delete the member's DEK rows, blind
         indexes, ciphertexts, consents, access log, pending mail and password
@@ -328,7 +476,16 @@ class Store(Protocol):
         destruction record. Then scrub what the backend can (SQLite: WAL
         checkpoint). None if no such member (already shredded or never was), or if
         ``last_seen_before`` is given and the member connected at or after it (checked
-        in the same transaction: an expiry never shreds a member who just logged in)."""
+        in the same transaction: an expiry never shreds a member who just logged in).
+
+        With ``retention`` (a withdrawal whose data was copied to the retention
+        store), the record carries ``retained_until``; KeyChanged, with nothing
+        changed, if the member no longer matches the check (see RetentionCheck)."""
+        ...
+
+    async def record_destruction(self, record: DestructionRecord) -> bool:
+        """Add a destruction record for something destroyed elsewhere (the retained
+        copy), unless the member already has one with the same reason: False then."""
         ...
 
     async def is_destroyed(self, member_id: str) -> bool:
@@ -374,8 +531,11 @@ class Store(Protocol):
         ...
 
     async def purge_access_log(self, before: datetime, limit: int) -> int:
-        """Delete up to ``limit`` access-log entries older than ``before`` (one short
-        transaction); returns how many. Called in a loop until it returns 0."""
+        """Delete access-log entries older than ``before``; returns how many. Called in a
+        loop until it returns less than ``limit``. Each call deletes at most ``limit``
+        rows one by one in a short transaction; PostgreSQL first drops whole monthly
+        partitions that lie entirely before ``before`` (their rows count too, so such a
+        call can return more than ``limit``)."""
         ...
 
     async def count_access_log_before(self, before: datetime) -> int:

@@ -10,14 +10,17 @@ the DSN, and unique-violation details hold the HMAC, so neither is chained.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
-from typing import Any
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
 
 import asyncpg
 
+from vault.clock import from_micros, to_micros
 from vault.errors import (
     AlreadyExists,
     KeyChanged,
@@ -29,20 +32,27 @@ from vault.store._common import (
     CT_COLUMNS,
     CT_SELECT,
     HMAC_COLUMNS,
+    RETAINED_COLUMNS,
+    SHRED_TABLES,
     canonical_member_id,
     check_kek_version,
     check_key_replacement,
     check_limit,
     check_new_member,
+    check_retained,
+    check_retention,
     check_token_hash,
     check_unused,
     hmac_column,
     outbox_params_json,
     require_aware,
+    retained_items,
+    shred_items,
     update_assignments,
 )
 from vault.store._migrations import load_migrations
 from vault.store.base import (
+    RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,
     DestructionRecord,
@@ -55,6 +65,10 @@ from vault.store.base import (
     MemberRow,
     NewAccessEntry,
     OutboxMessage,
+    RetainedMember,
+    RetainedSummary,
+    RetentionCheck,
+    RetentionEvent,
     RewrapUpdate,
 )
 
@@ -98,11 +112,11 @@ _SELECT_INDEX_KEY = (
     "SELECT key_id, kek_version, wrapped_key, created_at FROM index_keys ORDER BY key_id LIMIT 1"
 )
 _CREATE_SCHEMA_MIGRATIONS = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
+CREATE TABLE IF NOT EXISTS {table} (
     version    integer     NOT NULL,
     name       text        NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT schema_migrations_pkey PRIMARY KEY (version)
+    CONSTRAINT {table}_pkey PRIMARY KEY (version)
 )
 """
 # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; the
@@ -175,7 +189,46 @@ def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
         reason=str(row["reason"]),
         items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
         kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
+        retained_until=row["retained_until"],
     )
+
+
+async def _insert_destruction_record(conn: Any, record: DestructionRecord) -> None:
+    await conn.execute(
+        "INSERT INTO destruction_records "
+        "(member_id, destroyed_at, reason, items, kek_versions, retained_until) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        _uuid(record.member_id),
+        record.destroyed_at,
+        record.reason,
+        json.dumps(dict(record.items)),
+        json.dumps(list(record.kek_versions)),
+        record.retained_until,
+    )
+
+
+async def _matches_retention(
+    conn: Any, key: uuid.UUID, check: RetentionCheck, expected: list[bytes] | None
+) -> bool:
+    """Whether the member (locked by the caller) is still exactly what the withdrawal
+    copied (RetentionCheck). The active version is read FOR SHARE: a rotation that
+    would demote it waits for this transaction, or has committed and is seen."""
+    active = await conn.fetchval(
+        "SELECT version FROM kek_versions WHERE state = 'active' FOR SHARE"
+    )
+    if active is None or int(active) != check.kek_version:
+        return False
+    dek_id = await conn.fetchval("SELECT dek_id FROM member_keys WHERE member_id = $1", key)
+    if dek_id is None or int(dek_id) != check.dek_id:
+        return False
+    fields = await conn.fetchrow(f"SELECT {CT_SELECT} FROM members WHERE member_id = $1", key)
+    if fields is None or [bytes(c) for c in fields] != expected:
+        return False
+    present = {
+        int(r["entry_id"])
+        for r in await conn.fetch("SELECT entry_id FROM access_log WHERE member_id = $1", key)
+    }
+    return present == check.access_entry_ids
 
 
 _INSERT_OUTBOX = (
@@ -222,14 +275,20 @@ async def _member_has_dek(conn: Any, member_id: uuid.UUID, dek_id: int) -> bool:
     return True
 
 
-class PostgresStore:
-    """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""
+class _PostgresDatabase:
+    """A connection pool on one database, and its migrations."""
+
+    #: Which migrations (load_migrations schema) and the table that records them.
+    _SCHEMA = "vault"
+    _MIGRATIONS_TABLE = "schema_migrations"
+    #: The table holding wrapped member DEKs (re-wrapped by key management).
+    _KEYS_TABLE = "member_keys"
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int = 10) -> PostgresStore:
+    async def open(cls, url: str, *, pool_size: int = 10) -> Self:
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         try:
@@ -261,16 +320,21 @@ class PostgresStore:
         except _CONNECTION_ERRORS:
             raise StorageUnavailable() from None
 
+    async def _check_schema(self, conn: Any) -> None:
+        """Refuse a database that holds the other schema (see the retention store)."""
+
     async def migrate(self) -> list[int]:
-        migrations = load_migrations("postgres")
+        migrations = load_migrations("postgres", self._SCHEMA)
+        table = self._MIGRATIONS_TABLE
         for attempt in range(_MIGRATE_ATTEMPTS):
             try:
                 async with self._transaction() as conn:
-                    await conn.execute(_CREATE_SCHEMA_MIGRATIONS)
+                    await self._check_schema(conn)
+                    await conn.execute(_CREATE_SCHEMA_MIGRATIONS.format(table=table))
                     # Two servers starting at once: the second waits here, then
                     # sees what the first applied. A table lock, no advisory lock.
-                    await conn.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
-                    rows = await conn.fetch("SELECT version FROM schema_migrations")
+                    await conn.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+                    rows = await conn.fetch(f"SELECT version FROM {table}")
                     applied = {int(r["version"]) for r in rows}
                     done: list[int] = []
                     for migration in migrations:
@@ -278,7 +342,7 @@ class PostgresStore:
                             continue
                         await conn.execute(migration.sql)
                         await conn.execute(
-                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            f"INSERT INTO {table} (version, name) VALUES ($1, $2)",
                             migration.version,
                             migration.name,
                         )
@@ -288,6 +352,56 @@ class PostgresStore:
                 if attempt == _MIGRATE_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
+
+    # --- key re-wrap (the vault's member_keys, the retention store's copies) -----
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]:
+        table = self._KEYS_TABLE
+        limit = check_limit(limit)
+        after = None if after_member_id is None else _uuid(after_member_id)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT member_id, dek_id, kek_version, wrapped_dek FROM {table} "
+                "WHERE kek_version <> $1 AND ($2::uuid IS NULL OR member_id > $2) "
+                "ORDER BY member_id LIMIT $3",
+                target_version,
+                after,
+                limit,
+            )
+        return [
+            MemberKeyRow(
+                str(r["member_id"]),
+                int(r["dek_id"]),
+                int(r["kek_version"]),
+                bytes(r["wrapped_dek"]),
+            )
+            for r in rows
+        ]
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
+        table = self._KEYS_TABLE
+        if not updates:
+            return 0
+        async with self._transaction() as conn:
+            # One statement for the batch: the arrays join the rows to update.
+            status = await conn.execute(
+                f"UPDATE {table} AS k SET kek_version = u.to_version, wrapped_dek = u.wrapped "
+                "FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::bytea[]) "
+                "AS u(member_id, dek_id, from_version, to_version, wrapped) "
+                "WHERE k.member_id = u.member_id AND k.dek_id = u.dek_id "
+                "AND k.kek_version = u.from_version",
+                [_uuid(u.member_id) for u in updates],
+                [u.dek_id for u in updates],
+                [u.from_version for u in updates],
+                [u.to_version for u in updates],
+                [bytes(u.wrapped_dek) for u in updates],
+            )
+        return _affected(status)
+
+
+class PostgresStore(_PostgresDatabase):
+    """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""
 
     # --- key hierarchy -------------------------------------------------------
     async def list_kek_versions(self) -> list[KekVersionRow]:
@@ -400,49 +514,6 @@ class PostgresStore:
             )
         return [KekUsage(int(r["version"]), int(r["m"]), int(r["i"])) for r in rows]
 
-    async def member_keys_to_rewrap(
-        self, target_version: int, after_member_id: str | None, limit: int
-    ) -> list[MemberKeyRow]:
-        limit = check_limit(limit)
-        after = None if after_member_id is None else _uuid(after_member_id)
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT member_id, dek_id, kek_version, wrapped_dek FROM member_keys "
-                "WHERE kek_version <> $1 AND ($2::uuid IS NULL OR member_id > $2) "
-                "ORDER BY member_id LIMIT $3",
-                target_version,
-                after,
-                limit,
-            )
-        return [
-            MemberKeyRow(
-                str(r["member_id"]),
-                int(r["dek_id"]),
-                int(r["kek_version"]),
-                bytes(r["wrapped_dek"]),
-            )
-            for r in rows
-        ]
-
-    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
-        if not updates:
-            return 0
-        async with self._transaction() as conn:
-            # One statement for the batch: the arrays join the rows to update.
-            status = await conn.execute(
-                "UPDATE member_keys AS k SET kek_version = u.to_version, wrapped_dek = u.wrapped "
-                "FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[], $5::bytea[]) "
-                "AS u(member_id, dek_id, from_version, to_version, wrapped) "
-                "WHERE k.member_id = u.member_id AND k.dek_id = u.dek_id "
-                "AND k.kek_version = u.from_version",
-                [_uuid(u.member_id) for u in updates],
-                [u.dek_id for u in updates],
-                [u.from_version for u in updates],
-                [u.to_version for u in updates],
-                [bytes(u.wrapped_dek) for u in updates],
-            )
-        return _affected(status)
-
     async def rewrap_index_key(
         self, key_id: int, from_version: int, to_version: int, wrapped_key: bytes
     ) -> bool:
@@ -488,13 +559,15 @@ class PostgresStore:
             )
             if fields is None or [bytes(c) for c in fields] != expected:
                 return False
+            # entry_id -> at: the update names the partition key too, so each row is
+            # found by partition pruning rather than a probe of every month.
             present = {
-                int(r["entry_id"])
+                int(r["entry_id"]): r["at"]
                 for r in await conn.fetch(
-                    "SELECT entry_id FROM access_log WHERE member_id = $1 FOR UPDATE", key
+                    "SELECT entry_id, at FROM access_log WHERE member_id = $1 FOR UPDATE", key
                 )
             }
-            if present != set(access_log):
+            if set(present) != set(access_log):
                 return False  # an entry came (or went) since the caller read them
             await conn.execute(
                 "UPDATE member_keys SET dek_id = $2, kek_version = $3, wrapped_dek = $4 "
@@ -511,8 +584,12 @@ class PostgresStore:
             )
             if access_log:
                 await conn.executemany(
-                    "UPDATE access_log SET action_ct = $2, ip_ct = $3 WHERE entry_id = $1",
-                    [(entry_id, bytes(a), bytes(i)) for entry_id, (a, i) in access_log.items()],
+                    "UPDATE access_log SET action_ct = $3, ip_ct = $4 "
+                    "WHERE entry_id = $1 AND at = $2",
+                    [
+                        (entry_id, present[entry_id], bytes(a), bytes(i))
+                        for entry_id, (a, i) in access_log.items()
+                    ],
                 )
         return True
 
@@ -761,9 +838,11 @@ class PostgresStore:
         reason: str,
         *,
         last_seen_before: datetime | None = None,
+        retention: RetentionCheck | None = None,
     ) -> DestructionRecord | None:
         key = _uuid(member_id)
         require_aware(destroyed_at)
+        expected = None if retention is None else check_retention(retention)
         async with self._transaction() as conn:
             # Lock the member first: a concurrent shred waits, then finds nothing, and
             # a concurrent login (which updates this row) is either seen or waits.
@@ -774,53 +853,56 @@ class PostgresStore:
                 return None
             if last_seen_before is not None and last_seen >= require_aware(last_seen_before):
                 return None
-            # Explicit deletes, children first, so each count is exact (not cascaded).
-            outbox = _affected(await conn.execute("DELETE FROM outbox WHERE member_id = $1", key))
-            password_resets = _affected(
-                await conn.execute("DELETE FROM password_resets WHERE member_id = $1", key)
+            if retention is not None and not await _matches_retention(
+                conn, key, retention, expected
+            ):
+                raise KeyChanged
+            versions = sorted(
+                {
+                    int(r["kek_version"])
+                    for r in await conn.fetch(
+                        "SELECT kek_version FROM member_keys WHERE member_id = $1", key
+                    )
+                }
             )
-            access_log = _affected(
-                await conn.execute("DELETE FROM access_log WHERE member_id = $1", key)
-            )
-            consents = _affected(
-                await conn.execute("DELETE FROM consents WHERE member_id = $1", key)
-            )
-            key_rows = await conn.fetch(
-                "DELETE FROM member_keys WHERE member_id = $1 RETURNING kek_version", key
-            )
-            members = _affected(await conn.execute("DELETE FROM members WHERE member_id = $1", key))
-            items = {
-                "member": members,
-                "member_keys": len(key_rows),
-                "consents": consents,
-                "access_log": access_log,
-                "outbox": outbox,
-                "password_resets": password_resets,
+            counts = {
+                table: _affected(
+                    await conn.execute(f"DELETE FROM {table} WHERE member_id = $1", key)
+                )
+                for table in SHRED_TABLES
             }
-            versions = sorted({int(r["kek_version"]) for r in key_rows})
             await conn.execute(
                 "INSERT INTO tombstones (member_id, destroyed_at) VALUES ($1, $2) "
                 "ON CONFLICT (member_id) DO NOTHING",
                 key,
                 destroyed_at,
             )
-            row = await conn.fetchrow(
-                "INSERT INTO destruction_records "
-                "(member_id, destroyed_at, reason, items, kek_versions) "
-                "VALUES ($1, $2, $3, $4, $5) RETURNING member_id, destroyed_at",
-                key,
-                destroyed_at,
-                reason,
-                json.dumps(items),
-                json.dumps(versions),
+            record = DestructionRecord(
+                member_id=str(key),
+                destroyed_at=destroyed_at,
+                reason=reason,
+                items=shred_items(counts),
+                kek_versions=tuple(versions),
+                retained_until=None if retention is None else retention.retained_until,
             )
-        return DestructionRecord(
-            member_id=str(row["member_id"]),
-            destroyed_at=row["destroyed_at"],
-            reason=reason,
-            items=items,
-            kek_versions=tuple(versions),
-        )
+            await _insert_destruction_record(conn, record)
+        return record
+
+    async def record_destruction(self, record: DestructionRecord) -> bool:
+        key = _uuid(record.member_id)
+        require_aware(record.destroyed_at)
+        async with self._transaction() as conn:
+            # Serialised per member: two sweeps racing record it once.
+            await conn.execute("SELECT 1 FROM tombstones WHERE member_id = $1 FOR UPDATE", key)
+            found = await conn.fetchval(
+                "SELECT 1 FROM destruction_records WHERE member_id = $1 AND reason = $2",
+                key,
+                record.reason,
+            )
+            if found is not None:
+                return False
+            await _insert_destruction_record(conn, replace(record, member_id=str(key)))
+        return True
 
     async def is_destroyed(self, member_id: str) -> bool:
         async with self._connection() as conn:
@@ -834,7 +916,7 @@ class PostgresStore:
     ) -> list[DestructionRecord]:
         select = (
             "SELECT member_id, destroyed_at, reason, items::text AS items, "
-            "kek_versions::text AS kek_versions FROM destruction_records"
+            "kek_versions::text AS kek_versions, retained_until FROM destruction_records"
         )
         order = "ORDER BY destroyed_at, record_id"
         async with self._connection() as conn:
@@ -916,16 +998,183 @@ class PostgresStore:
             )
         return [str(r["member_id"]) for r in rows]
 
+    # --- access-log partitions (monthly, UTC) ------------------------------------
+    # Partition names carry their month, so bounds come from the name, and a name
+    # that passes this pattern is safe to splice into DDL (identifiers and partition
+    # bounds cannot be bind parameters).
+    _PARTITION_NAME = re.compile(r"^access_log_y(\d{4})m(\d{2})$")
+    # Months created ahead of the current one.
+    _PARTITIONS_AHEAD = 2
+    # Partition DDL waits this long for its lock, then gives up until the next call:
+    # a queued ACCESS EXCLUSIVE request would hold up every login behind it.
+    _PARTITION_LOCK_TIMEOUT = "2s"
+
+    @classmethod
+    def _partition_month(cls, name: str) -> datetime | None:
+        match = cls._PARTITION_NAME.match(name)
+        if match is None or not 1 <= int(match.group(2)) <= 12:
+            return None
+        return datetime(int(match.group(1)), int(match.group(2)), 1, tzinfo=UTC)
+
+    @staticmethod
+    def _add_months(month: datetime, months: int) -> datetime:
+        index = month.year * 12 + month.month - 1 + months
+        return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+    @staticmethod
+    def _partition_bound(at: datetime) -> str:
+        # An explicit +00 offset: never read in the session's time zone.
+        return f"'{at.astimezone(UTC):%Y-%m-%d %H:%M:%S}+00'"
+
+    @classmethod
+    async def _access_log_partitions(cls, conn: Any) -> tuple[list[str], list[str]]:
+        """(monthly partitions of access_log, detached month tables left by a purge
+        that stopped between its detach and its drop), names from the catalog."""
+        rows = await conn.fetch(
+            "SELECT c.relname, EXISTS (SELECT 1 FROM pg_inherits AS i "
+            "WHERE i.inhrelid = c.oid AND i.inhparent = 'access_log'::regclass) AS attached, "
+            "c.relispartition FROM pg_class AS c "
+            "WHERE c.relkind = 'r' AND c.relname LIKE 'access_log\\_y%' "
+            "AND c.relnamespace = (SELECT relnamespace FROM pg_class "
+            "WHERE oid = 'access_log'::regclass)"
+        )
+        attached: list[str] = []
+        detached: list[str] = []
+        for r in rows:
+            name = str(r["relname"])
+            if cls._partition_month(name) is None:
+                continue
+            if r["attached"]:
+                attached.append(name)
+            elif not r["relispartition"]:
+                detached.append(name)
+        return sorted(attached), sorted(detached)
+
+    async def ensure_access_log_partitions(self, now: datetime | None = None) -> list[str]:
+        """Create the access-log partitions of ``now``'s month (UTC; default: the
+        database's clock) and the next two when missing; returns the names created.
+        One catalog read when there is nothing to do. A month left without its
+        partition is not an error: its rows wait in the default partition and move
+        into the partition when it is created. A lock not granted in time skips the
+        month until the next call."""
+        async with self._connection() as conn:
+            if now is None:
+                now = await conn.fetchval("SELECT now()")
+            attached, _ = await self._access_log_partitions(conn)
+        utc = require_aware(now).astimezone(UTC)
+        first = datetime(utc.year, utc.month, 1, tzinfo=UTC)
+        created: list[str] = []
+        for ahead in range(self._PARTITIONS_AHEAD + 1):
+            month = self._add_months(first, ahead)
+            name = f"access_log_y{month.year:04d}m{month.month:02d}"
+            if name in attached:
+                continue
+            try:
+                if await self._create_access_log_partition(name, month):
+                    created.append(name)
+            except asyncpg.LockNotAvailableError:
+                continue
+        return created
+
+    async def _create_access_log_partition(self, name: str, month: datetime) -> bool:
+        end = self._add_months(month, 1)
+        bounds = f"FROM ({self._partition_bound(month)}) TO ({self._partition_bound(end)})"
+        async with self._transaction() as conn:
+            await conn.execute(f"SET LOCAL lock_timeout = '{self._PARTITION_LOCK_TIMEOUT}'")
+            # The parent (and with it every partition) first, in the strongest mode
+            # the DDL below needs: no lock upgrade, so no deadlock with a writer, and
+            # no insert can reach the default partition while its rows move.
+            await conn.execute("LOCK TABLE access_log IN ACCESS EXCLUSIVE MODE")
+            attached, _ = await self._access_log_partitions(conn)
+            if name in attached:
+                return False  # another process created it meanwhile
+            stranded = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM access_log_default WHERE at >= $1 AND at < $2)",
+                month,
+                end,
+            )
+            if not stranded:
+                await conn.execute(
+                    f'CREATE TABLE "{name}" PARTITION OF access_log FOR VALUES {bounds}'
+                )
+                return True
+            # The default partition holds rows of this month (the partition came
+            # late), which would make CREATE ... PARTITION OF fail its check. Move
+            # them into a plain table of the same shape, then attach it: ATTACH
+            # builds its indexes and foreign key, and finds the default clean.
+            await conn.execute(f'CREATE TABLE "{name}" (LIKE access_log)')
+            await conn.execute(
+                "WITH moved AS (DELETE FROM access_log_default WHERE at >= $1 AND at < $2 "
+                "RETURNING entry_id, member_id, at, action_ct, ip_ct) "
+                f'INSERT INTO "{name}" (entry_id, member_id, at, action_ct, ip_ct) '
+                "SELECT entry_id, member_id, at, action_ct, ip_ct FROM moved",
+                month,
+                end,
+            )
+            await conn.execute(
+                f'ALTER TABLE access_log ATTACH PARTITION "{name}" FOR VALUES {bounds}'
+            )
+        return True
+
+    async def _drop_access_log_partitions(self, before: datetime) -> int:
+        """Drop every monthly partition wholly older than ``before``; returns how
+        many entries they held. Detach (a brief lock on the parent) and drop (the
+        detached table alone, after counting it) are two transactions: the count
+        never holds up logins. A month whose lock is not granted in time stays; the
+        batch delete removes its rows instead."""
+        async with self._connection() as conn:
+            attached, detached = await self._access_log_partitions(conn)
+        for name in attached:
+            month = self._partition_month(name)
+            if month is None or self._add_months(month, 1) > before:
+                continue
+            try:
+                async with self._transaction() as conn:
+                    await conn.execute(f"SET LOCAL lock_timeout = '{self._PARTITION_LOCK_TIMEOUT}'")
+                    # Parent first, as every writer does; then recheck under it.
+                    await conn.execute("LOCK TABLE ONLY access_log IN ACCESS EXCLUSIVE MODE")
+                    still, _ = await self._access_log_partitions(conn)
+                    if name not in still:
+                        continue  # another purge took it
+                    await conn.execute(f'ALTER TABLE access_log DETACH PARTITION "{name}"')
+            except asyncpg.LockNotAvailableError:
+                continue
+            detached.append(name)
+        dropped = 0
+        # Also the tables a crashed purge detached but never dropped: detached only
+        # to be purged, they are dropped whatever ``before`` says now.
+        for name in detached:
+            try:
+                async with self._transaction() as conn:
+                    count = await conn.fetchval(f'SELECT count(*) FROM "{name}"')
+                    await conn.execute(f'DROP TABLE "{name}"')
+            except asyncpg.UndefinedTableError:
+                continue  # another purge dropped it
+            dropped += int(count)
+        return dropped
+
     async def purge_access_log(self, before: datetime, limit: int) -> int:
+        """Drop the monthly partitions wholly older than ``before``, then delete up
+        to ``limit`` older entries left in the boundary month and the default
+        partition. Returns both together: it reaches ``limit`` whenever the batch
+        did, so a caller looping until a short return still finishes the batches,
+        and at most one extra call follows a drop (nothing is left to drop)."""
+        before = require_aware(before)
+        limit = check_limit(limit)
+        # Keep months ahead of the inserts; one catalog read when nothing is due.
+        await self.ensure_access_log_partitions()
+        dropped = await self._drop_access_log_partitions(before)
         async with self._transaction() as conn:
             # SKIP LOCKED: rows a concurrent shred holds are left for the next batch.
+            # "at < $1" outside too: the planner skips the newer partitions.
             status = await conn.execute(
-                "DELETE FROM access_log WHERE entry_id IN (SELECT entry_id FROM access_log "
+                "DELETE FROM access_log WHERE at < $1 AND (entry_id, at) IN ("
+                "SELECT entry_id, at FROM access_log "
                 "WHERE at < $1 ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                require_aware(before),
-                check_limit(limit),
+                before,
+                limit,
             )
-        return _affected(status)
+        return dropped + _affected(status)
 
     async def count_access_log_before(self, before: datetime) -> int:
         async with self._connection() as conn:
@@ -1033,3 +1282,239 @@ class PostgresStore:
                 attempts,
                 require_aware(next_attempt_at),
             )
+
+
+_RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
+
+
+class PostgresRetentionStore(_PostgresDatabase):
+    """The separated retention storage in a PostgreSQL database of its own (see
+    RetentionStore)."""
+
+    _SCHEMA = "retention"
+    _MIGRATIONS_TABLE = "retention_schema_migrations"
+    _KEYS_TABLE = "retained_members"
+
+    async def _check_schema(self, conn: Any) -> None:
+        if await conn.fetchval("SELECT to_regclass('kek_versions')") is not None:
+            # Separated storage means a separate database (policy section 6).
+            raise ValueError("the retention database must not be the vault's database")
+
+    async def put_retained(self, member: RetainedMember, stale_before: datetime) -> bool:
+        member_id = check_retained(member)
+        key = uuid.UUID(member_id)
+        consents = json.dumps(
+            [
+                [c.purpose, c.granted, c.policy_version, to_micros(require_aware(c.recorded_at))]
+                for c in member.consents
+            ]
+        )
+        async with self._transaction() as conn:
+            found = await conn.fetchrow(
+                "SELECT confirmed, attempt, retained_at FROM retained_members "
+                "WHERE member_id = $1 FOR UPDATE",
+                key,
+            )
+            if found is not None:
+                stale = found["retained_at"] < require_aware(stale_before)
+                if found["confirmed"] or (found["attempt"] != member.attempt and not stale):
+                    return False
+                await conn.execute("DELETE FROM retained_members WHERE member_id = $1", key)
+            try:
+                await conn.execute(
+                    "INSERT INTO retained_members (member_id, retained_at, destroy_after, "
+                    f"reason, attempt, dek_id, kek_version, wrapped_dek, {_RETAINED_CT_SELECT}, "
+                    "consents) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+                    "$13::jsonb)",
+                    key,
+                    member.retained_at,
+                    member.destroy_after,
+                    member.reason,
+                    member.attempt,
+                    member.key.dek_id,
+                    member.key.kek_version,
+                    bytes(member.key.wrapped_dek),
+                    *(bytes(member.ciphertexts[f]) for f in RETAINED_FIELDS),
+                    consents,
+                )
+            except asyncpg.UniqueViolationError:
+                return False  # another attempt inserted first
+            if member.access_log:
+                await conn.copy_records_to_table(
+                    "retained_access_log",
+                    records=[
+                        (key, e.entry_id, e.at, bytes(e.action_ct), bytes(e.ip_ct))
+                        for e in member.access_log
+                    ],
+                    columns=["member_id", "entry_id", "at", "action_ct", "ip_ct"],
+                )
+        return True
+
+    async def confirm_retained(self, member_id: str) -> bool:
+        async with self._transaction() as conn:
+            status = await conn.execute(
+                "UPDATE retained_members SET confirmed = true WHERE member_id = $1",
+                _uuid(member_id),
+            )
+        return _affected(status) > 0
+
+    async def get_retained(self, member_id: str) -> RetainedMember | None:
+        key = _uuid(member_id)
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "SELECT retained_at, destroy_after, reason, attempt, confirmed, dek_id, "
+                f"kek_version, wrapped_dek, consents::text AS consents, {_RETAINED_CT_SELECT} "
+                "FROM retained_members WHERE member_id = $1",
+                key,
+            )
+            if row is None:
+                return None
+            entries = await conn.fetch(
+                "SELECT entry_id, at, action_ct, ip_ct FROM retained_access_log "
+                "WHERE member_id = $1 ORDER BY at DESC, entry_id DESC",
+                key,
+            )
+        mid = str(key)
+        return RetainedMember(
+            member_id=mid,
+            retained_at=row["retained_at"],
+            destroy_after=row["destroy_after"],
+            reason=str(row["reason"]),
+            key=MemberKeyRow(
+                mid, int(row["dek_id"]), int(row["kek_version"]), bytes(row["wrapped_dek"])
+            ),
+            ciphertexts={f: bytes(row[RETAINED_COLUMNS[f]]) for f in RETAINED_FIELDS},
+            consents=tuple(
+                ConsentRow(str(p), bool(g), str(v), from_micros(int(t)))
+                for p, g, v, t in json.loads(row["consents"])
+            ),
+            access_log=tuple(
+                AccessEntryRow(
+                    int(e["entry_id"]), e["at"], bytes(e["action_ct"]), bytes(e["ip_ct"])
+                )
+                for e in entries
+            ),
+            attempt=str(row["attempt"]),
+            confirmed=bool(row["confirmed"]),
+        )
+
+    async def list_retained(
+        self, limit: int, after_member_id: str | None = None
+    ) -> list[RetainedSummary]:
+        after = None if after_member_id is None else _uuid(after_member_id)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT m.member_id, m.retained_at, m.destroy_after, m.reason, m.confirmed, "
+                "m.kek_version, (SELECT count(*) FROM retained_access_log AS a "
+                "WHERE a.member_id = m.member_id) AS entries FROM retained_members AS m "
+                "WHERE $1::uuid IS NULL OR m.member_id > $1 ORDER BY m.member_id LIMIT $2",
+                after,
+                check_limit(limit),
+            )
+        return [
+            RetainedSummary(
+                str(r["member_id"]),
+                r["retained_at"],
+                r["destroy_after"],
+                str(r["reason"]),
+                bool(r["confirmed"]),
+                int(r["kek_version"]),
+                int(r["entries"]),
+            )
+            for r in rows
+        ]
+
+    async def retained_due(self, now: datetime, limit: int) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT member_id FROM retained_members WHERE confirmed "
+                "AND destroy_after <= $1 ORDER BY destroy_after LIMIT $2",
+                require_aware(now),
+                check_limit(limit),
+            )
+        return [str(r["member_id"]) for r in rows]
+
+    async def unconfirmed_before(self, before: datetime, limit: int) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT member_id FROM retained_members WHERE NOT confirmed "
+                "AND retained_at < $1 ORDER BY retained_at LIMIT $2",
+                require_aware(before),
+                check_limit(limit),
+            )
+        return [str(r["member_id"]) for r in rows]
+
+    async def delete_retained(
+        self, member_id: str, *, attempt: str | None = None
+    ) -> dict[str, int] | None:
+        key = _uuid(member_id)
+        async with self._transaction() as conn:
+            found = await conn.fetchrow(
+                "SELECT jsonb_array_length(consents) AS consents, confirmed, attempt "
+                "FROM retained_members WHERE member_id = $1 FOR UPDATE",
+                key,
+            )
+            if found is None or (
+                attempt is not None and (found["confirmed"] or found["attempt"] != attempt)
+            ):
+                return None
+            entries = _affected(
+                await conn.execute("DELETE FROM retained_access_log WHERE member_id = $1", key)
+            )
+            deleted = _affected(
+                await conn.execute("DELETE FROM retained_members WHERE member_id = $1", key)
+            )
+        return retained_items(deleted, int(found["consents"]), entries)
+
+    async def purge_access_log(self, before: datetime, limit: int) -> int:
+        async with self._transaction() as conn:
+            status = await conn.execute(
+                "DELETE FROM retained_access_log WHERE (member_id, entry_id) IN "
+                "(SELECT member_id, entry_id FROM retained_access_log WHERE at < $1 "
+                "ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                require_aware(before),
+                check_limit(limit),
+            )
+        return _affected(status)
+
+    async def count_access_log_before(self, before: datetime) -> int:
+        async with self._connection() as conn:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM retained_access_log WHERE at < $1", require_aware(before)
+            )
+        return int(count)
+
+    async def kek_usage(self) -> list[KekUsage]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT kek_version, count(*) AS n FROM retained_members "
+                "GROUP BY kek_version ORDER BY kek_version"
+            )
+        return [KekUsage(int(r["kek_version"]), 0, 0, retained_keys=int(r["n"])) for r in rows]
+
+    async def record_event(self, event: RetentionEvent) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO retention_events (at, actor, operation, member_id, basis) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                require_aware(event.at),
+                event.actor,
+                event.operation,
+                _uuid(event.member_id),
+                event.basis,
+            )
+
+    async def list_events(self, member_id: str | None = None) -> list[RetentionEvent]:
+        key = None if member_id is None else _uuid(member_id)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT at, actor, operation, member_id, basis FROM retention_events "
+                "WHERE $1::uuid IS NULL OR member_id = $1 ORDER BY event_id",
+                key,
+            )
+        return [
+            RetentionEvent(
+                r["at"], str(r["actor"]), str(r["operation"]), str(r["member_id"]), str(r["basis"])
+            )
+            for r in rows
+        ]

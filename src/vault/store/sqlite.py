@@ -19,8 +19,9 @@ import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from vault.clock import from_micros, to_micros
 from vault.errors import (
@@ -34,20 +35,27 @@ from vault.store._common import (
     CT_COLUMNS,
     CT_SELECT,
     HMAC_COLUMNS,
+    RETAINED_COLUMNS,
+    SHRED_TABLES,
     canonical_member_id,
     check_kek_version,
     check_key_replacement,
     check_limit,
     check_new_member,
+    check_retained,
+    check_retention,
     check_token_hash,
     check_unused,
     hmac_column,
     outbox_params_json,
     require_aware,
+    retained_items,
+    shred_items,
     update_assignments,
 )
 from vault.store._migrations import load_migrations
 from vault.store.base import (
+    RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,
     DestructionRecord,
@@ -60,6 +68,10 @@ from vault.store.base import (
     MemberRow,
     NewAccessEntry,
     OutboxMessage,
+    RetainedMember,
+    RetainedSummary,
+    RetentionCheck,
+    RetentionEvent,
     RewrapUpdate,
 )
 
@@ -112,10 +124,6 @@ _SELECT_MEMBER = (
     "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at)) FROM "
     "(SELECT * FROM consents WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
-)
-_CREATE_SCHEMA_MIGRATIONS = (
-    "CREATE TABLE IF NOT EXISTS schema_migrations ("
-    "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
 )
 
 
@@ -346,17 +354,67 @@ def _outbox_params(message: OutboxMessage) -> tuple[Any, ...]:
 
 
 def _destruction_record(row: sqlite3.Row) -> DestructionRecord:
+    retained = row["retained_until"]
     return DestructionRecord(
         member_id=str(row["member_id"]),
         destroyed_at=_from_us(row["destroyed_at"]),
         reason=str(row["reason"]),
         items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
         kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
+        retained_until=None if retained is None else _from_us(retained),
     )
 
 
-class SqliteStore:
-    """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``."""
+def _insert_destruction_record(conn: sqlite3.Connection, record: DestructionRecord) -> None:
+    conn.execute(
+        "INSERT INTO destruction_records "
+        "(member_id, destroyed_at, reason, items, kek_versions, retained_until) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            record.member_id,
+            _to_us(record.destroyed_at),
+            record.reason,
+            json.dumps(dict(record.items)),
+            json.dumps(list(record.kek_versions)),
+            None if record.retained_until is None else _to_us(record.retained_until),
+        ),
+    )
+
+
+def _matches_retention(
+    conn: sqlite3.Connection, member_id: str, check: RetentionCheck, expected: list[bytes] | None
+) -> bool:
+    """Whether the member is still exactly what the withdrawal copied (RetentionCheck)."""
+    active = conn.execute("SELECT version FROM kek_versions WHERE state = 'active'").fetchone()
+    if active is None or int(active[0]) != check.kek_version:
+        return False
+    key = conn.execute(
+        "SELECT dek_id FROM member_keys WHERE member_id = ?", (member_id,)
+    ).fetchone()
+    if key is None or int(key[0]) != check.dek_id:
+        return False
+    current = conn.execute(
+        f"SELECT {CT_SELECT} FROM members WHERE member_id = ?", (member_id,)
+    ).fetchone()
+    if current is None or [bytes(c) for c in current] != expected:
+        return False
+    present = {
+        int(r[0])
+        for r in conn.execute("SELECT entry_id FROM access_log WHERE member_id = ?", (member_id,))
+    }
+    return present == check.access_entry_ids
+
+
+class _SqliteDatabase:
+    """One SQLite file: the writer thread, the inline reader, and migrations."""
+
+    #: Which migrations (load_migrations schema) and the table that records them.
+    _SCHEMA = "vault"
+    _MIGRATIONS_TABLE = "schema_migrations"
+    #: The table holding wrapped member DEKs (re-wrapped by key management).
+    _KEYS_TABLE = "member_keys"
+    #: The access log's table (its rows: at, action_ct, ip_ct).
+    _ACCESS_TABLE = "access_log"
 
     def __init__(
         self, conn: sqlite3.Connection, reader: sqlite3.Connection, executor: ThreadPoolExecutor
@@ -367,7 +425,7 @@ class SqliteStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: str) -> SqliteStore:
+    async def open(cls, path: str) -> Self:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vault-sqlite")
         try:
             conn = await cls._in_thread(executor, _connect, path)
@@ -418,6 +476,19 @@ class SqliteStore:
         """Run ``work`` in one write transaction on the worker thread."""
         return await self._call(lambda conn: _transaction(conn, work))
 
+    async def _write_and_scrub(self, work: Callable[[sqlite3.Connection], _T | None]) -> _T | None:
+        """A destroying write: after it commits (and did something), copy the zeroed
+        pages into the file and empty the WAL, so the deleted rows' old page images
+        do not linger in it."""
+
+        def run(conn: sqlite3.Connection) -> _T | None:
+            result = _transaction(conn, work)
+            if result is not None:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return result
+
+        return await self._call(run)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -430,11 +501,20 @@ class SqliteStore:
         """The connection's effective settings (journal_mode, secure_delete, ...)."""
         return await self._call(_read_pragmas)
 
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        """Refuse a database that holds the other schema (see the retention store)."""
+
     async def migrate(self) -> list[int]:
+        table = self._MIGRATIONS_TABLE
+
         def work(conn: sqlite3.Connection) -> list[int]:
-            migrations = load_migrations("sqlite")
-            conn.execute(_CREATE_SCHEMA_MIGRATIONS)
-            applied = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
+            self._check_schema(conn)
+            migrations = load_migrations("sqlite", self._SCHEMA)
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY, "
+                "name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+            )
+            applied = {int(r[0]) for r in conn.execute(f"SELECT version FROM {table}")}
             done: list[int] = []
             for migration in migrations:
                 if migration.version in applied:
@@ -442,13 +522,84 @@ class SqliteStore:
                 for statement in _split_statements(migration.sql):
                     conn.execute(statement)
                 conn.execute(
-                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    f"INSERT INTO {table} (version, name, applied_at) VALUES (?, ?, ?)",
                     (migration.version, migration.name, _to_us(datetime.now(UTC))),
                 )
                 done.append(migration.version)
             return done
 
         return await self._write(work)
+
+    # --- the 6-month access-log rule (the vault's log, the retention store's copies) -
+    async def purge_access_log(self, before: datetime, limit: int) -> int:
+        table = self._ACCESS_TABLE
+        params = (_to_us(before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "
+                "WHERE at < ? ORDER BY at LIMIT ?)",
+                params,
+            ).rowcount
+
+        return await self._write(work)
+
+    async def count_access_log_before(self, before: datetime) -> int:
+        table = self._ACCESS_TABLE
+        params = (_to_us(before),)
+
+        def work(conn: sqlite3.Connection) -> int:
+            found = conn.execute(f"SELECT count(*) FROM {table} WHERE at < ?", params)
+            return int(found.fetchone()[0])
+
+        return self._read(work)
+
+    # --- key re-wrap (the vault's member_keys, the retention store's copies) -----
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]:
+        table = self._KEYS_TABLE
+        limit = check_limit(limit)
+        after = "" if after_member_id is None else canonical_member_id(after_member_id)
+
+        def work(conn: sqlite3.Connection) -> list[MemberKeyRow]:
+            rows = conn.execute(
+                f"SELECT member_id, dek_id, kek_version, wrapped_dek FROM {table} "
+                "WHERE kek_version <> ? AND member_id > ? ORDER BY member_id LIMIT ?",
+                (target_version, after, limit),
+            ).fetchall()
+            return [MemberKeyRow(str(m), int(d), int(v), bytes(w)) for m, d, v, w in rows]
+
+        return self._read(work)
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
+        table = self._KEYS_TABLE
+        params = [
+            (
+                u.to_version,
+                bytes(u.wrapped_dek),
+                canonical_member_id(u.member_id),
+                u.dek_id,
+                u.from_version,
+            )
+            for u in updates
+        ]
+
+        def work(conn: sqlite3.Connection) -> int:
+            applied = 0
+            for p in params:
+                applied += conn.execute(
+                    f"UPDATE {table} SET kek_version = ?, wrapped_dek = ? "
+                    "WHERE member_id = ? AND dek_id = ? AND kek_version = ?",
+                    p,
+                ).rowcount
+            return applied
+
+        return await self._write(work) if params else 0
+
+
+class SqliteStore(_SqliteDatabase):
+    """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``."""
 
     # --- key hierarchy -------------------------------------------------------
     async def list_kek_versions(self) -> list[KekVersionRow]:
@@ -577,46 +728,6 @@ class SqliteStore:
             return [KekUsage(int(v), int(m), int(i)) for v, m, i in rows]
 
         return self._read(work)
-
-    async def member_keys_to_rewrap(
-        self, target_version: int, after_member_id: str | None, limit: int
-    ) -> list[MemberKeyRow]:
-        limit = check_limit(limit)
-        after = "" if after_member_id is None else canonical_member_id(after_member_id)
-
-        def work(conn: sqlite3.Connection) -> list[MemberKeyRow]:
-            rows = conn.execute(
-                "SELECT member_id, dek_id, kek_version, wrapped_dek FROM member_keys "
-                "WHERE kek_version <> ? AND member_id > ? ORDER BY member_id LIMIT ?",
-                (target_version, after, limit),
-            ).fetchall()
-            return [MemberKeyRow(str(m), int(d), int(v), bytes(w)) for m, d, v, w in rows]
-
-        return self._read(work)
-
-    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
-        params = [
-            (
-                u.to_version,
-                bytes(u.wrapped_dek),
-                canonical_member_id(u.member_id),
-                u.dek_id,
-                u.from_version,
-            )
-            for u in updates
-        ]
-
-        def work(conn: sqlite3.Connection) -> int:
-            applied = 0
-            for p in params:
-                applied += conn.execute(
-                    "UPDATE member_keys SET kek_version = ?, wrapped_dek = ? "
-                    "WHERE member_id = ? AND dek_id = ? AND kek_version = ?",
-                    p,
-                ).rowcount
-            return applied
-
-        return await self._write(work) if params else 0
 
     async def rewrap_index_key(
         self, key_id: int, from_version: int, to_version: int, wrapped_key: bytes
@@ -910,11 +1021,14 @@ class SqliteStore:
         reason: str,
         *,
         last_seen_before: datetime | None = None,
+        retention: RetentionCheck | None = None,
     ) -> DestructionRecord | None:
         member_id = canonical_member_id(member_id)
         params = (member_id,)
         at = _to_us(destroyed_at)
         seen_limit = None if last_seen_before is None else _to_us(last_seen_before)
+        expected = None if retention is None else check_retention(retention)
+        retained_until = None if retention is None else _to_us(retention.retained_until)
 
         def work(conn: sqlite3.Connection) -> DestructionRecord | None:
             found = conn.execute(
@@ -924,6 +1038,10 @@ class SqliteStore:
                 return None
             if seen_limit is not None and found[0] >= seen_limit:
                 return None  # connected since the caller decided: not inactive
+            if retention is not None and not _matches_retention(
+                conn, member_id, retention, expected
+            ):
+                raise KeyChanged
             versions = sorted(
                 {
                     int(r[0])
@@ -932,53 +1050,44 @@ class SqliteStore:
                     )
                 }
             )
-            # Explicit deletes, children first, so each count is exact (not cascaded).
             counts = {
                 table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", params).rowcount
-                for table in (
-                    "outbox",
-                    "password_resets",
-                    "access_log",
-                    "consents",
-                    "member_keys",
-                    "members",
-                )
+                for table in SHRED_TABLES
             }
-            items = {
-                "member": counts["members"],
-                "member_keys": counts["member_keys"],
-                "consents": counts["consents"],
-                "access_log": counts["access_log"],
-                "outbox": counts["outbox"],
-                "password_resets": counts["password_resets"],
-            }
+            items = shred_items(counts)
             conn.execute(
                 "INSERT INTO tombstones (member_id, destroyed_at) VALUES (?, ?) "
                 "ON CONFLICT (member_id) DO NOTHING",
                 (member_id, at),
             )
-            conn.execute(
-                "INSERT INTO destruction_records "
-                "(member_id, destroyed_at, reason, items, kek_versions) VALUES (?, ?, ?, ?, ?)",
-                (member_id, at, reason, json.dumps(items), json.dumps(versions)),
-            )
-            return DestructionRecord(
+            record = DestructionRecord(
                 member_id=member_id,
                 destroyed_at=_from_us(at),
                 reason=reason,
                 items=items,
                 kek_versions=tuple(versions),
+                retained_until=None if retained_until is None else _from_us(retained_until),
             )
-
-        def shred(conn: sqlite3.Connection) -> DestructionRecord | None:
-            record = _transaction(conn, work)
-            if record is not None:
-                # Copy the zeroed pages into the file and empty the WAL, so the
-                # deleted rows' old page images do not linger in it.
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            _insert_destruction_record(conn, record)
             return record
 
-        return await self._call(shred)
+        return await self._write_and_scrub(work)
+
+    async def record_destruction(self, record: DestructionRecord) -> bool:
+        member_id = canonical_member_id(record.member_id)
+        require_aware(record.destroyed_at)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            found = conn.execute(
+                "SELECT 1 FROM destruction_records WHERE member_id = ? AND reason = ?",
+                (member_id, record.reason),
+            ).fetchone()
+            if found is not None:
+                return False
+            _insert_destruction_record(conn, replace(record, member_id=member_id))
+            return True
+
+        return await self._write(work)
 
     async def is_destroyed(self, member_id: str) -> bool:
         member_id = canonical_member_id(member_id)
@@ -993,7 +1102,8 @@ class SqliteStore:
         self, member_id: str | None = None
     ) -> list[DestructionRecord]:
         select = (
-            "SELECT member_id, destroyed_at, reason, items, kek_versions FROM destruction_records"
+            "SELECT member_id, destroyed_at, reason, items, kek_versions, retained_until "
+            "FROM destruction_records"
         )
         order = "ORDER BY destroyed_at, record_id"
         params: tuple[str, ...] = ()
@@ -1081,28 +1191,6 @@ class SqliteStore:
                 params,
             ).fetchall()
             return [str(r[0]) for r in rows]
-
-        return self._read(work)
-
-    async def purge_access_log(self, before: datetime, limit: int) -> int:
-        params = (_to_us(before), check_limit(limit))
-
-        def work(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM access_log WHERE entry_id IN (SELECT entry_id FROM access_log "
-                "WHERE at < ? ORDER BY at LIMIT ?)",
-                params,
-            ).rowcount
-
-        return await self._write(work)
-
-    async def count_access_log_before(self, before: datetime) -> int:
-        params = (_to_us(before),)
-
-        def work(conn: sqlite3.Connection) -> int:
-            return int(
-                conn.execute("SELECT count(*) FROM access_log WHERE at < ?", params).fetchone()[0]
-            )
 
         return self._read(work)
 
@@ -1197,3 +1285,252 @@ class SqliteStore:
             )
 
         await self._write(work)
+
+
+_RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
+
+
+class SqliteRetentionStore(_SqliteDatabase):
+    """The separated retention storage in a SQLite file of its own (see RetentionStore)."""
+
+    _SCHEMA = "retention"
+    _MIGRATIONS_TABLE = "retention_schema_migrations"
+    _KEYS_TABLE = "retained_members"
+    _ACCESS_TABLE = "retained_access_log"
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        vault_tables = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'kek_versions'"
+        ).fetchone()
+        if vault_tables is not None:
+            # Separated storage means a separate database (policy section 6).
+            raise ValueError("the retention database must not be the vault's database")
+
+    async def put_retained(self, member: RetainedMember, stale_before: datetime) -> bool:
+        member_id = check_retained(member)
+        stale = _to_us(stale_before)
+        row = (
+            member_id,
+            _to_us(member.retained_at),
+            _to_us(member.destroy_after),
+            member.reason,
+            member.attempt,
+            member.key.dek_id,
+            member.key.kek_version,
+            bytes(member.key.wrapped_dek),
+            *(bytes(member.ciphertexts[f]) for f in RETAINED_FIELDS),
+            json.dumps(
+                [
+                    [c.purpose, c.granted, c.policy_version, _to_us(c.recorded_at)]
+                    for c in member.consents
+                ]
+            ),
+        )
+        entries = [
+            (member_id, e.entry_id, _to_us(e.at), bytes(e.action_ct), bytes(e.ip_ct))
+            for e in member.access_log
+        ]
+
+        def work(conn: sqlite3.Connection) -> bool:
+            found = conn.execute(
+                "SELECT confirmed, attempt, retained_at FROM retained_members WHERE member_id = ?",
+                (member_id,),
+            ).fetchone()
+            if found is not None:
+                confirmed, attempt, retained_at = found
+                if confirmed or (attempt != member.attempt and retained_at >= stale):
+                    return False
+                conn.execute("DELETE FROM retained_access_log WHERE member_id = ?", (member_id,))
+                conn.execute("DELETE FROM retained_members WHERE member_id = ?", (member_id,))
+            conn.execute(
+                "INSERT INTO retained_members (member_id, retained_at, destroy_after, reason, "
+                f"attempt, dek_id, kek_version, wrapped_dek, {_RETAINED_CT_SELECT}, consents) "
+                f"VALUES ({', '.join('?' * len(row))})",
+                row,
+            )
+            conn.executemany(
+                "INSERT INTO retained_access_log (member_id, entry_id, at, action_ct, ip_ct) "
+                "VALUES (?, ?, ?, ?, ?)",
+                entries,
+            )
+            return True
+
+        return await self._write(work)
+
+    async def confirm_retained(self, member_id: str) -> bool:
+        params = (canonical_member_id(member_id),)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "UPDATE retained_members SET confirmed = 1 WHERE member_id = ?", params
+                ).rowcount
+                > 0
+            )
+
+        return await self._write(work)
+
+    async def get_retained(self, member_id: str) -> RetainedMember | None:
+        member_id = canonical_member_id(member_id)
+
+        def work(conn: sqlite3.Connection) -> RetainedMember | None:
+            row = conn.execute(
+                "SELECT retained_at, destroy_after, reason, attempt, confirmed, dek_id, "
+                f"kek_version, wrapped_dek, consents, {_RETAINED_CT_SELECT} "
+                "FROM retained_members WHERE member_id = ?",
+                (member_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            entries = conn.execute(
+                "SELECT entry_id, at, action_ct, ip_ct FROM retained_access_log "
+                "WHERE member_id = ? ORDER BY at DESC, entry_id DESC",
+                (member_id,),
+            ).fetchall()
+            return RetainedMember(
+                member_id=member_id,
+                retained_at=_from_us(row["retained_at"]),
+                destroy_after=_from_us(row["destroy_after"]),
+                reason=str(row["reason"]),
+                key=MemberKeyRow(
+                    member_id,
+                    int(row["dek_id"]),
+                    int(row["kek_version"]),
+                    bytes(row["wrapped_dek"]),
+                ),
+                ciphertexts={f: bytes(row[RETAINED_COLUMNS[f]]) for f in RETAINED_FIELDS},
+                consents=tuple(
+                    ConsentRow(str(p), bool(g), str(v), _from_us(int(t)))
+                    for p, g, v, t in json.loads(row["consents"])
+                ),
+                access_log=tuple(
+                    AccessEntryRow(int(e[0]), _from_us(e[1]), bytes(e[2]), bytes(e[3]))
+                    for e in entries
+                ),
+                attempt=str(row["attempt"]),
+                confirmed=bool(row["confirmed"]),
+            )
+
+        return self._read(work)
+
+    async def list_retained(
+        self, limit: int, after_member_id: str | None = None
+    ) -> list[RetainedSummary]:
+        params = (
+            "" if after_member_id is None else canonical_member_id(after_member_id),
+            check_limit(limit),
+        )
+
+        def work(conn: sqlite3.Connection) -> list[RetainedSummary]:
+            rows = conn.execute(
+                "SELECT m.member_id, m.retained_at, m.destroy_after, m.reason, m.confirmed, "
+                "m.kek_version, (SELECT count(*) FROM retained_access_log AS a "
+                "WHERE a.member_id = m.member_id) FROM retained_members AS m "
+                "WHERE m.member_id > ? ORDER BY m.member_id LIMIT ?",
+                params,
+            ).fetchall()
+            return [
+                RetainedSummary(
+                    str(r[0]),
+                    _from_us(r[1]),
+                    _from_us(r[2]),
+                    str(r[3]),
+                    bool(r[4]),
+                    int(r[5]),
+                    int(r[6]),
+                )
+                for r in rows
+            ]
+
+        return self._read(work)
+
+    async def retained_due(self, now: datetime, limit: int) -> list[str]:
+        params = (_to_us(now), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT member_id FROM retained_members WHERE confirmed = 1 "
+                "AND destroy_after <= ? ORDER BY destroy_after LIMIT ?",
+                params,
+            )
+            return [str(r[0]) for r in rows]
+
+        return self._read(work)
+
+    async def unconfirmed_before(self, before: datetime, limit: int) -> list[str]:
+        params = (_to_us(before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT member_id FROM retained_members WHERE confirmed = 0 "
+                "AND retained_at < ? ORDER BY retained_at LIMIT ?",
+                params,
+            )
+            return [str(r[0]) for r in rows]
+
+        return self._read(work)
+
+    async def delete_retained(
+        self, member_id: str, *, attempt: str | None = None
+    ) -> dict[str, int] | None:
+        params = (canonical_member_id(member_id),)
+
+        def work(conn: sqlite3.Connection) -> dict[str, int] | None:
+            found = conn.execute(
+                "SELECT consents, confirmed, attempt FROM retained_members WHERE member_id = ?",
+                params,
+            ).fetchone()
+            if found is None or (attempt is not None and (found[1] or found[2] != attempt)):
+                return None
+            entries = conn.execute(
+                "DELETE FROM retained_access_log WHERE member_id = ?", params
+            ).rowcount
+            deleted = conn.execute(
+                "DELETE FROM retained_members WHERE member_id = ?", params
+            ).rowcount
+            return retained_items(deleted, len(json.loads(found[0])), entries)
+
+        return await self._write_and_scrub(work)
+
+    async def kek_usage(self) -> list[KekUsage]:
+        def work(conn: sqlite3.Connection) -> list[KekUsage]:
+            rows = conn.execute(
+                "SELECT kek_version, count(*) FROM retained_members "
+                "GROUP BY kek_version ORDER BY kek_version"
+            ).fetchall()
+            return [KekUsage(int(v), 0, 0, retained_keys=int(n)) for v, n in rows]
+
+        return self._read(work)
+
+    async def record_event(self, event: RetentionEvent) -> None:
+        params = (
+            _to_us(require_aware(event.at)),
+            event.actor,
+            event.operation,
+            canonical_member_id(event.member_id),
+            event.basis,
+        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO retention_events (at, actor, operation, member_id, basis) "
+                "VALUES (?, ?, ?, ?, ?)",
+                params,
+            )
+
+        await self._write(work)
+
+    async def list_events(self, member_id: str | None = None) -> list[RetentionEvent]:
+        select = "SELECT at, actor, operation, member_id, basis FROM retention_events"
+        query, params = f"{select} ORDER BY event_id", tuple[str, ...]()
+        if member_id is not None:
+            query = f"{select} WHERE member_id = ? ORDER BY event_id"
+            params = (canonical_member_id(member_id),)
+
+        def work(conn: sqlite3.Connection) -> list[RetentionEvent]:
+            return [
+                RetentionEvent(_from_us(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]))
+                for r in conn.execute(query, params)
+            ]
+
+        return self._read(work)

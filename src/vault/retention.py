@@ -1,0 +1,357 @@
+"""Withdrawal into separated storage, and its timed destruction (policy section 6).
+
+"The information that the user has entered will be moved to a separate DB after
+the purpose is obtained and destroyed after retaining for a certain period of
+time [...]. The personal data moved to a separate DB will not be used for the
+purpose other than retention, unless required by the law."
+
+With a retention rule (a period and its stated reason), a withdrawal copies what
+the member entered -- less the password hash, which no retention purpose needs --
+with their consents and access log into the retention store, a database of its
+own, and then crypto-shreds the member in the vault. The copy stays ciphertext
+under the member's own DEK, re-wrapped under the active KEK version. Nothing in
+the member API reads it; the privacy officer's tools can list it, disclose it
+when the law requires (each disclosure recorded with its stated basis), or
+destroy it early; the sidecar destroys it when its date passes.
+
+The two databases cannot share a transaction, so the move is ordered to be safe
+at any crash point: (1) write the copy, unconfirmed; (2) shred the member in
+the vault, only if they are still exactly what was copied and the copy's KEK
+version is still active (one transaction, with a destruction record carrying
+``retained_until``); (3) confirm the copy. A crash between (1) and (2) leaves an
+unconfirmed copy of a live member, between (2) and (3) an unconfirmed copy of a
+withdrawn one; the sidecar tells them apart by the vault's destruction record
+once the copy is older than :data:`CONFIRM_GRACE`, deleting the first kind and
+confirming the second.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from vault import _hazmat, ids
+from vault.bindings import access_field, dek_context
+from vault.cache import DekCache
+from vault.clock import Clock
+from vault.errors import FieldViolation, InvalidInput, KeyChanged, NotFound, PreconditionFailed
+from vault.providers.base import KeyProvider
+from vault.store._common import retained_items
+from vault.store.base import (
+    RETAINED_FIELDS,
+    DestructionRecord,
+    MemberKeyRow,
+    MemberRow,
+    RetainedMember,
+    RetainedSummary,
+    RetentionCheck,
+    RetentionEvent,
+    RetentionStore,
+    Store,
+)
+
+log = structlog.get_logger("vault.retention")
+
+WITHDRAWAL = "withdrawal"
+#: Destruction record reasons for a retained copy: its date passed, or the privacy
+#: officer destroyed it early.
+RETENTION_EXPIRED = "retention_expired"
+RETENTION_DESTROYED = "retention_destroyed_early"
+#: An unconfirmed copy younger than this may belong to a withdrawal in flight.
+CONFIRM_GRACE = timedelta(hours=1)
+DISCLOSURE_FORMAT = "privacy-vault-retained/1"
+_MOVE_ATTEMPTS = 3
+_ACCESS_PAGE = 1000
+MAX_REASON_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionRule:
+    """How long a withdrawn member's data is kept, and the stated reason (its legal
+    basis, as the privacy policy and notices cite it). Period 0: destroyed at once."""
+
+    period: timedelta = timedelta(0)
+    reason: str = "information security (internal policy)"
+
+    def __post_init__(self) -> None:
+        if self.period < timedelta(0):
+            raise ValueError("the retention period must not be negative")
+        if not self.reason.strip() or len(self.reason) > MAX_REASON_LENGTH:
+            raise ValueError(f"the retention reason must be 1-{MAX_REASON_LENGTH} characters")
+
+
+def _check_basis(basis: str) -> str:
+    basis = basis.strip()
+    if not basis or len(basis) > MAX_REASON_LENGTH:
+        # Every use of retained data states why (policy section 6: "unless required by
+        # the law"); the basis is recorded, so keep it a reference, not personal data.
+        raise InvalidInput([FieldViolation("basis", f"must be 1-{MAX_REASON_LENGTH} characters")])
+    return basis
+
+
+class Retention:
+    """Reached as ``vault.retention``. Holds no gRPC and no SQL."""
+
+    def __init__(
+        self,
+        store: Store,
+        retained: RetentionStore | None,
+        provider: KeyProvider,
+        clock: Clock,
+        deks: DekCache,
+        rule: RetentionRule,
+        active_version: Callable[[], Awaitable[int]],
+    ) -> None:
+        if rule.period > timedelta(0) and retained is None:
+            raise ValueError("a retention period needs a retention store")
+        self._store = store
+        self._retained = retained
+        self._provider = provider
+        self._clock = clock
+        self._deks = deks
+        self._rule = rule
+        self._active_version = active_version
+
+    def __repr__(self) -> str:
+        return f"<Retention period={self._rule.period}>"
+
+    @property
+    def rule(self) -> RetentionRule:
+        return self._rule
+
+    @property
+    def enabled(self) -> bool:
+        """Whether withdrawals retain (a period above 0)."""
+        return self._rule.period > timedelta(0)
+
+    @property
+    def store(self) -> RetentionStore | None:
+        return self._retained
+
+    def _require_store(self) -> RetentionStore:
+        if self._retained is None:
+            raise PreconditionFailed("retention", "no retention database is configured")
+        return self._retained
+
+    # --- the move ------------------------------------------------------------------------
+    async def withdraw(self, member_id: str) -> datetime:
+        """Move the member into retention and shred them in the vault; returns the
+        destroy-after time. NotFound if the member is gone; KeyChanged if they kept
+        changing under the move (the caller may retry)."""
+        retained = self._require_store()
+        attempt = str(uuid.uuid4())
+        for _ in range(_MOVE_ATTEMPTS):
+            row = await self._store.get_member(member_id)
+            if row is None:
+                raise NotFound
+            now = self._clock.now()
+            copy = await self._copy(row, now, attempt)
+            if not await retained.put_retained(copy, stale_before=now - CONFIRM_GRACE):
+                # Another withdrawal of this member is in flight (or done): let it be.
+                raise KeyChanged
+            check = RetentionCheck(
+                dek_id=row.key.dek_id,
+                ciphertexts=row.ciphertexts,
+                access_entry_ids=frozenset(e.entry_id for e in copy.access_log),
+                kek_version=copy.key.kek_version,
+                retained_until=copy.destroy_after,
+            )
+            try:
+                record = await self._store.shred_member(
+                    row.member_id, now, WITHDRAWAL, retention=check
+                )
+            except KeyChanged:
+                continue  # changed (or the KEK rotated) since we read: copy again
+            self._deks.evict(row.member_id)
+            if record is None:  # shredded by someone else meanwhile: the copy is moot
+                await retained.delete_retained(row.member_id, attempt=attempt)
+                raise NotFound
+            # If this fails, the sidecar confirms the copy from the record.
+            await retained.confirm_retained(row.member_id)
+            log.info(
+                "member_withdrawn_into_retention",
+                member_id=row.member_id,
+                items=dict(record.items),
+                access_entries=len(copy.access_log),
+            )
+            return copy.destroy_after
+        raise KeyChanged
+
+    async def _copy(self, row: MemberRow, now: datetime, attempt: str) -> RetainedMember:
+        mid = row.member_id
+        entries = []
+        cursor = None
+        while True:
+            page = await self._store.list_access(mid, _ACCESS_PAGE, cursor)
+            entries.extend(page)
+            if len(page) < _ACCESS_PAGE:
+                break
+            cursor = (page[-1].at, page[-1].entry_id)
+        active = await self._active_version()
+        key = row.key
+        if key.kek_version != active:
+            # Under the active version: the vault's shred checks it is still active,
+            # so the destroy guard, which counts retained keys, cannot miss the copy.
+            context = dek_context(mid, key.dek_id)
+            material = await self._provider.unwrap(key.kek_version, key.wrapped_dek, context)
+            key = MemberKeyRow(
+                mid, key.dek_id, active, await self._provider.wrap(active, material, context)
+            )
+        return RetainedMember(
+            member_id=mid,
+            retained_at=now,
+            destroy_after=now + self._rule.period,
+            reason=self._rule.reason,
+            key=key,
+            ciphertexts={f: row.ciphertexts[f] for f in RETAINED_FIELDS},
+            consents=row.consents,
+            access_log=tuple(entries),
+            attempt=attempt,
+        )
+
+    # --- the privacy officer's tools -------------------------------------------------------
+    async def list_retained(
+        self, limit: int = 100, after_member_id: str | None = None
+    ) -> list[RetainedSummary]:
+        return await self._require_store().list_retained(limit, after_member_id)
+
+    async def events(self, member_id: str | None = None) -> list[RetentionEvent]:
+        return await self._require_store().list_events(member_id)
+
+    async def disclose(self, member_id: str, actor: str, basis: str) -> dict[str, Any]:
+        """Decrypt a retained member for a use the law requires. The disclosure is
+        recorded (who, when, the stated basis) before anything is decrypted."""
+        copy, event = await self._use(member_id, actor, "disclose", basis)
+        mid, now, basis = copy.member_id, event.at, event.basis
+        key = copy.key
+        dek = _hazmat.SecretKey(
+            key.dek_id,
+            await self._provider.unwrap(
+                key.kek_version, key.wrapped_dek, dek_context(mid, key.dek_id)
+            ),
+        )
+
+        def opened(field_name: str, blob: bytes) -> str:
+            return _hazmat.open_field(dek, mid, field_name, blob).decode()
+
+        fields = {f: opened(f, copy.ciphertexts[f]) for f in RETAINED_FIELDS}
+        log.info("retained_member_disclosed", member_id=mid, actor=actor)
+        return {
+            "format": DISCLOSURE_FORMAT,
+            "member_id": mid,
+            "disclosed_at": now.isoformat(),
+            "disclosed_by": actor,
+            "basis": basis,
+            "retained_at": copy.retained_at.isoformat(),
+            "destroy_after": copy.destroy_after.isoformat(),
+            "retention_reason": copy.reason,
+            "member": {**fields, "mobile_phone": fields["mobile_phone"] or None},
+            "consents": [
+                {
+                    "purpose": c.purpose,
+                    "granted": c.granted,
+                    "policy_version": c.policy_version,
+                    "recorded_at": c.recorded_at.isoformat(),
+                }
+                for c in copy.consents
+            ],
+            "access_history": [
+                {
+                    "at": e.at.isoformat(),
+                    "action": opened(access_field("action", e.at), e.action_ct),
+                    "ip": opened(access_field("ip", e.at), e.ip_ct),
+                }
+                for e in copy.access_log
+            ],
+        }
+
+    async def destroy(self, member_id: str, actor: str, basis: str) -> DestructionRecord:
+        """Destroy a retained copy before its date (the reason for keeping it ended)."""
+        copy, _ = await self._use(member_id, actor, "destroy_early", basis)
+        record = await self._destroy_copy(copy.member_id, RETENTION_DESTROYED)
+        if record is None:
+            raise NotFound  # the sidecar destroyed it meanwhile
+        return record
+
+    async def _use(
+        self, member_id: str, actor: str, operation: str, basis: str
+    ) -> tuple[RetainedMember, RetentionEvent]:
+        """A use of a confirmed copy, recorded with its basis before it happens."""
+        retained = self._require_store()
+        basis = _check_basis(basis)
+        mid = _member_id(member_id)
+        copy = await retained.get_retained(mid)
+        if copy is None or not copy.confirmed:
+            raise NotFound
+        event = RetentionEvent(self._clock.now(), actor, operation, mid, basis)
+        await retained.record_event(event)
+        return copy, event
+
+    async def _destroy_copy(self, member_id: str, reason: str) -> DestructionRecord | None:
+        retained = self._require_store()
+        return await destroy_copy(self._store, retained, member_id, reason, self._clock.now())
+
+
+async def destroy_copy(
+    store: Store, retained: RetentionStore, member_id: str, reason: str, now: datetime
+) -> DestructionRecord | None:
+    """Destroy a retained copy: the vault's destruction record first (idempotent), then
+    the copy, so a crash in between leaves a copy the next sweep destroys, and never
+    a second record. None if there was no copy. Needs no key: deleting the wrapped
+    DEK with the ciphertexts is the crypto-shred."""
+    copy = await retained.get_retained(member_id)
+    if copy is None:
+        return None
+    record = DestructionRecord(
+        member_id=copy.member_id,
+        destroyed_at=now,
+        reason=reason,
+        items=retained_items(1, len(copy.consents), len(copy.access_log)),
+        kek_versions=(copy.key.kek_version,),
+    )
+    await store.record_destruction(record)
+    items = await retained.delete_retained(member_id)
+    if items is None:
+        return None
+    log.info("retained_member_destroyed", member_id=copy.member_id, reason=reason, items=items)
+    return record
+
+
+async def reconcile_copies(
+    store: Store, retained: RetentionStore, now: datetime, batch_size: int, *, dry_run: bool
+) -> int:
+    """Settle copies a crash left unconfirmed (see the module docstring); returns how
+    many were (or would be) settled, confirmed or deleted."""
+    stale = await retained.unconfirmed_before(now - CONFIRM_GRACE, batch_size)
+    if dry_run:
+        return len(stale)
+    settled = 0
+    for member_id in stale:
+        records = await store.list_destruction_records(member_id)
+        if any(r.reason == WITHDRAWAL and r.retained_until is not None for r in records):
+            settled += await retained.confirm_retained(member_id)
+            continue
+        # The member is alive (the move never committed) or was destroyed for another
+        # reason: the copy must not outlive that.
+        copy = await retained.get_retained(member_id)
+        if copy is not None and not copy.confirmed:
+            deleted = await retained.delete_retained(member_id, attempt=copy.attempt)
+            settled += deleted is not None
+    return settled
+
+
+def _member_id(member_id: str) -> str:
+    canonical = ids.canonical_member_id(member_id)
+    if canonical is None:
+        raise NotFound
+    return canonical
+
+
+def disclosure_json(document: dict[str, Any]) -> str:
+    return json.dumps(document, ensure_ascii=False, indent=2)
