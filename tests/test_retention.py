@@ -19,10 +19,13 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
+from privacyvault.v1 import key_admin_pb2 as kpb
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
+from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from service.config import Settings
 from service.server import run_server
+from service.sidecar import Sidecar
 from vault import CHEAPEST, FrozenClock, RetentionRule, Vault, VaultSettings, open_vault
 from vault.cache import DekCache
 from vault.errors import InvalidInput, KeyChanged, NotFound, PreconditionFailed
@@ -45,6 +48,7 @@ DAY = timedelta(days=1)
 RETAIN = 30 * DAY
 REASON = "fraud prevention (internal policy 4.2)"
 PASSWORD = "a long passphrase"
+ADMIN_TOKEN = "retention-test-admin-token-0123"
 
 
 @pytest.fixture
@@ -604,6 +608,7 @@ async def test_withdraw_over_grpc_says_until_when_and_the_member_is_gone(
             "retention_database_url": retention_url,
             "withdrawal_retention_days": 30,
             "withdrawal_retention_reason": REASON,
+            "admin_token": ADMIN_TOKEN,
         }
     )
     async with (
@@ -636,3 +641,35 @@ async def test_withdraw_over_grpc_says_until_when_and_the_member_is_gone(
                 metadata=(("x-client-ip", "192.0.2.1"),),
             )
         assert login.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # The security team sees the retained key, and a re-wrap moves it.
+        keys = KeyAdminServiceStub(channel)
+        admin = (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-actor", "sec"))
+        status = await keys.GetKeyStatus(kpb.GetKeyStatusRequest(), metadata=admin)
+        assert [(v.version, v.retained_member_keys) for v in status.versions] == [(1, 1)]
+        await keys.RotateKek(kpb.RotateKekRequest(), metadata=admin)
+        progress = [
+            p async for p in keys.RewrapMemberKeys(kpb.RewrapMemberKeysRequest(), metadata=admin)
+        ]
+        assert progress[-1].progress.done
+        assert progress[-1].progress.rewrapped == 2  # the index key and the retained DEK
+        status = await keys.GetKeyStatus(kpb.GetKeyStatusRequest(), metadata=admin)
+        assert [(v.version, v.retained_member_keys) for v in status.versions] == [(1, 0), (2, 1)]
+
+
+async def test_the_sidecar_round_destroys_due_copies_and_dry_runs_count_them(
+    vault: Vault, r_clock: FrozenClock
+) -> None:
+    member = await sign_up(vault, 1)
+    await vault.withdraw(member, PASSWORD)
+    sidecar = Sidecar(lifecycle(vault), vault.store, r_clock, interval=60, holder="h:1:x")
+    r_clock.set(T + RETAIN)
+    dry = await sidecar.run_round(dry_run=True)
+    assert dry is not None
+    assert dry.retained_destroyed == 1
+    assert len(await vault.retention.list_retained()) == 1
+    report = await sidecar.run_round()
+    assert report is not None
+    assert report.retained_destroyed == 1
+    assert await vault.retention.list_retained() == []
+    await sidecar.release()

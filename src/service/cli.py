@@ -59,7 +59,8 @@ def sidecar(
         typer.Option(min=0.001, help="Seconds between rounds (default: the setting)."),
     ] = None,
 ) -> None:
-    """Run the lifecycle sidecar: inactivity notices and shredding, access-log purge."""
+    """Run the lifecycle sidecar: inactivity notices and shredding, destruction of retained
+    data whose date passed, access-log purge, the e-mail relay."""
     import sys
 
     from service.sidecar import run_cli

@@ -236,7 +236,9 @@ class RewrapProgress(_message.Message):
     target_version: _builtins.int
     """The KEK version keys are moved to (the active version)."""
     total: _builtins.int
-    """Keys (member DEKs and the index key) not under the target at the start."""
+    """Keys (member DEKs, the index key, and retained members' DEKs in the
+    separated retention storage) not under the target at the start.
+    """
     rewrapped: _builtins.int
     """Keys moved to the target so far."""
     skipped: _builtins.int
