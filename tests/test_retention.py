@@ -37,6 +37,7 @@ from vault.retention import CONFIRM_GRACE, RETENTION_EXPIRED, WITHDRAWAL
 from vault.store import open_retention_store
 from vault.store.base import (
     RETAINED_FIELDS,
+    DestructionRecord,
     MemberRow,
     RetainedMember,
     RetentionCheck,
@@ -673,3 +674,39 @@ async def test_the_sidecar_round_destroys_due_copies_and_dry_runs_count_them(
     assert report.retained_destroyed == 1
     assert await vault.retention.list_retained() == []
     await sidecar.release()
+
+
+async def test_a_crash_between_the_record_and_the_deletion_leaves_one_record(
+    vault: Vault, r_clock: FrozenClock
+) -> None:
+    member = await sign_up(vault, 1)
+    await vault.withdraw(member, PASSWORD)
+    r_clock.set(T + RETAIN)
+    # The destruction's first step (the vault's record), then the crash.
+    written = await vault.store.record_destruction(
+        DestructionRecord(member, r_clock.now(), RETENTION_EXPIRED, {"retained_member": 1})
+    )
+    assert written
+    assert (await lifecycle(vault).run_round()).retained_destroyed == 1
+    retained = vault.retention.store
+    assert retained is not None
+    assert await retained.get_retained(member) is None
+    reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+    assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]
+
+
+async def test_two_sidecars_destroying_at_once_destroy_each_copy_once(
+    vault: Vault, r_clock: FrozenClock
+) -> None:
+    withdrawn = [await sign_up(vault, n) for n in range(1, 6)]
+    for member in withdrawn:
+        await vault.withdraw(member, PASSWORD)
+    r_clock.set(T + RETAIN)
+    counts = await asyncio.gather(
+        lifecycle(vault).destroy_retained(), lifecycle(vault).destroy_retained()
+    )
+    assert sum(counts) == len(withdrawn)
+    assert await vault.retention.list_retained() == []
+    for member in withdrawn:
+        reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+        assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]
