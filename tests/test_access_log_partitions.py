@@ -3,6 +3,7 @@ the retention purge that drops whole months (migration 0006)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -332,3 +333,26 @@ async def test_migration_keeps_every_row_and_the_sequence(
         assert await store.migrate() == []
     finally:
         await store.close()
+
+
+async def test_a_long_transaction_on_members_delays_the_drop_not_the_logins(
+    pg: PostgresStore, sql: asyncpg.Connection
+) -> None:
+    """Dropping a detached month locks members (the month still carries its foreign
+    key). Behind a long transaction on members the drop gives up at once and the
+    next purge drops it; the purge neither waits long nor queues ahead of reads."""
+    member = await eight_months(pg)
+    january = name(month(2025, 1))
+    async with sql.transaction():
+        await sql.execute("LOCK TABLE members IN ACCESS SHARE MODE")  # a long reader
+        started = asyncio.get_running_loop().time()
+        purged = await pg.purge_access_log(datetime(2025, 2, 1, tzinfo=UTC), 100)
+        waited = asyncio.get_running_loop().time() - started
+        # Another reader of members is not held up meanwhile.
+        assert await pg.get_member(member.member_id) is not None
+    assert waited < 5
+    assert january not in await partitions(sql)  # detached: out of the log already
+    assert purged == 1  # the 2024 entry (default partition); January not dropped yet
+    assert january in await month_tables(sql)
+    assert await pg.purge_access_log(datetime(2025, 2, 1, tzinfo=UTC), 100) == len(DAYS)
+    assert january not in await month_tables(sql)

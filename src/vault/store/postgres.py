@@ -1007,7 +1007,7 @@ class PostgresStore(_PostgresDatabase):
     _PARTITIONS_AHEAD = 2
     # Partition DDL waits this long for its lock, then gives up until the next call:
     # a queued ACCESS EXCLUSIVE request would hold up every login behind it.
-    _PARTITION_LOCK_TIMEOUT = "2s"
+    _PARTITION_LOCK_TIMEOUT = "500ms"
 
     @classmethod
     def _partition_month(cls, name: str) -> datetime | None:
@@ -1145,11 +1145,19 @@ class PostgresStore(_PostgresDatabase):
         # to be purged, they are dropped whatever ``before`` says now.
         for name in detached:
             try:
-                async with self._transaction() as conn:
+                # Counted first, outside the drop: the count takes no lock that a
+                # login needs, while DROP locks members (the detached table still
+                # carries its foreign key), so that transaction must be short and
+                # must give up rather than queue ahead of every read of members.
+                async with self._connection() as conn:
                     count = await conn.fetchval(f'SELECT count(*) FROM "{name}"')
+                async with self._transaction() as conn:
+                    await conn.execute(f"SET LOCAL lock_timeout = '{self._PARTITION_LOCK_TIMEOUT}'")
                     await conn.execute(f'DROP TABLE "{name}"')
             except asyncpg.UndefinedTableError:
                 continue  # another purge dropped it
+            except asyncpg.LockNotAvailableError:
+                continue  # busy: the next call drops it (its rows are out of the log already)
             dropped += int(count)
         return dropped
 
