@@ -356,3 +356,15 @@ async def test_a_long_transaction_on_members_delays_the_drop_not_the_logins(
     assert january in await month_tables(sql)
     assert await pg.purge_access_log(datetime(2025, 2, 1, tzinfo=UTC), 100) == len(DAYS)
     assert january not in await month_tables(sql)
+
+
+async def test_every_start_makes_the_coming_months(
+    pg: PostgresStore, sql: asyncpg.Connection
+) -> None:
+    now = await sql.fetchval("SELECT now()")
+    ahead = name(PostgresStore._add_months(now.astimezone(UTC), 2))
+    assert ahead in await partitions(sql)
+    await sql.execute(f'DROP TABLE "{ahead}"')  # as if the months had moved on
+    assert ahead not in await partitions(sql)
+    assert await pg.migrate() == []  # nothing to apply, yet the month is back
+    assert ahead in await partitions(sql)

@@ -710,3 +710,19 @@ async def test_two_sidecars_destroying_at_once_destroy_each_copy_once(
     for member in withdrawn:
         reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
         assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]
+
+
+async def test_the_officer_ending_a_copy_the_sidecar_recorded_writes_no_second_record(
+    vault: Vault, r_clock: FrozenClock
+) -> None:
+    member = await sign_up(vault, 1)
+    await vault.withdraw(member, PASSWORD)
+    r_clock.set(T + RETAIN)
+    # The sidecar's record, then a crash before it deleted the copy.
+    await vault.store.record_destruction(
+        DestructionRecord(member, r_clock.now(), RETENTION_EXPIRED, {"retained_member": 1})
+    )
+    await vault.retention.destroy(member, "officer", "case closed")
+    assert await vault.retention.list_retained() == []
+    reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+    assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]

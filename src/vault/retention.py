@@ -315,7 +315,8 @@ async def destroy_copy(
         items=retained_items(1, len(copy.consents), len(copy.access_log)),
         kek_versions=(copy.key.kek_version,),
     )
-    await store.record_destruction(record)
+    # One record per copy, whichever path (its date, the officer) ends it.
+    await store.record_destruction(record, unless=(RETENTION_EXPIRED, RETENTION_DESTROYED))
     items = await retained.delete_retained(member_id)
     if items is None:
         return None

@@ -483,9 +483,12 @@ class Store(Protocol):
         changed, if the member no longer matches the check (see RetentionCheck)."""
         ...
 
-    async def record_destruction(self, record: DestructionRecord) -> bool:
+    async def record_destruction(
+        self, record: DestructionRecord, *, unless: Sequence[str] = ()
+    ) -> bool:
         """Add a destruction record for something destroyed elsewhere (the retained
-        copy), unless the member already has one with the same reason: False then."""
+        copy), unless the member already has one with the same reason or one of the
+        ``unless`` reasons (the same destruction recorded by another path): False then."""
         ...
 
     async def is_destroyed(self, member_id: str) -> bool:

@@ -403,6 +403,13 @@ class _PostgresDatabase:
 class PostgresStore(_PostgresDatabase):
     """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""
 
+    async def migrate(self) -> list[int]:
+        applied = await super().migrate()
+        # Every start makes sure the access log's coming months exist, not only the
+        # sidecar's purge (which may run elsewhere, or not yet).
+        await self.ensure_access_log_partitions()
+        return applied
+
     # --- key hierarchy -------------------------------------------------------
     async def list_kek_versions(self) -> list[KekVersionRow]:
         async with self._connection() as conn:
@@ -888,16 +895,19 @@ class PostgresStore(_PostgresDatabase):
             await _insert_destruction_record(conn, record)
         return record
 
-    async def record_destruction(self, record: DestructionRecord) -> bool:
+    async def record_destruction(
+        self, record: DestructionRecord, *, unless: Sequence[str] = ()
+    ) -> bool:
         key = _uuid(record.member_id)
         require_aware(record.destroyed_at)
         async with self._transaction() as conn:
             # Serialised per member: two sweeps racing record it once.
             await conn.execute("SELECT 1 FROM tombstones WHERE member_id = $1 FOR UPDATE", key)
             found = await conn.fetchval(
-                "SELECT 1 FROM destruction_records WHERE member_id = $1 AND reason = $2",
+                "SELECT 1 FROM destruction_records WHERE member_id = $1 "
+                "AND reason = ANY($2::text[])",
                 key,
-                record.reason,
+                sorted({record.reason, *unless}),
             )
             if found is not None:
                 return False

@@ -1073,14 +1073,18 @@ class SqliteStore(_SqliteDatabase):
 
         return await self._write_and_scrub(work)
 
-    async def record_destruction(self, record: DestructionRecord) -> bool:
+    async def record_destruction(
+        self, record: DestructionRecord, *, unless: Sequence[str] = ()
+    ) -> bool:
         member_id = canonical_member_id(record.member_id)
         require_aware(record.destroyed_at)
+        reasons = sorted({record.reason, *unless})
+        marks = ", ".join("?" * len(reasons))
 
         def work(conn: sqlite3.Connection) -> bool:
             found = conn.execute(
-                "SELECT 1 FROM destruction_records WHERE member_id = ? AND reason = ?",
-                (member_id, record.reason),
+                f"SELECT 1 FROM destruction_records WHERE member_id = ? AND reason IN ({marks})",
+                (member_id, *reasons),
             ).fetchone()
             if found is not None:
                 return False
