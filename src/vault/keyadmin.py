@@ -14,9 +14,10 @@ that version is destroyed, which needs a rotation and a re-wrap first. Running
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import structlog
 
@@ -82,6 +83,32 @@ class RewrapProgress:
     batches: int
     done: bool
     dry_run: bool = False
+
+
+class _KeySource(Protocol):
+    """Where wrapped member DEKs live: the vault's Store, or the RetentionStore."""
+
+    async def member_keys_to_rewrap(
+        self, target_version: int, after_member_id: str | None, limit: int
+    ) -> list[MemberKeyRow]: ...
+
+    async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int: ...
+
+
+@dataclass(slots=True)
+class _Tally:
+    """A re-wrap run's counts, across its passes."""
+
+    total: int
+    rewrapped: int
+    skipped: int
+    seen: int  # keys found to move, stragglers included
+    batches: int = 0
+
+    def progress(self, target: int, *, done: bool) -> RewrapProgress:
+        return RewrapProgress(
+            target, max(self.total, self.seen), self.rewrapped, self.skipped, self.batches, done
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +221,7 @@ class KeyAdmin:
             for v in status.versions
             if v.version != target
         )
-        rewrapped = skipped = batches = 0
+        rewrapped = skipped = 0
         if dry_run or total == 0:
             yield RewrapProgress(target, total, 0, 0, 0, True, dry_run)
             return
@@ -208,6 +235,33 @@ class KeyAdmin:
                 index_key.key_id, index_key.kek_version, target, wrapped
             )
             rewrapped, skipped = rewrapped + moved, skipped + (not moved)
+        tally = _Tally(total, rewrapped, skipped, seen=rewrapped + skipped)
+        # The vault's DEKs, then the retention store's: the same protocol, one pass each.
+        sources: list[_KeySource] = [self._store]
+        if self._retained is not None:
+            sources.append(self._retained)
+        for source in sources:
+            async for progress in self._rewrap_pass(source, target, batch_size, tally):
+                yield progress
+        await self._event(
+            actor,
+            "rewrap",
+            kek_version=target,
+            details={
+                "rewrapped": tally.rewrapped,
+                "skipped": tally.skipped,
+                "batches": tally.batches,
+            },
+        )
+        # Stragglers found by a sweep count in the total, so a finished run never
+        # reports more keys moved than it set out to move.
+        yield tally.progress(target, done=True)
+
+    async def _rewrap_pass(
+        self, source: _KeySource, target: int, batch_size: int, tally: _Tally
+    ) -> AsyncIterator[RewrapProgress]:
+        """Re-wrap every key of ``source`` not under ``target``, batch by batch,
+        yielding progress after each committed batch."""
         after: str | None = None
         pending: asyncio.Task[int] | None = None
         pending_size = 0
@@ -215,10 +269,10 @@ class KeyAdmin:
         # before the rotation can commit a key under the old version behind the
         # cursor. So a pass that moved keys is followed by another from the start,
         # until one finds nothing to move (normally one cheap query).
-        moved_in_pass, sweeps, seen = False, 0, rewrapped + skipped
+        moved_in_pass, sweeps = False, 0
         try:
             while True:
-                keys = await self._store.member_keys_to_rewrap(target, after, batch_size)
+                keys = await source.member_keys_to_rewrap(target, after, batch_size)
                 # A key under a newer version (a rotation during this run) stays put:
                 # never move a key back to an older KEK.
                 movable = [key for key in keys if key.kek_version < target]
@@ -226,57 +280,27 @@ class KeyAdmin:
                 # The previous batch's commit overlaps this batch's unwrap/wrap.
                 if pending is not None:
                     applied = await pending
-                    rewrapped, skipped = rewrapped + applied, skipped + pending_size - applied
-                    batches += 1
-                    yield RewrapProgress(
-                        target, max(total, seen), rewrapped, skipped, batches, False
-                    )
+                    tally.rewrapped += applied
+                    tally.skipped += pending_size - applied
+                    tally.batches += 1
+                    yield tally.progress(target, done=False)
                     pending = None
                 if not keys:
                     if not moved_in_pass or sweeps >= _REWRAP_SWEEPS:
-                        break
+                        return
                     moved_in_pass, sweeps, after = False, sweeps + 1, None
                     continue
                 after = keys[-1].member_id
                 if updates:
-                    moved_in_pass, seen = True, seen + len(updates)
+                    moved_in_pass = True
+                    tally.seen += len(updates)
                     pending, pending_size = (
-                        asyncio.ensure_future(self._store.apply_rewrap(updates)),
+                        asyncio.ensure_future(source.apply_rewrap(updates)),
                         len(updates),
                     )
         finally:
             if pending is not None:
                 pending.cancel()
-        if self._retained is not None:
-            kept, missed = await self._rewrap_retained(self._retained, target, batch_size)
-            rewrapped, skipped, seen = rewrapped + kept, skipped + missed, seen + kept + missed
-        # Stragglers found by a sweep count in the total, so a finished run never
-        # reports more keys moved than it set out to move.
-        total = max(total, seen)
-        await self._event(
-            actor,
-            "rewrap",
-            kek_version=target,
-            details={"rewrapped": rewrapped, "skipped": skipped, "batches": batches},
-        )
-        yield RewrapProgress(target, total, rewrapped, skipped, batches, True)
-
-    async def _rewrap_retained(
-        self, retained: RetentionStore, target: int, batch_size: int
-    ) -> tuple[int, int]:
-        """The retention store's DEKs, after the vault's: few (withdrawals within the
-        retention period), so one plain pass. A copy written meanwhile is under the
-        active version already (the withdrawal checks it)."""
-        moved = missed = 0
-        after: str | None = None
-        while True:
-            keys = await retained.member_keys_to_rewrap(target, after, batch_size)
-            if not keys:
-                return moved, missed
-            after = keys[-1].member_id
-            updates = [await self._rewrapped(k, target) for k in keys if k.kek_version < target]
-            applied = await retained.apply_rewrap(updates)
-            moved, missed = moved + applied, missed + len(updates) - applied
 
     async def _rewrapped(self, key: MemberKeyRow, target: int) -> RewrapUpdate:
         context = dek_context(key.member_id, key.dek_id)
