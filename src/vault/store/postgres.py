@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -208,7 +208,7 @@ async def _insert_destruction_record(conn: Any, record: DestructionRecord) -> No
 
 
 async def _matches_retention(
-    conn: Any, key: uuid.UUID, check: RetentionCheck, expected: list[bytes] | None
+    conn: Any, key: uuid.UUID, check: RetentionCheck, expected: list[bytes]
 ) -> bool:
     """Whether the member (locked by the caller) is still exactly what the withdrawal
     copied (RetentionCheck). The active version is read FOR SHARE: a rotation that
@@ -221,14 +221,33 @@ async def _matches_retention(
     dek_id = await conn.fetchval("SELECT dek_id FROM member_keys WHERE member_id = $1", key)
     if dek_id is None or int(dek_id) != check.dek_id:
         return False
-    fields = await conn.fetchrow(f"SELECT {CT_SELECT} FROM members WHERE member_id = $1", key)
+    return await _unchanged_since_read(conn, key, expected, check.access_entry_ids) is not None
+
+
+async def _unchanged_since_read(
+    conn: Any, key: uuid.UUID, expected: list[bytes], entry_ids: Iterable[int]
+) -> dict[int, datetime] | None:
+    """Whether the member still has the field ciphertexts ``expected`` (column order)
+    and exactly the access-log entries ``entry_ids``, as the caller read them: their
+    entry_id -> at, or None. FOR UPDATE: writers of these rows wait for the caller's
+    transaction (and then fail their dek_id check); one that committed since the
+    caller read must win."""
+    fields = await conn.fetchrow(
+        f"SELECT {CT_SELECT} FROM members WHERE member_id = $1 FOR UPDATE", key
+    )
     if fields is None or [bytes(c) for c in fields] != expected:
-        return False
+        return None
+    # entry_id -> at: an update names the partition key too, so each row is found by
+    # partition pruning rather than a probe of every month.
     present = {
-        int(r["entry_id"])
-        for r in await conn.fetch("SELECT entry_id FROM access_log WHERE member_id = $1", key)
+        int(r["entry_id"]): r["at"]
+        for r in await conn.fetch(
+            "SELECT entry_id, at FROM access_log WHERE member_id = $1 FOR UPDATE", key
+        )
     }
-    return present == check.access_entry_ids
+    if set(present) != set(entry_ids):
+        return None  # an entry came (or went) since the caller read them
+    return present
 
 
 _INSERT_OUTBOX = (
@@ -549,7 +568,6 @@ class PostgresStore(_PostgresDatabase):
             member_id, new_key, ciphertexts, old_ciphertexts
         )
         key = uuid.UUID(canonical)
-        select_cts = CT_SELECT
         assignments = update_assignments(ciphertexts, None)
         setters = ", ".join(f"{column} = ${i}" for i, (column, _) in enumerate(assignments, 2))
         async with self._transaction() as conn:
@@ -559,23 +577,9 @@ class PostgresStore(_PostgresDatabase):
             if current is None or int(current) != old_dek_id:
                 return False
             await _require_not_destroyed(conn, new_key.kek_version)
-            # FOR UPDATE: writers of these fields wait for us (and then fail their
-            # dek_id check); one that committed since the caller read must win.
-            fields = await conn.fetchrow(
-                f"SELECT {select_cts} FROM members WHERE member_id = $1 FOR UPDATE", key
-            )
-            if fields is None or [bytes(c) for c in fields] != expected:
+            present = await _unchanged_since_read(conn, key, expected, access_log.keys())
+            if present is None:
                 return False
-            # entry_id -> at: the update names the partition key too, so each row is
-            # found by partition pruning rather than a probe of every month.
-            present = {
-                int(r["entry_id"]): r["at"]
-                for r in await conn.fetch(
-                    "SELECT entry_id, at FROM access_log WHERE member_id = $1 FOR UPDATE", key
-                )
-            }
-            if set(present) != set(access_log):
-                return False  # an entry came (or went) since the caller read them
             await conn.execute(
                 "UPDATE member_keys SET dek_id = $2, kek_version = $3, wrapped_dek = $4 "
                 "WHERE member_id = $1",
@@ -849,7 +853,7 @@ class PostgresStore(_PostgresDatabase):
     ) -> DestructionRecord | None:
         key = _uuid(member_id)
         require_aware(destroyed_at)
-        expected = None if retention is None else check_retention(retention)
+        expected = [] if retention is None else check_retention(retention)
         async with self._transaction() as conn:
             # Lock the member first: a concurrent shred waits, then finds nothing, and
             # a concurrent login (which updates this row) is either seen or waits.

@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -382,7 +382,7 @@ def _insert_destruction_record(conn: sqlite3.Connection, record: DestructionReco
 
 
 def _matches_retention(
-    conn: sqlite3.Connection, member_id: str, check: RetentionCheck, expected: list[bytes] | None
+    conn: sqlite3.Connection, member_id: str, check: RetentionCheck, expected: list[bytes]
 ) -> bool:
     """Whether the member is still exactly what the withdrawal copied (RetentionCheck)."""
     active = conn.execute("SELECT version FROM kek_versions WHERE state = 'active'").fetchone()
@@ -393,16 +393,24 @@ def _matches_retention(
     ).fetchone()
     if key is None or int(key[0]) != check.dek_id:
         return False
+    return _unchanged_since_read(conn, member_id, expected, check.access_entry_ids)
+
+
+def _unchanged_since_read(
+    conn: sqlite3.Connection, member_id: str, expected: list[bytes], entry_ids: Iterable[int]
+) -> bool:
+    """Whether the member still has the field ciphertexts ``expected`` (column order)
+    and exactly the access-log entries ``entry_ids``, as the caller read them."""
     current = conn.execute(
         f"SELECT {CT_SELECT} FROM members WHERE member_id = ?", (member_id,)
     ).fetchone()
     if current is None or [bytes(c) for c in current] != expected:
-        return False
+        return False  # a field was written since the caller read it
     present = {
         int(r[0])
         for r in conn.execute("SELECT entry_id FROM access_log WHERE member_id = ?", (member_id,))
     }
-    return present == check.access_entry_ids
+    return present == set(entry_ids)  # else an entry came (or went) meanwhile
 
 
 class _SqliteDatabase:
@@ -757,7 +765,6 @@ class SqliteStore(_SqliteDatabase):
         member_id, expected = check_key_replacement(
             member_id, new_key, ciphertexts, old_ciphertexts
         )
-        select_cts = CT_SELECT
         assignments = update_assignments(ciphertexts, None)
         setters = ", ".join(f"{column} = ?" for column, _ in assignments)
         field_params = [value for _, value in assignments] + [member_id]
@@ -770,19 +777,8 @@ class SqliteStore(_SqliteDatabase):
             except KeyChanged:
                 return False
             _require_not_destroyed(conn, new_key.kek_version)
-            current = conn.execute(
-                f"SELECT {select_cts} FROM members WHERE member_id = ?", (member_id,)
-            ).fetchone()
-            if current is None or [bytes(c) for c in current] != expected:
-                return False  # a field was written since the caller read it
-            present = {
-                int(r[0])
-                for r in conn.execute(
-                    "SELECT entry_id FROM access_log WHERE member_id = ?", (member_id,)
-                )
-            }
-            if present != set(access_log):
-                return False  # an entry came (or went) since the caller read them
+            if not _unchanged_since_read(conn, member_id, expected, access_log.keys()):
+                return False
             conn.execute(
                 "UPDATE member_keys SET dek_id = ?, kek_version = ?, wrapped_dek = ? "
                 "WHERE member_id = ?",
@@ -1027,7 +1023,7 @@ class SqliteStore(_SqliteDatabase):
         params = (member_id,)
         at = _to_us(destroyed_at)
         seen_limit = None if last_seen_before is None else _to_us(last_seen_before)
-        expected = None if retention is None else check_retention(retention)
+        expected = [] if retention is None else check_retention(retention)
         retained_until = None if retention is None else _to_us(retention.retained_until)
 
         def work(conn: sqlite3.Connection) -> DestructionRecord | None:
