@@ -42,7 +42,6 @@ from vault.cache import DekCache
 from vault.clock import Clock
 from vault.errors import FieldViolation, InvalidInput, KeyChanged, NotFound, PreconditionFailed
 from vault.providers.base import KeyProvider
-from vault.store._common import retained_items
 from vault.store.base import (
     RETAINED_FIELDS,
     DestructionRecord,
@@ -312,15 +311,24 @@ async def destroy_copy(
         member_id=copy.member_id,
         destroyed_at=now,
         reason=reason,
-        items=retained_items(1, len(copy.consents), len(copy.access_log)),
+        items={
+            "retained_member": 1,
+            "member_keys": 1,
+            "consents": len(copy.consents),
+            "access_log": len(copy.access_log),
+        },
         kek_versions=(copy.key.kek_version,),
     )
     # One record per copy, whichever path (its date, the officer) ends it.
     await store.record_destruction(record, unless=(RETENTION_EXPIRED, RETENTION_DESTROYED))
-    items = await retained.delete_retained(member_id)
-    if items is None:
+    if not await retained.delete_retained(member_id):
         return None
-    log.info("retained_member_destroyed", member_id=copy.member_id, reason=reason, items=items)
+    log.info(
+        "retained_member_destroyed",
+        member_id=copy.member_id,
+        reason=reason,
+        items=dict(record.items),
+    )
     return record
 
 
@@ -342,8 +350,7 @@ async def reconcile_copies(
         # reason: the copy must not outlive that.
         copy = await retained.get_retained(member_id)
         if copy is not None and not copy.confirmed:
-            deleted = await retained.delete_retained(member_id, attempt=copy.attempt)
-            settled += deleted is not None
+            settled += await retained.delete_retained(member_id, attempt=copy.attempt)
     return settled
 
 

@@ -199,13 +199,3 @@ def check_retained(member: RetainedMember) -> str:
 
 #: Retained field -> column, the only source of those column names in SQL.
 RETAINED_COLUMNS: Mapping[str, str] = {f: CT_COLUMNS[f] for f in RETAINED_FIELDS}
-
-
-def retained_items(members: int, consents: int, access_entries: int) -> dict[str, int]:
-    """What destroying a retained copy deleted, as its destruction record names it."""
-    return {
-        "retained_member": members,
-        "member_keys": members,
-        "consents": consents,
-        "access_log": access_entries,
-    }

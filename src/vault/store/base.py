@@ -281,12 +281,10 @@ class RetentionStore(Protocol):
         """Unconfirmed copies made before ``before`` (left by a crash)."""
         ...
 
-    async def delete_retained(
-        self, member_id: str, *, attempt: str | None = None
-    ) -> dict[str, int] | None:
+    async def delete_retained(self, member_id: str, *, attempt: str | None = None) -> bool:
         """Destroy the copy (its wrapped DEK with it) in one transaction, then scrub
-        what the backend can; the counts of what went, or None if there was none.
-        With ``attempt``, only an unconfirmed copy that attempt wrote."""
+        what the backend can; False if there was none. With ``attempt``, only an
+        unconfirmed copy that attempt wrote."""
         ...
 
     async def purge_access_log(self, before: datetime, limit: int) -> int:

@@ -46,7 +46,6 @@ from vault.store._common import (
     hmac_column,
     outbox_params_json,
     require_aware,
-    retained_items,
     shred_items,
     update_assignments,
 )
@@ -1466,27 +1465,20 @@ class PostgresRetentionStore(_PostgresDatabase):
             )
         return [str(r["member_id"]) for r in rows]
 
-    async def delete_retained(
-        self, member_id: str, *, attempt: str | None = None
-    ) -> dict[str, int] | None:
+    async def delete_retained(self, member_id: str, *, attempt: str | None = None) -> bool:
         key = _uuid(member_id)
         async with self._transaction() as conn:
             found = await conn.fetchrow(
-                "SELECT jsonb_array_length(consents) AS consents, confirmed, attempt "
-                "FROM retained_members WHERE member_id = $1 FOR UPDATE",
+                "SELECT confirmed, attempt FROM retained_members WHERE member_id = $1 FOR UPDATE",
                 key,
             )
             if found is None or (
                 attempt is not None and (found["confirmed"] or found["attempt"] != attempt)
             ):
-                return None
-            entries = _affected(
-                await conn.execute("DELETE FROM retained_access_log WHERE member_id = $1", key)
-            )
-            deleted = _affected(
-                await conn.execute("DELETE FROM retained_members WHERE member_id = $1", key)
-            )
-        return retained_items(deleted, int(found["consents"]), entries)
+                return False
+            await conn.execute("DELETE FROM retained_access_log WHERE member_id = $1", key)
+            await conn.execute("DELETE FROM retained_members WHERE member_id = $1", key)
+        return True
 
     async def purge_access_log(self, before: datetime, limit: int) -> int:
         async with self._transaction() as conn:

@@ -49,7 +49,6 @@ from vault.store._common import (
     hmac_column,
     outbox_params_json,
     require_aware,
-    retained_items,
     shred_items,
     update_assignments,
 )
@@ -1470,27 +1469,20 @@ class SqliteRetentionStore(_SqliteDatabase):
 
         return self._read(work)
 
-    async def delete_retained(
-        self, member_id: str, *, attempt: str | None = None
-    ) -> dict[str, int] | None:
+    async def delete_retained(self, member_id: str, *, attempt: str | None = None) -> bool:
         params = (canonical_member_id(member_id),)
 
-        def work(conn: sqlite3.Connection) -> dict[str, int] | None:
+        def work(conn: sqlite3.Connection) -> bool | None:
             found = conn.execute(
-                "SELECT consents, confirmed, attempt FROM retained_members WHERE member_id = ?",
-                params,
+                "SELECT confirmed, attempt FROM retained_members WHERE member_id = ?", params
             ).fetchone()
-            if found is None or (attempt is not None and (found[1] or found[2] != attempt)):
-                return None
-            entries = conn.execute(
-                "DELETE FROM retained_access_log WHERE member_id = ?", params
-            ).rowcount
-            deleted = conn.execute(
-                "DELETE FROM retained_members WHERE member_id = ?", params
-            ).rowcount
-            return retained_items(deleted, len(json.loads(found[0])), entries)
+            if found is None or (attempt is not None and (found[0] or found[1] != attempt)):
+                return None  # nothing deleted: no scrub either
+            conn.execute("DELETE FROM retained_access_log WHERE member_id = ?", params)
+            conn.execute("DELETE FROM retained_members WHERE member_id = ?", params)
+            return True
 
-        return await self._write_and_scrub(work)
+        return bool(await self._write_and_scrub(work))
 
     async def kek_usage(self) -> list[KekUsage]:
         def work(conn: sqlite3.Connection) -> list[KekUsage]:
