@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vault import OWASP, Argon2Profile, KeyProviderSettings, RetentionRule, VaultSettings
+from vault.bootstrap import retention_database_url
 
 ENV_PREFIX = "PRIVACY_VAULT_"
 #: Where Debian's softhsm2 puts its module: the pkcs11 default when it is installed.
@@ -156,19 +157,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _separate_retention(self) -> Settings:
-        retention = self.retention_url
-        if (
-            retention is not None
-            and self.database_url is not None
-            and retention == self.database_url.get_secret_value()
-        ):
-            raise ValueError("retention_database_url must name a database of its own")
-        vault_url = self.database_url.get_secret_value() if self.database_url else "sqlite:"
-        if (
-            self.withdrawal_retention_days
-            and retention is None
-            and not vault_url.startswith("sqlite:")
-        ):
+        # The vault's own rule (a database of its own; none by default beside a
+        # PostgreSQL vault), checked here so a bad setting is a configuration error.
+        vault_url = self.database_url.get_secret_value() if self.database_url else None
+        where = retention_database_url(self.data_dir, vault_url, self.retention_url)
+        if self.withdrawal_retention_days and where is None:
             raise ValueError(
                 "withdrawal_retention_days needs retention_database_url with a PostgreSQL vault"
             )

@@ -29,7 +29,7 @@ from vault.bootstrap import default_database_url, retention_database_url
 from vault.errors import StorageUnavailable
 from vault.keyadmin import KeyAdmin
 from vault.lifecycle import Lifecycle, LifecyclePolicy, RoundReport
-from vault.store import open_retention_store, open_store
+from vault.store import database_backend, open_retention_store, open_store
 from vault.store.base import Store
 
 log = structlog.get_logger("service.sidecar")
@@ -190,12 +190,19 @@ def _print_report(report: RoundReport | None, out: TextIO) -> None:
     out.flush()
 
 
+def _exists(url: str) -> bool:
+    """False for a SQLite file that is not there: opening it would create it, and a
+    dry run changes nothing."""
+    backend, target = database_backend(url)
+    return backend != "sqlite" or Path(target).exists()
+
+
 async def _dry_run(settings: Settings, out: TextIO) -> int:
     """Counts from the store alone: no key file, no migration, no lease, no write."""
     url = settings.database_url.get_secret_value() if settings.database_url else None
     if url is None:
         url = default_database_url(settings.data_dir)
-        if not Path(url.removeprefix("sqlite:///")).exists():  # noqa: ASYNC240 - once
+        if not _exists(url):
             # Opening would create it: a dry run changes nothing.
             print("no database in the data directory; nothing to do", file=sys.stderr)
             return 1
@@ -203,9 +210,7 @@ async def _dry_run(settings: Settings, out: TextIO) -> int:
     retained = None
     try:
         retained_url = retention_database_url(settings.data_dir, url, settings.retention_url)
-        if retained_url is not None and (
-            settings.retention_url or Path(retained_url.removeprefix("sqlite:///")).exists()  # noqa: ASYNC240
-        ):
+        if retained_url is not None and _exists(retained_url):
             retained = await open_retention_store(retained_url, pool_size=1)
         lifecycle = Lifecycle(
             store, _no_shred, SystemClock(), lifecycle_policy(settings), retained=retained

@@ -77,7 +77,7 @@ def retention_database_url(
     database configured cannot retain, see open_vault)."""
     if retention_url:
         if retention_url == database_url:
-            raise ValueError("the retention database must be a database of its own")
+            raise ValueError("retention_database_url must name a database of its own")
         return retention_url
     vault_url = database_url or default_database_url(data_dir)
     if database_backend(vault_url)[0] == "sqlite":
