@@ -36,6 +36,7 @@ from vault.store.base import (
     RetentionStore,
     RewrapUpdate,
     Store,
+    whole_access_log,
 )
 
 log = structlog.get_logger("vault.keys")
@@ -393,18 +394,13 @@ class KeyAdmin:
             )
 
         ciphertexts = {f: reseal(f, row.ciphertexts[f]) for f in ENCRYPTED_FIELDS}
-        entries: dict[int, tuple[bytes, bytes]] = {}
-        cursor = None
-        while True:
-            page = await self._store.list_access(mid, 1000, cursor)
-            for e in page:
-                entries[e.entry_id] = (
-                    reseal(access_field("action", e.at), e.action_ct),
-                    reseal(access_field("ip", e.at), e.ip_ct),
-                )
-            if len(page) < 1000:
-                break
-            cursor = (page[-1].at, page[-1].entry_id)
+        entries = {
+            e.entry_id: (
+                reseal(access_field("action", e.at), e.action_ct),
+                reseal(access_field("ip", e.at), e.ip_ct),
+            )
+            for e in await whole_access_log(self._store, mid)
+        }
         try:
             replaced = await self._store.replace_member_key(
                 mid,

@@ -53,6 +53,7 @@ from vault.store.base import (
     RetentionEvent,
     RetentionStore,
     Store,
+    whole_access_log,
 )
 
 log = structlog.get_logger("vault.retention")
@@ -66,7 +67,6 @@ RETENTION_DESTROYED = "retention_destroyed_early"
 CONFIRM_GRACE = timedelta(hours=1)
 DISCLOSURE_FORMAT = "privacy-vault-retained/1"
 _MOVE_ATTEMPTS = 3
-_ACCESS_PAGE = 1000
 MAX_REASON_LENGTH = 200
 
 
@@ -184,14 +184,7 @@ class Retention:
 
     async def _copy(self, row: MemberRow, now: datetime, attempt: str) -> RetainedMember:
         mid = row.member_id
-        entries = []
-        cursor = None
-        while True:
-            page = await self._store.list_access(mid, _ACCESS_PAGE, cursor)
-            entries.extend(page)
-            if len(page) < _ACCESS_PAGE:
-                break
-            cursor = (page[-1].at, page[-1].entry_id)
+        entries = await whole_access_log(self._store, mid)
         active = await self._active_version()
         key = row.key
         if key.kek_version != active:

@@ -573,3 +573,15 @@ class Store(Protocol):
     async def outbox_retry(
         self, message_id: str, attempts: int, next_attempt_at: datetime
     ) -> None: ...
+
+
+async def whole_access_log(store: Store, member_id: str, page: int = 1000) -> list[AccessEntryRow]:
+    """Every access-log entry of the member, newest first, read page by page."""
+    entries: list[AccessEntryRow] = []
+    cursor: tuple[datetime, int] | None = None
+    while True:
+        rows = await store.list_access(member_id, page, cursor)
+        entries.extend(rows)
+        if len(rows) < page:
+            return entries
+        cursor = (rows[-1].at, rows[-1].entry_id)
