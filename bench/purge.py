@@ -38,7 +38,6 @@ import json
 import os
 import random
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from guard import PG_BENCH_FAILURES, run_guarded
 from rewrap import ADMIN_DSN, _connect, create_database, database_url, drop_database
 from seed import ACCESS_COLUMNS, CT_HEADER, SEED_CHUNK, Activity, SeedOptions, seed
 
@@ -605,17 +605,12 @@ def main(argv: list[str] | None = None) -> int:
         now - policy.access_log_retention,
         start=_add_months(now, -MONTHS),
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings+
-    try:
-        asyncio.run(measure(args.database_url, results))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, asyncpg.PostgresError) as error:
-        print(f"bench failed: {error}", file=sys.stderr)
-        return 2
+    failed = run_guarded(
+        lambda: asyncio.run(measure(args.database_url, results)), PG_BENCH_FAILURES
+    )
+    if failed is not None:
+        return failed
     report(results)
     if args.json:
         document = {

@@ -27,7 +27,6 @@ import cProfile
 import json
 import os
 import secrets
-import signal
 import struct
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
+from guard import PG_BENCH_FAILURES, run_guarded
 from seed import Activity, SeedOptions, seed
 
 import vault
@@ -404,23 +404,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.members < 1 or args.rounds < 1:
         parser.error("--members and --rounds must be at least 1")
-    # Ctrl-C (even when started in the background) and SIGTERM unwind through the cleanups.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     name = f"pv_bench_rewrap_{secrets.token_hex(4)}"
     results = Results(args.members)
-    try:
+
+    def work() -> None:
         asyncio.run(create_database(args.database_url, name))
         try:
             asyncio.run(measure(args, database_url(args.database_url, name), results))
         finally:
             asyncio.run(drop_database(args.database_url, name))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, asyncpg.PostgresError) as error:
-        print(f"bench failed: {error}", file=sys.stderr)
-        return 2
+
+    failed = run_guarded(work, PG_BENCH_FAILURES)
+    if failed is not None:
+        return failed
     result = report(results)
     ok = all(pair.passed for pair in result)
     if args.json:

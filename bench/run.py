@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import grpc
 from driver import SOURCE_PATH, Argon2Params, Load, Rpc, Stats, run_argon2, run_load, seed
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from guard import run_guarded
 
 
 @dataclass(frozen=True)
@@ -191,18 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 on a missed target or error")
     args = parser.parse_args(argv)
-    # Ctrl-C (even when started in the background) and SIGTERM unwind through the cleanups.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
+    measured: list[dict[str, Stats]] = []
+
+    def work() -> None:
         with tempfile.TemporaryDirectory(prefix="privacy-vault-bench-") as tmp:
-            results = measure(args, Path(tmp))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except RuntimeError as error:
-        print(f"bench failed: {error}", file=sys.stderr)
-        return 2
+            measured.append(measure(args, Path(tmp)))
+
+    failed = run_guarded(work)
+    if failed is not None:
+        return failed
+    (results,) = measured
     rows, ok = report(results)
     if args.json:
         document = {

@@ -35,7 +35,6 @@ import json
 import os
 import random
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
@@ -49,6 +48,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from guard import PG_BENCH_FAILURES, run_guarded
 from rewrap import ADMIN_DSN, _connect, create_database, database_url, drop_database
 from seed import TWO_YEARS, Activity, SeedOptions, seed
 
@@ -423,19 +423,14 @@ def main(argv: list[str] | None = None) -> int:
         if 2 * due > args.compare_members:
             parser.error("--compare-members must hold twice the due members")
         sizes.insert(0, args.compare_members)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings+
     runs: list[Run] = []
-    try:
-        for size in sizes:
-            runs.append(asyncio.run(measure(args.database_url, size, due)))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (RuntimeError, OSError, asyncpg.PostgresError) as error:
-        print(f"bench failed: {error}", file=sys.stderr)
-        return 2
+    failed = run_guarded(
+        lambda: runs.extend(asyncio.run(measure(args.database_url, size, due)) for size in sizes),
+        PG_BENCH_FAILURES,
+    )
+    if failed is not None:
+        return failed
     ok = report(runs)
     if args.json:
         document = {
