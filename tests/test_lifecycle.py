@@ -387,6 +387,9 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
         before = await outbox(vault)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
     env["PRIVACY_VAULT_DATA_DIR"] = str(data)
+    # A configured retention database that does not exist yet is not created.
+    missing = tmp_path / "elsewhere" / "retention.db"
+    env["PRIVACY_VAULT_RETENTION_DATABASE_URL"] = f"sqlite:///{missing}"
     result = subprocess.run(  # noqa: ASYNC221 - a short CLI run
         [sys.executable, "-m", "service", "sidecar", "--once", "--dry-run"],
         env=env,
@@ -406,6 +409,8 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
     }
     assert all(line["dry_run"] is True for line in lines)
     assert "member0001" not in result.stdout + result.stderr
+    assert not missing.exists()
+    assert not missing.parent.exists()
     async with open_vault(data_dir=data, argon2=CHEAPEST, clock=long_ago) as vault:
         assert await outbox(vault) == before  # nothing was sent
 
