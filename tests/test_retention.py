@@ -518,6 +518,8 @@ def test_settings_refuse_a_shared_or_missing_retention_database(tmp_path: Path) 
     with pytest.raises(ValidationError, match="of its own"):
         Settings(database_url=pg, retention_database_url=pg)
     assert Settings(database_url=pg).withdrawal_retention_days == 0
+    with pytest.raises(ValidationError, match="scheme"):
+        Settings(database_url="mysql://user:secret-pw@h/db")
     embedded = Settings(data_dir=tmp_path, withdrawal_retention_days=30)
     assert embedded.vault_settings.withdrawal_retention == RetentionRule(
         30 * DAY, "information security (internal policy)"
@@ -535,6 +537,24 @@ async def test_the_retention_store_refuses_the_vaults_own_database(
             await shared.migrate()
     finally:
         await shared.close()
+
+
+def test_a_bad_setting_between_settings_is_named_without_its_value(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "migrate"],
+        env={
+            **os.environ,
+            "PRIVACY_VAULT_DATA_DIR": str(tmp_path),
+            "PRIVACY_VAULT_DATABASE_URL": "mysql://user:secret-pw@h/db",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "unsupported database URL scheme 'mysql'" in result.stderr
+    assert "secret-pw" not in result.stdout + result.stderr
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -30,8 +30,13 @@ def load_settings() -> Settings:
         settings = Settings.from_env()
     except ValidationError as exc:
         # Name the settings that are wrong, not their values (they may be secrets).
+        # Errors between settings (no location) carry our validators' own messages,
+        # which never quote a value.
         bad = ", ".join(
-            "PRIVACY_VAULT_" + str(e["loc"][0]).upper() for e in exc.errors() if e["loc"]
+            "PRIVACY_VAULT_" + str(e["loc"][0]).upper()
+            if e["loc"]
+            else str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors(include_input=False)
         )
         typer.echo(f"invalid configuration: {bad or exc.error_count()}", err=True)
         raise typer.Exit(2) from None
