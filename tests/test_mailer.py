@@ -414,7 +414,7 @@ async def test_eml_mailer_writes_a_private_parseable_file(
 
     assert (await relay_for(server, mailer, clock).relay_once()).sent == 1
 
-    path = tmp_path / "data" / "outbox-mail" / f"{message.message_id}.eml"
+    path = tmp_path / "data" / "outbox-mail" / member_id / f"{message.message_id}.eml"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
     parsed = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
@@ -429,7 +429,7 @@ async def test_eml_mailer_refuses_a_path_as_message_id(tmp_path: Path) -> None:
     mail = EmailMessage()
     mail.set_content("x")
     with pytest.raises(ValueError, match="message id"):
-        await EmlDirectoryMailer(tmp_path).send("../escape", mail)
+        await EmlDirectoryMailer(tmp_path).send("../escape", mail, member_id=str(uuid.uuid4()))
 
 
 # --- rendering and settings -----------------------------------------------------------------

@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     mail_from: str = Field("privacy-vault@localhost", min_length=3)
     #: Delivery attempts before a message is given up (backoff 30 s doubling, capped at 1 h).
     mail_max_attempts: int = Field(24, ge=1, le=1000)
+    #: Without SMTP, spooled .eml files (they hold names, addresses, login IDs and
+    #: reset codes in clear) are deleted after this many days, and at a shred.
+    mail_spool_days: int = Field(7, ge=1, le=3650)
 
     #: The lifecycle sidecar (privacy policy sections 1, 5, 6): shred after this long
     #: without a login, with an e-mail notice this many days before.

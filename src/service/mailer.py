@@ -8,15 +8,26 @@ across retries, so receivers can tell a duplicate.
 
 Logs name the message id, kind, attempt and outcome: never an address, a name or
 the server's reply text (which may echo the address).
+
+An address with a non-ASCII local part (``jisoo.김@example.com``) goes with
+SMTPUTF8 (RFC 6531) when the server offers it; when it does not, the message fails
+at once for good (``outcome=needs_smtputf8``): no retry would change the server.
+
+Without SMTP, mail is spooled as .eml files (:class:`MailSpool`), which hold what the
+mails say in clear: they are foldered by member, deleted when the member is shredded
+and when they are older than the spool's expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.policy
 import os
 import secrets
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -28,8 +39,9 @@ import aiosmtplib
 import structlog
 
 from service.config import Settings
-from vault import Clock
-from vault.mail import MailRenderer, Recipient, check_message_id
+from vault import Clock, SystemClock
+from vault.ids import canonical_member_id
+from vault.mail import MailRenderer, Recipient, check_message_id, needs_smtputf8
 from vault.store.base import OutboxMessage
 
 log = structlog.get_logger("service.mailer")
@@ -57,10 +69,33 @@ class MailServerUnavailable(TransientMailError):
 class PermanentMailError(MailError):
     """The server refused this mail for good (5xx to the recipient or the data)."""
 
+    outcome = "refused"
+
+
+class Smtputf8Unavailable(PermanentMailError):
+    """The mail needs SMTPUTF8 (a non-ASCII local part) and the server does not offer it."""
+
+    outcome = "needs_smtputf8"
+    #: For the log line (no address in it): what happened, and what would fix it.
+    detail = (
+        "the recipient's address has a non-ASCII local part, which needs SMTPUTF8, "
+        "and the mail server does not offer SMTPUTF8; the mail is not sent"
+    )
+
+    def __init__(self) -> None:
+        super().__init__("SMTPUTF8NotOffered")
+
+
+class UnrenderableMail(PermanentMailError):
+    """The message cannot be made into a mail (bad params, an unusable address): it
+    never will be, so it is not retried."""
+
+    outcome = "unrenderable"
+
 
 class Mailer(Protocol):
-    async def send(self, message_id: str, mail: EmailMessage) -> None:
-        """Deliver ``mail``; MailError if it was not."""
+    async def send(self, message_id: str, mail: EmailMessage, *, member_id: str) -> None:
+        """Deliver ``mail``, a mail to member ``member_id``; MailError if it was not."""
         ...
 
 
@@ -114,19 +149,30 @@ class SmtpMailer:
     def __repr__(self) -> str:
         return f"<SmtpMailer {self._target.host}:{self._target.port}>"
 
-    async def send(self, message_id: str, mail: EmailMessage) -> None:
+    async def send(self, message_id: str, mail: EmailMessage, *, member_id: str) -> None:
         t = self._target
+        utf8 = needs_smtputf8(mail)
+        client = aiosmtplib.SMTP(
+            hostname=t.host,
+            port=t.port,
+            username=t.username,
+            password=t.password,
+            use_tls=t.implicit_tls,
+            start_tls=self._starttls,
+            timeout=self._timeout,
+        )
         try:
-            await aiosmtplib.send(
-                mail,
-                hostname=t.host,
-                port=t.port,
-                username=t.username,
-                password=t.password,
-                use_tls=t.implicit_tls,
-                start_tls=self._starttls,
-                timeout=self._timeout,
-            )
+            async with client:
+                if utf8 and not await _offers_smtputf8(client):
+                    raise Smtputf8Unavailable
+                try:
+                    # aiosmtplib adds SMTPUTF8 and UTF-8 headers itself for such a mail;
+                    # an ASCII one goes as before, whatever the server offers.
+                    await client.send_message(mail)
+                except aiosmtplib.SMTPNotSupported:
+                    if utf8:  # the server took SMTPUTF8 back after EHLO: the same
+                        raise Smtputf8Unavailable from None
+                    raise
         # `from None` throughout: the server's text may echo the recipient's address.
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
@@ -146,45 +192,202 @@ class SmtpMailer:
             raise TransientMailError(type(exc).__name__) from None
 
 
+async def _offers_smtputf8(client: aiosmtplib.SMTP) -> bool:
+    """Whether the connected server lists SMTPUTF8 in its EHLO reply (a server that
+    knows only HELO does not)."""
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            return False
+    return client.supports_extension("smtputf8")
+
+
 # --- .eml files (the embedded default) ------------------------------------------------
 
+#: How long spooled mail is kept (MAIL_SPOOL_DAYS): long enough to read it, short
+#: enough that reset codes and names do not pile up in the data directory.
+DEFAULT_SPOOL_KEEP = timedelta(days=7)
+_UTF8_HEADERS = email.policy.default.clone(utf8=True)
 
-class EmlDirectoryMailer:
-    """Writes ``<data_dir>/outbox-mail/<message_id>.eml`` (0600, atomically): with no
-    SMTP server configured, mail stays on disk for a developer or an operator."""
 
-    def __init__(self, data_dir: Path) -> None:
+@dataclass(slots=True)
+class SpoolSweep:
+    expired: int = 0  # files older than the spool's expiry
+    shredded: int = 0  # files of members who no longer exist
+
+
+class MailSpool:
+    """``<data_dir>/outbox-mail/<member_id>/<message_id>.eml``: mail with no SMTP server.
+
+    The files hold what the mails say in clear (name, address, login ID, reset
+    codes): they are 0600 in 0700 directories, one directory per member so that a
+    shred deletes that member's mail (:meth:`forget_member`, the vault's shred hook),
+    and they expire after ``keep`` (:meth:`sweep`, each relay round, which also
+    deletes the mail of members shredded by another process). A file's mtime is its
+    write time by the injected clock.
+    """
+
+    def __init__(
+        self, data_dir: Path, keep: timedelta = DEFAULT_SPOOL_KEEP, clock: Clock | None = None
+    ) -> None:
+        if keep <= timedelta(0):
+            raise ValueError("the mail spool's expiry must be positive")
         self.directory = data_dir / EML_DIRECTORY
+        self.keep = keep
+        self._clock = clock or SystemClock()
 
     def __repr__(self) -> str:
-        return f"<EmlDirectoryMailer {self.directory}>"
+        return f"<MailSpool {self.directory}>"
 
-    async def send(self, message_id: str, mail: EmailMessage) -> None:
-        try:
-            await asyncio.to_thread(self._write, check_message_id(message_id), mail.as_bytes())
-        except OSError as exc:  # disk full, permissions: retry, an operator can fix it
-            raise TransientMailError(type(exc).__name__) from None
+    def member_directory(self, member_id: str) -> Path:
+        """ValueError unless ``member_id`` is a member id: it becomes a path."""
+        canonical = canonical_member_id(member_id)
+        if canonical is None:
+            raise ValueError("not a member id")
+        return self.directory / canonical
 
-    def _write(self, message_id: str, data: bytes) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    async def write(self, member_id: str, message_id: str, data: bytes) -> Path:
+        folder = self.member_directory(member_id)
+        name = f"{check_message_id(message_id)}.eml"
+        at = self._clock.now().timestamp()
+        return await asyncio.to_thread(self._write, folder, name, data, at)
+
+    def _write(self, folder: Path, name: str, data: bytes, at: float) -> Path:
+        for directory in (self.directory, folder):
+            directory.mkdir(mode=0o700, exist_ok=True, parents=True)
+            _private_directory(directory)
         # mkstemp creates the file 0600; the rename makes a half-written file
         # impossible to see, and a retry simply replaces it.
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".eml")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".eml")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.directory / f"{message_id}.eml")
+                os.utime(f.fileno(), (at, at))  # the clock's time: what the expiry reads
+            target = folder / name
+            os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return target
+
+    async def forget_member(self, member_id: str) -> int:
+        """Delete the member's spooled mail; returns how many files. The vault calls
+        this after a shred; an error is the caller's to log (the sweep retries)."""
+        canonical = canonical_member_id(member_id)
+        if canonical is None:
+            return 0
+        return await asyncio.to_thread(self._forget, self.directory / canonical)
+
+    @staticmethod
+    def _forget(folder: Path) -> int:
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return 0
+        deleted = 0
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+                Path(entry.path).unlink(missing_ok=True)
+                deleted += 1
+        with contextlib.suppress(OSError):  # gone already, or a file written meanwhile
+            folder.rmdir()
+        return deleted
+
+    async def sweep(self, is_destroyed: Callable[[str], Awaitable[bool]]) -> SpoolSweep:
+        """Delete files older than the expiry (files of any shape, a crash's temp files
+        and a former version's flat files too), then the mail of every member
+        ``is_destroyed`` says is gone."""
+        before = (self._clock.now() - self.keep).timestamp()
+        result = SpoolSweep()
+        members, result.expired = await asyncio.to_thread(self._expire, before)
+        for member_id in members:
+            if await is_destroyed(member_id):
+                result.shredded += await self.forget_member(member_id)
+        return result
+
+    def _expire(self, before: float) -> tuple[list[str], int]:
+        """Expired files deleted; the member directories left, by member id."""
+        try:
+            top = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return [], 0
+        members: list[str] = []
+        expired = 0
+        for entry in top:
+            if entry.is_dir(follow_symlinks=False):
+                expired += _delete_older(Path(entry.path), before)
+                with contextlib.suppress(OSError):  # not empty: keep it
+                    Path(entry.path).rmdir()
+                if Path(entry.path).exists() and canonical_member_id(entry.name) == entry.name:
+                    members.append(entry.name)
+            elif _older(entry, before):
+                Path(entry.path).unlink(missing_ok=True)
+                expired += 1
+        return members, expired
 
 
-def build_mailer(settings: Settings) -> Mailer:
+def _older(entry: os.DirEntry[str], before: float) -> bool:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime < before
+    except FileNotFoundError:
+        return False
+
+
+def _delete_older(folder: Path, before: float) -> int:
+    deleted = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if not entry.is_dir(follow_symlinks=False) and _older(entry, before):
+                Path(entry.path).unlink(missing_ok=True)
+                deleted += 1
+    return deleted
+
+
+def _private_directory(directory: Path) -> None:
+    """0700, also for a directory an earlier version (or a umask) left wider."""
+    if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+        directory.chmod(0o700)
+
+
+class EmlDirectoryMailer:
+    """Writes each mail into the :class:`MailSpool` (0600, atomically): with no SMTP
+    server configured, mail stays on disk for a developer or an operator, for a while."""
+
+    def __init__(
+        self, data_dir: Path, keep: timedelta = DEFAULT_SPOOL_KEEP, clock: Clock | None = None
+    ) -> None:
+        self.spool = MailSpool(data_dir, keep, clock)
+        self.directory = self.spool.directory
+
+    def __repr__(self) -> str:
+        return f"<EmlDirectoryMailer {self.directory}>"
+
+    async def send(self, message_id: str, mail: EmailMessage, *, member_id: str) -> None:
+        check_message_id(message_id)
+        # An internationalised address is written as UTF-8 headers (RFC 6532): as
+        # encoded words it would be another, wrong, address.
+        data = mail.as_bytes(policy=_UTF8_HEADERS) if needs_smtputf8(mail) else mail.as_bytes()
+        try:
+            await self.spool.write(member_id, message_id, data)
+        except OSError as exc:  # disk full, permissions: retry, an operator can fix it
+            raise TransientMailError(type(exc).__name__) from None
+
+
+def mail_spool(settings: Settings, clock: Clock | None = None) -> MailSpool:
+    """The .eml spool in the data directory (swept and shred-hooked even with SMTP
+    set: an earlier embedded run may have left mail there)."""
+    return MailSpool(settings.data_dir, timedelta(days=settings.mail_spool_days), clock)
+
+
+def build_mailer(settings: Settings, clock: Clock | None = None) -> Mailer:
     """SMTP when ``smtp_url`` is set, else .eml files in the data directory."""
     if settings.smtp_url is None:
-        return EmlDirectoryMailer(settings.data_dir)
+        return EmlDirectoryMailer(
+            settings.data_dir, timedelta(days=settings.mail_spool_days), clock
+        )
     return SmtpMailer(
         parse_smtp_url(settings.smtp_url.get_secret_value()),
         starttls=settings.smtp_starttls,
@@ -205,6 +408,8 @@ class OutboxStore(Protocol):
     async def outbox_retry(
         self, message_id: str, attempts: int, next_attempt_at: datetime
     ) -> None: ...
+
+    async def is_destroyed(self, member_id: str) -> bool: ...
 
 
 class RecipientResolver(Protocol):
@@ -247,6 +452,9 @@ class RelayResult:
     dropped: int = 0  # the member is gone
     retried: int = 0
     failed: int = 0  # given up or refused for good
+    #: Spooled .eml files deleted: expired, or of members who no longer exist.
+    spool_expired: int = 0
+    spool_shredded: int = 0
 
 
 _system_random = secrets.SystemRandom()
@@ -266,6 +474,7 @@ class OutboxRelay:
         policy: RelayPolicy | None = None,
         *,
         jitter: Callable[[], float] = _system_random.random,
+        spool: MailSpool | None = None,
     ) -> None:
         self._store = store
         self._recipients = recipients
@@ -274,6 +483,8 @@ class OutboxRelay:
         self._clock = clock
         self._policy = policy or RelayPolicy()
         self._jitter = jitter
+        # The .eml mailer's own spool, else the one given (an earlier run's files).
+        self._spool = mailer.spool if isinstance(mailer, EmlDirectoryMailer) else spool
 
     async def relay_once(self) -> RelayResult:
         """One pass over the due messages. Each ends sent, dropped, rescheduled or
@@ -288,13 +499,20 @@ class OutboxRelay:
                     break
             if unavailable or len(due) < self._policy.batch_size:
                 break
-        if result.sent or result.dropped or result.retried or result.failed:
+        if self._spool is not None:
+            swept = await self._spool.sweep(self._store.is_destroyed)
+            result.spool_expired, result.spool_shredded = swept.expired, swept.shredded
+        if any((result.sent, result.dropped, result.retried, result.failed)) or any(
+            (result.spool_expired, result.spool_shredded)
+        ):
             log.info(
                 "outbox_relayed",
                 sent=result.sent,
                 dropped=result.dropped,
                 retried=result.retried,
                 failed=result.failed,
+                spool_expired=result.spool_expired,
+                spool_shredded=result.spool_shredded,
             )
         return result
 
@@ -315,12 +533,20 @@ class OutboxRelay:
                 result.dropped += 1
                 log.info("mail_dropped", outcome="member_gone", **fields)
                 return True
-            mail = self._renderer.render(message, recipient)
-            await self._mailer.send(message.message_id, mail)
+            try:
+                mail = self._renderer.render(message, recipient)
+            except ValueError as exc:  # no retry renders it: bad params, a bad address
+                raise UnrenderableMail(type(exc).__name__) from None
+            await self._mailer.send(message.message_id, mail, member_id=message.member_id)
         except PermanentMailError as exc:
+            # Marked done (it is never sent): the outbox keeps no failed mail.
             await self._store.outbox_sent(message.message_id)
             result.failed += 1
-            log.warning("mail_failed", outcome="refused", error=exc.reason, code=exc.code, **fields)
+            if isinstance(exc, Smtputf8Unavailable):
+                fields["detail"] = exc.detail
+            log.warning(
+                "mail_failed", outcome=exc.outcome, error=exc.reason, code=exc.code, **fields
+            )
             return True
         except Exception as exc:  # noqa: BLE001 - one bad message must not stall the queue
             await self._failed(message, result, exc, fields)
@@ -366,8 +592,9 @@ def build_relay(
     return OutboxRelay(
         store,
         recipients,
-        build_mailer(settings),
+        build_mailer(settings, clock),
         MailRenderer(settings.mail_from, settings.privacy_officer_contact),
         clock,
         RelayPolicy(max_attempts=settings.mail_max_attempts),
+        spool=mail_spool(settings, clock),
     )

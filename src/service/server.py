@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +21,7 @@ from privacyvault.v1 import key_admin_pb2, member_pb2
 from service.config import Settings
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
+from service.mailer import mail_spool
 from service.member_servicer import MemberServicer
 from service.sidecar import Sidecar
 from vault import Clock, Vault, migrate_database, open_vault
@@ -61,11 +61,12 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def open_configured_vault(
+@contextlib.asynccontextmanager
+async def open_configured_vault(
     settings: Settings, *, clock: Clock | None = None
-) -> AbstractAsyncContextManager[Vault]:
+) -> AsyncIterator[Vault]:
     """The vault as ``settings`` describe it: the server's and the CLI's one way in."""
-    return open_vault(
+    async with open_vault(
         data_dir=settings.data_dir,
         database_url=settings.database_url.get_secret_value() if settings.database_url else None,
         key_provider=settings.key_provider_settings,
@@ -75,7 +76,10 @@ def open_configured_vault(
         clock=clock,
         settings=settings.vault_settings,
         retention_url=settings.retention_url,
-    )
+    ) as vault:
+        # A shred in this process deletes the member's spooled .eml mail at once.
+        vault.add_shred_hook(mail_spool(settings, vault.clock).forget_member)
+        yield vault
 
 
 @contextlib.asynccontextmanager

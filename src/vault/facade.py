@@ -76,6 +76,9 @@ EXPORT_FORMAT = "privacy-vault-export/1"
 MAX_PASSWORD_RESET_TTL = timedelta(minutes=30)
 RESET_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
 _INVALID_TOKEN = FieldViolation("token", "is invalid or expired")
+#: Called with a member id after that member is shredded, for copies outside the
+#: database (the service's mail spool). A failure is logged; the shred stands.
+ShredHook = Callable[[str], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,7 @@ class Vault:
         self._index_key = index_key
         self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
         self._background: set[asyncio.Task[None]] = set()
+        self._shred_hooks: list[ShredHook] = []
         #: Key management (rotation, re-wrap, destruction) for the security team.
         self.keys = KeyAdmin(store, provider, clock, self._deks, retained)
         #: Withdrawn members' data in the separated storage (policy section 6).
@@ -623,7 +627,9 @@ class Vault:
         row = await self._row(mid)
         await self._check_password(await self._dek(row.key), row, password)
         if self.retention.enabled:
-            return WithdrawalOutcome(retained_until=await self.retention.withdraw(mid))
+            retained_until = await self.retention.withdraw(mid)
+            await self._shredded(mid)  # the live member is shredded by the move
+            return WithdrawalOutcome(retained_until=retained_until)
         return WithdrawalOutcome(destroyed_at=await self.shred(mid, reason=WITHDRAWAL))
 
     async def shred(
@@ -646,7 +652,19 @@ class Vault:
             items=dict(record.items),
             kek_versions=list(record.kek_versions),
         )
+        await self._shredded(member_id)
         return record.destroyed_at
+
+    def add_shred_hook(self, hook: ShredHook) -> None:
+        """Call ``hook(member_id)`` after each shred by this vault (see ShredHook)."""
+        self._shred_hooks.append(hook)
+
+    async def _shredded(self, member_id: str) -> None:
+        for hook in self._shred_hooks:
+            try:
+                await hook(member_id)
+            except Exception as exc:  # noqa: BLE001 - the shred has committed
+                log.warning("shred_hook_failed", member_id=member_id, error=type(exc).__name__)
 
     async def resolve_recipient(
         self, member_id: str, message: OutboxMessage | None = None

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, getaddresses
+
+from email_validator import EmailNotValidError, validate_email
 
 from vault.store.base import OutboxMessage
 
@@ -60,6 +62,26 @@ class Recipient:
 
     def __repr__(self) -> str:
         return f"<Recipient {self.member_id}>"
+
+
+def mailbox(address: str) -> tuple[str, str]:
+    """(local part, domain) of a stored address, ready for a header and the SMTP
+    envelope. An internationalised domain is given in its ASCII (IDNA) form, so only a
+    non-ASCII local part needs SMTPUTF8 (RFC 6531). ValueError, never quoting the
+    address, if it does not parse."""
+    try:
+        parsed = validate_email(address, check_deliverability=False)
+    except EmailNotValidError:
+        raise ValueError("the recipient's address is not a valid e-mail address") from None
+    return parsed.local_part, parsed.ascii_domain or parsed.domain
+
+
+def needs_smtputf8(mail: EmailMessage) -> bool:
+    """Whether an envelope address of ``mail`` (From, To) is not ASCII: it can then be
+    sent only to a server that offers SMTPUTF8, and written only as UTF-8 headers.
+    (A non-ASCII display name or subject needs no such thing: RFC 2047 encodes it.)"""
+    values = [str(v) for name in ("From", "To") for v in mail.get_all(name, [])]
+    return any(not addr.isascii() for _, addr in getaddresses(values))
 
 
 def check_message_id(message_id: str) -> str:
@@ -128,7 +150,10 @@ class MailRenderer:
             raise ValueError(f"unknown outbox message kind {message.kind!r}")
         mail = EmailMessage()
         mail["From"] = self._sender
-        mail["To"] = Address(display_name=recipient.name, addr_spec=recipient.email)
+        # Built from its parts: Address(addr_spec=...) refuses a non-ASCII local part
+        # (NonASCIILocalPartDefect) although SMTPUTF8 delivers it.
+        local_part, domain = mailbox(recipient.email)
+        mail["To"] = Address(display_name=recipient.name, username=local_part, domain=domain)
         mail["Subject"] = subject
         # The outbox id, not a fresh one: a retry after an unconfirmed delivery is
         # then recognisably the same mail.
