@@ -78,8 +78,9 @@ class Smtputf8Unavailable(PermanentMailError):
     outcome = "needs_smtputf8"
     #: For the log line (no address in it): what happened, and what would fix it.
     detail = (
-        "the recipient's address has a non-ASCII local part, which needs SMTPUTF8, "
-        "and the mail server does not offer SMTPUTF8; the mail is not sent"
+        "an address of this mail (the recipient's, or MAIL_FROM) has a non-ASCII local "
+        "part, which needs SMTPUTF8, and the mail server does not offer SMTPUTF8; "
+        "the mail is not sent and not retried"
     )
 
     def __init__(self) -> None:
