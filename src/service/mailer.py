@@ -171,7 +171,7 @@ class SmtpMailer:
                     # an ASCII one goes as before, whatever the server offers.
                     await client.send_message(mail)
                 except aiosmtplib.SMTPNotSupported:
-                    if utf8:  # the server took SMTPUTF8 back after EHLO: the same
+                    if utf8:  # aiosmtplib's own check of the same extension
                         raise Smtputf8Unavailable from None
                     raise
         # `from None` throughout: the server's text may echo the recipient's address.
