@@ -5,6 +5,8 @@ with a field violation on page_token, never INTERNAL, on SQLite and PostgreSQL."
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import struct
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -191,3 +193,27 @@ async def test_every_server_on_the_database_accepts_the_token(
             pb.ListAccessHistoryRequest(member_id=member_id, page_size=2, page_token=token)
         )
         assert [e.action for e in page.entries] == ["page.view.2", "page.view.1"]
+
+
+def test_the_page_token_key_is_hkdf_of_the_index_key_under_its_own_purpose() -> None:
+    """The derivation as documented in _hazmat, recomputed here by hand (RFC 5869
+    HKDF-SHA256 with no salt), so a change of format cannot pass unnoticed."""
+    material = bytes(range(32))
+    index_key = _hazmat.IndexKey(1, material)
+    data = b"some token data"
+
+    def hkdf(info: bytes) -> bytes:
+        prk = hmac.new(b"\0" * 32, material, hashlib.sha256).digest()
+        return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+    info = b"pv.derive" + struct.pack(">H", len(b"page-token")) + b"page-token"
+    expected = hmac.new(hkdf(info), data, hashlib.sha256).digest()[:16]
+    key = _hazmat.derive_mac_key(index_key, "page-token")
+    assert _hazmat.token_tag(key, data) == expected
+    assert _hazmat.token_tag_matches(key, data, expected)
+    assert not _hazmat.token_tag_matches(key, data + b"x", expected)
+    # Another purpose is another key; and no tag is a blind index of the same bytes.
+    other = _hazmat.derive_mac_key(index_key, "another-purpose")
+    assert _hazmat.token_tag(other, data) != expected
+    assert _hazmat.blind_index(index_key, "page-token", data.decode())[:16] != expected
+    assert repr(key) == "<MacKey id=1>"  # no key bytes

@@ -35,6 +35,7 @@ class FieldLimit:
 
 
 _cache: dict[str, tuple[FieldLimit, ...]] = {}
+_by_type: dict[type, tuple[FieldLimit, ...]] = {}
 
 
 def limits_of(descriptor: Any) -> tuple[FieldLimit, ...]:
@@ -74,8 +75,16 @@ def limits_of(descriptor: Any) -> tuple[FieldLimit, ...]:
 def _check(message: Any, limits: tuple[FieldLimit, ...], prefix: str) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     for limit in limits:
-        where = prefix + limit.name
         value = getattr(message, limit.name)
+        if limit.is_string and not limit.repeated:  # the common case first
+            if limit.max_length and len(value) > limit.max_length:
+                violations.append(
+                    FieldViolation(
+                        prefix + limit.name, f"must be at most {limit.max_length} characters"
+                    )
+                )
+            continue
+        where = prefix + limit.name
         if limit.is_field_mask:
             if not message.HasField(limit.name):
                 continue
@@ -103,11 +112,6 @@ def _check(message: Any, limits: tuple[FieldLimit, ...], prefix: str) -> list[Fi
             elif limit.nested:
                 for i, item in enumerate(value):
                     violations.extend(_check(item, limit.nested, f"{where}[{i}]."))
-        elif limit.is_string:
-            if len(value) > limit.max_length:
-                violations.append(
-                    FieldViolation(where, f"must be at most {limit.max_length} characters")
-                )
         elif limit.nested and message.HasField(limit.name):
             violations.extend(_check(value, limit.nested, where + "."))
     return violations
@@ -116,6 +120,9 @@ def _check(message: Any, limits: tuple[FieldLimit, ...], prefix: str) -> list[Fi
 def check_field_limits(request: Message) -> None:
     """Refuse a request with any field past its declared limit (InvalidInput naming
     each such field and its limit, never the value)."""
-    violations = _check(request, limits_of(request.DESCRIPTOR), "")
+    limits = _by_type.get(type(request))
+    if limits is None:
+        limits = _by_type[type(request)] = limits_of(request.DESCRIPTOR)
+    violations = _check(request, limits, "")
     if violations:
         raise InvalidInput(violations)
