@@ -18,6 +18,7 @@ from typing import Protocol
 from privacyvault.v1 import key_admin_pb2 as pb
 from privacyvault.v1 import key_admin_pb2_grpc
 from service.errors import AdminUnauthenticated
+from service.field_limits import check_field_limits
 from service.interceptors import Context, metadata_value
 from service.member_servicer import _ts
 from vault.errors import FieldViolation, InvalidInput
@@ -197,6 +198,7 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServiceServicer):
         self, request: pb.RotateMemberKeyRequest, context: Context
     ) -> pb.RotateMemberKeyResponse:
         actor = self._actor(context)
+        check_field_limits(request)  # after the token check: strangers learn nothing
         if not request.member_id:
             raise InvalidInput([FieldViolation("member_id", "must not be empty")])
         dek_id = await self._keys.rotate_member_key(request.member_id, actor)

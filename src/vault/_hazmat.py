@@ -17,6 +17,13 @@ length-prefixed so no two tuples encode alike:
 
 so a ciphertext moved to another member, another column or another key version
 fails to decrypt. Every failure raises the one opaque ``DecryptionError``.
+
+Server-issued tokens (page tokens) are authenticated with a MAC key derived from
+the blind-index key with HKDF-SHA256 under a purpose of their own, so no new key
+material is stored and every replica derives the same key:
+
+  mac key    = HKDF-SHA256(index key, salt none, info "pv.derive" | len|purpose)
+  token tag  = HMAC-SHA256(mac key, data)[:16]
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from typing import NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.errors import DecryptionError
 
@@ -36,6 +45,7 @@ FORMAT_V1 = 1
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
+TOKEN_TAG_SIZE = 16  # HMAC-SHA256 truncated to 128 bits
 _HEADER = struct.Struct(">BI")
 _MIN_LEN = _HEADER.size + NONCE_SIZE + TAG_SIZE
 
@@ -79,6 +89,17 @@ class SecretKey(_KeyHandle):
 
 class IndexKey(_KeyHandle):
     """The HMAC-SHA256 key behind blind indexes."""
+
+    __slots__ = ("_material",)
+
+    def __init__(self, key_id: int, material: bytes) -> None:
+        super().__init__(key_id, material)
+        self._material = material
+
+
+class MacKey(_KeyHandle):
+    """An HMAC-SHA256 key that authenticates server-issued tokens (never stored:
+    derived from the index key, see :func:`derive_mac_key`)."""
 
     __slots__ = ("_material",)
 
@@ -174,3 +195,24 @@ def blind_index(key: IndexKey, domain: str, normalized_value: str) -> bytes:
     return hmac.new(
         key._material, _lp(domain.encode()) + normalized_value.encode(), hashlib.sha256
     ).digest()
+
+
+def derive_mac_key(key: IndexKey, purpose: str) -> MacKey:
+    """A MAC key of its own for ``purpose`` (e.g. "page-token"), derived from the
+    blind-index key: HKDF's extract step keys HMAC differently from blind_index, so
+    no token tag can equal a blind index, and purposes are separated by ``info``."""
+    hkdf = HKDF(
+        algorithm=SHA256(), length=KEY_SIZE, salt=None, info=b"pv.derive" + _lp(purpose.encode())
+    )
+    return MacKey(key.key_id, hkdf.derive(key._material))
+
+
+def token_tag(key: MacKey, data: bytes) -> bytes:
+    """The tag a server-issued token carries over ``data`` (what it is bound to)."""
+    return hmac.new(key._material, data, hashlib.sha256).digest()[:TOKEN_TAG_SIZE]
+
+
+def token_tag_matches(key: MacKey, data: bytes, tag: bytes) -> bool:
+    """Whether ``tag`` is the tag of ``data``, in time that does not depend on how
+    much of it matches."""
+    return hmac.compare_digest(token_tag(key, data), tag)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
+import re
 import secrets
+import struct
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -71,7 +74,16 @@ AFTER_ANSWER_DELAY = 0.05  # seconds
 T = TypeVar("T")
 FIRST_DEK_ID = 1
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+#: The longest page token accepted (the API's documented limit; ours are 44).
+PAGE_TOKEN_MAX = 128
 EXPORT_FORMAT = "privacy-vault-export/1"
+#: The largest export document export_member returns in one piece (UTF-8 bytes):
+#: well under gRPC's 4 MiB message limit. Larger ones are read with stream_member.
+EXPORT_MAX_BYTES = 3 * 1024 * 1024
+#: stream_member's pieces hold at most this many characters (so at most 256 KiB).
+EXPORT_PIECE_CHARS = 64 * 1024
+#: Access-log entries read (and decrypted) per query while exporting.
+EXPORT_PAGE_ROWS = 1000
 #: The longest a password reset token may live (issue 4: "expiring within 30 minutes").
 MAX_PASSWORD_RESET_TTL = timedelta(minutes=30)
 RESET_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
@@ -202,6 +214,9 @@ class Vault:
         self._clock = clock
         self._settings = settings
         self._index_key = index_key
+        # Page tokens are authenticated under a key of their own, derived from the
+        # index key: nothing new to store, and every replica derives the same key.
+        self._page_token_key = _hazmat.derive_mac_key(index_key, "page-token")
         self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
         self._background: set[asyncio.Task[None]] = set()
         self._shred_hooks: list[ShredHook] = []
@@ -704,19 +719,39 @@ class Vault:
         return Recipient(view.member_id, view.email, view.name, view.login_id, opened)
 
     async def export_member(self, member_id: str) -> str:
-        """The member's whole record as a JSON document (section 7, right of access)."""
+        """The member's whole record as a JSON document (section 7, right of access),
+        in one string, for documents of up to EXPORT_MAX_BYTES. A larger one is
+        PreconditionFailed (EXPORT_TOO_LARGE), found as soon as the limit is
+        passed, without reading the rest: stream_member serves every size."""
+        pieces: list[str] = []
+        size = 0
+        async with contextlib.aclosing(self.stream_member(member_id)) as stream:
+            async for piece in stream:
+                size += len(piece.encode())
+                if size > EXPORT_MAX_BYTES:
+                    raise PreconditionFailed(
+                        "export",
+                        f"the member's record is larger than {EXPORT_MAX_BYTES // (1024 * 1024)} "
+                        "MiB, too large for one message; read it with StreamMemberData",
+                        kind="EXPORT_TOO_LARGE",
+                    )
+                pieces.append(piece)
+        return "".join(pieces)
+
+    async def stream_member(self, member_id: str) -> AsyncGenerator[str, None]:
+        """export_member's document for a member of any history size, in pieces of
+        at most EXPORT_PIECE_CHARS characters that concatenate to the document.
+
+        The access log is read EXPORT_PAGE_ROWS entries at a time by keyset (each
+        page strictly older than the last), so memory stays bounded and entries
+        recorded after the first page are not included. A per-member key rotation
+        meanwhile is followed (the page is read again under the new key); a shred
+        meanwhile ends the stream with NotFound rather than a truncated document."""
         row = await self._row(member_id)
+        mid = row.member_id
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
         view = await self._read_under_key(row, lambda r, dek: self._view(r, everything, dek))
-        history: list[AccessEntry] = []
-        token = ""
-        while True:
-            page = await self.list_access(row.member_id, MAX_PAGE_SIZE, token)
-            history.extend(page.entries)
-            token = page.next_page_token
-            if not token:
-                break
-        document = {
+        head = {
             "format": EXPORT_FORMAT,
             "exported_at": self._clock.now().isoformat(),
             "policy_version": self._settings.policy_version,
@@ -740,11 +775,48 @@ class Vault:
                 }
                 for c in row.consents
             ],
-            "access_history": [
-                {"at": e.at.isoformat(), "action": e.action, "ip": e.ip} for e in history
-            ],
         }
-        return json.dumps(document, ensure_ascii=False, indent=2)
+        # The head pretty-printed, its closing brace replaced by the history, which
+        # is written one entry per line as the pages come.
+        text = json.dumps(head, ensure_ascii=False, indent=2)
+        assert text.endswith("\n}")
+        pending = [text[:-2], ',\n  "access_history": [']
+        pending_chars = sum(map(len, pending))
+        cursor: tuple[datetime, int] | None = None
+        first = True
+
+        async def read_page(
+            r: MemberRow, dek: _hazmat.SecretKey
+        ) -> tuple[MemberRow, list[AccessEntryRow], list[AccessEntry]]:
+            rows = await self._store.list_access(mid, EXPORT_PAGE_ROWS, cursor)
+            return r, rows, [self._open_access(dek, mid, x) for x in rows]
+
+        while True:
+            row, rows, entries = await self._read_under_key(row, read_page)
+            for e in entries:
+                line = json.dumps(
+                    {"at": e.at.isoformat(), "action": e.action, "ip": e.ip}, ensure_ascii=False
+                )
+                pending.append(("\n    " if first else ",\n    ") + line)
+                pending_chars += len(pending[-1])
+                first = False
+            if len(rows) < EXPORT_PAGE_ROWS:
+                break
+            cursor = (rows[-1].at, rows[-1].entry_id)
+            if pending_chars >= EXPORT_PIECE_CHARS:
+                joined = "".join(pending)
+                whole = len(joined) - len(joined) % EXPORT_PIECE_CHARS
+                for at in range(0, whole, EXPORT_PIECE_CHARS):
+                    yield joined[at : at + EXPORT_PIECE_CHARS]
+                pending = [joined[whole:]]
+                pending_chars = len(pending[0])
+        # A shred while the pages were read leaves a history that just stops:
+        # never hand that out as the member's whole record.
+        await self._row(mid)
+        pending.append("]\n}" if first else "\n  ]\n}")
+        joined = "".join(pending)
+        for at in range(0, len(joined), EXPORT_PIECE_CHARS):
+            yield joined[at : at + EXPORT_PIECE_CHARS]
 
     # --- access log ----------------------------------------------------------------
     def _access_entry(
@@ -786,10 +858,12 @@ class Vault:
         if page_size < 0:
             v.add("page_size", "must not be negative")
         cursor = None
-        if page_token:
-            cursor = _decode_page_token(page_token)
-            if cursor is None:
-                v.add("page_token", "is not a token returned by ListAccessHistory")
+        if page_token and mid:
+            # Checked before anything reaches the database: only a token this
+            # vault issued for this member's history opens to a cursor.
+            cursor = _decode_page_token(self._page_token_key, mid, page_token)
+        if page_token and cursor is None:
+            v.add("page_token", "is not a token ListAccessHistory returned for this member")
         v.raise_if_any()
         assert mid
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -798,7 +872,11 @@ class Vault:
             # One extra row tells whether another page exists.
             rows = await self._store.list_access(mid, size + 1, cursor)
             entries = tuple(self._open_access(dek, mid, r) for r in rows[:size])
-            token = _encode_page_token(rows[size - 1]) if len(rows) > size else ""
+            token = (
+                _encode_page_token(self._page_token_key, mid, rows[size - 1])
+                if len(rows) > size
+                else ""
+            )
             return AccessPage(entries, token)
 
         return await self._read_under_key(await self._row(mid), read)
@@ -924,18 +1002,63 @@ def _sealed_field(message_id: str, name: str) -> str:
     return f"outbox/{message_id}/{name}"
 
 
-def _encode_page_token(row: AccessEntryRow) -> str:
-    raw = f"v1:{to_micros(row.at)}:{row.entry_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+# Page tokens (ListAccessHistory). Opaque to callers and authenticated by us:
+#   token = base64url(version 0x02 | at (int64 µs) | entry_id (int64) | tag (16))
+#   tag   = HMAC(page-token key, "pv.page-token" | version | len|member_id
+#                | len|listing | at | entry_id)[:16]
+# so a token opens only for the member and the listing it was issued for (the
+# page size is not bound: it may change between pages). Anything else -- the
+# old unauthenticated "v1:" text tokens included -- is refused before SQL.
+_PAGE_TOKEN_VERSION = 2
+_PAGE_CURSOR = struct.Struct(">Bqq")
+_PAGE_TOKEN_BYTES = _PAGE_CURSOR.size + _hazmat.TOKEN_TAG_SIZE
+_PAGE_TOKEN_TEXT = re.compile(rf"[A-Za-z0-9_-]{{{-(-_PAGE_TOKEN_BYTES * 4 // 3)}}}")
+_ACCESS_LISTING = b"access_history"
+_MIN_MICROS, _MAX_MICROS = (
+    to_micros(datetime.min.replace(tzinfo=UTC)),
+    to_micros(datetime.max.replace(tzinfo=UTC)),
+)
+_MAX_ENTRY_ID = 2**63 - 1
 
 
-def _decode_page_token(token: str) -> tuple[datetime, int] | None:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        tag, micros, entry_id = raw.split(":")
-        if tag != "v1":
-            return None
-        at = from_micros(int(micros))
-        return at, int(entry_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError):
+def _page_token_data(member_id: str, cursor: bytes) -> bytes:
+    return (
+        b"pv.page-token"
+        + struct.pack(">H", len(member_id))
+        + member_id.encode()
+        + struct.pack(">H", len(_ACCESS_LISTING))
+        + _ACCESS_LISTING
+        + cursor
+    )
+
+
+def _encode_page_token(key: _hazmat.MacKey, member_id: str, row: AccessEntryRow) -> str:
+    cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, to_micros(row.at), row.entry_id)
+    tag = _hazmat.token_tag(key, _page_token_data(member_id, cursor))
+    return base64.urlsafe_b64encode(cursor + tag).decode().rstrip("=")
+
+
+def _decode_page_token(
+    key: _hazmat.MacKey, member_id: str, token: str
+) -> tuple[datetime, int] | None:
+    """The (at, entry_id) cursor of a token issued for ``member_id``'s history, or
+    None for anything else. The length and alphabet are checked before decoding,
+    the tag (in constant time) before the cursor is read, and the cursor's values
+    are range-checked after."""
+    if len(token) > PAGE_TOKEN_MAX or not _PAGE_TOKEN_TEXT.fullmatch(token):
         return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    if len(raw) != _PAGE_TOKEN_BYTES:
+        return None
+    cursor, tag = raw[: _PAGE_CURSOR.size], raw[_PAGE_CURSOR.size :]
+    if not _hazmat.token_tag_matches(key, _page_token_data(member_id, cursor), tag):
+        return None
+    version, micros, entry_id = _PAGE_CURSOR.unpack(cursor)
+    if version != _PAGE_TOKEN_VERSION or not 0 < entry_id <= _MAX_ENTRY_ID:
+        return None
+    if not _MIN_MICROS <= micros <= _MAX_MICROS:
+        return None
+    return from_micros(micros), entry_id

@@ -95,6 +95,18 @@ _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 _PHONE = re.compile(r"\+?[0-9]{7,15}")
 PASSWORD_MIN, PASSWORD_MAX = 8, 256
 NAME_MAX = 100
+# The most characters each value may have as sent (the API's documented field
+# limits, protos/privacyvault/v1/*.proto). Checked before any regex, parser or
+# normalisation sees the value, so an oversized one costs nothing.
+LOGIN_ID_MAX = 64
+EMAIL_MAX = 254  # RFC 5321's limit on a path
+MOBILE_PHONE_MAX = 32  # 15 digits, '+' and separators
+BIRTH_DATE_MAX = 10  # YYYY-MM-DD
+MEMBER_ID_MAX = 45  # "urn:uuid:" and a UUID, the longest spelling uuid.UUID reads
+ACTION_MAX = 64
+#: The longest textual IP address: IPv6 with an embedded IPv4 address,
+#: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255".
+IP_MAX = 45
 
 
 def _has_control(text: str) -> bool:
@@ -102,7 +114,7 @@ def _has_control(text: str) -> bool:
 
 
 def check_login_id(value: str, v: Violations, field: str = "login_id") -> str | None:
-    if not _LOGIN_ID.fullmatch(value):
+    if len(value) > LOGIN_ID_MAX or not _LOGIN_ID.fullmatch(value):
         v.add(
             field,
             "must be 4-64 characters of letters, digits, '.', '_' or '-', "
@@ -130,6 +142,9 @@ def check_password(
 
 
 def check_name(value: str, v: Violations, field: str = "name") -> str | None:
+    if len(value) > NAME_MAX:
+        v.add(field, f"must be 1-{NAME_MAX} printable characters")
+        return None
     name = unicodedata.normalize("NFC", value.strip())
     if not 1 <= len(name) <= NAME_MAX or _has_control(name):
         v.add(field, f"must be 1-{NAME_MAX} printable characters")
@@ -138,6 +153,9 @@ def check_name(value: str, v: Violations, field: str = "name") -> str | None:
 
 
 def check_email(value: str, v: Violations, field: str = "email") -> str | None:
+    if len(value) > EMAIL_MAX:
+        v.add(field, f"must be a valid e-mail address of at most {EMAIL_MAX} characters")
+        return None
     try:
         return validate_email(value.strip(), check_deliverability=False).normalized
     except EmailNotValidError:
@@ -152,7 +170,7 @@ def email_index_value(email: str) -> str:
 
 
 def check_mobile_phone(value: str, v: Violations, field: str = "mobile_phone") -> str | None:
-    phone = _PHONE_SEPARATORS.sub("", value)
+    phone = _PHONE_SEPARATORS.sub("", value) if len(value) <= MOBILE_PHONE_MAX else ""
     if not _PHONE.fullmatch(phone):
         v.add(field, "must be a phone number of 7-15 digits, optionally starting with '+'")
         return None
@@ -162,7 +180,7 @@ def check_mobile_phone(value: str, v: Violations, field: str = "mobile_phone") -
 def check_birth_date(value: str, today: date, v: Violations, field: str = "birth_date") -> None:
     """Section 8. The birth date is checked here and never stored."""
     try:
-        born = date.fromisoformat(value) if len(value) == 10 else None
+        born = date.fromisoformat(value) if len(value) == BIRTH_DATE_MAX else None
     except ValueError:
         born = None
     if born is None:
@@ -181,22 +199,38 @@ def check_birth_date(value: str, today: date, v: Violations, field: str = "birth
 
 
 def check_member_id(value: str, v: Violations, field: str = "member_id") -> str | None:
-    canonical = ids.canonical_member_id(value)
+    canonical = ids.canonical_member_id(value) if len(value) <= MEMBER_ID_MAX else None
     if canonical is None:
         v.add(field, "must be a member ID as returned by SignUp")
     return canonical
 
 
 def check_ip(value: str, v: Violations, field: str = "ip") -> str | None:
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        v.add(field, "must be an IPv4 or IPv6 address")
+    """An IP address in the one form it is stored in: IPv4 dotted quad, or IPv6
+    compressed in lower case; an IPv4-mapped IPv6 address becomes its IPv4 address.
+
+    A zone id ("fe80::1%eth0") is refused: it is free text (Python accepts
+    anything after the '%') and means nothing off the host that sent it. The
+    length is checked before the value is parsed.
+    """
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if len(value) <= IP_MAX and "%" not in value:
+        try:
+            address = ipaddress.ip_address(value.strip())
+        except ValueError:
+            address = None
+    if address is None:
+        v.add(
+            field, f"must be an IPv4 or IPv6 address without a zone id, at most {IP_MAX} characters"
+        )
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address)
 
 
 def check_action(value: str, v: Violations, field: str = "action") -> str | None:
-    if not _ACTION.fullmatch(value):
+    if len(value) > ACTION_MAX or not _ACTION.fullmatch(value):
         v.add(field, "must be 1-64 characters of letters, digits and '._:/-'")
         return None
     return value

@@ -23,51 +23,54 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from privacyvault.v1 import field_limits_pb2 as privacyvault_dot_v1_dot_field__limits__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprivacyvault/v1/key_admin.proto\x12\x0fprivacyvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf0\x01\n\nKekVersion\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.privacyvault.v1.KekState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroyed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmember_keys\x18\x05 \x01(\x03\x12\x12\n\nindex_keys\x18\x06 \x01(\x03\x12\x1c\n\x14retained_member_keys\x18\x07 \x01(\x03\"\x15\n\x13GetKeyStatusRequest\"o\n\x14GetKeyStatusResponse\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x05\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.privacyvault.v1.KekVersion\"\x12\n\x10RotateKekRequest\"[\n\x11RotateKekResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.privacyvault.v1.KekVersion\x12\x18\n\x10previous_version\x18\x02 \x01(\x05\">\n\x17RewrapMemberKeysRequest\x12\x12\n\nbatch_size\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\x8b\x01\n\x0eRewrapProgress\x12\x16\n\x0etarget_version\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x11\n\trewrapped\x18\x03 \x01(\x03\x12\x0f\n\x07skipped\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"M\n\x18RewrapMemberKeysResponse\x12\x31\n\x08progress\x18\x01 \x01(\x0b\x32\x1f.privacyvault.v1.RewrapProgress\"<\n\x18\x44\x65stroyKekVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"`\n\x19\x44\x65stroyKekVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x11\n\tdestroyed\x18\x02 \x01(\x08\x12\x0f\n\x07\x61llowed\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"+\n\x16RotateMemberKeyRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\")\n\x17RotateMemberKeyResponse\x12\x0e\n\x06\x64\x65k_id\x18\x01 \x01(\x05\"%\n\x14ListKeyEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xe5\x01\n\x08KeyEvent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x13\n\x0bkek_version\x18\x04 \x01(\x05\x12\x11\n\tmember_id\x18\x05 \x01(\t\x12\x37\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32&.privacyvault.v1.KeyEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x15ListKeyEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.privacyvault.v1.KeyEvent*p\n\x08KekState\x12\x19\n\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEK_STATE_ACTIVE\x10\x01\x12\x1a\n\x16KEK_STATE_DECRYPT_ONLY\x10\x02\x12\x17\n\x13KEK_STATE_DESTROYED\x10\x03\x32\xdf\x04\n\x0fKeyAdminService\x12[\n\x0cGetKeyStatus\x12$.privacyvault.v1.GetKeyStatusRequest\x1a%.privacyvault.v1.GetKeyStatusResponse\x12R\n\tRotateKek\x12!.privacyvault.v1.RotateKekRequest\x1a\".privacyvault.v1.RotateKekResponse\x12i\n\x10RewrapMemberKeys\x12(.privacyvault.v1.RewrapMemberKeysRequest\x1a).privacyvault.v1.RewrapMemberKeysResponse0\x01\x12j\n\x11\x44\x65stroyKekVersion\x12).privacyvault.v1.DestroyKekVersionRequest\x1a*.privacyvault.v1.DestroyKekVersionResponse\x12\x64\n\x0fRotateMemberKey\x12\'.privacyvault.v1.RotateMemberKeyRequest\x1a(.privacyvault.v1.RotateMemberKeyResponse\x12^\n\rListKeyEvents\x12%.privacyvault.v1.ListKeyEventsRequest\x1a&.privacyvault.v1.ListKeyEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprivacyvault/v1/key_admin.proto\x12\x0fprivacyvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"privacyvault/v1/field_limits.proto\"\xf0\x01\n\nKekVersion\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.privacyvault.v1.KekState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroyed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bmember_keys\x18\x05 \x01(\x03\x12\x12\n\nindex_keys\x18\x06 \x01(\x03\x12\x1c\n\x14retained_member_keys\x18\x07 \x01(\x03\"\x15\n\x13GetKeyStatusRequest\"o\n\x14GetKeyStatusResponse\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x05\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.privacyvault.v1.KekVersion\"\x12\n\x10RotateKekRequest\"[\n\x11RotateKekResponse\x12,\n\x07version\x18\x01 \x01(\x0b\x32\x1b.privacyvault.v1.KekVersion\x12\x18\n\x10previous_version\x18\x02 \x01(\x05\">\n\x17RewrapMemberKeysRequest\x12\x12\n\nbatch_size\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"\x8b\x01\n\x0eRewrapProgress\x12\x16\n\x0etarget_version\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x11\n\trewrapped\x18\x03 \x01(\x03\x12\x0f\n\x07skipped\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x03\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x07 \x01(\x08\"M\n\x18RewrapMemberKeysResponse\x12\x31\n\x08progress\x18\x01 \x01(\x0b\x32\x1f.privacyvault.v1.RewrapProgress\"<\n\x18\x44\x65stroyKekVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"`\n\x19\x44\x65stroyKekVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\x05\x12\x11\n\tdestroyed\x18\x02 \x01(\x08\x12\x0f\n\x07\x61llowed\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"1\n\x16RotateMemberKeyRequest\x12\x17\n\tmember_id\x18\x01 \x01(\tB\x04\x88\xe7\x18-\")\n\x17RotateMemberKeyResponse\x12\x0e\n\x06\x64\x65k_id\x18\x01 \x01(\x05\"%\n\x14ListKeyEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xe5\x01\n\x08KeyEvent\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x13\n\x0bkek_version\x18\x04 \x01(\x05\x12\x11\n\tmember_id\x18\x05 \x01(\t\x12\x37\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32&.privacyvault.v1.KeyEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x15ListKeyEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.privacyvault.v1.KeyEvent*p\n\x08KekState\x12\x19\n\x15KEK_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEK_STATE_ACTIVE\x10\x01\x12\x1a\n\x16KEK_STATE_DECRYPT_ONLY\x10\x02\x12\x17\n\x13KEK_STATE_DESTROYED\x10\x03\x32\xdf\x04\n\x0fKeyAdminService\x12[\n\x0cGetKeyStatus\x12$.privacyvault.v1.GetKeyStatusRequest\x1a%.privacyvault.v1.GetKeyStatusResponse\x12R\n\tRotateKek\x12!.privacyvault.v1.RotateKekRequest\x1a\".privacyvault.v1.RotateKekResponse\x12i\n\x10RewrapMemberKeys\x12(.privacyvault.v1.RewrapMemberKeysRequest\x1a).privacyvault.v1.RewrapMemberKeysResponse0\x01\x12j\n\x11\x44\x65stroyKekVersion\x12).privacyvault.v1.DestroyKekVersionRequest\x1a*.privacyvault.v1.DestroyKekVersionResponse\x12\x64\n\x0fRotateMemberKey\x12\'.privacyvault.v1.RotateMemberKeyRequest\x1a(.privacyvault.v1.RotateMemberKeyResponse\x12^\n\rListKeyEvents\x12%.privacyvault.v1.ListKeyEventsRequest\x1a&.privacyvault.v1.ListKeyEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'privacyvault.v1.key_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ROTATEMEMBERKEYREQUEST'].fields_by_name['member_id']._loaded_options = None
+  _globals['_ROTATEMEMBERKEYREQUEST'].fields_by_name['member_id']._serialized_options = b'\210\347\030-'
   _globals['_KEYEVENT_DETAILSENTRY']._loaded_options = None
   _globals['_KEYEVENT_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_KEKSTATE']._serialized_start=1449
-  _globals['_KEKSTATE']._serialized_end=1561
-  _globals['_KEKVERSION']._serialized_start=86
-  _globals['_KEKVERSION']._serialized_end=326
-  _globals['_GETKEYSTATUSREQUEST']._serialized_start=328
-  _globals['_GETKEYSTATUSREQUEST']._serialized_end=349
-  _globals['_GETKEYSTATUSRESPONSE']._serialized_start=351
-  _globals['_GETKEYSTATUSRESPONSE']._serialized_end=462
-  _globals['_ROTATEKEKREQUEST']._serialized_start=464
-  _globals['_ROTATEKEKREQUEST']._serialized_end=482
-  _globals['_ROTATEKEKRESPONSE']._serialized_start=484
-  _globals['_ROTATEKEKRESPONSE']._serialized_end=575
-  _globals['_REWRAPMEMBERKEYSREQUEST']._serialized_start=577
-  _globals['_REWRAPMEMBERKEYSREQUEST']._serialized_end=639
-  _globals['_REWRAPPROGRESS']._serialized_start=642
-  _globals['_REWRAPPROGRESS']._serialized_end=781
-  _globals['_REWRAPMEMBERKEYSRESPONSE']._serialized_start=783
-  _globals['_REWRAPMEMBERKEYSRESPONSE']._serialized_end=860
-  _globals['_DESTROYKEKVERSIONREQUEST']._serialized_start=862
-  _globals['_DESTROYKEKVERSIONREQUEST']._serialized_end=922
-  _globals['_DESTROYKEKVERSIONRESPONSE']._serialized_start=924
-  _globals['_DESTROYKEKVERSIONRESPONSE']._serialized_end=1020
-  _globals['_ROTATEMEMBERKEYREQUEST']._serialized_start=1022
-  _globals['_ROTATEMEMBERKEYREQUEST']._serialized_end=1065
-  _globals['_ROTATEMEMBERKEYRESPONSE']._serialized_start=1067
-  _globals['_ROTATEMEMBERKEYRESPONSE']._serialized_end=1108
-  _globals['_LISTKEYEVENTSREQUEST']._serialized_start=1110
-  _globals['_LISTKEYEVENTSREQUEST']._serialized_end=1147
-  _globals['_KEYEVENT']._serialized_start=1150
-  _globals['_KEYEVENT']._serialized_end=1379
-  _globals['_KEYEVENT_DETAILSENTRY']._serialized_start=1333
-  _globals['_KEYEVENT_DETAILSENTRY']._serialized_end=1379
-  _globals['_LISTKEYEVENTSRESPONSE']._serialized_start=1381
-  _globals['_LISTKEYEVENTSRESPONSE']._serialized_end=1447
-  _globals['_KEYADMINSERVICE']._serialized_start=1564
-  _globals['_KEYADMINSERVICE']._serialized_end=2171
+  _globals['_KEKSTATE']._serialized_start=1491
+  _globals['_KEKSTATE']._serialized_end=1603
+  _globals['_KEKVERSION']._serialized_start=122
+  _globals['_KEKVERSION']._serialized_end=362
+  _globals['_GETKEYSTATUSREQUEST']._serialized_start=364
+  _globals['_GETKEYSTATUSREQUEST']._serialized_end=385
+  _globals['_GETKEYSTATUSRESPONSE']._serialized_start=387
+  _globals['_GETKEYSTATUSRESPONSE']._serialized_end=498
+  _globals['_ROTATEKEKREQUEST']._serialized_start=500
+  _globals['_ROTATEKEKREQUEST']._serialized_end=518
+  _globals['_ROTATEKEKRESPONSE']._serialized_start=520
+  _globals['_ROTATEKEKRESPONSE']._serialized_end=611
+  _globals['_REWRAPMEMBERKEYSREQUEST']._serialized_start=613
+  _globals['_REWRAPMEMBERKEYSREQUEST']._serialized_end=675
+  _globals['_REWRAPPROGRESS']._serialized_start=678
+  _globals['_REWRAPPROGRESS']._serialized_end=817
+  _globals['_REWRAPMEMBERKEYSRESPONSE']._serialized_start=819
+  _globals['_REWRAPMEMBERKEYSRESPONSE']._serialized_end=896
+  _globals['_DESTROYKEKVERSIONREQUEST']._serialized_start=898
+  _globals['_DESTROYKEKVERSIONREQUEST']._serialized_end=958
+  _globals['_DESTROYKEKVERSIONRESPONSE']._serialized_start=960
+  _globals['_DESTROYKEKVERSIONRESPONSE']._serialized_end=1056
+  _globals['_ROTATEMEMBERKEYREQUEST']._serialized_start=1058
+  _globals['_ROTATEMEMBERKEYREQUEST']._serialized_end=1107
+  _globals['_ROTATEMEMBERKEYRESPONSE']._serialized_start=1109
+  _globals['_ROTATEMEMBERKEYRESPONSE']._serialized_end=1150
+  _globals['_LISTKEYEVENTSREQUEST']._serialized_start=1152
+  _globals['_LISTKEYEVENTSREQUEST']._serialized_end=1189
+  _globals['_KEYEVENT']._serialized_start=1192
+  _globals['_KEYEVENT']._serialized_end=1421
+  _globals['_KEYEVENT_DETAILSENTRY']._serialized_start=1375
+  _globals['_KEYEVENT_DETAILSENTRY']._serialized_end=1421
+  _globals['_LISTKEYEVENTSRESPONSE']._serialized_start=1423
+  _globals['_LISTKEYEVENTSRESPONSE']._serialized_end=1489
+  _globals['_KEYADMINSERVICE']._serialized_start=1606
+  _globals['_KEYADMINSERVICE']._serialized_end=2213
 # @@protoc_insertion_point(module_scope)

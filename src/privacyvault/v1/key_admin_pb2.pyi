@@ -362,7 +362,7 @@ class RotateMemberKeyRequest(_message.Message):
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
-    """The member's id."""
+    """The member's id (a UUID). At most 45 characters."""
     def __init__(
         self,
         *,

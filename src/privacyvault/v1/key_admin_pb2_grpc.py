@@ -41,6 +41,11 @@ class KeyAdminServiceStub:
     trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
     why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
     INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto); a longer
+    value is INVALID_ARGUMENT with a field violation on that field, checked
+    right after the admin token and before any other work.
     """
 
     def __init__(self, channel):
@@ -97,6 +102,11 @@ class KeyAdminServiceServicer:
     trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
     why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
     INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto); a longer
+    value is INVALID_ARGUMENT with a field violation on that field, checked
+    right after the admin token and before any other work.
     """
 
     def GetKeyStatus(self, request, context):
@@ -210,6 +220,11 @@ class KeyAdminService:
     trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
     why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
     INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto); a longer
+    value is INVALID_ARGUMENT with a field violation on that field, checked
+    right after the admin token and before any other work.
     """
 
     @staticmethod

@@ -42,6 +42,11 @@ class KeyAdminServiceStub:
     trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
     why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
     INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto); a longer
+    value is INVALID_ARGUMENT with a field violation on that field, checked
+    right after the admin token and before any other work.
     """
 
     @_typing.overload
@@ -95,6 +100,11 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
     why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
     INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto); a longer
+    value is INVALID_ARGUMENT with a field violation on that field, checked
+    right after the admin token and before any other work.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -144,6 +154,11 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
     why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
     INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto); a longer
+    value is INVALID_ARGUMENT with a field violation on that field, checked
+    right after the admin token and before any other work.
     """
 
     @_abc_1.abstractmethod

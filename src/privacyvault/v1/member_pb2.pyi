@@ -185,14 +185,27 @@ class SignUpRequest(_message.Message):
     BIRTH_DATE_FIELD_NUMBER: _builtins.int
     CONSENTS_FIELD_NUMBER: _builtins.int
     login_id: _builtins.str
+    """4-64 characters of letters, digits, '.', '_' and '-', starting with a
+    letter or digit. At most 64 characters.
+    """
     password: _builtins.str
+    """8-256 characters. At most 256 characters."""
     name: _builtins.str
+    """1-100 printable characters. At most 100 characters."""
     email: _builtins.str
+    """An e-mail address. At most 254 characters."""
     mobile_phone: _builtins.str
+    """7-15 digits, optionally starting with '+', with spaces, '(', ')', '.' or
+    '-' between them. At most 32 characters.
+    """
     birth_date: _builtins.str
-    """YYYY-MM-DD. Checked for an age of at least 14, never stored."""
+    """YYYY-MM-DD. Checked for an age of at least 14, never stored. At most 10
+    characters.
+    """
     @_builtins.property
-    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentChoice]: ...
+    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentChoice]:
+        """At most one choice per purpose; at most 8 items."""
+
     def __init__(
         self,
         *,
@@ -240,7 +253,9 @@ class AuthenticateRequest(_message.Message):
     LOGIN_ID_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     login_id: _builtins.str
+    """At most 64 characters."""
     password: _builtins.str
+    """At most 256 characters."""
     def __init__(
         self,
         *,
@@ -281,6 +296,7 @@ class GetMemberRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     purpose: Global___Purpose.ValueType
     def __init__(
         self,
@@ -326,13 +342,20 @@ class UpdateMemberRequest(_message.Message):
     MOBILE_PHONE_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     name: _builtins.str
+    """As in SignUpRequest. At most 100 characters."""
     email: _builtins.str
+    """As in SignUpRequest. At most 254 characters."""
     mobile_phone: _builtins.str
-    """Named in update_mask and left empty, the mobile phone is removed."""
+    """Named in update_mask and left empty, the mobile phone is removed. At most
+    32 characters.
+    """
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths among "name", "email", "mobile_phone"."""
+        """Paths among "name", "email", "mobile_phone": at most 3 paths, each at most
+        64 characters.
+        """
 
     def __init__(
         self,
@@ -390,8 +413,11 @@ class ChangePasswordRequest(_message.Message):
     CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     NEW_PASSWORD_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     current_password: _builtins.str
+    """At most 256 characters."""
     new_password: _builtins.str
+    """8-256 characters, not the login ID. At most 256 characters."""
     def __init__(
         self,
         *,
@@ -429,7 +455,9 @@ class WithdrawRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     password: _builtins.str
+    """At most 256 characters."""
     def __init__(
         self,
         *,
@@ -482,6 +510,7 @@ class ExportMemberDataRequest(_message.Message):
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     def __init__(
         self,
         *,
@@ -516,6 +545,50 @@ class ExportMemberDataResponse(_message.Message):
 Global___ExportMemberDataResponse: _TypeAlias = ExportMemberDataResponse  # noqa: Y015
 
 @_typing.final
+class StreamMemberDataRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamMemberDataRequest: _TypeAlias = StreamMemberDataRequest  # noqa: Y015
+
+@_typing.final
+class StreamMemberDataResponse(_message.Message):
+    """One piece of the export document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JSON_FIELD_NUMBER: _builtins.int
+    json: _builtins.str
+    """The next piece of the UTF-8 JSON document (whole characters, at most
+    64 Ki of them); the pieces concatenated in order are the document.
+    """
+    def __init__(
+        self,
+        *,
+        json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamMemberDataResponse: _TypeAlias = StreamMemberDataResponse  # noqa: Y015
+
+@_typing.final
 class RecordAccessRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -523,10 +596,18 @@ class RecordAccessRequest(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     action: _builtins.str
-    """What the member did, e.g. "order.view". 1-64 printable characters."""
+    """What the member did, e.g. "order.view": 1-64 characters of letters,
+    digits and '._:/-', starting with a letter or digit. At most 64 characters.
+    """
     ip: _builtins.str
-    """The end user's IPv4 or IPv6 address."""
+    """The end user's IPv4 or IPv6 address, without a zone id ("%eth0"). It is
+    stored in canonical form: IPv6 compressed in lower case, and an
+    IPv4-mapped IPv6 address ("::ffff:192.0.2.1") as the IPv4 address. The
+    same rules apply to the `x-client-ip` metadata of Authenticate. At most
+    45 characters.
+    """
     def __init__(
         self,
         *,
@@ -565,9 +646,14 @@ class ListAccessHistoryRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     page_size: _builtins.int
     """At most 100; 0 means 20."""
     page_token: _builtins.str
+    """Empty for the first page, else the next_page_token of the previous page
+    for the same member (the page size may change between pages). At most 128
+    characters.
+    """
     def __init__(
         self,
         *,
@@ -638,6 +724,7 @@ class FindLoginIdRequest(_message.Message):
 
     EMAIL_FIELD_NUMBER: _builtins.int
     email: _builtins.str
+    """At most 254 characters."""
     def __init__(
         self,
         *,
@@ -675,7 +762,9 @@ class StartPasswordResetRequest(_message.Message):
     LOGIN_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
     login_id: _builtins.str
+    """At most 64 characters."""
     email: _builtins.str
+    """At most 254 characters."""
     def __init__(
         self,
         *,
@@ -716,8 +805,9 @@ class CompletePasswordResetRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     NEW_PASSWORD_FIELD_NUMBER: _builtins.int
     token: _builtins.str
-    """The token from the reset e-mail."""
+    """The token from the reset e-mail. At most 128 characters."""
     new_password: _builtins.str
+    """8-256 characters, not the login ID. At most 256 characters."""
     def __init__(
         self,
         *,

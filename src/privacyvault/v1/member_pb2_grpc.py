@@ -32,6 +32,11 @@ class MemberServiceStub:
     trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
     ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
     message ever repeats a submitted value.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto) and counted
+    in characters as sent; a longer value is INVALID_ARGUMENT with a field
+    violation on that field, checked before any other work on the request.
     """
 
     def __init__(self, channel):
@@ -75,6 +80,11 @@ class MemberServiceStub:
                 request_serializer=privacyvault_dot_v1_dot_member__pb2.ExportMemberDataRequest.SerializeToString,
                 response_deserializer=privacyvault_dot_v1_dot_member__pb2.ExportMemberDataResponse.FromString,
                 _registered_method=True)
+        self.StreamMemberData = channel.unary_stream(
+                '/privacyvault.v1.MemberService/StreamMemberData',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.StreamMemberDataRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.StreamMemberDataResponse.FromString,
+                _registered_method=True)
         self.RecordAccess = channel.unary_unary(
                 '/privacyvault.v1.MemberService/RecordAccess',
                 request_serializer=privacyvault_dot_v1_dot_member__pb2.RecordAccessRequest.SerializeToString,
@@ -109,6 +119,11 @@ class MemberServiceServicer:
     trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
     ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
     message ever repeats a submitted value.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto) and counted
+    in characters as sent; a longer value is INVALID_ARGUMENT with a field
+    violation on that field, checked before any other work on the request.
     """
 
     def SignUp(self, request, context):
@@ -121,8 +136,9 @@ class MemberServiceServicer:
 
     def Authenticate(self, request, context):
         """Authenticate checks a login ID and password. The caller passes the end
-        user's IP address in the `x-client-ip` metadata key; it is recorded,
-        encrypted, in the member's access log.
+        user's IP address in the `x-client-ip` metadata key (at most 45
+        characters, no zone id; see RecordAccessRequest.ip); it is recorded,
+        encrypted and in canonical form, in the member's access log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,7 +180,27 @@ class MemberServiceServicer:
 
     def ExportMemberData(self, request, context):
         """ExportMemberData returns the member's whole record as a JSON document
-        (the member's right of access).
+        (the member's right of access) in one message, for records of up to
+        3 MiB of JSON (about 30,000 access-log entries). A larger record is
+        FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
+        EXPORT_TOO_LARGE (subject "export", its description naming
+        StreamMemberData), found without reading the rest: read it with
+        StreamMemberData, which works for every member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamMemberData(self, request, context):
+        """StreamMemberData returns the same JSON document as ExportMemberData, for a
+        member of any history size, as a stream of pieces: the `json` pieces
+        concatenated in order are the document. Each piece is at most 64 Ki
+        characters (256 KiB), whatever the record holds, and the server reads the
+        access log page by page as it sends, so neither side holds it all at
+        once. Only a stream that ends with OK is the whole document; on any other
+        status discard the pieces and ask again. The access history is the log as
+        it stood when the export began (newest first), less any entry the 6-month
+        purge removed meanwhile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +215,10 @@ class MemberServiceServicer:
 
     def ListAccessHistory(self, request, context):
         """ListAccessHistory pages through the member's access log, newest first.
+        A page token is opaque and authenticated by the server: it is valid only
+        for the member it was issued for, and a token that is altered, made up,
+        issued for another member or by an older server version is
+        INVALID_ARGUMENT with a field violation on page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +294,11 @@ def add_MemberServiceServicer_to_server(servicer, server):
                     request_deserializer=privacyvault_dot_v1_dot_member__pb2.ExportMemberDataRequest.FromString,
                     response_serializer=privacyvault_dot_v1_dot_member__pb2.ExportMemberDataResponse.SerializeToString,
             ),
+            'StreamMemberData': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamMemberData,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.StreamMemberDataRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.StreamMemberDataResponse.SerializeToString,
+            ),
             'RecordAccess': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordAccess,
                     request_deserializer=privacyvault_dot_v1_dot_member__pb2.RecordAccessRequest.FromString,
@@ -294,6 +339,11 @@ class MemberService:
     trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
     ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
     message ever repeats a submitted value.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto) and counted
+    in characters as sent; a longer value is INVALID_ARGUMENT with a field
+    violation on that field, checked before any other work on the request.
     """
 
     @staticmethod
@@ -475,6 +525,33 @@ class MemberService:
             '/privacyvault.v1.MemberService/ExportMemberData',
             privacyvault_dot_v1_dot_member__pb2.ExportMemberDataRequest.SerializeToString,
             privacyvault_dot_v1_dot_member__pb2.ExportMemberDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMemberData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/StreamMemberData',
+            privacyvault_dot_v1_dot_member__pb2.StreamMemberDataRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.StreamMemberDataResponse.FromString,
             options,
             channel_credentials,
             insecure,

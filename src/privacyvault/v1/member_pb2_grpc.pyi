@@ -33,6 +33,11 @@ class MemberServiceStub:
     trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
     ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
     message ever repeats a submitted value.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto) and counted
+    in characters as sent; a longer value is INVALID_ARGUMENT with a field
+    violation on that field, checked before any other work on the request.
     """
 
     @_typing.overload
@@ -45,8 +50,9 @@ class MemberServiceStub:
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]
     """Authenticate checks a login ID and password. The caller passes the end
-    user's IP address in the `x-client-ip` metadata key; it is recorded,
-    encrypted, in the member's access log.
+    user's IP address in the `x-client-ip` metadata key (at most 45
+    characters, no zone id; see RecordAccessRequest.ip); it is recorded,
+    encrypted and in canonical form, in the member's access log.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]
     """GetMember reads a member for a stated purpose; only the fields that
@@ -66,12 +72,33 @@ class MemberServiceStub:
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
-    (the member's right of access).
+    (the member's right of access) in one message, for records of up to
+    3 MiB of JSON (about 30,000 access-log entries). A larger record is
+    FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
+    EXPORT_TOO_LARGE (subject "export", its description naming
+    StreamMemberData), found without reading the rest: read it with
+    StreamMemberData, which works for every member.
+    """
+    StreamMemberData: _grpc.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]
+    """StreamMemberData returns the same JSON document as ExportMemberData, for a
+    member of any history size, as a stream of pieces: the `json` pieces
+    concatenated in order are the document. Each piece is at most 64 Ki
+    characters (256 KiB), whatever the record holds, and the server reads the
+    access log page by page as it sends, so neither side holds it all at
+    once. Only a stream that ends with OK is the whole document; on any other
+    status discard the pieces and ask again. The access history is the log as
+    it stood when the export began (newest first), less any entry the 6-month
+    purge removed meanwhile.
     """
     RecordAccess: _grpc.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]
     """RecordAccess appends an entry to the member's service use history."""
     ListAccessHistory: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]
-    """ListAccessHistory pages through the member's access log, newest first."""
+    """ListAccessHistory pages through the member's access log, newest first.
+    A page token is opaque and authenticated by the server: it is valid only
+    for the member it was issued for, and a token that is altered, made up,
+    issued for another member or by an older server version is
+    INVALID_ARGUMENT with a field violation on page_token.
+    """
     FindLoginId: _grpc.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]
     """FindLoginId sends the login ID of the account registered with `email` to
     that address. The answer is OK for any well-formed e-mail address, whether
@@ -101,6 +128,11 @@ class MemberServiceAsyncStub(MemberServiceStub):
     trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
     ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
     message ever repeats a submitted value.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto) and counted
+    in characters as sent; a longer value is INVALID_ARGUMENT with a field
+    violation on that field, checked before any other work on the request.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -110,8 +142,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Authenticate checks a login ID and password. The caller passes the end
-    user's IP address in the `x-client-ip` metadata key; it is recorded,
-    encrypted, in the member's access log.
+    user's IP address in the `x-client-ip` metadata key (at most 45
+    characters, no zone id; see RecordAccessRequest.ip); it is recorded,
+    encrypted and in canonical form, in the member's access log.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]  # type: ignore[assignment]
     """GetMember reads a member for a stated purpose; only the fields that
@@ -131,12 +164,33 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
-    (the member's right of access).
+    (the member's right of access) in one message, for records of up to
+    3 MiB of JSON (about 30,000 access-log entries). A larger record is
+    FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
+    EXPORT_TOO_LARGE (subject "export", its description naming
+    StreamMemberData), found without reading the rest: read it with
+    StreamMemberData, which works for every member.
+    """
+    StreamMemberData: _aio.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]  # type: ignore[assignment]
+    """StreamMemberData returns the same JSON document as ExportMemberData, for a
+    member of any history size, as a stream of pieces: the `json` pieces
+    concatenated in order are the document. Each piece is at most 64 Ki
+    characters (256 KiB), whatever the record holds, and the server reads the
+    access log page by page as it sends, so neither side holds it all at
+    once. Only a stream that ends with OK is the whole document; on any other
+    status discard the pieces and ask again. The access history is the log as
+    it stood when the export began (newest first), less any entry the 6-month
+    purge removed meanwhile.
     """
     RecordAccess: _aio.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]  # type: ignore[assignment]
     """RecordAccess appends an entry to the member's service use history."""
     ListAccessHistory: _aio.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]  # type: ignore[assignment]
-    """ListAccessHistory pages through the member's access log, newest first."""
+    """ListAccessHistory pages through the member's access log, newest first.
+    A page token is opaque and authenticated by the server: it is valid only
+    for the member it was issued for, and a token that is altered, made up,
+    issued for another member or by an older server version is
+    INVALID_ARGUMENT with a field violation on page_token.
+    """
     FindLoginId: _aio.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]  # type: ignore[assignment]
     """FindLoginId sends the login ID of the account registered with `email` to
     that address. The answer is OK for any well-formed e-mail address, whether
@@ -165,6 +219,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
     ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
     message ever repeats a submitted value.
+
+    Every string field of every request has a maximum length, given in its
+    comment (and as the `max_length` option, see field_limits.proto) and counted
+    in characters as sent; a longer value is INVALID_ARGUMENT with a field
+    violation on that field, checked before any other work on the request.
     """
 
     @_abc_1.abstractmethod
@@ -184,8 +243,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.AuthenticateResponse, _abc.Awaitable[_member_pb2.AuthenticateResponse]]:
         """Authenticate checks a login ID and password. The caller passes the end
-        user's IP address in the `x-client-ip` metadata key; it is recorded,
-        encrypted, in the member's access log.
+        user's IP address in the `x-client-ip` metadata key (at most 45
+        characters, no zone id; see RecordAccessRequest.ip); it is recorded,
+        encrypted and in canonical form, in the member's access log.
         """
 
     @_abc_1.abstractmethod
@@ -235,7 +295,29 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ExportMemberDataResponse, _abc.Awaitable[_member_pb2.ExportMemberDataResponse]]:
         """ExportMemberData returns the member's whole record as a JSON document
-        (the member's right of access).
+        (the member's right of access) in one message, for records of up to
+        3 MiB of JSON (about 30,000 access-log entries). A larger record is
+        FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
+        EXPORT_TOO_LARGE (subject "export", its description naming
+        StreamMemberData), found without reading the rest: read it with
+        StreamMemberData, which works for every member.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamMemberData(
+        self,
+        request: _member_pb2.StreamMemberDataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_member_pb2.StreamMemberDataResponse], _abc.AsyncIterator[_member_pb2.StreamMemberDataResponse]]:
+        """StreamMemberData returns the same JSON document as ExportMemberData, for a
+        member of any history size, as a stream of pieces: the `json` pieces
+        concatenated in order are the document. Each piece is at most 64 Ki
+        characters (256 KiB), whatever the record holds, and the server reads the
+        access log page by page as it sends, so neither side holds it all at
+        once. Only a stream that ends with OK is the whole document; on any other
+        status discard the pieces and ask again. The access history is the log as
+        it stood when the export began (newest first), less any entry the 6-month
+        purge removed meanwhile.
         """
 
     @_abc_1.abstractmethod
@@ -252,7 +334,12 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.ListAccessHistoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ListAccessHistoryResponse, _abc.Awaitable[_member_pb2.ListAccessHistoryResponse]]:
-        """ListAccessHistory pages through the member's access log, newest first."""
+        """ListAccessHistory pages through the member's access log, newest first.
+        A page token is opaque and authenticated by the server: it is valid only
+        for the member it was issued for, and a token that is altered, made up,
+        issued for another member or by an older server version is
+        INVALID_ARGUMENT with a field violation on page_token.
+        """
 
     @_abc_1.abstractmethod
     def FindLoginId(
