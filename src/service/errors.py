@@ -39,13 +39,13 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    # Too much work queued: refused at once, with RetryInfo saying when to retry.
+    (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ve.DecryptionError, grpc.StatusCode.INTERNAL),
     (ve.KeyUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ve.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     # The member kept changing under a per-member key rotation: retry.
     (ve.KeyChanged, grpc.StatusCode.ABORTED),
-    # Too much work queued: refused at once, with RetryInfo saying when to retry.
-    (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdminUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 

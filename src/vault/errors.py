@@ -101,13 +101,6 @@ class StorageUnavailable(VaultError):
         super().__init__(description)
 
 
-class KeyChanged(VaultError):
-    """The member's DEK was rotated while an operation was under way; retry it."""
-
-    def __init__(self) -> None:
-        super().__init__("the member's key changed during the operation; retry")
-
-
 class Overloaded(VaultError):
     """Too much of some work (password hashing, account recovery) is already queued:
     refused at once instead of queued past every caller's deadline. ``retry_after``
@@ -117,3 +110,11 @@ class Overloaded(VaultError):
         self.retry_after = retry_after
         self.resource = resource
         super().__init__(f"the server is busy ({resource}); retry later")
+
+
+class KeyChanged(VaultError):
+    """The member's DEK was rotated while an operation was under way; retry it."""
+
+    def __init__(self) -> None:
+        super().__init__("the member's key changed during the operation; retry")
+

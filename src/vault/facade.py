@@ -219,8 +219,6 @@ class Vault:
         self._index_key = index_key
         self._deks = DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
         self._background: set[asyncio.Task[None]] = set()
-        # How long after-answer work takes (a running mean): a refused caller's wait.
-        self._background_seconds = AFTER_ANSWER_DELAY
         #: Key management (rotation, re-wrap, destruction) for the security team.
         self.keys = KeyAdmin(store, provider, clock, self._deks, retained)
         #: Withdrawn members' data in the separated storage (policy section 6).
@@ -236,6 +234,8 @@ class Vault:
         # Decrypted when the login ID is unknown, so that path does the same work.
         self._decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
         self._decoy_ct = _hazmat.seal_field(self._decoy_key, "decoy", "password_hash", b"x" * 97)
+        # How long after-answer work takes (a running mean): a refused caller's wait.
+        self._background_seconds = AFTER_ANSWER_DELAY
 
     def __repr__(self) -> str:
         return f"<Vault provider={self._provider.name}>"
