@@ -117,4 +117,3 @@ class KeyChanged(VaultError):
 
     def __init__(self) -> None:
         super().__init__("the member's key changed during the operation; retry")
-
