@@ -320,7 +320,10 @@ async def test_migration_keeps_every_row_and_the_sequence(
             "WHERE partrelid = 'access_log'::regclass)"
         )
 
-        assert await store.migrate() == [PARTITIONED_VERSION]
+        # 0006, and whatever later migrations there are.
+        assert await store.migrate() == [
+            m.version for m in load_migrations("postgres") if m.version >= PARTITIONED_VERSION
+        ]
         assert await store.list_access(member.member_id, 10) == old
         assert {await home(sql, r.entry_id) for r in old} == {
             name(month(2025, 1)),

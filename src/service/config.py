@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     argon2_parallelism: int = Field(OWASP.parallelism, ge=1)
     #: Threads hashing passwords; default: one per core.
     password_workers: int | None = Field(None, ge=1, le=256)
+    #: Password hashes/verifications admitted at once (running or waiting); past it
+    #: RESOURCE_EXHAUSTED with RetryInfo. Default: 8 per password worker.
+    password_queue_limit: int | None = Field(None, ge=1, le=100_000)
+    #: Account-recovery mails (login-ID reminders, reset tokens) per member per hour.
+    recovery_mails_per_hour: int = Field(5, ge=1, le=1000)
+    #: FindLoginId/StartPasswordReset work in flight after answering; past it
+    #: RESOURCE_EXHAUSTED with RetryInfo.
+    recovery_queue_limit: int = Field(64, ge=1, le=100_000)
 
     dek_cache_size: int = Field(10_000, ge=0)
     dek_cache_ttl_seconds: float = Field(300.0, ge=0)
@@ -224,6 +232,9 @@ class Settings(BaseSettings):
             privacy_officer_contact=self.privacy_officer_contact,
             dek_cache_size=self.dek_cache_size,
             dek_cache_ttl=self.dek_cache_ttl_seconds,
+            password_queue_limit=self.password_queue_limit,
+            recovery_mails_per_hour=self.recovery_mails_per_hour,
+            recovery_queue_limit=self.recovery_queue_limit,
             withdrawal_retention=RetentionRule(
                 timedelta(days=self.withdrawal_retention_days), self.withdrawal_retention_reason
             ),

@@ -8,7 +8,7 @@ Servicers never pick status codes: they let errors rise, and the interceptor in
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from vault import errors as ve
@@ -39,6 +39,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    # Too much work queued: refused at once, with RetryInfo saying when to retry.
+    (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ve.DecryptionError, grpc.StatusCode.INTERNAL),
     (ve.KeyUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ve.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
@@ -85,6 +87,17 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
                     reason="PURPOSE_NOT_CONSENTED", domain=DOMAIN, metadata={"purpose": exc.purpose}
                 )
             )
+        ]
+    if isinstance(exc, ve.Overloaded):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(exc.retry_after * 1e9))
+        return [
+            _packed(error_details_pb2.RetryInfo(retry_delay=delay)),
+            _packed(
+                error_details_pb2.ErrorInfo(
+                    reason="OVERLOADED", domain=DOMAIN, metadata={"resource": exc.resource}
+                )
+            ),
         ]
     if isinstance(exc, ve.PreconditionFailed):
         return [

@@ -123,7 +123,9 @@ async def open_vault(
         if retained_url is not None:
             retained = await open_retention_store(retained_url)
             undo.push_async_callback(retained.close)
-        hasher = PasswordHasher(argon2, workers=password_workers)
+        hasher = PasswordHasher(
+            argon2, workers=password_workers, queue_limit=settings.password_queue_limit
+        )
         undo.callback(hasher.close)
         vault = await Vault.open(
             store, provider, hasher, clock or SystemClock(), settings, retained

@@ -101,6 +101,17 @@ class StorageUnavailable(VaultError):
         super().__init__(description)
 
 
+class Overloaded(VaultError):
+    """Too much of some work (password hashing, account recovery) is already queued:
+    refused at once instead of queued past every caller's deadline. ``retry_after``
+    is the suggested wait in seconds; ``resource`` names the work, never a value."""
+
+    def __init__(self, retry_after: float, resource: str) -> None:
+        self.retry_after = retry_after
+        self.resource = resource
+        super().__init__(f"the server is busy ({resource}); retry later")
+
+
 class KeyChanged(VaultError):
     """The member's DEK was rotated while an operation was under way; retry it."""
 

@@ -37,6 +37,7 @@ from vault.errors import (
     KeyChanged,
     KeyUnavailable,
     NotFound,
+    Overloaded,
     PreconditionFailed,
     PurposeNotAllowed,
 )
@@ -48,7 +49,7 @@ from vault.mail import (
     SEALED_PREFIX,
     Recipient,
 )
-from vault.passwords import PasswordHasher
+from vault.passwords import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PasswordHasher, PasswordStats
 from vault.policy import ConsentChoice, Purpose, Violations
 from vault.providers.base import KeyProvider
 from vault.retention import WITHDRAWAL, Retention, RetentionRule
@@ -62,6 +63,7 @@ from vault.store.base import (
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    NewPasswordReset,
     OutboxMessage,
     RetentionStore,
     Store,
@@ -87,6 +89,8 @@ EXPORT_PAGE_ROWS = 1000
 #: The longest a password reset token may live (issue 4: "expiring within 30 minutes").
 MAX_PASSWORD_RESET_TTL = timedelta(minutes=30)
 RESET_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
+#: The window of the per-member limit on recovery mails (recovery_mails_per_hour).
+RECOVERY_MAIL_WINDOW = timedelta(hours=1)
 _INVALID_TOKEN = FieldViolation("token", "is invalid or expired")
 #: Called with a member id after that member is shredded, for copies outside the
 #: database (the service's mail spool). A failure is logged; the shred stands.
@@ -103,10 +107,23 @@ class VaultSettings:
     #: What a withdrawal keeps in the separated storage, and for how long (default:
     #: nothing; the member is shredded at once).
     withdrawal_retention: RetentionRule = field(default_factory=RetentionRule)
+    #: Login-ID reminders and reset mails one member may be sent in any hour: they
+    #: are requested anonymously, so past this nothing more is queued (same answer).
+    recovery_mails_per_hour: int = 5
+    #: FindLoginId / StartPasswordReset work in flight after answering; past it
+    #: those calls are refused (Overloaded) before anything is looked up.
+    recovery_queue_limit: int = 64
+    #: Password hashes and verifications admitted at once, running or waiting
+    #: (open_vault builds the hasher with it); default: 8 per password worker.
+    password_queue_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
             raise ValueError("password_reset_ttl must be positive and at most 30 minutes")
+        if self.recovery_mails_per_hour < 1 or self.recovery_queue_limit < 1:
+            raise ValueError("recovery_mails_per_hour and recovery_queue_limit must be >= 1")
+        if self.password_queue_limit is not None and self.password_queue_limit < 1:
+            raise ValueError("password_queue_limit must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +252,8 @@ class Vault:
         # Decrypted when the login ID is unknown, so that path does the same work.
         self._decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
         self._decoy_ct = _hazmat.seal_field(self._decoy_key, "decoy", "password_hash", b"x" * 97)
+        # How long after-answer work takes (a running mean): a refused caller's wait.
+        self._background_seconds = AFTER_ANSWER_DELAY
 
     def __repr__(self) -> str:
         return f"<Vault provider={self._provider.name}>"
@@ -306,6 +325,11 @@ class Vault:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def password_stats(self) -> PasswordStats:
+        """What the password hasher did so far (jobs admitted, refused, in flight)."""
+        return self._hasher.stats
 
     # --- keys --------------------------------------------------------------------
     async def _dek(self, key_row: MemberKeyRow) -> _hazmat.SecretKey:
@@ -414,7 +438,11 @@ class Vault:
         encoded = self._open(dek, row, "password_hash")
         if not await self._hasher.verify(encoded, password):
             raise AuthenticationFailed
-        rehash = await self._hasher.hash(password) if self._hasher.needs_rehash(encoded) else None
+        rehash = None
+        if self._hasher.needs_rehash(encoded):
+            # Refused (Overloaded): the login stands; the upgrade waits for a later one.
+            with contextlib.suppress(Overloaded):
+                rehash = await self._hasher.hash(password)
 
         async def record(current: MemberRow, key: _hazmat.SecretKey) -> bool:
             mid = current.member_id
@@ -543,13 +571,18 @@ class Vault:
         checked = policy.check_email(email, v)
         v.raise_if_any()
         assert checked
-        self._after_answer(self._find_login_id(checked))
+        self._after_answer(lambda: self._find_login_id(checked))
 
     async def _find_login_id(self, checked: str) -> None:
         row = await self._store.find_member("email", self._email_index(checked))
         member_id = ids.new_member_id() if row is None else row.member_id
-        # False for the decoy (no such member): nothing is written.
-        await self._store.enqueue_outbox(self._message(member_id, LOGIN_ID_REMINDER, {}))
+        # "no_member" for the decoy: nothing is written.
+        outcome = await self._store.queue_recovery_mail(
+            self._message(member_id, LOGIN_ID_REMINDER, {}),
+            limit=self._settings.recovery_mails_per_hour,
+            since=self._clock.now() - RECOVERY_MAIL_WINDOW,
+        )
+        self._log_recovery_mail(outcome, LOGIN_ID_REMINDER)
         log.info("login_id_reminder_requested")
 
     async def start_password_reset(self, *, login_id: str = "", email: str = "") -> None:
@@ -569,7 +602,7 @@ class Vault:
             v.raise_if_any()
             assert checked_email
             lookup = ("email", self._email_index(checked_email))
-        self._after_answer(self._start_password_reset(*lookup))
+        self._after_answer(lambda: self._start_password_reset(*lookup))
 
     async def _start_password_reset(self, index: IndexedField, hmac: bytes) -> None:
         row = await self._store.find_member(index, hmac)
@@ -601,9 +634,21 @@ class Vault:
             },
             created_at=now,
         )
-        # False for the decoy (no such member) or a member shredded meanwhile.
-        await self._store.create_password_reset(_token_hash(token), member_id, expires_at, message)
+        # "no_member" for the decoy (no such member) or a member shredded meanwhile.
+        outcome = await self._store.queue_recovery_mail(
+            message,
+            limit=self._settings.recovery_mails_per_hour,
+            since=now - RECOVERY_MAIL_WINDOW,
+            reset=NewPasswordReset(_token_hash(token), expires_at),
+        )
+        self._log_recovery_mail(outcome, PASSWORD_RESET)
         log.info("password_reset_requested")
+
+    @staticmethod
+    def _log_recovery_mail(outcome: str, kind: str) -> None:
+        if outcome == "limited":
+            # Nobody is told but the operator: the caller got the usual answer.
+            log.warning("recovery_mail_limit_reached", kind=kind)
 
     async def complete_password_reset(self, token: str, new_password: str) -> None:
         """Set a new password with a token from start_password_reset. An unknown,
@@ -613,9 +658,11 @@ class Vault:
             v.add(_INVALID_TOKEN.field, _INVALID_TOKEN.description)
         policy.check_password(new_password, v, "new_password")
         v.raise_if_any()
-        # Hashed before the token is spent, so an invalid password does not burn it.
-        encoded = await self._hasher.hash(new_password)
-        member_id = await self._store.consume_password_reset(_token_hash(token), self._clock.now())
+        # The token is looked up (not spent) before any argon2 work: a bogus token
+        # costs one indexed read. Everything that can refuse the request runs
+        # before the token is spent, so a refusal never burns it.
+        token_hash = _token_hash(token)
+        member_id = await self._store.find_password_reset(token_hash, self._clock.now())
         if member_id is None:
             raise InvalidInput([_INVALID_TOKEN])
         try:
@@ -624,8 +671,11 @@ class Vault:
             raise InvalidInput([_INVALID_TOKEN]) from None
         dek = await self._dek(row.key)
         if new_password.casefold() == self._open(dek, row, "login_id").casefold():
-            # Rare, and checked only now that the member is known: the token is spent.
             raise InvalidInput([FieldViolation("new_password", "must differ from the login ID")])
+        encoded = await self._hasher.hash(new_password)  # Overloaded leaves the token unspent
+        # Spent atomically: of two calls with one token, at most one gets here.
+        if await self._store.consume_password_reset(token_hash, self._clock.now()) != member_id:
+            raise InvalidInput([_INVALID_TOKEN])
         try:
             await self._store_password(member_id, encoded, "reset", first=(row, dek))
         except NotFound:
@@ -882,18 +932,27 @@ class Vault:
         return await self._read_under_key(await self._row(mid), read)
 
     # --- helpers -------------------------------------------------------------------
-    def _after_answer(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` after the caller has its answer; failures are logged by type
-        only (the work touches personal data)."""
+    def _after_answer(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``work()`` after the caller has its answer; failures are logged by type
+        only (the work touches personal data). At most recovery_queue_limit such
+        tasks are in flight: past it, Overloaded, raised before ``work`` looked
+        anything up, so the refusal is the same whether the account exists."""
+        if len(self._background) >= self._settings.recovery_queue_limit:
+            wait = min(max(self._background_seconds, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+            raise Overloaded(wait, "account_recovery")
 
         async def guarded() -> None:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 # Start once the answer is on its way: work scheduled at once would
                 # run before gRPC sends the reply and make known accounts slower.
                 await asyncio.sleep(AFTER_ANSWER_DELAY)
-                await work
+                await work()
             except Exception as exc:  # noqa: BLE001 - nobody awaits a background task
                 log.error("background_work_failed", error=type(exc).__name__)  # noqa: TRY400
+            finally:
+                self._background_seconds += 0.1 * (loop.time() - started - self._background_seconds)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._background.add(task)

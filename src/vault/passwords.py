@@ -1,19 +1,39 @@
-"""Password hashing with argon2id, off the event loop.
+"""Password hashing with argon2id, off the event loop, behind a bounded queue.
 
 The encoded hash is then encrypted under the member's DEK by the vault, so
 shredding the member destroys it too.
+
+Each hash or verification takes a slot; past ``queue_limit`` slots (running or
+waiting) a call is refused at once with :class:`~vault.errors.Overloaded` rather
+than queued behind work that would outlast every caller's deadline. The slot is
+taken and the job submitted on the caller's thread (no extra hand-off), and given
+back by the worker when the job is done, cancelled or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from argon2 import PasswordHasher as _Argon2Hasher
 from argon2 import Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from vault.errors import Overloaded
+
+#: The default queue: this many jobs (running or waiting) per worker thread.
+QUEUE_PER_WORKER = 8
+#: The bounds of the retry delay suggested to a refused caller, in seconds.
+MIN_RETRY_AFTER, MAX_RETRY_AFTER = 0.1, 5.0
+_R = TypeVar("_R")
+# Weight of the newest job in the running mean of a job's duration.
+_MEAN_WEIGHT = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +55,32 @@ OWASP = Argon2Profile(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 CHEAPEST = Argon2Profile(time_cost=1, memory_cost=8, parallelism=1)
 
 
+@dataclass(frozen=True, slots=True)
+class PasswordStats:
+    """Counts since start: jobs admitted (hashes, verifications, the decoy's
+    included), jobs refused because the queue was full, and jobs in flight now."""
+
+    hashed: int
+    verified: int
+    refused: int
+    in_flight: int
+
+
 class PasswordHasher:
     """argon2id on a dedicated thread pool; argon2-cffi releases the GIL while hashing."""
 
-    def __init__(self, profile: Argon2Profile = OWASP, *, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        profile: Argon2Profile = OWASP,
+        *,
+        workers: int | None = None,
+        queue_limit: int | None = None,
+    ) -> None:
         self.profile = profile
+        self.workers = workers or os.cpu_count() or 1
+        self.queue_limit = queue_limit or QUEUE_PER_WORKER * self.workers
+        if self.workers < 1 or self.queue_limit < 1:
+            raise ValueError("workers and queue_limit must be at least 1")
         self._hasher = _Argon2Hasher(
             time_cost=profile.time_cost,
             memory_cost=profile.memory_cost,
@@ -48,24 +89,73 @@ class PasswordHasher:
             salt_len=16,
             type=Type.ID,
         )
-        self._pool = ThreadPoolExecutor(
-            max_workers=workers or os.cpu_count() or 1, thread_name_prefix="argon2"
-        )
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="argon2")
+        # Slots are given back from worker threads: the counters share one lock.
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._hashed = self._verified = self._refused = 0
         # Verified against when the login ID is unknown, so that costs what a
-        # wrong password costs.
+        # wrong password costs. Timed: the first estimate of a job's duration.
+        started = time.perf_counter()
         self._decoy = self._hasher.hash(os.urandom(16).hex())
+        self._mean_seconds = time.perf_counter() - started
         # Everything up to the salt names the parameters; a hash that starts the
         # same way and is as long was made with the current ones.
         self._current_prefix = self._decoy[
             : self._decoy.rindex("$", 0, self._decoy.rindex("$")) + 1
         ]
 
-    async def _run(self, fn: object, *args: str) -> object:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+    @property
+    def stats(self) -> PasswordStats:
+        with self._lock:
+            return PasswordStats(self._hashed, self._verified, self._refused, self._in_flight)
+
+    def _admit(self, hashing: bool) -> None:
+        """Take a slot, or refuse at once with the time the queue needs to drain."""
+        with self._lock:
+            if self._in_flight >= self.queue_limit:
+                self._refused += 1
+                drain = self._in_flight / self.workers * self._mean_seconds
+                raise Overloaded(
+                    min(max(drain, MIN_RETRY_AFTER), MAX_RETRY_AFTER), "password_hashing"
+                )
+            self._in_flight += 1
+            if hashing:
+                self._hashed += 1
+            else:
+                self._verified += 1
+
+    def _done(self, seconds: float | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if seconds is not None:
+                self._mean_seconds += _MEAN_WEIGHT * (seconds - self._mean_seconds)
+
+    def _timed(self, fn: Callable[..., _R], *args: str) -> _R:
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self._done(time.perf_counter() - started)
+
+    async def _run(self, hashing: bool, fn: Callable[..., _R], *args: str) -> _R:
+        self._admit(hashing)
+        try:
+            job: Future[_R] = self._pool.submit(self._timed, fn, *args)
+        except BaseException:
+            self._done(None)
+            raise
+
+        def cancelled(done: Future[_R]) -> None:
+            # A job cancelled before it started never ran _timed: give its slot back.
+            if done.cancelled():
+                self._done(None)
+
+        job.add_done_callback(cancelled)
+        return await asyncio.wrap_future(job)
 
     async def hash(self, password: str) -> str:
-        return str(await self._run(self._hasher.hash, password))
+        return str(await self._run(True, self._hasher.hash, password))
 
     def _verify(self, encoded: str, password: str) -> bool:
         try:
@@ -74,11 +164,11 @@ class PasswordHasher:
             return False
 
     async def verify(self, encoded: str, password: str) -> bool:
-        return bool(await self._run(self._verify, encoded, password))
+        return await self._run(False, self._verify, encoded, password)
 
     async def verify_decoy(self, password: str) -> bool:
         """Burn the time of one verification; always False."""
-        await self._run(self._verify, self._decoy, password)
+        await self._run(False, self._verify, self._decoy, password)
         return False
 
     def needs_rehash(self, encoded: str) -> bool:

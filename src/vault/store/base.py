@@ -187,6 +187,22 @@ class OutboxMessage:
     next_attempt_at: datetime | None = None
 
 
+#: What :meth:`Store.queue_recovery_mail` did: queued the mail, or wrote nothing
+#: because the member is gone or already had its hour's recovery mails.
+RecoveryMailOutcome = Literal["queued", "no_member", "limited"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewPasswordReset:
+    """A reset token's hash (32 bytes, SHA-256; never the token) and its expiry."""
+
+    token_hash: bytes
+    expires_at: datetime
+
+    def __repr__(self) -> str:
+        return f"<NewPasswordReset expires_at={self.expires_at.isoformat()}>"
+
+
 # What a withdrawal keeps in the separated storage: what the member entered, less
 # the password hash (no retention purpose needs it: data minimisation).
 RETAINED_FIELDS: tuple[str, ...] = ("login_id", "name", "email", "mobile_phone")
@@ -573,6 +589,28 @@ class Store(Protocol):
     async def outbox_retry(
         self, message_id: str, attempts: int, next_attempt_at: datetime
     ) -> None: ...
+
+    async def queue_recovery_mail(
+        self,
+        message: OutboxMessage,
+        *,
+        limit: int,
+        since: datetime,
+        reset: NewPasswordReset | None = None,
+    ) -> RecoveryMailOutcome:
+        """Enqueue an account-recovery mail (a login-ID reminder; with ``reset``, a
+        password reset and its token's hash, in the same transaction) unless the
+        member is gone (``"no_member"``) or already had ``limit`` recovery mails
+        queued after ``since`` (``"limited"``); then nothing is written. The count
+        and the insert are one atomic step: concurrent calls, from any replica,
+        never queue more than ``limit`` (``limit`` >= 1; the count is per member,
+        kept in the database, and holds only times)."""
+        ...
+
+    async def find_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        """The member id of a token that is unused and unexpired at ``now``, without
+        using it (only :meth:`consume_password_reset` does that); None otherwise."""
+        ...
 
 
 async def whole_access_log(store: Store, member_id: str, page: int = 1000) -> list[AccessEntryRow]:

@@ -66,7 +66,9 @@ from vault.store.base import (
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    NewPasswordReset,
     OutboxMessage,
+    RecoveryMailOutcome,
     RetainedMember,
     RetainedSummary,
     RetentionCheck,
@@ -1197,25 +1199,10 @@ class SqliteStore(_SqliteDatabase):
     async def create_password_reset(
         self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
     ) -> bool:
-        member_id = canonical_member_id(member_id)
-        row = _outbox_params(message)
-        if row[1] != member_id:
+        if canonical_member_id(member_id) != canonical_member_id(message.member_id):
             raise ValueError("the message is for another member")
-        reset = (check_token_hash(token_hash), member_id, _to_us(expires_at))
-
-        def work(conn: sqlite3.Connection) -> bool:
-            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
-            if found.fetchone() is None:
-                _decoy_write(conn)
-                return False
-            conn.execute(
-                "INSERT INTO password_resets (token_hash, member_id, expires_at) VALUES (?, ?, ?)",
-                reset,
-            )
-            conn.execute(_INSERT_OUTBOX, row)
-            return True
-
-        return await self._write(work)
+        reset = NewPasswordReset(token_hash, expires_at)
+        return await self._recovery_mail(message, reset, None) == "queued"
 
     async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
         params = (_to_us(now), check_token_hash(token_hash), _to_us(now))
@@ -1284,6 +1271,77 @@ class SqliteStore(_SqliteDatabase):
             )
 
         await self._write(work)
+
+    async def queue_recovery_mail(
+        self,
+        message: OutboxMessage,
+        *,
+        limit: int,
+        since: datetime,
+        reset: NewPasswordReset | None = None,
+    ) -> RecoveryMailOutcome:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._recovery_mail(message, reset, (limit, _to_us(since)))
+
+    async def _recovery_mail(
+        self,
+        message: OutboxMessage,
+        reset: NewPasswordReset | None,
+        quota: tuple[int, int] | None,
+    ) -> RecoveryMailOutcome:
+        """One write transaction: the member check, the quota (limit, since) when
+        given, the reset row when given, the mail. BEGIN IMMEDIATE serialises every
+        writer of the file, so the count and the insert cannot be split."""
+        row = _outbox_params(message)
+        member_id, at = row[1], row[4]
+        reset_row = (
+            None
+            if reset is None
+            else (check_token_hash(reset.token_hash), member_id, _to_us(reset.expires_at))
+        )
+
+        def work(conn: sqlite3.Connection) -> RecoveryMailOutcome:
+            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
+            if found.fetchone() is None:
+                _decoy_write(conn)
+                return "no_member"
+            if quota is not None:
+                limit, since = quota
+                sent = conn.execute(
+                    "SELECT sent_at FROM recovery_mail_quota WHERE member_id = ?", (member_id,)
+                ).fetchone()
+                recent = [] if sent is None else [int(t) for t in json.loads(sent[0]) if t > since]
+                if len(recent) >= limit:
+                    return "limited"
+                conn.execute(
+                    "INSERT INTO recovery_mail_quota (member_id, sent_at) VALUES (?, ?) "
+                    "ON CONFLICT (member_id) DO UPDATE SET sent_at = excluded.sent_at",
+                    (member_id, json.dumps([*recent, at])),
+                )
+            if reset_row is not None:
+                conn.execute(
+                    "INSERT INTO password_resets (token_hash, member_id, expires_at) "
+                    "VALUES (?, ?, ?)",
+                    reset_row,
+                )
+            conn.execute(_INSERT_OUTBOX, row)
+            return "queued"
+
+        return await self._write(work)
+
+    async def find_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        params = (check_token_hash(token_hash), _to_us(now))
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT member_id FROM password_resets WHERE token_hash = ? "
+                "AND used_at IS NULL AND expires_at > ?",
+                params,
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._read(work)
 
 
 _RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
