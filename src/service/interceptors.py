@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any
 
 import grpc
@@ -50,7 +51,8 @@ _EOF: object = grpc.aio.EOF
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Coroutine[Any, Any, Any]]
-StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+# A stream yields its messages, or (grpc's health Watch) writes them itself.
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any] | Coroutine[Any, Any, None]]
 
 
 def metadata_value(context: Context, key: str) -> str:
@@ -183,6 +185,8 @@ class ServiceInterceptor:
                     finally:
                         slow_reads.unwatch(task)
                     response = await behavior(_checked(request), context)
+            except grpc.aio.AbortError:
+                raise  # grpc's own servicers (health) abort themselves: the status is sent
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, started, exc)
             if debug_enabled():
@@ -192,6 +196,8 @@ class ServiceInterceptor:
         return wrapped
 
     def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        writes_itself = not inspect.isasyncgenfunction(behavior)
+
         async def wrapped(requests: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
             # The default deadline bounds only the wait for the request: a stream (a
@@ -200,8 +206,13 @@ class ServiceInterceptor:
             try:
                 async with asyncio.timeout(self._default_deadline):
                     request = _checked(await context.read())
-                async for item in behavior(request, context):
-                    yield item
+                if writes_itself:
+                    await behavior(request, context)  # type: ignore[misc]
+                else:
+                    async for item in behavior(request, context):  # type: ignore[union-attr]
+                        yield item
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, started, exc)
             if debug_enabled():
@@ -249,14 +260,18 @@ def add_servicer(
     servicer: object,
     service: ServiceDescriptor,
     interceptor: ServiceInterceptor,
+    methods: Collection[str] | None = None,
 ) -> None:
-    """Register ``servicer``'s methods for ``service``, each wrapped by ``interceptor``.
+    """Register ``servicer``'s methods for ``service`` (or only those named in
+    ``methods``), each wrapped by ``interceptor``.
 
     Built from the service descriptor, like the generated ``add_*_to_server``, but
     registered as request-streaming so the wrapper reads the request (module doc).
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
+        if methods is not None and method.name not in methods:
+            continue
         path = f"/{service.full_name}/{method.name}"
         behavior = getattr(servicer, method.name)
         request = message_factory.GetMessageClass(method.input_type)

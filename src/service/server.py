@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
@@ -30,6 +31,7 @@ log = structlog.get_logger("service.server")
 
 MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
 KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
+HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
 SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
 
 
@@ -131,7 +133,9 @@ async def run_server(
         else:
             log.info("admin_api_disabled", reason="PRIVACY_VAULT_ADMIN_TOKEN is not set")
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # Through the interceptor too, so a health call that sends no message ends;
+        # List is not implemented by grpc's servicer, and stays UNIMPLEMENTED.
+        add_servicer(server, health_servicer, HEALTH_SERVICE, interceptor, ("Check", "Watch"))
         if settings.reflection_enabled:
             reflection.enable_server_reflection(
                 (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
