@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -443,6 +444,25 @@ async def test_a_non_ascii_request_id_is_replaced_and_the_real_status_comes_back
     assert all(0x20 <= b < 0x7F for b in b"".join(stream.headers.values()))
 
 
+async def test_a_request_id_that_is_not_utf8_reaches_no_log_record(
+    both_services: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc's own logger wrote such a header value out, bytes and all, with a traceback,
+    # wherever the process sends Python's logging.
+    caplog.set_level(logging.DEBUG)
+    async with raw_h2(both_services.port) as raw:
+        sid = raw.start(
+            f"/{MEMBER_SERVICE.full_name}/SignUp",
+            message=b"",
+            metadata=((b"x-request-id", b"\xff" + MARKER),),
+        )
+        await raw.run(raw.all_done, within=10)
+    assert raw.streams[sid].status == INVALID_ARGUMENT
+    server_side = [r for r in caplog.records if not r.name.startswith(("h2", "hpack"))]
+    logged = [r for r in server_side if MARKER.decode() in f"{r.getMessage()} {r.exc_text}"]
+    assert not logged, [r.name for r in logged]
+
+
 @pytest.mark.parametrize("sent", ["has spaces", "<script>", "semi;colon", '{"json": 1}'])
 async def test_a_request_id_outside_the_safe_charset_is_not_echoed(
     both_services: RunningServer, sent: str
@@ -778,8 +798,11 @@ async def test_a_malformed_request_logs_one_line_without_the_bytes(
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     async with raw_h2(server.port) as raw:
         raw.start(path, metadata=((b"x-request-id", b"no-message"),))
+        # grpc itself logged a header value that is not UTF-8, bytes and all.
+        sid = raw.start(path, message=b"", metadata=((b"x-request-id", b"\xff" + MARKER),))
         await raw.run(raw.all_done, 10)
     assert raw.all_done()
+    assert raw.streams[sid].status == INVALID_ARGUMENT
     server.stop()  # every line is written
     text = server.log_path.read_bytes()
     assert MARKER not in text

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import re
 import time
@@ -38,6 +39,17 @@ from service.errors import MalformedRequest, to_status
 from service.logs import debug_enabled
 
 log = structlog.get_logger("service.rpc")
+
+
+class _WithoutSubmittedBytes(logging.Filter):
+    """grpc logs a metadata value that is not UTF-8 as it came ("Invalid encoding on
+    b'...'", with a traceback): the caller's bytes must not reach a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Invalid encoding on %s"
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_WithoutSubmittedBytes())
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 64
