@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -262,6 +263,7 @@ class RawH2:
         self.streams: dict[int, Stream] = {}
         self.max_concurrent_streams: int | None = None
         self.goaway_at: float | None = None
+        self.goaway_code: int | None = None
         self.closed_at: float | None = None
 
     @classmethod
@@ -352,7 +354,10 @@ class RawH2:
             stream = self.streams[event.stream_id]
             stream.reset, stream.ended_at = int(event.error_code), now
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway_at = now
+            self.goaway_at, self.goaway_code = now, int(event.error_code or 0)
+
+    def ping(self) -> None:
+        self._h2.ping(os.urandom(8))
 
     def all_done(self) -> bool:
         return all(s.done for s in self.streams.values())
@@ -769,6 +774,15 @@ async def test_connections_are_bounded_and_idle_or_old_ones_reaped(
     finally:
         for raw in conns:
             await raw.close()
+
+    # Keepalive enforcement: pings without a call are strikes; the third gets GOAWAY
+    # ENHANCE_YOUR_CALM ("too_many_pings"), well before the connection is idle.
+    async with raw_h2(server.port) as raw:
+        for _ in range(4):
+            raw.ping()
+            await raw.run(lambda: raw.goaway_at is not None, 0.05)
+        await raw.run(lambda: raw.goaway_at is not None, 0.5)
+        assert raw.goaway_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
     # A connection holding a call open is closed at its maximum age plus the grace,
     # whatever the call: here a reflection stream (it may wait for requests as long as
