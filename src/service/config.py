@@ -85,6 +85,19 @@ class Settings(BaseSettings):
     #: Applied to calls that arrive without a deadline.
     default_deadline_seconds: float = Field(10.0, gt=0, le=600)
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=300)
+    #: Transport bounds, so no caller can hold calls, connections or memory open
+    #: without end. Calls one connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS):
+    max_concurrent_streams: int = Field(100, ge=1, le=10_000)
+    #: Connections accepted at once; more are closed on arrival.
+    max_connections: int = Field(1000, ge=1, le=100_000)
+    #: Calls in progress on the whole server; past it, RESOURCE_EXHAUSTED at once.
+    max_concurrent_calls: int = Field(4096, ge=1, le=1_000_000)
+    #: A connection with no call for this long is closed (GOAWAY).
+    max_connection_idle_seconds: float = Field(300.0, gt=0, le=86_400)
+    #: Every connection is closed after this long (GOAWAY), its calls given the grace
+    #: below to finish; clients reconnect. Bounds what a call with a huge deadline holds.
+    max_connection_age_seconds: float = Field(1800.0, gt=0, le=86_400 * 7)
+    max_connection_age_grace_seconds: float = Field(60.0, gt=0, le=86_400)
 
     argon2_time_cost: int = Field(OWASP.time_cost, ge=1)
     argon2_memory_cost: int = Field(OWASP.memory_cost, ge=8)

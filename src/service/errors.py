@@ -14,6 +14,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from vault import errors as ve
 
 DOMAIN = "privacyvault.v1"
+#: What one error may carry back: a status travels in a trailer, which clients refuse
+#: past a few KiB (grpc's default limit for all metadata is 8 KiB).
+MAX_VIOLATIONS = 20
+MAX_DESCRIPTION = 200
+MAX_MESSAGE = 300
+MAX_DETAILS_BYTES = 2048
 
 
 class ServiceError(Exception):
@@ -32,6 +38,17 @@ class AdminUnauthenticated(ServiceError):
         super().__init__("the key admin API needs a valid admin token")
 
 
+class MalformedRequest(ServiceError):
+    """The request bytes do not parse as the method's message (bad wire format,
+    invalid UTF-8 in a string field, nesting past the parser's limit), or the call
+    ended without sending one. The bytes are never quoted."""
+
+    reason = "MALFORMED_REQUEST"
+
+    def __init__(self, message: str = "the request message could not be parsed") -> None:
+        super().__init__(message)
+
+
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
@@ -47,6 +64,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     # The member kept changing under a per-member key rotation: retry.
     (ve.KeyChanged, grpc.StatusCode.ABORTED),
     (AdminUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
 
@@ -56,20 +74,24 @@ def _packed(message: object) -> any_pb2.Any:
     return packed
 
 
+def _bad_request(violations: tuple[ve.FieldViolation, ...]) -> any_pb2.Any:
+    # Bounded in count and size, so no request can make its own error too big to send.
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=v.field[:MAX_DESCRIPTION], description=v.description[:MAX_DESCRIPTION]
+            )
+            for v in violations[:MAX_VIOLATIONS]
+        ]
+    )
+    while len(bad.field_violations) > 1 and bad.ByteSize() > MAX_DETAILS_BYTES:
+        del bad.field_violations[-1]
+    return _packed(bad)
+
+
 def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
     if isinstance(exc, ve.InvalidInput):
-        return [
-            _packed(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in exc.violations
-                    ]
-                )
-            )
-        ]
+        return [_bad_request(exc.violations)]
     if isinstance(exc, ve.AlreadyExists):
         return [
             _packed(
@@ -126,11 +148,15 @@ def to_status(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode
     code = code_for(exc)
     if isinstance(exc, ve.VaultError):
         message, details = exc.message, _details(exc)
+    elif isinstance(exc, MalformedRequest):
+        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)
+        message, details = exc.message, [_packed(info)]
     elif isinstance(exc, ServiceError):
         message, details = exc.message, []
     else:
         message, details = "internal error", []
     if request_id and code == grpc.StatusCode.INTERNAL:
         details.append(_packed(error_details_pb2.RequestInfo(request_id=request_id)))
+    message = message[:MAX_MESSAGE]
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return code, message, status.SerializeToString()

@@ -8,15 +8,26 @@ It wraps each method handler once, when a servicer is registered
 (:func:`add_servicer`), rather than as a ``grpc.aio.ServerInterceptor``: grpc.aio
 runs those through an extra coroutine per call, which cost a bare server 18% of
 its throughput in our measurements (bench/README.md).
+
+It also reads the request itself. grpc.aio's unary handlers never run when a call
+ends without a message (HEADERS with END_STREAM): grpc returns without a status and
+the call stays open, holding memory, until the connection goes. So every method is
+registered as request-streaming, and the wrapper reads the one message, under the
+default deadline: a call that sends none, or bytes that do not parse, gets
+INVALID_ARGUMENT through the one error map like any other bad request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
+import logging
 import os
+import re
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from typing import Any
 
 import grpc
@@ -24,17 +35,36 @@ import structlog
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
-from service.errors import to_status
+from service.errors import MalformedRequest, to_status
 from service.logs import debug_enabled
 
 log = structlog.get_logger("service.rpc")
 
+
+class _WithoutSubmittedBytes(logging.Filter):
+    """grpc logs a metadata value that is not UTF-8 as it came ("Invalid encoding on
+    b'...'", with a traceback): the caller's bytes must not reach a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "Invalid encoding on %s"
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_WithoutSubmittedBytes())
+
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 64
+# ASCII only: the id goes back in a trailer, and a header value outside visible
+# ASCII makes the client fail the call with INTERNAL instead of its real status.
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+
+# What the request deserializer returns for bytes that do not parse.
+_MALFORMED = object()
+_EOF: object = grpc.aio.EOF
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnaryBehavior = Callable[[Any, Context], Coroutine[Any, Any, Any]]
-StreamBehavior = Callable[[Any, Context], AsyncIterator[Any]]
+# A stream yields its messages, or (grpc's health Watch) writes them itself.
+StreamBehavior = Callable[[Any, Context], AsyncIterator[Any] | Coroutine[Any, Any, None]]
 
 
 def metadata_value(context: Context, key: str) -> str:
@@ -47,9 +77,84 @@ def metadata_value(context: Context, key: str) -> str:
 
 def _request_id(context: Context) -> str:
     sent = metadata_value(context, REQUEST_ID_KEY)
-    if sent and sent.isprintable():
+    if sent and _SAFE_REQUEST_ID.fullmatch(sent):
         return sent[:_MAX_REQUEST_ID]
-    return os.urandom(16).hex()
+    return os.urandom(16).hex()  # never echo an id we would not send ourselves
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``parse``, returning a sentinel instead of raising: grpc calls the deserializer
+    outside any handler, so its exception would become UNKNOWN with the parser's text."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # noqa: BLE001 - DecodeError, RecursionError...: all the caller's
+            return _MALFORMED
+
+    return deserialize
+
+
+def _checked(request: Any) -> Any:
+    if request is _MALFORMED:
+        raise MalformedRequest
+    if request is _EOF:
+        raise MalformedRequest("the call ended without a request message")
+    return request
+
+
+class _SlowReads:
+    """Cancels the wait for a request message after ``limit`` seconds, for calls whose
+    own deadline is longer: a caller must not hold a call open by sending nothing.
+
+    One sweep for every such call instead of a timer each: an ``asyncio.timeout`` costs
+    a few microseconds per call, and callers with long deadlines are the common case.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._period = min(limit / 4, 1.0)
+        self._waiting: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def watch(self) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = time.monotonic() + self._limit
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return task
+
+    def unwatch(self, task: asyncio.Task[Any]) -> None:
+        self._waiting.pop(task, None)
+
+    def expired(self, task: asyncio.Task[Any]) -> bool:
+        """Whether the sweep cancelled ``task`` (then the cancellation is taken back)."""
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        task.uncancel()
+        return True
+
+    async def _sweep(self) -> None:
+        try:
+            while self._waiting:
+                await asyncio.sleep(self._period)
+                now = time.monotonic()
+                for task, due in list(self._waiting.items()):
+                    if due <= now:
+                        del self._waiting[task]
+                        self._expired.add(task)
+                        task.cancel()
+        finally:
+            self._sweeper = None
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
 
 
 def _frames(exc: BaseException) -> list[str]:
@@ -60,18 +165,40 @@ def _frames(exc: BaseException) -> list[str]:
 class ServiceInterceptor:
     def __init__(self, default_deadline: float) -> None:
         self._default_deadline = default_deadline
+        self._slow_reads = _SlowReads(default_deadline)
+
+    async def close(self) -> None:
+        await self._slow_reads.close()
 
     # The request id is read (or made) only when something is logged or sent
-    # back: a successful call at info level pays for neither.
+    # back: a successful call at info level pays for neither. ``requests`` is
+    # grpc's reader, unused: the one message is read here (see the module doc).
     def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
-        async def wrapped(request: Any, context: Context) -> Any:
+        default = self._default_deadline
+        slow_reads = self._slow_reads
+
+        async def wrapped(requests: Any, context: Context) -> Any:
             started = time.perf_counter()
             try:
-                if context.time_remaining() is None:
-                    async with asyncio.timeout(self._default_deadline):
-                        response = await behavior(request, context)
-                else:  # gRPC enforces the caller's own deadline
-                    response = await behavior(request, context)
+                remaining = context.time_remaining()
+                if remaining is None:
+                    async with asyncio.timeout(default):
+                        response = await behavior(_checked(await context.read()), context)
+                elif remaining <= default:  # gRPC enforces the caller's own deadline
+                    response = await behavior(_checked(await context.read()), context)
+                else:  # ... but waits no longer than the default for the message
+                    task = slow_reads.watch()
+                    try:
+                        request = await context.read()
+                    except asyncio.CancelledError:
+                        if not slow_reads.expired(task):
+                            raise
+                        raise TimeoutError from None
+                    finally:
+                        slow_reads.unwatch(task)
+                    response = await behavior(_checked(request), context)
+            except grpc.aio.AbortError:
+                raise  # grpc's own servicers (health) abort themselves: the status is sent
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, started, exc)
             if debug_enabled():
@@ -81,13 +208,23 @@ class ServiceInterceptor:
         return wrapped
 
     def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
-        async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        writes_itself = not inspect.isasyncgenfunction(behavior)
+
+        async def wrapped(requests: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            # No default deadline here: a stream (a re-wrap of a million keys)
-            # runs until it is done or the caller cancels or sets a deadline.
+            # The default deadline bounds only the wait for the request: a stream (a
+            # re-wrap of a million keys) runs until it is done or the caller cancels
+            # or sets a deadline.
             try:
-                async for item in behavior(request, context):
-                    yield item
+                async with asyncio.timeout(self._default_deadline):
+                    request = _checked(await context.read())
+                if writes_itself:
+                    await behavior(request, context)  # type: ignore[misc]
+                else:
+                    async for item in behavior(request, context):  # type: ignore[union-attr]
+                        yield item
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
                 await self._abort(context, method, started, exc)
             if debug_enabled():
@@ -107,6 +244,8 @@ class ServiceInterceptor:
             "request_id": rid,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
+        if isinstance(exc, MalformedRequest):
+            fields["reason"] = exc.reason  # never the bytes
         if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
             log.error("rpc_failed", error_type=type(exc).__name__, frames=_frames(exc), **fields)
         elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -133,30 +272,37 @@ def add_servicer(
     servicer: object,
     service: ServiceDescriptor,
     interceptor: ServiceInterceptor,
+    methods: Collection[str] | None = None,
 ) -> None:
-    """Register ``servicer``'s methods for ``service``, each wrapped by ``interceptor``.
+    """Register ``servicer``'s methods for ``service`` (or only those named in
+    ``methods``), each wrapped by ``interceptor``.
 
-    Built from the service descriptor, like the generated ``add_*_to_server``.
+    Built from the service descriptor, like the generated ``add_*_to_server``, but
+    registered as request-streaming so the wrapper reads the request (module doc).
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
+        if methods is not None and method.name not in methods:
+            continue
         path = f"/{service.full_name}/{method.name}"
         behavior = getattr(servicer, method.name)
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         if method.client_streaming:
             raise NotImplementedError("client-streaming methods are not used by this API")
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        wrap = interceptor.stream if method.server_streaming else interceptor.unary
-        handlers[method.name] = make(
-            wrap(path, behavior),
-            request_deserializer=request.FromString,
-            response_serializer=response.SerializeToString,
-        )
+        deserialize = _lenient(request.FromString)
+        if method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                interceptor.stream(path, behavior),
+                request_deserializer=deserialize,
+                response_serializer=response.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                interceptor.unary(path, behavior),
+                request_deserializer=deserialize,
+                response_serializer=response.SerializeToString,
+            )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
@@ -30,6 +31,7 @@ log = structlog.get_logger("service.server")
 
 MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
 KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
+HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
 SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
 
 
@@ -61,6 +63,40 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """grpc core's channel arguments: message sizes, and the transport bounds that keep
+    a caller from holding streams, connections or memory open without end."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+        # Advertised as SETTINGS_MAX_CONCURRENT_STREAMS; streams past it are reset.
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Past it, a new connection is closed as soon as it is accepted.
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        # Idle: no call open (this also closes a connection that never says a word).
+        ("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_seconds)),
+        # Age: GOAWAY, then the connection and whatever it still holds are closed
+        # after the grace: the upper bound on any call, whatever deadline it asked for.
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", _ms(settings.max_connection_age_grace_seconds)),
+        # Keepalive enforcement (grpc's defaults, stated): a client pinging more often
+        # than every 5 minutes without data, or at all without a call, gets GOAWAY
+        # after 2 strikes. Our own pings find dead peers of open calls.
+        ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # A connection must finish its (TLS) handshake in this long.
+        ("grpc.server_handshake_timeout_ms", 20_000),
+    ]
+
+
 @contextlib.asynccontextmanager
 async def open_configured_vault(
     settings: Settings, *, clock: Clock | None = None
@@ -88,11 +124,8 @@ async def run_server(
 ) -> AsyncIterator[RunningServer]:
     async with open_configured_vault(settings, clock=clock) as vault:
         server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", settings.max_request_bytes),
-                ("grpc.max_send_message_length", 4 * 1024 * 1024),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_calls,
         )
         interceptor = ServiceInterceptor(settings.default_deadline_seconds)
         add_servicer(server, MemberServicer(vault), MEMBER_SERVICE, interceptor)
@@ -104,7 +137,9 @@ async def run_server(
         else:
             log.info("admin_api_disabled", reason="PRIVACY_VAULT_ADMIN_TOKEN is not set")
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        # Through the interceptor too, so a health call that sends no message ends;
+        # List is not implemented by grpc's servicer, and stays UNIMPLEMENTED.
+        add_servicer(server, health_servicer, HEALTH_SERVICE, interceptor, ("Check", "Watch"))
         if settings.reflection_enabled:
             reflection.enable_server_reflection(
                 (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -145,6 +180,7 @@ async def run_server(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sidecar_task
             await running.stop(settings.shutdown_grace_seconds)
+            await interceptor.close()
             log.info("server_stopped")
 
 
