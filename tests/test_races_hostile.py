@@ -14,6 +14,10 @@ sealed under the new DEK with the old one: DecryptionError, INTERNAL. Now that
 attempt starts again, and a rotation that keeps losing is ABORTED, as
 documented; nothing is lost.
 
+The rounds hit the deadlock by chance (on the code before the fix, most runs);
+the pinned tests reproduce it every time: another database client holds the
+member's rows as a transaction of the other lock order would.
+
 Each round asserts what must hold whatever the interleaving: every call ends with
 a status its RPC may give under this race (never INTERNAL or UNKNOWN), and then
 the member is wholly there (every field decrypts and holds exactly what was
@@ -31,6 +35,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -321,6 +326,159 @@ async def test_withdraw_racing_the_members_writes_leaves_them_whole_or_gone(
     # The race ran both ways often enough to mean something (a withdrawal refused
     # every time would test nothing).
     assert any(won)
+
+
+# --- item 4, pinned: the lock order of the member's own writes (PostgreSQL) ------------------
+#
+# The race above hits the deadlock by chance; these reproduce it every time. Another
+# database client holds the member's rows the way a transaction of the other lock
+# order would, while a member write runs; where it waits is read from pg_stat_activity.
+
+#: How long to wait for a backend to be seen waiting on a lock.
+LOCK_WAIT_LIMIT = 5.0
+MEMBER_WRITES = ["update_member", "record_access", "authenticate", "change_password"]
+
+
+def _member_write(
+    members: MemberServiceStub, request: pb.SignUpRequest, member_id: str, which: str
+) -> Awaitable[Any]:
+    t = CALL_TIMEOUT
+    if which == "update_member":
+        return members.UpdateMember(
+            pb.UpdateMemberRequest(
+                member_id=member_id, name="Locked Out", update_mask=FieldMask(paths=["name"])
+            ),
+            timeout=t,
+        )
+    if which == "record_access":
+        return members.RecordAccess(
+            pb.RecordAccessRequest(member_id=member_id, action="locked", ip="192.0.2.7"),
+            timeout=t,
+        )
+    if which == "authenticate":
+        return members.Authenticate(
+            pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
+            metadata=CLIENT_IP,
+            timeout=t,
+        )
+    assert which == "change_password"
+    return members.ChangePassword(
+        pb.ChangePasswordRequest(
+            member_id=member_id, current_password=request.password, new_password=request.password
+        ),
+        timeout=t,
+    )
+
+
+async def _wait_for_lock_wait(monitor: Any, pid: int | None = None) -> None:
+    """Until a backend of this database (``pid``, or any other than the monitor) waits
+    on a lock; fails after LOCK_WAIT_LIMIT seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOCK_WAIT_LIMIT
+    while loop.time() < deadline:
+        waiting = await monitor.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
+            "AND ($1::int IS NULL OR pid = $1)",
+            pid,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no backend was seen waiting on a lock")
+
+
+@pytest.fixture
+async def pg_member(
+    server_settings: Settings, clock: FrozenClock, store_url: str
+) -> AsyncIterator[tuple[Stubs, pb.SignUpRequest, str, Any, Any]]:
+    """A server, a member, and two outside connections to its database: one to hold
+    locks (its deadlock_timeout long, so a cycle is found by the service's backend
+    and the service's transaction is the one rolled back) and one to watch."""
+    async with _serving(server_settings, clock) as s:
+        request = sign_up_request(mobile_phone=PHONE)
+        member_id = (await s.members.SignUp(request, timeout=CALL_TIMEOUT)).member_id
+        holder, monitor = await asyncpg.connect(store_url), await asyncpg.connect(store_url)
+        try:
+            await holder.execute("SET deadlock_timeout = '20s'")
+            await holder.execute("SET lock_timeout = '10s'")
+            yield s, request, member_id, holder, monitor
+        finally:
+            await holder.close()
+            await monitor.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("which", MEMBER_WRITES)
+async def test_a_member_write_waits_for_a_shred_instead_of_deadlocking(
+    pg_member: tuple[Stubs, pb.SignUpRequest, str, Any, Any], which: str
+) -> None:
+    """The shred's order: the members row, then member_keys. A member write must
+    wait for the first and hold nothing the shred needs next (before the fix it held
+    member_keys FOR SHARE: DeadlockDetectedError, INTERNAL)."""
+    s, request, member_id, holder, monitor = pg_member
+    async with holder.transaction():
+        await holder.execute("SELECT 1 FROM members WHERE member_id = $1 FOR UPDATE", member_id)
+        call = asyncio.ensure_future(_outcome(_member_write(s.members, request, member_id, which)))
+        await _wait_for_lock_wait(monitor)
+        # What the shred locks next. Granted at once: the write holds nothing of it.
+        await holder.execute("SELECT 1 FROM member_keys WHERE member_id = $1 FOR UPDATE", member_id)
+        assert not call.done()
+        # Ends having written nothing, like a shred that found the member changed.
+    outcome = await call
+    assert outcome.code == Code.OK
+    await _assert_member_after(s.members, request, member_id, which)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("which", MEMBER_WRITES)
+async def test_a_deadlock_victim_is_retried_not_internal(
+    pg_member: tuple[Stubs, pb.SignUpRequest, str, Any, Any], which: str
+) -> None:
+    """The other order, members after member_keys (no transaction of ours takes it;
+    an outside one can): a real deadlock. PostgreSQL rolls the service's transaction
+    back (Conflict), and the service runs the write again once the way is clear."""
+    s, request, member_id, holder, monitor = pg_member
+    holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
+    async with holder.transaction():
+        await holder.execute("SELECT 1 FROM member_keys WHERE member_id = $1 FOR UPDATE", member_id)
+        call = asyncio.ensure_future(_outcome(_member_write(s.members, request, member_id, which)))
+        await _wait_for_lock_wait(monitor)
+        # Closes the cycle: this waits until PostgreSQL breaks it by rolling the
+        # service's transaction back (its deadlock_timeout is the shorter).
+        grab = asyncio.ensure_future(
+            holder.execute("SELECT 1 FROM members WHERE member_id = $1 FOR UPDATE", member_id)
+        )
+        await _wait_for_lock_wait(monitor, holder_pid)
+        await grab
+        assert not call.done()  # the retry waits for this transaction
+    outcome = await call
+    assert outcome.code == Code.OK
+    await _assert_member_after(s.members, request, member_id, which)
+
+
+async def _assert_member_after(
+    members: MemberServiceStub, request: pb.SignUpRequest, member_id: str, which: str
+) -> None:
+    """The write happened once, and the member is whole."""
+    entries = {
+        "record_access": [("locked", "192.0.2.7")],
+        "authenticate": [("authenticate", AUTH_IP)],
+    }
+    await _assert_whole(
+        members,
+        request,
+        member_id,
+        {
+            "login_id": request.login_id,
+            "name": "Locked Out" if which == "update_member" else request.name,
+            "email": request.email,
+            "mobile_phone": PHONE,
+        },
+        entries.get(which, []),
+    )
 
 
 # --- item 5: concurrent RotateMemberKey on one member --------------------------------------
