@@ -63,6 +63,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     # The member kept changing under a per-member key rotation: retry.
     (ve.KeyChanged, grpc.StatusCode.ABORTED),
+    (ve.Conflict, grpc.StatusCode.ABORTED),  # a deadlock or serialization failure: retry
     (AdminUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT),
 )

@@ -146,7 +146,9 @@ def _exit_code_for(exc: BaseException) -> ExitCode:
         return ExitCode.USAGE
     if isinstance(exc, ve.NotFound):
         return ExitCode.NOT_FOUND
-    if isinstance(exc, ve.KeyUnavailable | ve.StorageUnavailable | ve.KeyChanged | OSError):
+    if isinstance(
+        exc, ve.KeyUnavailable | ve.StorageUnavailable | ve.KeyChanged | ve.Conflict | OSError
+    ):
         return ExitCode.UNAVAILABLE
     return ExitCode.INTERNAL
 

@@ -117,3 +117,12 @@ class KeyChanged(VaultError):
 
     def __init__(self) -> None:
         super().__init__("the member's key changed during the operation; retry")
+
+
+class Conflict(VaultError):
+    """The database rolled this transaction back to settle a conflict with a
+    concurrent one (a deadlock or a serialization failure): nothing of it was
+    written, and the operation may be retried."""
+
+    def __init__(self) -> None:
+        super().__init__("the operation conflicted with a concurrent one; retry")

@@ -31,6 +31,7 @@ from vault.cache import DekCache
 from vault.clock import Clock, from_micros, to_micros
 from vault.errors import (
     AuthenticationFailed,
+    Conflict,
     DecryptionError,
     FieldViolation,
     InvalidInput,
@@ -708,9 +709,17 @@ class Vault:
         wherever it is copied, is noise once the wrapping KEK version is destroyed.
         With ``last_seen_before``, only if the member has not connected since then
         (NotFound otherwise)."""
-        record = await self._store.shred_member(
-            member_id, self._clock.now(), reason, last_seen_before=last_seen_before
-        )
+        for attempt in range(KEY_CHANGE_RETRIES):
+            try:
+                record = await self._store.shred_member(
+                    member_id, self._clock.now(), reason, last_seen_before=last_seen_before
+                )
+                break
+            except Conflict:
+                # Rolled back whole in a conflict: the shred's own checks (the member
+                # is there, not connected since) run again.
+                if attempt == KEY_CHANGE_RETRIES - 1:
+                    raise
         self._deks.evict(member_id)
         if record is None:
             raise NotFound
@@ -1001,7 +1010,10 @@ class Vault:
     ) -> None:
         """Run a write encrypted under the member's current DEK. A per-member key
         rotation in between makes the store refuse it (KeyChanged): read again,
-        encrypt again. False from ``write`` means the member is gone."""
+        encrypt again. A write the database rolled back in a conflict with a
+        concurrent transaction (Conflict: nothing of it was written) is run again
+        the same way. False from ``write`` means the member is gone."""
+        last: KeyChanged | Conflict = KeyChanged()
         for _ in range(KEY_CHANGE_RETRIES):
             if first is None:
                 row = await self._row(member_id)
@@ -1012,9 +1024,12 @@ class Vault:
                 if not await write(*current):
                     raise NotFound
                 return
-            except KeyChanged:
+            except KeyChanged as exc:
                 self._deks.evict(member_id)
-        raise KeyChanged
+                last = exc
+            except Conflict as exc:
+                last = exc
+        raise last
 
     async def _row(self, member_id: str) -> MemberRow:
         v = Violations()

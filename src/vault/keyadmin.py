@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -25,7 +26,7 @@ from vault import _hazmat, ids
 from vault.bindings import access_field, dek_context, index_key_context
 from vault.cache import DekCache
 from vault.clock import Clock
-from vault.errors import KeyChanged, NotFound, PreconditionFailed
+from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
@@ -112,6 +113,31 @@ class _Tally:
         )
 
 
+class _MemberLocks:
+    """One asyncio lock per member, kept only while someone holds or awaits it.
+
+    Per-member key rotations in this process take turns on the member instead of
+    racing each other into ABORTED. Only an optimisation: rotations from other
+    processes still race, and the store's checks keep those safe."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, member_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(member_id, (asyncio.Lock(), 0))
+        self._locks[member_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            users = self._locks[member_id][1] - 1
+            if users:
+                self._locks[member_id] = (lock, users)
+            else:
+                del self._locks[member_id]
+
+
 @dataclass(frozen=True, slots=True)
 class DestroyPlan:
     version: int
@@ -137,6 +163,7 @@ class KeyAdmin:
         # The retention store's DEKs are under the same KEK versions: re-wrapped with
         # the vault's, and counted by the destroy guard.
         self._retained = retained
+        self._rotating = _MemberLocks()
 
     def __repr__(self) -> str:
         return f"<KeyAdmin provider={self._provider.name}>"
@@ -358,20 +385,21 @@ class KeyAdmin:
         canonical = ids.canonical_member_id(member_id)
         if canonical is None:
             raise NotFound
-        for _ in range(_ROTATE_MEMBER_ATTEMPTS):
-            row = await self._store.get_member(canonical)
-            if row is None:
-                raise NotFound
-            new_dek_id = await self._try_rotate_member_key(row)
-            if new_dek_id is not None:
-                self._deks.evict(canonical)
-                await self._event(
-                    actor,
-                    "rotate_member_key",
-                    member_id=canonical,
-                    details={"dek_id": new_dek_id},
-                )
-                return new_dek_id
+        async with self._rotating.hold(canonical):
+            for _ in range(_ROTATE_MEMBER_ATTEMPTS):
+                row = await self._store.get_member(canonical)
+                if row is None:
+                    raise NotFound
+                new_dek_id = await self._try_rotate_member_key(row)
+                if new_dek_id is not None:
+                    self._deks.evict(canonical)
+                    await self._event(
+                        actor,
+                        "rotate_member_key",
+                        member_id=canonical,
+                        details={"dek_id": new_dek_id},
+                    )
+                    return new_dek_id
         raise KeyChanged
 
     async def _try_rotate_member_key(self, row: MemberRow) -> int | None:
@@ -394,13 +422,22 @@ class KeyAdmin:
             )
 
         ciphertexts = {f: reseal(f, row.ciphertexts[f]) for f in ENCRYPTED_FIELDS}
-        entries = {
-            e.entry_id: (
-                reseal(access_field("action", e.at), e.action_ct),
-                reseal(access_field("ip", e.at), e.ip_ct),
-            )
-            for e in await whole_access_log(self._store, mid)
-        }
+        # Read after the row, in statements of its own: a rotation that commits in
+        # between leaves entries sealed under a newer DEK than ``old_key``.
+        log_rows = await whole_access_log(self._store, mid)
+        try:
+            entries = {
+                e.entry_id: (
+                    reseal(access_field("action", e.at), e.action_ct),
+                    reseal(access_field("ip", e.at), e.ip_ct),
+                )
+                for e in log_rows
+            }
+        except DecryptionError:
+            current = await self._store.get_member(mid)
+            if current is not None and current.key.dek_id == old.dek_id:
+                raise  # the key did not change: the entry itself does not open
+            return None  # rotated (or shredded) since the row was read: again
         try:
             replaced = await self._store.replace_member_key(
                 mid,
@@ -410,8 +447,10 @@ class KeyAdmin:
                 entries,
                 old_ciphertexts=row.ciphertexts,
             )
-        except PreconditionFailed:
-            return None  # the version we wrapped under was destroyed meanwhile: again
+        except (PreconditionFailed, Conflict):
+            # The version we wrapped under was destroyed meanwhile, or the database
+            # rolled the replacement back in a conflict: again.
+            return None
         return new_id if replaced else None
 
     # --- the schedule --------------------------------------------------------------------

@@ -40,7 +40,14 @@ from vault import _hazmat, ids
 from vault.bindings import access_field, dek_context
 from vault.cache import DekCache
 from vault.clock import Clock
-from vault.errors import FieldViolation, InvalidInput, KeyChanged, NotFound, PreconditionFailed
+from vault.errors import (
+    Conflict,
+    FieldViolation,
+    InvalidInput,
+    KeyChanged,
+    NotFound,
+    PreconditionFailed,
+)
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     RETAINED_FIELDS,
@@ -165,8 +172,10 @@ class Retention:
                 record = await self._store.shred_member(
                     row.member_id, now, WITHDRAWAL, retention=check
                 )
-            except KeyChanged:
-                continue  # changed (or the KEK rotated) since we read: copy again
+            except (KeyChanged, Conflict):
+                # Changed (or the KEK rotated) since we read, or rolled back in a
+                # conflict with a concurrent transaction: copy again.
+                continue
             self._deks.evict(row.member_id)
             if record is None:  # shredded by someone else meanwhile: the copy is moot
                 await retained.delete_retained(row.member_id, attempt=attempt)

@@ -5,6 +5,29 @@ Every method runs in one transaction on one pooled connection. Member ids are
 ``timestamptz``, bytes ``bytea``. Connection failures become
 :class:`StorageUnavailable` raised ``from None``: asyncpg's messages can hold
 the DSN, and unique-violation details hold the HMAC, so neither is chained.
+
+Lock order. Every transaction that touches an existing member takes that
+member's row locks in this one order, never backwards, so no two of them can
+wait for each other (a deadlock):
+
+1. the ``members`` row: FOR UPDATE to change the member's key or destroy the
+   member (a key rotation, a shred, the withdrawal's shred, the expiry sweep's
+   shred); the UPDATE itself for the member's own writes; FOR SHARE or FOR KEY
+   SHARE (the foreign key check of an insert) to add a row that belongs to it;
+2. the ``member_keys`` row: FOR SHARE to check that the DEK a write sealed
+   under is still the member's, FOR UPDATE to replace or delete it;
+3. ``kek_versions`` rows: FOR SHARE, so a version stays active or undestroyed
+   until commit;
+4. the member's own rows in ``access_log``, ``consents``, ``outbox`` and
+   ``password_resets``.
+
+Three kinds of transaction touch a subset only, and keep to the same order: a
+sign-up locks the KEK version first, but the rows it then inserts are new (no
+one else can hold them); a re-wrap batch updates ``member_keys`` rows alone, in
+member_id order; KEK rotation and destruction lock ``kek_versions`` alone. A
+deadlock or serialization failure that still happens (between two re-wrap runs,
+say) is :class:`Conflict`: the transaction was rolled back whole, so the
+caller may retry.
 """
 
 from __future__ import annotations
@@ -12,7 +35,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -23,6 +46,7 @@ import asyncpg
 from vault.clock import from_micros, to_micros
 from vault.errors import (
     AlreadyExists,
+    Conflict,
     KeyChanged,
     NotFound,
     PreconditionFailed,
@@ -208,47 +232,50 @@ async def _insert_destruction_record(conn: Any, record: DestructionRecord) -> No
     )
 
 
+# Step 1 of the lock order for a key change or a shred: the member row FOR UPDATE,
+# with what those check against (last_seen_at, then the ciphertexts in column order).
+_LOCK_MEMBER = f"SELECT last_seen_at, {CT_SELECT} FROM members WHERE member_id = $1 FOR UPDATE"
+# Step 2 for them: the key row FOR UPDATE.
+_LOCK_MEMBER_KEY = "SELECT dek_id, kek_version FROM member_keys WHERE member_id = $1 FOR UPDATE"
+
+
+def _field_ciphertexts(locked: Mapping[str, Any]) -> list[bytes]:
+    """The ciphertexts of a row read by _LOCK_MEMBER, in column order."""
+    return [bytes(locked[column]) for column in CT_COLUMNS.values()]
+
+
+async def _locked_entries(conn: Any, key: uuid.UUID) -> dict[int, datetime]:
+    """Step 4: the member's access-log entries FOR UPDATE, entry_id -> at. Writers of
+    these rows wait for the caller's transaction (and then fail their dek_id check).
+    An update names the partition key too, so each row is found by partition
+    pruning rather than a probe of every month."""
+    rows = await conn.fetch(
+        "SELECT entry_id, at FROM access_log WHERE member_id = $1 FOR UPDATE", key
+    )
+    return {int(r["entry_id"]): r["at"] for r in rows}
+
+
 async def _matches_retention(
-    conn: Any, key: uuid.UUID, check: RetentionCheck, expected: list[bytes]
+    conn: Any,
+    key: uuid.UUID,
+    check: RetentionCheck,
+    expected: list[bytes],
+    locked: Mapping[str, Any],
+    dek_id: int | None,
 ) -> bool:
-    """Whether the member (locked by the caller) is still exactly what the withdrawal
-    copied (RetentionCheck). The active version is read FOR SHARE: a rotation that
-    would demote it waits for this transaction, or has committed and is seen."""
+    """Whether the member (its row ``locked`` and its key row ``dek_id`` locked by
+    the caller, steps 1 and 2) is still exactly what the withdrawal copied
+    (RetentionCheck). The active version is read FOR SHARE (step 3): a rotation
+    that would demote it waits for this transaction, or has committed and is seen."""
+    if dek_id != check.dek_id or _field_ciphertexts(locked) != expected:
+        return False
     active = await conn.fetchval(
         "SELECT version FROM kek_versions WHERE state = 'active' FOR SHARE"
     )
     if active is None or int(active) != check.kek_version:
         return False
-    dek_id = await conn.fetchval("SELECT dek_id FROM member_keys WHERE member_id = $1", key)
-    if dek_id is None or int(dek_id) != check.dek_id:
-        return False
-    return await _unchanged_since_read(conn, key, expected, check.access_entry_ids) is not None
-
-
-async def _unchanged_since_read(
-    conn: Any, key: uuid.UUID, expected: list[bytes], entry_ids: Iterable[int]
-) -> dict[int, datetime] | None:
-    """Whether the member still has the field ciphertexts ``expected`` (column order)
-    and exactly the access-log entries ``entry_ids``, as the caller read them: their
-    entry_id -> at, or None. FOR UPDATE: writers of these rows wait for the caller's
-    transaction (and then fail their dek_id check); one that committed since the
-    caller read must win."""
-    fields = await conn.fetchrow(
-        f"SELECT {CT_SELECT} FROM members WHERE member_id = $1 FOR UPDATE", key
-    )
-    if fields is None or [bytes(c) for c in fields] != expected:
-        return None
-    # entry_id -> at: an update names the partition key too, so each row is found by
-    # partition pruning rather than a probe of every month.
-    present = {
-        int(r["entry_id"]): r["at"]
-        for r in await conn.fetch(
-            "SELECT entry_id, at FROM access_log WHERE member_id = $1 FOR UPDATE", key
-        )
-    }
-    if set(present) != set(entry_ids):
-        return None  # an entry came (or went) since the caller read them
-    return present
+    # An entry came (or went) since the withdrawal read them: copy again.
+    return set(await _locked_entries(conn, key)) == set(check.access_entry_ids)
 
 
 _INSERT_OUTBOX = (
@@ -282,17 +309,21 @@ async def _require_not_destroyed(conn: Any, kek_version: int) -> None:
         raise PreconditionFailed("kek_version", f"KEK version {kek_version} has been destroyed")
 
 
-async def _member_has_dek(conn: Any, member_id: uuid.UUID, dek_id: int) -> bool:
-    """Inside a write: False if no such member; KeyChanged if its DEK was rotated.
-    The share lock holds the key row (against a rotation or a shred) until commit."""
+class _MemberGone(Exception):
+    """Raised inside a write transaction to roll it back: the member is gone."""
+
+
+async def _check_dek(conn: Any, member_id: uuid.UUID, dek_id: int) -> None:
+    """Step 2 of the lock order in a member's own write, once its members row is
+    locked: KeyChanged if its DEK was rotated since the caller sealed under it,
+    _MemberGone if there is no key. The share lock holds the key row until commit."""
     current = await conn.fetchval(
         "SELECT dek_id FROM member_keys WHERE member_id = $1 FOR SHARE", member_id
     )
     if current is None:
-        return False
+        raise _MemberGone
     if int(current) != dek_id:
         raise KeyChanged
-    return True
 
 
 class _PostgresDatabase:
@@ -331,6 +362,8 @@ class _PostgresDatabase:
                 yield conn
         except _CONNECTION_ERRORS:
             raise StorageUnavailable() from None
+        except asyncpg.TransactionRollbackError:
+            raise Conflict() from None
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
@@ -339,6 +372,9 @@ class _PostgresDatabase:
                 yield conn
         except _CONNECTION_ERRORS:
             raise StorageUnavailable() from None
+        except asyncpg.TransactionRollbackError:
+            # A deadlock or serialization failure: PostgreSQL rolled it back whole.
+            raise Conflict() from None
 
     async def _check_schema(self, conn: Any) -> None:
         """Refuse a database that holds the other schema (see the retention store)."""
@@ -403,6 +439,9 @@ class _PostgresDatabase:
         table = self._KEYS_TABLE
         if not updates:
             return 0
+        # In member_id order, as every batch (and the lock order) takes them: two
+        # re-wrap runs at once lock their common rows in the same order.
+        ordered = sorted(((_uuid(u.member_id), u) for u in updates), key=lambda p: p[0])
         async with self._transaction() as conn:
             # One statement for the batch: the arrays join the rows to update.
             status = await conn.execute(
@@ -411,11 +450,11 @@ class _PostgresDatabase:
                 "AS u(member_id, dek_id, from_version, to_version, wrapped) "
                 "WHERE k.member_id = u.member_id AND k.dek_id = u.dek_id "
                 "AND k.kek_version = u.from_version",
-                [_uuid(u.member_id) for u in updates],
-                [u.dek_id for u in updates],
-                [u.from_version for u in updates],
-                [u.to_version for u in updates],
-                [bytes(u.wrapped_dek) for u in updates],
+                [member_id for member_id, _ in ordered],
+                [u.dek_id for _, u in ordered],
+                [u.from_version for _, u in ordered],
+                [u.to_version for _, u in ordered],
+                [bytes(u.wrapped_dek) for _, u in ordered],
             )
         return _affected(status)
 
@@ -572,15 +611,18 @@ class PostgresStore(_PostgresDatabase):
         assignments = update_assignments(ciphertexts, None)
         setters = ", ".join(f"{column} = ${i}" for i, (column, _) in enumerate(assignments, 2))
         async with self._transaction() as conn:
-            current = await conn.fetchval(
-                "SELECT dek_id FROM member_keys WHERE member_id = $1 FOR UPDATE", key
-            )
-            if current is None or int(current) != old_dek_id:
+            # The lock order: member, key, KEK version, access log. Each check fails
+            # if the rotation's caller read something that changed since.
+            locked = await conn.fetchrow(_LOCK_MEMBER, key)
+            if locked is None or _field_ciphertexts(locked) != expected:
+                return False
+            current = await conn.fetchrow(_LOCK_MEMBER_KEY, key)
+            if current is None or int(current["dek_id"]) != old_dek_id:
                 return False
             await _require_not_destroyed(conn, new_key.kek_version)
-            present = await _unchanged_since_read(conn, key, expected, access_log.keys())
-            if present is None:
-                return False
+            present = await _locked_entries(conn, key)
+            if set(present) != set(access_log):
+                return False  # an entry came (or went) since the caller read them
             await conn.execute(
                 "UPDATE member_keys SET dek_id = $2, kek_version = $3, wrapped_dek = $4 "
                 "WHERE member_id = $1",
@@ -714,8 +756,8 @@ class PostgresStore(_PostgresDatabase):
             raise ValueError("the message is for another member")
         try:
             async with self._transaction() as conn:
-                if not await _member_has_dek(conn, key, dek_id):
-                    return False
+                # The lock order: the members row first (by the update itself), then
+                # the key row; a rotated key rolls the update back.
                 if assignments:
                     setters = ", ".join(
                         f"{column} = ${i}" for i, (column, _) in enumerate(assignments, start=2)
@@ -727,10 +769,17 @@ class PostgresStore(_PostgresDatabase):
                     )
                     if _affected(status) != 1:
                         return False
+                elif not await conn.fetchval(
+                    "SELECT 1 FROM members WHERE member_id = $1 FOR NO KEY UPDATE", key
+                ):
+                    return False
+                await _check_dek(conn, key, dek_id)
                 if outbox_row is not None:
                     await conn.execute(_INSERT_OUTBOX, *outbox_row)
         except asyncpg.UniqueViolationError as exc:
             raise _unique_error(exc) from None
+        except _MemberGone:
+            return False
         return True
 
     async def record_login(
@@ -743,34 +792,40 @@ class PostgresStore(_PostgresDatabase):
     ) -> bool:
         key = _uuid(member_id)
         at = require_aware(entry.at)
-        async with self._transaction() as conn:
-            if not await _member_has_dek(conn, key, dek_id):
-                return False
-            if password_hash_ct is None:
-                status = await conn.execute(
-                    # A connection cancels a pending inactivity notice (the clock restarts).
-                    "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL "
-                    "WHERE member_id = $1",
+        try:
+            async with self._transaction() as conn:
+                # The lock order: the members row first (by the update), then the key
+                # row; a rotated key rolls the update back.
+                if password_hash_ct is None:
+                    status = await conn.execute(
+                        # A connection cancels a pending inactivity notice (the clock
+                        # restarts).
+                        "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL "
+                        "WHERE member_id = $1",
+                        key,
+                        at,
+                    )
+                else:
+                    status = await conn.execute(
+                        "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL, "
+                        "password_hash_ct = $3 WHERE member_id = $1",
+                        key,
+                        at,
+                        bytes(password_hash_ct),
+                    )
+                if _affected(status) != 1:
+                    return False
+                await _check_dek(conn, key, dek_id)
+                await conn.execute(
+                    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
+                    "VALUES ($1, $2, $3, $4)",
                     key,
                     at,
+                    bytes(entry.action_ct),
+                    bytes(entry.ip_ct),
                 )
-            else:
-                status = await conn.execute(
-                    "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL, "
-                    "password_hash_ct = $3 WHERE member_id = $1",
-                    key,
-                    at,
-                    bytes(password_hash_ct),
-                )
-            if _affected(status) != 1:
-                return False
-            await conn.execute(
-                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)",
-                key,
-                at,
-                bytes(entry.action_ct),
-                bytes(entry.ip_ct),
-            )
+        except _MemberGone:
+            return False
         return True
 
     async def list_consents(self, member_id: str) -> list[ConsentRow]:
@@ -794,16 +849,22 @@ class PostgresStore(_PostgresDatabase):
     async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
         key = _uuid(member_id)
         at = require_aware(entry.at)
-        async with self._transaction() as conn:
-            if not await _member_has_dek(conn, key, dek_id):
-                return False
-            await conn.execute(
-                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)",
-                key,
-                at,
-                bytes(entry.action_ct),
-                bytes(entry.ip_ct),
-            )
+        try:
+            async with self._transaction() as conn:
+                # The lock order: the insert's foreign key check locks the members row
+                # (FOR KEY SHARE) first, then the key row is checked; a rotated key (or
+                # none) rolls the insert back.
+                await conn.execute(
+                    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
+                    "VALUES ($1, $2, $3, $4)",
+                    key,
+                    at,
+                    bytes(entry.action_ct),
+                    bytes(entry.ip_ct),
+                )
+                await _check_dek(conn, key, dek_id)
+        except (asyncpg.ForeignKeyViolationError, _MemberGone):
+            return False  # no such member
         return True
 
     async def list_access(
@@ -856,27 +917,22 @@ class PostgresStore(_PostgresDatabase):
         require_aware(destroyed_at)
         expected = [] if retention is None else check_retention(retention)
         async with self._transaction() as conn:
-            # Lock the member first: a concurrent shred waits, then finds nothing, and
-            # a concurrent login (which updates this row) is either seen or waits.
-            last_seen = await conn.fetchval(
-                "SELECT last_seen_at FROM members WHERE member_id = $1 FOR UPDATE", key
-            )
-            if last_seen is None:
+            # The lock order: the member first (a concurrent shred waits, then finds
+            # nothing; a login, which updates this row, is either seen or waits), then
+            # its key, then (for a withdrawal) the KEK version and the access log.
+            locked = await conn.fetchrow(_LOCK_MEMBER, key)
+            if locked is None:
                 return None
+            last_seen = locked["last_seen_at"]
             if last_seen_before is not None and last_seen >= require_aware(last_seen_before):
                 return None
+            key_row = await conn.fetchrow(_LOCK_MEMBER_KEY, key)
+            dek_id = None if key_row is None else int(key_row["dek_id"])
             if retention is not None and not await _matches_retention(
-                conn, key, retention, expected
+                conn, key, retention, expected, locked, dek_id
             ):
                 raise KeyChanged
-            versions = sorted(
-                {
-                    int(r["kek_version"])
-                    for r in await conn.fetch(
-                        "SELECT kek_version FROM member_keys WHERE member_id = $1", key
-                    )
-                }
-            )
+            versions = [] if key_row is None else [int(key_row["kek_version"])]
             counts = {
                 table: _affected(
                     await conn.execute(f"DELETE FROM {table} WHERE member_id = $1", key)

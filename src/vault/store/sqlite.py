@@ -3,6 +3,10 @@
 Writes go through one connection used only from one worker thread: each write
 method hands all its SQL to that thread in one call, in ``BEGIN IMMEDIATE`` ...
 ``COMMIT``, so it never half-applies and never blocks the event loop on fsync.
+Every write holds the database's one write lock from its first statement, so
+writes take turns and cannot deadlock (the PostgreSQL backend's lock order does
+not arise); a write that waits past ``busy_timeout`` on another process is
+:class:`StorageUnavailable`.
 Reads run inline on the event loop on a second, query-only connection: they are
 indexed point reads served from the page cache in microseconds, less than a
 thread hand-off costs, and WAL lets them run beside the writer without waiting.
