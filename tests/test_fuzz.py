@@ -56,7 +56,7 @@ REQUESTS_PER_BACKEND = int(os.environ.get("PRIVACY_VAULT_FUZZ_REQUESTS", "1000")
 SECONDS_PER_BACKEND = float(os.environ.get("PRIVACY_VAULT_FUZZ_SECONDS", "60"))
 CALL_DEADLINE = 10.0  # a stream (RewrapMemberKeys) is read to its end within it
 CHECKED_LENGTH = 4  # shorter submitted strings occur in any text by chance
-HEX_SHOWN = 4096  # bytes of a failing request printed as hex
+HEX_SHOWN = 2048  # bytes of a failing request printed as hex
 
 TOKEN = "fuzz-admin-token-Q7c2Zr9LxW4m"
 ADMIN = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "fuzzer"))
@@ -96,6 +96,15 @@ def _vocabulary() -> frozenset[str]:
 
 
 VOCABULARY = _vocabulary()
+_FOLDED = tuple(name.casefold() for name in VOCABULARY)
+
+
+def _in_vocabulary(text: str) -> bool:
+    """Part of a name the API uses, in any case ("emai", "EMAIL" of LOGIN_ID_TAKEN's
+    kind): the server may write it without having read it in the request."""
+    folded = text.casefold()
+    return any(folded in name for name in _FOLDED)
+
 
 # --- the generator ------------------------------------------------------------------------
 
@@ -600,7 +609,7 @@ def _leaked(strings: list[str], texts: list[str]) -> str | None:
     """A submitted string the error repeats (whole, or the start or end of a long one)."""
     blob = "\n".join(texts)
     for s in strings:
-        if len(s.strip()) < CHECKED_LENGTH or s in VOCABULARY or s.strip() in VOCABULARY:
+        if len(s.strip()) < CHECKED_LENGTH or _in_vocabulary(s.strip()):
             continue
         pieces = {s} if len(s) <= 32 else {s, s[:32], s[-32:]}
         if any(p in blob for p in pieces):
@@ -807,8 +816,8 @@ def test_the_generator_covers_every_rpc_and_replays_from_its_seed() -> None:
 
 
 def test_the_echo_check_sees_an_echo_and_ignores_the_apis_own_names() -> None:
-    submitted = ["fzSecretValue123", "email", "name", "abc", "x" * 40 + "tail-of-a-long-one"]
-    assert _leaked(submitted, ["field email: must be a valid e-mail address"]) is None
+    submitted = ["fzSecretValue123", "email", "EMAI", "abc", "x" * 40 + "tail-of-a-long-one"]
+    assert _leaked(submitted, ["field email: must be a valid e-mail address, EMAIL_TAKEN"]) is None
     assert _leaked(submitted, ["bad value fzSecretValue123"]) == "fzSecretValue123"
     assert _leaked(submitted, ["cut: " + submitted[-1][-32:]]) == submitted[-1]
     assert _leaked(submitted, ["abc"]) is None  # too short to tell from chance
