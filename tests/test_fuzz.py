@@ -200,7 +200,7 @@ class Generator:
         pool = self.pools.strings.get(name)
         if not pool:
             return None
-        if self.aligned is not None or self.mode == "known":
+        if self.aligned is not None:
             return pool[self.aligned % len(pool)]
         return self.rng.choice(pool)
 
