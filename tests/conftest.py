@@ -9,6 +9,12 @@ warning, or fail when ``PRIVACY_VAULT_REQUIRE_POSTGRES=1`` (set it in CI).
 SoftHSM2 (the pkcs11 key provider): a token initialised per session in a private
 token directory; without SoftHSM2 its tests skip loudly, or fail when
 ``PRIVACY_VAULT_REQUIRE_SOFTHSM=1`` (set it in CI).
+
+Order: the suite runs in a random order (pytest-randomly); the seed is printed in
+the header and, after a failure, in a replay line (``--randomly-seed=N``).
+``-p no:randomly`` runs it in file order. No test may depend on another: every
+test starts from the same logging configuration, and test servers run no
+lifecycle sidecar on real time unless the test asks for one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import pytest
 
 from privacyvault.v1 import member_pb2_grpc
 from service.config import Settings
+from service.logs import configure_logging
 from service.server import RunningServer, run_server
 from vault import CHEAPEST, FrozenClock
 from vault.store import Store, open_store
@@ -67,6 +74,7 @@ async def require_postgres() -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    _replay_line(terminalreporter)
     skipped = [
         report
         for report in terminalreporter.stats.get("skipped", [])
@@ -95,6 +103,33 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             "softhsm2); set PRIVACY_VAULT_REQUIRE_SOFTHSM=1 to make this fail.",
             red=True,
         )
+
+
+def _replay_line(terminalreporter: pytest.TerminalReporter) -> None:
+    """After a failure in a random order, the option that replays that order."""
+    config = terminalreporter.config
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    if not failed or not config.pluginmanager.hasplugin("randomly"):
+        return
+    seed = config.getoption("randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_sep("!", "the tests ran in a random order", red=True)
+        terminalreporter.write_line(f"Replay this order with: -p randomly --randomly-seed={seed}")
+
+
+# --- logging: the same configuration at the start of every test -------------------------
+
+
+@pytest.fixture(autouse=True)
+def _baseline_logging() -> None:
+    """Info level, JSON, to whatever stderr is at the time (pytest's capture).
+
+    Tests that reconfigure (the canary's debug capture) leave no trace in the next
+    test, and ``structlog.testing.capture_logs`` sees every logger whichever test
+    used it first: service.logs keeps one processor list and one output that
+    cached loggers share.
+    """
+    configure_logging(level="info", fmt="json")
 
 
 @pytest.fixture
@@ -193,8 +228,15 @@ def clock() -> FrozenClock:
 
 @pytest.fixture
 def server_settings(store_url: str, tmp_path: Path) -> Settings:
-    """Embedded-mode settings on the backend under test, with the cheapest argon2."""
+    """Embedded-mode settings on the backend under test, with the cheapest argon2.
+
+    Without the in-process lifecycle sidecar: it would run rounds on real time (its
+    relay writing .eml files into the data directory while a test reads it, its
+    loggers first used at a moment no test chooses). Tests of the sidecar ask for
+    it (``sidecar_in_process=True``) or drive ``Sidecar.run_round`` themselves.
+    """
     return Settings(
+        sidecar_in_process=False,
         data_dir=tmp_path / "data",
         database_url=store_url,
         listen_address="127.0.0.1:0",

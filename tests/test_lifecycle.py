@@ -348,8 +348,10 @@ async def test_the_loop_holds_the_lease_and_releases_it_on_stop(
 async def test_embedded_serve_runs_the_sidecar(
     server_settings: Settings, store_url: str, lc_clock: FrozenClock
 ) -> None:
-    assert server_settings.sidecar_in_process_enabled
-    async with run_server(server_settings, clock=lc_clock) as running:
+    # conftest's test servers run without it; this one has the embedded default.
+    embedded = server_settings.model_copy(update={"sidecar_in_process": None})
+    assert embedded.sidecar_in_process_enabled
+    async with run_server(embedded, clock=lc_clock) as running:
         await _until(lambda: _lease_taken(running.vault, lc_clock))
     # Stopped with the server, and the lease released.
     store = await open_store(store_url)
