@@ -812,7 +812,8 @@ def test_the_generator_covers_every_rpc_and_replays_from_its_seed() -> None:
     assert first == sequence(SEED)
     assert first != sequence(SEED + 1)
     assert {name for name, _ in first} == {m.full_name for m in METHODS}
-    assert len(METHODS) == 18
+    # A new RPC is fuzzed by construction; this count makes adding one a visible step.
+    assert [len(s.methods) for s in SERVICES] == [13, 6]
 
 
 def test_the_echo_check_sees_an_echo_and_ignores_the_apis_own_names() -> None:
