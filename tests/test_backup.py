@@ -206,6 +206,15 @@ async def test_backup_refuses_a_dest_that_holds_a_backup(tmp_path: Path) -> None
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == first  # untouched
 
 
+async def test_backup_into_the_data_directory_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with _serving(_settings(data)):
+        code, _, err = await run_backup(data / "backups" / "today", _env(data), tmp_path)
+    assert code == 2
+    assert "inside the data directory" in json.loads(err)["message"]
+    assert not (data / "backups").exists()
+
+
 async def test_backup_before_any_start_is_not_found(tmp_path: Path) -> None:
     code, _, err = await run_backup(tmp_path / "backup", _env(tmp_path / "data"), tmp_path)
     assert code == 4

@@ -6,7 +6,8 @@ the KEK beside what it wraps defeats the shredding horizon: see the README). Wit
 PostgreSQL database the command refuses and points at pg_dump / pg_basebackup.
 
 Exit codes are the ``keys`` commands': 0 done, 1 refused (DEST already holds a
-backup), 2 usage or configuration error (PostgreSQL), 3 unavailable (retry),
+backup), 2 usage or configuration error (PostgreSQL; DEST inside the data
+directory), 3 unavailable (retry),
 4 not found (no vault database yet), 5 internal error.
 """
 
@@ -36,7 +37,8 @@ POSTGRES_REFUSAL = (
 
 _EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 refused (DEST already holds a backup); 2 usage or configuration "
-    "error (a PostgreSQL database); 3 database unavailable, retry; 4 no vault database; "
+    "error (a PostgreSQL database, DEST inside the data directory); 3 database unavailable, "
+    "retry; 4 no vault database; "
     "5 internal error."
 )
 
@@ -74,6 +76,9 @@ def backup(
         refusal = _not_sqlite(data_dir, vault_url, settings.retention_url)
     except ValueError as exc:
         refusal = str(exc)
+    if refusal is None and dest.resolve().is_relative_to(data_dir.resolve()):
+        # A copy of the data directory would take the backup and the key file together.
+        refusal = f"{dest} is inside the data directory {data_dir}: back up to another volume"
     if refusal:
         out.error(ExitCode.USAGE, refusal)
         raise typer.Exit(ExitCode.USAGE)
