@@ -5,14 +5,19 @@ taken before (a backup, a pg_dump, WAL) still holds it, wrapped under the KEK
 version of the day. Once that version is rotated away, re-wrapped and destroyed,
 the copy is noise even with the key provider's current material - and the test
 shows first that the same copy *was* readable before the destruction, so the
-check can fail.
+check can fail. The same holds for a backup made by ``privacy-vault backup``
+(issue 8, item 17), which never holds the key file - and does not for a copy of the
+data directory that includes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -21,6 +26,7 @@ import pytest
 from vault import CHEAPEST, NewMember, Vault, _hazmat, open_vault
 from vault.bindings import dek_context
 from vault.errors import DecryptionError, KeyUnavailable
+from vault.providers.base import KeyProvider
 from vault.providers.local import LocalKeyProvider
 from vault.store import Store, open_store
 
@@ -48,11 +54,14 @@ async def _backup(store_url: str, tmp_path: Path, make_db: Callable[[], Awaitabl
     return restored
 
 
-async def _read_name_from_copy(vault: Vault, copy: Store, member_id: str) -> str:
-    """Decrypt the member's name from the copy with the provider's current keys."""
+async def _read_name_from_copy(
+    vault: Vault, copy: Store, member_id: str, provider: KeyProvider | None = None
+) -> str:
+    """Decrypt the member's name from the copy with the provider's current keys (or
+    with ``provider``'s, e.g. a copy of the key file)."""
     row = await copy.get_member(member_id)
     assert row is not None, "the copy holds the member"
-    material = await vault._provider.unwrap(
+    material = await (provider or vault._provider).unwrap(
         row.key.kek_version, row.key.wrapped_dek, dek_context(member_id, row.key.dek_id)
     )
     dek = _hazmat.SecretKey(row.key.dek_id, material)
@@ -97,6 +106,58 @@ async def test_old_copies_die_with_the_kek_version(
             await copy.close()
         # The live members were re-wrapped and still read.
         assert (await vault.keys.status()).versions[1].member_keys == 1
+
+
+async def test_a_backup_made_by_the_command_dies_with_the_kek_version(tmp_path: Path) -> None:
+    """``privacy-vault backup`` (issue 8, item 17) on the embedded default: the copy
+    holds the member's wrapped DEK but no key, so destroying the KEK version closes
+    the horizon on it. A copy of the key file taken beside it (what copying the data
+    directory does) keeps it open: that is why the key file must live elsewhere."""
+    data = tmp_path / "data"
+    dest = tmp_path / "backup"
+    async with open_vault(data_dir=data, argon2=CHEAPEST) as vault:
+        doomed = await vault.sign_up(
+            NewMember("doomed01", "a long passphrase", CANARY_NAME, "d@example.com", "1990-01-01")
+        )
+        await vault.sign_up(
+            NewMember("keeper01", "a long passphrase", "Keeper", "k@example.com", "1990-01-01")
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
+        env["PRIVACY_VAULT_DATA_DIR"] = str(data)
+        made = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "service", "backup", str(dest)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert made.returncode == 0, made.stderr
+        assert not any(p.name.startswith("kek") for p in dest.iterdir())
+        # The "obvious backup" would also have taken this, at the same moment.
+        naive_key_file = tmp_path / "naive-copy-of-data-dir" / "kek.json"
+        naive_key_file.parent.mkdir(mode=0o700)
+        shutil.copy2(data / "kek.json", naive_key_file)
+
+        await vault.shred(doomed, reason="withdrawal")
+        await vault.keys.rotate("test")
+        async for _ in vault.keys.rewrap("test"):
+            pass
+        copy = await open_store(f"sqlite:///{dest / 'vault.db'}")
+        try:
+            # Positive control: before the destruction the backup still decrypts.
+            assert await _read_name_from_copy(vault, copy, doomed) == CANARY_NAME
+
+            await vault.keys.destroy_version(1, "test")
+            with pytest.raises((KeyUnavailable, DecryptionError)):
+                await _read_name_from_copy(vault, copy, doomed)
+
+            # The same backup with the key file copied beside it: still readable.
+            stale_keys = LocalKeyProvider(naive_key_file, writable=False)
+            assert await _read_name_from_copy(vault, copy, doomed, stale_keys) == CANARY_NAME
+        finally:
+            await copy.close()
 
 
 async def test_destroyed_material_is_gone_from_the_key_file(tmp_path: Path) -> None:

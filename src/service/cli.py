@@ -1,18 +1,24 @@
 """``privacy-vault``: run the server and the sidecar, apply migrations, manage keys
-(``keys``) and withdrawn members' retained data (``retention``)."""
+(``keys``) and withdrawn members' retained data (``retention``), back up the embedded
+databases (``backup``)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 
+from service import backup_cli
 from service.config import Settings
 from service.keys_cli import keys_app
 from service.logs import configure_logging
 from service.retention_cli import retention_app
+from vault import errors as ve
+
+_T = TypeVar("_T")
 
 app = typer.Typer(
     name="privacy-vault",
@@ -22,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(keys_app, name="keys")
 app.add_typer(retention_app, name="retention")
+app.command(name="backup", epilog=backup_cli._EXIT_CODES_HELP)(backup_cli.backup)
 
 
 def load_settings() -> Settings:
@@ -32,10 +39,16 @@ def load_settings() -> Settings:
         # Name the settings that are wrong, not their values (they may be secrets).
         # Errors between settings (no location) carry our validators' own messages,
         # which never quote a value.
+        # Our own validators' messages (type value_error) say what is wrong and never
+        # quote the value, so they are shown beside the variable's name.
         bad = ", ".join(
-            "PRIVACY_VAULT_" + str(e["loc"][0]).upper()
+            (
+                "PRIVACY_VAULT_"
+                + str(e["loc"][0]).upper()
+                + (f" ({_reason(e['msg'])})" if e["type"] == "value_error" else "")
+            )
             if e["loc"]
-            else str(e["msg"]).removeprefix("Value error, ")
+            else _reason(e["msg"])
             for e in exc.errors(include_input=False)
         )
         typer.echo(f"invalid configuration: {bad or exc.error_count()}", err=True)
@@ -44,12 +57,36 @@ def load_settings() -> Settings:
     return settings
 
 
+def _reason(message: object) -> str:
+    return str(message).removeprefix("Value error, ")
+
+
+# Exit codes of a command whose start-up the vault refused (the keys commands' codes).
+STARTUP_EXIT_CODES: dict[type[ve.VaultError], int] = {
+    ve.PreconditionFailed: 1,  # e.g. a data directory of another user's open to others
+    ve.KeyUnavailable: 3,  # e.g. a key file others can read
+    ve.StorageUnavailable: 3,
+}
+
+
+def run_async(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``main``; a vault error (a refused start-up check, a database or key provider
+    that cannot be used) is one line on stderr and an exit code, not a traceback. Vault
+    error messages never carry a value or key material."""
+    try:
+        return asyncio.run(main)
+    except ve.VaultError as exc:
+        code = next((c for t, c in STARTUP_EXIT_CODES.items() if isinstance(exc, t)), 5)
+        typer.echo(f"cannot start: {exc.message}", err=True)
+        raise typer.Exit(code) from None
+
+
 @app.command()
 def serve() -> None:
     """Run the gRPC server (embedded default: SQLite and a key file in ./privacy-vault-data)."""
     from service.server import serve as run
 
-    asyncio.run(run(load_settings()))
+    run_async(run(load_settings()))
 
 
 @app.command()
@@ -71,7 +108,7 @@ def sidecar(
     from service.sidecar import run_cli
 
     settings = load_settings()
-    code = asyncio.run(
+    code = run_async(
         run_cli(settings, once=once, dry_run=dry_run, interval=interval, out=sys.stdout)
     )
     raise typer.Exit(code)
@@ -82,5 +119,5 @@ def migrate() -> None:
     """Apply pending database migrations and exit."""
     from service.server import migrate_only
 
-    versions = asyncio.run(migrate_only(load_settings()))
+    versions = run_async(migrate_only(load_settings()))
     typer.echo(f"applied migrations: {versions}" if versions else "database is up to date")

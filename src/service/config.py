@@ -20,6 +20,17 @@ from vault import OWASP, Argon2Profile, KeyProviderSettings, RetentionRule, Vaul
 from vault.bootstrap import retention_database_url
 
 ENV_PREFIX = "PRIVACY_VAULT_"
+#: The admin token (a bearer secret in a gRPC header): long enough, printable ASCII
+#: without whitespace (what a header carries unchanged), and not one character
+#: repeated or a short pattern (16 spaces, "abababab..." are refused).
+ADMIN_TOKEN_MIN_LENGTH = 16
+ADMIN_TOKEN_MAX_LENGTH = 1024
+ADMIN_TOKEN_MIN_DISTINCT = 8
+ADMIN_TOKEN_RULE = (
+    f"admin_token must be {ADMIN_TOKEN_MIN_LENGTH} to {ADMIN_TOKEN_MAX_LENGTH} printable "
+    f"ASCII characters without whitespace, at least {ADMIN_TOKEN_MIN_DISTINCT} of them "
+    "distinct (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+)
 #: Where Debian's softhsm2 puts its module: the pkcs11 default when it is installed.
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 
@@ -75,7 +86,8 @@ class Settings(BaseSettings):
     tls_client_ca_file: Path | None = None
     #: Bearer token for KeyAdminService (PRIVACY_VAULT_ADMIN_TOKEN or
     #: PRIVACY_VAULT_ADMIN_TOKEN_FILE). Unset: the admin API is not served at all.
-    admin_token: SecretStr | None = Field(None, min_length=16)
+    #: See ADMIN_TOKEN_RULE for what is accepted.
+    admin_token: SecretStr | None = None
     #: The shredding horizon's bound: ``privacy-vault keys maintain`` (and the
     #: sidecar) rotate the KEK when the active version is older than this.
     kek_rotation_days: int = Field(90, ge=1, le=3650)
@@ -163,6 +175,21 @@ class Settings(BaseSettings):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError("listen_address must be host:port")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message states the rule only: it never quotes the token.
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if (
+            not ADMIN_TOKEN_MIN_LENGTH <= len(token) <= ADMIN_TOKEN_MAX_LENGTH
+            or not all("!" <= c <= "~" for c in token)
+            or len(set(token)) < ADMIN_TOKEN_MIN_DISTINCT
+        ):
+            raise ValueError(ADMIN_TOKEN_RULE)
         return value
 
     @model_validator(mode="after")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import stat
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import structlog
+
 from vault.clock import Clock, SystemClock
+from vault.errors import PreconditionFailed
 from vault.facade import Vault, VaultSettings
 from vault.passwords import OWASP, Argon2Profile, PasswordHasher
 from vault.providers.base import KeyProvider
@@ -17,6 +22,10 @@ from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.store import database_backend, open_retention_store, open_store
 
 LOCAL_KEY_FILE = "kek.json"
+#: What SQLite keeps beside a database file (its pages live in the WAL too).
+SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+log = structlog.get_logger("vault.bootstrap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,65 @@ def retention_database_url(
     return None
 
 
+def sqlite_database_files(
+    data_dir: Path, database_url: str | None, retention_url: str | None
+) -> list[Path]:
+    """The SQLite files (vault, then retention) the settings name; PostgreSQL ones are
+    not files of ours."""
+    urls = [
+        database_url or default_database_url(data_dir),
+        retention_database_url(data_dir, database_url, retention_url),
+    ]
+    files = []
+    for url in urls:
+        if url is not None:
+            backend, target = database_backend(url)
+            if backend == "sqlite":
+                files.append(Path(target))
+    return files
+
+
+def tighten_permissions(path: Path, what: str) -> None:
+    """Take group and others' bits off ``path`` if it is ours; refuse if it is not."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return
+    tight = mode & ~0o077
+    if st.st_uid != os.geteuid():
+        # Another user's file: changing its mode is not ours to do.
+        raise PreconditionFailed(
+            "permissions",
+            f"{what} {path} is open to group or others (mode {mode:03o}) and belongs to "
+            f"another user, so it cannot be tightened: make it {tight:03o} as its owner, "
+            "or use a directory of this user's",
+            kind="PERMISSIONS",
+        )
+    os.chmod(path, tight)
+    log.warning(
+        "permissions_tightened", file=str(path), mode_was=f"{mode:03o}", mode_now=f"{tight:03o}"
+    )
+
+
+def secure_local_files(data_dir: Path, database_files: Iterable[Path]) -> None:
+    """Start-up check: the data directory must be 0700 and the SQLite files 0600.
+
+    What this user owns is tightened, with a log line (a loose umask or a restore
+    typically left it so; the files hold ciphertext, the fix is safe); another user's
+    is refused. The local key file is refused, not tightened, when others could read
+    it (see LocalKeyProvider): its material may have been copied already.
+    """
+    tighten_permissions(data_dir, "the data directory")
+    for database in database_files:
+        for suffix in SQLITE_COMPANIONS:
+            tighten_permissions(
+                database.with_name(database.name + suffix), "the SQLite database file"
+            )
+
+
 @contextlib.asynccontextmanager
 async def open_vault(
     *,
@@ -110,6 +178,7 @@ async def open_vault(
         raise ValueError(
             "a withdrawal retention period needs a retention database (retention_database_url)"
         )
+    secure_local_files(data_dir, sqlite_database_files(data_dir, database_url, retention_url))
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     provider = open_key_provider(key_provider or KeyProviderSettings(), data_dir)
     async with contextlib.AsyncExitStack() as undo:
@@ -142,6 +211,7 @@ async def migrate_database(
 ) -> list[int]:
     """Apply pending migrations (the vault's, then the retention store's); return the
     vault's versions applied now."""
+    secure_local_files(data_dir, sqlite_database_files(data_dir, database_url, retention_url))
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start
     store = await open_store(database_url or default_database_url(data_dir), pool_size=1)
     try:

@@ -63,9 +63,12 @@ class LocalKeyProvider:
             raise KeyUnavailable("the local key file cannot be read") from None
         mode = stat.S_IMODE(self._path.stat().st_mode)
         if self._writable and mode & 0o077:
-            # A key file others can read is a leaked key file; refuse rather than warn.
+            # A key file others can read is a leaked key file: refuse rather than
+            # tighten it quietly, so that someone decides whether to rotate.
             raise KeyUnavailable(
-                f"the local key file is readable by group or others (mode {mode:o}); chmod 600 it"
+                f"the local key file {self._path} is open to group or others (mode {mode:03o}); "
+                "its material may have been copied: chmod 600 it, and if anyone else could "
+                "read it, rotate, re-wrap and destroy the old versions"
             )
         try:
             doc = json.loads(raw)
