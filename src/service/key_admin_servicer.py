@@ -8,25 +8,22 @@ token (else UNAUTHENTICATED, one message whether it is missing or wrong) and
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Protocol
 
 from privacyvault.v1 import key_admin_pb2 as pb
 from privacyvault.v1 import key_admin_pb2_grpc
+from service.convert import event_pb, kek_version_pb, progress_pb, status_version_pb
 from service.errors import AdminUnauthenticated
 from service.field_limits import check_field_limits
 from service.interceptors import Context, metadata_value
-from service.member_servicer import _ts
 from vault.errors import FieldViolation, InvalidInput
 from vault.keyadmin import (
     DEFAULT_BATCH,
     MAX_BATCH,
     DestroyPlan,
-    KekVersionStatus,
     KeyStatus,
     RewrapProgress,
 )
@@ -37,12 +34,6 @@ ACTOR_KEY = "x-actor"
 _BEARER = "bearer"
 _ACTOR = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 DEFAULT_EVENTS, MAX_EVENTS = 100, 1000
-
-_STATES: dict[str, pb.KekState.ValueType] = {
-    "active": pb.KEK_STATE_ACTIVE,
-    "decrypt_only": pb.KEK_STATE_DECRYPT_ONLY,
-    "destroyed": pb.KEK_STATE_DESTROYED,
-}
 
 
 class KeyAdminVault(Protocol):
@@ -66,57 +57,6 @@ def check_actor(actor: str, field: str = ACTOR_KEY) -> str:
             [FieldViolation(field, "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', '@', '-'")]
         )
     return actor
-
-
-def _kek_version_pb(
-    version: int,
-    state: str,
-    created_at: datetime,
-    destroyed_at: datetime | None,
-    member_keys: int = 0,
-    index_keys: int = 0,
-    retained_member_keys: int = 0,
-) -> pb.KekVersion:
-    return pb.KekVersion(
-        version=version,
-        state=_STATES.get(state, pb.KEK_STATE_UNSPECIFIED),
-        created_at=_ts(created_at),
-        destroyed_at=None if destroyed_at is None else _ts(destroyed_at),
-        member_keys=member_keys,
-        index_keys=index_keys,
-        retained_member_keys=retained_member_keys,
-    )
-
-
-def _status_version_pb(v: KekVersionStatus) -> pb.KekVersion:
-    return _kek_version_pb(
-        v.version,
-        v.state,
-        v.created_at,
-        v.destroyed_at,
-        v.member_keys,
-        v.index_keys,
-        v.retained_keys,
-    )
-
-
-def _progress_pb(p: RewrapProgress) -> pb.RewrapProgress:
-    return pb.RewrapProgress(**dataclasses.asdict(p))
-
-
-def _detail(value: object) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _event_pb(e: KeyEvent) -> pb.KeyEvent:
-    return pb.KeyEvent(
-        at=_ts(e.at),
-        actor=e.actor,
-        operation=e.operation,
-        kek_version=e.kek_version or 0,
-        member_id=e.member_id or "",
-        details={k: _detail(v) for k, v in e.details.items()},
-    )
 
 
 class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServiceServicer):
@@ -148,7 +88,7 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServiceServicer):
         return pb.GetKeyStatusResponse(
             provider=status.provider,
             active_version=status.active_version,
-            versions=[_status_version_pb(v) for v in status.versions],
+            versions=[status_version_pb(v) for v in status.versions],
         )
 
     async def RotateKek(
@@ -157,7 +97,7 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServiceServicer):
         actor = self._actor(context)
         row = await self._keys.rotate(actor)
         return pb.RotateKekResponse(
-            version=_kek_version_pb(row.version, row.state, row.created_at, row.destroyed_at),
+            version=kek_version_pb(row.version, row.state, row.created_at, row.destroyed_at),
             # Rotation adds the highest version and the highest is the active one.
             previous_version=row.version - 1,
         )
@@ -174,7 +114,7 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServiceServicer):
             actor, batch_size=request.batch_size or DEFAULT_BATCH, dry_run=request.dry_run
         )
         async for step in progress:
-            yield pb.RewrapMemberKeysResponse(progress=_progress_pb(step))
+            yield pb.RewrapMemberKeysResponse(progress=progress_pb(step))
 
     async def DestroyKekVersion(
         self, request: pb.DestroyKekVersionRequest, context: Context
@@ -211,4 +151,4 @@ class KeyAdminServicer(key_admin_pb2_grpc.KeyAdminServiceServicer):
         if not 0 <= request.limit <= MAX_EVENTS:
             raise InvalidInput([FieldViolation("limit", f"must be 0-{MAX_EVENTS}")])
         events = await self._keys.events(request.limit or DEFAULT_EVENTS)
-        return pb.ListKeyEventsResponse(events=[_event_pb(e) for e in events])
+        return pb.ListKeyEventsResponse(events=[event_pb(e) for e in events])
