@@ -18,6 +18,7 @@ import pytest
 from service.config import Settings
 from service.server import run_server
 from service.sidecar import LEASE_NAME, Sidecar
+from service.wiring import build_sidecar
 from vault import CHEAPEST, FrozenClock, Purpose, SystemClock, Vault, open_vault
 from vault.facade import NewMember
 from vault.lifecycle import NOTICE_ITEMS, BatchHook, Lifecycle, LifecyclePolicy
@@ -425,7 +426,7 @@ async def test_the_sidecar_bounds_the_shredding_horizon_when_asked(
     the members still read. Off (the default), a round touches no key."""
     member_id = await sign_up(vault, 1)
     settings = Settings(data_dir=tmp_path / "mail", kek_rotation_days=90)
-    off = Sidecar.for_vault(vault, settings, interval=60)
+    off = build_sidecar(vault, settings, interval=60)
     lc_clock.advance(91 * DAY)
     report = await off.run_round()
     assert report is not None
@@ -433,7 +434,7 @@ async def test_the_sidecar_bounds_the_shredding_horizon_when_asked(
     await off.release()
     assert [v.state for v in (await vault.keys.status()).versions] == ["active"]
 
-    on = Sidecar.for_vault(vault, settings.model_copy(update={"sidecar_key_maintenance": True}))
+    on = build_sidecar(vault, settings.model_copy(update={"sidecar_key_maintenance": True}))
     report = await on.run_round()
     assert report is not None
     assert (report.kek_rotated, report.kek_versions_destroyed) == (1, 1)

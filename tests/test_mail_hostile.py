@@ -44,7 +44,7 @@ from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.server import RunningServer, run_server
-from service.sidecar import Sidecar
+from service.wiring import build_sidecar
 from vault import CHEAPEST, FrozenClock, open_vault
 from vault.lifecycle import RoundReport
 
@@ -191,7 +191,7 @@ def _mode(path: Path) -> int:
 
 async def _round(server: RunningServer, settings: Settings) -> RoundReport | None:
     """One real sidecar round (its relay spools the due mail, with no SMTP set)."""
-    sidecar = Sidecar.for_vault(server.vault, settings, interval=1)
+    sidecar = build_sidecar(server.vault, settings, interval=1)
     try:
         return await sidecar.run_round()
     finally:
@@ -400,7 +400,7 @@ async def test_expiry_shred_by_the_sidecar_deletes_the_members_spooled_mail(
     _, active = await _sign_up(members)
     for login_id in (request.login_id, active.login_id):
         await _ask_reset(members, server, login_id)
-    sidecar = Sidecar.for_vault(server.vault, settings, interval=1)
+    sidecar = build_sidecar(server.vault, settings, interval=1)
     try:
         await sidecar.run_round()
         clock.advance(timedelta(days=335))  # a year less the notice lead: notices go out

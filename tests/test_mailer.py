@@ -36,7 +36,7 @@ from service.mailer import (
     parse_smtp_url,
 )
 from service.server import RunningServer
-from service.sidecar import Sidecar
+from service.wiring import build_sidecar
 from vault import FrozenClock, NewMember, Vault
 from vault.lifecycle import NOTICE_ITEMS
 from vault.mail import (
@@ -491,7 +491,7 @@ async def test_sidecar_round_sends_the_inactivity_notice_it_enqueued(
             "privacy_officer_contact": CONTACT,
         }
     )
-    sidecar = Sidecar.for_vault(server.vault, settings, interval=1)
+    sidecar = build_sidecar(server.vault, settings, interval=1)
     clock.advance(timedelta(days=335))  # a year minus the 30-day notice lead
 
     try:

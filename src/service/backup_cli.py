@@ -19,9 +19,10 @@ from typing import Annotated
 
 import typer
 
-from service.keys_cli import ExitCode, Output
+from service.cli_common import ExitCode, Output, exit_code_for, exit_codes_help, load_settings
+from service.config import Settings
 from vault import errors as ve
-from vault.backup import backup_sqlite_databases
+from vault.backup import Backup, backup_sqlite_databases
 from vault.bootstrap import (
     default_database_url,
     retention_database_url,
@@ -35,11 +36,11 @@ POSTGRES_REFUSAL = (
     "(README, 'Backups'); `privacy-vault backup` copies SQLite databases only"
 )
 
-_EXIT_CODES_HELP = (
-    "Exit codes: 0 done; 1 refused (DEST already holds a backup); 2 usage or configuration "
-    "error (a PostgreSQL database, DEST inside the data directory); 3 database unavailable, "
-    "retry; 4 no vault database; "
-    "5 internal error."
+EXIT_CODES_HELP = exit_codes_help(
+    refused="DEST already holds a backup",
+    usage="usage or configuration error (a PostgreSQL database, DEST inside the data directory)",
+    unavailable="database unavailable",
+    not_found="no vault database",
 )
 
 
@@ -55,6 +56,21 @@ def _not_sqlite(data_dir: Path, vault_url: str | None, retention_url: str | None
     return None
 
 
+def _refusal(settings: Settings, dest: Path) -> str | None:
+    """Why this command will not back up to ``dest`` (a usage error), or None."""
+    vault_url = settings.database_url.get_secret_value() if settings.database_url else None
+    try:
+        refusal = _not_sqlite(settings.data_dir, vault_url, settings.retention_url)
+    except ValueError as exc:
+        refusal = str(exc)
+    if refusal is None and dest.resolve().is_relative_to(settings.data_dir.resolve()):
+        # A copy of the data directory would take the backup and the key file together.
+        refusal = (
+            f"{dest} is inside the data directory {settings.data_dir}: back up to another volume"
+        )
+    return refusal
+
+
 def backup(
     dest: Annotated[
         Path,
@@ -66,22 +82,14 @@ def backup(
 ) -> None:
     """Copy the SQLite vault and retention databases into DEST while the server runs
     (never the key file: keep that on another volume, a mounted secret or an HSM)."""
-    from service.cli import load_settings
-
     out = Output()
     settings = load_settings()
-    data_dir = settings.data_dir
-    vault_url = settings.database_url.get_secret_value() if settings.database_url else None
-    try:
-        refusal = _not_sqlite(data_dir, vault_url, settings.retention_url)
-    except ValueError as exc:
-        refusal = str(exc)
-    if refusal is None and dest.resolve().is_relative_to(data_dir.resolve()):
-        # A copy of the data directory would take the backup and the key file together.
-        refusal = f"{dest} is inside the data directory {data_dir}: back up to another volume"
+    refusal = _refusal(settings, dest)
     if refusal:
         out.error(ExitCode.USAGE, refusal)
         raise typer.Exit(ExitCode.USAGE)
+    data_dir = settings.data_dir
+    vault_url = settings.database_url.get_secret_value() if settings.database_url else None
     vault_db, *rest = sqlite_database_files(data_dir, vault_url, settings.retention_url)
     try:
         secure_local_files(data_dir, [vault_db, *rest])
@@ -89,17 +97,17 @@ def backup(
             vault_db, rest[0] if rest else None, dest, now=datetime.now(UTC)
         )
     except ve.VaultError as exc:
-        code = {
-            ve.PreconditionFailed: ExitCode.REFUSED,
-            ve.NotFound: ExitCode.NOT_FOUND,
-            ve.StorageUnavailable: ExitCode.UNAVAILABLE,
-        }.get(type(exc), ExitCode.INTERNAL)
+        code = exit_code_for(exc)
         out.error(code, exc.message)
         raise typer.Exit(code) from None
     except OSError as exc:
         # The reason ("No space left on device"), not the paths the text may quote.
         out.error(ExitCode.UNAVAILABLE, f"the backup could not be written: {exc.strerror}")
         raise typer.Exit(ExitCode.UNAVAILABLE) from None
+    _print_backup(out, done)
+
+
+def _print_backup(out: Output, done: Backup) -> None:
     if out.tty:
         for f in done.files:
             out.console.print(f"{f.role}: {done.dest / f.file} ({f.size} bytes)")

@@ -20,43 +20,29 @@ Exit codes (scripts may rely on them):
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
-import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from enum import IntEnum
-from typing import Annotated, Any, TextIO
+from datetime import timedelta
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from service.config import Settings
-from service.errors import ServiceError
-from service.key_admin_servicer import check_actor
-from vault import Vault
-from vault import errors as ve
+from service.cli_common import (
+    ActorOption,
+    ExitCode,
+    Output,
+    exit_codes_help,
+    load_settings,
+    run_vault_command,
+    valid_actor,
+    when,
+)
 from vault.keyadmin import DEFAULT_BATCH, MAX_BATCH, KeyAdmin, KeyStatus
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    REFUSED = 1
-    USAGE = 2
-    UNAVAILABLE = 3
-    NOT_FOUND = 4
-    INTERNAL = 5
-
-
-_EXIT_CODES_HELP = (
-    "Exit codes: 0 done (dry run: allowed); 1 refused (the vault's state does not allow it); "
-    "2 usage or configuration error; 3 database or key provider unavailable, retry; "
-    "4 not found; 5 internal error."
+EXIT_CODES_HELP = exit_codes_help(
+    done="done (dry run: allowed)", refused="the vault's state does not allow it"
 )
 
 keys_app = typer.Typer(
@@ -64,133 +50,16 @@ keys_app = typer.Typer(
     help=(
         "Key management for the security team: KEK status, rotation, re-wrap, "
         "destruction, member key rotation, the scheduled horizon job. Uses the server's "
-        "PRIVACY_VAULT_* settings. JSON lines on stdout when not on a terminal. " + _EXIT_CODES_HELP
+        "PRIVACY_VAULT_* settings. JSON lines on stdout when not on a terminal. " + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
     add_completion=False,
 )
 
 
-def _default_actor() -> str:
-    return os.environ.get("USER") or "cli"
-
-
-ActorOption = Annotated[
-    str,
-    typer.Option(
-        "--actor",
-        help="Who runs the operation, recorded in the key event. Default: $USER, else 'cli'.",
-        default_factory=_default_actor,
-        show_default=False,
-    ),
-]
-
-
-def valid_actor(actor: str) -> None:
-    """Checks --actor before anything is opened: a bad one is a usage error (exit 2)."""
-    try:
-        check_actor(actor, "--actor")
-    except ve.InvalidInput as exc:
-        Output().error(ExitCode.USAGE, _message_for(exc))
-        raise typer.Exit(ExitCode.USAGE) from None
-
-
-class Output:
-    """Results for people (a terminal) or for scripts (JSON lines)."""
-
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
-        self._out = out or sys.stdout
-        self._err = err or sys.stderr
-        self.tty = self._out.isatty()
-        self.console = Console(file=self._out, highlight=False)
-        self._err_console = Console(file=self._err, highlight=False)
-
-    def line(self, kind: str, **fields: Any) -> None:
-        """One JSON object on stdout (scripts only; callers print for people)."""
-        self._out.write(json.dumps({"type": kind, **fields}, default=_json_default) + "\n")
-        self._out.flush()
-
-    def error(self, code: ExitCode, message: str) -> None:
-        if self._err.isatty():
-            self._err_console.print(f"[bold red]error[/] ({code.name.lower()}): {message}")
-        else:
-            self._err.write(
-                json.dumps(
-                    {
-                        "type": "error",
-                        "exit_code": int(code),
-                        "error": code.name.lower(),
-                        "message": message,
-                    }
-                )
-                + "\n"
-            )
-            self._err.flush()
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(type(value).__name__)
-
-
-def when(at: datetime | None) -> str:
-    """A compact UTC time for tables (JSON lines carry full ISO 8601)."""
-    return "-" if at is None else at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _exit_code_for(exc: BaseException) -> ExitCode:
-    if isinstance(exc, ve.PreconditionFailed):
-        return ExitCode.REFUSED
-    if isinstance(exc, ve.InvalidInput):
-        return ExitCode.USAGE
-    if isinstance(exc, ve.NotFound):
-        return ExitCode.NOT_FOUND
-    if isinstance(
-        exc, ve.KeyUnavailable | ve.StorageUnavailable | ve.KeyChanged | ve.Conflict | OSError
-    ):
-        return ExitCode.UNAVAILABLE
-    return ExitCode.INTERNAL
-
-
-def _message_for(exc: BaseException) -> str:
-    if isinstance(exc, ve.InvalidInput):
-        return "; ".join(f"{v.field} {v.description}" for v in exc.violations)
-    if isinstance(exc, ve.VaultError | ServiceError):
-        return exc.message
-    # Any other text may quote anything: say only what kind of failure it was.
-    return f"{type(exc).__name__} (details withheld)"
-
-
 def _run(work: Callable[[KeyAdmin, Output], Awaitable[ExitCode]]) -> None:
     """Open the vault as the server does, run ``work`` on ``vault.keys``, exit with its code."""
     run_vault_command(lambda vault, out: work(vault.keys, out))
-
-
-def run_vault_command(work: Callable[[Vault, Output], Awaitable[ExitCode]]) -> None:
-    """Open the vault as the server does, run ``work``, exit with its code (the admin
-    CLIs' one place where errors become exit codes)."""
-    from service.cli import load_settings
-    from service.server import open_configured_vault
-
-    out = Output()
-    settings: Settings = load_settings()
-    try:
-        settings.key_provider_settings  # noqa: B018 - a misconfigured provider is a usage error
-    except ValueError as exc:
-        out.error(ExitCode.USAGE, str(exc))
-        raise typer.Exit(ExitCode.USAGE) from None
-
-    async def main() -> ExitCode:
-        async with open_configured_vault(settings) as vault:
-            return await work(vault, out)
-
-    try:
-        code = asyncio.run(main())
-    except Exception as exc:  # noqa: BLE001 - the CLI's one place errors become exit codes
-        code = _exit_code_for(exc)
-        out.error(code, _message_for(exc))
-    raise typer.Exit(code)
 
 
 # --- status -------------------------------------------------------------------------------
@@ -216,33 +85,28 @@ def _print_status(out: Output, status: KeyStatus) -> None:
             ],
         )
         return
-    table = Table(title=f"KEK versions (provider: {status.provider})")
-    for column in (
-        "version",
-        "state",
-        "created",
-        "destroyed",
-        "member keys",
-        "index keys",
-        "retained keys",
-    ):
-        table.add_column(column, justify="right" if "keys" in column else "left")
     styles = {"active": "bold green", "decrypt_only": "yellow", "destroyed": "dim"}
-    for v in status.versions:
-        table.add_row(
-            str(v.version),
-            v.state,
-            when(v.created_at),
-            when(v.destroyed_at),
-            str(v.member_keys),
-            str(v.index_keys),
-            str(v.retained_keys),
-            style=styles.get(v.state, ""),
-        )
-    out.console.print(table)
+    out.table(
+        f"KEK versions (provider: {status.provider})",
+        ("version", "state", "created", "destroyed", "member keys", "index keys", "retained keys"),
+        [
+            (
+                str(v.version),
+                v.state,
+                when(v.created_at),
+                when(v.destroyed_at),
+                str(v.member_keys),
+                str(v.index_keys),
+                str(v.retained_keys),
+            )
+            for v in status.versions
+        ],
+        right=("member keys", "index keys", "retained keys"),
+        row_styles=[styles.get(v.state, "") for v in status.versions],
+    )
 
 
-@keys_app.command(epilog=_EXIT_CODES_HELP)
+@keys_app.command(epilog=EXIT_CODES_HELP)
 def status() -> None:
     """Show each KEK version's state and how many member and index keys it still wraps."""
 
@@ -256,7 +120,7 @@ def status() -> None:
 # --- rotate -------------------------------------------------------------------------------
 
 
-@keys_app.command(epilog=_EXIT_CODES_HELP)
+@keys_app.command(epilog=EXIT_CODES_HELP)
 def rotate(actor: ActorOption) -> None:
     """Add a KEK version and make it active; new member keys are wrapped under it at once.
 
@@ -287,7 +151,7 @@ def rotate(actor: ActorOption) -> None:
 # --- rewrap -------------------------------------------------------------------------------
 
 
-@keys_app.command(epilog=_EXIT_CODES_HELP)
+@keys_app.command(epilog=EXIT_CODES_HELP)
 def rewrap(
     actor: ActorOption,
     batch_size: Annotated[
@@ -348,7 +212,7 @@ def rewrap(
 # --- destroy-version ----------------------------------------------------------------------
 
 
-@keys_app.command("destroy-version", epilog=_EXIT_CODES_HELP)
+@keys_app.command("destroy-version", epilog=EXIT_CODES_HELP)
 def destroy_version(
     version: Annotated[int, typer.Argument(min=1, help="The KEK version to destroy.")],
     actor: ActorOption,
@@ -395,7 +259,7 @@ def destroy_version(
 # --- rotate-member ------------------------------------------------------------------------
 
 
-@keys_app.command("rotate-member", epilog=_EXIT_CODES_HELP)
+@keys_app.command("rotate-member", epilog=EXIT_CODES_HELP)
 def rotate_member(
     member_id: Annotated[str, typer.Argument(help="The member's id.")],
     actor: ActorOption,
@@ -417,7 +281,7 @@ def rotate_member(
 # --- events -------------------------------------------------------------------------------
 
 
-@keys_app.command(epilog=_EXIT_CODES_HELP)
+@keys_app.command(epilog=EXIT_CODES_HELP)
 def events(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
 ) -> None:
@@ -437,19 +301,21 @@ def events(
                     details=dict(e.details),
                 )
             return ExitCode.OK
-        table = Table(title="key events (newest first)")
-        for column in ("at", "actor", "operation", "KEK", "member", "details"):
-            table.add_column(column)
-        for e in found:
-            table.add_row(
-                when(e.at),
-                e.actor,
-                e.operation,
-                "-" if e.kek_version is None else str(e.kek_version),
-                e.member_id or "-",
-                ", ".join(f"{k}={v}" for k, v in sorted(e.details.items())),
-            )
-        out.console.print(table)
+        out.table(
+            "key events (newest first)",
+            ("at", "actor", "operation", "KEK", "member", "details"),
+            [
+                (
+                    when(e.at),
+                    e.actor,
+                    e.operation,
+                    "-" if e.kek_version is None else str(e.kek_version),
+                    e.member_id or "-",
+                    ", ".join(f"{k}={v}" for k, v in sorted(e.details.items())),
+                )
+                for e in found
+            ],
+        )
         return ExitCode.OK
 
     _run(work)
@@ -469,7 +335,7 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-@keys_app.command(epilog=_EXIT_CODES_HELP)
+@keys_app.command(epilog=EXIT_CODES_HELP)
 def maintain(
     actor: ActorOption,
     rotate_after: Annotated[
@@ -487,8 +353,6 @@ def maintain(
     Safe to run as often as you like. Bounds how long backups of shredded members'
     keys stay decryptable.
     """
-    from service.cli import load_settings
-
     horizon = (
         parse_duration(rotate_after)
         if rotate_after is not None

@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from service.keys_cli import (
+from service.cli_common import (
     ActorOption,
     ExitCode,
     Output,
+    exit_codes_help,
     run_vault_command,
     valid_actor,
     when,
@@ -27,18 +27,14 @@ from service.keys_cli import (
 from vault import Vault
 from vault.retention import disclosure_json
 
-_EXIT_CODES_HELP = (
-    "Exit codes: 0 done; 1 refused (no retention database configured); 2 usage or "
-    "configuration error; 3 database or key provider unavailable, retry; 4 not found; "
-    "5 internal error."
-)
+EXIT_CODES_HELP = exit_codes_help(refused="no retention database configured")
 
 retention_app = typer.Typer(
     name="retention",
     help=(
         "The privacy officer's tools for withdrawn members' retained data (the separated "
         "storage): list, disclose when the law requires it, destroy early, audit trail. "
-        "Uses the server's PRIVACY_VAULT_* settings. " + _EXIT_CODES_HELP
+        "Uses the server's PRIVACY_VAULT_* settings. " + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -55,7 +51,7 @@ BasisOption = Annotated[
 MemberArgument = Annotated[str, typer.Argument(help="The withdrawn member's id.")]
 
 
-@retention_app.command("list", epilog=_EXIT_CODES_HELP)
+@retention_app.command("list", epilog=EXIT_CODES_HELP)
 def list_retained(
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many.")] = 100,
     after: Annotated[
@@ -79,24 +75,26 @@ def list_retained(
                     access_entries=r.access_entries,
                 )
             return ExitCode.OK
-        table = Table(title=f"retained members ({len(rows)})")
-        for column in ("member id", "retained", "destroy after", "reason", "access log"):
-            table.add_column(column)
-        for r in rows:
-            table.add_row(
-                r.member_id + ("" if r.confirmed else " (unconfirmed)"),
-                when(r.retained_at),
-                when(r.destroy_after),
-                r.reason,
-                str(r.access_entries),
-            )
-        out.console.print(table)
+        out.table(
+            f"retained members ({len(rows)})",
+            ("member id", "retained", "destroy after", "reason", "access log"),
+            [
+                (
+                    r.member_id + ("" if r.confirmed else " (unconfirmed)"),
+                    when(r.retained_at),
+                    when(r.destroy_after),
+                    r.reason,
+                    str(r.access_entries),
+                )
+                for r in rows
+            ],
+        )
         return ExitCode.OK
 
     run_vault_command(work)
 
 
-@retention_app.command(epilog=_EXIT_CODES_HELP)
+@retention_app.command(epilog=EXIT_CODES_HELP)
 def disclose(member_id: MemberArgument, basis: BasisOption, actor: ActorOption) -> None:
     """Print one retained member's data as JSON, for a use the law requires. The
     disclosure (who, when, the basis) is recorded first."""
@@ -111,7 +109,7 @@ def disclose(member_id: MemberArgument, basis: BasisOption, actor: ActorOption) 
     run_vault_command(work)
 
 
-@retention_app.command(epilog=_EXIT_CODES_HELP)
+@retention_app.command(epilog=EXIT_CODES_HELP)
 def destroy(member_id: MemberArgument, basis: BasisOption, actor: ActorOption) -> None:
     """Destroy one retained member's data now, before its date."""
     valid_actor(actor)
@@ -132,7 +130,7 @@ def destroy(member_id: MemberArgument, basis: BasisOption, actor: ActorOption) -
     run_vault_command(work)
 
 
-@retention_app.command(epilog=_EXIT_CODES_HELP)
+@retention_app.command(epilog=EXIT_CODES_HELP)
 def events(
     member_id: Annotated[str | None, typer.Argument(help="Only this member's.")] = None,
 ) -> None:
@@ -151,12 +149,11 @@ def events(
                     basis=e.basis,
                 )
             return ExitCode.OK
-        table = Table(title="retention events")
-        for column in ("at", "actor", "operation", "member id", "basis"):
-            table.add_column(column)
-        for e in rows:
-            table.add_row(when(e.at), e.actor, e.operation, e.member_id, e.basis)
-        out.console.print(table)
+        out.table(
+            "retention events",
+            ("at", "actor", "operation", "member id", "basis"),
+            [(when(e.at), e.actor, e.operation, e.member_id, e.basis) for e in rows],
+        )
         return ExitCode.OK
 
     run_vault_command(work)

@@ -22,10 +22,9 @@ from privacyvault.v1 import key_admin_pb2, member_pb2
 from service.config import Settings
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
-from service.mailer import mail_spool
 from service.member_servicer import MemberServicer
-from service.sidecar import Sidecar
-from vault import Clock, Vault, migrate_database, open_vault
+from service.wiring import build_sidecar, open_configured_vault
+from vault import Clock, Vault
 
 log = structlog.get_logger("service.server")
 
@@ -97,25 +96,30 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-@contextlib.asynccontextmanager
-async def open_configured_vault(
-    settings: Settings, *, clock: Clock | None = None
-) -> AsyncIterator[Vault]:
-    """The vault as ``settings`` describe it: the server's and the CLI's one way in."""
-    async with open_vault(
-        data_dir=settings.data_dir,
-        database_url=settings.database_url.get_secret_value() if settings.database_url else None,
-        key_provider=settings.key_provider_settings,
-        argon2=settings.argon2,
-        password_workers=settings.password_workers,
-        database_pool_size=settings.database_pool_size,
-        clock=clock,
-        settings=settings.vault_settings,
-        retention_url=settings.retention_url,
-    ) as vault:
-        # A shred in this process deletes the member's spooled .eml mail at once.
-        vault.add_shred_hook(mail_spool(settings, vault.clock).forget_member)
-        yield vault
+def _add_services(
+    server: grpc.aio.Server,
+    vault: Vault,
+    settings: Settings,
+    interceptor: ServiceInterceptor,
+    health_servicer: health.aio.HealthServicer,
+) -> tuple[str, ...]:
+    """Register the servicers ``settings`` ask for; the names of the API services."""
+    add_servicer(server, MemberServicer(vault), MEMBER_SERVICE, interceptor)
+    service_names: tuple[str, ...] = SERVICE_NAMES
+    if settings.admin_token is not None:
+        keys = KeyAdminServicer(vault.keys, settings.admin_token.get_secret_value())
+        add_servicer(server, keys, KEY_ADMIN_SERVICE, interceptor)
+        service_names = (*service_names, KEY_ADMIN_SERVICE.full_name)
+    else:
+        log.info("admin_api_disabled", reason="PRIVACY_VAULT_ADMIN_TOKEN is not set")
+    # Through the interceptor too, so a health call that sends no message ends;
+    # List is not implemented by grpc's servicer, and stays UNIMPLEMENTED.
+    add_servicer(server, health_servicer, HEALTH_SERVICE, interceptor, ("Check", "Watch"))
+    if settings.reflection_enabled:
+        reflection.enable_server_reflection(
+            (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    return service_names
 
 
 @contextlib.asynccontextmanager
@@ -128,22 +132,8 @@ async def run_server(
             maximum_concurrent_rpcs=settings.max_concurrent_calls,
         )
         interceptor = ServiceInterceptor(settings.default_deadline_seconds)
-        add_servicer(server, MemberServicer(vault), MEMBER_SERVICE, interceptor)
-        service_names: tuple[str, ...] = SERVICE_NAMES
-        if settings.admin_token is not None:
-            keys = KeyAdminServicer(vault.keys, settings.admin_token.get_secret_value())
-            add_servicer(server, keys, KEY_ADMIN_SERVICE, interceptor)
-            service_names = (*service_names, KEY_ADMIN_SERVICE.full_name)
-        else:
-            log.info("admin_api_disabled", reason="PRIVACY_VAULT_ADMIN_TOKEN is not set")
         health_servicer = health.aio.HealthServicer()
-        # Through the interceptor too, so a health call that sends no message ends;
-        # List is not implemented by grpc's servicer, and stays UNIMPLEMENTED.
-        add_servicer(server, health_servicer, HEALTH_SERVICE, interceptor, ("Check", "Watch"))
-        if settings.reflection_enabled:
-            reflection.enable_server_reflection(
-                (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+        service_names = _add_services(server, vault, settings, interceptor, health_servicer)
         credentials = _credentials(settings)
         port = (
             server.add_secure_port(settings.listen_address, credentials)
@@ -170,7 +160,7 @@ async def run_server(
         if settings.sidecar_in_process_enabled:
             # The embedded default: lifecycle sweeps in this process. Cancelling a
             # round is safe (every step is crash-safe); the lease is released.
-            sidecar = Sidecar.for_vault(vault, settings)
+            sidecar = build_sidecar(vault, settings)
             sidecar_task = asyncio.create_task(sidecar.run(asyncio.Event()))
         try:
             yield running
@@ -193,11 +183,3 @@ async def serve(settings: Settings) -> None:
     async with run_server(settings):
         await stop.wait()
         log.info("shutdown_requested", grace_seconds=settings.shutdown_grace_seconds)
-
-
-async def migrate_only(settings: Settings) -> list[int]:
-    return await migrate_database(
-        data_dir=settings.data_dir,
-        database_url=settings.database_url.get_secret_value() if settings.database_url else None,
-        retention_url=settings.retention_url,
-    )

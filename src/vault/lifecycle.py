@@ -99,6 +99,34 @@ class RoundReport:
             "dry_run": self.dry_run,
         }
 
+    def record(self, step: LifecycleStep, count: int) -> None:
+        setattr(self, step.name, count)
+
+    def count(self, step: LifecycleStep) -> int:
+        count: int = getattr(self, step.name)
+        return count
+
+
+class StepFunction(Protocol):
+    """A step's method: run (or, in a dry run, only count); returns the count."""
+
+    def __call__(self, *, dry_run: bool = False) -> Awaitable[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleStep:
+    """One step of a round, by name. ``name`` is its :class:`RoundReport` field and
+    the step the batch hook is told; ``label`` is how ``privacy-vault sidecar``
+    reports it. Callers walk :attr:`Lifecycle.steps` instead of restating them."""
+
+    name: str
+    label: str
+    run: StepFunction
+
+    def __post_init__(self) -> None:
+        if self.name not in RoundReport.__dataclass_fields__:
+            raise ValueError(f"a lifecycle step must name a RoundReport count: {self.name!r}")
+
 
 class Lifecycle:
     def __init__(
@@ -232,11 +260,20 @@ class Lifecycle:
             if len(due) < policy.batch_size or done == 0:
                 return destroyed
 
+    @property
+    def steps(self) -> tuple[LifecycleStep, ...]:
+        """The round's steps, in an order where each sees the previous one's effect:
+        a member shredded first is sent no notice, and the purge counts what is left."""
+        return (
+            LifecycleStep("shredded", "shredded", self.expire_inactive),
+            LifecycleStep("notices", "inactivity_notices", self.send_inactivity_notices),
+            LifecycleStep("retained_destroyed", "retained_destroyed", self.destroy_retained),
+            LifecycleStep("access_log_purged", "access_log_purged", self.purge_access_logs),
+        )
+
     async def run_round(self, *, dry_run: bool = False) -> RoundReport:
-        """Every step once, in an order where each sees the previous one's effect."""
+        """Every step once, in :attr:`steps` order."""
         report = RoundReport(dry_run=dry_run)
-        report.shredded = await self.expire_inactive(dry_run=dry_run)
-        report.notices = await self.send_inactivity_notices(dry_run=dry_run)
-        report.retained_destroyed = await self.destroy_retained(dry_run=dry_run)
-        report.access_log_purged = await self.purge_access_logs(dry_run=dry_run)
+        for step in self.steps:
+            report.record(step, await step.run(dry_run=dry_run))
         return report
