@@ -16,7 +16,8 @@ from vault.clock import FrozenClock
 from vault.lifecycle import Lifecycle, LifecyclePolicy
 from vault.store import MemberRow
 from vault.store._migrations import load_migrations
-from vault.store.postgres import _CREATE_SCHEMA_MIGRATIONS, PostgresStore
+from vault.store.postgres import PostgresStore
+from vault.store.postgres._db import _CREATE_SCHEMA_MIGRATIONS
 
 pytestmark = pytest.mark.postgres
 

@@ -1,0 +1,121 @@
+"""PostgreSQL: recovery tokens and the recovery-mail quota."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from vault.store._common import (
+    check_token_hash,
+    require_aware,
+)
+from vault.store.base import (
+    NewPasswordReset,
+    OutboxMessage,
+    RecoveryMailOutcome,
+)
+from vault.store.postgres._db import _PostgresDatabase, _uuid
+from vault.store.postgres._shared import (
+    _INSERT_OUTBOX,
+    _outbox_params,
+)
+
+
+class PostgresRecovery(_PostgresDatabase):
+    """PostgreSQL: recovery tokens and the recovery-mail quota."""
+
+    # --- account recovery --------------------------------------------------------
+    async def create_password_reset(
+        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
+    ) -> bool:
+        if _uuid(member_id) != _uuid(message.member_id):
+            raise ValueError("the message is for another member")
+        reset = NewPasswordReset(token_hash, expires_at)
+        return await self._recovery_mail(message, reset, None) == "queued"
+
+    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        token_hash = check_token_hash(token_hash)
+        async with self._transaction() as conn:
+            # One conditional UPDATE: a concurrent consumer waits on the row lock,
+            # then re-checks used_at and finds it set.
+            member_id = await conn.fetchval(
+                "UPDATE password_resets SET used_at = $2 WHERE token_hash = $1 "
+                "AND used_at IS NULL AND expires_at > $2 RETURNING member_id",
+                token_hash,
+                require_aware(now),
+            )
+        return None if member_id is None else str(member_id)
+
+    async def queue_recovery_mail(
+        self,
+        message: OutboxMessage,
+        *,
+        limit: int,
+        since: datetime,
+        reset: NewPasswordReset | None = None,
+    ) -> RecoveryMailOutcome:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._recovery_mail(message, reset, (limit, require_aware(since)))
+
+    async def _recovery_mail(
+        self,
+        message: OutboxMessage,
+        reset: NewPasswordReset | None,
+        quota: tuple[int, datetime] | None,
+    ) -> RecoveryMailOutcome:
+        """One transaction: the member check, the quota (limit, since) when given,
+        the reset row when given, the mail."""
+        # One statement counts and records: ON CONFLICT DO UPDATE locks the
+        # member's quota row and evaluates its WHERE on the newest version, so
+        # concurrent calls (on any replica) queue no more than the limit.
+        take = (
+            "INSERT INTO recovery_mail_quota AS q (member_id, sent_at) "
+            "VALUES ($1, ARRAY[$2::timestamptz]) "
+            "ON CONFLICT (member_id) DO UPDATE "
+            "SET sent_at = ARRAY(SELECT t FROM unnest(q.sent_at) AS t WHERE t > $3 ORDER BY t) "
+            "|| $2::timestamptz "
+            "WHERE (SELECT count(*) FROM unnest(q.sent_at) AS t WHERE t > $3) < $4 "
+            "RETURNING true"
+        )
+        row = _outbox_params(message)
+        key, at = row[1], row[4]
+        token_hash = None if reset is None else check_token_hash(reset.token_hash)
+        try:
+            async with self._transaction() as conn:
+                # FOR SHARE holds the member against a concurrent shred until commit.
+                found = await conn.fetchval(
+                    "SELECT 1 FROM members WHERE member_id = $1 FOR SHARE", key
+                )
+                if found is None:
+                    # As costly as the insert: a transaction id makes the commit
+                    # write and flush a commit record, as a real insert would (a
+                    # caller probing for accounts must not see the difference).
+                    await conn.execute("SELECT pg_current_xact_id()")
+                    return "no_member"
+                if quota is not None and not await conn.fetchval(take, key, at, quota[1], quota[0]):
+                    return "limited"
+                if reset is not None:
+                    await conn.execute(
+                        "INSERT INTO password_resets (token_hash, member_id, expires_at) "
+                        "VALUES ($1, $2, $3)",
+                        token_hash,
+                        key,
+                        require_aware(reset.expires_at),
+                    )
+                await conn.execute(_INSERT_OUTBOX, *row)
+        except asyncpg.ForeignKeyViolationError:
+            return "no_member"
+        return "queued"
+
+    async def find_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        token_hash = check_token_hash(token_hash)
+        async with self._connection() as conn:
+            member_id = await conn.fetchval(
+                "SELECT member_id FROM password_resets WHERE token_hash = $1 "
+                "AND used_at IS NULL AND expires_at > $2",
+                token_hash,
+                require_aware(now),
+            )
+        return None if member_id is None else str(member_id)

@@ -1,0 +1,100 @@
+"""SQLite: the sidecar's lease and the inactivity notices and expiry."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta
+
+from vault.store._common import (
+    canonical_member_id,
+    check_limit,
+)
+from vault.store.base import (
+    OutboxMessage,
+)
+from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
+from vault.store.sqlite._shared import (
+    _INSERT_OUTBOX,
+    _outbox_params,
+)
+
+
+class SqliteLifecycle(_SqliteDatabase):
+    """SQLite: the sidecar's lease and the inactivity notices and expiry."""
+
+    # --- lifecycle (the sidecar) -------------------------------------------------
+    async def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        params = (name, holder, _to_us(now + ttl), _to_us(now))
+
+        def work(conn: sqlite3.Connection) -> bool:
+            # One upsert: taken only if free, expired, or already ours.
+            cur = conn.execute(
+                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires_at = excluded.expires_at "
+                "WHERE leases.holder = excluded.holder OR leases.expires_at <= ?",
+                params,
+            )
+            return cur.rowcount == 1
+
+        return await self._write(work)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+        await self._write(work)
+
+    async def members_due_for_notice(
+        self, last_seen_before: datetime, limit: int
+    ) -> list[tuple[str, datetime]]:
+        params = (_to_us(last_seen_before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[tuple[str, datetime]]:
+            rows = conn.execute(
+                "SELECT member_id, last_seen_at FROM members "
+                "WHERE inactivity_notice_at IS NULL AND last_seen_at < ? "
+                "ORDER BY last_seen_at LIMIT ?",
+                params,
+            ).fetchall()
+            return [(str(r[0]), _from_us(r[1])) for r in rows]
+
+        return self._read(work)
+
+    async def record_inactivity_notice(
+        self, member_id: str, last_seen_at: datetime, message: OutboxMessage
+    ) -> bool:
+        member_id = canonical_member_id(member_id)
+        if canonical_member_id(message.member_id) != member_id:
+            raise ValueError("the message is for another member")
+        mark = (_to_us(message.created_at), member_id, _to_us(last_seen_at))
+        row = _outbox_params(message)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE members SET inactivity_notice_at = ? WHERE member_id = ? "
+                "AND last_seen_at = ? AND inactivity_notice_at IS NULL",
+                mark,
+            )
+            if cur.rowcount != 1:
+                return False
+            conn.execute(_INSERT_OUTBOX, row)
+            return True
+
+        return await self._write(work)
+
+    async def members_due_for_expiry(
+        self, last_seen_before: datetime, noticed_before: datetime, limit: int
+    ) -> list[str]:
+        params = (_to_us(last_seen_before), _to_us(noticed_before), check_limit(limit))
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT member_id FROM members WHERE inactivity_notice_at IS NOT NULL "
+                "AND last_seen_at < ? AND inactivity_notice_at < ? "
+                "ORDER BY last_seen_at LIMIT ?",
+                params,
+            ).fetchall()
+            return [str(r[0]) for r in rows]
+
+        return self._read(work)

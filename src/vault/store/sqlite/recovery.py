@@ -1,0 +1,121 @@
+"""SQLite: recovery tokens and the recovery-mail quota."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime
+
+from vault.store._common import (
+    canonical_member_id,
+    check_token_hash,
+)
+from vault.store.base import (
+    NewPasswordReset,
+    OutboxMessage,
+    RecoveryMailOutcome,
+)
+from vault.store.sqlite._db import _SqliteDatabase, _to_us
+from vault.store.sqlite._shared import (
+    _INSERT_OUTBOX,
+    _decoy_write,
+    _outbox_params,
+)
+
+
+class SqliteRecovery(_SqliteDatabase):
+    """SQLite: recovery tokens and the recovery-mail quota."""
+
+    # --- account recovery --------------------------------------------------------
+    async def create_password_reset(
+        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
+    ) -> bool:
+        if canonical_member_id(member_id) != canonical_member_id(message.member_id):
+            raise ValueError("the message is for another member")
+        reset = NewPasswordReset(token_hash, expires_at)
+        return await self._recovery_mail(message, reset, None) == "queued"
+
+    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        params = (_to_us(now), check_token_hash(token_hash), _to_us(now))
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            # One conditional UPDATE: the check and the mark cannot be split.
+            row = conn.execute(
+                "UPDATE password_resets SET used_at = ? WHERE token_hash = ? "
+                "AND used_at IS NULL AND expires_at > ? RETURNING member_id",
+                params,
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._write(work)
+
+    async def queue_recovery_mail(
+        self,
+        message: OutboxMessage,
+        *,
+        limit: int,
+        since: datetime,
+        reset: NewPasswordReset | None = None,
+    ) -> RecoveryMailOutcome:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._recovery_mail(message, reset, (limit, _to_us(since)))
+
+    async def _recovery_mail(
+        self,
+        message: OutboxMessage,
+        reset: NewPasswordReset | None,
+        quota: tuple[int, int] | None,
+    ) -> RecoveryMailOutcome:
+        """One write transaction: the member check, the quota (limit, since) when
+        given, the reset row when given, the mail. BEGIN IMMEDIATE serialises every
+        writer of the file, so the count and the insert cannot be split."""
+        row = _outbox_params(message)
+        member_id, at = row[1], row[4]
+        reset_row = (
+            None
+            if reset is None
+            else (check_token_hash(reset.token_hash), member_id, _to_us(reset.expires_at))
+        )
+
+        def work(conn: sqlite3.Connection) -> RecoveryMailOutcome:
+            found = conn.execute("SELECT 1 FROM members WHERE member_id = ?", (member_id,))
+            if found.fetchone() is None:
+                _decoy_write(conn)
+                return "no_member"
+            if quota is not None:
+                limit, since = quota
+                sent = conn.execute(
+                    "SELECT sent_at FROM recovery_mail_quota WHERE member_id = ?", (member_id,)
+                ).fetchone()
+                recent = [] if sent is None else [int(t) for t in json.loads(sent[0]) if t > since]
+                if len(recent) >= limit:
+                    return "limited"
+                conn.execute(
+                    "INSERT INTO recovery_mail_quota (member_id, sent_at) VALUES (?, ?) "
+                    "ON CONFLICT (member_id) DO UPDATE SET sent_at = excluded.sent_at",
+                    (member_id, json.dumps([*recent, at])),
+                )
+            if reset_row is not None:
+                conn.execute(
+                    "INSERT INTO password_resets (token_hash, member_id, expires_at) "
+                    "VALUES (?, ?, ?)",
+                    reset_row,
+                )
+            conn.execute(_INSERT_OUTBOX, row)
+            return "queued"
+
+        return await self._write(work)
+
+    async def find_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
+        params = (check_token_hash(token_hash), _to_us(now))
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT member_id FROM password_resets WHERE token_hash = ? "
+                "AND used_at IS NULL AND expires_at > ?",
+                params,
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._read(work)
