@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from test_store_contract import entry, new_member, with_active_kek
+from store_support import entry, new_member, with_active_kek
 
 from vault.clock import FrozenClock
 from vault.lifecycle import Lifecycle, LifecyclePolicy

@@ -14,7 +14,7 @@ from typing import get_args
 
 from vault import ids
 from vault.errors import PreconditionFailed
-from vault.store.base import (
+from vault.store.rows import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
     RETAINED_FIELDS,

@@ -37,8 +37,9 @@ from __future__ import annotations
 
 from vault.store.postgres.access_log import PostgresAccessLog
 from vault.store.postgres.destruction import PostgresDestruction
+from vault.store.postgres.inactivity import PostgresInactivity
 from vault.store.postgres.keys import PostgresKeys
-from vault.store.postgres.lifecycle import PostgresLifecycle
+from vault.store.postgres.lease import PostgresLease
 from vault.store.postgres.members import PostgresMembers
 from vault.store.postgres.outbox import PostgresOutbox
 from vault.store.postgres.recovery import PostgresRecovery
@@ -52,7 +53,8 @@ class PostgresStore(
     PostgresMembers,
     PostgresAccessLog,
     PostgresDestruction,
-    PostgresLifecycle,
+    PostgresLease,
+    PostgresInactivity,
     PostgresRecovery,
     PostgresOutbox,
 ):

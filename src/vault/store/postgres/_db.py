@@ -19,7 +19,7 @@ from vault.store._common import (
     check_limit,
 )
 from vault.store._migrations import load_migrations
-from vault.store.base import (
+from vault.store.rows import (
     MemberKeyRow,
     RewrapUpdate,
 )

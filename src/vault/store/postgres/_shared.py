@@ -17,11 +17,11 @@ from vault.store._common import (
     outbox_params_json,
     require_aware,
 )
-from vault.store.base import (
+from vault.store.postgres._db import _uuid
+from vault.store.rows import (
     OutboxMessage,
     RetentionCheck,
 )
-from vault.store.postgres._db import _uuid
 
 # Step 1 of the lock order for a key change or a shred: the member row FOR UPDATE,
 # with what those check against (last_seen_at, then the ciphertexts in column order).

@@ -12,14 +12,14 @@ from vault.store._common import (
     check_limit,
     require_aware,
 )
-from vault.store.base import (
-    AccessEntryRow,
-    NewAccessEntry,
-)
 from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
 from vault.store.postgres._shared import (
     _check_dek,
     _MemberGone,
+)
+from vault.store.rows import (
+    AccessEntryRow,
+    NewAccessEntry,
 )
 
 

@@ -17,15 +17,15 @@ from vault.store._common import (
     require_aware,
     shred_items,
 )
-from vault.store.base import (
-    DestructionRecord,
-    RetentionCheck,
-)
 from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
 from vault.store.postgres._shared import (
     _LOCK_MEMBER,
     _LOCK_MEMBER_KEY,
     _matches_retention,
+)
+from vault.store.rows import (
+    DestructionRecord,
+    RetentionCheck,
 )
 
 

@@ -22,13 +22,6 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.base import (
-    IndexKeyRow,
-    KekUsage,
-    KekVersionRow,
-    KeyEvent,
-    MemberKeyRow,
-)
 from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
 from vault.store.postgres._shared import (
     _LOCK_MEMBER,
@@ -36,6 +29,13 @@ from vault.store.postgres._shared import (
     _field_ciphertexts,
     _locked_entries,
     _require_not_destroyed,
+)
+from vault.store.rows import (
+    IndexKeyRow,
+    KekUsage,
+    KekVersionRow,
+    KeyEvent,
+    MemberKeyRow,
 )
 
 _SELECT_INDEX_KEY = (

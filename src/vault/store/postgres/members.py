@@ -16,14 +16,6 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.base import (
-    ConsentRow,
-    IndexedField,
-    MemberKeyRow,
-    MemberRow,
-    NewAccessEntry,
-    OutboxMessage,
-)
 from vault.store.postgres._db import _affected, _PostgresDatabase, _unique_error, _uuid
 from vault.store.postgres._shared import (
     _INSERT_OUTBOX,
@@ -31,6 +23,14 @@ from vault.store.postgres._shared import (
     _MemberGone,
     _outbox_params,
     _require_not_destroyed,
+)
+from vault.store.rows import (
+    ConsentRow,
+    IndexedField,
+    MemberKeyRow,
+    MemberRow,
+    NewAccessEntry,
+    OutboxMessage,
 )
 
 _MEMBER_COLUMNS = ", ".join(

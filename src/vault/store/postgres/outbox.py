@@ -11,13 +11,13 @@ from vault.store._common import (
     check_limit,
     require_aware,
 )
-from vault.store.base import (
-    OutboxMessage,
-)
 from vault.store.postgres._db import _PostgresDatabase
 from vault.store.postgres._shared import (
     _INSERT_OUTBOX,
     _outbox_params,
+)
+from vault.store.rows import (
+    OutboxMessage,
 )
 
 

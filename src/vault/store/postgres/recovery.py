@@ -10,15 +10,15 @@ from vault.store._common import (
     check_token_hash,
     require_aware,
 )
-from vault.store.base import (
-    NewPasswordReset,
-    OutboxMessage,
-    RecoveryMailOutcome,
-)
 from vault.store.postgres._db import _PostgresDatabase, _uuid
 from vault.store.postgres._shared import (
     _INSERT_OUTBOX,
     _outbox_params,
+)
+from vault.store.rows import (
+    NewPasswordReset,
+    OutboxMessage,
+    RecoveryMailOutcome,
 )
 
 

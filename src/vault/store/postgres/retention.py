@@ -16,7 +16,8 @@ from vault.store._common import (
     check_retained,
     require_aware,
 )
-from vault.store.base import (
+from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
+from vault.store.rows import (
     RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,
@@ -26,7 +27,6 @@ from vault.store.base import (
     RetainedSummary,
     RetentionEvent,
 )
-from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
 
 _RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
 

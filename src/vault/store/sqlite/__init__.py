@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from vault.store.sqlite.access_log import SqliteAccessLog
 from vault.store.sqlite.destruction import SqliteDestruction
+from vault.store.sqlite.inactivity import SqliteInactivity
 from vault.store.sqlite.keys import SqliteKeys
-from vault.store.sqlite.lifecycle import SqliteLifecycle
+from vault.store.sqlite.lease import SqliteLease
 from vault.store.sqlite.members import SqliteMembers
 from vault.store.sqlite.outbox import SqliteOutbox
 from vault.store.sqlite.recovery import SqliteRecovery
@@ -37,7 +38,8 @@ class SqliteStore(
     SqliteMembers,
     SqliteAccessLog,
     SqliteDestruction,
-    SqliteLifecycle,
+    SqliteLease,
+    SqliteInactivity,
     SqliteRecovery,
     SqliteOutbox,
 ):

@@ -21,7 +21,7 @@ from vault.store._common import (
     require_aware,
 )
 from vault.store._migrations import load_migrations
-from vault.store.base import (
+from vault.store.rows import (
     MemberKeyRow,
     RewrapUpdate,
 )

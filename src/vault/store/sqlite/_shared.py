@@ -15,7 +15,7 @@ from vault.store._common import (
     canonical_member_id,
     outbox_params_json,
 )
-from vault.store.base import (
+from vault.store.rows import (
     OutboxMessage,
     RetentionCheck,
 )

@@ -18,7 +18,7 @@ from vault.store._common import (
     require_aware,
     shred_items,
 )
-from vault.store.base import (
+from vault.store.rows import (
     DestructionRecord,
     RetentionCheck,
 )

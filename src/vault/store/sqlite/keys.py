@@ -21,7 +21,7 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.base import (
+from vault.store.rows import (
     IndexKeyRow,
     KekUsage,
     KekVersionRow,

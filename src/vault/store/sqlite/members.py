@@ -15,7 +15,7 @@ from vault.store._common import (
     hmac_column,
     update_assignments,
 )
-from vault.store.base import (
+from vault.store.rows import (
     ConsentRow,
     IndexedField,
     MemberKeyRow,

@@ -9,7 +9,7 @@ from datetime import datetime
 from vault.store._common import (
     check_limit,
 )
-from vault.store.base import (
+from vault.store.rows import (
     OutboxMessage,
 )
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us

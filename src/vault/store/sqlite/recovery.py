@@ -10,7 +10,7 @@ from vault.store._common import (
     canonical_member_id,
     check_token_hash,
 )
-from vault.store.base import (
+from vault.store.rows import (
     NewPasswordReset,
     OutboxMessage,
     RecoveryMailOutcome,

@@ -13,7 +13,7 @@ from vault.store._common import (
     check_retained,
     require_aware,
 )
-from vault.store.base import (
+from vault.store.rows import (
     RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,

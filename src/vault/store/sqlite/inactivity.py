@@ -1,15 +1,15 @@
-"""SQLite: the sidecar's lease and the inactivity notices and expiry."""
+"""SQLite: the inactivity notices and the expiry of inactive members."""
 
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from vault.store._common import (
     canonical_member_id,
     check_limit,
 )
-from vault.store.base import (
+from vault.store.rows import (
     OutboxMessage,
 )
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
@@ -19,31 +19,8 @@ from vault.store.sqlite._shared import (
 )
 
 
-class SqliteLifecycle(_SqliteDatabase):
-    """SQLite: the sidecar's lease and the inactivity notices and expiry."""
-
-    # --- lifecycle (the sidecar) -------------------------------------------------
-    async def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
-        params = (name, holder, _to_us(now + ttl), _to_us(now))
-
-        def work(conn: sqlite3.Connection) -> bool:
-            # One upsert: taken only if free, expired, or already ours.
-            cur = conn.execute(
-                "INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
-                "expires_at = excluded.expires_at "
-                "WHERE leases.holder = excluded.holder OR leases.expires_at <= ?",
-                params,
-            )
-            return cur.rowcount == 1
-
-        return await self._write(work)
-
-    async def release_lease(self, name: str, holder: str) -> None:
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
-
-        await self._write(work)
+class SqliteInactivity(_SqliteDatabase):
+    """SQLite: the inactivity sweep's reads and its notice write."""
 
     async def members_due_for_notice(
         self, last_seen_before: datetime, limit: int
