@@ -5,10 +5,12 @@ SQLite file itself, PostgreSQL connection failures. Every test that uses the ``s
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
+from store_support import new_member, with_active_kek
 
 from vault.errors import StorageUnavailable
 from vault.store import (
@@ -51,6 +53,42 @@ async def test_concurrent_migrations_apply_each_version_once(store_url: str) -> 
     finally:
         for s in stores:
             await s.close()
+
+
+@pytest.mark.parametrize("schema", ["vault", "retention"])
+def test_both_backends_number_their_migrations_alike(schema: str) -> None:
+    """The same number is the same change on both backends, with no gaps, so a
+    version in either database's schema_migrations means one thing."""
+    sqlite = [(m.version, m.name) for m in load_migrations("sqlite", schema)]
+    postgres = [(m.version, m.name) for m in load_migrations("postgres", schema)]
+    assert sqlite == postgres
+    assert [version for version, _ in sqlite] == list(range(1, len(sqlite) + 1))
+
+
+async def test_a_sqlite_database_that_skipped_0006_records_it_and_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    """A SQLite database migrated before its 0006 existed (0005 then 0007) gets the
+    empty 0006 recorded on the next start, and nothing else changes."""
+    path = tmp_path / "vault.db"
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        await store.migrate()
+        await with_active_kek(store)
+        member = new_member()
+        await store.insert_member(member)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM schema_migrations WHERE version = 6")
+    conn.close()
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        assert await store.migrate() == [6]
+        assert await store.migrate() == []
+        assert await store.get_member(member.member_id) == member
+    finally:
+        await store.close()
 
 
 # --- open_store -------------------------------------------------------------------
