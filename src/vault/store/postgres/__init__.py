@@ -39,23 +39,29 @@ from vault.store.postgres.access_log import PostgresAccessLog
 from vault.store.postgres.destruction import PostgresDestruction
 from vault.store.postgres.inactivity import PostgresInactivity
 from vault.store.postgres.keys import PostgresKeys
-from vault.store.postgres.lease import PostgresLease
 from vault.store.postgres.members import PostgresMembers
 from vault.store.postgres.outbox import PostgresOutbox
 from vault.store.postgres.recovery import PostgresRecovery
 from vault.store.postgres.retention import PostgresRetentionStore
+from vault.store.sql.destruction import SqlDestructionRecords
+from vault.store.sql.key_events import SqlKeyEvents
+from vault.store.sql.lease import SqlLease
+from vault.store.sql.outbox import SqlOutbox
 
 __all__ = ["PostgresRetentionStore", "PostgresStore"]
 
 
 class PostgresStore(
     PostgresKeys,
+    SqlKeyEvents,
     PostgresMembers,
     PostgresAccessLog,
     PostgresDestruction,
-    PostgresLease,
+    SqlDestructionRecords,
+    SqlLease,
     PostgresInactivity,
     PostgresRecovery,
     PostgresOutbox,
+    SqlOutbox,
 ):
     """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""

@@ -23,6 +23,8 @@ from vault.store.rows import (
     MemberKeyRow,
     RewrapUpdate,
 )
+from vault.store.sql.dialect import POSTGRES
+from vault.store.sql.executor import SqlExecutor
 
 # Errors meaning "the server cannot be reached or used right now".
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -72,7 +74,7 @@ def _unique_error(exc: asyncpg.UniqueViolationError) -> Exception:
     return AlreadyExists(field)
 
 
-class _PostgresDatabase:
+class _PostgresDatabase(SqlExecutor):
     """A connection pool on one database, and its migrations."""
 
     #: Which migrations (load_migrations schema) and the table that records them.
@@ -96,6 +98,16 @@ class _PostgresDatabase:
             # asyncpg's DSN parsing errors quote parts of the DSN.
             raise ValueError("invalid PostgreSQL database URL") from None
         return cls(pool)
+
+    _dialect = POSTGRES
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        async with self._connection() as conn:
+            return list(await conn.fetch(sql, *args))
+
+    async def _run(self, sql: str, *args: Any) -> int:
+        async with self._transaction() as conn:
+            return _affected(await conn.execute(sql, *args))
 
     async def close(self) -> None:
         await self._pool.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -27,17 +27,6 @@ from vault.store.rows import (
     DestructionRecord,
     RetentionCheck,
 )
-
-
-def _destruction_record(row: Mapping[str, Any]) -> DestructionRecord:
-    return DestructionRecord(
-        member_id=str(row["member_id"]),
-        destroyed_at=row["destroyed_at"],
-        reason=str(row["reason"]),
-        items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
-        kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
-        retained_until=row["retained_until"],
-    )
 
 
 async def _insert_destruction_record(conn: Any, record: DestructionRecord) -> None:
@@ -128,25 +117,3 @@ class PostgresDestruction(_PostgresDatabase):
                 return False
             await _insert_destruction_record(conn, replace(record, member_id=str(key)))
         return True
-
-    async def is_destroyed(self, member_id: str) -> bool:
-        async with self._connection() as conn:
-            found = await conn.fetchval(
-                "SELECT 1 FROM tombstones WHERE member_id = $1", _uuid(member_id)
-            )
-        return found is not None
-
-    async def list_destruction_records(
-        self, member_id: str | None = None
-    ) -> list[DestructionRecord]:
-        select = (
-            "SELECT member_id, destroyed_at, reason, items::text AS items, "
-            "kek_versions::text AS kek_versions, retained_until FROM destruction_records"
-        )
-        order = "ORDER BY destroyed_at, record_id"
-        async with self._connection() as conn:
-            if member_id is None:
-                rows = await conn.fetch(f"{select} {order}")
-            else:
-                rows = await conn.fetch(f"{select} WHERE member_id = $1 {order}", _uuid(member_id))
-        return [_destruction_record(r) for r in rows]

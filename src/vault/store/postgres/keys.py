@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -17,12 +16,11 @@ from vault.errors import (
 from vault.store._common import (
     check_kek_version,
     check_key_replacement,
-    check_limit,
     check_unused,
     require_aware,
     update_assignments,
 )
-from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
+from vault.store.postgres._db import _affected, _PostgresDatabase
 from vault.store.postgres._shared import (
     _LOCK_MEMBER,
     _LOCK_MEMBER_KEY,
@@ -34,7 +32,6 @@ from vault.store.rows import (
     IndexKeyRow,
     KekUsage,
     KekVersionRow,
-    KeyEvent,
     MemberKeyRow,
 )
 
@@ -241,36 +238,3 @@ class PostgresKeys(_PostgresDatabase):
                     ],
                 )
         return True
-
-    async def record_key_event(self, event: KeyEvent) -> None:
-        async with self._transaction() as conn:
-            await conn.execute(
-                "INSERT INTO key_events (at, actor, operation, kek_version, member_id, details) "
-                "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-                require_aware(event.at),
-                event.actor,
-                event.operation,
-                event.kek_version,
-                None if event.member_id is None else _uuid(event.member_id),
-                json.dumps(dict(event.details), sort_keys=True),
-            )
-
-    async def list_key_events(self, limit: int = 100) -> list[KeyEvent]:
-        limit = check_limit(limit)
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT at, actor, operation, kek_version, member_id, details::text AS details "
-                "FROM key_events ORDER BY event_id DESC LIMIT $1",
-                limit,
-            )
-        return [
-            KeyEvent(
-                r["at"],
-                r["actor"],
-                r["operation"],
-                r["kek_version"],
-                None if r["member_id"] is None else str(r["member_id"]),
-                json.loads(r["details"]),
-            )
-            for r in rows
-        ]

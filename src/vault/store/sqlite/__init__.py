@@ -20,11 +20,14 @@ connection layer in ``_db`` (the composite below is the whole :class:`Store`).
 
 from __future__ import annotations
 
+from vault.store.sql.destruction import SqlDestructionRecords
+from vault.store.sql.key_events import SqlKeyEvents
+from vault.store.sql.lease import SqlLease
+from vault.store.sql.outbox import SqlOutbox
 from vault.store.sqlite.access_log import SqliteAccessLog
 from vault.store.sqlite.destruction import SqliteDestruction
 from vault.store.sqlite.inactivity import SqliteInactivity
 from vault.store.sqlite.keys import SqliteKeys
-from vault.store.sqlite.lease import SqliteLease
 from vault.store.sqlite.members import SqliteMembers
 from vault.store.sqlite.outbox import SqliteOutbox
 from vault.store.sqlite.recovery import SqliteRecovery
@@ -35,12 +38,15 @@ __all__ = ["SqliteRetentionStore", "SqliteStore"]
 
 class SqliteStore(
     SqliteKeys,
+    SqlKeyEvents,
     SqliteMembers,
     SqliteAccessLog,
     SqliteDestruction,
-    SqliteLease,
+    SqlDestructionRecords,
+    SqlLease,
     SqliteInactivity,
     SqliteRecovery,
     SqliteOutbox,
+    SqlOutbox,
 ):
     """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``."""

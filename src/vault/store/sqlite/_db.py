@@ -25,6 +25,8 @@ from vault.store.rows import (
     MemberKeyRow,
     RewrapUpdate,
 )
+from vault.store.sql.dialect import SQLITE
+from vault.store.sql.executor import SqlExecutor
 
 _T = TypeVar("_T")
 
@@ -167,7 +169,7 @@ def _read_pragmas(conn: sqlite3.Connection) -> dict[str, int | str]:
     return values
 
 
-class _SqliteDatabase:
+class _SqliteDatabase(SqlExecutor):
     """One SQLite file: the writer thread, the inline reader, and migrations."""
 
     #: Which migrations (load_migrations schema) and the table that records them.
@@ -201,6 +203,16 @@ class _SqliteDatabase:
             executor.shutdown(wait=False)
             raise
         return cls(conn, reader, executor)
+
+    _dialect = SQLITE
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        rows: list[Sequence[Any]] = self._read(lambda conn: conn.execute(sql, args).fetchall())
+        return rows
+
+    async def _run(self, sql: str, *args: Any) -> int:
+        count: int = await self._write(lambda conn: conn.execute(sql, args).rowcount)
+        return count
 
     def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run a read inline on the query-only connection (see the module docstring)."""

@@ -28,18 +28,6 @@ from vault.store.sqlite._shared import (
 )
 
 
-def _destruction_record(row: sqlite3.Row) -> DestructionRecord:
-    retained = row["retained_until"]
-    return DestructionRecord(
-        member_id=str(row["member_id"]),
-        destroyed_at=_from_us(row["destroyed_at"]),
-        reason=str(row["reason"]),
-        items={str(k): int(v) for k, v in json.loads(row["items"]).items()},
-        kek_versions=tuple(int(v) for v in json.loads(row["kek_versions"])),
-        retained_until=None if retained is None else _from_us(retained),
-    )
-
-
 def _insert_destruction_record(conn: sqlite3.Connection, record: DestructionRecord) -> None:
     conn.execute(
         "INSERT INTO destruction_records "
@@ -138,31 +126,3 @@ class SqliteDestruction(_SqliteDatabase):
             return True
 
         return await self._write(work)
-
-    async def is_destroyed(self, member_id: str) -> bool:
-        member_id = canonical_member_id(member_id)
-
-        def work(conn: sqlite3.Connection) -> bool:
-            found = conn.execute("SELECT 1 FROM tombstones WHERE member_id = ?", (member_id,))
-            return found.fetchone() is not None
-
-        return self._read(work)
-
-    async def list_destruction_records(
-        self, member_id: str | None = None
-    ) -> list[DestructionRecord]:
-        select = (
-            "SELECT member_id, destroyed_at, reason, items, kek_versions, retained_until "
-            "FROM destruction_records"
-        )
-        order = "ORDER BY destroyed_at, record_id"
-        params: tuple[str, ...] = ()
-        query = f"{select} {order}"
-        if member_id is not None:
-            query = f"{select} WHERE member_id = ? {order}"
-            params = (canonical_member_id(member_id),)
-
-        def work(conn: sqlite3.Connection) -> list[DestructionRecord]:
-            return [_destruction_record(r) for r in conn.execute(query, params)]
-
-        return self._read(work)

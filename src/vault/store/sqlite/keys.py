@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Mapping
 from datetime import datetime
@@ -13,10 +12,8 @@ from vault.errors import (
     PreconditionFailed,
 )
 from vault.store._common import (
-    canonical_member_id,
     check_kek_version,
     check_key_replacement,
-    check_limit,
     check_unused,
     require_aware,
     update_assignments,
@@ -25,7 +22,6 @@ from vault.store.rows import (
     IndexKeyRow,
     KekUsage,
     KekVersionRow,
-    KeyEvent,
     MemberKeyRow,
 )
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
@@ -239,38 +235,3 @@ class SqliteKeys(_SqliteDatabase):
             return True
 
         return await self._write(work)
-
-    async def record_key_event(self, event: KeyEvent) -> None:
-        params = (
-            _to_us(require_aware(event.at)),
-            event.actor,
-            event.operation,
-            event.kek_version,
-            None if event.member_id is None else canonical_member_id(event.member_id),
-            json.dumps(dict(event.details), sort_keys=True),
-        )
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO key_events (at, actor, operation, kek_version, member_id, details) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                params,
-            )
-
-        await self._write(work)
-
-    async def list_key_events(self, limit: int = 100) -> list[KeyEvent]:
-        limit = check_limit(limit)
-
-        def work(conn: sqlite3.Connection) -> list[KeyEvent]:
-            rows = conn.execute(
-                "SELECT at, actor, operation, kek_version, member_id, details FROM key_events "
-                "ORDER BY event_id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-            return [
-                KeyEvent(_from_us(at), actor, op, version, member, json.loads(details))
-                for at, actor, op, version, member, details in rows
-            ]
-
-        return self._read(work)

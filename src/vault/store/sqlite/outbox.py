@@ -1,18 +1,13 @@
-"""SQLite: the mail outbox."""
+"""SQLite: enqueueing mail (the rest of the outbox is in vault.store.sql.outbox)."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from datetime import datetime
 
-from vault.store._common import (
-    check_limit,
-)
 from vault.store.rows import (
     OutboxMessage,
 )
-from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
+from vault.store.sqlite._db import _SqliteDatabase
 from vault.store.sqlite._shared import (
     _INSERT_OUTBOX,
     _decoy_write,
@@ -21,7 +16,7 @@ from vault.store.sqlite._shared import (
 
 
 class SqliteOutbox(_SqliteDatabase):
-    """SQLite: the mail outbox."""
+    """SQLite: enqueueing mail (the rest of the outbox is in vault.store.sql.outbox)."""
 
     async def enqueue_outbox(self, message: OutboxMessage) -> bool:
         row = _outbox_params(message)
@@ -35,44 +30,3 @@ class SqliteOutbox(_SqliteDatabase):
             return True
 
         return await self._write(work)
-
-    async def due_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
-        params = (_to_us(now), check_limit(limit))
-
-        def work(conn: sqlite3.Connection) -> list[OutboxMessage]:
-            rows = conn.execute(
-                "SELECT message_id, member_id, kind, params, created_at, attempts, "
-                "next_attempt_at FROM outbox WHERE next_attempt_at <= ? "
-                "ORDER BY next_attempt_at, created_at, message_id LIMIT ?",
-                params,
-            ).fetchall()
-            return [
-                OutboxMessage(
-                    message_id=str(r[0]),
-                    member_id=str(r[1]),
-                    kind=str(r[2]),
-                    params={str(k): str(v) for k, v in json.loads(r[3]).items()},
-                    created_at=_from_us(r[4]),
-                    attempts=int(r[5]),
-                    next_attempt_at=_from_us(r[6]),
-                )
-                for r in rows
-            ]
-
-        return self._read(work)
-
-    async def outbox_sent(self, message_id: str) -> None:
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,))
-
-        await self._write(work)
-
-    async def outbox_retry(self, message_id: str, attempts: int, next_attempt_at: datetime) -> None:
-        params = (attempts, _to_us(next_attempt_at), message_id)
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?", params
-            )
-
-        await self._write(work)
