@@ -44,9 +44,11 @@ from vault.store.postgres.outbox import PostgresOutbox
 from vault.store.postgres.recovery import PostgresRecovery
 from vault.store.postgres.retention import PostgresRetentionStore
 from vault.store.sql.destruction import SqlDestructionRecords
+from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
 from vault.store.sql.lease import SqlLease
 from vault.store.sql.outbox import SqlOutbox
+from vault.store.sql.recovery import SqlRecoveryTokens
 
 __all__ = ["PostgresRetentionStore", "PostgresStore"]
 
@@ -60,7 +62,9 @@ class PostgresStore(
     SqlDestructionRecords,
     SqlLease,
     PostgresInactivity,
+    SqlInactivity,
     PostgresRecovery,
+    SqlRecoveryTokens,
     PostgresOutbox,
     SqlOutbox,
 ):

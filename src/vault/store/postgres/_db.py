@@ -109,6 +109,10 @@ class _PostgresDatabase(SqlExecutor):
         async with self._transaction() as conn:
             return _affected(await conn.execute(sql, *args))
 
+    async def _run_returning(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        async with self._transaction() as conn:
+            return list(await conn.fetch(sql, *args))
+
     async def close(self) -> None:
         await self._pool.close()
 

@@ -21,19 +21,6 @@ from vault.store.rows import (
 class PostgresInactivity(_PostgresDatabase):
     """PostgreSQL: the inactivity sweep's reads and its notice write."""
 
-    async def members_due_for_notice(
-        self, last_seen_before: datetime, limit: int
-    ) -> list[tuple[str, datetime]]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT member_id, last_seen_at FROM members "
-                "WHERE inactivity_notice_at IS NULL AND last_seen_at < $1 "
-                "ORDER BY last_seen_at LIMIT $2",
-                require_aware(last_seen_before),
-                check_limit(limit),
-            )
-        return [(str(r["member_id"]), r["last_seen_at"]) for r in rows]
-
     async def record_inactivity_notice(
         self, member_id: str, last_seen_at: datetime, message: OutboxMessage
     ) -> bool:

@@ -34,19 +34,6 @@ class PostgresRecovery(_PostgresDatabase):
         reset = NewPasswordReset(token_hash, expires_at)
         return await self._recovery_mail(message, reset, None) == "queued"
 
-    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
-        token_hash = check_token_hash(token_hash)
-        async with self._transaction() as conn:
-            # One conditional UPDATE: a concurrent consumer waits on the row lock,
-            # then re-checks used_at and finds it set.
-            member_id = await conn.fetchval(
-                "UPDATE password_resets SET used_at = $2 WHERE token_hash = $1 "
-                "AND used_at IS NULL AND expires_at > $2 RETURNING member_id",
-                token_hash,
-                require_aware(now),
-            )
-        return None if member_id is None else str(member_id)
-
     async def queue_recovery_mail(
         self,
         message: OutboxMessage,
@@ -108,14 +95,3 @@ class PostgresRecovery(_PostgresDatabase):
         except asyncpg.ForeignKeyViolationError:
             return "no_member"
         return "queued"
-
-    async def find_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
-        token_hash = check_token_hash(token_hash)
-        async with self._connection() as conn:
-            member_id = await conn.fetchval(
-                "SELECT member_id FROM password_resets WHERE token_hash = $1 "
-                "AND used_at IS NULL AND expires_at > $2",
-                token_hash,
-                require_aware(now),
-            )
-        return None if member_id is None else str(member_id)

@@ -24,3 +24,6 @@ class SqlExecutor:
 
     async def _run(self, sql: str, *args: Any) -> int:
         raise NotImplementedError
+
+    async def _run_returning(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        raise NotImplementedError

@@ -21,9 +21,11 @@ connection layer in ``_db`` (the composite below is the whole :class:`Store`).
 from __future__ import annotations
 
 from vault.store.sql.destruction import SqlDestructionRecords
+from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
 from vault.store.sql.lease import SqlLease
 from vault.store.sql.outbox import SqlOutbox
+from vault.store.sql.recovery import SqlRecoveryTokens
 from vault.store.sqlite.access_log import SqliteAccessLog
 from vault.store.sqlite.destruction import SqliteDestruction
 from vault.store.sqlite.inactivity import SqliteInactivity
@@ -45,7 +47,9 @@ class SqliteStore(
     SqlDestructionRecords,
     SqlLease,
     SqliteInactivity,
+    SqlInactivity,
     SqliteRecovery,
+    SqlRecoveryTokens,
     SqliteOutbox,
     SqlOutbox,
 ):

@@ -214,6 +214,12 @@ class _SqliteDatabase(SqlExecutor):
         count: int = await self._write(lambda conn: conn.execute(sql, args).rowcount)
         return count
 
+    async def _run_returning(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        rows: list[Sequence[Any]] = await self._write(
+            lambda conn: conn.execute(sql, args).fetchall()
+        )
+        return rows
+
     def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run a read inline on the query-only connection (see the module docstring)."""
         if self._closed:

@@ -12,7 +12,7 @@ from vault.store._common import (
 from vault.store.rows import (
     OutboxMessage,
 )
-from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
+from vault.store.sqlite._db import _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
     _INSERT_OUTBOX,
     _outbox_params,
@@ -21,22 +21,6 @@ from vault.store.sqlite._shared import (
 
 class SqliteInactivity(_SqliteDatabase):
     """SQLite: the inactivity sweep's reads and its notice write."""
-
-    async def members_due_for_notice(
-        self, last_seen_before: datetime, limit: int
-    ) -> list[tuple[str, datetime]]:
-        params = (_to_us(last_seen_before), check_limit(limit))
-
-        def work(conn: sqlite3.Connection) -> list[tuple[str, datetime]]:
-            rows = conn.execute(
-                "SELECT member_id, last_seen_at FROM members "
-                "WHERE inactivity_notice_at IS NULL AND last_seen_at < ? "
-                "ORDER BY last_seen_at LIMIT ?",
-                params,
-            ).fetchall()
-            return [(str(r[0]), _from_us(r[1])) for r in rows]
-
-        return self._read(work)
 
     async def record_inactivity_notice(
         self, member_id: str, last_seen_at: datetime, message: OutboxMessage

@@ -35,20 +35,6 @@ class SqliteRecovery(_SqliteDatabase):
         reset = NewPasswordReset(token_hash, expires_at)
         return await self._recovery_mail(message, reset, None) == "queued"
 
-    async def consume_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
-        params = (_to_us(now), check_token_hash(token_hash), _to_us(now))
-
-        def work(conn: sqlite3.Connection) -> str | None:
-            # One conditional UPDATE: the check and the mark cannot be split.
-            row = conn.execute(
-                "UPDATE password_resets SET used_at = ? WHERE token_hash = ? "
-                "AND used_at IS NULL AND expires_at > ? RETURNING member_id",
-                params,
-            ).fetchone()
-            return None if row is None else str(row[0])
-
-        return await self._write(work)
-
     async def queue_recovery_mail(
         self,
         message: OutboxMessage,
@@ -106,16 +92,3 @@ class SqliteRecovery(_SqliteDatabase):
             return "queued"
 
         return await self._write(work)
-
-    async def find_password_reset(self, token_hash: bytes, now: datetime) -> str | None:
-        params = (check_token_hash(token_hash), _to_us(now))
-
-        def work(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT member_id FROM password_resets WHERE token_hash = ? "
-                "AND used_at IS NULL AND expires_at > ?",
-                params,
-            ).fetchone()
-            return None if row is None else str(row[0])
-
-        return self._read(work)
