@@ -43,6 +43,7 @@ from vault.store.postgres.members import PostgresMembers
 from vault.store.postgres.outbox import PostgresOutbox
 from vault.store.postgres.recovery import PostgresRecovery
 from vault.store.postgres.retention import PostgresRetentionStore
+from vault.store.sql.access_log import SqlAccessLogCount
 from vault.store.sql.destruction import SqlDestructionRecords
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
@@ -58,6 +59,7 @@ class PostgresStore(
     SqlKeyEvents,
     PostgresMembers,
     PostgresAccessLog,
+    SqlAccessLogCount,
     PostgresDestruction,
     SqlDestructionRecords,
     SqlLease,

@@ -276,10 +276,3 @@ class PostgresAccessLog(_PostgresDatabase):
                 limit,
             )
         return dropped + _affected(status)
-
-    async def count_access_log_before(self, before: datetime) -> int:
-        async with self._connection() as conn:
-            count = await conn.fetchval(
-                "SELECT count(*) FROM access_log WHERE at < $1", require_aware(before)
-            )
-        return int(count)

@@ -21,17 +21,16 @@ from vault.store.rows import (
     RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,
-    KekUsage,
     MemberKeyRow,
     RetainedMember,
     RetainedSummary,
-    RetentionEvent,
 )
+from vault.store.sql.retention import SqlRetention
 
 _RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
 
 
-class PostgresRetentionStore(_PostgresDatabase):
+class PostgresRetentionStore(SqlRetention, _PostgresDatabase):
     """The separated retention storage in a PostgreSQL database of its own (see
     RetentionStore)."""
 
@@ -93,14 +92,6 @@ class PostgresRetentionStore(_PostgresDatabase):
                     columns=["member_id", "entry_id", "at", "action_ct", "ip_ct"],
                 )
         return True
-
-    async def confirm_retained(self, member_id: str) -> bool:
-        async with self._transaction() as conn:
-            status = await conn.execute(
-                "UPDATE retained_members SET confirmed = true WHERE member_id = $1",
-                _uuid(member_id),
-            )
-        return _affected(status) > 0
 
     async def get_retained(self, member_id: str) -> RetainedMember | None:
         key = _uuid(member_id)
@@ -168,26 +159,6 @@ class PostgresRetentionStore(_PostgresDatabase):
             for r in rows
         ]
 
-    async def retained_due(self, now: datetime, limit: int) -> list[str]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT member_id FROM retained_members WHERE confirmed "
-                "AND destroy_after <= $1 ORDER BY destroy_after LIMIT $2",
-                require_aware(now),
-                check_limit(limit),
-            )
-        return [str(r["member_id"]) for r in rows]
-
-    async def unconfirmed_before(self, before: datetime, limit: int) -> list[str]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT member_id FROM retained_members WHERE NOT confirmed "
-                "AND retained_at < $1 ORDER BY retained_at LIMIT $2",
-                require_aware(before),
-                check_limit(limit),
-            )
-        return [str(r["member_id"]) for r in rows]
-
     async def delete_retained(self, member_id: str, *, attempt: str | None = None) -> bool:
         key = _uuid(member_id)
         async with self._transaction() as conn:
@@ -213,45 +184,3 @@ class PostgresRetentionStore(_PostgresDatabase):
                 check_limit(limit),
             )
         return _affected(status)
-
-    async def count_access_log_before(self, before: datetime) -> int:
-        async with self._connection() as conn:
-            count = await conn.fetchval(
-                "SELECT count(*) FROM retained_access_log WHERE at < $1", require_aware(before)
-            )
-        return int(count)
-
-    async def kek_usage(self) -> list[KekUsage]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT kek_version, count(*) AS n FROM retained_members "
-                "GROUP BY kek_version ORDER BY kek_version"
-            )
-        return [KekUsage(int(r["kek_version"]), 0, 0, retained_keys=int(r["n"])) for r in rows]
-
-    async def record_event(self, event: RetentionEvent) -> None:
-        async with self._transaction() as conn:
-            await conn.execute(
-                "INSERT INTO retention_events (at, actor, operation, member_id, basis) "
-                "VALUES ($1, $2, $3, $4, $5)",
-                require_aware(event.at),
-                event.actor,
-                event.operation,
-                _uuid(event.member_id),
-                event.basis,
-            )
-
-    async def list_events(self, member_id: str | None = None) -> list[RetentionEvent]:
-        key = None if member_id is None else _uuid(member_id)
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT at, actor, operation, member_id, basis FROM retention_events "
-                "WHERE $1::uuid IS NULL OR member_id = $1 ORDER BY event_id",
-                key,
-            )
-        return [
-            RetentionEvent(
-                r["at"], str(r["actor"]), str(r["operation"]), str(r["member_id"]), str(r["basis"])
-            )
-            for r in rows
-        ]

@@ -2,7 +2,8 @@
 
 A shared statement is written in PostgreSQL's placeholder style (``$1``, ``$2``,
 reusable) with ``{share}`` / ``{update}`` where PostgreSQL takes a row lock and
-``{jsonb}`` / ``{text}`` / ``{uuid}`` where it needs a cast. SQLite numbers its
+``{jsonb}`` / ``{text}`` / ``{uuid}`` where it needs a cast, ``{true}`` for a
+boolean literal. SQLite numbers its
 placeholders ``?1``, ``?2`` (the same binding: ``?n`` is the n-th argument) and
 needs neither the locks (a write holds the database's one write lock from its
 first statement) nor the casts. Statements are rendered once, at import, so a
@@ -37,6 +38,13 @@ class Dialect:
     #: A member id as the backend's column holds it (PostgreSQL: uuid; SQLite: text).
     member_id: Callable[[str], Any]
 
+    def flag(self, column: str, value: bool = True) -> str:
+        """A test of a boolean column, as the backend's partial indexes spell it
+        (PostgreSQL ``confirmed`` / ``NOT confirmed``, SQLite ``confirmed = 1`` / ``= 0``)."""
+        if self.name == "postgres":
+            return column if value else f"NOT {column}"
+        return f"{column} = {int(value)}"
+
     def sql(self, statement: str) -> str:
         """The shared statement in this dialect."""
         filled = statement.format_map(self.fragments)
@@ -63,6 +71,7 @@ POSTGRES = Dialect(
         "jsonb": "::jsonb",
         "text": "::text",
         "uuid": "::uuid",
+        "true": "true",
     },
     placeholder="$",
     time=require_aware,
@@ -72,7 +81,7 @@ POSTGRES = Dialect(
 
 SQLITE = Dialect(
     name="sqlite",
-    fragments={"share": "", "update": "", "jsonb": "", "text": "", "uuid": ""},
+    fragments={"share": "", "update": "", "jsonb": "", "text": "", "uuid": "", "true": "1"},
     placeholder="?",
     time=_sqlite_time,
     from_time=from_micros,
@@ -80,6 +89,15 @@ SQLITE = Dialect(
 )
 
 
+DIALECTS = (POSTGRES, SQLITE)
+
+
 def both(statement: str) -> dict[str, str]:
     """The statement rendered for each dialect, by dialect name."""
-    return {d.name: d.sql(statement) for d in (POSTGRES, SQLITE)}
+    return {d.name: d.sql(statement) for d in DIALECTS}
+
+
+def each(build: Callable[[Dialect], str]) -> dict[str, str]:
+    """A statement that needs a dialect's helper (``flag``) to be spelled, rendered
+    for each dialect, by dialect name."""
+    return {d.name: d.sql(build(d)) for d in DIALECTS}

@@ -20,6 +20,7 @@ connection layer in ``_db`` (the composite below is the whole :class:`Store`).
 
 from __future__ import annotations
 
+from vault.store.sql.access_log import SqlAccessLogCount
 from vault.store.sql.destruction import SqlDestructionRecords
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
@@ -43,6 +44,7 @@ class SqliteStore(
     SqlKeyEvents,
     SqliteMembers,
     SqliteAccessLog,
+    SqlAccessLogCount,
     SqliteDestruction,
     SqlDestructionRecords,
     SqlLease,

@@ -324,16 +324,6 @@ class _SqliteDatabase(SqlExecutor):
 
         return await self._write(work)
 
-    async def count_access_log_before(self, before: datetime) -> int:
-        table = self._ACCESS_TABLE
-        params = (_to_us(before),)
-
-        def work(conn: sqlite3.Connection) -> int:
-            found = conn.execute(f"SELECT count(*) FROM {table} WHERE at < ?", params)
-            return int(found.fetchone()[0])
-
-        return self._read(work)
-
     # --- key re-wrap (the vault's member_keys, the retention store's copies) -----
     async def member_keys_to_rewrap(
         self, target_version: int, after_member_id: str | None, limit: int

@@ -11,24 +11,22 @@ from vault.store._common import (
     canonical_member_id,
     check_limit,
     check_retained,
-    require_aware,
 )
 from vault.store.rows import (
     RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,
-    KekUsage,
     MemberKeyRow,
     RetainedMember,
     RetainedSummary,
-    RetentionEvent,
 )
+from vault.store.sql.retention import SqlRetention
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
 
 _RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
 
 
-class SqliteRetentionStore(_SqliteDatabase):
+class SqliteRetentionStore(SqlRetention, _SqliteDatabase):
     """The separated retention storage in a SQLite file of its own (see RetentionStore)."""
 
     _SCHEMA = "retention"
@@ -92,19 +90,6 @@ class SqliteRetentionStore(_SqliteDatabase):
                 entries,
             )
             return True
-
-        return await self._write(work)
-
-    async def confirm_retained(self, member_id: str) -> bool:
-        params = (canonical_member_id(member_id),)
-
-        def work(conn: sqlite3.Connection) -> bool:
-            return (
-                conn.execute(
-                    "UPDATE retained_members SET confirmed = 1 WHERE member_id = ?", params
-                ).rowcount
-                > 0
-            )
 
         return await self._write(work)
 
@@ -182,32 +167,6 @@ class SqliteRetentionStore(_SqliteDatabase):
 
         return self._read(work)
 
-    async def retained_due(self, now: datetime, limit: int) -> list[str]:
-        params = (_to_us(now), check_limit(limit))
-
-        def work(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
-                "SELECT member_id FROM retained_members WHERE confirmed = 1 "
-                "AND destroy_after <= ? ORDER BY destroy_after LIMIT ?",
-                params,
-            )
-            return [str(r[0]) for r in rows]
-
-        return self._read(work)
-
-    async def unconfirmed_before(self, before: datetime, limit: int) -> list[str]:
-        params = (_to_us(before), check_limit(limit))
-
-        def work(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
-                "SELECT member_id FROM retained_members WHERE confirmed = 0 "
-                "AND retained_at < ? ORDER BY retained_at LIMIT ?",
-                params,
-            )
-            return [str(r[0]) for r in rows]
-
-        return self._read(work)
-
     async def delete_retained(self, member_id: str, *, attempt: str | None = None) -> bool:
         params = (canonical_member_id(member_id),)
 
@@ -222,46 +181,3 @@ class SqliteRetentionStore(_SqliteDatabase):
             return True
 
         return bool(await self._write_and_scrub(work))
-
-    async def kek_usage(self) -> list[KekUsage]:
-        def work(conn: sqlite3.Connection) -> list[KekUsage]:
-            rows = conn.execute(
-                "SELECT kek_version, count(*) FROM retained_members "
-                "GROUP BY kek_version ORDER BY kek_version"
-            ).fetchall()
-            return [KekUsage(int(v), 0, 0, retained_keys=int(n)) for v, n in rows]
-
-        return self._read(work)
-
-    async def record_event(self, event: RetentionEvent) -> None:
-        params = (
-            _to_us(require_aware(event.at)),
-            event.actor,
-            event.operation,
-            canonical_member_id(event.member_id),
-            event.basis,
-        )
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO retention_events (at, actor, operation, member_id, basis) "
-                "VALUES (?, ?, ?, ?, ?)",
-                params,
-            )
-
-        await self._write(work)
-
-    async def list_events(self, member_id: str | None = None) -> list[RetentionEvent]:
-        select = "SELECT at, actor, operation, member_id, basis FROM retention_events"
-        query, params = f"{select} ORDER BY event_id", tuple[str, ...]()
-        if member_id is not None:
-            query = f"{select} WHERE member_id = ? ORDER BY event_id"
-            params = (canonical_member_id(member_id),)
-
-        def work(conn: sqlite3.Connection) -> list[RetentionEvent]:
-            return [
-                RetentionEvent(_from_us(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]))
-                for r in conn.execute(query, params)
-            ]
-
-        return self._read(work)
