@@ -11,6 +11,7 @@ import asyncpg
 from vault.store._common import (
     CT_COLUMNS,
     HMAC_COLUMNS,
+    MEMBER_COLUMNS,
     check_new_member,
     hmac_column,
     require_aware,
@@ -33,21 +34,9 @@ from vault.store.rows import (
     OutboxMessage,
 )
 
-_MEMBER_COLUMNS = ", ".join(
-    [
-        "m.member_id",
-        "m.created_at",
-        "m.last_seen_at",
-        *(f"m.{column}" for column in HMAC_COLUMNS.values()),
-        *(f"m.{column}" for column in CT_COLUMNS.values()),
-        "k.dek_id",
-        "k.kek_version",
-        "k.wrapped_dek",
-    ]
-)
 # The member's consents ride along as an array of records: one round trip.
 _SELECT_MEMBER = (
-    f"SELECT {_MEMBER_COLUMNS}, ARRAY("
+    f"SELECT {MEMBER_COLUMNS}, ARRAY("
     "SELECT ROW(c.purpose, c.granted, c.policy_version, c.recorded_at) FROM consents AS c "
     "WHERE c.member_id = m.member_id ORDER BY c.purpose) AS consents "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"

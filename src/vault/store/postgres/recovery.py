@@ -10,7 +10,7 @@ from vault.store._common import (
     check_token_hash,
     require_aware,
 )
-from vault.store.postgres._db import _PostgresDatabase, _uuid
+from vault.store.postgres._db import _PostgresDatabase
 from vault.store.postgres._shared import (
     _INSERT_OUTBOX,
     _outbox_params,
@@ -24,27 +24,6 @@ from vault.store.rows import (
 
 class PostgresRecovery(_PostgresDatabase):
     """PostgreSQL: recovery tokens and the recovery-mail quota."""
-
-    # --- account recovery --------------------------------------------------------
-    async def create_password_reset(
-        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
-    ) -> bool:
-        if _uuid(member_id) != _uuid(message.member_id):
-            raise ValueError("the message is for another member")
-        reset = NewPasswordReset(token_hash, expires_at)
-        return await self._recovery_mail(message, reset, None) == "queued"
-
-    async def queue_recovery_mail(
-        self,
-        message: OutboxMessage,
-        *,
-        limit: int,
-        since: datetime,
-        reset: NewPasswordReset | None = None,
-    ) -> RecoveryMailOutcome:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        return await self._recovery_mail(message, reset, (limit, require_aware(since)))
 
     async def _recovery_mail(
         self,

@@ -10,6 +10,7 @@ from typing import Any
 from vault.store._common import (
     CT_COLUMNS,
     HMAC_COLUMNS,
+    MEMBER_COLUMNS,
     canonical_member_id,
     check_new_member,
     hmac_column,
@@ -31,21 +32,9 @@ from vault.store.sqlite._shared import (
     _require_not_destroyed,
 )
 
-_MEMBER_COLUMNS = ", ".join(
-    [
-        "m.member_id",
-        "m.created_at",
-        "m.last_seen_at",
-        *(f"m.{column}" for column in HMAC_COLUMNS.values()),
-        *(f"m.{column}" for column in CT_COLUMNS.values()),
-        "k.dek_id",
-        "k.kek_version",
-        "k.wrapped_dek",
-    ]
-)
 # The member's consents ride along as a JSON array: one statement per read.
 _SELECT_MEMBER = (
-    f"SELECT {_MEMBER_COLUMNS}, (SELECT json_group_array("
+    f"SELECT {MEMBER_COLUMNS}, (SELECT json_group_array("
     "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at)) FROM "
     "(SELECT * FROM consents WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"

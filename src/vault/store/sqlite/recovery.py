@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime
 
 from vault.store._common import (
-    canonical_member_id,
     check_token_hash,
 )
 from vault.store.rows import (
@@ -25,27 +23,6 @@ from vault.store.sqlite._shared import (
 
 class SqliteRecovery(_SqliteDatabase):
     """SQLite: recovery tokens and the recovery-mail quota."""
-
-    # --- account recovery --------------------------------------------------------
-    async def create_password_reset(
-        self, token_hash: bytes, member_id: str, expires_at: datetime, message: OutboxMessage
-    ) -> bool:
-        if canonical_member_id(member_id) != canonical_member_id(message.member_id):
-            raise ValueError("the message is for another member")
-        reset = NewPasswordReset(token_hash, expires_at)
-        return await self._recovery_mail(message, reset, None) == "queued"
-
-    async def queue_recovery_mail(
-        self,
-        message: OutboxMessage,
-        *,
-        limit: int,
-        since: datetime,
-        reset: NewPasswordReset | None = None,
-    ) -> RecoveryMailOutcome:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        return await self._recovery_mail(message, reset, (limit, _to_us(since)))
 
     async def _recovery_mail(
         self,
