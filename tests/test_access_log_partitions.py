@@ -10,13 +10,14 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from test_store_contract import entry, new_member, with_active_kek
+from store_support import entry, new_member, with_active_kek
 
 from vault.clock import FrozenClock
 from vault.lifecycle import Lifecycle, LifecyclePolicy
 from vault.store import MemberRow
 from vault.store._migrations import load_migrations
-from vault.store.postgres import _CREATE_SCHEMA_MIGRATIONS, PostgresStore
+from vault.store.postgres import PostgresStore
+from vault.store.postgres._db import _CREATE_SCHEMA_MIGRATIONS
 
 pytestmark = pytest.mark.postgres
 

@@ -6,7 +6,6 @@ through the outbox relay to a real SMTP server (aiosmtpd).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
@@ -23,6 +22,7 @@ import asyncpg
 import grpc
 import pytest
 from grpc_support import CLIENT_IP, field_violations, sign_up_request
+from store_support import T0, ts
 from test_mailer import (
     RecordingHandler,
     SmtpServer,
@@ -32,14 +32,12 @@ from test_mailer import (
     smtp_mailer,
 )
 from test_mailer import body as _raw_body
-from test_store_contract import T0, new_member, ts, with_active_kek
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.server import RunningServer, run_server
 from vault import FrozenClock, VaultSettings
-from vault.errors import KeyChanged
 from vault.mail import (
     LOGIN_ID_REMINDER,
     PASSWORD_CHANGED,
@@ -47,7 +45,6 @@ from vault.mail import (
     MailRenderer,
     Recipient,
 )
-from vault.store import Store
 from vault.store.base import OutboxMessage
 
 Code = grpc.StatusCode
@@ -379,14 +376,6 @@ async def test_unknown_email_costs_what_a_known_one_costs(
     assert 0.75 < ratio < 1.33, ratio
 
 
-# --- the store contract -----------------------------------------------------------------
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    return await with_active_kek(store)
-
-
 def _mail(member_id: str, kind: str = PASSWORD_RESET) -> OutboxMessage:
     return OutboxMessage(
         message_id=str(uuid.uuid4()),
@@ -395,106 +384,6 @@ def _mail(member_id: str, kind: str = PASSWORD_RESET) -> OutboxMessage:
         params={"expires_at": ts(1800).isoformat()},
         created_at=T0,
     )
-
-
-def _hash() -> bytes:
-    return hashlib.sha256(secrets.token_bytes(32)).digest()
-
-
-async def test_store_password_reset_is_single_use_and_expires(vault: Store) -> None:
-    member = new_member()
-    await vault.insert_member(member)
-    token, other = _hash(), _hash()
-    mail = _mail(member.member_id)
-    assert await vault.create_password_reset(token, member.member_id, ts(1800), mail)
-    assert await vault.create_password_reset(
-        other, member.member_id, ts(1800), _mail(member.member_id)
-    )
-    assert mail.message_id in {m.message_id for m in await vault.due_outbox(ts(0), 10)}
-
-    assert await vault.consume_password_reset(_hash(), ts(1)) is None
-    assert await vault.consume_password_reset(token, ts(1)) == member.member_id
-    assert await vault.consume_password_reset(token, ts(2)) is None  # used
-    assert await vault.consume_password_reset(other, ts(1800)) is None  # expired
-    with pytest.raises(ValueError):
-        await vault.consume_password_reset(b"not a sha-256", ts(1))
-
-
-async def test_store_concurrent_consumers_get_the_member_once(vault: Store) -> None:
-    member = new_member()
-    await vault.insert_member(member)
-    token = _hash()
-    assert await vault.create_password_reset(
-        token, member.member_id, ts(1800), _mail(member.member_id)
-    )
-    got = await asyncio.gather(*(vault.consume_password_reset(token, ts(1)) for _ in range(5)))
-    assert [g for g in got if g is not None] == [member.member_id]
-
-
-async def test_store_password_reset_for_a_missing_member_writes_nothing(vault: Store) -> None:
-    stranger = str(uuid.uuid4())
-    token = _hash()
-    assert await vault.create_password_reset(token, stranger, ts(1800), _mail(stranger)) is False
-    assert await vault.due_outbox(ts(10_000), 10) == []
-    assert await vault.consume_password_reset(token, ts(1)) is None
-    member = new_member()
-    await vault.insert_member(member)
-    with pytest.raises(ValueError):  # the mail must be for the same member
-        await vault.create_password_reset(token, member.member_id, ts(1800), _mail(stranger))
-
-
-async def test_store_shred_deletes_and_counts_reset_tokens(vault: Store) -> None:
-    member, bystander = new_member(), new_member()
-    await vault.insert_member(member)
-    await vault.insert_member(bystander)
-    token, kept = _hash(), _hash()
-    assert await vault.create_password_reset(
-        token, member.member_id, ts(1800), _mail(member.member_id)
-    )
-    assert await vault.create_password_reset(
-        kept, bystander.member_id, ts(1800), _mail(bystander.member_id)
-    )
-    record = await vault.shred_member(member.member_id, ts(5), "withdrawal")
-    assert record is not None
-    assert record.items["password_resets"] == 1
-    assert record.items["outbox"] == 1
-    assert await vault.consume_password_reset(token, ts(6)) is None
-    assert await vault.consume_password_reset(kept, ts(6)) == bystander.member_id
-
-
-async def test_store_update_member_notifies_in_the_same_transaction(vault: Store) -> None:
-    member = new_member()
-    await vault.insert_member(member)
-    notice = _mail(member.member_id, PASSWORD_CHANGED)
-    assert await vault.update_member(
-        member.member_id, {"password_hash": b"new"}, dek_id=1, notify=notice
-    )
-    assert await vault.due_outbox(ts(10), 10) == [replace(notice, next_attempt_at=T0)]
-    stored = await vault.get_member(member.member_id)
-    assert stored is not None
-    assert stored.ciphertexts["password_hash"] == b"new"
-
-    # A failing update writes no message: a rotated DEK ...
-    with pytest.raises(KeyChanged):
-        await vault.update_member(
-            member.member_id,
-            {"password_hash": b"stale"},
-            dek_id=2,
-            notify=_mail(member.member_id, PASSWORD_CHANGED),
-        )
-    # ... or a member that is gone.
-    stranger = str(uuid.uuid4())
-    assert (
-        await vault.update_member(
-            stranger, {"password_hash": b"x"}, dek_id=1, notify=_mail(stranger, PASSWORD_CHANGED)
-        )
-        is False
-    )
-    assert [m.message_id for m in await vault.due_outbox(ts(10), 10)] == [notice.message_id]
-    with pytest.raises(ValueError):
-        await vault.update_member(
-            member.member_id, {}, dek_id=1, notify=_mail(stranger, PASSWORD_CHANGED)
-        )
 
 
 # --- rendering ----------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import re
 import secrets
 import sqlite3
 import threading
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -35,7 +34,6 @@ from google.rpc import error_details_pb2
 from grpc_support import CLIENT_IP, error_info, field_violations, rich_status, sign_up_request
 from structlog.testing import capture_logs
 from test_mailer import RecordingHandler, SmtpServer, free_port, outbox, relay_for, smtp_mailer
-from test_store_contract import T0, new_member, ts, with_active_kek
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -43,8 +41,7 @@ from service.config import Settings
 from service.server import RunningServer, run_server
 from vault import FrozenClock, facade
 from vault.mail import LOGIN_ID_REMINDER, PASSWORD_RESET
-from vault.store import Store
-from vault.store.base import NewPasswordReset, OutboxMessage
+from vault.store.base import OutboxMessage
 
 Code = grpc.StatusCode
 NEW_PASSWORD = "a brand new passphrase 7"
@@ -434,90 +431,3 @@ async def test_recovery_mails_per_member_and_hour_are_limited_across_replicas(
     logged = repr(vault_log_events)
     for secret in (request.email, request.email.upper(), request.login_id, member_id):
         assert secret not in logged
-
-
-# --- the store contract ---------------------------------------------------------------------
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    return await with_active_kek(store)
-
-
-def _mail(member_id: str, at_seconds: float = 0, kind: str = LOGIN_ID_REMINDER) -> OutboxMessage:
-    return OutboxMessage(
-        message_id=str(uuid.uuid4()),
-        member_id=member_id,
-        kind=kind,
-        params={},
-        created_at=ts(at_seconds),
-    )
-
-
-def _hash() -> bytes:
-    return secrets.token_bytes(32)
-
-
-async def test_store_recovery_mail_limit_is_atomic_and_slides(vault: Store) -> None:
-    member, bystander = new_member(), new_member()
-    await vault.insert_member(member)
-    await vault.insert_member(bystander)
-    mid = member.member_id
-
-    async def queue(at: float, who: str = mid, **extra: Any) -> str:
-        return await vault.queue_recovery_mail(
-            _mail(who, at), limit=3, since=ts(at - 3600), **extra
-        )
-
-    # Concurrent calls never queue more than the limit.
-    outcomes = await asyncio.gather(*(queue(10) for _ in range(12)))
-    assert sorted(outcomes) == ["limited"] * 9 + ["queued"] * 3
-    assert await queue(20, bystander.member_id) == "queued"  # per member
-    assert await queue(3609) == "limited"  # the first three are still within the hour
-    assert await queue(3611) == "queued"  # they are not any more
-    assert await queue(3612) == "queued"
-    assert await queue(3613) == "queued"
-    assert await queue(3614) == "limited"
-    queued = [m for m in await vault.due_outbox(ts(10_000), 100) if m.member_id == mid]
-    assert len(queued) == 6
-
-    # Nothing at all is written past the limit: no reset row either.
-    token = _hash()
-    reset = NewPasswordReset(token, ts(5000))
-    assert await queue(3615, reset=reset) == "limited"
-    assert await vault.find_password_reset(token, ts(3616)) is None
-    # Nor for a member that does not exist.
-    stranger = str(uuid.uuid4())
-    assert await queue(3615, stranger, reset=NewPasswordReset(token, ts(5000))) == "no_member"
-    with pytest.raises(ValueError):
-        await vault.queue_recovery_mail(_mail(mid), limit=0, since=T0)
-
-
-async def test_store_find_password_reset_does_not_spend_the_token(vault: Store) -> None:
-    member = new_member()
-    await vault.insert_member(member)
-    token = _hash()
-    reset = NewPasswordReset(token, ts(1800))
-    mail = _mail(member.member_id, kind=PASSWORD_RESET)
-    assert await vault.queue_recovery_mail(mail, limit=5, since=ts(-3600), reset=reset) == "queued"
-
-    assert await vault.find_password_reset(_hash(), ts(1)) is None
-    for _ in range(3):
-        assert await vault.find_password_reset(token, ts(1)) == member.member_id
-    assert await vault.find_password_reset(token, ts(1800)) is None  # expired then
-    assert await vault.consume_password_reset(token, ts(2)) == member.member_id
-    assert await vault.find_password_reset(token, ts(3)) is None  # used
-    with pytest.raises(ValueError):
-        await vault.find_password_reset(b"not a sha-256", ts(1))
-
-
-async def test_store_shred_takes_the_recovery_count_with_the_member(vault: Store) -> None:
-    member = new_member()
-    await vault.insert_member(member)
-    mid = member.member_id
-    for at in (1, 2):
-        assert await vault.queue_recovery_mail(_mail(mid, at), limit=2, since=ts(-3600)) == (
-            "queued"
-        )
-    assert await vault.shred_member(mid, ts(3), "withdrawal") is not None
-    assert await vault.queue_recovery_mail(_mail(mid, 4), limit=2, since=ts(-3600)) == ("no_member")

@@ -14,7 +14,7 @@ from typing import get_args
 
 from vault import ids
 from vault.errors import PreconditionFailed
-from vault.store.base import (
+from vault.store.rows import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
     RETAINED_FIELDS,
@@ -142,6 +142,21 @@ def check_key_replacement(
 
 
 #: The ciphertext columns in ENCRYPTED_FIELDS order, for reading a whole row's fields.
+# A member row with its key, as both backends' member reads select it (the order
+# is the positions the readers index).
+MEMBER_COLUMNS = ", ".join(
+    [
+        "m.member_id",
+        "m.created_at",
+        "m.last_seen_at",
+        *(f"m.{column}" for column in HMAC_COLUMNS.values()),
+        *(f"m.{column}" for column in CT_COLUMNS.values()),
+        "k.dek_id",
+        "k.kek_version",
+        "k.wrapped_dek",
+    ]
+)
+
 CT_SELECT = ", ".join(CT_COLUMNS[f] for f in ENCRYPTED_FIELDS)
 
 

@@ -1,6 +1,6 @@
-"""The Store contract for key management, on both backends: KEK states and their
-guards, resumable re-wrap, per-member DEK rotation, key events, and the DEK-id
-guard on writes."""
+"""The KeyStore contract: KEK versions and their guards, the index key, resumable re-wrap, per-
+member DEK rotation, key events, and the DEK-id guard on writes. Every test that uses the
+``store`` or ``store_url`` fixture runs once on SQLite and once on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,17 +8,71 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from test_store_contract import T0, entry, new_member, ts
+from store_support import (
+    T0,
+    assert_utc,
+    entry,
+    new_member,
+    ts,
+    with_active_kek,
+)
 
 from vault.errors import KeyChanged, NotFound, PreconditionFailed
-from vault.store import IndexKeyRow, KekVersionRow, MemberKeyRow, Store
+from vault.store import (
+    IndexKeyRow,
+    KekVersionRow,
+    MemberKeyRow,
+    Store,
+)
 from vault.store.base import KeyEvent, RewrapUpdate
 
 
 @pytest.fixture
 async def vault(store: Store) -> Store:
-    assert await store.insert_kek_version(KekVersionRow(1, "active", T0))
-    return store
+    """A migrated store with KEK version 1 active (members need one)."""
+    return await with_active_kek(store)
+
+
+async def test_kek_versions_insert_list_and_one_active(store: Store) -> None:
+    assert await store.list_kek_versions() == []
+    v1 = KekVersionRow(1, "active", T0)
+    assert await store.insert_kek_version(v1) is True
+    assert await store.insert_kek_version(KekVersionRow(1, "decrypt_only", ts(5))) is False
+
+    # A second active version breaks the one-active rule.
+    with pytest.raises(PreconditionFailed):
+        await store.insert_kek_version(KekVersionRow(2, "active", ts(10)))
+
+    v2 = KekVersionRow(2, "decrypt_only", ts(10))
+    v3 = KekVersionRow(3, "destroyed", ts(20), destroyed_at=ts(30))
+    assert await store.insert_kek_version(v3) is True
+    assert await store.insert_kek_version(v2) is True
+    listed = await store.list_kek_versions()
+    assert listed == [v1, v2, v3]
+    for row in listed:
+        assert_utc(row.created_at)
+    assert listed[2].destroyed_at is not None
+    assert_utc(listed[2].destroyed_at)
+
+
+async def test_kek_version_rejects_unknown_state(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.insert_kek_version(KekVersionRow(1, "retired", T0))  # type: ignore[arg-type]
+    assert await store.list_kek_versions() == []
+
+
+async def test_index_key_first_writer_wins(vault: Store) -> None:
+    assert await vault.get_index_key() is None
+    a = IndexKeyRow(key_id=1, kek_version=1, wrapped_key=b"key-a", created_at=T0)
+    b = IndexKeyRow(key_id=2, kek_version=1, wrapped_key=b"key-b", created_at=ts(1))
+    got_a, got_b = await asyncio.gather(vault.insert_index_key(a), vault.insert_index_key(b))
+    assert got_a == got_b
+    assert got_a in (a, b)
+    assert await vault.get_index_key() == got_a
+    # A later bootstrap gets the stored key back, not its own.
+    c = IndexKeyRow(key_id=3, kek_version=1, wrapped_key=b"key-c", created_at=ts(2))
+    assert await vault.insert_index_key(c) == got_a
+    assert_utc(got_a.created_at)
 
 
 def states(rows: list[KekVersionRow]) -> dict[int, str]:

@@ -1,0 +1,1 @@
+"""One narrow Protocol per storage domain; :class:`vault.store.base.Store` is their sum."""

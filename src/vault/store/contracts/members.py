@@ -1,0 +1,65 @@
+"""Members: sign-up, reads, updates, logins, consents."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from vault.store.rows import (
+    ConsentRow,
+    IndexedField,
+    MemberRow,
+    NewAccessEntry,
+    OutboxMessage,
+)
+
+
+class MemberStore(Protocol):
+    """Members with their key and consents (ciphertexts and blind indexes only)."""
+
+    async def insert_member(self, member: MemberRow) -> None:
+        """Insert the member, its key and its consents in one transaction.
+        PreconditionFailed if the key's KEK version has been destroyed meanwhile."""
+        ...
+
+    async def get_member(self, member_id: str) -> MemberRow | None:
+        """The member with its key and consents."""
+        ...
+
+    async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
+        """Look a member up by blind index."""
+        ...
+
+    async def update_member(
+        self,
+        member_id: str,
+        ciphertexts: Mapping[str, bytes],
+        blind_indexes: Mapping[str, bytes] | None = None,
+        *,
+        dek_id: int,
+        notify: OutboxMessage | None = None,
+    ) -> bool:
+        """Replace the named ciphertexts (and blind indexes), encrypted under the
+        member's DEK ``dek_id``. False if no such member; KeyChanged if the member's
+        DEK has been rotated meanwhile (the ciphertexts would be unreadable).
+
+        ``notify`` (for the same member) is enqueued in the same transaction: it
+        is written exactly when the update is, never without it."""
+        ...
+
+    async def record_login(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        password_hash_ct: bytes | None = None,
+        *,
+        dek_id: int,
+    ) -> bool:
+        """Set last_seen_at to ``entry.at``, append ``entry`` to the access log and,
+        when given, replace the password hash (a rehash). One transaction; False
+        if no such member; KeyChanged as for update_member."""
+        ...
+
+    async def list_consents(self, member_id: str) -> list[ConsentRow]:
+        """The member's consents, one per purpose, in purpose order."""
+        ...

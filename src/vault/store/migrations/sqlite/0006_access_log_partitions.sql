@@ -1,0 +1,7 @@
+-- PostgreSQL's 0006 partitions access_log by month so the 6-month purge drops
+-- whole months instead of deleting rows. SQLite has no table partitioning: its
+-- purge deletes the oldest rows in batches through access_log_at_idx (0001),
+-- which is what PostgreSQL's purge also does for the boundary month. So on
+-- SQLite this migration is deliberately empty: it is recorded as applied, and
+-- version 6 means the same change (the access log made purgeable by month) on
+-- both backends, so the two migration lists stay alike, number by number.
