@@ -39,7 +39,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from grpc_support import CLIENT_IP, sign_up_request
+from grpc_support import ADMIN_TOKEN, CLIENT_IP, admin_metadata, sign_up_request
 from pydantic import SecretStr
 
 from privacyvault.v1 import key_admin_pb2 as kpb
@@ -51,8 +51,7 @@ from service.server import run_server
 from vault import FrozenClock
 
 Code = grpc.StatusCode
-TOKEN = "races-admin-token-0123456789abcdef"
-ADMIN = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "races@security"))
+ADMIN = admin_metadata("races@security")
 #: Every call's deadline: a call stuck on a lock fails the test instead of hanging it.
 CALL_TIMEOUT = 10.0
 WITHDRAW_ROUNDS = 30
@@ -102,7 +101,7 @@ async def _fails(call: Awaitable[Any], code: Code) -> None:
 @contextlib.asynccontextmanager
 async def _serving(settings: Settings, clock: FrozenClock) -> AsyncIterator[Stubs]:
     settings = settings.model_copy(
-        update={"admin_token": SecretStr(TOKEN), "sidecar_in_process": False}
+        update={"admin_token": SecretStr(ADMIN_TOKEN), "sidecar_in_process": False}
     )
     async with (
         run_server(settings, clock=clock) as running,
