@@ -33,6 +33,8 @@ import asyncpg
 import grpc
 import pytest
 from grpc_support import ADMIN_TOKEN, embedded_settings
+from mail_support import RecordingHandler, SmtpServer
+from process_support import free_port
 from pydantic import SecretStr
 
 from privacyvault.v1 import member_pb2_grpc
@@ -275,6 +277,20 @@ async def admin_server(
 async def admin_channel(admin_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(admin_server.target) as ch:
         yield ch
+
+
+# --- a real SMTP server (aiosmtpd) ---------------------------------------------------
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """Listening on a free port of 127.0.0.1; what it accepts is in ``handler.received``."""
+    server = SmtpServer(RecordingHandler(), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- SoftHSM2: a real PKCS#11 token for the pkcs11 key provider ---------------------

@@ -526,35 +526,29 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _strings(message: Message) -> list[str]:
-    found: list[str] = []
+def _leaves(message: Message) -> Iterator[str | bytes]:
+    """Every string and bytes value set in a message, nested messages and maps too."""
     for f, value in message.ListFields():
         values = list(value) if _repeated(f) else [value]
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
             values = [*value.keys(), *value.values()]
         for v in values:
             if isinstance(v, Message):
-                found += _strings(v)
-            elif isinstance(v, str):
-                found.append(v)
-    return found
+                yield from _leaves(v)
+            elif isinstance(v, str | bytes):
+                yield v
+
+
+def _strings(message: Message) -> list[str]:
+    return [v for v in _leaves(message) if isinstance(v, str)]
 
 
 # --- checking an answer ---------------------------------------------------------------------
 
 
 def _texts(message: Message) -> Iterator[str]:
-    for f, value in message.ListFields():
-        values = list(value) if _repeated(f) else [value]
-        if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            values = [*value.keys(), *value.values()]
-        for v in values:
-            if isinstance(v, Message):
-                yield from _texts(v)
-            elif isinstance(v, str):
-                yield v
-            elif isinstance(v, bytes):
-                yield v.decode("utf-8", "replace")
+    for v in _leaves(message):
+        yield v if isinstance(v, str) else v.decode("utf-8", "replace")
 
 
 _DETAIL_TYPES = {
