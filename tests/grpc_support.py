@@ -1,4 +1,5 @@
-"""Small helpers for tests that talk gRPC: building requests, reading error details."""
+"""Small helpers for tests that talk gRPC: a test server's settings, building requests
+(member and admin), reading error details."""
 
 from __future__ import annotations
 
