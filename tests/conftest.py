@@ -32,12 +32,16 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+from grpc_support import ADMIN_TOKEN, embedded_settings
+from mail_support import RecordingHandler, SmtpServer
+from process_support import free_port
+from pydantic import SecretStr
 
 from privacyvault.v1 import member_pb2_grpc
 from service.config import Settings
 from service.logs import configure_logging
 from service.server import RunningServer, run_server
-from vault import CHEAPEST, FrozenClock
+from vault import FrozenClock
 from vault.store import Store, open_store
 
 # --- PostgreSQL availability ---------------------------------------------------
@@ -235,16 +239,7 @@ def server_settings(store_url: str, tmp_path: Path) -> Settings:
     loggers first used at a moment no test chooses). Tests of the sidecar ask for
     it (``sidecar_in_process=True``) or drive ``Sidecar.run_round`` themselves.
     """
-    return Settings(
-        sidecar_in_process=False,
-        data_dir=tmp_path / "data",
-        database_url=store_url,
-        listen_address="127.0.0.1:0",
-        argon2_time_cost=CHEAPEST.time_cost,
-        argon2_memory_cost=CHEAPEST.memory_cost,
-        argon2_parallelism=CHEAPEST.parallelism,
-        shutdown_grace_seconds=0,
-    )
+    return embedded_settings(tmp_path / "data", database_url=store_url)
 
 
 @pytest.fixture
@@ -262,6 +257,40 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture
 def members(channel: grpc.aio.Channel) -> member_pb2_grpc.MemberServiceStub:
     return member_pb2_grpc.MemberServiceStub(channel)
+
+
+@pytest.fixture
+def admin_settings(server_settings: Settings) -> Settings:
+    """``server_settings`` with KeyAdminService on (``grpc_support.ADMIN_TOKEN``)."""
+    return server_settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)})
+
+
+@pytest.fixture
+async def admin_server(
+    admin_settings: Settings, clock: FrozenClock
+) -> AsyncIterator[RunningServer]:
+    async with run_server(admin_settings, clock=clock) as running:
+        yield running
+
+
+@pytest.fixture
+async def admin_channel(admin_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(admin_server.target) as ch:
+        yield ch
+
+
+# --- a real SMTP server (aiosmtpd) ---------------------------------------------------
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """Listening on a free port of 127.0.0.1; what it accepts is in ``handler.received``."""
+    server = SmtpServer(RecordingHandler(), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # --- SoftHSM2: a real PKCS#11 token for the pkcs11 key provider ---------------------

@@ -1,16 +1,44 @@
-"""Small helpers for tests that talk gRPC: building requests, reading error details."""
+"""Small helpers for tests that talk gRPC: a test server's settings, building requests
+(member and admin), reading error details."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from privacyvault.v1 import member_pb2 as pb
+from service.config import Settings
+from vault import CHEAPEST
 
 CLIENT_IP = (("x-client-ip", "203.0.113.7"),)
+#: The admin token of the test servers that serve KeyAdminService (``admin_settings``).
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 _counter = itertools.count(1)
+
+
+def embedded_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a test server: port 0, the cheapest argon2, no shutdown grace, and
+    no in-process lifecycle sidecar (it would run rounds on real time); SQLite in
+    ``data_dir`` unless ``database_url`` is given."""
+    fields: dict[str, Any] = {
+        "data_dir": data_dir,
+        "listen_address": "127.0.0.1:0",
+        "argon2_time_cost": CHEAPEST.time_cost,
+        "argon2_memory_cost": CHEAPEST.memory_cost,
+        "argon2_parallelism": CHEAPEST.parallelism,
+        "shutdown_grace_seconds": 0,
+        "sidecar_in_process": False,
+    }
+    return Settings(**(fields | overrides))
+
+
+def admin_metadata(actor: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """What an admin call sends: the bearer token and the actor it is recorded under."""
+    return (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-actor", actor))
 
 
 def sign_up_request(**overrides: object) -> pb.SignUpRequest:
@@ -56,3 +84,16 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
             detail.Unpack(info)
             return info
     raise AssertionError("no ErrorInfo detail")
+
+
+def precondition_violation(
+    error: grpc.aio.AioRpcError,
+) -> error_details_pb2.PreconditionFailure.Violation:
+    """The one violation of the PreconditionFailure detail an error carries."""
+    for detail in rich_status(error).details:
+        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            assert len(failure.violations) == 1
+            return failure.violations[0]
+    raise AssertionError("no PreconditionFailure detail")

@@ -7,31 +7,27 @@ through the outbox relay to a real SMTP server (aiosmtpd).
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
-from email.message import EmailMessage
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 from grpc_support import CLIENT_IP, field_violations, sign_up_request
-from store_support import T0, ts
-from test_mailer import (
-    RecordingHandler,
+from mail_support import (
     SmtpServer,
-    free_port,
+    lf_body,
+    mail_token,
     outbox,
     relay_for,
     smtp_mailer,
 )
-from test_mailer import body as _raw_body
+from store_support import T0, ts
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -49,29 +45,12 @@ from vault.store.base import OutboxMessage
 
 Code = grpc.StatusCode
 NEW_PASSWORD = "a brand new passphrase 7"
-_TOKEN_IN_MAIL = re.compile(r"^    ([A-Za-z0-9_-]{43})$", re.MULTILINE)
 
 
 @pytest.fixture
 def server_settings(server_settings: Settings) -> Settings:
     """No in-process sidecar: the tests drive the relay (and see the outbox) themselves."""
     return server_settings.model_copy(update={"sidecar_in_process": False})
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    """A real SMTP server (aiosmtpd), as in test_mailer."""
-    server = SmtpServer(RecordingHandler(), free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def body(message: EmailMessage) -> str:
-    """The plain-text body with the wire's CRLF line ends made LF."""
-    return _raw_body(message).replace("\r\n", "\n")
 
 
 async def _invalid(call: object) -> dict[str, str]:
@@ -94,21 +73,16 @@ async def _authenticates(members: MemberServiceStub, login_id: str, password: st
     return False
 
 
-async def _deliver(server: RunningServer, clock: FrozenClock, smtp: SmtpServer) -> int:
+async def _deliver(server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer) -> int:
     await server.vault.settle()
-    return (await relay_for(server, smtp_mailer(smtp.port), clock).relay_once()).sent
-
-
-def _token(mail_body: str) -> str:
-    (token,) = _TOKEN_IN_MAIL.findall(mail_body)
-    return str(token)
+    return (await relay_for(server, smtp_mailer(smtp_server.port), clock).relay_once()).sent
 
 
 # --- FindLoginId --------------------------------------------------------------------------
 
 
 async def test_find_login_id_mails_only_a_known_address_and_answers_alike(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
@@ -125,11 +99,11 @@ async def test_find_login_id_mails_only_a_known_address_and_answers_alike(
     # The outbox holds no login ID: it is decrypted at send time.
     assert request.login_id not in repr(queued.params)
 
-    assert await _deliver(server, clock, smtp) == 1
-    (got,) = smtp.handler.received
+    assert await _deliver(server, clock, smtp_server) == 1
+    (got,) = smtp_server.handler.received
     assert got.rcpt_tos == [request.email]
     assert got.message["Subject"] == "Your login ID"
-    assert f"    {request.login_id}\n" in body(got.message)
+    assert f"    {request.login_id}\n" in lf_body(got.message)
 
 
 async def test_find_login_id_validates_the_address(members: MemberServiceStub) -> None:
@@ -145,22 +119,22 @@ async def _start_and_receive(
     members: MemberServiceStub,
     server: RunningServer,
     clock: FrozenClock,
-    smtp: SmtpServer,
+    smtp_server: SmtpServer,
     request: pb.StartPasswordResetRequest,
 ) -> str:
-    before = len(smtp.handler.received)
+    before = len(smtp_server.handler.received)
     assert await members.StartPasswordReset(request) == pb.StartPasswordResetResponse()
     await server.vault.settle()  # the work runs after the answer
-    assert await _deliver(server, clock, smtp) == 1
-    assert len(smtp.handler.received) == before + 1
-    mail = smtp.handler.received[-1].message
+    assert await _deliver(server, clock, smtp_server) == 1
+    assert len(smtp_server.handler.received) == before + 1
+    mail = smtp_server.handler.received[-1].message
     assert mail["Subject"] == "Reset your password"
-    assert "15 June 2026 at 12:30 UTC" in body(mail)  # the expiry: now + 30 minutes
-    return _token(body(mail))
+    assert "15 June 2026 at 12:30 UTC" in lf_body(mail)  # the expiry: now + 30 minutes
+    return mail_token(lf_body(mail))
 
 
 async def test_password_reset_round_trip(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
@@ -168,7 +142,7 @@ async def test_password_reset_round_trip(
         members,
         server,
         clock,
-        smtp,
+        smtp_server,
         pb.StartPasswordResetRequest(login_id=request.login_id),
     )
     assert len(token) == 43  # 256 bits, URL-safe base64
@@ -187,8 +161,8 @@ async def test_password_reset_round_trip(
         PASSWORD_CHANGED,
         "reset",
     )
-    assert await _deliver(server, clock, smtp) == 1
-    assert "was reset on 15 June 2026" in body(smtp.handler.received[-1].message)
+    assert await _deliver(server, clock, smtp_server) == 1
+    assert "was reset on 15 June 2026" in lf_body(smtp_server.handler.received[-1].message)
 
     # Single use: the same error as a token that never existed.
     again = pb.CompletePasswordResetRequest(token=token, new_password="yet another phrase 9")
@@ -205,12 +179,12 @@ async def test_password_reset_round_trip(
 
 
 async def test_expired_token_is_refused_like_garbage(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     request = sign_up_request()
     await members.SignUp(request)
     token = await _start_and_receive(
-        members, server, clock, smtp, pb.StartPasswordResetRequest(email=request.email)
+        members, server, clock, smtp_server, pb.StartPasswordResetRequest(email=request.email)
     )
     clock.advance(timedelta(minutes=31))
     expired = await _invalid(
@@ -241,7 +215,7 @@ async def test_reset_for_an_unknown_account_answers_alike_and_mails_nothing(
 
 
 async def test_reset_validates_without_spending_the_token(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     assert set(await _invalid(members.StartPasswordReset(pb.StartPasswordResetRequest()))) == {
         "account"
@@ -252,7 +226,7 @@ async def test_reset_validates_without_spending_the_token(
         members,
         server,
         clock,
-        smtp,
+        smtp_server,
         pb.StartPasswordResetRequest(login_id=request.login_id),
     )
     short = pb.CompletePasswordResetRequest(token=token, new_password="short")
@@ -269,7 +243,7 @@ async def test_no_token_in_clear_in_the_database(
     server: RunningServer,
     server_settings: Settings,
     clock: FrozenClock,
-    smtp: SmtpServer,
+    smtp_server: SmtpServer,
 ) -> None:
     request = sign_up_request()
     await members.SignUp(request)
@@ -279,8 +253,8 @@ async def test_no_token_in_clear_in_the_database(
     url = server_settings.database_url
     assert url is not None
     dump = await _database_text(url.get_secret_value())
-    assert await _deliver(server, clock, smtp) == 1
-    token = _token(body(smtp.handler.received[-1].message))
+    assert await _deliver(server, clock, smtp_server) == 1
+    token = mail_token(lf_body(smtp_server.handler.received[-1].message))
     # ... and after it went out, only the hash is stored.
     dump += await _database_text(url.get_secret_value())
     assert token not in dump
@@ -400,7 +374,7 @@ def test_login_id_reminder_renders_the_login_id() -> None:
         replace(_mail(recipient.member_id, LOGIN_ID_REMINDER), params={}), recipient
     )
     assert mail["Subject"] == "Your login ID"
-    assert "    rena2024\n" in body(mail)
+    assert "    rena2024\n" in lf_body(mail)
     with pytest.raises(ValueError):
         renderer.render(_mail(recipient.member_id, LOGIN_ID_REMINDER), _recipient())
 
@@ -410,8 +384,8 @@ def test_password_reset_renders_the_token_and_expiry() -> None:
     token = secrets.token_urlsafe(32)
     recipient = _recipient(login_id="rena2024", unsealed={"token": token})
     mail = renderer.render(_mail(recipient.member_id), recipient)
-    text = body(mail)
-    assert _token(text) == token
+    text = lf_body(mail)
+    assert mail_token(text) == token
     assert "17 May 2024 at 13:00 UTC" in text  # T0 + 30 minutes, to the minute
     assert "works once" in text
     assert "privacy@example.org" in text

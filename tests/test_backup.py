@@ -15,7 +15,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
 import stat
@@ -25,13 +24,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_support import sign_up_request
+from grpc_support import embedded_settings, sign_up_request
+from process_support import cli_env
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
 from service.config import Settings
 from service.server import RunningServer, run_server
-from vault import CHEAPEST
 
 BACKUP_TIMEOUT = 60.0
 #: The writer's bound: it stops at this many sign-ups even if the backup never ends.
@@ -40,27 +39,6 @@ MAX_WRITES = 2_000
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def _settings(data_dir: Path, **overrides: object) -> Settings:
-    """The embedded default (SQLite and kek.json in data_dir), cheapest argon2."""
-    return Settings(
-        data_dir=data_dir,
-        listen_address="127.0.0.1:0",
-        argon2_time_cost=CHEAPEST.time_cost,
-        argon2_memory_cost=CHEAPEST.memory_cost,
-        argon2_parallelism=CHEAPEST.parallelism,
-        shutdown_grace_seconds=0,
-        sidecar_in_process=False,
-        **overrides,  # type: ignore[arg-type]
-    )
-
-
-def _env(data_dir: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
-    env |= {"PRIVACY_VAULT_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
-    env |= {f"PRIVACY_VAULT_{k.upper()}": v for k, v in settings.items()}
-    return env
 
 
 async def run_backup(dest: Path, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
@@ -109,7 +87,7 @@ async def test_backup_while_serving_writes_is_a_vault_without_the_key_file(
     dest = tmp_path / "backups" / "2026-06-15"
     before: list[str] = []
     during: list[str] = []
-    async with _serving(_settings(data)) as (_, channel):
+    async with _serving(embedded_settings(data)) as (_, channel):
         members = member_pb2_grpc.MemberServiceStub(channel)
         for _ in range(20):
             before.append((await members.SignUp(sign_up_request(), timeout=10)).member_id)
@@ -123,7 +101,7 @@ async def test_backup_while_serving_writes_is_a_vault_without_the_key_file(
 
         writer = asyncio.create_task(keep_writing())
         try:
-            code, out, err = await run_backup(dest, _env(data), tmp_path)
+            code, out, err = await run_backup(dest, cli_env(data), tmp_path)
         finally:
             backup_done.set()
             await writer  # a write that failed meanwhile fails the test here
@@ -166,7 +144,7 @@ async def test_backup_while_serving_writes_is_a_vault_without_the_key_file(
     restored.mkdir(mode=0o700)
     for file in ("vault.db", "retention.db"):
         shutil.copy2(dest / file, restored / file)
-    settings = _settings(restored, local_key_file=data / "kek.json")
+    settings = embedded_settings(restored, local_key_file=data / "kek.json")
     async with _serving(settings) as (running, channel):
         members = member_pb2_grpc.MemberServiceStub(channel)
         for member_id in before:
@@ -195,11 +173,11 @@ async def test_backup_while_serving_writes_is_a_vault_without_the_key_file(
 async def test_backup_refuses_a_dest_that_holds_a_backup(tmp_path: Path) -> None:
     data = tmp_path / "data"
     dest = tmp_path / "backup"
-    async with _serving(_settings(data)) as (_, channel):
+    async with _serving(embedded_settings(data)) as (_, channel):
         await member_pb2_grpc.MemberServiceStub(channel).SignUp(sign_up_request(), timeout=10)
-        assert (await run_backup(dest, _env(data), tmp_path))[0] == 0
+        assert (await run_backup(dest, cli_env(data), tmp_path))[0] == 0
         first = {p.name: p.read_bytes() for p in dest.iterdir()}
-        code, _, err = await run_backup(dest, _env(data), tmp_path)
+        code, _, err = await run_backup(dest, cli_env(data), tmp_path)
     assert code == 1
     assert json.loads(err)["error"] == "refused"
     assert "already holds" in err
@@ -208,15 +186,15 @@ async def test_backup_refuses_a_dest_that_holds_a_backup(tmp_path: Path) -> None
 
 async def test_backup_into_the_data_directory_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    async with _serving(_settings(data)):
-        code, _, err = await run_backup(data / "backups" / "today", _env(data), tmp_path)
+    async with _serving(embedded_settings(data)):
+        code, _, err = await run_backup(data / "backups" / "today", cli_env(data), tmp_path)
     assert code == 2
     assert "inside the data directory" in json.loads(err)["message"]
     assert not (data / "backups").exists()
 
 
 async def test_backup_before_any_start_is_not_found(tmp_path: Path) -> None:
-    code, _, err = await run_backup(tmp_path / "backup", _env(tmp_path / "data"), tmp_path)
+    code, _, err = await run_backup(tmp_path / "backup", cli_env(tmp_path / "data"), tmp_path)
     assert code == 4
     assert json.loads(err)["error"] == "not_found"
     assert not (tmp_path / "backup").exists()
@@ -229,10 +207,10 @@ async def test_backup_of_a_postgres_vault_refuses_and_points_at_pg_dump(
 ) -> None:
     url = await make_postgres_database()
     data = tmp_path / "data"
-    async with _serving(_settings(data, database_url=url)) as (_, channel):
+    async with _serving(embedded_settings(data, database_url=url)) as (_, channel):
         await member_pb2_grpc.MemberServiceStub(channel).SignUp(sign_up_request(), timeout=10)
         code, out, err = await run_backup(
-            tmp_path / "backup", _env(data, database_url=url), tmp_path
+            tmp_path / "backup", cli_env(data, database_url=url), tmp_path
         )
     assert code == 2
     error = json.loads(err)

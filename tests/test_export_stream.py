@@ -17,19 +17,17 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import asyncpg
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_support import rich_status, sign_up_request
+from grpc_support import precondition_violation, sign_up_request
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
-from service.config import Settings
-from service.server import RunningServer, run_server
+from service.server import RunningServer
 from vault import FrozenClock
 from vault.clock import to_micros
 from vault.errors import NotFound
@@ -39,112 +37,80 @@ Code = grpc.StatusCode
 HISTORY = 50_000
 
 
-@pytest.fixture
-def quiet_settings(server_settings: Settings) -> Settings:
-    # No in-process sidecar: nothing purges or sweeps while a test reads.
-    return server_settings.model_copy(update={"sidecar_in_process": False})
-
-
-@pytest.fixture
-async def quiet_server(
-    quiet_settings: Settings, clock: FrozenClock
-) -> AsyncIterator[RunningServer]:
-    async with run_server(quiet_settings, clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-async def stub(quiet_server: RunningServer) -> AsyncIterator[MemberServiceStub]:
-    async with grpc.aio.insecure_channel(quiet_server.target) as channel:
-        yield MemberServiceStub(channel)
-
-
 def _ip(i: int) -> str:
     return f"198.51.{i // 256 % 256}.{i % 256}"
 
 
-async def _seed(
-    server: RunningServer,
-    store_url: str,
-    backend: str,
-    clock: FrozenClock,
-    member_id: str,
-    count: int,
-    ip: object = _ip,
-) -> None:
-    """``count`` access-log entries, oldest first, one millisecond apart, action
+#: ``await seed(member_id, count, ip=_ip)``
+Seed = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+def seed(server: RunningServer, store_url: str, backend: str, clock: FrozenClock) -> Seed:
+    """Writes ``count`` access-log entries, oldest first, one millisecond apart, action
     ``page.view.<i>``: sealed under the member's DEK by the vault, inserted at once."""
-    vault = server.vault
-    row = await vault.store.get_member(member_id)
-    assert row is not None
-    dek = await vault._dek(row.key)
-    records = []
-    for i in range(count):
-        clock.advance(timedelta(milliseconds=1))
-        entry = vault._access_entry(dek, member_id, f"page.view.{i}", ip(i))  # type: ignore[operator]
-        records.append((entry.at, entry.action_ct, entry.ip_ct))
-    if backend == "sqlite":
-        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
-        try:
-            with conn:
-                conn.executemany(
-                    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
-                    [(member_id, to_micros(at), a, i) for at, a, i in records],
+
+    async def seed(member_id: str, count: int, ip: Callable[[int], str] = _ip) -> None:
+        vault = server.vault
+        row = await vault.store.get_member(member_id)
+        assert row is not None
+        dek = await vault._dek(row.key)
+        records = []
+        for i in range(count):
+            clock.advance(timedelta(milliseconds=1))
+            entry = vault._access_entry(dek, member_id, f"page.view.{i}", ip(i))
+            records.append((entry.at, entry.action_ct, entry.ip_ct))
+        if backend == "sqlite":
+            conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+            try:
+                with conn:
+                    conn.executemany(
+                        "INSERT INTO access_log (member_id, at, action_ct, ip_ct)"
+                        " VALUES (?, ?, ?, ?)",
+                        [(member_id, to_micros(at), a, i) for at, a, i in records],
+                    )
+            finally:
+                conn.close()
+        else:
+            pg = await asyncpg.connect(store_url)
+            try:
+                await pg.copy_records_to_table(
+                    "access_log",
+                    columns=["member_id", "at", "action_ct", "ip_ct"],
+                    records=[(uuid.UUID(member_id), at, a, i) for at, a, i in records],
                 )
-        finally:
-            conn.close()
-    else:
-        pg = await asyncpg.connect(store_url)
-        try:
-            await pg.copy_records_to_table(
-                "access_log",
-                columns=["member_id", "at", "action_ct", "ip_ct"],
-                records=[(uuid.UUID(member_id), at, a, i) for at, a, i in records],
-            )
-        finally:
-            await pg.close()
+            finally:
+                await pg.close()
+
+    return seed
 
 
-async def _stream(stub: MemberServiceStub, member_id: str) -> list[str]:
-    call = stub.StreamMemberData(pb.StreamMemberDataRequest(member_id=member_id), timeout=300)
+async def _stream(members: MemberServiceStub, member_id: str) -> list[str]:
+    call = members.StreamMemberData(pb.StreamMemberDataRequest(member_id=member_id), timeout=300)
     return [piece.json async for piece in call]
 
 
-def _precondition(error: grpc.aio.AioRpcError) -> error_details_pb2.PreconditionFailure.Violation:
-    for detail in rich_status(error).details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            assert len(failure.violations) == 1
-            return failure.violations[0]
-    raise AssertionError("no PreconditionFailure detail")
-
-
-async def _export_refused(stub: MemberServiceStub, member_id: str) -> None:
+async def _export_refused(members: MemberServiceStub, member_id: str) -> None:
     """ExportMemberData is FAILED_PRECONDITION, saying to use StreamMemberData."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id), timeout=300)
+        await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id), timeout=300)
     error = caught.value
     assert error.code() == Code.FAILED_PRECONDITION, (error.code(), error.details())
-    violation = _precondition(error)
+    violation = precondition_violation(error)
     assert violation.type == "EXPORT_TOO_LARGE"
     assert "StreamMemberData" in violation.description
     assert "StreamMemberData" in (error.details() or "")
 
 
 async def test_a_history_of_50000_entries_streams_whole(
-    stub: MemberServiceStub,
-    quiet_server: RunningServer,
-    store_url: str,
-    backend: str,
-    clock: FrozenClock,
+    members: MemberServiceStub, seed: Seed, backend: str
 ) -> None:
     request = sign_up_request(name="김지수")
-    member_id = (await stub.SignUp(request)).member_id
-    await _seed(quiet_server, store_url, backend, clock, member_id, HISTORY)
+    member_id = (await members.SignUp(request)).member_id
+    await seed(member_id, HISTORY)
 
     started = time.perf_counter()
-    pieces = await _stream(stub, member_id)
+    pieces = await _stream(members, member_id)
     elapsed = time.perf_counter() - started
     document_text = "".join(pieces)
     size = len(document_text.encode())
@@ -167,42 +133,34 @@ async def test_a_history_of_50000_entries_streams_whole(
 
     # The one-message form refuses it clearly (it was RESOURCE_EXHAUSTED from the
     # transport's send limit) and points at the stream.
-    await _export_refused(stub, member_id)
+    await _export_refused(members, member_id)
 
 
 async def test_oversized_entries_stored_before_the_ip_check_still_stream(
-    stub: MemberServiceStub,
-    quiet_server: RunningServer,
-    store_url: str,
-    backend: str,
-    clock: FrozenClock,
+    members: MemberServiceStub, seed: Seed
 ) -> None:
     """80 entries of 60 KiB each (what the old IP check let through): every piece
     stays within its bound, and the document is whole."""
-    member_id = (await stub.SignUp(sign_up_request())).member_id
+    member_id = (await members.SignUp(sign_up_request())).member_id
     huge = "fe80::1%" + "x" * (60 * 1024)
-    await _seed(quiet_server, store_url, backend, clock, member_id, 80, ip=lambda i: huge)
-    pieces = await _stream(stub, member_id)
+    await seed(member_id, 80, ip=lambda i: huge)
+    pieces = await _stream(members, member_id)
     assert all(len(p) <= EXPORT_PIECE_CHARS for p in pieces)
     history = json.loads("".join(pieces))["access_history"]
     assert len(history) == 80
     assert all(e["ip"] == huge for e in history)
-    await _export_refused(stub, member_id)
+    await _export_refused(members, member_id)
 
 
 async def test_stream_and_one_message_export_are_the_same_document(
-    stub: MemberServiceStub,
-    quiet_server: RunningServer,
-    store_url: str,
-    backend: str,
-    clock: FrozenClock,
+    members: MemberServiceStub, seed: Seed
 ) -> None:
     for entries in (0, 1, 2500):
-        member_id = (await stub.SignUp(sign_up_request(mobile_phone="+15550100"))).member_id
-        await _seed(quiet_server, store_url, backend, clock, member_id, entries)
-        streamed = "".join(await _stream(stub, member_id))
+        member_id = (await members.SignUp(sign_up_request(mobile_phone="+15550100"))).member_id
+        await seed(member_id, entries)
+        streamed = "".join(await _stream(members, member_id))
         exported = (
-            await stub.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id))
+            await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id))
         ).json
         assert streamed == exported
         assert len(exported.encode()) <= EXPORT_MAX_BYTES
@@ -212,19 +170,15 @@ async def test_stream_and_one_message_export_are_the_same_document(
 
 
 async def test_a_member_key_rotation_during_the_stream_is_followed(
-    stub: MemberServiceStub,
-    quiet_server: RunningServer,
-    store_url: str,
-    backend: str,
-    clock: FrozenClock,
+    members: MemberServiceStub, seed: Seed, server: RunningServer
 ) -> None:
     """The history is re-encrypted under a new DEK while an export is under way: the
     pages after it are read under the new key and the document is whole. Driven
     through the vault's own stream (in-process) so the rotation lands, every time,
     after the first page and before the rest."""
-    member_id = (await stub.SignUp(sign_up_request())).member_id
-    await _seed(quiet_server, store_url, backend, clock, member_id, 5000)
-    vault = quiet_server.vault
+    member_id = (await members.SignUp(sign_up_request())).member_id
+    await seed(member_id, 5000)
+    vault = server.vault
     pieces: list[str] = []
     stream = vault.stream_member(member_id)
     try:
@@ -238,15 +192,11 @@ async def test_a_member_key_rotation_during_the_stream_is_followed(
 
 
 async def test_a_shred_during_the_stream_is_not_found_not_a_short_document(
-    stub: MemberServiceStub,
-    quiet_server: RunningServer,
-    store_url: str,
-    backend: str,
-    clock: FrozenClock,
+    members: MemberServiceStub, seed: Seed, server: RunningServer
 ) -> None:
-    member_id = (await stub.SignUp(sign_up_request())).member_id
-    await _seed(quiet_server, store_url, backend, clock, member_id, 5000)
-    vault = quiet_server.vault
+    member_id = (await members.SignUp(sign_up_request())).member_id
+    await seed(member_id, 5000)
+    vault = server.vault
     stream = vault.stream_member(member_id)
     try:
         await anext(stream)
@@ -267,9 +217,9 @@ async def test_a_shred_during_the_stream_is_not_found_not_a_short_document(
     ],
 )
 async def test_stream_of_a_missing_or_malformed_member(
-    stub: MemberServiceStub, member_id: str, code: grpc.StatusCode
+    members: MemberServiceStub, member_id: str, code: grpc.StatusCode
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _stream(stub, member_id)
+        await _stream(members, member_id)
     assert caught.value.code() == code
     assert member_id not in (caught.value.details() or "")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +21,12 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
-from grpc_support import field_violations, sign_up_request
-from pydantic import SecretStr
+from grpc_support import admin_metadata, field_violations, sign_up_request
 
 from privacyvault.v1 import field_limits_pb2, key_admin_pb2, member_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
-from service.config import Settings
-from service.server import RunningServer, run_server
-from vault import FrozenClock
 
 Code = grpc.StatusCode
 PROTOS = Path(__file__).resolve().parent.parent / "protos" / "privacyvault" / "v1"
@@ -38,8 +34,7 @@ SERVICES = (
     member_pb2.DESCRIPTOR.services_by_name["MemberService"],
     key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"],
 )
-TOKEN = "field-limits-admin-token-0123456789"
-ADMIN = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "limits@test"))
+ADMIN = admin_metadata("limits@test")
 CLIENT_IP = (("x-client-ip", "192.0.2.77"),)
 LONGEST_IP = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"  # 45 characters
 _unique = itertools.count(1)
@@ -116,27 +111,6 @@ def test_every_limit_is_written_in_the_field_comment() -> None:
 
 
 # --- every field at its limit and past it, over gRPC ------------------------------------
-
-
-@pytest.fixture
-def limits_settings(server_settings: Settings) -> Settings:
-    return server_settings.model_copy(
-        update={"admin_token": SecretStr(TOKEN), "sidecar_in_process": False}
-    )
-
-
-@pytest.fixture
-async def limits_server(
-    limits_settings: Settings, clock: FrozenClock
-) -> AsyncIterator[RunningServer]:
-    async with run_server(limits_settings, clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-async def limits_channel(limits_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(limits_server.target) as channel:
-        yield channel
 
 
 @dataclass
@@ -276,9 +250,9 @@ def _limit_description(field: FieldDescriptor, what: str) -> str:
 
 
 async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
-    limits_channel: grpc.aio.Channel,
+    admin_channel: grpc.aio.Channel,
 ) -> None:
-    members = MemberServiceStub(limits_channel)
+    members = MemberServiceStub(admin_channel)
     first = sign_up_request()
     ctx = Context((await members.SignUp(first)).member_id, first.login_id, first.password)
     cases = _cases()
@@ -293,7 +267,7 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
             request = _base(method.name, ctx)
             _set(request, field, past)
             try:
-                await _call(limits_channel, method, request)
+                await _call(admin_channel, method, request)
                 problems.append(f"{label}: past the limit was accepted")
             except grpc.aio.AioRpcError as error:
                 if error.code() != Code.INVALID_ARGUMENT:
@@ -304,7 +278,7 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
             request = _base(method.name, ctx)
             _set(request, field, at_max)
             try:
-                await _call(limits_channel, method, request)
+                await _call(admin_channel, method, request)
             except grpc.aio.AioRpcError as error:
                 if error.code() in (Code.INTERNAL, Code.UNKNOWN):
                     problems.append(f"{label}: at the limit gave {error.code().name}")
@@ -340,9 +314,9 @@ BAD_IPS = [
 
 
 async def test_record_access_refuses_zone_ids_and_oversized_addresses(
-    limits_channel: grpc.aio.Channel,
+    admin_channel: grpc.aio.Channel,
 ) -> None:
-    members = MemberServiceStub(limits_channel)
+    members = MemberServiceStub(admin_channel)
     member_id = (await members.SignUp(sign_up_request())).member_id
     for ip in BAD_IPS:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -356,9 +330,9 @@ async def test_record_access_refuses_zone_ids_and_oversized_addresses(
 
 
 async def test_authenticate_refuses_zone_ids_and_oversized_client_ips(
-    limits_channel: grpc.aio.Channel,
+    admin_channel: grpc.aio.Channel,
 ) -> None:
-    members = MemberServiceStub(limits_channel)
+    members = MemberServiceStub(admin_channel)
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
     auth = pb.AuthenticateRequest(login_id=request.login_id, password=request.password)
@@ -387,9 +361,9 @@ async def test_authenticate_refuses_zone_ids_and_oversized_client_ips(
     ],
 )
 async def test_addresses_are_stored_in_canonical_form(
-    limits_channel: grpc.aio.Channel, sent: str, stored: str
+    admin_channel: grpc.aio.Channel, sent: str, stored: str
 ) -> None:
-    members = MemberServiceStub(limits_channel)
+    members = MemberServiceStub(admin_channel)
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
     await members.RecordAccess(

@@ -31,7 +31,7 @@ import string
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,15 +41,12 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_support import CLIENT_IP, sign_up_request
-from pydantic import SecretStr
+from grpc_support import CLIENT_IP, admin_metadata, sign_up_request
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
-from service.config import Settings
-from service.server import RunningServer, run_server
-from vault import FrozenClock
+from service.server import RunningServer
 
 SEED = int(os.environ.get("PRIVACY_VAULT_FUZZ_SEED", "8016"))
 REQUESTS_PER_BACKEND = int(os.environ.get("PRIVACY_VAULT_FUZZ_REQUESTS", "1000"))
@@ -58,8 +55,7 @@ CALL_DEADLINE = 10.0  # a stream (RewrapMemberKeys) is read to its end within it
 CHECKED_LENGTH = 4  # shorter submitted strings occur in any text by chance
 HEX_SHOWN = 2048  # bytes of a failing request printed as hex
 
-TOKEN = "fuzz-admin-token-Q7c2Zr9LxW4m"
-ADMIN = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "fuzzer"))
+ADMIN = admin_metadata("fuzzer")
 SERVICES = (
     member_pb2.DESCRIPTOR.services_by_name["MemberService"],
     key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"],
@@ -530,35 +526,29 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _strings(message: Message) -> list[str]:
-    found: list[str] = []
+def _leaves(message: Message) -> Iterator[str | bytes]:
+    """Every string and bytes value set in a message, nested messages and maps too."""
     for f, value in message.ListFields():
         values = list(value) if _repeated(f) else [value]
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
             values = [*value.keys(), *value.values()]
         for v in values:
             if isinstance(v, Message):
-                found += _strings(v)
-            elif isinstance(v, str):
-                found.append(v)
-    return found
+                yield from _leaves(v)
+            elif isinstance(v, str | bytes):
+                yield v
+
+
+def _strings(message: Message) -> list[str]:
+    return [v for v in _leaves(message) if isinstance(v, str)]
 
 
 # --- checking an answer ---------------------------------------------------------------------
 
 
 def _texts(message: Message) -> Iterator[str]:
-    for f, value in message.ListFields():
-        values = list(value) if _repeated(f) else [value]
-        if f.message_type is not None and f.message_type.GetOptions().map_entry:
-            values = [*value.keys(), *value.values()]
-        for v in values:
-            if isinstance(v, Message):
-                yield from _texts(v)
-            elif isinstance(v, str):
-                yield v
-            elif isinstance(v, bytes):
-                yield v.decode("utf-8", "replace")
+    for v in _leaves(message):
+        yield v if isinstance(v, str) else v.decode("utf-8", "replace")
 
 
 _DETAIL_TYPES = {
@@ -649,17 +639,6 @@ class Run:
 
 
 # --- the server under fuzz ------------------------------------------------------------------
-
-
-@pytest.fixture
-def fuzz_settings(server_settings: Settings) -> Settings:
-    return server_settings.model_copy(update={"admin_token": SecretStr(TOKEN)})
-
-
-@pytest.fixture
-async def fuzz_server(fuzz_settings: Settings, clock: FrozenClock) -> AsyncIterator[RunningServer]:
-    async with run_server(fuzz_settings, clock=clock) as running:
-        yield running
 
 
 async def _seed_members(channel: grpc.aio.Channel, pools: Pools) -> None:
@@ -779,9 +758,9 @@ def _examples(failures: list[Failure], limit: int = 12) -> list[Failure]:
 
 
 async def test_fuzzed_requests_on_every_rpc(
-    fuzz_server: RunningServer, backend: str, capsys: pytest.CaptureFixture[str]
+    admin_server: RunningServer, backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async with grpc.aio.insecure_channel(fuzz_server.target) as channel:
+    async with grpc.aio.insecure_channel(admin_server.target) as channel:
         run = await _fuzz(channel, backend)
         report = _report(run)
         with capsys.disabled():

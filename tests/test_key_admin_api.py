@@ -17,41 +17,26 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.rpc import error_details_pb2
-from grpc_support import CLIENT_IP, field_violations, rich_status, sign_up_request
-from pydantic import SecretStr
+from grpc_support import (
+    ADMIN_TOKEN,
+    CLIENT_IP,
+    admin_metadata,
+    field_violations,
+    precondition_violation,
+    sign_up_request,
+)
 
 from privacyvault.v1 import key_admin_pb2 as kpb
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
-from service.server import RunningServer, run_server
+from service.server import run_server
 from vault import FrozenClock
 
 Code = grpc.StatusCode
-TOKEN = "test-admin-token-0123456789abcdef"
 ACTOR = "alice@security"
-ADMIN = (("authorization", f"Bearer {TOKEN}"), ("x-actor", ACTOR))
-
-
-@pytest.fixture
-def admin_settings(server_settings: Settings) -> Settings:
-    return server_settings.model_copy(update={"admin_token": SecretStr(TOKEN)})
-
-
-@pytest.fixture
-async def admin_server(
-    admin_settings: Settings, clock: FrozenClock
-) -> AsyncIterator[RunningServer]:
-    async with run_server(admin_settings, clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-async def admin_channel(admin_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(admin_server.target) as ch:
-        yield ch
+ADMIN = admin_metadata(ACTOR)
 
 
 @pytest.fixture
@@ -69,16 +54,6 @@ async def _fails(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
         await call  # type: ignore[misc]
     assert caught.value.code() == code, caught.value.details()
     return caught.value
-
-
-def _precondition(error: grpc.aio.AioRpcError) -> error_details_pb2.PreconditionFailure.Violation:
-    for detail in rich_status(error).details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            assert len(failure.violations) == 1
-            return failure.violations[0]
-    raise AssertionError("no PreconditionFailure detail")
 
 
 async def _status(keys: KeyAdminServiceStub) -> dict[int, kpb.KekVersion]:
@@ -185,7 +160,7 @@ async def test_rotate_rewrap_destroy(
         keys.DestroyKekVersion(kpb.DestroyKekVersionRequest(version=1), metadata=ADMIN),
         Code.FAILED_PRECONDITION,
     )
-    violation = _precondition(in_use)
+    violation = precondition_violation(in_use)
     assert violation.type == "IN_USE"
     assert "5 member keys" in violation.description
     assert "1 index keys" in violation.description
@@ -193,7 +168,7 @@ async def test_rotate_rewrap_destroy(
         keys.DestroyKekVersion(kpb.DestroyKekVersionRequest(version=2), metadata=ADMIN),
         Code.FAILED_PRECONDITION,
     )
-    assert _precondition(active).type == "ACTIVE"
+    assert precondition_violation(active).type == "ACTIVE"
     await _fails(
         keys.DestroyKekVersion(kpb.DestroyKekVersionRequest(version=7), metadata=ADMIN),
         Code.NOT_FOUND,
@@ -321,7 +296,7 @@ async def test_every_key_operation_is_recorded_without_key_bytes(
     material = set(
         json.loads((admin_settings.data_dir / "kek.json").read_text())["versions"].values()
     )
-    other = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "bob.ops"))
+    other = (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-actor", "bob.ops"))
     await keys.RotateKek(kpb.RotateKekRequest(), metadata=ADMIN)
     material |= set(
         json.loads((admin_settings.data_dir / "kek.json").read_text())["versions"].values()
@@ -369,10 +344,10 @@ async def test_admin_api_is_off_without_a_token(channel: grpc.aio.Channel) -> No
     [
         None,
         "Bearer wrong-token-0123456789abcdef",
-        f"Basic {TOKEN}",
-        TOKEN,
+        f"Basic {ADMIN_TOKEN}",
+        ADMIN_TOKEN,
         "Bearer ",
-        f"Bearer {TOKEN}x",
+        f"Bearer {ADMIN_TOKEN}x",
     ],
 )
 async def test_a_wrong_or_missing_token_is_unauthenticated(
@@ -401,7 +376,7 @@ async def _rewrap_with(keys: KeyAdminServiceStub, metadata: tuple[tuple[str, str
 
 @pytest.mark.parametrize("actor", [None, "", "two words", "x" * 65, "a/b"])
 async def test_the_actor_must_be_named(keys: KeyAdminServiceStub, actor: str | None) -> None:
-    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {TOKEN}"),)
+    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
     if actor is not None:
         metadata += (("x-actor", actor),)
     error = await _fails(

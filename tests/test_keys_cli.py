@@ -4,15 +4,13 @@ the exit codes scripts rely on, and no key material or personal data in any outp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_support import CLIENT_IP, sign_up_request
+from process_support import cli_env, run_cli
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -45,16 +43,8 @@ class KeysCli:
     """``python -m service keys ...`` on one vault; keeps every byte it printed."""
 
     def __init__(self, settings: Settings, cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
+        env = cli_env(settings.data_dir, log_format="json")
         env.pop("USER", None)
-        env.update(
-            {
-                "PRIVACY_VAULT_DATA_DIR": str(settings.data_dir),
-                "PRIVACY_VAULT_ARGON2_TIME_COST": "1",
-                "PRIVACY_VAULT_ARGON2_MEMORY_COST": "8",
-                "PRIVACY_VAULT_LOG_FORMAT": "json",
-            }
-        )
         if settings.database_url is not None:
             env["PRIVACY_VAULT_DATABASE_URL"] = settings.database_url.get_secret_value()
         self.env = env
@@ -62,15 +52,7 @@ class KeysCli:
         self.printed: list[str] = []
 
     def __call__(self, *args: str, **env: str) -> Run:
-        done = subprocess.run(
-            [sys.executable, "-m", "service", "keys", *args],
-            env={**self.env, **env},
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_cli(["keys", *args], {**self.env, **env}, self.cwd)
         self.printed += [done.stdout, done.stderr]
         return Run(done.returncode, done.stdout, done.stderr)
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from process_support import cli_env, run_cli
 
 from service.config import Settings
 from service.server import run_server
@@ -388,20 +386,10 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
         member = await sign_up(vault, 1)
         await vault.record_access(member, "read", "192.0.2.7")
         before = await outbox(vault)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
-    env["PRIVACY_VAULT_DATA_DIR"] = str(data)
     # A configured retention database that does not exist yet is not created.
     missing = tmp_path / "elsewhere" / "retention.db"
-    env["PRIVACY_VAULT_RETENTION_DATABASE_URL"] = f"sqlite:///{missing}"
-    result = subprocess.run(  # noqa: ASYNC221 - a short CLI run
-        [sys.executable, "-m", "service", "sidecar", "--once", "--dry-run"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    env = cli_env(data, retention_database_url=f"sqlite:///{missing}")
+    result = run_cli(["sidecar", "--once", "--dry-run"], env, tmp_path)  # a short CLI run
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert {line["step"]: line["count"] for line in lines} == {

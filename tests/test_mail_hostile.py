@@ -20,7 +20,6 @@ import email
 import email.policy
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,9 +33,10 @@ import structlog
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from grpc_support import CLIENT_IP, sign_up_request
+from mail_support import TOKEN_IN_MAIL, lf_body, outbox, relay_for, smtp_mailer
+from process_support import free_port
 from pydantic import SecretStr
 from structlog.testing import capture_logs
-from test_mailer import free_port, outbox, relay_for, smtp_mailer
 
 import service.mailer
 import vault.facade
@@ -53,7 +53,6 @@ INTL_ADDRESS = f"{INTL_LOCAL}@example.com"
 INTL_NAME = "김지수"
 IDN_ADDRESS = "jisoo@예시.com"
 IDN_ASCII = "jisoo@xn--vv4b11d.com"
-_TOKEN_IN_MAIL = re.compile(r"^    ([A-Za-z0-9_-]{43})$", re.MULTILINE)
 
 
 # --- a real SMTP server, with SMTPUTF8 on or off -----------------------------------------
@@ -165,12 +164,6 @@ async def _ask_reset(members: MemberServiceStub, server: RunningServer, login_id
     await server.vault.settle()  # the mail is enqueued after the answer
 
 
-def _body(message: EmailMessage) -> str:
-    part = message.get_body(("plain",))
-    assert part is not None
-    return str(part.get_content()).replace("\r\n", "\n")  # type: ignore[attr-defined]
-
-
 def _spool(settings: Settings) -> Path:
     return settings.data_dir / "outbox-mail"
 
@@ -198,6 +191,19 @@ async def _round(server: RunningServer, settings: Settings) -> RoundReport | Non
         await sidecar.release()
 
 
+async def _two_with_spooled_mail(
+    members: MemberServiceStub, server: RunningServer, settings: Settings
+) -> tuple[str, pb.SignUpRequest, pb.SignUpRequest]:
+    """Two members, a reset mail for each spooled by one round; the first one's id."""
+    member_id, request = await _sign_up(members)
+    _, other = await _sign_up(members)
+    for login_id in (request.login_id, other.login_id):
+        await _ask_reset(members, server, login_id)
+    await _round(server, settings)
+    assert len(_mail_to(settings, request.email)) == 1
+    return member_id, request, other
+
+
 # --- item 11: SMTPUTF8 ---------------------------------------------------------------------
 
 
@@ -217,9 +223,9 @@ async def test_internationalised_address_is_delivered_with_smtputf8(
     (to,) = got.message["To"].addresses
     assert (to.addr_spec, to.display_name) == (INTL_ADDRESS, INTL_NAME)
     assert got.message["Subject"] == "Reset your password"
-    text = _body(got.message)
+    text = lf_body(got.message)
     assert f"Dear {INTL_NAME}," in text
-    assert len(_TOKEN_IN_MAIL.findall(text)) == 1
+    assert len(TOKEN_IN_MAIL.findall(text)) == 1
     assert await outbox(server.vault.store, clock) == []
     assert await server.vault.resolve_recipient(member_id) is not None
 
@@ -311,19 +317,14 @@ async def test_spool_is_private_and_foldered_by_member(
     assert _mode(_spool(server_settings)) == 0o700
     text = path.read_text("utf-8")
     assert request.email in text  # what the spool holds, in clear
-    assert len(_TOKEN_IN_MAIL.findall(text)) == 1
+    assert len(TOKEN_IN_MAIL.findall(text)) == 1
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
 
 
 async def test_withdraw_deletes_the_members_spooled_mail(
     members: MemberServiceStub, server: RunningServer, server_settings: Settings
 ) -> None:
-    member_id, request = await _sign_up(members)
-    _, other = await _sign_up(members)
-    for login_id in (request.login_id, other.login_id):
-        await _ask_reset(members, server, login_id)
-    await _round(server, server_settings)
-    assert len(_mail_to(server_settings, request.email)) == 1
+    member_id, request, other = await _two_with_spooled_mail(members, server, server_settings)
 
     await members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=request.password))
 
@@ -426,12 +427,7 @@ async def test_expiry_shred_by_the_sidecar_deletes_the_members_spooled_mail(
 async def test_relay_deletes_spooled_mail_of_a_member_shredded_by_another_process(
     members: MemberServiceStub, server: RunningServer, server_settings: Settings, clock: FrozenClock
 ) -> None:
-    member_id, request = await _sign_up(members)
-    _, other = await _sign_up(members)
-    for login_id in (request.login_id, other.login_id):
-        await _ask_reset(members, server, login_id)
-    await _round(server, server_settings)
-    assert len(_mail_to(server_settings, request.email)) == 1
+    member_id, request, other = await _two_with_spooled_mail(members, server, server_settings)
 
     # Another process's vault (no hook into this process's spool) shreds the member.
     database_url = server_settings.database_url

@@ -9,27 +9,30 @@ from __future__ import annotations
 import email
 import email.policy
 import logging
-import socket
 import stat
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from mail_support import (
+    CONTACT,
+    SENDER,
+    RecordingHandler,
+    SmtpServer,
+    body,
+    outbox,
+    relay_for,
+    smtp_mailer,
+)
+from process_support import free_port
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from service.config import Settings
 from service.mailer import (
     EmlDirectoryMailer,
-    Mailer,
-    OutboxRelay,
     RelayPolicy,
     SmtpMailer,
     build_mailer,
@@ -46,77 +49,10 @@ from vault.mail import (
     Recipient,
     notice_items,
 )
-from vault.store.base import OutboxMessage, Store
+from vault.store.base import OutboxMessage
 
 NAME = "Maximilian Mailtest"
 ADDRESS = "maximilian.mailtest@example.com"
-CONTACT = "privacy@example.org, +82 2 0000 0000"
-SENDER = "privacy-vault@example.org"
-
-
-# --- a real SMTP server ------------------------------------------------------------------
-
-
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    message: EmailMessage
-
-
-@dataclass
-class RecordingHandler:
-    """Records what it accepts; ``refuse`` makes it answer RCPT with that reply."""
-
-    received: list[Received] = field(default_factory=list)
-    refuse: str | None = None
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        if self.refuse is not None:
-            return self.refuse
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        parsed = email.message_from_bytes(content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.received.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos), parsed))
-        return "250 Message accepted for delivery"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class SmtpServer:
-    handler: RecordingHandler
-    port: int
-    controller: Controller | None = None
-
-    def start(self) -> None:
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port)
-        self.controller.start()
-
-    def stop(self) -> None:
-        if self.controller is not None:
-            self.controller.stop()
-            self.controller = None
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[SmtpServer]:
-    server = SmtpServer(RecordingHandler(), free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -127,24 +63,6 @@ def server_settings(server_settings: Settings) -> Settings:
     """No in-process sidecar: these tests drive the relay themselves, and a sidecar
     round could otherwise send a message first (to the .eml default)."""
     return server_settings.model_copy(update={"sidecar_in_process": False})
-
-
-def smtp_mailer(port: int) -> SmtpMailer:
-    return SmtpMailer(parse_smtp_url(f"smtp://127.0.0.1:{port}"), starttls=None, timeout=5)
-
-
-def relay_for(
-    server: RunningServer, mailer: Mailer, clock: FrozenClock, **policy: Any
-) -> OutboxRelay:
-    return OutboxRelay(
-        server.vault.store,
-        server.vault,
-        mailer,
-        MailRenderer(SENDER, CONTACT),
-        clock,
-        RelayPolicy(**policy),
-        jitter=lambda: 0.0,  # the shortest backoff: deterministic times to assert
-    )
 
 
 async def sign_up(vault: Vault) -> str:
@@ -165,17 +83,6 @@ def notice(member_id: str, clock: FrozenClock) -> OutboxMessage:
         },
         created_at=clock.now(),
     )
-
-
-async def outbox(store: Store, clock: FrozenClock) -> list[OutboxMessage]:
-    """Everything still queued, due or not."""
-    return await store.due_outbox(clock.now() + timedelta(days=3650), 1000)
-
-
-def body(message: EmailMessage) -> str:
-    part = message.get_body(("plain",))
-    assert part is not None
-    return str(part.get_content())  # type: ignore[attr-defined]
 
 
 # --- the relay over SMTP ----------------------------------------------------------------

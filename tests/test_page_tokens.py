@@ -8,7 +8,6 @@ import base64
 import hashlib
 import hmac
 import struct
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import grpc
@@ -24,26 +23,6 @@ from vault.clock import to_micros
 
 Code = grpc.StatusCode
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-
-
-@pytest.fixture
-def quiet_settings(server_settings: Settings) -> Settings:
-    # No in-process sidecar: nothing else touches the database while a test runs.
-    return server_settings.model_copy(update={"sidecar_in_process": False})
-
-
-@pytest.fixture
-async def quiet_server(
-    quiet_settings: Settings, clock: FrozenClock
-) -> AsyncIterator[RunningServer]:
-    async with run_server(quiet_settings, clock=clock) as running:
-        yield running
-
-
-@pytest.fixture
-async def stub(quiet_server: RunningServer) -> AsyncIterator[MemberServiceStub]:
-    async with grpc.aio.insecure_channel(quiet_server.target) as channel:
-        yield MemberServiceStub(channel)
 
 
 async def _member_with_history(
@@ -85,9 +64,9 @@ def _old_format(micros: int | str, entry_id: int | str) -> str:
 
 
 async def test_crafted_tokens_with_out_of_range_cursors_are_invalid_argument(
-    stub: MemberServiceStub, clock: FrozenClock
+    members: MemberServiceStub, clock: FrozenClock
 ) -> None:
-    member_id = await _member_with_history(stub, clock)
+    member_id = await _member_with_history(members, clock)
     now = to_micros(clock.now())
     crafted = [
         _old_format(now, 2**63),  # was INTERNAL: OverflowError / DataError
@@ -102,16 +81,16 @@ async def test_crafted_tokens_with_out_of_range_cursors_are_invalid_argument(
         .rstrip("="),
     ]
     for token in crafted:
-        await _refused(stub, member_id, token)
+        await _refused(members, member_id, token)
 
 
 async def test_authentic_tokens_with_out_of_range_cursors_are_refused(
-    stub: MemberServiceStub, clock: FrozenClock, quiet_server: RunningServer
+    members: MemberServiceStub, clock: FrozenClock, server: RunningServer
 ) -> None:
     """Even a correctly tagged token is range-checked before its cursor reaches SQL
     (the key is the server's own, taken in-process to sign what it never issues)."""
-    member_id = await _member_with_history(stub, clock)
-    key = quiet_server.vault._page_token_key
+    member_id = await _member_with_history(members, clock)
+    key = server.vault._page_token_key
     for version, micros, entry_id in [
         (2, to_micros(clock.now()), 0),
         (2, to_micros(clock.now()), -1),
@@ -122,28 +101,28 @@ async def test_authentic_tokens_with_out_of_range_cursors_are_refused(
         cursor = struct.pack(">Bqq", version, micros, entry_id)
         tag = _hazmat.token_tag(key, facade._page_token_data(member_id, cursor))
         token = base64.urlsafe_b64encode(cursor + tag).decode().rstrip("=")
-        await _refused(stub, member_id, token)
+        await _refused(members, member_id, token)
 
 
 async def test_a_token_is_refused_for_another_member(
-    stub: MemberServiceStub, clock: FrozenClock
+    members: MemberServiceStub, clock: FrozenClock
 ) -> None:
-    first = await _member_with_history(stub, clock)
-    second = await _member_with_history(stub, clock)
-    token = await _first_token(stub, first)
-    await _refused(stub, second, token)
+    first = await _member_with_history(members, clock)
+    second = await _member_with_history(members, clock)
+    token = await _first_token(members, first)
+    await _refused(members, second, token)
     # Nor for a member that does not exist: refused before any lookup.
-    await _refused(stub, "00000000-0000-4000-8000-000000000000", token)
+    await _refused(members, "00000000-0000-4000-8000-000000000000", token)
     # It still works for its own member.
-    page = await stub.ListAccessHistory(
+    page = await members.ListAccessHistory(
         pb.ListAccessHistoryRequest(member_id=first, page_size=2, page_token=token)
     )
     assert [e.action for e in page.entries] == ["page.view.2", "page.view.1"]
 
 
-async def test_tampered_tokens_are_refused(stub: MemberServiceStub, clock: FrozenClock) -> None:
-    member_id = await _member_with_history(stub, clock)
-    token = await _first_token(stub, member_id)
+async def test_tampered_tokens_are_refused(members: MemberServiceStub, clock: FrozenClock) -> None:
+    member_id = await _member_with_history(members, clock)
+    token = await _first_token(members, member_id)
     tampered = {token[:-1], token + "A", token + "=", token + "==", token[1:], "", token.upper()}
     tampered.discard("")  # empty means the first page
     tampered.discard(token)
@@ -152,19 +131,19 @@ async def test_tampered_tokens_are_refused(stub: MemberServiceStub, clock: Froze
         tampered.add(token[:i] + other + token[i + 1 :])
     tampered |= {"garbage!", "A" * 44, "A" * 128, "A" * 129, "A" * 60_000, "\u00e9" * 44}
     for bad in sorted(tampered):
-        await _refused(stub, member_id, bad)
+        await _refused(members, member_id, bad)
 
 
 async def test_a_token_pages_on_with_any_page_size(
-    stub: MemberServiceStub, clock: FrozenClock
+    members: MemberServiceStub, clock: FrozenClock
 ) -> None:
-    member_id = await _member_with_history(stub, clock, entries=7)
-    token = await _first_token(stub, member_id)  # after page.view.6 and .5
-    page = await stub.ListAccessHistory(
+    member_id = await _member_with_history(members, clock, entries=7)
+    token = await _first_token(members, member_id)  # after page.view.6 and .5
+    page = await members.ListAccessHistory(
         pb.ListAccessHistoryRequest(member_id=member_id, page_size=3, page_token=token)
     )
     assert [e.action for e in page.entries] == ["page.view.4", "page.view.3", "page.view.2"]
-    rest = await stub.ListAccessHistory(
+    rest = await members.ListAccessHistory(
         pb.ListAccessHistoryRequest(
             member_id=member_id, page_size=50, page_token=page.next_page_token
         )
@@ -174,19 +153,19 @@ async def test_a_token_pages_on_with_any_page_size(
 
 
 async def test_every_server_on_the_database_accepts_the_token(
-    quiet_settings: Settings, clock: FrozenClock
+    server_settings: Settings, clock: FrozenClock
 ) -> None:
     """The token key is derived from the stored index key, not made per process: a
     token from one server process pages on at another (a replica, or after a restart)."""
     async with (
-        run_server(quiet_settings, clock=clock) as first,
+        run_server(server_settings, clock=clock) as first,
         grpc.aio.insecure_channel(first.target) as channel,
     ):
         members = MemberServiceStub(channel)
         member_id = await _member_with_history(members, clock)
         token = await _first_token(members, member_id)
     async with (
-        run_server(quiet_settings, clock=clock) as second,
+        run_server(server_settings, clock=clock) as second,
         grpc.aio.insecure_channel(second.target) as channel,
     ):
         page = await MemberServiceStub(channel).ListAccessHistory(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from grpc_support import CLIENT_IP, sign_up_request
+from grpc_support import ADMIN_TOKEN, CLIENT_IP, admin_metadata, sign_up_request
 from pydantic import SecretStr
 
 from privacyvault.v1 import key_admin_pb2 as kpb
@@ -51,8 +51,7 @@ from service.server import run_server
 from vault import FrozenClock
 
 Code = grpc.StatusCode
-TOKEN = "races-admin-token-0123456789abcdef"
-ADMIN = (("authorization", f"Bearer {TOKEN}"), ("x-actor", "races@security"))
+ADMIN = admin_metadata("races@security")
 #: Every call's deadline: a call stuck on a lock fails the test instead of hanging it.
 CALL_TIMEOUT = 10.0
 WITHDRAW_ROUNDS = 30
@@ -102,7 +101,7 @@ async def _fails(call: Awaitable[Any], code: Code) -> None:
 @contextlib.asynccontextmanager
 async def _serving(settings: Settings, clock: FrozenClock) -> AsyncIterator[Stubs]:
     settings = settings.model_copy(
-        update={"admin_token": SecretStr(TOKEN), "sidecar_in_process": False}
+        update={"admin_token": SecretStr(ADMIN_TOKEN), "sidecar_in_process": False}
     )
     async with (
         run_server(settings, clock=clock) as running,
@@ -388,10 +387,14 @@ async def _wait_for_lock_wait(monitor: Any, pid: int | None = None) -> None:
     raise AssertionError("no backend was seen waiting on a lock")
 
 
+#: A member and the outside connections: (stubs, request, member_id, holder, monitor).
+PgMember = tuple[Stubs, pb.SignUpRequest, str, Any, Any]
+
+
 @pytest.fixture
 async def pg_member(
     server_settings: Settings, clock: FrozenClock, store_url: str
-) -> AsyncIterator[tuple[Stubs, pb.SignUpRequest, str, Any, Any]]:
+) -> AsyncIterator[PgMember]:
     """A server, a member, and two outside connections to its database: one to hold
     locks (its deadlock_timeout long, so a cycle is found by the service's backend
     and the service's transaction is the one rolled back) and one to watch."""
@@ -411,55 +414,71 @@ async def pg_member(
             await monitor.close()
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-@pytest.mark.parametrize("which", MEMBER_WRITES)
+def _each_member_write_on_postgres(test: Callable[..., Awaitable[None]]) -> Any:
+    """PostgreSQL only (its lock order is what these pin), once per member write."""
+    for mark in (
+        pytest.mark.parametrize("which", MEMBER_WRITES),
+        pytest.mark.parametrize("backend", ["postgres"], indirect=True),
+        pytest.mark.postgres,
+    ):
+        test = mark(test)
+    return test
+
+
+async def _lock(conn: Any, table: str, member_id: str) -> None:
+    await conn.execute(f"SELECT 1 FROM {table} WHERE member_id = $1 FOR UPDATE", member_id)
+
+
+async def _start_write(pg_member: PgMember, which: str) -> asyncio.Future[Outcome]:
+    """The member write, under way and waiting for a lock the holder has."""
+    s, request, member_id, _, monitor = pg_member
+    call = asyncio.ensure_future(_outcome(_member_write(s.members, request, member_id, which)))
+    await _wait_for_lock_wait(monitor)
+    return call
+
+
+async def _written_once(pg_member: PgMember, which: str, call: asyncio.Future[Outcome]) -> None:
+    s, request, member_id, _, _ = pg_member
+    outcome = await call
+    assert outcome.code == Code.OK
+    await _assert_member_after(s.members, request, member_id, which)
+
+
+@_each_member_write_on_postgres
 async def test_a_member_write_waits_for_a_shred_instead_of_deadlocking(
-    pg_member: tuple[Stubs, pb.SignUpRequest, str, Any, Any], which: str
+    pg_member: PgMember, which: str
 ) -> None:
     """The shred's order: the members row, then member_keys. A member write must
     wait for the first and hold nothing the shred needs next (before the fix it held
     member_keys FOR SHARE: DeadlockDetectedError, INTERNAL)."""
-    s, request, member_id, holder, monitor = pg_member
+    _, _, member_id, holder, _ = pg_member
     async with holder.transaction():
-        await holder.execute("SELECT 1 FROM members WHERE member_id = $1 FOR UPDATE", member_id)
-        call = asyncio.ensure_future(_outcome(_member_write(s.members, request, member_id, which)))
-        await _wait_for_lock_wait(monitor)
+        await _lock(holder, "members", member_id)
+        call = await _start_write(pg_member, which)
         # What the shred locks next. Granted at once: the write holds nothing of it.
-        await holder.execute("SELECT 1 FROM member_keys WHERE member_id = $1 FOR UPDATE", member_id)
+        await _lock(holder, "member_keys", member_id)
         assert not call.done()
         # Ends having written nothing, like a shred that found the member changed.
-    outcome = await call
-    assert outcome.code == Code.OK
-    await _assert_member_after(s.members, request, member_id, which)
+    await _written_once(pg_member, which, call)
 
 
-@pytest.mark.postgres
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-@pytest.mark.parametrize("which", MEMBER_WRITES)
-async def test_a_deadlock_victim_is_retried_not_internal(
-    pg_member: tuple[Stubs, pb.SignUpRequest, str, Any, Any], which: str
-) -> None:
+@_each_member_write_on_postgres
+async def test_a_deadlock_victim_is_retried_not_internal(pg_member: PgMember, which: str) -> None:
     """The other order, members after member_keys (no transaction of ours takes it;
     an outside one can): a real deadlock. PostgreSQL rolls the service's transaction
     back (Conflict), and the service runs the write again once the way is clear."""
-    s, request, member_id, holder, monitor = pg_member
+    _, _, member_id, holder, monitor = pg_member
     holder_pid = await holder.fetchval("SELECT pg_backend_pid()")
     async with holder.transaction():
-        await holder.execute("SELECT 1 FROM member_keys WHERE member_id = $1 FOR UPDATE", member_id)
-        call = asyncio.ensure_future(_outcome(_member_write(s.members, request, member_id, which)))
-        await _wait_for_lock_wait(monitor)
+        await _lock(holder, "member_keys", member_id)
+        call = await _start_write(pg_member, which)
         # Closes the cycle: this waits until PostgreSQL breaks it by rolling the
         # service's transaction back (its deadlock_timeout is the shorter).
-        grab = asyncio.ensure_future(
-            holder.execute("SELECT 1 FROM members WHERE member_id = $1 FOR UPDATE", member_id)
-        )
+        grab = asyncio.ensure_future(_lock(holder, "members", member_id))
         await _wait_for_lock_wait(monitor, holder_pid)
         await grab
         assert not call.done()  # the retry waits for this transaction
-    outcome = await call
-    assert outcome.code == Code.OK
-    await _assert_member_after(s.members, request, member_id, which)
+    await _written_once(pg_member, which, call)
 
 
 async def _assert_member_after(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import secrets
 import sqlite3
 import threading
@@ -32,8 +31,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_support import CLIENT_IP, error_info, field_violations, rich_status, sign_up_request
+from mail_support import SmtpServer, lf_body, mail_token, outbox, relay_for, smtp_mailer
 from structlog.testing import capture_logs
-from test_mailer import RecordingHandler, SmtpServer, free_port, outbox, relay_for, smtp_mailer
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -49,7 +48,6 @@ QUEUE_LIMIT = 3  # password jobs admitted at once in these tests
 RECOVERY_LIMIT = 3  # after-answer recovery tasks in flight in these tests
 MAILS_PER_HOUR = 5  # the default RECOVERY_MAILS_PER_HOUR
 CALL_TIMEOUT = 30.0  # seconds: far above anything a refusal may take
-_TOKEN_IN_MAIL = re.compile(r"^    ([A-Za-z0-9_-]{43})$", re.MULTILINE)
 
 
 @pytest.fixture
@@ -64,16 +62,6 @@ def server_settings(server_settings: Settings) -> Settings:
             "recovery_queue_limit": RECOVERY_LIMIT,
         }
     )
-
-
-@pytest.fixture
-def smtp() -> Iterator[SmtpServer]:
-    server = SmtpServer(RecordingHandler(), free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _code(call: Awaitable[object]) -> grpc.StatusCode:
@@ -105,17 +93,14 @@ async def _reset_token(
     members: MemberServiceStub,
     server: RunningServer,
     clock: FrozenClock,
-    smtp: SmtpServer,
+    smtp_server: SmtpServer,
     login_id: str,
 ) -> str:
     """Ask for a reset, deliver the mail over SMTP, read the token out of it."""
     await members.StartPasswordReset(pb.StartPasswordResetRequest(login_id=login_id))
     await server.vault.settle()  # the work runs after the answer
-    assert (await relay_for(server, smtp_mailer(smtp.port), clock).relay_once()).sent == 1
-    part = smtp.handler.received[-1].message.get_body(("plain",))
-    assert part is not None
-    (token,) = _TOKEN_IN_MAIL.findall(str(part.get_content()).replace("\r\n", "\n"))  # type: ignore[attr-defined]
-    return str(token)
+    assert (await relay_for(server, smtp_mailer(smtp_server.port), clock).relay_once()).sent == 1
+    return mail_token(lf_body(smtp_server.handler.received[-1].message))
 
 
 async def _authenticate(members: MemberServiceStub, login_id: str, password: str) -> Any:
@@ -151,7 +136,7 @@ async def _password_thread_held(server: RunningServer) -> AsyncIterator[None]:
 
 
 async def test_bogus_reset_tokens_cost_no_password_hash(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     """200 calls with tokens that do not exist: each is the token error, and the
     hasher (counting every job it admits) hashed and verified nothing for them.
@@ -176,7 +161,7 @@ async def test_bogus_reset_tokens_cost_no_password_hash(
     assert (after.hashed, after.verified) == (before.hashed, before.verified)
 
     # A real token still costs exactly one hash, and works once.
-    token = await _reset_token(members, server, clock, smtp, request.login_id)
+    token = await _reset_token(members, server, clock, smtp_server, request.login_id)
     reset = pb.CompletePasswordResetRequest(token=token, new_password=NEW_PASSWORD)
     await members.CompletePasswordReset(reset)
     assert server.vault.password_stats.hashed == after.hashed + 1
@@ -186,12 +171,12 @@ async def test_bogus_reset_tokens_cost_no_password_hash(
 
 
 async def test_a_reset_refused_for_the_login_id_keeps_the_token(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     """The login-ID rule is checked before the token is spent (and before hashing)."""
     request = sign_up_request(login_id="samename01")
     await members.SignUp(request)
-    token = await _reset_token(members, server, clock, smtp, request.login_id)
+    token = await _reset_token(members, server, clock, smtp_server, request.login_id)
     hashed = server.vault.password_stats.hashed
     same = pb.CompletePasswordResetRequest(token=token, new_password="SAMENAME01")
     error = await _error(members.CompletePasswordReset(same))
@@ -207,7 +192,7 @@ async def test_a_reset_refused_for_the_login_id_keeps_the_token(
 
 
 async def test_a_burst_past_the_password_queue_is_refused_at_once_with_retry_info(
-    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp: SmtpServer
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
     """With the argon2 thread busy, exactly QUEUE_LIMIT of 20 concurrent logins are
     admitted (they wait); the other 17 come back RESOURCE_EXHAUSTED with RetryInfo
@@ -217,7 +202,7 @@ async def test_a_burst_past_the_password_queue_is_refused_at_once_with_retry_inf
     INTERNAL. Before the fix all 20 queued and nothing was refused."""
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
-    token = await _reset_token(members, server, clock, smtp, request.login_id)
+    token = await _reset_token(members, server, clock, smtp_server, request.login_id)
 
     async with _password_thread_held(server):
         burst = [

@@ -5,12 +5,6 @@ in-process server's limits (request size, default deadline, request ids)."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from process_support import SHUTDOWN_TIMEOUT, ServerProcess, cli_env, free_port, run_cli
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
@@ -28,112 +23,17 @@ from service.server import run_server
 from vault import FrozenClock
 
 MEMBER_SERVICE = "privacyvault.v1.MemberService"
-STARTUP_TIMEOUT = 30.0
-SHUTDOWN_TIMEOUT = 5.0
 
 
 # --- the CLI in a subprocess -------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _cli_env(data_dir: Path, **settings: str) -> dict[str, str]:
-    """The parent's environment without any PRIVACY_VAULT_* leaking in, plus ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
-    env.update(
-        {
-            "PRIVACY_VAULT_DATA_DIR": str(data_dir),
-            "PRIVACY_VAULT_ARGON2_TIME_COST": "1",
-            "PRIVACY_VAULT_ARGON2_MEMORY_COST": "8",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update({f"PRIVACY_VAULT_{k.upper()}": v for k, v in settings.items()})
-    return env
-
-
-def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-class ServerProcess:
-    """``python -m service serve`` with its stderr (JSON log lines) in a file."""
-
-    def __init__(self, tmp_path: Path, data_dir: Path, name: str, **settings: str) -> None:
-        self.port = _free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"{name}.log"
-        env = _cli_env(data_dir, listen_address=self.target, **settings)
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            env=env,
-            cwd=tmp_path,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_serving(self) -> grpc.Channel:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        channel = grpc.insecure_channel(self.target)
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if self.process.poll() is not None:
-                channel.close()
-                pytest.fail(f"the server exited ({self.process.returncode}):\n{self.log_text()}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    channel.close()
-                    pytest.fail(f"the server did not start:\n{self.log_text()}")
-                time.sleep(0.1)
-                continue
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            return channel
-
-    def terminate(self) -> tuple[int, float]:
-        """SIGTERM; (exit code, seconds it took to exit)."""
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=SHUTDOWN_TIMEOUT * 3)
-        return code, time.monotonic() - started
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def events(self) -> list[dict[str, Any]]:
-        events = []
-        for line in self.log_text().splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
-        return events
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log.close()
 
 
 @contextlib.contextmanager
 def serving(
     tmp_path: Path, data_dir: Path, name: str, **settings: str
 ) -> Iterator[tuple[ServerProcess, grpc.Channel]]:
-    server = ServerProcess(tmp_path, data_dir, name, **settings)
+    env = cli_env(data_dir, listen_address=f"127.0.0.1:{free_port()}", **settings)
+    server = ServerProcess(env, tmp_path, tmp_path / f"{name}.log")
     try:
         channel = server.wait_serving()
         try:
@@ -216,20 +116,20 @@ def test_reflection_is_off_in_production(tmp_path: Path) -> None:
 
 def test_migrate_applies_then_reports_up_to_date(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    env = _cli_env(data_dir)
-    first = _run_cli(["migrate"], env, tmp_path)
+    env = cli_env(data_dir)
+    first = run_cli(["migrate"], env, tmp_path)
     assert first.returncode == 0, first.stderr
     assert "applied migrations: [1" in first.stdout
     assert (data_dir / "vault.db").exists()
-    second = _run_cli(["migrate"], env, tmp_path)
+    second = run_cli(["migrate"], env, tmp_path)
     assert second.returncode == 0, second.stderr
     assert "database is up to date" in second.stdout
 
 
 @pytest.mark.parametrize("command", ["serve", "migrate"])
 def test_invalid_setting_exits_2_naming_the_variable(tmp_path: Path, command: str) -> None:
-    env = _cli_env(tmp_path / "data", listen_address="nonsense")
-    result = _run_cli([command], env, tmp_path)
+    env = cli_env(tmp_path / "data", listen_address="nonsense")
+    result = run_cli([command], env, tmp_path)
     assert result.returncode == 2
     assert "PRIVACY_VAULT_LISTEN_ADDRESS" in result.stderr
     assert "nonsense" not in result.stderr + result.stdout
@@ -239,8 +139,8 @@ def test_invalid_setting_exits_2_naming_the_variable(tmp_path: Path, command: st
 def test_invalid_setting_value_is_not_echoed(tmp_path: Path) -> None:
     # A value may be a secret (a URL with a password): name the variable only.
     secret = "hunter2-s3cret-value"
-    env = _cli_env(tmp_path / "data", database_pool_size=secret)
-    result = _run_cli(["serve"], env, tmp_path)
+    env = cli_env(tmp_path / "data", database_pool_size=secret)
+    result = run_cli(["serve"], env, tmp_path)
     assert result.returncode == 2
     assert "PRIVACY_VAULT_DATABASE_POOL_SIZE" in result.stderr
     assert secret not in result.stderr + result.stdout
@@ -251,8 +151,8 @@ def test_tls_file_settings_are_paths_not_file_sourced_values(tmp_path: Path) -> 
     # (not UTF-8) must not be read as a setting's text. `migrate` does not use TLS.
     der = tmp_path / "server.der"
     der.write_bytes(b"\x30\x82\x01\xff\x80\xfe binary certificate")
-    env = _cli_env(tmp_path / "data", tls_cert_file=str(der), tls_key_file=str(der))
-    result = _run_cli(["migrate"], env, tmp_path)
+    env = cli_env(tmp_path / "data", tls_cert_file=str(der), tls_key_file=str(der))
+    result = run_cli(["migrate"], env, tmp_path)
     assert result.returncode == 0, result.stderr[-500:]
 
 

@@ -13,15 +13,14 @@ data directory that includes it.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from process_support import cli_env, run_cli
 
 from vault import CHEAPEST, NewMember, Vault, _hazmat, open_vault
 from vault.bindings import dek_context
@@ -122,17 +121,7 @@ async def test_a_backup_made_by_the_command_dies_with_the_kek_version(tmp_path: 
         await vault.sign_up(
             NewMember("keeper01", "a long passphrase", "Keeper", "k@example.com", "1990-01-01")
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
-        env["PRIVACY_VAULT_DATA_DIR"] = str(data)
-        made = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "service", "backup", str(dest)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        made = await asyncio.to_thread(run_cli, ["backup", str(dest)], cli_env(data), tmp_path)
         assert made.returncode == 0, made.stderr
         assert not any(p.name.startswith("kek") for p in dest.iterdir())
         # The "obvious backup" would also have taken this, at the same moment.

@@ -12,25 +12,19 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import stat
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from process_support import STARTUP_TIMEOUT, ServerProcess, cli_env, free_port, run_cli
 from pydantic import SecretStr, ValidationError
 
 from service.config import Settings
 from service.server import run_server
 
-STARTUP_TIMEOUT = 30.0
 OTHER_UID = 65534  # nobody
 RULE = "printable ASCII characters without whitespace"
 
@@ -39,78 +33,33 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _env(data_dir: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
-    env |= {
-        "PRIVACY_VAULT_DATA_DIR": str(data_dir),
-        "PRIVACY_VAULT_ARGON2_TIME_COST": "1",
-        "PRIVACY_VAULT_ARGON2_MEMORY_COST": "8",
-        "PRIVACY_VAULT_SIDECAR_IN_PROCESS": "false",
-        "PRIVACY_VAULT_LOG_FORMAT": "json",
-        "PRIVACY_VAULT_LISTEN_ADDRESS": f"127.0.0.1:{_free_port()}",
-        "PYTHONUNBUFFERED": "1",
+    defaults = {
+        "sidecar_in_process": "false",
+        "log_format": "json",
+        "listen_address": f"127.0.0.1:{free_port()}",
     }
-    env |= {f"PRIVACY_VAULT_{k.upper()}": v for k, v in settings.items()}
-    return env
+    return cli_env(data_dir, **(defaults | settings))
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run the CLI to its end. A ``serve`` that starts instead of refusing never ends on
     its own: the timeout fails the test then."""
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT,
-        check=False,
-    )
+    return run_cli(args, env, cwd, timeout=STARTUP_TIMEOUT)
 
 
 @contextlib.contextmanager
 def _serving(env: dict[str, str], cwd: Path, log: Path) -> Iterator[list[dict[str, Any]]]:
     """``serve`` until health answers; yields its JSON log events once it stopped."""
-    target = env["PRIVACY_VAULT_LISTEN_ADDRESS"]
     events: list[dict[str, Any]] = []
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            env=env,
-            cwd=cwd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            with grpc.insecure_channel(target) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    if process.poll() is not None:
-                        pytest.fail(f"serve exited {process.returncode}:\n{log.read_text()}")
-                    try:
-                        health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        break
-                    except grpc.RpcError:
-                        if time.monotonic() > deadline:
-                            pytest.fail(f"serve did not start:\n{log.read_text()}")
-                        time.sleep(0.1)
-            yield events
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=STARTUP_TIMEOUT) == 0, log.read_text()
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            events.append(json.loads(line))
+    server = ServerProcess(env, cwd, log)
+    try:
+        server.wait_serving().close()
+        yield events
+        assert server.terminate(timeout=STARTUP_TIMEOUT)[0] == 0, server.log_text()
+    finally:
+        server.close()
+    events.extend(server.events())
 
 
 # --- the admin token -------------------------------------------------------------------------

@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import os
 import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +37,14 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from grpc_support import error_info, field_violations, rich_status, sign_up_request
+from grpc_support import (
+    embedded_settings,
+    error_info,
+    field_violations,
+    rich_status,
+    sign_up_request,
+)
+from process_support import STARTUP_TIMEOUT, ServerProcess, cli_env
 from pydantic import SecretStr
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
@@ -48,7 +53,7 @@ from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.errors import to_status
 from service.server import RunningServer, run_server
-from vault import CHEAPEST, FrozenClock
+from vault import FrozenClock
 from vault.errors import FieldViolation, InvalidInput
 
 MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
@@ -156,15 +161,9 @@ def _message_class(method: MethodDescriptor) -> Any:
 
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(
-        data_dir=tmp_path / "data",
+    return embedded_settings(
+        tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'vault.db'}",
-        listen_address="127.0.0.1:0",
-        argon2_time_cost=CHEAPEST.time_cost,
-        argon2_memory_cost=CHEAPEST.memory_cost,
-        argon2_parallelism=CHEAPEST.parallelism,
-        shutdown_grace_seconds=0,
-        sidecar_in_process=False,
         admin_token=SecretStr(ADMIN_TOKEN),
         **overrides,
     )
@@ -555,9 +554,6 @@ def test_error_details_are_bounded_in_count_and_size() -> None:
 # --- item 3: the server as deployed, under calls that never send a message ---------------------
 
 
-STARTUP_TIMEOUT = 30.0
-
-
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -565,46 +561,17 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-class ServeProcess:
+class ServeProcess(ServerProcess):
     """``python -m service serve`` on port 0; the port is read from its first log line."""
 
     def __init__(self, tmp_path: Path, **settings: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRIVACY_VAULT_")}
-        env.update(
-            {
-                "PRIVACY_VAULT_DATA_DIR": str(tmp_path / "data"),
-                "PRIVACY_VAULT_LISTEN_ADDRESS": "127.0.0.1:0",
-                "PRIVACY_VAULT_ARGON2_TIME_COST": "1",
-                "PRIVACY_VAULT_ARGON2_MEMORY_COST": "8",
-                "PRIVACY_VAULT_SIDECAR_IN_PROCESS": "false",
-                "PRIVACY_VAULT_LOG_FORMAT": "json",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update({f"PRIVACY_VAULT_{k.upper()}": v for k, v in settings.items()})
-        self.log_path = tmp_path / "serve.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
-            env=env,
-            cwd=tmp_path,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.port = 0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def events(self) -> list[dict[str, Any]]:
-        if not self._log.closed:
-            self._log.flush()
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                found.append(json.loads(line))
-        return found
+        defaults = {
+            "listen_address": "127.0.0.1:0",
+            "sidecar_in_process": "false",
+            "log_format": "json",
+        }
+        env = cli_env(tmp_path / "data", **(defaults | settings))
+        super().__init__(env, tmp_path, tmp_path / "serve.log")
 
     async def started(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -629,14 +596,12 @@ class ServeProcess:
         return _rss_kib(self.process.pid)
 
     def stop(self) -> None:
+        """SIGTERM, then a kill if it has not ended within 15 s."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self._log.close()
+        self.close()
 
 
 @pytest.fixture
