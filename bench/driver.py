@@ -1,13 +1,14 @@
 """Multi-process grpc.aio load driver and the raw argon2id baselines it is compared with.
 
-``run_schedule`` runs one interleaved schedule of slices (see ``Slice``) in spawned
-processes: P load workers, each with one grpc.aio channel per server and C concurrent
-in-flight calls of the slice's RPC, and, when the schedule has raw slices, one argon2-cffi
-process with os.cpu_count() threads (argon2-cffi releases the GIL). The processes stay up
-for the whole schedule and each runs only its own slices, so a scenario not in its slice
-sends nothing. Every slice keeps the latency of each successful call that completes inside
-its measured window; every non-OK status (warm-up and settling included) is counted by code
-and message.
+``run_schedule`` runs a list of slices (see ``Slice``), one after the other, in spawned
+processes that stay up for the whole list: P load workers, each with one grpc.aio channel
+per server and C concurrent in-flight calls of the slice's RPC, and, when the list has raw
+slices, one argon2-cffi process with os.cpu_count() threads (argon2-cffi releases the GIL).
+Only the processes that own a slice's scenario run it; the others, and the servers not in
+it, sit idle. The parent starts a slice only when every call of the previous one has
+returned, so no work spills into the next measurement. Each slice keeps the latency of
+every successful call that completes inside its measured window; every non-OK status
+(warm-up and settling included) is counted by code and message.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ RawOp = Literal["hash", "verify"]
 PASSWORD = "bench-Passw0rd-long-enough"
 CLIENT_IP = (("x-client-ip", "203.0.113.7"),)
 CALL_TIMEOUT = 30.0
-START_MARGIN = 0.25  # s from "all processes ready" to the schedule's origin
-_READY = "ready"
+START_MARGIN = 0.02  # s from the parent's go to a slice's start: its owners wake up
+READY, DONE, FAILED = "ready", "done", "failed"
 _CTX = multiprocessing.get_context("spawn")
 
 
@@ -82,18 +83,13 @@ class Load:
 
 @dataclass(frozen=True)
 class Slice:
-    """One stretch of a schedule, in seconds after the schedule's origin.
-
-    ``scenario`` is loaded from ``start``; the successful calls that complete in
-    [``begin``, ``end``] are counted. ``start`` to ``begin`` lets the previous slice's
-    in-flight calls drain and this load reach its steady state. A warm-up slice counts
-    its errors only.
-    """
+    """One stretch of a schedule: ``scenario`` is loaded for ``settle`` + ``length`` seconds
+    and the successful calls that complete in the last ``length`` seconds are counted. The
+    settling lets the load reach its steady state. A warm-up slice counts its errors only."""
 
     scenario: str
-    start: float
-    begin: float
-    end: float
+    settle: float
+    length: float
     warmup: bool = False
 
 
@@ -144,28 +140,18 @@ class Stats:
 
 
 @dataclass(frozen=True)
-class _Start:
-    """How the processes of one schedule agree on its origin.
+class _Link:
+    """A worker process's end of the parent's protocol: it reports READY, then runs each
+    (slice index, slice, start time) it is sent and reports (DONE, index, sample), until it
+    is sent None. The start time is on ``time.monotonic()``, which is system-wide
+    (CLOCK_MONOTONIC on Linux), so all owners of a slice start and stop it together."""
 
-    Each says it is ready; the parent then publishes one origin on ``time.monotonic()``,
-    which is system-wide (CLOCK_MONOTONIC on Linux), so every process's slices line up
-    however late it wakes, and a load ends exactly where the next one's slice starts.
-    """
-
-    out: Any  # multiprocessing queue of (index, READY | result | traceback)
     index: int
-    event: Any
-    origin: Any  # multiprocessing.Value("d")
+    out: Any  # multiprocessing queue shared by all workers: (worker, kind, payload)
+    commands: Any  # multiprocessing queue for this worker only
 
-    def wait(self) -> float:
-        self.out.put((self.index, _READY))
-        if not self.event.wait(120):
-            raise RuntimeError("the schedule never started")
-        return float(self.origin.value)
-
-
-async def _pause_until(at: float) -> None:
-    await asyncio.sleep(max(0.0, at - time.monotonic()))
+    def send(self, kind: str, payload: object = None) -> None:
+        self.out.put((self.index, kind, payload))
 
 
 def signup_request(login_id: str) -> member_pb2.SignUpRequest:
@@ -227,9 +213,7 @@ async def _slice(
     return sample
 
 
-async def _drive(
-    loads: Mapping[str, Load], worker: int, schedule: Sequence[Slice], start: _Start
-) -> dict[int, Sample]:
+async def _drive(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stubs: dict[str, Any] = {}
         for address in sorted({load.address for load in loads.values()}):
@@ -238,32 +222,32 @@ async def _drive(
             stubs[address] = member_pb2_grpc.MemberServiceStub(channel)
         calls = {name: _caller(stubs[load.address], load, worker) for name, load in loads.items()}
         counters = {name: itertools.count() for name in loads}  # SignUp ids unique per run
-        origin = await asyncio.to_thread(start.wait)
-        results: dict[int, Sample] = {}
-        for index, part in enumerate(schedule):
-            load = loads.get(part.scenario)
-            if load is None:
-                continue  # another process's slice: this one sends nothing
-            await _pause_until(origin + part.start)
-            results[index] = await _slice(
+        link.send(READY)
+        while (command := await asyncio.to_thread(link.commands.get)) is not None:
+            index, part, start = command
+            load = loads[part.scenario]
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            begin = start + part.settle
+            sample = await _slice(
                 calls[part.scenario],
                 counters[part.scenario],
                 load.concurrency,
-                (origin + part.begin, origin + part.end),
+                (begin, begin + part.length),
                 not part.warmup,
             )
-    return results
+            link.send(DONE, (index, sample))
 
 
-def _load_worker(
-    loads: Mapping[str, Load], worker: int, schedule: Sequence[Slice], start: _Start
-) -> dict[int, Sample]:
-    return asyncio.run(_drive(loads, worker, schedule, start))
+def _load_worker(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
+    asyncio.run(_drive(loads, worker, link))
 
 
-def _argon2_worker(
-    ops: Mapping[str, RawOp], params: Argon2Params, schedule: Sequence[Slice], start: _Start
-) -> dict[int, Sample]:
+def _argon2_worker(ops: Mapping[str, RawOp], params: Argon2Params, link: _Link) -> None:
+    # Its own session, like the service (run.serve): with the kernel's autogroup scheduling
+    # each session is one CPU-share group, so on a shared machine the raw hashing threads
+    # and the service's get the same share, not this process's share of the bench's group.
+    with contextlib.suppress(OSError):
+        os.setsid()
     hasher = PasswordHasher(params.time_cost, params.memory_cost, parallelism=params.parallelism)
     encoded = hasher.hash(PASSWORD)
     runs: dict[RawOp, Callable[[], object]] = {
@@ -281,76 +265,84 @@ def _argon2_worker(
         return latencies
 
     threads = os.cpu_count() or 1
-    results: dict[int, Sample] = {}
     with ThreadPoolExecutor(threads) as pool:  # threads made once, idle between slices
-        origin = start.wait()
-        for index, part in enumerate(schedule):
-            op = ops.get(part.scenario)
-            if op is None:
-                continue
-            time.sleep(max(0.0, origin + part.start - time.monotonic()))
-            window = (runs[op], origin + part.begin, origin + part.end, not part.warmup)
+        link.send(READY)
+        while (command := link.commands.get()) is not None:
+            index, part, start = command
+            time.sleep(max(0.0, start - time.monotonic()))
+            begin = start + part.settle
+            window = (runs[ops[part.scenario]], begin, begin + part.length, not part.warmup)
             futures = [pool.submit(loop, *window) for _ in range(threads)]
-            results[index] = Sample([x for f in futures for x in f.result()])
-    return results
+            link.send(DONE, (index, Sample([x for f in futures for x in f.result()])))
 
 
-def _entry(target: Callable[..., dict[int, Sample]], start: _Start, *args: Any) -> None:
+def _entry(target: Callable[..., None], link: _Link, *args: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent stops us
     try:
-        result: dict[int, Sample] | str = target(*args, start)
+        target(*args, link)
     except Exception:
-        result = traceback.format_exc()
-    start.out.put((start.index, result))
+        link.send(FAILED, traceback.format_exc())
 
 
-def _in_processes(
-    jobs: Sequence[tuple[Callable[..., dict[int, Sample]], tuple[Any, ...]]], length: float
-) -> list[dict[int, Sample]]:
-    """Run target(*args, start) for each job in its own spawned process, start them together
-    once all are ready, and return their results; kill them all on any exit."""
-    out = _CTX.Queue()
-    event = _CTX.Event()
-    origin = _CTX.Value("d", 0.0)
-    procs = [
-        _CTX.Process(
-            target=_entry, args=(target, _Start(out, i, event, origin), *args), daemon=True
-        )
-        for i, (target, args) in enumerate(jobs)
-    ]
-    for proc in procs:
-        proc.start()
-    ready: set[int] = set()
-    results: dict[int, dict[int, Sample]] = {}
-    deadline = time.monotonic() + 120  # to get ready; then the schedule's length on top
-    try:
-        while len(results) < len(procs):
+class _Workers:
+    """The parent's side: spawned worker processes, killed on any exit of the block."""
+
+    def __init__(self, jobs: Sequence[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        self.out = _CTX.Queue()
+        self.links = [_Link(i, self.out, _CTX.Queue()) for i in range(len(jobs))]
+        self.procs = [
+            _CTX.Process(target=_entry, args=(target, link, *args), daemon=True)
+            for link, (target, args) in zip(self.links, jobs, strict=True)
+        ]
+
+    def __enter__(self) -> _Workers:
+        for proc in self.procs:
+            proc.start()
+        self.receive(READY, set(range(len(self.procs))), 120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:  # done: let them leave; else failed or interrupted: do not wait
+            for link in self.links:
+                link.commands.put(None)
+        for proc in self.procs:
+            proc.join(timeout=5 if exc[0] is None else 0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def receive(self, kind: str, workers: set[int], timeout: float) -> list[Any]:
+        """Wait for one `kind` message from each of `workers`; return their payloads."""
+        payloads: list[Any] = []
+        pending = set(workers)
+        deadline = time.monotonic() + timeout
+        while pending:
             try:
-                index, result = out.get(timeout=1)
+                worker, got, payload = self.out.get(timeout=1)
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
+                if any(p.exitcode not in (None, 0) for p in self.procs):
                     raise RuntimeError("a bench worker process died") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError("bench workers timed out") from None
                 continue
-            if isinstance(result, str) and result != _READY:
-                raise RuntimeError(f"bench worker failed:\n{result}")
-            if result == _READY:
-                ready.add(index)
-                if len(ready) == len(procs):
-                    origin.value = time.monotonic() + START_MARGIN
-                    event.set()
-                    deadline = origin.value + length + 120
-            else:
-                results[index] = result
-    finally:
-        done = len(results) == len(procs)  # else failed or interrupted: do not wait
-        for proc in procs:
-            proc.join(timeout=5 if done else 0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [results[i] for i in range(len(procs))]
+            if got == FAILED:
+                raise RuntimeError(f"bench worker failed:\n{payload}")
+            if got != kind or worker not in pending:
+                raise RuntimeError(f"bench worker {worker} sent {got} out of turn")
+            pending.discard(worker)
+            payloads.append(payload)
+        return payloads
+
+    def run(self, index: int, part: Slice, owners: set[int]) -> Sample:
+        start = time.monotonic() + START_MARGIN
+        for worker in owners:
+            self.links[worker].commands.put((index, part, start))
+        timeout = START_MARGIN + part.settle + part.length + CALL_TIMEOUT + 30
+        samples = [sample for _, sample in self.receive(DONE, owners, timeout)]
+        return Sample(
+            [x for s in samples for x in s.latencies_ms],
+            sum((s.errors for s in samples), Counter[str]()),
+        )
 
 
 def run_schedule(
@@ -360,27 +352,23 @@ def run_schedule(
     raw: Mapping[str, RawOp] | None = None,
     params: Argon2Params | None = None,
 ) -> list[Sample]:
-    """Run every slice of `schedule` (RPC scenarios from `loads` on `workers` processes, raw
-    argon2 ones from `raw` in one more); returns one merged Sample per slice, in order."""
-    jobs: list[tuple[Callable[..., dict[int, Sample]], tuple[Any, ...]]] = [
-        (_load_worker, (dict(loads), w, tuple(schedule))) for w in range(workers)
+    """Run the slices of `schedule` one after the other (RPC scenarios from `loads` on
+    `workers` processes, raw argon2 ones from `raw` in one more); each starts when every
+    call of the one before has returned. Returns one merged Sample per slice, in order."""
+    raw = raw or {}
+    if unknown := {part.scenario for part in schedule} - set(loads) - set(raw):
+        raise ValueError(f"no load for {sorted(unknown)}")
+    jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+        (_load_worker, (dict(loads), w)) for w in range(workers)
     ]
     if raw:
-        jobs.append((_argon2_worker, (dict(raw), params or Argon2Params(), tuple(schedule))))
-    known = set(loads) | set(raw or ())
-    if unknown := {part.scenario for part in schedule} - known:
-        raise ValueError(f"no load for {sorted(unknown)}")
-    per_process = _in_processes(jobs, max((part.end for part in schedule), default=0.0))
-    merged: list[Sample] = []
-    for index in range(len(schedule)):
-        samples = [r[index] for r in per_process if index in r]
-        merged.append(
-            Sample(
-                [x for s in samples for x in s.latencies_ms],
-                sum((s.errors for s in samples), Counter[str]()),
-            )
-        )
-    return merged
+        jobs.append((_argon2_worker, (dict(raw), params or Argon2Params())))
+    load_workers, argon2 = set(range(workers)), {workers}
+    with _Workers(jobs) as processes:
+        return [
+            processes.run(i, part, load_workers if part.scenario in loads else argon2)
+            for i, part in enumerate(schedule)
+        ]
 
 
 async def seed(address: str, count: int, tag: str, concurrency: int = 8) -> list[tuple[str, str]]:
