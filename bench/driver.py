@@ -1,15 +1,20 @@
 """Multi-process grpc.aio load driver and the raw argon2id baselines it is compared with.
 
-Each measurement runs in spawned processes: ``run_load`` starts P workers, each with one
-grpc.aio channel and C concurrent in-flight calls; ``run_argon2`` runs argon2-cffi on a
-thread pool with os.cpu_count() threads (argon2-cffi releases the GIL). Both run a warm-up,
-then a fixed window, and keep the latency of every successful call that completes inside
-the window; every non-OK status (warm-up included) is counted by code and message.
+``run_schedule`` runs a list of slices (see ``Slice``), one after the other, in spawned
+processes that stay up for the whole list: P load workers, each with one grpc.aio channel
+per server and C concurrent in-flight calls of the slice's RPC, and, when the list has raw
+slices, one argon2-cffi process with os.cpu_count() threads (argon2-cffi releases the GIL).
+Only the processes that own a slice's scenario run it; the others, and the servers not in
+it, sit idle. The parent starts a slice only when every call of the previous one has
+returned, so no work spills into the next measurement. Each slice keeps the latency of
+every successful call that completes inside its measured window; every non-OK status
+(warm-up and settling included) is counted by code and message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import multiprocessing
@@ -20,7 +25,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +44,12 @@ except ImportError:  # not pip-installed yet: use the source tree (and pass it t
     from privacyvault.v1 import member_pb2, member_pb2_grpc
 
 Rpc = Literal["GetMember", "Authenticate", "SignUp"]
+RawOp = Literal["hash", "verify"]
 PASSWORD = "bench-Passw0rd-long-enough"
 CLIENT_IP = (("x-client-ip", "203.0.113.7"),)
 CALL_TIMEOUT = 30.0
+START_MARGIN = 0.02  # s from the parent's go to a slice's start: its owners wake up
+READY, DONE, FAILED = "ready", "done", "failed"
 _CTX = multiprocessing.get_context("spawn")
 
 
@@ -68,11 +76,21 @@ class Load:
     address: str
     rpc: Rpc
     concurrency: int  # in-flight calls per worker process
-    warmup: float
-    duration: float
     member_ids: tuple[str, ...] = ()  # GetMember targets, round-robin
     login_ids: tuple[str, ...] = ()  # Authenticate targets, round-robin (password PASSWORD)
     tag: str = ""  # SignUp: unique login ids are f"{tag}w{worker}n{counter}"
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One stretch of a schedule: ``scenario`` is loaded for ``settle`` + ``length`` seconds
+    and the successful calls that complete in the last ``length`` seconds are counted. The
+    settling lets the load reach its steady state. A warm-up slice counts its errors only."""
+
+    scenario: str
+    settle: float
+    length: float
+    warmup: bool = False
 
 
 @dataclass
@@ -87,11 +105,15 @@ class Stats:
     seconds: float
     latencies_ms: list[float]
     errors: Counter[str]
+    slice_rps: list[float] = field(default_factory=list)  # one per measured slice, in order
 
     @classmethod
-    def merge(cls, name: str, seconds: float, samples: Sequence[Sample]) -> Stats:
+    def merge(
+        cls, name: str, seconds: float, samples: Sequence[Sample], slice_rps: Sequence[float] = ()
+    ) -> Stats:
         latencies = sorted(x for s in samples for x in s.latencies_ms)
-        return cls(name, seconds, latencies, sum((s.errors for s in samples), Counter()))
+        errors = sum((s.errors for s in samples), Counter[str]())
+        return cls(name, seconds, latencies, errors, list(slice_rps))
 
     @property
     def rps(self) -> float:
@@ -108,11 +130,28 @@ class Stats:
         return {
             "rps": round(self.rps, 1),
             "ok": len(self.latencies_ms),
+            "seconds": self.seconds,
+            "slice_rps": [round(x, 1) for x in self.slice_rps],
             "p50_ms": p50 and round(p50, 3),
             "p99_ms": p99 and round(p99, 3),
             "errors": sum(self.errors.values()),
             "error_statuses": dict(self.errors),
         }
+
+
+@dataclass(frozen=True)
+class _Link:
+    """A worker process's end of the parent's protocol: it reports READY, then runs each
+    (slice index, slice, start time) it is sent and reports (DONE, index, sample), until it
+    is sent None. The start time is on ``time.monotonic()``, which is system-wide
+    (CLOCK_MONOTONIC on Linux), so all owners of a slice start and stop it together."""
+
+    index: int
+    out: Any  # multiprocessing queue shared by all workers: (worker, kind, payload)
+    commands: Any  # multiprocessing queue for this worker only
+
+    def send(self, kind: str, payload: object = None) -> None:
+        self.out.put((self.index, kind, payload))
 
 
 def signup_request(login_id: str) -> member_pb2.SignUpRequest:
@@ -148,119 +187,188 @@ def _caller(stub: Any, load: Load, worker: int) -> Callable[[int], Awaitable[Any
     return lambda n: stub.SignUp(signup_request(f"{load.tag}w{worker}n{n}"), timeout=CALL_TIMEOUT)
 
 
-async def _drive(load: Load, worker: int, barrier: Any) -> Sample:
+async def _slice(
+    call: Callable[[int], Awaitable[Any]],
+    counter: Iterator[int],
+    concurrency: int,
+    times: tuple[float, float],
+    measured: bool,
+) -> Sample:
+    """Keep `concurrency` calls in flight until `end`, then let the last ones finish."""
     sample = Sample()
-    async with grpc.aio.insecure_channel(load.address) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        call = _caller(member_pb2_grpc.MemberServiceStub(channel), load, worker)
-        counter = itertools.count()
-        await asyncio.to_thread(barrier.wait, 60)  # all workers start together
-        begin = time.perf_counter() + load.warmup
-        end = begin + load.duration
+    begin, end = times
 
-        async def one_in_flight() -> None:
-            while (t0 := time.perf_counter()) < end:
-                try:
-                    await call(next(counter))
-                except grpc.aio.AioRpcError as error:
-                    sample.errors[_status(error)] += 1
-                    continue
-                t1 = time.perf_counter()
-                if begin <= t1 <= end:
-                    sample.latencies_ms.append((t1 - t0) * 1000)
+    async def one_in_flight() -> None:
+        while (t0 := time.monotonic()) < end:
+            try:
+                await call(next(counter))
+            except grpc.aio.AioRpcError as error:
+                sample.errors[_status(error)] += 1
+                continue
+            t1 = time.monotonic()
+            if measured and begin <= t1 <= end:
+                sample.latencies_ms.append((t1 - t0) * 1000)
 
-        await asyncio.gather(*(one_in_flight() for _ in range(load.concurrency)))
+    await asyncio.gather(*(one_in_flight() for _ in range(concurrency)))
     return sample
 
 
-def _load_worker(load: Load, worker: int, barrier: Any) -> Sample:
-    return asyncio.run(_drive(load, worker, barrier))
+async def _drive(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        stubs: dict[str, Any] = {}
+        for address in sorted({load.address for load in loads.values()}):
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stubs[address] = member_pb2_grpc.MemberServiceStub(channel)
+        calls = {name: _caller(stubs[load.address], load, worker) for name, load in loads.items()}
+        counters = {name: itertools.count() for name in loads}  # SignUp ids unique per run
+        link.send(READY)
+        while (command := await asyncio.to_thread(link.commands.get)) is not None:
+            index, part, start = command
+            load = loads[part.scenario]
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+            begin = start + part.settle
+            sample = await _slice(
+                calls[part.scenario],
+                counters[part.scenario],
+                load.concurrency,
+                (begin, begin + part.length),
+                not part.warmup,
+            )
+            link.send(DONE, (index, sample))
 
 
-def _argon2_worker(op: str, params: Argon2Params, warmup: float, duration: float) -> Sample:
+def _load_worker(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
+    asyncio.run(_drive(loads, worker, link))
+
+
+def _argon2_worker(ops: Mapping[str, RawOp], params: Argon2Params, link: _Link) -> None:
+    # Its own session, like the service (run.serve): with the kernel's autogroup scheduling
+    # each session is one CPU-share group, so on a shared machine the raw hashing threads
+    # and the service's get the same share, not this process's share of the bench's group.
+    with contextlib.suppress(OSError):
+        os.setsid()
     hasher = PasswordHasher(params.time_cost, params.memory_cost, parallelism=params.parallelism)
     encoded = hasher.hash(PASSWORD)
-    run: Callable[[], object] = (
-        (lambda: hasher.hash(PASSWORD))
-        if op == "hash"
-        else (lambda: hasher.verify(encoded, PASSWORD))
-    )
-    begin = time.perf_counter() + warmup
-    end = begin + duration
+    runs: dict[RawOp, Callable[[], object]] = {
+        "hash": lambda: hasher.hash(PASSWORD),
+        "verify": lambda: hasher.verify(encoded, PASSWORD),
+    }
 
-    def loop() -> list[float]:
+    def loop(run: Callable[[], object], begin: float, end: float, measured: bool) -> list[float]:
         latencies = []
-        while (t0 := time.perf_counter()) < end:
+        while (t0 := time.monotonic()) < end:
             run()
-            t1 = time.perf_counter()
-            if begin <= t1 <= end:
+            t1 = time.monotonic()
+            if measured and begin <= t1 <= end:
                 latencies.append((t1 - t0) * 1000)
         return latencies
 
     threads = os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(loop) for _ in range(threads)]
-        return Sample([x for f in futures for x in f.result()])
+    with ThreadPoolExecutor(threads) as pool:  # threads made once, idle between slices
+        link.send(READY)
+        while (command := link.commands.get()) is not None:
+            index, part, start = command
+            time.sleep(max(0.0, start - time.monotonic()))
+            begin = start + part.settle
+            window = (runs[ops[part.scenario]], begin, begin + part.length, not part.warmup)
+            futures = [pool.submit(loop, *window) for _ in range(threads)]
+            link.send(DONE, (index, Sample([x for f in futures for x in f.result()])))
 
 
-def _entry(target: Callable[..., Sample], out: Any, index: int, *args: Any) -> None:
+def _entry(target: Callable[..., None], link: _Link, *args: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent stops us
     try:
-        result: Sample | str = target(*args)
+        target(*args, link)
     except Exception:
-        result = traceback.format_exc()
-    out.put((index, result))
+        link.send(FAILED, traceback.format_exc())
 
 
-def _in_processes(
-    target: Callable[..., Sample], arg_lists: Sequence[tuple[Any, ...]], timeout: float
-) -> list[Sample]:
-    """Run target(*args) for each args in its own spawned process; kill them all on any exit."""
-    out = _CTX.Queue()
-    procs = [
-        _CTX.Process(target=_entry, args=(target, out, i, *args), daemon=True)
-        for i, args in enumerate(arg_lists)
-    ]
-    for proc in procs:
-        proc.start()
-    results: dict[int, Sample] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < len(procs):
+class _Workers:
+    """The parent's side: spawned worker processes, killed on any exit of the block."""
+
+    def __init__(self, jobs: Sequence[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        self.out = _CTX.Queue()
+        self.links = [_Link(i, self.out, _CTX.Queue()) for i in range(len(jobs))]
+        self.procs = [
+            _CTX.Process(target=_entry, args=(target, link, *args), daemon=True)
+            for link, (target, args) in zip(self.links, jobs, strict=True)
+        ]
+
+    def __enter__(self) -> _Workers:
+        for proc in self.procs:
+            proc.start()
+        self.receive(READY, set(range(len(self.procs))), 120)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:  # done: let them leave; else failed or interrupted: do not wait
+            for link in self.links:
+                link.commands.put(None)
+        for proc in self.procs:
+            proc.join(timeout=5 if exc[0] is None else 0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def receive(self, kind: str, workers: set[int], timeout: float) -> list[Any]:
+        """Wait for one `kind` message from each of `workers`; return their payloads."""
+        payloads: list[Any] = []
+        pending = set(workers)
+        deadline = time.monotonic() + timeout
+        while pending:
             try:
-                index, result = out.get(timeout=1)
+                worker, got, payload = self.out.get(timeout=1)
             except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
+                if any(p.exitcode not in (None, 0) for p in self.procs):
                     raise RuntimeError("a bench worker process died") from None
                 if time.monotonic() > deadline:
                     raise RuntimeError("bench workers timed out") from None
                 continue
-            if isinstance(result, str):
-                raise RuntimeError(f"bench worker failed:\n{result}")
-            results[index] = result
-    finally:
-        done = len(results) == len(procs)  # else failed or interrupted: do not wait
-        for proc in procs:
-            proc.join(timeout=5 if done else 0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    return [results[i] for i in range(len(procs))]
+            if got == FAILED:
+                raise RuntimeError(f"bench worker failed:\n{payload}")
+            if got != kind or worker not in pending:
+                raise RuntimeError(f"bench worker {worker} sent {got} out of turn")
+            pending.discard(worker)
+            payloads.append(payload)
+        return payloads
+
+    def run(self, index: int, part: Slice, owners: set[int]) -> Sample:
+        start = time.monotonic() + START_MARGIN
+        for worker in owners:
+            self.links[worker].commands.put((index, part, start))
+        timeout = START_MARGIN + part.settle + part.length + CALL_TIMEOUT + 30
+        samples = [sample for _, sample in self.receive(DONE, owners, timeout)]
+        return Sample(
+            [x for s in samples for x in s.latencies_ms],
+            sum((s.errors for s in samples), Counter[str]()),
+        )
 
 
-def run_load(name: str, load: Load, workers: int) -> Stats:
-    barrier = _CTX.Barrier(workers)
-    arg_lists = [(load, w, barrier) for w in range(workers)]
-    timeout = load.warmup + load.duration + 120
-    return Stats.merge(name, load.duration, _in_processes(_load_worker, arg_lists, timeout))
-
-
-def run_argon2(
-    name: str, op: Literal["hash", "verify"], params: Argon2Params, warmup: float, duration: float
-) -> Stats:
-    timeout = warmup + duration + 120
-    samples = _in_processes(_argon2_worker, [(op, params, warmup, duration)], timeout)
-    return Stats.merge(name, duration, samples)
+def run_schedule(
+    schedule: Sequence[Slice],
+    loads: Mapping[str, Load],
+    workers: int,
+    raw: Mapping[str, RawOp] | None = None,
+    params: Argon2Params | None = None,
+) -> list[Sample]:
+    """Run the slices of `schedule` one after the other (RPC scenarios from `loads` on
+    `workers` processes, raw argon2 ones from `raw` in one more); each starts when every
+    call of the one before has returned. Returns one merged Sample per slice, in order."""
+    raw = raw or {}
+    if unknown := {part.scenario for part in schedule} - set(loads) - set(raw):
+        raise ValueError(f"no load for {sorted(unknown)}")
+    jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+        (_load_worker, (dict(loads), w)) for w in range(workers)
+    ]
+    if raw:
+        jobs.append((_argon2_worker, (dict(raw), params or Argon2Params())))
+    load_workers, argon2 = set(range(workers)), {workers}
+    with _Workers(jobs) as processes:
+        return [
+            processes.run(i, part, load_workers if part.scenario in loads else argon2)
+            for i, part in enumerate(schedule)
+        ]
 
 
 async def seed(address: str, count: int, tag: str, concurrency: int = 8) -> list[tuple[str, str]]:

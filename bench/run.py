@@ -1,10 +1,12 @@
-"""One command: each service RPC measured right after its baseline, in one run, on one machine.
+"""One command: each service RPC measured interleaved with its baseline, in one run, on one machine.
 
-    python bench/run.py [--duration 10] [--database-url URL] [--json out.json] [--check]
+    python bench/run.py [--pairs 8] [--slice 1.5] [--database-url URL] [--json out.json] [--check]
 
-Pairs, back to back: bare grpc.aio echo server -> GetMember; raw argon2id verify ->
-Authenticate; raw argon2id hash -> SignUp. Prints a table and the three ratios against
-their targets; --check exits 1 when a target is missed or any call returned a non-OK status.
+Pairs: bare grpc.aio echo server / GetMember; raw argon2id verify / Authenticate; raw
+argon2id hash / SignUp. Each pair of scenarios alternates in short slices, A B B A A B ...,
+with both sides up the whole time and only one loaded; the ratio is taken per adjacent pair
+of slices, and its median and spread are reported with the pooled rates. --check exits 1
+when a median misses its target or any call returned a non-OK status.
 """
 
 from __future__ import annotations
@@ -16,18 +18,30 @@ import json
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
-from driver import SOURCE_PATH, Argon2Params, Load, Rpc, Stats, run_argon2, run_load, seed
+from driver import (
+    SOURCE_PATH,
+    Argon2Params,
+    Load,
+    RawOp,
+    Sample,
+    Slice,
+    Stats,
+    run_schedule,
+    seed,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from guard import run_guarded
 
@@ -103,33 +117,122 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def report(results: dict[str, Stats]) -> tuple[list[dict[str, object]], bool]:
-    print(f"\n{'scenario':<22} {'RPS':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>7}")
+@dataclass(frozen=True)
+class Paired:
+    """A ratio measured as `pairs` adjacent (service slice, baseline slice) pairs."""
+
+    ratio: Ratio
+    per_pair: list[float]  # service RPS / baseline RPS of each pair, in time order
+    pooled: float  # pooled service RPS / pooled baseline RPS
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.per_pair)
+
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        q1, _, q3 = statistics.quantiles(self.per_pair, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def passed(self) -> bool:
+        return self.median >= self.ratio.target
+
+    def row(self) -> dict[str, object]:
+        q1, q3 = self.quartiles
+        return {
+            **asdict(self.ratio),
+            "ratio": round(self.median, 3),  # the median of the per-pair ratios
+            "q1": round(q1, 3),
+            "q3": round(q3, 3),
+            "min": round(min(self.per_pair), 3),
+            "max": round(max(self.per_pair), 3),
+            "pooled": round(self.pooled, 3),
+            "per_pair": [round(x, 3) for x in self.per_pair],
+            "pass": self.passed,
+        }
+
+
+def interleave(
+    first: str, second: str, pairs: int, length: float, settle: float, warmup: float
+) -> list[Slice]:
+    """A warm-up of each side, then `pairs` pairs in A B, B A, A B ... order: neither side
+    always goes first, so a steady drift tilts every other pair up and the rest down, and
+    cancels in the median and in the pooled rates."""
+    slices = [Slice(name, warmup, 0.0, warmup=True) for name in (first, second)]
+    for pair in range(pairs):
+        for name in (first, second) if pair % 2 == 0 else (second, first):
+            slices.append(Slice(name, settle, length))
+    return slices
+
+
+def measure_pairs(
+    args: argparse.Namespace,
+    ratio: Ratio,
+    loads: dict[str, Load],
+    raw: dict[str, RawOp] | None = None,
+    params: Argon2Params | None = None,
+) -> tuple[Paired, list[Stats]]:
+    schedule = interleave(
+        ratio.baseline, ratio.service, args.pairs, args.slice, args.settle, args.warmup
+    )
+    samples = run_schedule(schedule, loads, args.workers, raw, params)
+    stats: list[Stats] = []
+    for name in (ratio.service, ratio.baseline):
+        mine = [
+            (part, s) for part, s in zip(schedule, samples, strict=True) if part.scenario == name
+        ]
+        measured = [s for part, s in mine if not part.warmup]
+        per_slice = [len(s.latencies_ms) / args.slice for s in measured]
+        errors = Sample(errors=sum((s.errors for _, s in mine), Counter[str]()))
+        stats.append(Stats.merge(name, args.pairs * args.slice, [*measured, errors], per_slice))
+    service, baseline = stats
+    per_pair = [
+        svc / base if base else 0.0
+        for svc, base in zip(service.slice_rps, baseline.slice_rps, strict=True)
+    ]
+    pooled = service.rps / baseline.rps if baseline.rps else 0.0
+    paired = Paired(ratio, per_pair, pooled)
+    print(
+        f"  {ratio.service} / {ratio.baseline}: median {paired.median:.3f}, per pair "
+        + " ".join(f"{x:.2f}" for x in per_pair),
+        file=sys.stderr,
+    )
+    return paired, stats
+
+
+def report(results: dict[str, Stats], paired: list[Paired]) -> bool:
+    print(
+        f"\n{'scenario':<22} {'RPS':>9} {'slice min':>10} {'slice max':>10} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+    )
     for stats in results.values():
         print(
-            f"{stats.name:<22} {_fmt(stats.rps):>10} {_fmt(stats.percentile(0.5), 2):>9} "
-            f"{_fmt(stats.percentile(0.99), 2):>9} {sum(stats.errors.values()):>7}"
+            f"{stats.name:<22} {_fmt(stats.rps):>9} {_fmt(min(stats.slice_rps)):>10} "
+            f"{_fmt(max(stats.slice_rps)):>10} {_fmt(stats.percentile(0.5), 2):>8} "
+            f"{_fmt(stats.percentile(0.99), 2):>8} {sum(stats.errors.values()):>7}"
         )
     for stats in results.values():
         for status, count in stats.errors.most_common():
             print(f"  {stats.name}: {count} x {status}")
     ok = not any(stats.errors for stats in results.values())
-    rows: list[dict[str, object]] = []
-    print()
-    for r in RATIOS:
-        baseline = results[r.baseline].rps
-        ratio = results[r.service].rps / baseline if baseline else 0.0
-        passed = ratio >= r.target
-        ok = ok and passed
-        rows.append({**asdict(r), "ratio": round(ratio, 3), "pass": passed})
-        verdict = "PASS" if passed else "MISS"
+    print(
+        f"\n{'ratio (per pair of slices)':<40} {'median':>6}  {'IQR':>11}  {'min..max':>11}  "
+        f"{'pooled':>6}"
+    )
+    for p in paired:
+        ok = ok and p.passed
+        q1, q3 = p.quartiles
+        verdict = "PASS" if p.passed else "MISS"
         print(
-            f"{r.service + ' / ' + r.baseline:<40} {ratio:6.2f}  (target >= {r.target})  {verdict}"
+            f"{p.ratio.service + ' / ' + p.ratio.baseline:<40} {p.median:6.3f}  "
+            f"{q1:5.2f}-{q3:<5.2f}  {min(p.per_pair):5.2f}-{max(p.per_pair):<5.2f}  "
+            f"{p.pooled:6.2f}  (target median >= {p.ratio.target})  {verdict}"
         )
-    return rows, ok
+    return ok
 
 
-def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Stats]:
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], list[Paired]]:
     params = Argon2Params(args.argon2_time_cost, args.argon2_memory_cost, args.argon2_parallelism)
     env = {**os.environ, **params.env(), "PRIVACY_VAULT_DATA_DIR": str(tmp / "data")}
     if SOURCE_PATH:  # stubs and service not installed: run them from the source tree
@@ -138,40 +241,81 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Stats]:
         env["PRIVACY_VAULT_DATABASE_URL"] = args.database_url
     (tmp / "data").mkdir()
     results: dict[str, Stats] = {}
+    paired: list[Paired] = []
+    get_member, authenticate, sign_up = RATIOS
 
-    def record(stats: Stats) -> None:
-        results[stats.name] = stats
-        print(f"  {stats.name}: {stats.rps:,.1f}/s", file=sys.stderr)
+    def pairs(ratio: Ratio, loads: dict[str, Load], raw: dict[str, RawOp] | None = None) -> None:
+        p, stats = measure_pairs(args, ratio, loads, raw, params)
+        paired.append(p)
+        results.update((s.name, s) for s in stats)
 
-    def drive(name: str, address: str, rpc: Rpc, concurrency: int, **targets: Any) -> None:
-        load = Load(address, rpc, concurrency, args.warmup, args.duration, **targets)
-        record(run_load(name, load, args.workers))
-
-    def raw(name: str, op: Literal["hash", "verify"]) -> None:
-        record(run_argon2(name, op, params, args.warmup, args.duration))
-
-    print(f"running {len(RATIOS) * 2} measurements of {args.duration:g} s...", file=sys.stderr)
-    with serve(ECHO_SERVER, env, tmp / "echo.log") as address:
-        ids = tuple(str(uuid.uuid4()) for _ in range(args.members))
-        drive("echo baseline", address, "GetMember", args.concurrency, member_ids=ids)
-    with serve(SERVICE, env, tmp / "service.log") as address:
+    per_ratio = 2 * args.warmup + 2 * args.pairs * (args.settle + args.slice)
+    print(
+        f"running {len(RATIOS)} interleaved pairs of scenarios, ~{per_ratio:.0f} s each...",
+        file=sys.stderr,
+    )
+    # Both servers stay up all through: the one not in the current slice sits idle.
+    with (
+        serve(ECHO_SERVER, env, tmp / "echo.log") as echo,
+        serve(SERVICE, env, tmp / "service.log") as address,
+    ):
         tag = f"b{secrets.token_hex(4)}"  # unique per run, also against a reused PostgreSQL
         members = asyncio.run(seed(address, args.members, tag))
         ids, logins = tuple(m for m, _ in members), tuple(login for _, login in members)
-        drive("GetMember", address, "GetMember", args.concurrency, member_ids=ids)
-        raw("argon2 verify (raw)", "verify")
-        drive("Authenticate", address, "Authenticate", args.password_concurrency, login_ids=logins)
-        raw("argon2 hash (raw)", "hash")
-        drive("SignUp", address, "SignUp", args.password_concurrency, tag=tag)
-    return results
+        echo_ids = tuple(str(uuid.uuid4()) for _ in range(args.members))
+        pairs(
+            get_member,
+            {
+                get_member.baseline: Load(echo, "GetMember", args.concurrency, member_ids=echo_ids),
+                get_member.service: Load(address, "GetMember", args.concurrency, member_ids=ids),
+            },
+        )
+        pairs(
+            authenticate,
+            {
+                authenticate.service: Load(
+                    address, "Authenticate", args.password_concurrency, login_ids=logins
+                )
+            },
+            {authenticate.baseline: "verify"},
+        )
+        pairs(
+            sign_up,
+            {sign_up.service: Load(address, "SignUp", args.password_concurrency, tag=tag)},
+            {sign_up.baseline: "hash"},
+        )
+    return results, paired
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return number
+
+
+def _pairs(value: str) -> int:
+    number = int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError("at least 2 pairs (the spread needs two)")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--duration", type=float, default=10.0, help="seconds measured per scenario"
+        "--pairs", type=_pairs, default=8, help="pairs of slices (baseline, service) per ratio"
     )
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--slice", type=_positive, default=1.5, help="seconds measured per slice")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=0.3,
+        help="seconds each slice is loaded before it is measured (reaches its steady state)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="unmeasured seconds of each side first"
+    )
     parser.add_argument("--workers", type=int, default=2, help="driver processes")
     parser.add_argument(
         "--concurrency", type=int, default=16, help="in-flight calls per worker for echo/GetMember"
@@ -191,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 on a missed target or error")
     args = parser.parse_args(argv)
-    measured: list[dict[str, Stats]] = []
+    measured: list[tuple[dict[str, Stats], list[Paired]]] = []
 
     def work() -> None:
         with tempfile.TemporaryDirectory(prefix="privacy-vault-bench-") as tmp:
@@ -200,14 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = run_guarded(work)
     if failed is not None:
         return failed
-    (results,) = measured
-    rows, ok = report(results)
+    ((results, paired),) = measured
+    ok = report(results, paired)
     if args.json:
         document = {
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "database_url")}
             | {"database": "postgresql" if args.database_url else "sqlite", "cpus": os.cpu_count()},
             "scenarios": {name: stats.summary() for name, stats in results.items()},
-            "ratios": rows,
+            "ratios": [p.row() for p in paired],
             "ok": ok,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
