@@ -294,13 +294,13 @@ class Vault:
         stored = await store.get_index_key()
         if stored is None:
             material = _hazmat.new_key_material()
-            wrapped = await provider.wrap(keyring.active, material, index_key_context())
+            wrapped = await provider.wrap(keyring.active, material, index_key_context(INDEX_KEY_ID))
             stored = await store.insert_index_key(
                 IndexKeyRow(INDEX_KEY_ID, keyring.active, wrapped, now)
             )
         try:
             material = await provider.unwrap(
-                stored.kek_version, stored.wrapped_key, index_key_context()
+                stored.kek_version, stored.wrapped_key, index_key_context(stored.key_id)
             )
         except DecryptionError:
             raise KeyUnavailable(

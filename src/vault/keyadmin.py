@@ -258,7 +258,10 @@ class KeyAdmin:
             material = await self._provider.unwrap(
                 index_key.kek_version, index_key.wrapped_key, index_key_context(index_key.key_id)
             )
-            wrapped = await self._provider.wrap(target, material, index_key_context())
+            # Bound to the key's own id, as it was unwrapped: the default id is not it.
+            wrapped = await self._provider.wrap(
+                target, material, index_key_context(index_key.key_id)
+            )
             moved = await self._store.rewrap_index_key(
                 index_key.key_id, index_key.kek_version, target, wrapped
             )
