@@ -43,6 +43,7 @@ from vault.errors import (
     PurposeNotAllowed,
 )
 from vault.keyadmin import KeyAdmin
+from vault.keyring import Keyring
 from vault.mail import (
     LOGIN_ID_REMINDER,
     PASSWORD_CHANGED,
@@ -193,26 +194,6 @@ class WithdrawalOutcome:
     retained_until: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Keyring:
-    """KEK versions as recorded; exactly one is active (checked in one place)."""
-
-    versions: tuple[KekVersionRow, ...] = field(default_factory=tuple)
-
-    @property
-    def active(self) -> int:
-        return next(v.version for v in self.versions if v.state == "active")
-
-    @staticmethod
-    def validated(rows: Sequence[KekVersionRow]) -> _Keyring:
-        active = [r for r in rows if r.state == "active"]
-        if len(active) != 1:
-            raise PreconditionFailed(
-                "kek_versions", f"exactly one KEK version must be active, found {len(active)}"
-            )
-        return _Keyring(tuple(rows))
-
-
 class Vault:
     """Use :meth:`open`; the constructor takes already-bootstrapped parts."""
 
@@ -285,7 +266,7 @@ class Vault:
                     KeyEvent(now, "bootstrap", "create_kek_version", 1, details={})
                 )
             rows = await store.list_kek_versions()
-        keyring = _Keyring.validated(rows)
+        keyring = Keyring(rows)
         if not await provider.has_version(keyring.active):
             raise KeyUnavailable(
                 f"the {provider.name} key provider does not hold the active KEK version "
@@ -996,7 +977,7 @@ class Vault:
         raise AssertionError("unreachable")
 
     async def _active_kek_version(self) -> int:
-        return _Keyring.validated(await self._store.list_kek_versions()).active
+        return Keyring(await self._store.list_kek_versions()).active
 
     @staticmethod
     def _seal(key: _hazmat.SecretKey, member_id: str, field_name: str, value: str) -> bytes:

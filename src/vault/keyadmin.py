@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
 import structlog
@@ -27,6 +27,9 @@ from vault.bindings import access_field, dek_context, index_key_context
 from vault.cache import DekCache
 from vault.clock import Clock
 from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
+from vault.keyring import DestroyPlan as DestroyPlan  # re-exported: the service's types
+from vault.keyring import KekVersionStatus as KekVersionStatus
+from vault.keyring import Keyring, next_version
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
@@ -49,22 +52,6 @@ MAX_BATCH = 10_000
 _ROTATE_MEMBER_ATTEMPTS = 3
 #: Extra passes from the start after a pass that moved keys (see rewrap).
 _REWRAP_SWEEPS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class KekVersionStatus:
-    version: int
-    state: str
-    created_at: datetime
-    destroyed_at: datetime | None
-    member_keys: int
-    index_keys: int
-    #: Withdrawn members' DEKs in the separated retention storage.
-    retained_keys: int = 0
-
-    @property
-    def wraps_keys(self) -> bool:
-        return bool(self.member_keys or self.index_keys or self.retained_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +125,6 @@ class _MemberLocks:
                 del self._locks[member_id]
 
 
-@dataclass(frozen=True, slots=True)
-class DestroyPlan:
-    version: int
-    allowed: bool
-    reason: str
-
-
 class KeyAdmin:
     """Reached as ``vault.keys``; shares the vault's store, provider and DEK cache."""
 
@@ -182,15 +162,16 @@ class KeyAdmin:
 
     # --- status ------------------------------------------------------------------------
     async def status(self) -> KeyStatus:
-        versions = await self._store.list_kek_versions()
+        return (await self._keyring_status())[1]
+
+    async def _keyring_status(self) -> tuple[Keyring, KeyStatus]:
+        """The keyring (validated) and each version's usage, read together."""
+        keyring = Keyring(await self._store.list_kek_versions())
         usage = {u.version: u for u in await self._store.kek_usage()}
         retained = await self._retained_usage()
-        active = [v.version for v in versions if v.state == "active"]
-        if len(active) != 1:
-            raise PreconditionFailed("kek_versions", "exactly one KEK version must be active")
-        return KeyStatus(
+        return keyring, KeyStatus(
             provider=self._provider.name,
-            active_version=active[0],
+            active_version=keyring.active,
             versions=tuple(
                 KekVersionStatus(
                     v.version,
@@ -201,7 +182,7 @@ class KeyAdmin:
                     usage[v.version].index_keys if v.version in usage else 0,
                     retained.get(v.version, 0),
                 )
-                for v in versions
+                for v in keyring.versions
             ),
         )
 
@@ -218,7 +199,7 @@ class KeyAdmin:
         """Add a KEK version and make it active; new DEKs wrap under it at once in
         every process (they read the active version from the database)."""
         versions = await self._store.list_kek_versions()
-        new_version = max((v.version for v in versions), default=0) + 1
+        new_version = next_version(versions)
         # The material exists before the database says the version is active.
         await self._provider.create_version(new_version)
         row = await self._store.rotate_kek(new_version, self._clock.now())
@@ -341,18 +322,11 @@ class KeyAdmin:
 
     # --- destruction -------------------------------------------------------------------
     async def plan_destroy(self, version: int) -> DestroyPlan:
-        status = await self.status()
+        keyring, status = await self._keyring_status()
         found = [v for v in status.versions if v.version == version]
         if not found:
             raise NotFound(f"KEK version {version}")
-        v = found[0]
-        if v.state == "destroyed":
-            return DestroyPlan(version, True, "already destroyed")
-        if v.state == "active":
-            return DestroyPlan(version, False, "it is the active version; rotate first")
-        if v.wraps_keys:
-            return DestroyPlan(version, False, _in_use(v) + "; re-wrap first")
-        return DestroyPlan(version, True, "no key is wrapped under it")
+        return keyring.plan_destroy(found[0])
 
     async def destroy_version(self, version: int, actor: str) -> KekVersionRow:
         """Destroy a KEK version: first in the database (guarded: never the active
@@ -363,19 +337,8 @@ class KeyAdmin:
             # withdrawal only ever commits a copy under the version active at that
             # moment, so once this version is seen inactive, no new copy can land
             # under it between this count and the destroy.
-            states = {v.version: v.state for v in await self._store.list_kek_versions()}
-            if states.get(version) == "active":
-                raise PreconditionFailed(
-                    "kek_version", f"KEK version {version} is active; rotate first", "ACTIVE"
-                )
-            retained = (await self._retained_usage()).get(version, 0)
-            if retained and states.get(version) != "destroyed":
-                raise PreconditionFailed(
-                    "kek_version",
-                    f"KEK version {version} still wraps {retained} retained member keys; "
-                    "re-wrap them to the active version first",
-                    "IN_USE",
-                )
+            keyring = Keyring(await self._store.list_kek_versions())
+            keyring.require_destroyable(version, (await self._retained_usage()).get(version, 0))
         row = await self._store.destroy_kek_version(version, self._clock.now())
         await self._provider.destroy_version(version)
         await self._event(actor, "destroy_kek_version", kek_version=version)
@@ -474,15 +437,9 @@ class KeyAdmin:
         async for progress in self.rewrap(actor, batch_size=batch_size):
             rewrapped = progress.rewrapped
         destroyed = 0
-        for v in (await self.status()).versions:
-            if v.state == "decrypt_only" and not v.wraps_keys:
+        keyring, status = await self._keyring_status()
+        for v in status.versions:
+            if v.state != "destroyed" and keyring.plan_destroy(v).allowed:
                 await self.destroy_version(v.version, actor)
                 destroyed += 1
         return {"rotated": rotated, "rewrapped": rewrapped, "destroyed": destroyed}
-
-
-def _in_use(v: KekVersionStatus) -> str:
-    text = f"it still wraps {v.member_keys} member keys and {v.index_keys} index keys"
-    if v.retained_keys:
-        text += f" and {v.retained_keys} retained member keys"
-    return text
