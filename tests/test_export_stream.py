@@ -30,7 +30,7 @@ from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.server import RunningServer, run_server
-from vault import FrozenClock
+from vault import FrozenClock, member_cipher
 from vault.clock import to_micros
 from vault.errors import NotFound
 from vault.facade import EXPORT_MAX_BYTES, EXPORT_PIECE_CHARS
@@ -77,11 +77,12 @@ async def _seed(
     vault = server.vault
     row = await vault.store.get_member(member_id)
     assert row is not None
-    dek = await vault._dek(row.key)
+    dek = await vault.parts.member_keys.dek(row.key)
     records = []
     for i in range(count):
         clock.advance(timedelta(milliseconds=1))
-        entry = vault._access_entry(dek, member_id, f"page.view.{i}", ip(i))  # type: ignore[operator]
+        action, address = f"page.view.{i}", ip(i)  # type: ignore[operator]
+        entry = member_cipher.seal_access(dek, member_id, clock.now(), action, address)
         records.append((entry.at, entry.action_ct, entry.ip_ct))
     if backend == "sqlite":
         conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))

@@ -22,14 +22,13 @@ from typing import Protocol
 
 import structlog
 
-from vault import _hazmat, ids
-from vault.bindings import access_field, dek_context, index_key_context
-from vault.cache import DekCache
+from vault import _hazmat, ids, member_cipher
 from vault.clock import Clock
 from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
 from vault.keyring import DestroyPlan as DestroyPlan  # re-exported: the service's types
 from vault.keyring import KekVersionStatus as KekVersionStatus
 from vault.keyring import Keyring, next_version
+from vault.member_keys import MemberKeys
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
@@ -126,20 +125,21 @@ class _MemberLocks:
 
 
 class KeyAdmin:
-    """Reached as ``vault.keys``; shares the vault's store, provider and DEK cache."""
+    """Reached as ``vault.keys``; shares the vault's store and member keys."""
 
     def __init__(
         self,
         store: Store,
         provider: KeyProvider,
+        member_keys: MemberKeys,
         clock: Clock,
-        deks: DekCache,
         retained: RetentionStore | None = None,
     ) -> None:
         self._store = store
+        # Only for KEK versions' life (create, destroy): wrapping goes through member_keys.
         self._provider = provider
+        self._member_keys = member_keys
         self._clock = clock
-        self._deks = deks
         # The retention store's DEKs are under the same KEK versions: re-wrapped with
         # the vault's, and counted by the destroy guard.
         self._retained = retained
@@ -236,13 +236,8 @@ class KeyAdmin:
             return
         index_key = await self._store.get_index_key()
         if index_key is not None and index_key.kek_version != target:
-            material = await self._provider.unwrap(
-                index_key.kek_version, index_key.wrapped_key, index_key_context(index_key.key_id)
-            )
-            # Bound to the key's own id, as it was unwrapped: the default id is not it.
-            wrapped = await self._provider.wrap(
-                target, material, index_key_context(index_key.key_id)
-            )
+            material = await self._member_keys.unwrap_index_key(index_key)
+            wrapped = await self._member_keys.wrap_index_key(index_key.key_id, material, target)
             moved = await self._store.rewrap_index_key(
                 index_key.key_id, index_key.kek_version, target, wrapped
             )
@@ -288,7 +283,7 @@ class KeyAdmin:
                 # A key under a newer version (a rotation during this run) stays put:
                 # never move a key back to an older KEK.
                 movable = [key for key in keys if key.kek_version < target]
-                updates = [await self._rewrapped(key, target) for key in movable]
+                updates = [await self._member_keys.rewrap_update(key, target) for key in movable]
                 # The previous batch's commit overlaps this batch's unwrap/wrap.
                 if pending is not None:
                     applied = await pending
@@ -313,12 +308,6 @@ class KeyAdmin:
         finally:
             if pending is not None:
                 pending.cancel()
-
-    async def _rewrapped(self, key: MemberKeyRow, target: int) -> RewrapUpdate:
-        context = dek_context(key.member_id, key.dek_id)
-        material = await self._provider.unwrap(key.kek_version, key.wrapped_dek, context)
-        wrapped = await self._provider.wrap(target, material, context)
-        return RewrapUpdate(key.member_id, key.dek_id, key.kek_version, target, wrapped)
 
     # --- destruction -------------------------------------------------------------------
     async def plan_destroy(self, version: int) -> DestroyPlan:
@@ -358,7 +347,7 @@ class KeyAdmin:
                     raise NotFound
                 new_dek_id = await self._try_rotate_member_key(row)
                 if new_dek_id is not None:
-                    self._deks.evict(canonical)
+                    self._member_keys.evict(canonical)
                     await self._event(
                         actor,
                         "rotate_member_key",
@@ -370,35 +359,20 @@ class KeyAdmin:
 
     async def _try_rotate_member_key(self, row: MemberRow) -> int | None:
         mid, old = row.member_id, row.key
-        old_key = _hazmat.SecretKey(
-            old.dek_id,
-            await self._provider.unwrap(
-                old.kek_version, old.wrapped_dek, dek_context(mid, old.dek_id)
-            ),
-        )
+        old_key = await self._member_keys.unwrap(old)
         new_id = old.dek_id + 1
         material = _hazmat.new_key_material()
         new_key = _hazmat.SecretKey(new_id, material)
         active = (await self.status()).active_version
-        wrapped = await self._provider.wrap(active, material, dek_context(mid, new_id))
-
-        def reseal(name: str, blob: bytes) -> bytes:
-            return _hazmat.seal_field(
-                new_key, mid, name, _hazmat.open_field(old_key, mid, name, blob)
-            )
-
-        ciphertexts = {f: reseal(f, row.ciphertexts[f]) for f in ENCRYPTED_FIELDS}
+        new_row = await self._member_keys.wrap(mid, new_id, material, active)
+        ciphertexts = member_cipher.reseal_fields(
+            old_key, new_key, mid, {f: row.ciphertexts[f] for f in ENCRYPTED_FIELDS}
+        )
         # Read after the row, in statements of its own: a rotation that commits in
         # between leaves entries sealed under a newer DEK than ``old_key``.
         log_rows = await whole_access_log(self._store, mid)
         try:
-            entries = {
-                e.entry_id: (
-                    reseal(access_field("action", e.at), e.action_ct),
-                    reseal(access_field("ip", e.at), e.ip_ct),
-                )
-                for e in log_rows
-            }
+            entries = member_cipher.reseal_access_log(old_key, new_key, mid, log_rows)
         except DecryptionError:
             current = await self._store.get_member(mid)
             if current is not None and current.key.dek_id == old.dek_id:
@@ -408,7 +382,7 @@ class KeyAdmin:
             replaced = await self._store.replace_member_key(
                 mid,
                 old.dek_id,
-                MemberKeyRow(mid, new_id, active, wrapped),
+                new_row,
                 ciphertexts,
                 entries,
                 old_ciphertexts=row.ciphertexts,
