@@ -15,7 +15,7 @@ from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
 from vault.errors import PreconditionFailed
 from vault.member_keys import MemberKeys
-from vault.members import AccessEntry, VaultSettings, load_member, member_view
+from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
 from vault.store.base import AccessEntryRow, MemberRow, Store
 
@@ -81,31 +81,7 @@ class Export:
         mid = row.member_id
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
         view = await self._keys.read_under_key(row, lambda r, dek: member_view(r, everything, dek))
-        head = {
-            "format": EXPORT_FORMAT,
-            "exported_at": self._clock.now().isoformat(),
-            "policy_version": self._settings.policy_version,
-            "privacy_officer": self._settings.privacy_officer_contact,
-            "member": {
-                "member_id": view.member_id,
-                "login_id": view.login_id,
-                "name": view.name,
-                "email": view.email,
-                "mobile_phone": view.mobile_phone or None,
-                "password": "kept only as an encrypted argon2id hash; it cannot be exported",
-                "created_at": view.created_at.isoformat(),
-                "last_seen_at": view.last_seen_at.isoformat(),
-            },
-            "consents": [
-                {
-                    "purpose": c.purpose,
-                    "granted": c.granted,
-                    "policy_version": c.policy_version,
-                    "recorded_at": c.recorded_at.isoformat(),
-                }
-                for c in row.consents
-            ],
-        }
+        head = self._head(view, row)
         # The head pretty-printed, its closing brace replaced by the history, which
         # is written one entry per line as the pages come.
         text = json.dumps(head, ensure_ascii=False, indent=2)
@@ -147,3 +123,31 @@ class Export:
         joined = "".join(pending)
         for at in range(0, len(joined), EXPORT_PIECE_CHARS):
             yield joined[at : at + EXPORT_PIECE_CHARS]
+
+    def _head(self, view: MemberView, row: MemberRow) -> dict[str, object]:
+        """The document but its access history."""
+        return {
+            "format": EXPORT_FORMAT,
+            "exported_at": self._clock.now().isoformat(),
+            "policy_version": self._settings.policy_version,
+            "privacy_officer": self._settings.privacy_officer_contact,
+            "member": {
+                "member_id": view.member_id,
+                "login_id": view.login_id,
+                "name": view.name,
+                "email": view.email,
+                "mobile_phone": view.mobile_phone or None,
+                "password": "kept only as an encrypted argon2id hash; it cannot be exported",
+                "created_at": view.created_at.isoformat(),
+                "last_seen_at": view.last_seen_at.isoformat(),
+            },
+            "consents": [
+                {
+                    "purpose": c.purpose,
+                    "granted": c.granted,
+                    "policy_version": c.policy_version,
+                    "recorded_at": c.recorded_at.isoformat(),
+                }
+                for c in row.consents
+            ],
+        }

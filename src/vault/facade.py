@@ -27,7 +27,6 @@ from vault.errors import (
     InvalidInput,
     NotFound,
     Overloaded,
-    PreconditionFailed,
     PurposeNotAllowed,
 )
 from vault.export import EXPORT_MAX_BYTES as EXPORT_MAX_BYTES
@@ -57,7 +56,14 @@ from vault.policy import Purpose, Violations
 from vault.providers.base import KeyProvider
 from vault.recovery import Recovery, sealed_field
 from vault.retention import WITHDRAWAL, Retention
-from vault.store.base import ConsentRow, MemberRow, OutboxMessage, RetentionStore, Store
+from vault.store.base import (
+    ConsentRow,
+    MemberKeyRow,
+    MemberRow,
+    OutboxMessage,
+    RetentionStore,
+    Store,
+)
 
 __all__ = [
     "AccessEntry",
@@ -191,28 +197,13 @@ class Vault:
             ConsentRow(p.value, granted, self._settings.policy_version, now)
             for p, granted in sorted(consents.items())
         )
-        for attempt in range(KEY_CHANGE_RETRIES):
-            # Read from the database each time: a rotation by any process applies
-            # to the very next sign-up, with no restart.
-            kek_version = await self._member_keys.active_version()
-            key_row = await self._member_keys.wrap(member_id, FIRST_DEK_ID, material, kek_version)
-            try:
-                await self._store.insert_member(
-                    MemberRow(
-                        member_id,
-                        now,
-                        now,
-                        ciphertexts,
-                        indexes,
-                        key_row,
-                        consent_rows,
-                    )
-                )
-                break
-            except PreconditionFailed:
-                # That version was rotated away and destroyed while we wrapped.
-                if attempt == KEY_CHANGE_RETRIES - 1:
-                    raise
+
+        async def insert(key_row: MemberKeyRow) -> None:
+            await self._store.insert_member(
+                MemberRow(member_id, now, now, ciphertexts, indexes, key_row, consent_rows)
+            )
+
+        await self._member_keys.insert_under_active(member_id, FIRST_DEK_ID, material, insert)
         self._member_keys.cache_key(member_id, dek)
         log.info("member_signed_up")
         return member_id

@@ -16,7 +16,14 @@ from typing import Protocol, TypeVar
 from vault import _hazmat
 from vault.bindings import dek_context, index_key_context
 from vault.cache import DekCache
-from vault.errors import Conflict, DecryptionError, KeyChanged, KeyUnavailable, NotFound
+from vault.errors import (
+    Conflict,
+    DecryptionError,
+    KeyChanged,
+    KeyUnavailable,
+    NotFound,
+    PreconditionFailed,
+)
 from vault.keyring import Keyring
 from vault.providers.base import KeyProvider
 from vault.store.base import IndexKeyRow, KekVersionRow, MemberKeyRow, MemberRow, RewrapUpdate
@@ -89,6 +96,25 @@ class MemberKeys:
         return RewrapUpdate(
             key_row.member_id, key_row.dek_id, key_row.kek_version, target, moved.wrapped_dek
         )
+
+    async def insert_under_active(
+        self,
+        member_id: str,
+        dek_id: int,
+        material: bytes,
+        insert: Callable[[MemberKeyRow], Awaitable[None]],
+    ) -> None:
+        """Wrap a new DEK under the active version and ``insert`` it. The store refuses
+        a version rotated away and destroyed while we wrapped (PreconditionFailed):
+        read the active version again and wrap again."""
+        for attempt in range(KEY_CHANGE_RETRIES):
+            key_row = await self.wrap(member_id, dek_id, material, await self.active_version())
+            try:
+                await insert(key_row)
+                return
+            except PreconditionFailed:
+                if attempt == KEY_CHANGE_RETRIES - 1:
+                    raise
 
     def cache_key(self, member_id: str, key: _hazmat.SecretKey) -> None:
         self._deks.put(member_id, key)
