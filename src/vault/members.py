@@ -140,8 +140,7 @@ async def load_member(store: MemberReader, member_id: str) -> MemberRow:
     return row
 
 
-def open_member_field(dek: _hazmat.SecretKey, row: MemberRow, field_name: str) -> str:
-    return member_cipher.open_text(dek, row.member_id, field_name, row.ciphertexts[field_name])
+open_member_field = member_cipher.open_row_field
 
 
 async def member_view(
