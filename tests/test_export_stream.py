@@ -6,7 +6,7 @@ one with FAILED_PRECONDITION naming the stream, instead of an opaque send-limit
 error. On SQLite and PostgreSQL, read over real gRPC.
 
 Seeding: 50,000 RecordAccess calls would take minutes on a shared machine, so the
-entries are encrypted by the vault's own code (``Vault._access_entry``, exactly
+entries are encrypted by the vault's own code (``member_cipher.seal_access``, exactly
 what RecordAccess stores) and inserted in one batch; the export is then read
 over gRPC like any caller would.
 """
@@ -28,7 +28,7 @@ from grpc_support import precondition_violation, sign_up_request
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.server import RunningServer
-from vault import FrozenClock
+from vault import FrozenClock, member_cipher
 from vault.clock import to_micros
 from vault.errors import NotFound
 from vault.facade import EXPORT_MAX_BYTES, EXPORT_PIECE_CHARS
@@ -54,11 +54,11 @@ def seed(server: RunningServer, store_url: str, backend: str, clock: FrozenClock
         vault = server.vault
         row = await vault.store.get_member(member_id)
         assert row is not None
-        dek = await vault._dek(row.key)
+        dek = await vault.parts.member_keys.dek(row.key)
         records = []
         for i in range(count):
             clock.advance(timedelta(milliseconds=1))
-            entry = vault._access_entry(dek, member_id, f"page.view.{i}", ip(i))
+            entry = member_cipher.seal_access(dek, member_id, clock.now(), f"page.view.{i}", ip(i))
             records.append((entry.at, entry.action_ct, entry.ip_ct))
         if backend == "sqlite":
             conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))

@@ -18,7 +18,7 @@ from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.server import RunningServer, run_server
-from vault import FrozenClock, _hazmat, facade
+from vault import FrozenClock, _hazmat, page_tokens
 from vault.clock import to_micros
 
 Code = grpc.StatusCode
@@ -90,7 +90,7 @@ async def test_authentic_tokens_with_out_of_range_cursors_are_refused(
     """Even a correctly tagged token is range-checked before its cursor reaches SQL
     (the key is the server's own, taken in-process to sign what it never issues)."""
     member_id = await _member_with_history(members, clock)
-    key = server.vault._page_token_key
+    key = server.vault.parts.page_token_key
     for version, micros, entry_id in [
         (2, to_micros(clock.now()), 0),
         (2, to_micros(clock.now()), -1),
@@ -99,7 +99,7 @@ async def test_authentic_tokens_with_out_of_range_cursors_are_refused(
         (3, to_micros(clock.now()), 1),
     ]:
         cursor = struct.pack(">Bqq", version, micros, entry_id)
-        tag = _hazmat.token_tag(key, facade._page_token_data(member_id, cursor))
+        tag = _hazmat.token_tag(key, page_tokens.page_token_data(member_id, cursor))
         token = base64.urlsafe_b64encode(cursor + tag).decode().rstrip("=")
         await _refused(members, member_id, token)
 

@@ -424,7 +424,7 @@ async def _serving(
 
 def _count_unwraps(running: RunningServer) -> list[int]:
     """Instrument the real provider: count its unwrap calls (it still does them)."""
-    provider = running.vault._provider
+    provider = running.vault.parts.provider
     assert isinstance(provider, Pkcs11KeyProvider)
     count = [0]
     real_unwrap = provider.unwrap
@@ -444,7 +444,7 @@ async def test_a_vault_over_grpc_on_the_pkcs11_provider(
     request = sign_up_request()
 
     async def body(running: RunningServer, members: MemberServiceStub) -> None:
-        assert running.vault._provider.name == "pkcs11"
+        assert running.vault.parts.provider.name == "pkcs11"
         member_id = (await members.SignUp(request)).member_id
         auth = await members.Authenticate(
             pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
@@ -497,11 +497,11 @@ async def test_the_dek_cache_keeps_the_hsm_off_the_hot_path(
         for _ in range(50):
             await members.GetMember(get)
         assert unwraps[0] == 1
-        assert running.vault._deks.get(member_id, 1) is not None
+        assert running.vault.parts.member_keys.cache.get(member_id, 1) is not None
 
         await members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=request.password))
-        assert running.vault._deks.get(member_id, 1) is None
-        assert len(running.vault._deks) == 0
+        assert running.vault.parts.member_keys.cache.get(member_id, 1) is None
+        assert len(running.vault.parts.member_keys.cache) == 0
         with pytest.raises(grpc.aio.AioRpcError):
             await members.GetMember(get)
         assert unwraps[0] == 1  # the withdrawal's password check used the cached DEK

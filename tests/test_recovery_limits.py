@@ -116,7 +116,7 @@ async def _password_thread_held(server: RunningServer) -> AsyncIterator[None]:
     """Occupy the server's one argon2 worker thread with a job that waits: password
     jobs admitted meanwhile stay queued behind it, so "the queue is full" holds for
     as long as the test needs, with no timing involved."""
-    pool = server.vault._hasher._pool  # the real thread pool (password_workers=1)
+    pool = server.vault.parts.hasher._pool  # the real thread pool (password_workers=1)
     running, release = threading.Event(), threading.Event()
 
     def hold() -> None:

@@ -32,6 +32,7 @@ from vault.errors import InvalidInput, KeyChanged, NotFound, PreconditionFailed
 from vault.facade import MemberChanges, NewMember
 from vault.keyadmin import KeyAdmin
 from vault.lifecycle import Lifecycle, LifecyclePolicy
+from vault.member_keys import MemberKeys
 from vault.policy import ConsentChoice, Purpose
 from vault.retention import CONFIRM_GRACE, RETENTION_EXPIRED, WITHDRAWAL
 from vault.store import open_retention_store
@@ -469,7 +470,10 @@ async def test_rewrap_moves_retained_keys_and_the_guard_counts_them(vault: Vault
 
     # Move the vault's own keys only (a key admin that does not know the retention
     # store): version 1 then wraps nothing in the vault, but still the copy's DEK.
-    vault_only = KeyAdmin(vault.store, vault._provider, vault.clock, DekCache(10, 1.0))
+    provider = vault.parts.provider
+    vault_only = KeyAdmin(
+        vault.store, provider, MemberKeys(vault.store, provider, DekCache(10, 1.0)), vault.clock
+    )
     async for _ in vault_only.rewrap("security"):
         pass
     usage = {u.version: (u.member_keys, u.index_keys) for u in await vault.store.kek_usage()}

@@ -60,7 +60,7 @@ async def _read_name_from_copy(
     with ``provider``'s, e.g. a copy of the key file)."""
     row = await copy.get_member(member_id)
     assert row is not None, "the copy holds the member"
-    material = await (provider or vault._provider).unwrap(
+    material = await (provider or vault.parts.provider).unwrap(
         row.key.kek_version, row.key.wrapped_dek, dek_context(member_id, row.key.dek_id)
     )
     dek = _hazmat.SecretKey(row.key.dek_id, material)
@@ -82,7 +82,7 @@ async def test_old_copies_die_with_the_kek_version(
         copy_url = await _backup(store_url, tmp_path, make_postgres_database)
 
         await vault.shred(doomed, reason="withdrawal")
-        assert await vault._store.get_member(doomed) is None  # live: gone at once
+        assert await vault.store.get_member(doomed) is None  # live: gone at once
 
         await vault.keys.rotate("test")
         async for _ in vault.keys.rewrap("test"):

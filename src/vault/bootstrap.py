@@ -1,4 +1,9 @@
-"""Assemble a Vault from plain settings: store URL, key provider, argon2 profile."""
+"""Assemble a Vault from plain settings: store URL, key provider, argon2 profile.
+
+The one place the vault's components are wired together (:func:`wire_vault`):
+member keys, then the components that share them (key admin, retention,
+recovery, export), then the facade over them all.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,25 @@ from typing import Literal
 
 import structlog
 
+from vault import _hazmat
+from vault.bindings import INDEX_KEY_ID
+from vault.cache import DekCache
 from vault.clock import Clock, SystemClock
-from vault.errors import PreconditionFailed
-from vault.facade import Vault, VaultSettings
+from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
+from vault.export import Export
+from vault.facade import Vault, VaultParts, VaultSettings
+from vault.keyadmin import KeyAdmin
+from vault.keyring import Keyring
+from vault.member_keys import MemberKeys
+from vault.members import BlindIndexes
 from vault.passwords import OWASP, Argon2Profile, PasswordHasher
 from vault.providers.base import KeyProvider
 from vault.providers.local import LocalKeyProvider
 from vault.providers.pkcs11 import Pkcs11KeyProvider
+from vault.recovery import Recovery
+from vault.retention import Retention
 from vault.store import database_backend, open_retention_store, open_store
+from vault.store.base import IndexKeyRow, KekVersionRow, KeyEvent, RetentionStore, Store
 
 LOCAL_KEY_FILE = "kek.json"
 #: What SQLite keeps beside a database file (its pages live in the WAL too).
@@ -153,6 +169,103 @@ def secure_local_files(data_dir: Path, database_files: Iterable[Path]) -> None:
             )
 
 
+async def bootstrap_keys(
+    store: Store, provider: KeyProvider, member_keys: MemberKeys, clock: Clock
+) -> _hazmat.IndexKey:
+    """Make sure the key hierarchy exists (KEK version 1, the index key), and check
+    that the provider's keys open this database (fail at start, not at the first
+    request); returns the unwrapped blind-index key."""
+    now = clock.now()
+    rows = await store.list_kek_versions()
+    if not rows:
+        await provider.create_version(1)
+        if await store.insert_kek_version(KekVersionRow(1, "active", now)):
+            await store.record_key_event(
+                KeyEvent(now, "bootstrap", "create_kek_version", 1, details={})
+            )
+        rows = await store.list_kek_versions()
+    keyring = Keyring(rows)
+    if not await provider.has_version(keyring.active):
+        raise KeyUnavailable(
+            f"the {provider.name} key provider does not hold the active KEK version "
+            f"{keyring.active}"
+        )
+    stored = await store.get_index_key()
+    if stored is None:
+        material = _hazmat.new_key_material()
+        wrapped = await member_keys.wrap_index_key(INDEX_KEY_ID, material, keyring.active)
+        stored = await store.insert_index_key(
+            IndexKeyRow(INDEX_KEY_ID, keyring.active, wrapped, now)
+        )
+    try:
+        material = await member_keys.unwrap_index_key(stored)
+    except DecryptionError:
+        raise KeyUnavailable(
+            "the key provider's KEKs do not open this database (wrong key file?)"
+        ) from None
+    return _hazmat.IndexKey(stored.key_id, material)
+
+
+def wire_vault(
+    store: Store,
+    provider: KeyProvider,
+    hasher: PasswordHasher,
+    clock: Clock,
+    settings: VaultSettings,
+    index_key: _hazmat.IndexKey,
+    retained: RetentionStore | None = None,
+    member_keys: MemberKeys | None = None,
+) -> VaultParts:
+    """The vault's components, each given the parts it uses."""
+    keys = member_keys or MemberKeys(
+        store, provider, DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
+    )
+    indexes = BlindIndexes(index_key)
+    decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
+    return VaultParts(
+        store=store,
+        retained=retained,
+        provider=provider,
+        hasher=hasher,
+        clock=clock,
+        settings=settings,
+        member_keys=keys,
+        indexes=indexes,
+        # Page tokens are authenticated under a key of their own, derived from the
+        # index key: nothing new to store, and every replica derives the same key.
+        page_token_key=_hazmat.derive_mac_key(index_key, "page-token"),
+        keys=KeyAdmin(store, provider, keys, clock, retained),
+        retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
+        recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
+        export=Export(store, keys, clock, settings),
+        decoy_key=decoy_key,
+        decoy_ct=_hazmat.seal_field(decoy_key, "decoy", "password_hash", b"x" * 97),
+    )
+
+
+async def assemble_vault(
+    store: Store,
+    provider: KeyProvider,
+    hasher: PasswordHasher,
+    clock: Clock,
+    settings: VaultSettings | None = None,
+    retained: RetentionStore | None = None,
+) -> Vault:
+    """Migrate the store (and the retention store, when given), bootstrap the key
+    hierarchy and wire the vault over already-opened parts."""
+    settings = settings or VaultSettings()
+    await store.migrate()
+    if retained is not None:
+        await retained.migrate()
+    member_keys = MemberKeys(
+        store, provider, DekCache(settings.dek_cache_size, settings.dek_cache_ttl)
+    )
+    index_key = await bootstrap_keys(store, provider, member_keys, clock)
+    return Vault(
+        wire_vault(store, provider, hasher, clock, settings, index_key, retained, member_keys)
+    )
+
+
 @contextlib.asynccontextmanager
 async def open_vault(
     *,
@@ -196,7 +309,7 @@ async def open_vault(
             argon2, workers=password_workers, queue_limit=settings.password_queue_limit
         )
         undo.callback(hasher.close)
-        vault = await Vault.open(
+        vault = await assemble_vault(
             store, provider, hasher, clock or SystemClock(), settings, retained
         )
         undo.pop_all()  # from here on vault.close() owns them

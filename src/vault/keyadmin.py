@@ -17,16 +17,18 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
 import structlog
 
-from vault import _hazmat, ids
-from vault.bindings import access_field, dek_context, index_key_context
-from vault.cache import DekCache
+from vault import _hazmat, ids, member_cipher
 from vault.clock import Clock
 from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
+from vault.keyring import DestroyPlan as DestroyPlan  # re-exported: the service's types
+from vault.keyring import KekVersionStatus as KekVersionStatus
+from vault.keyring import Keyring, next_version
+from vault.member_keys import MemberKeys
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
@@ -49,22 +51,6 @@ MAX_BATCH = 10_000
 _ROTATE_MEMBER_ATTEMPTS = 3
 #: Extra passes from the start after a pass that moved keys (see rewrap).
 _REWRAP_SWEEPS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class KekVersionStatus:
-    version: int
-    state: str
-    created_at: datetime
-    destroyed_at: datetime | None
-    member_keys: int
-    index_keys: int
-    #: Withdrawn members' DEKs in the separated retention storage.
-    retained_keys: int = 0
-
-    @property
-    def wraps_keys(self) -> bool:
-        return bool(self.member_keys or self.index_keys or self.retained_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,28 +124,22 @@ class _MemberLocks:
                 del self._locks[member_id]
 
 
-@dataclass(frozen=True, slots=True)
-class DestroyPlan:
-    version: int
-    allowed: bool
-    reason: str
-
-
 class KeyAdmin:
-    """Reached as ``vault.keys``; shares the vault's store, provider and DEK cache."""
+    """Reached as ``vault.keys``; shares the vault's store and member keys."""
 
     def __init__(
         self,
         store: Store,
         provider: KeyProvider,
+        member_keys: MemberKeys,
         clock: Clock,
-        deks: DekCache,
         retained: RetentionStore | None = None,
     ) -> None:
         self._store = store
+        # Only for KEK versions' life (create, destroy): wrapping goes through member_keys.
         self._provider = provider
+        self._member_keys = member_keys
         self._clock = clock
-        self._deks = deks
         # The retention store's DEKs are under the same KEK versions: re-wrapped with
         # the vault's, and counted by the destroy guard.
         self._retained = retained
@@ -182,15 +162,16 @@ class KeyAdmin:
 
     # --- status ------------------------------------------------------------------------
     async def status(self) -> KeyStatus:
-        versions = await self._store.list_kek_versions()
+        return (await self._keyring_status())[1]
+
+    async def _keyring_status(self) -> tuple[Keyring, KeyStatus]:
+        """The keyring (validated) and each version's usage, read together."""
+        keyring = Keyring(await self._store.list_kek_versions())
         usage = {u.version: u for u in await self._store.kek_usage()}
         retained = await self._retained_usage()
-        active = [v.version for v in versions if v.state == "active"]
-        if len(active) != 1:
-            raise PreconditionFailed("kek_versions", "exactly one KEK version must be active")
-        return KeyStatus(
+        return keyring, KeyStatus(
             provider=self._provider.name,
-            active_version=active[0],
+            active_version=keyring.active,
             versions=tuple(
                 KekVersionStatus(
                     v.version,
@@ -201,7 +182,7 @@ class KeyAdmin:
                     usage[v.version].index_keys if v.version in usage else 0,
                     retained.get(v.version, 0),
                 )
-                for v in versions
+                for v in keyring.versions
             ),
         )
 
@@ -218,7 +199,7 @@ class KeyAdmin:
         """Add a KEK version and make it active; new DEKs wrap under it at once in
         every process (they read the active version from the database)."""
         versions = await self._store.list_kek_versions()
-        new_version = max((v.version for v in versions), default=0) + 1
+        new_version = next_version(versions)
         # The material exists before the database says the version is active.
         await self._provider.create_version(new_version)
         row = await self._store.rotate_kek(new_version, self._clock.now())
@@ -255,10 +236,8 @@ class KeyAdmin:
             return
         index_key = await self._store.get_index_key()
         if index_key is not None and index_key.kek_version != target:
-            material = await self._provider.unwrap(
-                index_key.kek_version, index_key.wrapped_key, index_key_context(index_key.key_id)
-            )
-            wrapped = await self._provider.wrap(target, material, index_key_context())
+            material = await self._member_keys.unwrap_index_key(index_key)
+            wrapped = await self._member_keys.wrap_index_key(index_key.key_id, material, target)
             moved = await self._store.rewrap_index_key(
                 index_key.key_id, index_key.kek_version, target, wrapped
             )
@@ -304,7 +283,7 @@ class KeyAdmin:
                 # A key under a newer version (a rotation during this run) stays put:
                 # never move a key back to an older KEK.
                 movable = [key for key in keys if key.kek_version < target]
-                updates = [await self._rewrapped(key, target) for key in movable]
+                updates = [await self._member_keys.rewrap_update(key, target) for key in movable]
                 # The previous batch's commit overlaps this batch's unwrap/wrap.
                 if pending is not None:
                     applied = await pending
@@ -330,26 +309,13 @@ class KeyAdmin:
             if pending is not None:
                 pending.cancel()
 
-    async def _rewrapped(self, key: MemberKeyRow, target: int) -> RewrapUpdate:
-        context = dek_context(key.member_id, key.dek_id)
-        material = await self._provider.unwrap(key.kek_version, key.wrapped_dek, context)
-        wrapped = await self._provider.wrap(target, material, context)
-        return RewrapUpdate(key.member_id, key.dek_id, key.kek_version, target, wrapped)
-
     # --- destruction -------------------------------------------------------------------
     async def plan_destroy(self, version: int) -> DestroyPlan:
-        status = await self.status()
+        keyring, status = await self._keyring_status()
         found = [v for v in status.versions if v.version == version]
         if not found:
             raise NotFound(f"KEK version {version}")
-        v = found[0]
-        if v.state == "destroyed":
-            return DestroyPlan(version, True, "already destroyed")
-        if v.state == "active":
-            return DestroyPlan(version, False, "it is the active version; rotate first")
-        if v.wraps_keys:
-            return DestroyPlan(version, False, _in_use(v) + "; re-wrap first")
-        return DestroyPlan(version, True, "no key is wrapped under it")
+        return keyring.plan_destroy(found[0])
 
     async def destroy_version(self, version: int, actor: str) -> KekVersionRow:
         """Destroy a KEK version: first in the database (guarded: never the active
@@ -360,19 +326,8 @@ class KeyAdmin:
             # withdrawal only ever commits a copy under the version active at that
             # moment, so once this version is seen inactive, no new copy can land
             # under it between this count and the destroy.
-            states = {v.version: v.state for v in await self._store.list_kek_versions()}
-            if states.get(version) == "active":
-                raise PreconditionFailed(
-                    "kek_version", f"KEK version {version} is active; rotate first", "ACTIVE"
-                )
-            retained = (await self._retained_usage()).get(version, 0)
-            if retained and states.get(version) != "destroyed":
-                raise PreconditionFailed(
-                    "kek_version",
-                    f"KEK version {version} still wraps {retained} retained member keys; "
-                    "re-wrap them to the active version first",
-                    "IN_USE",
-                )
+            keyring = Keyring(await self._store.list_kek_versions())
+            keyring.require_destroyable(version, (await self._retained_usage()).get(version, 0))
         row = await self._store.destroy_kek_version(version, self._clock.now())
         await self._provider.destroy_version(version)
         await self._event(actor, "destroy_kek_version", kek_version=version)
@@ -392,7 +347,7 @@ class KeyAdmin:
                     raise NotFound
                 new_dek_id = await self._try_rotate_member_key(row)
                 if new_dek_id is not None:
-                    self._deks.evict(canonical)
+                    self._member_keys.evict(canonical)
                     await self._event(
                         actor,
                         "rotate_member_key",
@@ -404,35 +359,20 @@ class KeyAdmin:
 
     async def _try_rotate_member_key(self, row: MemberRow) -> int | None:
         mid, old = row.member_id, row.key
-        old_key = _hazmat.SecretKey(
-            old.dek_id,
-            await self._provider.unwrap(
-                old.kek_version, old.wrapped_dek, dek_context(mid, old.dek_id)
-            ),
-        )
+        old_key = await self._member_keys.unwrap(old)
         new_id = old.dek_id + 1
         material = _hazmat.new_key_material()
         new_key = _hazmat.SecretKey(new_id, material)
         active = (await self.status()).active_version
-        wrapped = await self._provider.wrap(active, material, dek_context(mid, new_id))
-
-        def reseal(name: str, blob: bytes) -> bytes:
-            return _hazmat.seal_field(
-                new_key, mid, name, _hazmat.open_field(old_key, mid, name, blob)
-            )
-
-        ciphertexts = {f: reseal(f, row.ciphertexts[f]) for f in ENCRYPTED_FIELDS}
+        new_row = await self._member_keys.wrap(mid, new_id, material, active)
+        ciphertexts = member_cipher.reseal_fields(
+            old_key, new_key, mid, {f: row.ciphertexts[f] for f in ENCRYPTED_FIELDS}
+        )
         # Read after the row, in statements of its own: a rotation that commits in
         # between leaves entries sealed under a newer DEK than ``old_key``.
         log_rows = await whole_access_log(self._store, mid)
         try:
-            entries = {
-                e.entry_id: (
-                    reseal(access_field("action", e.at), e.action_ct),
-                    reseal(access_field("ip", e.at), e.ip_ct),
-                )
-                for e in log_rows
-            }
+            entries = member_cipher.reseal_access_log(old_key, new_key, mid, log_rows)
         except DecryptionError:
             current = await self._store.get_member(mid)
             if current is not None and current.key.dek_id == old.dek_id:
@@ -442,7 +382,7 @@ class KeyAdmin:
             replaced = await self._store.replace_member_key(
                 mid,
                 old.dek_id,
-                MemberKeyRow(mid, new_id, active, wrapped),
+                new_row,
                 ciphertexts,
                 entries,
                 old_ciphertexts=row.ciphertexts,
@@ -471,15 +411,9 @@ class KeyAdmin:
         async for progress in self.rewrap(actor, batch_size=batch_size):
             rewrapped = progress.rewrapped
         destroyed = 0
-        for v in (await self.status()).versions:
-            if v.state == "decrypt_only" and not v.wraps_keys:
+        keyring, status = await self._keyring_status()
+        for v in status.versions:
+            if v.state != "destroyed" and keyring.plan_destroy(v).allowed:
                 await self.destroy_version(v.version, actor)
                 destroyed += 1
         return {"rotated": rotated, "rewrapped": rewrapped, "destroyed": destroyed}
-
-
-def _in_use(v: KekVersionStatus) -> str:
-    text = f"it still wraps {v.member_keys} member keys and {v.index_keys} index keys"
-    if v.retained_keys:
-        text += f" and {v.retained_keys} retained member keys"
-    return text

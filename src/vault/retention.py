@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
-from vault import _hazmat, ids
-from vault.bindings import access_field, dek_context
-from vault.cache import DekCache
+from vault import ids, member_cipher
 from vault.clock import Clock
 from vault.errors import (
     Conflict,
@@ -48,11 +45,10 @@ from vault.errors import (
     NotFound,
     PreconditionFailed,
 )
-from vault.providers.base import KeyProvider
+from vault.member_keys import MemberKeys
 from vault.store.base import (
     RETAINED_FIELDS,
     DestructionRecord,
-    MemberKeyRow,
     MemberRow,
     RetainedMember,
     RetainedSummary,
@@ -108,21 +104,17 @@ class Retention:
         self,
         store: Store,
         retained: RetentionStore | None,
-        provider: KeyProvider,
+        member_keys: MemberKeys,
         clock: Clock,
-        deks: DekCache,
         rule: RetentionRule,
-        active_version: Callable[[], Awaitable[int]],
     ) -> None:
         if rule.period > timedelta(0) and retained is None:
             raise ValueError("a retention period needs a retention store")
         self._store = store
         self._retained = retained
-        self._provider = provider
+        self._member_keys = member_keys
         self._clock = clock
-        self._deks = deks
         self._rule = rule
-        self._active_version = active_version
 
     def __repr__(self) -> str:
         return f"<Retention period={self._rule.period}>"
@@ -176,7 +168,7 @@ class Retention:
                 # Changed (or the KEK rotated) since we read, or rolled back in a
                 # conflict with a concurrent transaction: copy again.
                 continue
-            self._deks.evict(row.member_id)
+            self._member_keys.evict(row.member_id)
             if record is None:  # shredded by someone else meanwhile: the copy is moot
                 await retained.delete_retained(row.member_id, attempt=attempt)
                 raise NotFound
@@ -194,16 +186,12 @@ class Retention:
     async def _copy(self, row: MemberRow, now: datetime, attempt: str) -> RetainedMember:
         mid = row.member_id
         entries = await whole_access_log(self._store, mid)
-        active = await self._active_version()
+        active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
             # Under the active version: the vault's shred checks it is still active,
             # so the destroy guard, which counts retained keys, cannot miss the copy.
-            context = dek_context(mid, key.dek_id)
-            material = await self._provider.unwrap(key.kek_version, key.wrapped_dek, context)
-            key = MemberKeyRow(
-                mid, key.dek_id, active, await self._provider.wrap(active, material, context)
-            )
+            key = await self._member_keys.rewrapped(key, active)
         return RetainedMember(
             member_id=mid,
             retained_at=now,
@@ -230,19 +218,12 @@ class Retention:
         recorded (who, when, the stated basis) before anything is decrypted."""
         copy, event = await self._use(member_id, actor, "disclose", basis)
         mid, now, basis = copy.member_id, event.at, event.basis
-        key = copy.key
-        dek = _hazmat.SecretKey(
-            key.dek_id,
-            await self._provider.unwrap(
-                key.kek_version, key.wrapped_dek, dek_context(mid, key.dek_id)
-            ),
-        )
-
-        def opened(field_name: str, blob: bytes) -> str:
-            return _hazmat.open_field(dek, mid, field_name, blob).decode()
-
-        fields = {f: opened(f, copy.ciphertexts[f]) for f in RETAINED_FIELDS}
+        dek = await self._member_keys.unwrap(copy.key)
+        fields = {
+            f: member_cipher.open_text(dek, mid, f, copy.ciphertexts[f]) for f in RETAINED_FIELDS
+        }
         log.info("retained_member_disclosed", member_id=mid, actor=actor)
+        history = [(e.at, *member_cipher.open_access(dek, mid, e)) for e in copy.access_log]
         return {
             "format": DISCLOSURE_FORMAT,
             "member_id": mid,
@@ -263,12 +244,7 @@ class Retention:
                 for c in copy.consents
             ],
             "access_history": [
-                {
-                    "at": e.at.isoformat(),
-                    "action": opened(access_field("action", e.at), e.action_ct),
-                    "ip": opened(access_field("ip", e.at), e.ip_ct),
-                }
-                for e in copy.access_log
+                {"at": at.isoformat(), "action": action, "ip": ip} for at, action, ip in history
             ],
         }
 

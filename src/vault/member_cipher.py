@@ -1,0 +1,77 @@
+"""The member cipher recipe: seal, open and re-encrypt one member's fields.
+
+Every ciphertext of a member is sealed under that member's DEK and bound to the
+member id and the field's name (an access-log entry's fields also to its time,
+see :mod:`vault.bindings`), so a ciphertext moved to another member, row or
+column does not open. The facade, key rotation and retention all seal and open
+through these functions; none of them calls the AEAD of :mod:`vault._hazmat`
+for member data itself. Plain functions, not an object per member: the read
+path (GetMember) allocates nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+from vault import _hazmat
+from vault.bindings import access_field
+from vault.store.base import AccessEntryRow, MemberRow, NewAccessEntry
+
+SecretKey = _hazmat.SecretKey
+
+
+def seal(dek: SecretKey, member_id: str, field_name: str, value: str) -> bytes:
+    return _hazmat.seal_field(dek, member_id, field_name, value.encode())
+
+
+def open_text(dek: SecretKey, member_id: str, field_name: str, blob: bytes) -> str:
+    """The field's text; DecryptionError for any blob that is not exactly that."""
+    return _hazmat.open_field(dek, member_id, field_name, blob).decode()
+
+
+def open_row_field(dek: SecretKey, row: MemberRow, field_name: str) -> str:
+    """One of the member row's fields in clear (GetMember's hot path: one call deep)."""
+    return _hazmat.open_field(dek, row.member_id, field_name, row.ciphertexts[field_name]).decode()
+
+
+def seal_access(
+    dek: SecretKey, member_id: str, at: datetime, action: str, ip: str
+) -> NewAccessEntry:
+    return NewAccessEntry(
+        at=at,
+        action_ct=seal(dek, member_id, access_field("action", at), action),
+        ip_ct=seal(dek, member_id, access_field("ip", at), ip),
+    )
+
+
+def open_access(dek: SecretKey, member_id: str, row: AccessEntryRow) -> tuple[str, str]:
+    """An access-log entry's (action, ip)."""
+    action = open_text(dek, member_id, access_field("action", row.at), row.action_ct)
+    ip = open_text(dek, member_id, access_field("ip", row.at), row.ip_ct)
+    return action, ip
+
+
+def reseal(old: SecretKey, new: SecretKey, member_id: str, field_name: str, blob: bytes) -> bytes:
+    """One ciphertext opened under ``old`` and sealed again under ``new``."""
+    plain = _hazmat.open_field(old, member_id, field_name, blob)
+    return _hazmat.seal_field(new, member_id, field_name, plain)
+
+
+def reseal_fields(
+    old: SecretKey, new: SecretKey, member_id: str, ciphertexts: Mapping[str, bytes]
+) -> dict[str, bytes]:
+    return {f: reseal(old, new, member_id, f, blob) for f, blob in ciphertexts.items()}
+
+
+def reseal_access_log(
+    old: SecretKey, new: SecretKey, member_id: str, entries: Iterable[AccessEntryRow]
+) -> dict[int, tuple[bytes, bytes]]:
+    """Each entry's (action, ip) ciphertexts under ``new``, by entry id."""
+    return {
+        e.entry_id: (
+            reseal(old, new, member_id, access_field("action", e.at), e.action_ct),
+            reseal(old, new, member_id, access_field("ip", e.at), e.ip_ct),
+        )
+        for e in entries
+    }

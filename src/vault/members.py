@@ -1,0 +1,178 @@
+"""The vault's member types, settings and the one way a member row is read.
+
+Shared by the facade and the components it delegates to (recovery, export), so
+none of them imports the facade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from vault import _hazmat, member_cipher, policy
+from vault.errors import NotFound
+from vault.policy import ConsentChoice, Violations
+from vault.retention import RetentionRule
+from vault.store.base import ConsentRow, MemberRow
+
+#: The vault's logger (the facade's, recovery's and export's events).
+log = structlog.get_logger("vault")
+
+#: The longest a password reset token may live (issue 4: "expiring within 30 minutes").
+MAX_PASSWORD_RESET_TTL = timedelta(minutes=30)
+#: Called with a member id after that member is shredded, for copies outside the
+#: database (the service's mail spool). A failure is logged; the shred stands.
+ShredHook = Callable[[str], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class VaultSettings:
+    policy_version: str = "1"
+    privacy_officer_contact: str = "the privacy officer (contact not configured)"
+    dek_cache_size: int = 10_000
+    dek_cache_ttl: float = 300.0
+    password_reset_ttl: timedelta = MAX_PASSWORD_RESET_TTL
+    #: What a withdrawal keeps in the separated storage, and for how long (default:
+    #: nothing; the member is shredded at once).
+    withdrawal_retention: RetentionRule = field(default_factory=RetentionRule)
+    #: Login-ID reminders and reset mails one member may be sent in any hour: they
+    #: are requested anonymously, so past this nothing more is queued (same answer).
+    recovery_mails_per_hour: int = 5
+    #: FindLoginId / StartPasswordReset work in flight after answering; past it
+    #: those calls are refused (Overloaded) before anything is looked up.
+    recovery_queue_limit: int = 64
+    #: Password hashes and verifications admitted at once, running or waiting
+    #: (open_vault builds the hasher with it); default: 8 per password worker.
+    password_queue_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
+            raise ValueError("password_reset_ttl must be positive and at most 30 minutes")
+        if self.recovery_mails_per_hour < 1 or self.recovery_queue_limit < 1:
+            raise ValueError("recovery_mails_per_hour and recovery_queue_limit must be >= 1")
+        if self.password_queue_limit is not None and self.password_queue_limit < 1:
+            raise ValueError("password_queue_limit must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMember:
+    login_id: str
+    password: str
+    name: str
+    email: str
+    birth_date: str
+    mobile_phone: str | None = None
+    consents: Sequence[ConsentChoice] = ()
+
+    def __repr__(self) -> str:
+        return "<NewMember (personal data hidden)>"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberChanges:
+    """A correction: ``paths`` names the fields to change (a field mask)."""
+
+    paths: frozenset[str]
+    name: str | None = None
+    email: str | None = None
+    mobile_phone: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<MemberChanges paths={sorted(self.paths)}>"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """A member as one purpose may see it: fields it does not allow are None."""
+
+    member_id: str
+    created_at: datetime
+    last_seen_at: datetime
+    login_id: str | None = None
+    name: str | None = None
+    email: str | None = None
+    mobile_phone: str | None = None
+    consents: tuple[ConsentRow, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<MemberView {self.member_id}>"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEntry:
+    at: datetime
+    action: str
+    ip: str
+
+    def __repr__(self) -> str:
+        return f"<AccessEntry at={self.at.isoformat()}>"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPage:
+    entries: tuple[AccessEntry, ...]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalOutcome:
+    destroyed_at: datetime | None = None
+    retained_until: datetime | None = None
+
+
+class MemberReader(Protocol):
+    async def get_member(self, member_id: str) -> MemberRow | None: ...
+
+
+async def load_member(store: MemberReader, member_id: str) -> MemberRow:
+    """The member's row; InvalidInput for a malformed id, NotFound for none."""
+    v = Violations()
+    mid = policy.check_member_id(member_id, v)
+    v.raise_if_any()
+    assert mid
+    row = await store.get_member(mid)
+    if row is None:
+        raise NotFound
+    return row
+
+
+open_member_field = member_cipher.open_row_field
+
+
+async def member_view(
+    row: MemberRow, allowed: frozenset[str], dek: _hazmat.SecretKey
+) -> MemberView:
+    """What ``allowed`` may see of the member (a coroutine: reads run under
+    MemberKeys.read_under_key)."""
+    values: dict[str, str | None] = {}
+    if allowed:
+        for name in allowed:
+            values[name] = open_member_field(dek, row, name)
+        if values.get("mobile_phone") == "":
+            values["mobile_phone"] = None
+    return MemberView(
+        member_id=row.member_id,
+        created_at=row.created_at,
+        last_seen_at=row.last_seen_at,
+        consents=row.consents,
+        **values,
+    )
+
+
+class BlindIndexes:
+    """The blind indexes (HMACs under the index key) members are found by."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: _hazmat.IndexKey) -> None:
+        self._key = key
+
+    def login_id(self, login_id: str) -> bytes:
+        return _hazmat.blind_index(self._key, "login_id", policy.login_id_index_value(login_id))
+
+    def email(self, email: str) -> bytes:
+        return _hazmat.blind_index(self._key, "email", policy.email_index_value(email))

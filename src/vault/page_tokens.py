@@ -1,0 +1,77 @@
+"""ListAccessHistory's page tokens: opaque to callers, authenticated by us."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import struct
+from datetime import UTC, datetime
+
+from vault import _hazmat
+from vault.clock import from_micros, to_micros
+from vault.store.base import AccessEntryRow
+
+#: The longest page token accepted (the API's documented limit; ours are 44).
+PAGE_TOKEN_MAX = 128
+
+# Page tokens (ListAccessHistory). Opaque to callers and authenticated by us:
+#   token = base64url(version 0x02 | at (int64 µs) | entry_id (int64) | tag (16))
+#   tag   = HMAC(page-token key, "pv.page-token" | version | len|member_id
+#                | len|listing | at | entry_id)[:16]
+# so a token opens only for the member and the listing it was issued for (the
+# page size is not bound: it may change between pages). Anything else -- the
+# old unauthenticated "v1:" text tokens included -- is refused before SQL.
+_PAGE_TOKEN_VERSION = 2
+_PAGE_CURSOR = struct.Struct(">Bqq")
+_PAGE_TOKEN_BYTES = _PAGE_CURSOR.size + _hazmat.TOKEN_TAG_SIZE
+_PAGE_TOKEN_TEXT = re.compile(rf"[A-Za-z0-9_-]{{{-(-_PAGE_TOKEN_BYTES * 4 // 3)}}}")
+_ACCESS_LISTING = b"access_history"
+_MIN_MICROS, _MAX_MICROS = (
+    to_micros(datetime.min.replace(tzinfo=UTC)),
+    to_micros(datetime.max.replace(tzinfo=UTC)),
+)
+_MAX_ENTRY_ID = 2**63 - 1
+
+
+def page_token_data(member_id: str, cursor: bytes) -> bytes:
+    return (
+        b"pv.page-token"
+        + struct.pack(">H", len(member_id))
+        + member_id.encode()
+        + struct.pack(">H", len(_ACCESS_LISTING))
+        + _ACCESS_LISTING
+        + cursor
+    )
+
+
+def encode_page_token(key: _hazmat.MacKey, member_id: str, row: AccessEntryRow) -> str:
+    cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, to_micros(row.at), row.entry_id)
+    tag = _hazmat.token_tag(key, page_token_data(member_id, cursor))
+    return base64.urlsafe_b64encode(cursor + tag).decode().rstrip("=")
+
+
+def decode_page_token(
+    key: _hazmat.MacKey, member_id: str, token: str
+) -> tuple[datetime, int] | None:
+    """The (at, entry_id) cursor of a token issued for ``member_id``'s history, or
+    None for anything else. The length and alphabet are checked before decoding,
+    the tag (in constant time) before the cursor is read, and the cursor's values
+    are range-checked after."""
+    if len(token) > PAGE_TOKEN_MAX or not _PAGE_TOKEN_TEXT.fullmatch(token):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    if len(raw) != _PAGE_TOKEN_BYTES:
+        return None
+    cursor, tag = raw[: _PAGE_CURSOR.size], raw[_PAGE_CURSOR.size :]
+    if not _hazmat.token_tag_matches(key, page_token_data(member_id, cursor), tag):
+        return None
+    version, micros, entry_id = _PAGE_CURSOR.unpack(cursor)
+    if version != _PAGE_TOKEN_VERSION or not 0 < entry_id <= _MAX_ENTRY_ID:
+        return None
+    if not _MIN_MICROS <= micros <= _MAX_MICROS:
+        return None
+    return from_micros(micros), entry_id
