@@ -50,15 +50,16 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Between them these exercise every runtime dependency: cryptography (test_crypto),
 #: python-pkcs11 (test_pkcs11_provider, SoftHSM2), aiosmtplib (test_mailer), typer,
 #: rich, pydantic-settings and structlog (test_server_process), asyncpg and the grpc
-#: packages (test_member_api, test_store_contract and test_key_admin_api on both
-#: backends), argon2-cffi and email-validator (sign-ups everywhere).
+#: packages (test_member_api, the members and keys store contracts and
+#: test_key_admin_api on both backends), argon2-cffi and email-validator (sign-ups everywhere).
 FLOOR_TESTS = (
     "tests/test_crypto.py",
     "tests/test_pkcs11_provider.py",
     "tests/test_mailer.py",
     "tests/test_server_process.py",
     "tests/test_member_api.py",
-    "tests/test_store_contract.py",
+    "tests/test_store_members.py",
+    "tests/test_store_keys.py",
     "tests/test_key_admin_api.py",
 )
 #: Dev-extra packages that lint, type-check or generate; the tests do not need them.

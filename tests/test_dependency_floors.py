@@ -77,3 +77,18 @@ def test_ci_proves_the_floors_with_the_lowest_versions_installed() -> None:
     assert "scripts/check_floors.py" in ci
     script = (ROOT / "scripts" / "check_floors.py").read_text()
     assert '"--resolution", "lowest-direct"' in script
+
+
+def test_the_floor_checks_test_modules_exist() -> None:
+    """The floor check runs named test modules; one moved away (as the store contract
+    did when it was split by domain) must fail here, not only in CI's floor step."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_floors", ROOT / "scripts/check_floors.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [name for name in module.FLOOR_TESTS if not (ROOT / name).is_file()]
+    assert module.FLOOR_TESTS
+    assert missing == []
