@@ -36,6 +36,7 @@ from grpc_support import ADMIN_TOKEN, embedded_settings
 from mail_support import RecordingHandler, SmtpServer
 from process_support import free_port
 from pydantic import SecretStr
+from store_support import with_active_kek
 
 from privacyvault.v1 import member_pb2_grpc
 from service.config import Settings
@@ -217,6 +218,13 @@ async def store(store_url: str) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def vault(store: Store) -> Store:
+    """The store with KEK version 1 active, which members need (the store contract
+    modules; test_lifecycle and test_retention override it with a whole Vault)."""
+    return await with_active_kek(store)
 
 
 # --- the gRPC server, in-process over a real channel ------------------------------

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from vault.mail import PASSWORD_RESET
 from vault.store import (
     ENCRYPTED_FIELDS,
     ConsentRow,
@@ -90,3 +91,14 @@ async def member_seen_at(vault: Store, last_seen_at: datetime) -> MemberRow:
     member = replace(new_member(), last_seen_at=last_seen_at)
     await vault.insert_member(member)
     return member
+
+
+def reset_mail(member_id: str, kind: str = PASSWORD_RESET) -> OutboxMessage:
+    """A recovery mail (password reset by default) whose token expires in 30 minutes."""
+    return OutboxMessage(
+        message_id=str(uuid.uuid4()),
+        member_id=member_id,
+        kind=kind,
+        params={"expires_at": ts(1800).isoformat()},
+        created_at=T0,
+    )

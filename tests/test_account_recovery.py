@@ -27,7 +27,7 @@ from mail_support import (
     relay_for,
     smtp_mailer,
 )
-from store_support import T0, ts
+from store_support import reset_mail
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -37,11 +37,9 @@ from vault import FrozenClock, VaultSettings
 from vault.mail import (
     LOGIN_ID_REMINDER,
     PASSWORD_CHANGED,
-    PASSWORD_RESET,
     MailRenderer,
     Recipient,
 )
-from vault.store.base import OutboxMessage
 
 Code = grpc.StatusCode
 NEW_PASSWORD = "a brand new passphrase 7"
@@ -359,16 +357,6 @@ async def test_unknown_email_costs_what_a_known_one_costs(
     assert 0.75 < ratio < 1.33, ratio
 
 
-def _mail(member_id: str, kind: str = PASSWORD_RESET) -> OutboxMessage:
-    return OutboxMessage(
-        message_id=str(uuid.uuid4()),
-        member_id=member_id,
-        kind=kind,
-        params={"expires_at": ts(1800).isoformat()},
-        created_at=T0,
-    )
-
-
 # --- rendering ----------------------------------------------------------------------------
 
 
@@ -380,26 +368,26 @@ def test_login_id_reminder_renders_the_login_id() -> None:
     renderer = MailRenderer("vault@example.org", "privacy@example.org")
     recipient = _recipient(login_id="rena2024")
     mail = renderer.render(
-        replace(_mail(recipient.member_id, LOGIN_ID_REMINDER), params={}), recipient
+        replace(reset_mail(recipient.member_id, LOGIN_ID_REMINDER), params={}), recipient
     )
     assert mail["Subject"] == "Your login ID"
     assert "    rena2024\n" in lf_body(mail)
     with pytest.raises(ValueError):
-        renderer.render(_mail(recipient.member_id, LOGIN_ID_REMINDER), _recipient())
+        renderer.render(reset_mail(recipient.member_id, LOGIN_ID_REMINDER), _recipient())
 
 
 def test_password_reset_renders_the_token_and_expiry() -> None:
     renderer = MailRenderer("vault@example.org", "privacy@example.org")
     token = secrets.token_urlsafe(32)
     recipient = _recipient(login_id="rena2024", unsealed={"token": token})
-    mail = renderer.render(_mail(recipient.member_id), recipient)
+    mail = renderer.render(reset_mail(recipient.member_id), recipient)
     text = lf_body(mail)
     assert mail_token(text) == token
     assert "17 May 2024 at 13:00 UTC" in text  # T0 + 30 minutes, to the minute
     assert "works once" in text
     assert "privacy@example.org" in text
     with pytest.raises(ValueError):  # no token opened: nothing to send
-        renderer.render(_mail(recipient.member_id), _recipient())
+        renderer.render(reset_mail(recipient.member_id), _recipient())
 
 
 async def test_reset_ttl_is_at_most_30_minutes() -> None:

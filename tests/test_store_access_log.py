@@ -6,25 +6,17 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-import pytest
 from store_support import (
     T0,
     entry,
     member_seen_at,
     new_member,
     ts,
-    with_active_kek,
 )
 
 from vault.store import (
     Store,
 )
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
 
 
 async def test_access_log_pages_through_ties_without_loss_or_duplication(vault: Store) -> None:

@@ -9,7 +9,6 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from store_support import (
     CONSENTS,
     T0,
@@ -28,12 +27,6 @@ from vault.store import (
     Store,
     open_store,
 )
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
 
 
 async def test_shred_member_destroys_everything(vault: Store) -> None:

@@ -3,25 +3,17 @@
 
 from __future__ import annotations
 
-import pytest
 from store_support import (
     DAY,
     T0,
     entry,
     member_seen_at,
     message,
-    with_active_kek,
 )
 
 from vault.store import (
     Store,
 )
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
 
 
 async def test_members_due_for_notice_oldest_first_and_limited(vault: Store) -> None:

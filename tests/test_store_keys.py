@@ -14,7 +14,6 @@ from store_support import (
     entry,
     new_member,
     ts,
-    with_active_kek,
 )
 
 from vault.errors import KeyChanged, NotFound, PreconditionFailed
@@ -25,12 +24,6 @@ from vault.store import (
     Store,
 )
 from vault.store.base import KeyEvent, RewrapUpdate
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
 
 
 async def test_kek_versions_insert_list_and_one_active(store: Store) -> None:

@@ -6,22 +6,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
 from store_support import (
     T0,
     ts,
-    with_active_kek,
 )
 
 from vault.store import (
     Store,
 )
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
 
 
 async def test_lease_is_exclusive_until_it_expires(vault: Store) -> None:

@@ -15,35 +15,18 @@ from store_support import (
     assert_utc,
     entry,
     new_member,
+    reset_mail,
     ts,
-    with_active_kek,
 )
 
 from vault.errors import AlreadyExists, KeyChanged
-from vault.mail import PASSWORD_CHANGED, PASSWORD_RESET
+from vault.mail import PASSWORD_CHANGED
 from vault.store import (
     ENCRYPTED_FIELDS,
     MemberKeyRow,
     MemberRow,
     Store,
 )
-from vault.store.base import OutboxMessage
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
-
-
-def _reset_mail(member_id: str, kind: str = PASSWORD_RESET) -> OutboxMessage:
-    return OutboxMessage(
-        message_id=str(uuid.uuid4()),
-        member_id=member_id,
-        kind=kind,
-        params={"expires_at": ts(1800).isoformat()},
-        created_at=T0,
-    )
 
 
 async def test_member_roundtrip(vault: Store) -> None:
@@ -284,7 +267,7 @@ async def test_record_login(vault: Store) -> None:
 async def test_store_update_member_notifies_in_the_same_transaction(vault: Store) -> None:
     member = new_member()
     await vault.insert_member(member)
-    notice = _reset_mail(member.member_id, PASSWORD_CHANGED)
+    notice = reset_mail(member.member_id, PASSWORD_CHANGED)
     assert await vault.update_member(
         member.member_id, {"password_hash": b"new"}, dek_id=1, notify=notice
     )
@@ -299,7 +282,7 @@ async def test_store_update_member_notifies_in_the_same_transaction(vault: Store
             member.member_id,
             {"password_hash": b"stale"},
             dek_id=2,
-            notify=_reset_mail(member.member_id, PASSWORD_CHANGED),
+            notify=reset_mail(member.member_id, PASSWORD_CHANGED),
         )
     # ... or a member that is gone.
     stranger = str(uuid.uuid4())
@@ -308,12 +291,12 @@ async def test_store_update_member_notifies_in_the_same_transaction(vault: Store
             stranger,
             {"password_hash": b"x"},
             dek_id=1,
-            notify=_reset_mail(stranger, PASSWORD_CHANGED),
+            notify=reset_mail(stranger, PASSWORD_CHANGED),
         )
         is False
     )
     assert [m.message_id for m in await vault.due_outbox(ts(10), 10)] == [notice.message_id]
     with pytest.raises(ValueError):
         await vault.update_member(
-            member.member_id, {}, dek_id=1, notify=_reset_mail(stranger, PASSWORD_CHANGED)
+            member.member_id, {}, dek_id=1, notify=reset_mail(stranger, PASSWORD_CHANGED)
         )

@@ -6,24 +6,16 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 
-import pytest
 from store_support import (
     T0,
     member_seen_at,
     message,
     ts,
-    with_active_kek,
 )
 
 from vault.store import (
     Store,
 )
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
 
 
 async def test_outbox_due_retry_and_sent(vault: Store) -> None:

@@ -13,8 +13,8 @@ import pytest
 from store_support import (
     T0,
     new_member,
+    reset_mail,
     ts,
-    with_active_kek,
 )
 
 from vault.mail import LOGIN_ID_REMINDER, PASSWORD_RESET
@@ -22,22 +22,6 @@ from vault.store import (
     Store,
 )
 from vault.store.base import NewPasswordReset, OutboxMessage
-
-
-@pytest.fixture
-async def vault(store: Store) -> Store:
-    """A migrated store with KEK version 1 active (members need one)."""
-    return await with_active_kek(store)
-
-
-def _reset_mail(member_id: str, kind: str = PASSWORD_RESET) -> OutboxMessage:
-    return OutboxMessage(
-        message_id=str(uuid.uuid4()),
-        member_id=member_id,
-        kind=kind,
-        params={"expires_at": ts(1800).isoformat()},
-        created_at=T0,
-    )
 
 
 def _hash() -> bytes:
@@ -48,10 +32,10 @@ async def test_store_password_reset_is_single_use_and_expires(vault: Store) -> N
     member = new_member()
     await vault.insert_member(member)
     token, other = _hash(), _hash()
-    mail = _reset_mail(member.member_id)
+    mail = reset_mail(member.member_id)
     assert await vault.create_password_reset(token, member.member_id, ts(1800), mail)
     assert await vault.create_password_reset(
-        other, member.member_id, ts(1800), _reset_mail(member.member_id)
+        other, member.member_id, ts(1800), reset_mail(member.member_id)
     )
     assert mail.message_id in {m.message_id for m in await vault.due_outbox(ts(0), 10)}
 
@@ -68,7 +52,7 @@ async def test_store_concurrent_consumers_get_the_member_once(vault: Store) -> N
     await vault.insert_member(member)
     token = _hash()
     assert await vault.create_password_reset(
-        token, member.member_id, ts(1800), _reset_mail(member.member_id)
+        token, member.member_id, ts(1800), reset_mail(member.member_id)
     )
     got = await asyncio.gather(*(vault.consume_password_reset(token, ts(1)) for _ in range(5)))
     assert [g for g in got if g is not None] == [member.member_id]
@@ -78,14 +62,14 @@ async def test_store_password_reset_for_a_missing_member_writes_nothing(vault: S
     stranger = str(uuid.uuid4())
     token = _hash()
     assert (
-        await vault.create_password_reset(token, stranger, ts(1800), _reset_mail(stranger)) is False
+        await vault.create_password_reset(token, stranger, ts(1800), reset_mail(stranger)) is False
     )
     assert await vault.due_outbox(ts(10_000), 10) == []
     assert await vault.consume_password_reset(token, ts(1)) is None
     member = new_member()
     await vault.insert_member(member)
     with pytest.raises(ValueError):  # the mail must be for the same member
-        await vault.create_password_reset(token, member.member_id, ts(1800), _reset_mail(stranger))
+        await vault.create_password_reset(token, member.member_id, ts(1800), reset_mail(stranger))
 
 
 async def test_store_shred_deletes_and_counts_reset_tokens(vault: Store) -> None:
@@ -94,10 +78,10 @@ async def test_store_shred_deletes_and_counts_reset_tokens(vault: Store) -> None
     await vault.insert_member(bystander)
     token, kept = _hash(), _hash()
     assert await vault.create_password_reset(
-        token, member.member_id, ts(1800), _reset_mail(member.member_id)
+        token, member.member_id, ts(1800), reset_mail(member.member_id)
     )
     assert await vault.create_password_reset(
-        kept, bystander.member_id, ts(1800), _reset_mail(bystander.member_id)
+        kept, bystander.member_id, ts(1800), reset_mail(bystander.member_id)
     )
     record = await vault.shred_member(member.member_id, ts(5), "withdrawal")
     assert record is not None
