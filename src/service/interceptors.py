@@ -103,6 +103,23 @@ def _checked(request: Any) -> Any:
     return request
 
 
+Accept = Callable[[Any], Any]
+
+
+def _accepting(validate: Callable[[Any], None] | None) -> Accept:
+    """What the wrapper does with a parsed request: refuse the malformed, then run the
+    service's own ``validate`` (its field limits), once for every method."""
+    if validate is None:
+        return _checked
+
+    def accept(request: Any) -> Any:
+        checked = _checked(request)
+        validate(checked)
+        return checked
+
+    return accept
+
+
 class _SlowReads:
     """Cancels the wait for a request message after ``limit`` seconds, for calls whose
     own deadline is longer: a caller must not hold a call open by sending nothing.
@@ -173,7 +190,9 @@ class ServiceInterceptor:
     # The request id is read (or made) only when something is logged or sent
     # back: a successful call at info level pays for neither. ``requests`` is
     # grpc's reader, unused: the one message is read here (see the module doc).
-    def unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+    def unary(
+        self, method: str, behavior: UnaryBehavior, accept: Accept = _checked
+    ) -> UnaryBehavior:
         default = self._default_deadline
         slow_reads = self._slow_reads
 
@@ -183,9 +202,9 @@ class ServiceInterceptor:
                 remaining = context.time_remaining()
                 if remaining is None:
                     async with asyncio.timeout(default):
-                        response = await behavior(_checked(await context.read()), context)
+                        response = await behavior(accept(await context.read()), context)
                 elif remaining <= default:  # gRPC enforces the caller's own deadline
-                    response = await behavior(_checked(await context.read()), context)
+                    response = await behavior(accept(await context.read()), context)
                 else:  # ... but waits no longer than the default for the message
                     task = slow_reads.watch()
                     try:
@@ -196,7 +215,7 @@ class ServiceInterceptor:
                         raise TimeoutError from None
                     finally:
                         slow_reads.unwatch(task)
-                    response = await behavior(_checked(request), context)
+                    response = await behavior(accept(request), context)
             except grpc.aio.AbortError:
                 raise  # grpc's own servicers (health) abort themselves: the status is sent
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
@@ -207,7 +226,9 @@ class ServiceInterceptor:
 
         return wrapped
 
-    def stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+    def stream(
+        self, method: str, behavior: StreamBehavior, accept: Accept = _checked
+    ) -> StreamBehavior:
         writes_itself = not inspect.isasyncgenfunction(behavior)
 
         async def wrapped(requests: Any, context: Context) -> AsyncIterator[Any]:
@@ -217,7 +238,7 @@ class ServiceInterceptor:
             # or sets a deadline.
             try:
                 async with asyncio.timeout(self._default_deadline):
-                    request = _checked(await context.read())
+                    request = accept(await context.read())
                 if writes_itself:
                     await behavior(request, context)  # type: ignore[misc]
                 else:
@@ -273,14 +294,17 @@ def add_servicer(
     service: ServiceDescriptor,
     interceptor: ServiceInterceptor,
     methods: Collection[str] | None = None,
+    validate: Callable[[Any], None] | None = None,
 ) -> None:
     """Register ``servicer``'s methods for ``service`` (or only those named in
-    ``methods``), each wrapped by ``interceptor``.
+    ``methods``), each wrapped by ``interceptor``; ``validate`` runs on every
+    request before its method does.
 
     Built from the service descriptor, like the generated ``add_*_to_server``, but
     registered as request-streaming so the wrapper reads the request (module doc).
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    accept = _accepting(validate)
     for method in service.methods:
         if methods is not None and method.name not in methods:
             continue
@@ -293,13 +317,13 @@ def add_servicer(
         deserialize = _lenient(request.FromString)
         if method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                interceptor.stream(path, behavior),
+                interceptor.stream(path, behavior, accept),
                 request_deserializer=deserialize,
                 response_serializer=response.SerializeToString,
             )
         else:
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                interceptor.unary(path, behavior),
+                interceptor.unary(path, behavior, accept),
                 request_deserializer=deserialize,
                 response_serializer=response.SerializeToString,
             )

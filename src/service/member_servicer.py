@@ -1,7 +1,7 @@
 """MemberService: proto in, vault call, proto out. Errors rise to the interceptor.
 
-Every method first checks the request against the API's field limits
-(:func:`service.field_limits.check_field_limits`), before the vault sees it.
+Every request has passed the API's field limits before a method sees it: the server
+registers this servicer with ``validate=check_field_limits`` (service.server).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Protocol
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
 from service.convert import access_entry_pb, member_pb, purpose_from_pb, timestamp
-from service.field_limits import check_field_limits
 from service.interceptors import Context, metadata_value
 from vault import (
     AccessPage,
@@ -50,7 +49,6 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         self._vault = vault
 
     async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.SignUpResponse:
-        check_field_limits(request)
         consents = [
             ConsentChoice(purpose_from_pb(c.purpose, f"consents[{i}].purpose"), c.granted)
             for i, c in enumerate(request.consents)
@@ -71,7 +69,6 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: Context
     ) -> pb.AuthenticateResponse:
-        check_field_limits(request)
         member_id = await self._vault.authenticate(
             request.login_id, request.password, metadata_value(context, CLIENT_IP_KEY)
         )
@@ -80,7 +77,6 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def GetMember(
         self, request: pb.GetMemberRequest, context: Context
     ) -> pb.GetMemberResponse:
-        check_field_limits(request)
         view = await self._vault.get_member(
             request.member_id, purpose_from_pb(request.purpose, "purpose")
         )
@@ -89,7 +85,6 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def UpdateMember(
         self, request: pb.UpdateMemberRequest, context: Context
     ) -> pb.UpdateMemberResponse:
-        check_field_limits(request)
         changes = MemberChanges(
             paths=frozenset(request.update_mask.paths),
             name=request.name if request.HasField("name") else None,
@@ -102,14 +97,12 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ChangePassword(
         self, request: pb.ChangePasswordRequest, context: Context
     ) -> pb.ChangePasswordResponse:
-        check_field_limits(request)
         await self._vault.change_password(
             request.member_id, request.current_password, request.new_password
         )
         return pb.ChangePasswordResponse()
 
     async def Withdraw(self, request: pb.WithdrawRequest, context: Context) -> pb.WithdrawResponse:
-        check_field_limits(request)
         outcome = await self._vault.withdraw(request.member_id, request.password)
         if outcome.retained_until is not None:
             return pb.WithdrawResponse(retained_until=timestamp(outcome.retained_until))
@@ -119,27 +112,23 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ExportMemberData(
         self, request: pb.ExportMemberDataRequest, context: Context
     ) -> pb.ExportMemberDataResponse:
-        check_field_limits(request)
         return pb.ExportMemberDataResponse(json=await self._vault.export_member(request.member_id))
 
     async def StreamMemberData(
         self, request: pb.StreamMemberDataRequest, context: Context
     ) -> AsyncIterator[pb.StreamMemberDataResponse]:
-        check_field_limits(request)
         async for piece in self._vault.stream_member(request.member_id):
             yield pb.StreamMemberDataResponse(json=piece)
 
     async def RecordAccess(
         self, request: pb.RecordAccessRequest, context: Context
     ) -> pb.RecordAccessResponse:
-        check_field_limits(request)
         await self._vault.record_access(request.member_id, request.action, request.ip)
         return pb.RecordAccessResponse()
 
     async def ListAccessHistory(
         self, request: pb.ListAccessHistoryRequest, context: Context
     ) -> pb.ListAccessHistoryResponse:
-        check_field_limits(request)
         page = await self._vault.list_access(
             request.member_id, request.page_size, request.page_token
         )
@@ -151,14 +140,12 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def FindLoginId(
         self, request: pb.FindLoginIdRequest, context: Context
     ) -> pb.FindLoginIdResponse:
-        check_field_limits(request)
         await self._vault.find_login_id(request.email)
         return pb.FindLoginIdResponse()
 
     async def StartPasswordReset(
         self, request: pb.StartPasswordResetRequest, context: Context
     ) -> pb.StartPasswordResetResponse:
-        check_field_limits(request)
         which = request.WhichOneof("account")
         await self._vault.start_password_reset(
             login_id=request.login_id if which == "login_id" else "",
@@ -169,6 +156,5 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def CompletePasswordReset(
         self, request: pb.CompletePasswordResetRequest, context: Context
     ) -> pb.CompletePasswordResetResponse:
-        check_field_limits(request)
         await self._vault.complete_password_reset(request.token, request.new_password)
         return pb.CompletePasswordResetResponse()

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
 from service.config import Settings
+from service.field_limits import check_field_limits
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
@@ -104,7 +105,9 @@ def _add_services(
     health_servicer: health.aio.HealthServicer,
 ) -> tuple[str, ...]:
     """Register the servicers ``settings`` ask for; the names of the API services."""
-    add_servicer(server, MemberServicer(vault), MEMBER_SERVICE, interceptor)
+    add_servicer(
+        server, MemberServicer(vault), MEMBER_SERVICE, interceptor, validate=check_field_limits
+    )
     service_names: tuple[str, ...] = SERVICE_NAMES
     if settings.admin_token is not None:
         keys = KeyAdminServicer(vault.keys, settings.admin_token.get_secret_value())
