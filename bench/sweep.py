@@ -261,7 +261,7 @@ async def _measure(v: vault.Vault, conn: asyncpg.Connection, url: str, run: Run)
     seen_cutoff = now - policy.inactivity + tick
     notice_cutoff = now - policy.notice_lead + tick
     notice_seen_cutoff = now - (policy.inactivity - policy.notice_lead) + tick
-    store = v.store
+    store = v.parts.store
     due_all = 2 * run.due_per_half
     listed = await store.members_due_for_expiry(seen_cutoff, notice_cutoff, due_all + 1)
     if len(listed) != due_all:

@@ -80,7 +80,7 @@ def relay_for(
     server: RunningServer, mailer: Mailer, clock: FrozenClock, **policy: Any
 ) -> OutboxRelay:
     return OutboxRelay(
-        server.vault.store,
+        server.vault.outbox,
         server.vault,
         mailer,
         MailRenderer(SENDER, CONTACT),

@@ -84,7 +84,7 @@ async def test_find_login_id_mails_only_a_known_address_and_answers_alike(
 ) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
-    store = server.vault.store
+    store = server.vault.parts.store
 
     known = await members.FindLoginId(pb.FindLoginIdRequest(email=request.email.upper()))
     await server.vault.settle()  # the work runs after the answer
@@ -153,7 +153,7 @@ async def test_password_reset_round_trip(
     assert not await _authenticates(members, request.login_id, request.password)
 
     # The member is told, in a mail written with the new hash.
-    (notice,) = await outbox(server.vault.store, clock)
+    (notice,) = await outbox(server.vault.parts.store, clock)
     assert (notice.member_id, notice.kind, notice.params["via"]) == (
         member_id,
         PASSWORD_CHANGED,
@@ -209,7 +209,7 @@ async def test_reset_for_an_unknown_account_answers_alike_and_mails_nothing(
     ):
         assert await members.StartPasswordReset(request) == pb.StartPasswordResetResponse()
         await server.vault.settle()  # the work runs after the answer
-    assert await outbox(server.vault.store, clock) == []
+    assert await outbox(server.vault.parts.store, clock) == []
 
 
 async def test_reset_validates_without_spending_the_token(
@@ -290,7 +290,7 @@ async def test_change_password_notifies_the_member(
             member_id=member_id, current_password=request.password, new_password=NEW_PASSWORD
         )
     )
-    (notice,) = await outbox(server.vault.store, clock)
+    (notice,) = await outbox(server.vault.parts.store, clock)
     assert (notice.member_id, notice.kind, notice.params["via"]) == (
         member_id,
         PASSWORD_CHANGED,
@@ -308,7 +308,7 @@ async def test_shred_deletes_pending_reset_tokens(
     await members.StartPasswordReset(pb.StartPasswordResetRequest(email=request.email))
     await server.vault.settle()  # the work runs after the answer
     await server.vault.shred(member_id, reason="withdrawal")
-    (record,) = await server.vault.store.list_destruction_records(member_id)
+    (record,) = await server.vault.parts.store.list_destruction_records(member_id)
     assert record.items["password_resets"] == 2
     assert record.items["outbox"] == 2
 

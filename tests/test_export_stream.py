@@ -52,7 +52,7 @@ def seed(server: RunningServer, store_url: str, backend: str, clock: FrozenClock
 
     async def seed(member_id: str, count: int, ip: Callable[[int], str] = _ip) -> None:
         vault = server.vault
-        row = await vault.store.get_member(member_id)
+        row = await vault.parts.store.get_member(member_id)
         assert row is not None
         dek = await vault.parts.member_keys.dek(row.key)
         records = []

@@ -281,7 +281,7 @@ async def test_vault_opens_again_with_its_own_key_file(tmp_path: Path, store_url
     async with open_vault(data_dir=data_dir, database_url=store_url, argon2=CHEAPEST):
         pass
     async with open_vault(data_dir=data_dir, database_url=store_url, argon2=CHEAPEST) as vault:
-        assert [v.version for v in await vault.store.list_kek_versions()] == [1]
+        assert [v.version for v in await vault.parts.store.list_kek_versions()] == [1]
 
 
 async def test_vault_with_another_key_file_fails_at_start(tmp_path: Path, store_url: str) -> None:

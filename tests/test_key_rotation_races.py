@@ -49,7 +49,7 @@ async def test_an_update_during_a_member_key_rotation_is_kept(
         async def update() -> None:
             await vault.update_member(mid, MemberChanges(frozenset({"name"}), name="Changed Name"))
 
-        store = _Interleave(vault.store, update)
+        store = _Interleave(vault.parts.store, update)
         keys = KeyAdmin(store, vault.parts.provider, vault.parts.member_keys, clock)  # type: ignore[arg-type]
         # The first attempt finds the field changed under it and starts again.
         assert await keys.rotate_member_key(mid, "test") == 2
@@ -69,7 +69,7 @@ async def test_an_access_entry_during_a_member_key_rotation_is_kept(
         async def record() -> None:
             await vault.record_access(mid, "order.view", "192.0.2.1")
 
-        store = _Interleave(vault.store, record)
+        store = _Interleave(vault.parts.store, record)
         keys = KeyAdmin(store, vault.parts.provider, vault.parts.member_keys, clock)  # type: ignore[arg-type]
         assert await keys.rotate_member_key(mid, "test") == 2
         page = await vault.list_access(mid, 10, "")

@@ -47,7 +47,7 @@ async def vault(store_url: str, tmp_path: Path, lc_clock: FrozenClock) -> AsyncI
 def lifecycle(
     vault: Vault, policy: LifecyclePolicy | None = None, on_batch: BatchHook | None = None
 ) -> Lifecycle:
-    return Lifecycle(vault.store, vault.shred, vault.clock, policy, on_batch=on_batch)
+    return vault.lifecycle(policy, on_batch=on_batch)
 
 
 async def sign_up(vault: Vault, n: int) -> str:
@@ -59,7 +59,8 @@ async def sign_up(vault: Vault, n: int) -> str:
 async def outbox(vault: Vault) -> list[tuple[str, str, dict[str, str]]]:
     far = vault.clock.now() + 10_000 * DAY
     return [
-        (m.member_id, m.kind, dict(m.params)) for m in await vault.store.due_outbox(far, 10_000)
+        (m.member_id, m.kind, dict(m.params))
+        for m in await vault.parts.store.due_outbox(far, 10_000)
     ]
 
 
@@ -104,8 +105,8 @@ async def test_a_login_after_the_notice_cancels_the_destruction(
     assert await lc.expire_inactive() == 0
     lc_clock.set(T + 400 * DAY)
     assert await lc.run_round() is not None
-    assert await vault.store.get_member(member) is not None
-    assert await vault.store.list_destruction_records() == []
+    assert await vault.parts.store.get_member(member) is not None
+    assert await vault.parts.store.list_destruction_records() == []
 
     # Later inactivity starts over, from the login.
     lc_clock.set(login_at + 335 * DAY)
@@ -116,7 +117,7 @@ async def test_a_login_after_the_notice_cancels_the_destruction(
     assert await lc.expire_inactive() == 0
     lc_clock.set(login_at + 365 * DAY)
     assert await lc.expire_inactive() == 1
-    assert await vault.store.is_destroyed(member)
+    assert await vault.parts.store.is_destroyed(member)
 
 
 async def test_inactive_a_year_with_a_notice_is_shredded(
@@ -134,14 +135,14 @@ async def test_inactive_a_year_with_a_notice_is_shredded(
     assert await lc.expire_inactive() == 1
     assert await lc.expire_inactive() == 0
 
-    (record,) = await vault.store.list_destruction_records()
+    (record,) = await vault.parts.store.list_destruction_records()
     assert record.member_id == member
     assert record.reason == "inactivity"
     assert record.destroyed_at == T + 365 * DAY
     assert record.items["member"] == 1
     assert record.items["outbox"] == 1  # the unsent notice went with the member
-    assert await vault.store.get_member(member) is None
-    assert await vault.store.get_member(bystander) is not None
+    assert await vault.parts.store.get_member(member) is None
+    assert await vault.parts.store.get_member(bystander) is not None
 
 
 async def test_a_late_notice_postpones_the_destruction(vault: Vault, lc_clock: FrozenClock) -> None:
@@ -160,7 +161,7 @@ async def test_a_late_notice_postpones_the_destruction(vault: Vault, lc_clock: F
     assert await lc.expire_inactive() == 0
     lc_clock.set(noticed + 30 * DAY)
     assert await lc.expire_inactive() == 1
-    assert await vault.store.is_destroyed(member)
+    assert await vault.parts.store.is_destroyed(member)
 
 
 # --- access-log retention ------------------------------------------------------------------
@@ -178,7 +179,7 @@ async def test_access_logs_older_than_six_months_are_purged(
 
     assert await lc.purge_access_logs() == 2  # days 0 and 10: older than 183 days
     assert await lc.purge_access_logs() == 0
-    kept = await vault.store.list_access(member, 100)
+    kept = await vault.parts.store.list_access(member, 100)
     assert sorted(e.at for e in kept) == [T + 100 * DAY, T + 190 * DAY, T + 199 * DAY]
 
 
@@ -201,7 +202,7 @@ async def test_two_sidecars_act_exactly_once(
 ) -> None:
     members = [await sign_up(vault, n) for n in range(6)]
     sidecars = [
-        Sidecar(lifecycle(v), v.store, lc_clock, interval=60, holder=f"host:{n}:x")
+        Sidecar(lifecycle(v), v.leases, lc_clock, interval=60, holder=f"host:{n}:x")
         for n, v in enumerate((vault, second_vault))
     ]
     lc_clock.advance(335 * DAY)
@@ -212,7 +213,7 @@ async def test_two_sidecars_act_exactly_once(
     lc_clock.advance(30 * DAY)
     reports = await asyncio.gather(*(s.run_round() for s in sidecars))
     assert sum(r.shredded for r in reports if r is not None) == 6
-    records = await vault.store.list_destruction_records()
+    records = await vault.parts.store.list_destruction_records()
     assert sorted(r.member_id for r in records) == sorted(members)
 
 
@@ -231,7 +232,7 @@ async def test_two_lifecycles_without_a_lease_still_act_once(
     lc_clock.advance(30 * DAY)
     shredded = await asyncio.gather(*(lc.expire_inactive() for lc in both))
     assert sum(shredded) == 6
-    assert len(await vault.store.list_destruction_records()) == 6
+    assert len(await vault.parts.store.list_destruction_records()) == 6
 
 
 async def test_a_sweep_killed_part_way_misses_and_repeats_nothing(
@@ -256,9 +257,9 @@ async def test_a_sweep_killed_part_way_misses_and_repeats_nothing(
     lc_clock.advance(30 * DAY)
     with pytest.raises(Boom):
         await crashing.expire_inactive()
-    assert len(await vault.store.list_destruction_records()) == 2
+    assert len(await vault.parts.store.list_destruction_records()) == 2
     assert await steady.expire_inactive() == 3
-    records = await vault.store.list_destruction_records()
+    records = await vault.parts.store.list_destruction_records()
     assert sorted(r.member_id for r in records) == sorted(members)
 
 
@@ -281,9 +282,9 @@ async def test_a_cancelled_purge_resumes(vault: Vault, lc_clock: FrozenClock) ->
     sweep.cancel()
     with pytest.raises(asyncio.CancelledError):
         await sweep
-    assert await vault.store.count_access_log_before(T + DAY) == 3
+    assert await vault.parts.store.count_access_log_before(T + DAY) == 3
     assert await lifecycle(vault, LifecyclePolicy(batch_size=2)).purge_access_logs() == 3
-    assert await vault.store.count_access_log_before(T + DAY) == 0
+    assert await vault.parts.store.count_access_log_before(T + DAY) == 0
 
 
 # --- dry run -------------------------------------------------------------------------------------
@@ -302,8 +303,8 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
 
     before = (
         await outbox(vault),
-        await vault.store.list_destruction_records(),
-        await vault.store.count_access_log_before(lc_clock.now()),
+        await vault.parts.store.list_destruction_records(),
+        await vault.parts.store.count_access_log_before(lc_clock.now()),
     )
     report = await lc.run_round(dry_run=True)
     assert report.as_dict() == {
@@ -317,11 +318,11 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
     }
     after = (
         await outbox(vault),
-        await vault.store.list_destruction_records(),
-        await vault.store.count_access_log_before(lc_clock.now()),
+        await vault.parts.store.list_destruction_records(),
+        await vault.parts.store.count_access_log_before(lc_clock.now()),
     )
     assert after == before
-    assert await vault.store.get_member(doomed) is not None
+    assert await vault.parts.store.get_member(doomed) is not None
 
     real = await lc.run_round()
     assert (real.notices, real.shredded) == (2, 1)
@@ -335,13 +336,13 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
 async def test_the_loop_holds_the_lease_and_releases_it_on_stop(
     vault: Vault, lc_clock: FrozenClock
 ) -> None:
-    sidecar = Sidecar(lifecycle(vault), vault.store, lc_clock, interval=0.01, holder="a:1:x")
+    sidecar = Sidecar(lifecycle(vault), vault.leases, lc_clock, interval=0.01, holder="a:1:x")
     stop = asyncio.Event()
     task = asyncio.create_task(sidecar.run(stop))
     await _until(lambda: _lease_taken(vault, lc_clock))
     stop.set()
     await asyncio.wait_for(task, 10)
-    assert await vault.store.acquire_lease(LEASE_NAME, "b:2:y", lc_clock.now(), DAY)
+    assert await vault.leases.acquire_lease(LEASE_NAME, "b:2:y", lc_clock.now(), DAY)
 
 
 async def test_embedded_serve_runs_the_sidecar(
@@ -369,7 +370,7 @@ async def _lease_taken(vault: Vault, clock: FrozenClock) -> bool:
     """Whether a live lease exists. The probe asks as of two days ago for one day, so
     where no lease is held it leaves only an expired row: it never blocks the sidecar."""
     past = clock.now() - 2 * DAY
-    return not await vault.store.acquire_lease(LEASE_NAME, "probe:0:0", past, DAY)
+    return not await vault.leases.acquire_lease(LEASE_NAME, "probe:0:0", past, DAY)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:

@@ -226,7 +226,7 @@ async def test_internationalised_address_is_delivered_with_smtputf8(
     text = lf_body(got.message)
     assert f"Dear {INTL_NAME}," in text
     assert len(TOKEN_IN_MAIL.findall(text)) == 1
-    assert await outbox(server.vault.store, clock) == []
+    assert await outbox(server.vault.parts.store, clock) == []
     assert await server.vault.resolve_recipient(member_id) is not None
 
 
@@ -244,7 +244,7 @@ async def test_internationalised_address_fails_at_once_without_smtputf8(
     first = await relay.relay_once()
     # Given up at the first attempt: nothing is left to retry, even much later.
     assert (first.sent, first.retried, first.failed) == (0, 0, 1)
-    assert await outbox(server.vault.store, clock) == []
+    assert await outbox(server.vault.parts.store, clock) == []
     clock.advance(timedelta(days=2))
     later = await relay.relay_once()
     assert (later.sent, later.retried, later.failed) == (0, 0, 0)

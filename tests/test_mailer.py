@@ -91,7 +91,7 @@ def notice(member_id: str, clock: FrozenClock) -> OutboxMessage:
 async def test_notice_is_delivered_once_over_smtp(
     server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     message = notice(member_id, clock)
     assert await store.enqueue_outbox(message)
@@ -126,7 +126,7 @@ async def test_notice_is_delivered_once_over_smtp(
 async def test_recipient_resolved_at_send_time_drops_mail_for_shredded_member(
     server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     message = notice(member_id, clock)
     assert await store.enqueue_outbox(message)
@@ -153,7 +153,7 @@ async def test_resolve_recipient_of_a_gone_member_is_none(server: RunningServer)
 async def test_smtp_down_is_retried_with_backoff_then_delivered(
     server: RunningServer, clock: FrozenClock
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     message = notice(member_id, clock)
     assert await store.enqueue_outbox(message)
@@ -187,7 +187,7 @@ async def test_smtp_down_is_retried_with_backoff_then_delivered(
 async def test_unreachable_server_ends_the_pass_without_burning_attempts(
     server: RunningServer, clock: FrozenClock
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     for _ in range(3):
         assert await store.enqueue_outbox(notice(member_id, clock))
@@ -201,7 +201,7 @@ async def test_unreachable_server_ends_the_pass_without_burning_attempts(
 async def test_smtp_451_is_retried_then_delivered(
     server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     assert await store.enqueue_outbox(notice(member_id, clock))
     relay = relay_for(server, smtp_mailer(smtp_server.port), clock)
@@ -221,7 +221,7 @@ async def test_smtp_451_is_retried_then_delivered(
 async def test_smtp_550_is_not_retried(
     server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     assert await store.enqueue_outbox(notice(member_id, clock))
     smtp_server.handler.refuse = "550 5.1.1 No such mailbox"
@@ -233,7 +233,7 @@ async def test_smtp_550_is_not_retried(
 
 
 async def test_gives_up_after_max_attempts(server: RunningServer, clock: FrozenClock) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     assert await store.enqueue_outbox(notice(member_id, clock))
     relay = relay_for(server, smtp_mailer(free_port()), clock, max_attempts=3)
@@ -260,7 +260,7 @@ async def test_backoff_is_capped_and_jittered() -> None:
 async def test_password_changed_mail(
     server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     message = OutboxMessage(
         message_id=str(uuid.uuid4()),
@@ -286,7 +286,7 @@ async def test_no_address_or_name_in_logs(
     smtp_server: SmtpServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     for _ in range(2):
         assert await store.enqueue_outbox(notice(member_id, clock))
@@ -312,7 +312,7 @@ async def test_no_address_or_name_in_logs(
 async def test_eml_mailer_writes_a_private_parseable_file(
     server: RunningServer, clock: FrozenClock, tmp_path: Path
 ) -> None:
-    store = server.vault.store
+    store = server.vault.parts.store
     member_id = await sign_up(server.vault)
     message = notice(member_id, clock)
     assert await store.enqueue_outbox(message)
@@ -410,5 +410,5 @@ async def test_sidecar_round_sends_the_inactivity_notice_it_enqueued(
     assert got.rcpt_tos == [ADDRESS]
     assert "15 June 2027 at 12:00 UTC (2027-06-15T12:00:00Z)" in body(got.message)
     assert CONTACT in body(got.message)
-    assert await outbox(server.vault.store, clock) == []
+    assert await outbox(server.vault.parts.store, clock) == []
     assert await server.vault.resolve_recipient(member_id) is not None

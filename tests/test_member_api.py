@@ -294,7 +294,7 @@ async def test_rehash_on_login_when_parameters_change(
     async with run_server(server_settings, clock=clock) as first:
         async with grpc.aio.insecure_channel(first.target) as ch:
             member_id = (await MemberServiceStub(ch).SignUp(request)).member_id
-        before = await first.vault.store.get_member(member_id)
+        before = await first.vault.parts.store.get_member(member_id)
     stronger = server_settings.model_copy(update={"argon2_time_cost": 2})
     async with (
         run_server(stronger, clock=clock) as second,
@@ -303,9 +303,9 @@ async def test_rehash_on_login_when_parameters_change(
         stub = MemberServiceStub(ch)
         auth = pb.AuthenticateRequest(login_id=request.login_id, password=request.password)
         await stub.Authenticate(auth, metadata=CLIENT_IP)
-        after_first = await second.vault.store.get_member(member_id)
+        after_first = await second.vault.parts.store.get_member(member_id)
         await stub.Authenticate(auth, metadata=CLIENT_IP)  # still valid after the rehash
-        after_second = await second.vault.store.get_member(member_id)
+        after_second = await second.vault.parts.store.get_member(member_id)
     assert before
     assert after_first
     assert after_second
@@ -518,7 +518,7 @@ async def test_withdraw_shreds_the_member(
     await members.RecordAccess(
         pb.RecordAccessRequest(member_id=member_id, action="x", ip="192.0.2.1")
     )
-    stored = await server.vault.store.get_member(member_id)
+    stored = await server.vault.parts.store.get_member(member_id)
     assert stored is not None
 
     outcome = await members.Withdraw(
@@ -557,9 +557,9 @@ async def test_withdraw_shreds_the_member(
         Code.UNAUTHENTICATED,
     )
     # Nothing of theirs is left to decrypt, and a record proves the destruction.
-    assert await server.vault.store.get_member(member_id) is None
-    assert await server.vault.store.is_destroyed(member_id)
-    (record,) = await server.vault.store.list_destruction_records(member_id)
+    assert await server.vault.parts.store.get_member(member_id) is None
+    assert await server.vault.parts.store.is_destroyed(member_id)
+    (record,) = await server.vault.parts.store.list_destruction_records(member_id)
     assert record.reason == "withdrawal"
     assert record.items["member_keys"] == 1
     assert record.items["access_log"] == 1

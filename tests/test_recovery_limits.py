@@ -331,7 +331,7 @@ async def test_recovery_work_in_flight_is_capped_alike_for_every_account(
     assert error_info(refused[0]).metadata["resource"] == "account_recovery"
 
     await server.vault.settle()
-    queued = await outbox(server.vault.store, clock)
+    queued = await outbox(server.vault.parts.store, clock)
     assert sorted(m.kind for m in queued if m.member_id == member_id) == [
         LOGIN_ID_REMINDER,
         PASSWORD_RESET,
@@ -390,7 +390,7 @@ async def test_recovery_mails_per_member_and_hour_are_limited_across_replicas(
         async def mails(mid: str) -> list[OutboxMessage]:
             await one.vault.settle()
             await two.vault.settle()
-            queued = await outbox(one.vault.store, clock)
+            queued = await outbox(one.vault.parts.store, clock)
             return [m for m in queued if m.member_id == mid]
 
         first = await mails(member_id)

@@ -78,9 +78,7 @@ async def vault(
 
 
 def lifecycle(vault: Vault) -> Lifecycle:
-    return Lifecycle(
-        vault.store, vault.shred, vault.clock, LifecyclePolicy(), retained=vault.retention.store
-    )
+    return vault.lifecycle(LifecyclePolicy())
 
 
 async def sign_up(vault: Vault, n: int, mobile: str | None = "+82 10-1234-5678") -> str:
@@ -113,15 +111,15 @@ async def test_withdrawal_moves_what_the_member_entered_and_shreds_the_rest(
     assert outcome.destroyed_at is None
     assert outcome.retained_until == r_clock.now() + RETAIN
     # Gone from the vault: no row, no key, a tombstone, one record saying until when.
-    assert await vault.store.get_member(member) is None
-    assert await vault.store.is_destroyed(member)
-    (record,) = await vault.store.list_destruction_records(member)
+    assert await vault.parts.store.get_member(member) is None
+    assert await vault.parts.store.is_destroyed(member)
+    (record,) = await vault.parts.store.list_destruction_records(member)
     assert record.reason == WITHDRAWAL
     assert record.retained_until == outcome.retained_until
     assert record.items["member_keys"] == 1
     assert record.items["access_log"] == 2
     # In the separated storage: ciphertexts only, without the password hash.
-    retained = vault.retention.store
+    retained = vault.parts.retained
     assert retained is not None
     copy = await retained.get_retained(member)
     assert copy is not None
@@ -213,9 +211,9 @@ async def test_retention_zero_shreds_at_once_and_keeps_nothing(
         outcome = await vault.withdraw(member, PASSWORD)
         assert outcome.destroyed_at == r_clock.now()
         assert outcome.retained_until is None
-        assert vault.retention.store is not None
+        assert vault.parts.retained is not None
         assert await vault.retention.list_retained() == []
-        (record,) = await vault.store.list_destruction_records(member)
+        (record,) = await vault.parts.store.list_destruction_records(member)
         assert record.retained_until is None
 
 
@@ -241,13 +239,13 @@ async def test_the_sidecar_destroys_the_copy_when_its_date_passes_once(
     assert (await lc.run_round()).retained_destroyed == 1
     assert (await lc.run_round()).retained_destroyed == 0
 
-    retained = vault.retention.store
+    retained = vault.parts.retained
     assert retained is not None
     assert await retained.get_retained(member) is None
     assert [r.member_id for r in await vault.retention.list_retained()] == [other]
-    reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+    reasons = [r.reason for r in await vault.parts.store.list_destruction_records(member)]
     assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]
-    expired = (await vault.store.list_destruction_records(member))[-1]
+    expired = (await vault.parts.store.list_destruction_records(member))[-1]
     assert expired.items == {
         "retained_member": 1,
         "member_keys": 1,
@@ -273,7 +271,7 @@ async def test_an_early_destruction_needs_a_basis_and_is_recorded(
         await vault.retention.destroy(member, "officer", "again")
     # The sidecar finds nothing left to do, and writes no second record.
     assert (await lifecycle(vault).run_round()).retained_destroyed == 0
-    reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+    reasons = [r.reason for r in await vault.parts.store.list_destruction_records(member)]
     assert reasons == [WITHDRAWAL, "retention_destroyed_early"]
 
 
@@ -285,13 +283,7 @@ async def test_retained_access_log_entries_still_go_after_six_months(
     r_clock.advance(20 * DAY)
     await vault.record_access(member, "newer", "192.0.2.2")
     await vault.withdraw(member, PASSWORD)
-    lc = Lifecycle(
-        vault.store,
-        vault.shred,
-        vault.clock,
-        LifecyclePolicy(access_log_retention=10 * DAY),
-        retained=vault.retention.store,
-    )
+    lc = vault.lifecycle(LifecyclePolicy(access_log_retention=10 * DAY))
     assert (await lc.run_round(dry_run=True)).access_log_purged == 1
     assert (await lc.run_round()).access_log_purged == 1
     document = await vault.retention.disclose(member, "officer", "request 1")
@@ -307,9 +299,9 @@ async def crashed_move(
     """A member, and the move's first step for them (the copy, unconfirmed), after
     which the move "crashes": the member is untouched in the vault."""
     member = await sign_up(vault, 1)
-    retained = vault.retention.store
+    retained = vault.parts.retained
     assert retained is not None
-    row = await vault.store.get_member(member)
+    row = await vault.parts.store.get_member(member)
     assert row is not None
     now = vault.clock.now()
     copy = await vault.retention._copy(row, now, attempt)
@@ -332,7 +324,7 @@ async def test_a_copy_left_by_a_crash_before_the_shred_is_deleted_and_the_member
     r_clock.advance(CONFIRM_GRACE + timedelta(seconds=1))
     await lifecycle(vault).run_round()
     assert await retained.get_retained(member) is None
-    assert await vault.store.get_member(member) is not None
+    assert await vault.parts.store.get_member(member) is not None
     # And the member can withdraw normally afterwards.
     outcome = await vault.withdraw(member, PASSWORD)
     assert outcome.retained_until is not None
@@ -355,7 +347,7 @@ async def test_a_copy_left_by_a_crash_after_the_shred_is_confirmed_and_kept(
     vault: Vault, r_clock: FrozenClock
 ) -> None:
     member, retained, row, copy = await crashed_move(vault, "attempt-1")
-    record = await vault.store.shred_member(
+    record = await vault.parts.store.shred_member(
         member,
         r_clock.now(),
         WITHDRAWAL,
@@ -378,7 +370,7 @@ async def test_a_copy_left_by_a_crash_after_the_shred_is_confirmed_and_kept(
 
 async def test_the_shred_refuses_a_copy_that_is_no_longer_current(vault: Vault) -> None:
     member = await sign_up(vault, 1)
-    row = await vault.store.get_member(member)
+    row = await vault.parts.store.get_member(member)
     assert row is not None
     active = row.key.kek_version
     until = vault.clock.now() + RETAIN
@@ -391,12 +383,14 @@ async def test_the_shred_refuses_a_copy_that_is_no_longer_current(vault: Vault) 
         replace(good, kek_version=active + 1),
     ):
         with pytest.raises(KeyChanged):
-            await vault.store.shred_member(member, vault.clock.now(), WITHDRAWAL, retention=check)
-        assert await vault.store.get_member(member) is not None  # nothing changed
+            await vault.parts.store.shred_member(
+                member, vault.clock.now(), WITHDRAWAL, retention=check
+            )
+        assert await vault.parts.store.get_member(member) is not None  # nothing changed
     await vault.record_access(member, "order.new", "192.0.2.9")
     with pytest.raises(KeyChanged):  # an access-log entry arrived since the copy
-        await vault.store.shred_member(member, vault.clock.now(), WITHDRAWAL, retention=good)
-    assert await vault.store.list_destruction_records(member) == []
+        await vault.parts.store.shred_member(member, vault.clock.now(), WITHDRAWAL, retention=good)
+    assert await vault.parts.store.list_destruction_records(member) == []
 
 
 async def withdraw_with(
@@ -404,7 +398,7 @@ async def withdraw_with(
 ) -> None:
     """Withdraw, running ``between`` once, right after the copy is written and before
     the vault's shred: a deterministic interleaving of a concurrent write."""
-    retained = vault.retention.store
+    retained = vault.parts.retained
     assert retained is not None
     original_put = retained.put_retained
     done = False
@@ -453,7 +447,7 @@ async def test_two_withdrawals_at_once_retain_one_copy(vault: Vault) -> None:
     assert all(isinstance(e, NotFound | KeyChanged) for e in errors)
     (summary,) = await vault.retention.list_retained()
     assert summary.confirmed
-    records = await vault.store.list_destruction_records(member)
+    records = await vault.parts.store.list_destruction_records(member)
     assert [r.reason for r in records] == [WITHDRAWAL]
 
 
@@ -472,11 +466,14 @@ async def test_rewrap_moves_retained_keys_and_the_guard_counts_them(vault: Vault
     # store): version 1 then wraps nothing in the vault, but still the copy's DEK.
     provider = vault.parts.provider
     vault_only = KeyAdmin(
-        vault.store, provider, MemberKeys(vault.store, provider, DekCache(10, 1.0)), vault.clock
+        vault.parts.store,
+        provider,
+        MemberKeys(vault.parts.store, provider, DekCache(10, 1.0)),
+        vault.clock,
     )
     async for _ in vault_only.rewrap("security"):
         pass
-    usage = {u.version: (u.member_keys, u.index_keys) for u in await vault.store.kek_usage()}
+    usage = {u.version: (u.member_keys, u.index_keys) for u in await vault.parts.store.kek_usage()}
     assert usage[1] == (0, 0)
     plan = await vault.keys.plan_destroy(1)
     assert not plan.allowed
@@ -505,7 +502,7 @@ async def test_a_withdrawal_during_a_rotation_never_keeps_a_copy_under_an_old_ve
     rotation in between makes the move redo the copy under the new version."""
     member = await sign_up(vault, 1)
     await withdraw_with(vault, member, lambda: vault.keys.rotate("security"))
-    retained = vault.retention.store
+    retained = vault.parts.retained
     assert retained is not None
     copy = await retained.get_retained(member)
     assert copy is not None
@@ -687,7 +684,7 @@ async def test_the_sidecar_round_destroys_due_copies_and_dry_runs_count_them(
 ) -> None:
     member = await sign_up(vault, 1)
     await vault.withdraw(member, PASSWORD)
-    sidecar = Sidecar(lifecycle(vault), vault.store, r_clock, interval=60, holder="h:1:x")
+    sidecar = Sidecar(lifecycle(vault), vault.leases, r_clock, interval=60, holder="h:1:x")
     r_clock.set(T + RETAIN)
     dry = await sidecar.run_round(dry_run=True)
     assert dry is not None
@@ -707,15 +704,15 @@ async def test_a_crash_between_the_record_and_the_deletion_leaves_one_record(
     await vault.withdraw(member, PASSWORD)
     r_clock.set(T + RETAIN)
     # The destruction's first step (the vault's record), then the crash.
-    written = await vault.store.record_destruction(
+    written = await vault.parts.store.record_destruction(
         DestructionRecord(member, r_clock.now(), RETENTION_EXPIRED, {"retained_member": 1})
     )
     assert written
     assert (await lifecycle(vault).run_round()).retained_destroyed == 1
-    retained = vault.retention.store
+    retained = vault.parts.retained
     assert retained is not None
     assert await retained.get_retained(member) is None
-    reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+    reasons = [r.reason for r in await vault.parts.store.list_destruction_records(member)]
     assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]
 
 
@@ -732,7 +729,7 @@ async def test_two_sidecars_destroying_at_once_destroy_each_copy_once(
     assert sum(counts) == len(withdrawn)
     assert await vault.retention.list_retained() == []
     for member in withdrawn:
-        reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+        reasons = [r.reason for r in await vault.parts.store.list_destruction_records(member)]
         assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]
 
 
@@ -743,10 +740,10 @@ async def test_the_officer_ending_a_copy_the_sidecar_recorded_writes_no_second_r
     await vault.withdraw(member, PASSWORD)
     r_clock.set(T + RETAIN)
     # The sidecar's record, then a crash before it deleted the copy.
-    await vault.store.record_destruction(
+    await vault.parts.store.record_destruction(
         DestructionRecord(member, r_clock.now(), RETENTION_EXPIRED, {"retained_member": 1})
     )
     await vault.retention.destroy(member, "officer", "case closed")
     assert await vault.retention.list_retained() == []
-    reasons = [r.reason for r in await vault.store.list_destruction_records(member)]
+    reasons = [r.reason for r in await vault.parts.store.list_destruction_records(member)]
     assert reasons == [WITHDRAWAL, RETENTION_EXPIRED]

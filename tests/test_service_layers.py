@@ -1,7 +1,8 @@
 """The service layer's shape (issue 9, item 5): no import cycles, the admin commands
 share plumbing instead of borrowing from each other, no private name crosses a
-module, the size limits hold; and the sidecar walks the lifecycle's named steps,
-renewing its lease before each (both backends)."""
+module, the size limits hold, nothing reaches past the vault to the store; and the
+sidecar walks the lifecycle's named steps, renewing its lease before each (both
+backends)."""
 
 from __future__ import annotations
 
@@ -77,6 +78,67 @@ def test_no_private_name_is_imported_from_another_service_module() -> None:
             assert not private, f"{module} imports {private} from service.{source}"
 
 
+def _vault_imports(tree: ast.Module) -> Iterator[tuple[str, list[str]]]:
+    """(module, imported names) of every import of the vault, lazy ones too."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "vault" or node.module.startswith("vault."):
+                yield node.module, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "vault" or alias.name.startswith("vault."):
+                    yield alias.name, []
+
+
+#: Ways to a whole database: the service is handed built components and slices instead.
+_STORE_OPENERS = {"open_store", "open_retention_store", "database_backend"}
+
+
+def _store_reaches(tree: ast.Module) -> list[str]:
+    """Each way ``tree`` reaches past the vault to the store: an import of
+    ``vault.store`` (a backend, ``open_store``, a Store Protocol, a row type), a store
+    Protocol or opener imported from another vault module, or a read of some
+    object's ``store`` or ``parts`` (the vault's store, the parts tests build from)."""
+    found = []
+    for source, names in _vault_imports(tree):
+        if source.startswith("vault.store") or (source == "vault" and "store" in names):
+            found.append(f"imports {source}")
+        banned = [n for n in names if n.endswith("Store") or n in _STORE_OPENERS]
+        if banned:
+            found.append(f"imports {banned} from {source}")
+    found += [
+        f"reads .{node.attr} (line {node.lineno})"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in ("store", "parts")
+    ]
+    return found
+
+
+def test_the_service_never_reaches_past_the_vault_to_the_store() -> None:
+    """Issue 9, item 1: the vault hands the service layer built components (the
+    lifecycle, the lease and outbox slices), and the row types the servicers convert
+    come from the vault's public modules (``vault.keyadmin``, ``vault.mail``)."""
+    for module, tree in _modules().items():
+        assert not _store_reaches(tree), f"{module}: {_store_reaches(tree)}"
+
+
+def test_the_store_check_finds_each_way_past_the_vault() -> None:
+    samples = {
+        "from vault.store import open_store": "imports vault.store",
+        "from vault.store.base import OutboxMessage": "imports vault.store.base",
+        "import vault.store.sqlite": "imports vault.store.sqlite",
+        "from vault import store": "imports vault",
+        "from vault.bootstrap import open_store": "imports ['open_store'] from vault.bootstrap",
+        "from vault.facade import LeaseStore": "imports ['LeaseStore'] from vault.facade",
+        "def f():\n    from vault.store.base import Store": "imports vault.store.base",
+        "def f(vault):\n    return vault.store": "reads .store (line 2)",
+        "def f(vault):\n    return vault.parts.member_keys": "reads .parts (line 2)",
+    }
+    for code, expected in samples.items():
+        assert expected in _store_reaches(ast.parse(code)), code
+    assert _store_reaches(ast.parse("from vault.mail import MailOutbox, OutboxMessage")) == []
+
+
 def test_service_files_and_functions_stay_within_the_limits() -> None:
     for path in sorted(SERVICE.glob("*.py")):
         text = path.read_text("utf-8")
@@ -119,16 +181,16 @@ async def test_a_sidecar_that_loses_its_lease_mid_round_stops_before_the_next_st
         async def take_over(member_id: str) -> None:
             # Another sidecar, as of a time past this one's lease, takes it.
             later = clock.now() + timedelta(hours=1)
-            assert await vault.store.acquire_lease(LEASE_NAME, "other:2:y", later, DAY)
+            assert await vault.leases.acquire_lease(LEASE_NAME, "other:2:y", later, DAY)
 
         vault.add_shred_hook(take_over)
         clock.set(T + 365 * DAY)  # the first is due for expiry, the second for a notice
         lost = await sidecar.run_round()
         assert lost is not None
         assert (lost.shredded, lost.notices) == (1, 0)
-        assert [r.member_id for r in await vault.store.list_destruction_records()] == [doomed]
+        assert [r.member_id for r in await vault.parts.store.list_destruction_records()] == [doomed]
 
-        await vault.store.release_lease(LEASE_NAME, "other:2:y")
+        await vault.leases.release_lease(LEASE_NAME, "other:2:y")
         again = await sidecar.run_round()
         assert again is not None
         assert (again.shredded, again.notices) == (0, 1)

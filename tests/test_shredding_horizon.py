@@ -82,7 +82,7 @@ async def test_old_copies_die_with_the_kek_version(
         copy_url = await _backup(store_url, tmp_path, make_postgres_database)
 
         await vault.shred(doomed, reason="withdrawal")
-        assert await vault.store.get_member(doomed) is None  # live: gone at once
+        assert await vault.parts.store.get_member(doomed) is None  # live: gone at once
 
         await vault.keys.rotate("test")
         async for _ in vault.keys.rewrap("test"):

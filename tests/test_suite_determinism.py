@@ -71,6 +71,6 @@ async def test_test_servers_run_no_sidecar_on_real_time(
     async with grpc.aio.insecure_channel(server.target) as channel:
         await _refused(member_pb2_grpc.MemberServiceStub(channel))
     # Nobody holds the lifecycle lease: no round ran, none will.
-    assert await server.vault.store.acquire_lease(
+    assert await server.vault.leases.acquire_lease(
         LEASE_NAME, "test:1:x", clock.now(), timedelta(minutes=1)
     )

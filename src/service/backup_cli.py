@@ -20,21 +20,8 @@ from typing import Annotated
 import typer
 
 from service.cli_common import ExitCode, Output, exit_code_for, exit_codes_help, load_settings
-from service.config import Settings
 from vault import errors as ve
-from vault.backup import Backup, backup_sqlite_databases
-from vault.bootstrap import (
-    default_database_url,
-    retention_database_url,
-    secure_local_files,
-    sqlite_database_files,
-)
-from vault.store import database_backend
-
-POSTGRES_REFUSAL = (
-    "the {role} database is PostgreSQL: back it up with pg_dump or pg_basebackup "
-    "(README, 'Backups'); `privacy-vault backup` copies SQLite databases only"
-)
+from vault.backup import Backup, backup_databases
 
 EXIT_CODES_HELP = exit_codes_help(
     refused="DEST already holds a backup",
@@ -42,33 +29,6 @@ EXIT_CODES_HELP = exit_codes_help(
     unavailable="database unavailable",
     not_found="no vault database",
 )
-
-
-def _not_sqlite(data_dir: Path, vault_url: str | None, retention_url: str | None) -> str | None:
-    """Why this command cannot copy the configured databases, or None."""
-    urls = {
-        "vault": vault_url or default_database_url(data_dir),
-        "retention": retention_database_url(data_dir, vault_url, retention_url),
-    }
-    for role, url in urls.items():
-        if url is not None and database_backend(url)[0] != "sqlite":
-            return POSTGRES_REFUSAL.format(role=role)
-    return None
-
-
-def _refusal(settings: Settings, dest: Path) -> str | None:
-    """Why this command will not back up to ``dest`` (a usage error), or None."""
-    vault_url = settings.database_url.get_secret_value() if settings.database_url else None
-    try:
-        refusal = _not_sqlite(settings.data_dir, vault_url, settings.retention_url)
-    except ValueError as exc:
-        refusal = str(exc)
-    if refusal is None and dest.resolve().is_relative_to(settings.data_dir.resolve()):
-        # A copy of the data directory would take the backup and the key file together.
-        refusal = (
-            f"{dest} is inside the data directory {settings.data_dir}: back up to another volume"
-        )
-    return refusal
 
 
 def backup(
@@ -84,18 +44,19 @@ def backup(
     (never the key file: keep that on another volume, a mounted secret or an HSM)."""
     out = Output()
     settings = load_settings()
-    refusal = _refusal(settings, dest)
-    if refusal:
-        out.error(ExitCode.USAGE, refusal)
-        raise typer.Exit(ExitCode.USAGE)
-    data_dir = settings.data_dir
-    vault_url = settings.database_url.get_secret_value() if settings.database_url else None
-    vault_db, *rest = sqlite_database_files(data_dir, vault_url, settings.retention_url)
     try:
-        secure_local_files(data_dir, [vault_db, *rest])
-        done = backup_sqlite_databases(
-            vault_db, rest[0] if rest else None, dest, now=datetime.now(UTC)
+        done = backup_databases(
+            data_dir=settings.data_dir,
+            dest=dest,
+            now=datetime.now(UTC),
+            database_url=(
+                settings.database_url.get_secret_value() if settings.database_url else None
+            ),
+            retention_url=settings.retention_url,
         )
+    except ValueError as exc:  # PostgreSQL, or DEST inside the data directory
+        out.error(ExitCode.USAGE, str(exc))
+        raise typer.Exit(ExitCode.USAGE) from None
     except ve.VaultError as exc:
         code = exit_code_for(exc)
         out.error(code, exc.message)

@@ -17,8 +17,7 @@ from privacyvault.v1 import member_pb2 as mpb
 from vault import AccessEntry, MemberView, Purpose
 from vault.clock import to_micros
 from vault.errors import FieldViolation, InvalidInput
-from vault.keyadmin import KekVersionStatus, RewrapProgress
-from vault.store.base import KeyEvent
+from vault.keyadmin import KekVersionStatus, KeyEvent, RewrapProgress
 
 # --- time -----------------------------------------------------------------------------------
 

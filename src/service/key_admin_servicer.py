@@ -24,10 +24,11 @@ from vault.keyadmin import (
     DEFAULT_BATCH,
     MAX_BATCH,
     DestroyPlan,
+    KekVersionRow,
+    KeyEvent,
     KeyStatus,
     RewrapProgress,
 )
-from vault.store.base import KekVersionRow, KeyEvent
 
 AUTHORIZATION_KEY = "authorization"
 ACTOR_KEY = "x-actor"

@@ -24,7 +24,7 @@ import email.policy
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Protocol
@@ -36,8 +36,14 @@ import structlog
 from service.config import Settings
 from service.mail_spool import DEFAULT_SPOOL_KEEP, MailSpool, mail_spool
 from vault import Clock
-from vault.mail import MailRenderer, Recipient, check_message_id, needs_smtputf8
-from vault.store.base import OutboxMessage
+from vault.mail import (
+    MailOutbox,
+    MailRenderer,
+    OutboxMessage,
+    Recipient,
+    check_message_id,
+    needs_smtputf8,
+)
 
 log = structlog.get_logger("service.mailer")
 
@@ -242,20 +248,6 @@ def build_mailer(settings: Settings, clock: Clock | None = None) -> Mailer:
 # --- the relay --------------------------------------------------------------------------
 
 
-class OutboxStore(Protocol):
-    """The slice of the Store the relay needs."""
-
-    async def due_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]: ...
-
-    async def outbox_sent(self, message_id: str) -> None: ...
-
-    async def outbox_retry(
-        self, message_id: str, attempts: int, next_attempt_at: datetime
-    ) -> None: ...
-
-    async def is_destroyed(self, member_id: str) -> bool: ...
-
-
 class RecipientResolver(Protocol):
     """Satisfied by :class:`vault.Vault`."""
 
@@ -310,7 +302,7 @@ class OutboxRelay:
 
     def __init__(
         self,
-        store: OutboxStore,
+        store: MailOutbox,
         recipients: RecipientResolver,
         mailer: Mailer,
         renderer: MailRenderer,
@@ -430,7 +422,7 @@ class OutboxRelay:
 
 
 def build_relay(
-    settings: Settings, store: OutboxStore, recipients: RecipientResolver, clock: Clock
+    settings: Settings, store: MailOutbox, recipients: RecipientResolver, clock: Clock
 ) -> OutboxRelay:
     """The relay as ``settings`` describe it (the sidecar's way in)."""
     return OutboxRelay(

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
-from pathlib import Path
+from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 
 from service.config import Settings
 from service.mail_spool import mail_spool
 from service.mailer import build_relay
 from service.sidecar import Sidecar
-from vault import Clock, SystemClock, Vault, migrate_database, open_vault
-from vault.bootstrap import default_database_url, retention_database_url
+from vault import Clock, Vault, bootstrap, migrate_database, open_vault
 from vault.lifecycle import Lifecycle, LifecyclePolicy
-from vault.store import database_backend, open_retention_store, open_store
-from vault.store.base import RetentionStore
 
 
 def _database_url(settings: Settings) -> str | None:
@@ -72,58 +69,24 @@ def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
 def build_sidecar(vault: Vault, settings: Settings, *, interval: float | None = None) -> Sidecar:
     """The sidecar ``settings`` describe, on ``vault``: its lifecycle steps, the mail
     relay, and key maintenance when PRIVACY_VAULT_SIDECAR_KEY_MAINTENANCE is on."""
-    lifecycle = Lifecycle(
-        vault.store,
-        vault.shred,
-        vault.clock,
-        lifecycle_policy(settings),
-        retained=vault.retention.store,
-    )
     maintain = settings.sidecar_key_maintenance
     return Sidecar(
-        lifecycle,
-        vault.store,
+        vault.lifecycle(lifecycle_policy(settings)),
+        vault.leases,
         vault.clock,
         interval=settings.sidecar_interval_seconds if interval is None else interval,
-        relay=build_relay(settings, vault.store, vault, vault.clock),
+        relay=build_relay(settings, vault.outbox, vault, vault.clock),
         keys=vault.keys if maintain else None,
         rotate_after=timedelta(days=settings.kek_rotation_days) if maintain else None,
     )
 
 
-def _exists(url: str) -> bool:
-    """False for a SQLite file that is not there: opening it would create it, and a
-    dry run changes nothing."""
-    backend, target = database_backend(url)
-    return backend != "sqlite" or Path(target).exists()
-
-
-@contextlib.asynccontextmanager
-async def open_dry_run_lifecycle(settings: Settings) -> AsyncIterator[Lifecycle | None]:
-    """A lifecycle on the stores alone, for counting: no key file, no migration, no
-    lease, no write. None when the data directory has no database yet."""
-    url = _database_url(settings)
-    if url is None:
-        url = default_database_url(settings.data_dir)
-        if not _exists(url):
-            yield None
-            return
-    store = await open_store(url, pool_size=1)
-    retained: RetentionStore | None = None
-    try:
-        retained_url = retention_database_url(settings.data_dir, url, settings.retention_url)
-        if retained_url is not None and _exists(retained_url):
-            retained = await open_retention_store(retained_url, pool_size=1)
-        yield Lifecycle(
-            store, _no_shred, SystemClock(), lifecycle_policy(settings), retained=retained
-        )
-    finally:
-        if retained is not None:
-            await retained.close()
-        await store.close()
-
-
-async def _no_shred(
-    member_id: str, reason: str, *, last_seen_before: datetime | None = None
-) -> None:
-    raise AssertionError("a dry run never shreds")
+def open_dry_run_lifecycle(settings: Settings) -> AbstractAsyncContextManager[Lifecycle | None]:
+    """A lifecycle on the configured stores alone, for counting (see
+    :func:`vault.bootstrap.open_dry_run_lifecycle`); None when there is no database."""
+    return bootstrap.open_dry_run_lifecycle(
+        data_dir=settings.data_dir,
+        policy=lifecycle_policy(settings),
+        database_url=_database_url(settings),
+        retention_url=settings.retention_url,
+    )

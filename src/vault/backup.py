@@ -22,8 +22,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from vault.bootstrap import tighten_permissions
+from vault.bootstrap import (
+    default_database_url,
+    retention_database_url,
+    secure_local_files,
+    sqlite_database_files,
+    tighten_permissions,
+)
 from vault.errors import NotFound, PreconditionFailed, StorageUnavailable
+from vault.store import database_backend
 
 BACKUP_FORMAT = "privacy-vault-backup/1"
 MANIFEST = "backup.json"
@@ -31,6 +38,10 @@ MANIFEST = "backup.json"
 VAULT_FILE = "vault.db"
 RETENTION_FILE = "retention.db"
 _PARTIAL = ".partial"
+POSTGRES_REFUSAL = (
+    "the {role} database is PostgreSQL: back it up with pg_dump or pg_basebackup "
+    "(README, 'Backups'); `privacy-vault backup` copies SQLite databases only"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,33 @@ class Backup:
     #: The KEK versions (not destroyed when the copy was taken) that a restore needs.
     kek_versions: tuple[int, ...]
     created_at: datetime
+
+
+def backup_databases(
+    *,
+    data_dir: Path,
+    dest: Path,
+    now: datetime,
+    database_url: str | None = None,
+    retention_url: str | None = None,
+) -> Backup:
+    """Copy the databases the settings name into ``dest`` (see
+    :func:`backup_sqlite_databases`). ValueError, before anything is read or written,
+    if one is PostgreSQL (pg_dump's job) or ``dest`` is inside the data directory."""
+    for role, url in {
+        "vault": database_url or default_database_url(data_dir),
+        "retention": retention_database_url(data_dir, database_url, retention_url),
+    }.items():
+        if url is not None and database_backend(url)[0] != "sqlite":
+            raise ValueError(POSTGRES_REFUSAL.format(role=role))
+    if dest.resolve().is_relative_to(data_dir.resolve()):
+        # A copy of the data directory would take the backup and the key file together.
+        raise ValueError(
+            f"{dest} is inside the data directory {data_dir}: back up to another volume"
+        )
+    vault_db, *rest = sqlite_database_files(data_dir, database_url, retention_url)
+    secure_local_files(data_dir, [vault_db, *rest])
+    return backup_sqlite_databases(vault_db, rest[0] if rest else None, dest, now=now)
 
 
 def backup_sqlite_databases(

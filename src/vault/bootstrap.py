@@ -2,7 +2,9 @@
 
 The one place the vault's components are wired together (:func:`wire_vault`):
 member keys, then the components that share them (key admin, retention,
-recovery, export), then the facade over them all.
+recovery, export), each given the store slice it asks for, then the facade over
+them all. The stores are opened here (and for a dry run's counts,
+:func:`open_dry_run_lifecycle`), so the service layer never holds one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +29,7 @@ from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
 from vault.keyadmin import KeyAdmin
 from vault.keyring import Keyring
+from vault.lifecycle import Lifecycle, LifecyclePolicy
 from vault.member_keys import MemberKeys
 from vault.members import BlindIndexes
 from vault.passwords import OWASP, Argon2Profile, PasswordHasher
@@ -35,7 +39,14 @@ from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.recovery import Recovery
 from vault.retention import Retention
 from vault.store import database_backend, open_retention_store, open_store
-from vault.store.base import IndexKeyRow, KekVersionRow, KeyEvent, RetentionStore, Store
+from vault.store.base import (
+    IndexKeyRow,
+    KekVersionRow,
+    KeyEvent,
+    KeyStore,
+    RetentionStore,
+    Store,
+)
 
 LOCAL_KEY_FILE = "kek.json"
 #: What SQLite keeps beside a database file (its pages live in the WAL too).
@@ -170,7 +181,7 @@ def secure_local_files(data_dir: Path, database_files: Iterable[Path]) -> None:
 
 
 async def bootstrap_keys(
-    store: Store, provider: KeyProvider, member_keys: MemberKeys, clock: Clock
+    store: KeyStore, provider: KeyProvider, member_keys: MemberKeys, clock: Clock
 ) -> _hazmat.IndexKey:
     """Make sure the key hierarchy exists (KEK version 1, the index key), and check
     that the provider's keys open this database (fail at start, not at the first
@@ -339,3 +350,45 @@ async def migrate_database(
         finally:
             await retained.close()
     return applied
+
+
+def _exists(url: str) -> bool:
+    """False for a SQLite file that is not there: opening it would create it, and a
+    dry run changes nothing."""
+    backend, target = database_backend(url)
+    return backend != "sqlite" or Path(target).exists()
+
+
+@contextlib.asynccontextmanager
+async def open_dry_run_lifecycle(
+    *,
+    data_dir: Path,
+    policy: LifecyclePolicy,
+    database_url: str | None = None,
+    retention_url: str | None = None,
+) -> AsyncIterator[Lifecycle | None]:
+    """A lifecycle on the stores alone, for counting: no key file, no migration, no
+    lease, no write. None when the data directory has no database yet."""
+    url = database_url
+    if url is None:
+        url = default_database_url(data_dir)
+        if not _exists(url):
+            yield None
+            return
+    store = await open_store(url, pool_size=1)
+    retained: RetentionStore | None = None
+    try:
+        retained_url = retention_database_url(data_dir, url, retention_url)
+        if retained_url is not None and _exists(retained_url):
+            retained = await open_retention_store(retained_url, pool_size=1)
+        yield Lifecycle(store, _no_shred, SystemClock(), policy, retained=retained)
+    finally:
+        if retained is not None:
+            await retained.close()
+        await store.close()
+
+
+async def _no_shred(
+    member_id: str, reason: str, *, last_seen_before: datetime | None = None
+) -> None:
+    raise AssertionError("a dry run never shreds")

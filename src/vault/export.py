@@ -10,6 +10,7 @@ import contextlib
 import json
 from collections.abc import AsyncGenerator
 from datetime import datetime
+from typing import Protocol
 
 from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
@@ -17,7 +18,7 @@ from vault.errors import PreconditionFailed
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
-from vault.store.base import AccessEntryRow, MemberRow, Store
+from vault.store.base import AccessEntryRow, AccessLogStore, MemberRow, MemberStore
 
 EXPORT_FORMAT = "privacy-vault-export/1"
 #: The largest export document export_member returns in one piece (UTF-8 bytes):
@@ -34,11 +35,15 @@ def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRo
     return AccessEntry(at=row.at, action=action, ip=ip)
 
 
+class ExportStores(MemberStore, AccessLogStore, Protocol):
+    """The vault-database slice an export reads: the member and their access log."""
+
+
 class Export:
     """Reached through Vault.export_member and Vault.stream_member."""
 
     def __init__(
-        self, store: Store, keys: MemberKeys, clock: Clock, settings: VaultSettings
+        self, store: ExportStores, keys: MemberKeys, clock: Clock, settings: VaultSettings
     ) -> None:
         self._store = store
         self._keys = keys

@@ -33,7 +33,8 @@ from vault.export import EXPORT_MAX_BYTES as EXPORT_MAX_BYTES
 from vault.export import EXPORT_PIECE_CHARS as EXPORT_PIECE_CHARS
 from vault.export import Export, open_access_entry
 from vault.keyadmin import KeyAdmin
-from vault.mail import SEALED_PREFIX, Recipient
+from vault.lifecycle import BatchHook, Lifecycle, LifecyclePolicy
+from vault.mail import SEALED_PREFIX, MailOutbox, Recipient
 from vault.member_keys import KEY_CHANGE_RETRIES, MemberKeys
 from vault.members import AccessEntry as AccessEntry
 from vault.members import (
@@ -58,6 +59,7 @@ from vault.recovery import Recovery, sealed_field
 from vault.retention import WITHDRAWAL, Retention
 from vault.store.base import (
     ConsentRow,
+    LeaseStore,
     MemberKeyRow,
     MemberRow,
     OutboxMessage,
@@ -137,15 +139,34 @@ class Vault:
     async def close(self) -> None:
         await self.settle()
         self._member_keys.clear()
-        if self.retention.store is not None:
-            await self.retention.store.close()
+        if self.parts.retained is not None:
+            await self.parts.retained.close()
         await self._store.close()
         await self._provider.close()
         self._hasher.close()
 
+    # --- the sidecar's parts: store slices, never the whole store -------------------------
+    def lifecycle(
+        self, policy: LifecyclePolicy | None = None, *, on_batch: BatchHook | None = None
+    ) -> Lifecycle:
+        """The lifecycle's steps over this vault (its shred) and its stores."""
+        return Lifecycle(
+            self._store,
+            self.shred,
+            self._clock,
+            policy,
+            retained=self.parts.retained,
+            on_batch=on_batch,
+        )
+
     @property
-    def store(self) -> Store:
-        """The store, for the lifecycle sidecar's sweeps (ciphertexts and ids only)."""
+    def leases(self) -> LeaseStore:
+        """The lease the sidecars elect their leader by."""
+        return self._store
+
+    @property
+    def outbox(self) -> MailOutbox:
+        """The outbox the mail relay sends from (ids and sealed params only)."""
         return self._store
 
     @property

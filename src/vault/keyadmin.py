@@ -32,15 +32,17 @@ from vault.member_keys import MemberKeys
 from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
-    KekVersionRow,
-    KeyEvent,
+    AccessLogStore,
+    KeyStore,
     MemberKeyRow,
     MemberRow,
+    MemberStore,
     RetentionStore,
     RewrapUpdate,
-    Store,
     whole_access_log,
 )
+from vault.store.base import KekVersionRow as KekVersionRow  # re-exported: the service's types
+from vault.store.base import KeyEvent as KeyEvent
 
 log = structlog.get_logger("vault.keys")
 
@@ -74,7 +76,7 @@ class RewrapProgress:
 
 
 class _KeySource(Protocol):
-    """Where wrapped member DEKs live: the vault's Store, or the RetentionStore."""
+    """Where wrapped member DEKs live: the vault's KeyStore, or the RetentionStore."""
 
     async def member_keys_to_rewrap(
         self, target_version: int, after_member_id: str | None, limit: int
@@ -124,12 +126,17 @@ class _MemberLocks:
                 del self._locks[member_id]
 
 
+class KeyAdminStores(KeyStore, MemberStore, AccessLogStore, Protocol):
+    """The vault-database slice key management uses: the key hierarchy's rows, and a
+    member with their access log (to rotate one member's key)."""
+
+
 class KeyAdmin:
-    """Reached as ``vault.keys``; shares the vault's store and member keys."""
+    """Reached as ``vault.keys``; shares the vault's member keys."""
 
     def __init__(
         self,
-        store: Store,
+        store: KeyAdminStores,
         provider: KeyProvider,
         member_keys: MemberKeys,
         clock: Clock,

@@ -30,7 +30,13 @@ from typing import Any, Protocol
 from vault.clock import Clock
 from vault.errors import NotFound
 from vault.retention import RETENTION_EXPIRED, destroy_copy, reconcile_copies
-from vault.store.base import OutboxMessage, RetentionStore, Store
+from vault.store.base import (
+    AccessLogStore,
+    DestructionStore,
+    InactivityStore,
+    OutboxMessage,
+    RetentionStore,
+)
 
 INACTIVITY_NOTICE = "inactivity_notice"
 #: What the notice says will be destroyed: item keys the mail templates spell out
@@ -128,10 +134,18 @@ class LifecycleStep:
             raise ValueError(f"a lifecycle step must name a RoundReport count: {self.name!r}")
 
 
+class LifecycleStores(InactivityStore, AccessLogStore, DestructionStore, Protocol):
+    """The vault-database slice the lifecycle sweeps: inactivity, the access log's
+    purge, and destruction records (to settle retained copies)."""
+
+
 class Lifecycle:
+    """Built by :meth:`vault.Vault.lifecycle`, or for a dry run by
+    :func:`vault.bootstrap.open_dry_run_lifecycle`."""
+
     def __init__(
         self,
-        store: Store,
+        store: LifecycleStores,
         shred: ShredFunction,
         clock: Clock,
         policy: LifecyclePolicy | None = None,
@@ -220,7 +234,7 @@ class Lifecycle:
         """Delete access-log entries older than the retention, batch by batch."""
         policy = self._policy
         before = self._clock.now() - policy.access_log_retention
-        stores: list[Store | RetentionStore] = [self._store]
+        stores: list[AccessLogStore | RetentionStore] = [self._store]
         if self._retained is not None:
             stores.append(self._retained)  # the 6-month rule holds in retention too
         purged = 0

@@ -16,10 +16,12 @@ from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, getaddresses
+from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
 
-from vault.store.base import OutboxMessage
+from vault.store.base import OutboxMessage as OutboxMessage  # re-exported: the relay's type
+from vault.store.base import OutboxStore
 
 INACTIVITY_NOTICE = "inactivity_notice"
 PASSWORD_CHANGED = "password_changed"  # noqa: S105 - a message kind, not a password
@@ -47,6 +49,13 @@ _ITEM_LABELS = {
 }
 # Section 6: "All personal data of the member including the name and e-mail address".
 _ALWAYS_LISTED = ("name", "email")
+
+
+class MailOutbox(OutboxStore, Protocol):
+    """The store slice the mail relay takes (handed out as :attr:`vault.Vault.outbox`):
+    the outbox, and whether a member is gone (their spooled mail goes with them)."""
+
+    async def is_destroyed(self, member_id: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import secrets
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from vault import _hazmat, ids, member_cipher, policy
 from vault.clock import Clock
@@ -27,7 +27,14 @@ from vault.member_keys import MemberKeys
 from vault.members import BlindIndexes, VaultSettings, load_member, log, open_member_field
 from vault.passwords import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PasswordHasher
 from vault.policy import Violations
-from vault.store.base import IndexedField, MemberRow, NewPasswordReset, OutboxMessage, Store
+from vault.store.base import (
+    IndexedField,
+    MemberRow,
+    MemberStore,
+    NewPasswordReset,
+    OutboxMessage,
+    RecoveryStore,
+)
 
 AFTER_ANSWER_DELAY = 0.05  # seconds
 RESET_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
@@ -36,12 +43,17 @@ RECOVERY_MAIL_WINDOW = timedelta(hours=1)
 _INVALID_TOKEN = FieldViolation("token", "is invalid or expired")
 
 
+class RecoveryStores(MemberStore, RecoveryStore, Protocol):
+    """The vault-database slice account recovery uses: members (lookup, the new
+    password) and reset tokens with the recovery-mail quota."""
+
+
 class Recovery:
-    """Reached through the Vault's recovery methods; shares its store and keys."""
+    """Reached through the Vault's recovery methods; shares its member keys."""
 
     def __init__(
         self,
-        store: Store,
+        store: RecoveryStores,
         keys: MemberKeys,
         hasher: PasswordHasher,
         clock: Clock,

@@ -31,7 +31,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -48,14 +48,16 @@ from vault.errors import (
 from vault.member_keys import MemberKeys
 from vault.store.base import (
     RETAINED_FIELDS,
+    AccessLogStore,
     DestructionRecord,
+    DestructionStore,
     MemberRow,
+    MemberStore,
     RetainedMember,
     RetainedSummary,
     RetentionCheck,
     RetentionEvent,
     RetentionStore,
-    Store,
     whole_access_log,
 )
 
@@ -97,12 +99,17 @@ def _check_basis(basis: str) -> str:
     return basis
 
 
+class RetentionStores(MemberStore, AccessLogStore, DestructionStore, Protocol):
+    """The vault-database slice a withdrawal moves out of: the member, their access
+    log, and the shred with its destruction record."""
+
+
 class Retention:
     """Reached as ``vault.retention``. Holds no gRPC and no SQL."""
 
     def __init__(
         self,
-        store: Store,
+        store: RetentionStores,
         retained: RetentionStore | None,
         member_keys: MemberKeys,
         clock: Clock,
@@ -127,10 +134,6 @@ class Retention:
     def enabled(self) -> bool:
         """Whether withdrawals retain (a period above 0)."""
         return self._rule.period > timedelta(0)
-
-    @property
-    def store(self) -> RetentionStore | None:
-        return self._retained
 
     def _require_store(self) -> RetentionStore:
         if self._retained is None:
@@ -276,7 +279,7 @@ class Retention:
 
 
 async def destroy_copy(
-    store: Store, retained: RetentionStore, member_id: str, reason: str, now: datetime
+    store: DestructionStore, retained: RetentionStore, member_id: str, reason: str, now: datetime
 ) -> DestructionRecord | None:
     """Destroy a retained copy: the vault's destruction record first (idempotent), then
     the copy, so a crash in between leaves a copy the next sweep destroys, and never
@@ -311,7 +314,12 @@ async def destroy_copy(
 
 
 async def reconcile_copies(
-    store: Store, retained: RetentionStore, now: datetime, batch_size: int, *, dry_run: bool
+    store: DestructionStore,
+    retained: RetentionStore,
+    now: datetime,
+    batch_size: int,
+    *,
+    dry_run: bool,
 ) -> int:
     """Settle copies a crash left unconfirmed (see the module docstring); returns how
     many were (or would be) settled, confirmed or deleted."""
