@@ -6,19 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vault.store._common import (
-    CT_COLUMNS,
-    HMAC_COLUMNS,
-    MEMBER_COLUMNS,
-    hmac_column,
-)
+from vault.store._common import CT_COLUMNS, HMAC_COLUMNS, MEMBER_COLUMNS, hmac_column
 from vault.store.postgres._db import _PostgresDatabase, _uuid
-from vault.store.rows import (
-    ConsentRow,
-    IndexedField,
-    MemberKeyRow,
-    MemberRow,
-)
+from vault.store.rows import ConsentRow, IndexedField, MemberKeyRow, MemberRow
 
 # The member's consents ride along as an array of records: one round trip.
 _SELECT_MEMBER = (

@@ -85,15 +85,8 @@ POSTGRES = Dialect(
 
 SQLITE = Dialect(
     name="sqlite",
-    fragments={
-        "share": "",
-        "update": "",
-        "jsonb": "",
-        "text": "",
-        "uuid": "",
-        "true": "1",
-        "no_key_update": "",
-    },
+    # No row locks (the write lock is held already) and no casts: all empty but true.
+    fragments={**dict.fromkeys(POSTGRES.fragments, ""), "true": "1"},
     placeholder="?",
     time=_sqlite_time,
     from_time=from_micros,

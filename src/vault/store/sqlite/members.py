@@ -14,12 +14,7 @@ from vault.store._common import (
     canonical_member_id,
     hmac_column,
 )
-from vault.store.rows import (
-    ConsentRow,
-    IndexedField,
-    MemberKeyRow,
-    MemberRow,
-)
+from vault.store.rows import ConsentRow, IndexedField, MemberKeyRow, MemberRow
 from vault.store.sqlite._db import _from_us, _SqliteDatabase
 
 # The member's consents ride along as a JSON array: one statement per read.
