@@ -29,45 +29,34 @@ deadlock or serialization failure that still happens (between two re-wrap runs,
 say) is :class:`Conflict`: the transaction was rolled back whole, so the
 caller may retry.
 
-One module per storage domain; each is a part of the store sharing the one
-connection layer in ``_db`` (the composite below is the whole :class:`Store`).
+The statements and transaction bodies both dialects agree on are written once in
+:mod:`vault.store.sql`; a module here keeps what PostgreSQL does its own way (the
+member read's record array, access-log partitions, the quota array, SKIP LOCKED),
+over the one connection layer in ``_db``. The composite below is the whole
+:class:`Store`.
 """
 
 from __future__ import annotations
 
+from vault.store.postgres._db import _PostgresDatabase
 from vault.store.postgres.access_log import PostgresAccessLog
-from vault.store.postgres.destruction import PostgresDestruction
 from vault.store.postgres.inactivity import PostgresInactivity
-from vault.store.postgres.keys import PostgresKeys
 from vault.store.postgres.members import PostgresMembers
-from vault.store.postgres.outbox import PostgresOutbox
 from vault.store.postgres.recovery import PostgresRecovery
 from vault.store.postgres.retention import PostgresRetentionStore
-from vault.store.sql.access_log import SqlAccessLogCount
-from vault.store.sql.destruction import SqlDestructionRecords
-from vault.store.sql.inactivity import SqlInactivity
-from vault.store.sql.key_events import SqlKeyEvents
-from vault.store.sql.lease import SqlLease
-from vault.store.sql.outbox import SqlOutbox
-from vault.store.sql.recovery import SqlRecoveryTokens
+from vault.store.sql.store import SqlVaultStore
 
 __all__ = ["PostgresRetentionStore", "PostgresStore"]
 
 
 class PostgresStore(
-    PostgresKeys,
-    SqlKeyEvents,
     PostgresMembers,
     PostgresAccessLog,
-    SqlAccessLogCount,
-    PostgresDestruction,
-    SqlDestructionRecords,
-    SqlLease,
     PostgresInactivity,
-    SqlInactivity,
     PostgresRecovery,
-    SqlRecoveryTokens,
-    PostgresOutbox,
-    SqlOutbox,
+    SqlVaultStore,
+    _PostgresDatabase,
 ):
-    """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""
+    """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``.
+    The statements both dialects agree on are in :class:`SqlVaultStore`; in front of
+    it only what PostgreSQL does its own way."""

@@ -5,26 +5,23 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import asyncpg
 
 from vault.errors import (
-    AlreadyExists,
     Conflict,
     StorageUnavailable,
 )
 from vault.store._common import (
     canonical_member_id,
-    check_limit,
 )
 from vault.store._migrations import load_migrations
-from vault.store.rows import (
-    MemberKeyRow,
-    RewrapUpdate,
-)
+from vault.store.rows import RewrapUpdate
 from vault.store.sql.dialect import POSTGRES
-from vault.store.sql.executor import SqlExecutor
+from vault.store.sql.executor import Body, ForeignKeyViolation, SqlExecutor, Tx, UniqueViolation
+
+_T = TypeVar("_T")
 
 # Errors meaning "the server cannot be reached or used right now".
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -62,16 +59,44 @@ def _uuid(member_id: str) -> uuid.UUID:
 
 
 def _affected(status: str) -> int:
-    """Row count from a command status such as ``DELETE 3`` or ``INSERT 0 1``."""
-    return int(status.rsplit(" ", 1)[-1])
+    """Row count from a command status such as ``DELETE 3`` or ``INSERT 0 1``
+    (0 for one without a count, such as ``LOCK TABLE``)."""
+    count = status.rsplit(" ", 1)[-1]
+    return int(count) if count.isdigit() else 0
 
 
-def _unique_error(exc: asyncpg.UniqueViolationError) -> Exception:
-    field = _UNIQUE_FIELDS.get(exc.constraint_name or "")
-    if field is None:
-        # Not a blind index; the detail would hold a value, so say nothing of it.
-        return RuntimeError("a unique constraint failed")
-    return AlreadyExists(field)
+class _PgTx:
+    """The shared transaction bodies' :class:`Tx` on an asyncpg connection."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return list(await self._conn.fetch(sql, *args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> Sequence[Any] | None:
+        row: Sequence[Any] | None = await self._conn.fetchrow(sql, *args)
+        return row
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._conn.fetchval(sql, *args)
+
+    async def run(self, sql: str, *args: Any) -> int:
+        return _affected(await self._conn.execute(sql, *args))
+
+    async def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            await self._conn.executemany(sql, rows)
+
+    async def copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            await self._conn.copy_records_to_table(table, records=rows, columns=list(columns))
+
+    async def decoy_write(self) -> None:
+        # A transaction id makes the commit write and flush a commit record.
+        await self._conn.execute("SELECT pg_current_xact_id()")
 
 
 class _PostgresDatabase(SqlExecutor):
@@ -112,6 +137,20 @@ class _PostgresDatabase(SqlExecutor):
     async def _run_returning(self, sql: str, *args: Any) -> list[Sequence[Any]]:
         async with self._transaction() as conn:
             return list(await conn.fetch(sql, *args))
+
+    async def _in_transaction(self, body: Body[_T], *, scrub: bool = False) -> _T:
+        try:
+            async with self._transaction() as conn:
+                return await body(_PgTx(conn))
+        except asyncpg.UniqueViolationError as exc:
+            raise UniqueViolation(_UNIQUE_FIELDS.get(exc.constraint_name or "")) from None
+        except asyncpg.ForeignKeyViolationError:
+            raise ForeignKeyViolation() from None
+
+    async def _serialise(self, tx: Tx, table: str) -> None:
+        # Self-conflicting: check-then-write transactions take turns; plain readers
+        # are not blocked.
+        await tx.run(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
 
     async def close(self) -> None:
         await self._pool.close()
@@ -172,31 +211,7 @@ class _PostgresDatabase(SqlExecutor):
         raise AssertionError("unreachable")
 
     # --- key re-wrap (the vault's member_keys, the retention store's copies) -----
-    async def member_keys_to_rewrap(
-        self, target_version: int, after_member_id: str | None, limit: int
-    ) -> list[MemberKeyRow]:
-        table = self._KEYS_TABLE
-        limit = check_limit(limit)
-        after = None if after_member_id is None else _uuid(after_member_id)
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT member_id, dek_id, kek_version, wrapped_dek FROM {table} "
-                "WHERE kek_version <> $1 AND ($2::uuid IS NULL OR member_id > $2) "
-                "ORDER BY member_id LIMIT $3",
-                target_version,
-                after,
-                limit,
-            )
-        return [
-            MemberKeyRow(
-                str(r["member_id"]),
-                int(r["dek_id"]),
-                int(r["kek_version"]),
-                bytes(r["wrapped_dek"]),
-            )
-            for r in rows
-        ]
-
+    # member_keys_to_rewrap is shared (vault.store.sql.keys); the batch update here.
     async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
         table = self._KEYS_TABLE
         if not updates:

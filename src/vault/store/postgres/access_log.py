@@ -1,4 +1,5 @@
-"""PostgreSQL: the member's access log and its monthly partitions."""
+"""PostgreSQL: the access log's monthly partitions and its purge (appending and
+paging are in vault.store.sql.access_log)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,11 @@ from vault.store._common import (
     check_limit,
     require_aware,
 )
-from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
-from vault.store.postgres._shared import (
-    _check_dek,
-    _MemberGone,
-)
-from vault.store.rows import (
-    AccessEntryRow,
-    NewAccessEntry,
-)
+from vault.store.postgres._db import _affected, _PostgresDatabase
 
 
 class PostgresAccessLog(_PostgresDatabase):
-    """PostgreSQL: the member's access log and its monthly partitions."""
+    """PostgreSQL: the access log's monthly partitions and its purge."""
 
     async def migrate(self) -> list[int]:
         applied = await super().migrate()
@@ -33,63 +26,7 @@ class PostgresAccessLog(_PostgresDatabase):
         await self.ensure_access_log_partitions()
         return applied
 
-    # --- access log ------------------------------------------------------------
-    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
-        key = _uuid(member_id)
-        at = require_aware(entry.at)
-        try:
-            async with self._transaction() as conn:
-                # The lock order: the insert's foreign key check locks the members row
-                # (FOR KEY SHARE) first, then the key row is checked; a rotated key (or
-                # none) rolls the insert back.
-                await conn.execute(
-                    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
-                    "VALUES ($1, $2, $3, $4)",
-                    key,
-                    at,
-                    bytes(entry.action_ct),
-                    bytes(entry.ip_ct),
-                )
-                await _check_dek(conn, key, dek_id)
-        except (asyncpg.ForeignKeyViolationError, _MemberGone):
-            return False  # no such member
-        return True
-
-    async def list_access(
-        self,
-        member_id: str,
-        limit: int,
-        before: tuple[datetime, int] | None = None,
-    ) -> list[AccessEntryRow]:
-        key = _uuid(member_id)
-        limit = check_limit(limit)
-        async with self._connection() as conn:
-            if before is None:
-                rows = await conn.fetch(
-                    "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = $1 "
-                    "ORDER BY at DESC, entry_id DESC LIMIT $2",
-                    key,
-                    limit,
-                )
-            else:
-                rows = await conn.fetch(
-                    "SELECT entry_id, at, action_ct, ip_ct FROM access_log "
-                    "WHERE member_id = $1 AND (at, entry_id) < ($2, $3) "
-                    "ORDER BY at DESC, entry_id DESC LIMIT $4",
-                    key,
-                    require_aware(before[0]),
-                    int(before[1]),
-                    limit,
-                )
-        return [
-            AccessEntryRow(
-                entry_id=int(r["entry_id"]),
-                at=r["at"],
-                action_ct=bytes(r["action_ct"]),
-                ip_ct=bytes(r["ip_ct"]),
-            )
-            for r in rows
-        ]
+    # Appending and paging are shared (vault.store.sql.access_log).
 
     # --- access-log partitions (monthly, UTC) ------------------------------------
     # Partition names carry their month, so bounds come from the name, and a name

@@ -3,7 +3,7 @@
 A shared statement is written in PostgreSQL's placeholder style (``$1``, ``$2``,
 reusable) with ``{share}`` / ``{update}`` where PostgreSQL takes a row lock and
 ``{jsonb}`` / ``{text}`` / ``{uuid}`` where it needs a cast, ``{true}`` for a
-boolean literal. SQLite numbers its
+boolean literal, ``{no_key_update}`` for PostgreSQL's weaker update lock. SQLite numbers its
 placeholders ``?1``, ``?2`` (the same binding: ``?n`` is the n-th argument) and
 needs neither the locks (a write holds the database's one write lock from its
 first statement) nor the casts. Statements are rendered once, at import, so a
@@ -37,6 +37,8 @@ class Dialect:
     from_time: Callable[[Any], datetime]
     #: A member id as the backend's column holds it (PostgreSQL: uuid; SQLite: text).
     member_id: Callable[[str], Any]
+    #: Below every member id: where a keyset page by member id starts.
+    member_floor: Any
 
     def flag(self, column: str, value: bool = True) -> str:
         """A test of a boolean column, as the backend's partial indexes spell it
@@ -72,20 +74,24 @@ POSTGRES = Dialect(
         "text": "::text",
         "uuid": "::uuid",
         "true": "true",
+        "no_key_update": " FOR NO KEY UPDATE",
     },
     placeholder="$",
     time=require_aware,
     from_time=_as_is,
     member_id=_uuid,
+    member_floor=uuid.UUID(int=0),
 )
 
 SQLITE = Dialect(
     name="sqlite",
-    fragments={"share": "", "update": "", "jsonb": "", "text": "", "uuid": "", "true": "1"},
+    # No row locks (the write lock is held already) and no casts: all empty but true.
+    fragments={**dict.fromkeys(POSTGRES.fragments, ""), "true": "1"},
     placeholder="?",
     time=_sqlite_time,
     from_time=from_micros,
     member_id=canonical_member_id,
+    member_floor="",
 )
 
 

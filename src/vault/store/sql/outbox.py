@@ -1,6 +1,6 @@
-"""The mail outbox's reads and updates (see :class:`vault.store.contracts.outbox.OutboxStore`),
-once for both. Enqueueing stays in the backends: it guards the member row
-(PostgreSQL FOR SHARE, SQLite's write lock) and equalises a missing member's cost."""
+"""The mail outbox (see :class:`vault.store.contracts.outbox.OutboxStore`), once for
+both backends. Enqueueing guards the member row (PostgreSQL FOR SHARE, SQLite's
+write lock) and equalises a missing member's cost (``Tx.decoy_write``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from datetime import datetime
 
 from vault.store._common import check_limit
 from vault.store.rows import OutboxMessage
+from vault.store.sql import guards
 from vault.store.sql.dialect import both
-from vault.store.sql.executor import SqlExecutor
+from vault.store.sql.executor import ForeignKeyViolation, SqlExecutor, Tx
 
 _DUE = both(
     "SELECT message_id, member_id, kind, params{text}, created_at, attempts, "
@@ -22,7 +23,24 @@ _RETRY = both("UPDATE outbox SET attempts = $2, next_attempt_at = $3 WHERE messa
 
 
 class SqlOutbox(SqlExecutor):
-    """Due messages, retries and deliveries."""
+    """Enqueueing, due messages, retries and deliveries."""
+
+    async def enqueue_outbox(self, message: OutboxMessage) -> bool:
+        d = self._dialect
+        row = guards.outbox_params(d, message)
+
+        async def body(tx: Tx) -> bool:
+            # FOR SHARE holds the member against a concurrent shred until commit.
+            if await tx.fetchval(guards.MEMBER_EXISTS[d.name], row[1]) is None:
+                await tx.decoy_write()  # as costly as the insert
+                return False
+            await tx.run(guards.ENQUEUE_OUTBOX[d.name], *row)
+            return True
+
+        try:
+            return await self._in_transaction(body)
+        except ForeignKeyViolation:
+            return False
 
     async def due_outbox(self, now: datetime, limit: int) -> list[OutboxMessage]:
         d = self._dialect

@@ -14,45 +14,25 @@ Timestamps are INTEGER microseconds since the Unix epoch (UTC). ``secure_delete`
 zeroes deleted content in the file, and a shred is followed by a WAL checkpoint so
 old page images leave the WAL as well.
 
-One module per storage domain; each is a part of the store sharing the one
-connection layer in ``_db`` (the composite below is the whole :class:`Store`).
+The statements and transaction bodies both dialects agree on are written once in
+:mod:`vault.store.sql` (a body runs on the writer thread in one hand-off, see
+``sql.executor.run_now``); a module here keeps what SQLite does its own way (the
+member read's JSON, the quota list, the purge by rowid), over the one connection
+layer in ``_db``. The composite below is the whole :class:`Store`.
 """
 
 from __future__ import annotations
 
-from vault.store.sql.access_log import SqlAccessLogCount
-from vault.store.sql.destruction import SqlDestructionRecords
-from vault.store.sql.inactivity import SqlInactivity
-from vault.store.sql.key_events import SqlKeyEvents
-from vault.store.sql.lease import SqlLease
-from vault.store.sql.outbox import SqlOutbox
-from vault.store.sql.recovery import SqlRecoveryTokens
-from vault.store.sqlite.access_log import SqliteAccessLog
-from vault.store.sqlite.destruction import SqliteDestruction
-from vault.store.sqlite.inactivity import SqliteInactivity
-from vault.store.sqlite.keys import SqliteKeys
+from vault.store.sql.store import SqlVaultStore
+from vault.store.sqlite._db import _SqliteDatabase
 from vault.store.sqlite.members import SqliteMembers
-from vault.store.sqlite.outbox import SqliteOutbox
 from vault.store.sqlite.recovery import SqliteRecovery
 from vault.store.sqlite.retention import SqliteRetentionStore
 
 __all__ = ["SqliteRetentionStore", "SqliteStore"]
 
 
-class SqliteStore(
-    SqliteKeys,
-    SqlKeyEvents,
-    SqliteMembers,
-    SqliteAccessLog,
-    SqlAccessLogCount,
-    SqliteDestruction,
-    SqlDestructionRecords,
-    SqlLease,
-    SqliteInactivity,
-    SqlInactivity,
-    SqliteRecovery,
-    SqlRecoveryTokens,
-    SqliteOutbox,
-    SqlOutbox,
-):
-    """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``."""
+class SqliteStore(SqliteMembers, SqliteRecovery, SqlVaultStore, _SqliteDatabase):
+    """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``.
+    The statements both dialects agree on are in :class:`SqlVaultStore`; in front of
+    it only what SQLite does its own way."""

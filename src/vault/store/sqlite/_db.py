@@ -11,22 +11,22 @@ from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
 
 from vault.clock import from_micros, to_micros
-from vault.errors import (
-    AlreadyExists,
-    StorageUnavailable,
-)
+from vault.errors import StorageUnavailable
 from vault.store._common import (
     canonical_member_id,
     check_limit,
     require_aware,
 )
 from vault.store._migrations import load_migrations
-from vault.store.rows import (
-    MemberKeyRow,
-    RewrapUpdate,
-)
+from vault.store.rows import RewrapUpdate
 from vault.store.sql.dialect import SQLITE
-from vault.store.sql.executor import SqlExecutor
+from vault.store.sql.executor import (
+    Body,
+    ForeignKeyViolation,
+    SqlExecutor,
+    UniqueViolation,
+    run_now,
+)
 
 _T = TypeVar("_T")
 
@@ -77,20 +77,6 @@ def _is_unavailable(exc: sqlite3.Error) -> bool:
     return not name and ("unable to open" in text or "locked" in text)
 
 
-def _integrity_error(exc: sqlite3.IntegrityError) -> Exception:
-    """The vault error for a constraint failure; the SQLite text is never echoed."""
-    name = getattr(exc, "sqlite_errorname", "")
-    if name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"):
-        _, _, columns = str(exc).partition("failed: ")
-        field = _UNIQUE_FIELDS.get(columns.split(",")[0].strip())
-        if field is not None:
-            return AlreadyExists(field)
-    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
-        # The only foreign key a caller can miss here is the KEK version.
-        return ValueError("the member key's KEK version does not exist")
-    return exc
-
-
 def _split_statements(script: str) -> list[str]:
     """Split a migration into statements; executescript() would commit mid-migration."""
     statements: list[str] = []
@@ -105,6 +91,54 @@ def _split_statements(script: str) -> list[str]:
     ):
         raise ValueError("a migration ends with an incomplete statement")
     return statements
+
+
+class _SqliteTx:
+    """The shared transaction bodies' :class:`Tx` on the writer thread's connection:
+    each await completes at once, so :func:`run_now` runs a body there."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return self._conn.execute(sql, args).fetchall()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Sequence[Any] | None:
+        row: Sequence[Any] | None = self._conn.execute(sql, args).fetchone()
+        return row
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = self._conn.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    async def run(self, sql: str, *args: Any) -> int:
+        return self._conn.execute(sql, args).rowcount
+
+    async def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(sql, rows)
+
+    async def copy(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        marks = ", ".join("?" * len(columns))
+        self._conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    async def decoy_write(self) -> None:
+        # Dirty a page without changing anything, so the commit writes and syncs
+        # the WAL as a real insert's would.
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        self._conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+def _constraint_error(exc: sqlite3.IntegrityError) -> Exception:
+    """The shared bodies' constraint error; the SQLite text is never echoed."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"):
+        _, _, columns = str(exc).partition("failed: ")
+        return UniqueViolation(_UNIQUE_FIELDS.get(columns.split(",")[0].strip()))
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        return ForeignKeyViolation()
+    return exc
 
 
 def _transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -256,18 +290,27 @@ class _SqliteDatabase(SqlExecutor):
         """Run ``work`` in one write transaction on the worker thread."""
         return await self._call(lambda conn: _transaction(conn, work))
 
-    async def _write_and_scrub(self, work: Callable[[sqlite3.Connection], _T | None]) -> _T | None:
-        """A destroying write: after it commits (and did something), copy the zeroed
-        pages into the file and empty the WAL, so the deleted rows' old page images
-        do not linger in it."""
+    async def _write_and_scrub(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """A destroying write: after it commits (and did something: a truthy
+        result), copy the zeroed pages into the file and empty the WAL, so the
+        deleted rows' old page images do not linger in it."""
 
-        def run(conn: sqlite3.Connection) -> _T | None:
+        def run(conn: sqlite3.Connection) -> _T:
             result = _transaction(conn, work)
-            if result is not None:
+            if result:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return result
 
         return await self._call(run)
+
+    async def _in_transaction(self, body: Body[_T], *, scrub: bool = False) -> _T:
+        def work(conn: sqlite3.Connection) -> _T:
+            return run_now(body(_SqliteTx(conn)))
+
+        try:
+            return await (self._write_and_scrub(work) if scrub else self._write(work))
+        except sqlite3.IntegrityError as exc:
+            raise _constraint_error(exc) from None
 
     async def close(self) -> None:
         if self._closed:
@@ -325,23 +368,7 @@ class _SqliteDatabase(SqlExecutor):
         return await self._write(work)
 
     # --- key re-wrap (the vault's member_keys, the retention store's copies) -----
-    async def member_keys_to_rewrap(
-        self, target_version: int, after_member_id: str | None, limit: int
-    ) -> list[MemberKeyRow]:
-        table = self._KEYS_TABLE
-        limit = check_limit(limit)
-        after = "" if after_member_id is None else canonical_member_id(after_member_id)
-
-        def work(conn: sqlite3.Connection) -> list[MemberKeyRow]:
-            rows = conn.execute(
-                f"SELECT member_id, dek_id, kek_version, wrapped_dek FROM {table} "
-                "WHERE kek_version <> ? AND member_id > ? ORDER BY member_id LIMIT ?",
-                (target_version, after, limit),
-            ).fetchall()
-            return [MemberKeyRow(str(m), int(d), int(v), bytes(w)) for m, d, v, w in rows]
-
-        return self._read(work)
-
+    # member_keys_to_rewrap is shared (vault.store.sql.keys); the batch update here.
     async def apply_rewrap(self, updates: Sequence[RewrapUpdate]) -> int:
         table = self._KEYS_TABLE
         params = [

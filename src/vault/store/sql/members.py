@@ -1,0 +1,167 @@
+"""Members' writes and consents (part of
+:class:`vault.store.contracts.members.MemberStore`), once for both backends. The
+member read (``get_member`` / ``find_member``, the hot path) stays in the
+backends: PostgreSQL aggregates the consents into an array of records, SQLite
+into JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vault.store._common import (
+    CT_COLUMNS,
+    HMAC_COLUMNS,
+    check_new_member,
+    update_assignments,
+)
+from vault.store.rows import ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
+from vault.store.sql import guards
+from vault.store.sql.dialect import both
+from vault.store.sql.executor import (
+    ForeignKeyViolation,
+    MemberGone,
+    SqlExecutor,
+    Tx,
+    UniqueViolation,
+)
+from vault.store.sql.keys import members_update
+
+_MEMBER_COLUMNS = ["member_id", "created_at", "last_seen_at", *HMAC_COLUMNS.values()]
+_MEMBER_COLUMNS += list(CT_COLUMNS.values())
+_INSERT_MEMBER = both(
+    f"INSERT INTO members ({', '.join(_MEMBER_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_MEMBER_COLUMNS) + 1))})"
+)
+_INSERT_KEY = both(
+    "INSERT INTO member_keys (member_id, dek_id, kek_version, wrapped_dek) VALUES ($1, $2, $3, $4)"
+)
+_INSERT_CONSENT = both(
+    "INSERT INTO consents (member_id, purpose, granted, policy_version, recorded_at) "
+    "VALUES ($1, $2, $3, $4, $5)"
+)
+_LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
+# A connection cancels a pending inactivity notice (the clock restarts).
+_SEEN = "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL"
+_LOGIN = both(f"{_SEEN} WHERE member_id = $1")
+_LOGIN_REHASH = both(f"{_SEEN}, password_hash_ct = $3 WHERE member_id = $1")
+INSERT_ACCESS = both(
+    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)"
+)
+_CONSENTS = both(
+    "SELECT purpose, granted, policy_version, recorded_at FROM consents "
+    "WHERE member_id = $1 ORDER BY purpose"
+)
+
+
+class SqlMembers(SqlExecutor):
+    """Sign-ups, updates, logins and consents."""
+
+    async def insert_member(self, member: MemberRow) -> None:
+        d = self._dialect
+        member_id = d.member_id(check_new_member(member))
+        values = [
+            member_id,
+            d.time(member.created_at),
+            d.time(member.last_seen_at),
+            *(bytes(member.blind_indexes[f]) for f in HMAC_COLUMNS),
+            *(bytes(member.ciphertexts[f]) for f in CT_COLUMNS),
+        ]
+        key = member.key
+        consents = [
+            (member_id, c.purpose, c.granted, c.policy_version, d.time(c.recorded_at))
+            for c in member.consents
+        ]
+
+        async def body(tx: Tx) -> None:
+            await guards.require_not_destroyed(tx, d, key.kek_version)
+            await tx.run(_INSERT_MEMBER[d.name], *values)
+            await tx.run(
+                _INSERT_KEY[d.name], member_id, key.dek_id, key.kek_version, bytes(key.wrapped_dek)
+            )
+            await tx.run_many(_INSERT_CONSENT[d.name], consents)
+
+        try:
+            await self._in_transaction(body)
+        except UniqueViolation as exc:
+            raise exc.error() from None
+        except ForeignKeyViolation:
+            # The only foreign key a caller can miss here is the KEK version.
+            raise ValueError("the member key's KEK version does not exist") from None
+
+    async def update_member(
+        self,
+        member_id: str,
+        ciphertexts: Mapping[str, bytes],
+        blind_indexes: Mapping[str, bytes] | None = None,
+        *,
+        dek_id: int,
+        notify: OutboxMessage | None = None,
+    ) -> bool:
+        d = self._dialect
+        key = d.member_id(member_id)
+        assignments = update_assignments(ciphertexts, blind_indexes)
+        update = members_update(d, [column for column, _ in assignments])
+        outbox_row = None if notify is None else guards.outbox_params(d, notify)
+        if outbox_row is not None and outbox_row[1] != key:
+            raise ValueError("the message is for another member")
+
+        async def body(tx: Tx) -> bool:
+            # The lock order: the members row first (by the update itself), then
+            # the key row; a rotated key rolls the update back.
+            if assignments:
+                if await tx.run(update, key, *(value for _, value in assignments)) != 1:
+                    return False
+            elif not await tx.fetchval(_LOCK_MEMBER_ROW[d.name], key):
+                return False
+            await guards.check_dek(tx, d, key, dek_id)
+            if outbox_row is not None:
+                await tx.run(guards.INSERT_OUTBOX[d.name], *outbox_row)
+            return True
+
+        try:
+            return await self._in_transaction(body)
+        except UniqueViolation as exc:
+            raise exc.error() from None
+        except MemberGone:
+            return False
+
+    async def record_login(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        password_hash_ct: bytes | None = None,
+        *,
+        dek_id: int,
+    ) -> bool:
+        d = self._dialect
+        key = d.member_id(member_id)
+        at = d.time(entry.at)
+        login: tuple[Any, ...] = (
+            (_LOGIN[d.name], key, at)
+            if password_hash_ct is None
+            else (_LOGIN_REHASH[d.name], key, at, bytes(password_hash_ct))
+        )
+        log_row = (key, at, bytes(entry.action_ct), bytes(entry.ip_ct))
+
+        async def body(tx: Tx) -> bool:
+            # The lock order: the members row first (by the update), then the key
+            # row; a rotated key rolls the update back.
+            if await tx.run(*login) != 1:
+                return False
+            await guards.check_dek(tx, d, key, dek_id)
+            await tx.run(INSERT_ACCESS[d.name], *log_row)
+            return True
+
+        try:
+            return await self._in_transaction(body)
+        except MemberGone:
+            return False
+
+    async def list_consents(self, member_id: str) -> list[ConsentRow]:
+        d = self._dialect
+        rows = await self._fetch(_CONSENTS[d.name], d.member_id(member_id))
+        return [
+            ConsentRow(str(purpose), bool(granted), str(version), d.from_time(at))
+            for purpose, granted, version, at in rows
+        ]

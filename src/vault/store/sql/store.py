@@ -1,0 +1,28 @@
+"""The vault store's shared parts together: each backend's store is this, its own
+few differences in front, and its connection layer behind."""
+
+from __future__ import annotations
+
+from vault.store.sql.access_log import SqlAccessLog
+from vault.store.sql.destruction import SqlDestruction
+from vault.store.sql.inactivity import SqlInactivity
+from vault.store.sql.key_events import SqlKeyEvents
+from vault.store.sql.keys import SqlKeys
+from vault.store.sql.lease import SqlLease
+from vault.store.sql.members import SqlMembers
+from vault.store.sql.outbox import SqlOutbox
+from vault.store.sql.recovery import SqlRecoveryTokens
+
+
+class SqlVaultStore(
+    SqlKeys,
+    SqlKeyEvents,
+    SqlMembers,
+    SqlAccessLog,
+    SqlDestruction,
+    SqlLease,
+    SqlInactivity,
+    SqlRecoveryTokens,
+    SqlOutbox,
+):
+    """Every statement of the vault store that the dialects agree on."""
