@@ -251,7 +251,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], list
 
     per_ratio = 2 * args.warmup + 2 * args.pairs * (args.settle + args.slice)
     print(
-        f"running {len(RATIOS)} interleaved pairs of scenarios, ~{per_ratio:.0f} s each...",
+        f"running {len(args.only)} interleaved pairs of scenarios, ~{per_ratio:.0f} s each...",
         file=sys.stderr,
     )
     # Both servers stay up all through: the one not in the current slice sits idle.
@@ -263,27 +263,34 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], list
         members = asyncio.run(seed(address, args.members, tag))
         ids, logins = tuple(m for m, _ in members), tuple(login for _, login in members)
         echo_ids = tuple(str(uuid.uuid4()) for _ in range(args.members))
-        pairs(
-            get_member,
-            {
-                get_member.baseline: Load(echo, "GetMember", args.concurrency, member_ids=echo_ids),
-                get_member.service: Load(address, "GetMember", args.concurrency, member_ids=ids),
-            },
-        )
-        pairs(
-            authenticate,
-            {
-                authenticate.service: Load(
-                    address, "Authenticate", args.password_concurrency, login_ids=logins
-                )
-            },
-            {authenticate.baseline: "verify"},
-        )
-        pairs(
-            sign_up,
-            {sign_up.service: Load(address, "SignUp", args.password_concurrency, tag=tag)},
-            {sign_up.baseline: "hash"},
-        )
+        if get_member.service in args.only:
+            pairs(
+                get_member,
+                {
+                    get_member.baseline: Load(
+                        echo, "GetMember", args.concurrency, member_ids=echo_ids
+                    ),
+                    get_member.service: Load(
+                        address, "GetMember", args.concurrency, member_ids=ids
+                    ),
+                },
+            )
+        if authenticate.service in args.only:
+            pairs(
+                authenticate,
+                {
+                    authenticate.service: Load(
+                        address, "Authenticate", args.password_concurrency, login_ids=logins
+                    )
+                },
+                {authenticate.baseline: "verify"},
+            )
+        if sign_up.service in args.only:
+            pairs(
+                sign_up,
+                {sign_up.service: Load(address, "SignUp", args.password_concurrency, tag=tag)},
+                {sign_up.baseline: "hash"},
+            )
     return results, paired
 
 
@@ -332,9 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--argon2-time-cost", type=int, default=owasp.time_cost)
     parser.add_argument("--argon2-memory-cost", type=int, default=owasp.memory_cost, help="KiB")
     parser.add_argument("--argon2-parallelism", type=int, default=owasp.parallelism)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=[r.service for r in RATIOS],
+        help="measure only this ratio (repeatable; default: all)",
+    )
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 on a missed target or error")
     args = parser.parse_args(argv)
+    args.only = args.only or [r.service for r in RATIOS]
     measured: list[tuple[dict[str, Stats], list[Paired]]] = []
 
     def work() -> None:

@@ -29,10 +29,20 @@ def timestamp(at: datetime) -> Timestamp:
     return Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
 
 
+def _set_timestamp(target: Timestamp, at: datetime) -> None:
+    """``timestamp(at)`` written into a field in place: no message made and copied."""
+    seconds, micros = divmod(to_micros(at), 1_000_000)
+    target.seconds = seconds
+    target.nanos = micros * 1000
+
+
 # --- members --------------------------------------------------------------------------------
 
 _PURPOSE_PREFIX = "PURPOSE_"
 _PURPOSES: dict[int, Purpose] = {mpb.Purpose.Value(_PURPOSE_PREFIX + p.value): p for p in Purpose}
+_PURPOSE_VALUES: dict[str, mpb.Purpose.ValueType] = {
+    p.value: mpb.Purpose.Value(_PURPOSE_PREFIX + p.value) for p in Purpose
+}
 
 
 def purpose_from_pb(value: int, field: str) -> Purpose:
@@ -44,31 +54,39 @@ def purpose_from_pb(value: int, field: str) -> Purpose:
 
 
 def purpose_pb(value: str) -> mpb.Purpose.ValueType:
-    return mpb.Purpose.Value(_PURPOSE_PREFIX + value)
+    try:
+        return _PURPOSE_VALUES[value]  # a dict lookup: four times a member read
+    except KeyError:
+        return mpb.Purpose.Value(_PURPOSE_PREFIX + value)  # its ValueError, as before
 
 
 def member_pb(view: MemberView) -> mpb.Member:
+    member = mpb.Member()
+    fill_member(member, view)
+    return member
+
+
+def fill_member(member: mpb.Member, view: MemberView) -> None:
+    """Write ``view`` into ``member`` (a response's field), building every sub-message in
+    place: half the cost of making them and copying them in (GetMember's hot path)."""
+    member.member_id = view.member_id
     # Unset (None) fields are the ones the purpose does not allow.
-    fields = {
-        name: value
-        for name in ("login_id", "name", "email", "mobile_phone")
-        if (value := getattr(view, name)) is not None
-    }
-    return mpb.Member(
-        member_id=view.member_id,
-        created_at=timestamp(view.created_at),
-        last_seen_at=timestamp(view.last_seen_at),
-        consents=[
-            mpb.Consent(
-                purpose=purpose_pb(c.purpose),
-                granted=c.granted,
-                policy_version=c.policy_version,
-                recorded_at=timestamp(c.recorded_at),
-            )
-            for c in view.consents
-        ],
-        **fields,
-    )
+    if view.login_id is not None:
+        member.login_id = view.login_id
+    if view.name is not None:
+        member.name = view.name
+    if view.email is not None:
+        member.email = view.email
+    if view.mobile_phone is not None:
+        member.mobile_phone = view.mobile_phone
+    _set_timestamp(member.created_at, view.created_at)
+    _set_timestamp(member.last_seen_at, view.last_seen_at)
+    add = member.consents.add
+    for c in view.consents:
+        consent = add(
+            purpose=purpose_pb(c.purpose), granted=c.granted, policy_version=c.policy_version
+        )
+        _set_timestamp(consent.recorded_at, c.recorded_at)
 
 
 def access_entry_pb(e: AccessEntry) -> mpb.AccessEntry:

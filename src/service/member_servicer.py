@@ -11,7 +11,7 @@ from typing import Protocol
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
-from service.convert import access_entry_pb, member_pb, purpose_from_pb, timestamp
+from service.convert import access_entry_pb, fill_member, purpose_from_pb, timestamp
 from service.interceptors import Context, metadata_value
 from vault import (
     AccessPage,
@@ -80,7 +80,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         view = await self._vault.get_member(
             request.member_id, purpose_from_pb(request.purpose, "purpose")
         )
-        return pb.GetMemberResponse(member=member_pb(view))
+        response = pb.GetMemberResponse()
+        fill_member(response.member, view)  # in place: no Member made and copied in
+        return response
 
     async def UpdateMember(
         self, request: pb.UpdateMemberRequest, context: Context
@@ -92,7 +94,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             mobile_phone=request.mobile_phone if request.HasField("mobile_phone") else None,
         )
         view = await self._vault.update_member(request.member_id, changes)
-        return pb.UpdateMemberResponse(member=member_pb(view))
+        response = pb.UpdateMemberResponse()
+        fill_member(response.member, view)
+        return response
 
     async def ChangePassword(
         self, request: pb.ChangePasswordRequest, context: Context

@@ -28,6 +28,7 @@ material is stored and every replica derives the same key:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -142,8 +143,14 @@ def _aad(kind: str, header: bytes, binding: bytes) -> bytes:
     return b"pv." + kind.encode() + header + binding
 
 
+@functools.lru_cache(maxsize=256)
+def _lp_name(name: str) -> bytes:
+    # A field's name, length-prefixed: the same few names on every read (not data).
+    return _lp(name.encode())
+
+
 def _field_binding(member_id: str, field: str) -> bytes:
-    return _lp(member_id.encode()) + _lp(field.encode())
+    return _lp(member_id.encode()) + _lp_name(field)
 
 
 def seal_field(

@@ -15,7 +15,9 @@ def to_micros(at: datetime) -> int:
 
 
 def from_micros(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=micros)
+    # Positional (days, seconds, microseconds): a third faster than the keyword, and
+    # this runs six times per member read.
+    return _EPOCH + timedelta(0, 0, micros)
 
 
 class Clock(Protocol):
