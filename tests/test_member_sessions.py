@@ -159,12 +159,17 @@ async def test_every_member_right_is_refused_alike_without_that_members_session(
         "ended": (ended_id, ended),
         "expired": (expired_id, expired),
         "unknown member": (UNKNOWN_MEMBER, other_session),
-        "malformed member": ("not-a-member-id", other_session),
     }
     assert set(_calls(victim)) == set(MEMBER_RIGHTS)
     for member_id, metadata in sessions.values():
         for call in _calls(member_id).values():
             await _needs_session(call(members, metadata))
+    # A malformed member id is a bad request, as everywhere (its form is public).
+    for call in _calls("not-a-member-id").values():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(members, other_session)
+        assert caught.value.code() == Code.INVALID_ARGUMENT
+        assert set(field_violations(caught.value)) == {"member_id"}
     # The other member's session is live: it was refused for being another's.
     assert (await _get(members, other_id, other_session)).member_id == other_id
     # Other purposes are calling services' reads: no member session.

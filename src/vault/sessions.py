@@ -21,10 +21,11 @@ import re
 import secrets
 from datetime import timedelta
 
-from vault import ids
+from vault import policy
 from vault.clock import Clock
 from vault.errors import AuthenticationFailed, MemberSessionRequired
 from vault.members import VaultSettings, log
+from vault.policy import Violations
 from vault.store.base import SessionRow, SessionStore
 
 SESSION_TOKEN_BYTES = 32  # 256 bits
@@ -70,10 +71,10 @@ class MemberSessions:
     async def require(self, token: str, member_id: str) -> None:
         """Pass if ``token`` is a live session of ``member_id``, and count this as a
         use (the idle timer starts again); else MemberSessionRequired."""
-        hashed = self._checked(token, member_id)
+        hashed, mid = self._checked(token, member_id)
         now = self._clock.now()
         row = await self._store.find_session(hashed, now)
-        if row is None or row.member_id != ids.canonical_member_id(member_id):
+        if row is None or row.member_id != mid:
             raise MemberSessionRequired
         idle_until = min(now + self._idle, row.expires_at)
         # Refresh False: it ended (EndSession, a password change) since the read.
@@ -85,9 +86,8 @@ class MemberSessions:
     async def end(self, token: str, member_id: str) -> None:
         """End this session of the member (EndSession); MemberSessionRequired if it
         is not one."""
-        hashed = self._checked(token, member_id)
-        mid = ids.canonical_member_id(member_id)
-        if mid is None or not await self._store.end_session(hashed, mid):
+        hashed, mid = self._checked(token, member_id)
+        if not await self._store.end_session(hashed, mid):
             raise MemberSessionRequired
         log.info("member_session_ended")
 
@@ -98,9 +98,14 @@ class MemberSessions:
         return ended
 
     @staticmethod
-    def _checked(token: str, member_id: str) -> bytes:
-        # A token of the wrong shape, or a malformed member id, is refused before
-        # any lookup: the same error as an unknown one.
-        if not _TOKEN.fullmatch(token) or ids.canonical_member_id(member_id) is None:
+    def _checked(token: str, member_id: str) -> tuple[bytes, str]:
+        """The token's hash and the canonical member id. A malformed member id is
+        InvalidInput, as everywhere (its form is public: no oracle); a token of the
+        wrong shape is refused before any lookup, like an unknown one."""
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        v.raise_if_any()
+        assert mid
+        if not _TOKEN.fullmatch(token):
             raise MemberSessionRequired
-        return token_hash(token)
+        return token_hash(token), mid

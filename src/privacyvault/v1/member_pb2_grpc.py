@@ -46,7 +46,8 @@ class MemberServiceStub:
     UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
-    id. It is checked after the field limits and before anything else. A
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
     session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
     use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
     EndSession, a password change or reset, and the member's withdrawal end it
@@ -153,7 +154,8 @@ class MemberServiceServicer:
     UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
-    id. It is checked after the field limits and before anything else. A
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
     session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
     use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
     EndSession, a password change or reset, and the member's withdrawal end it
@@ -223,7 +225,8 @@ class MemberServiceServicer:
         crypto-shredded at once; with one, what the member entered moves, encrypted,
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
-        NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+        NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+        sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
         withdrawal of the same member is in flight. It needs the member's session
         (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
         UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
@@ -426,7 +429,8 @@ class MemberService:
     UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
-    id. It is checked after the field limits and before anything else. A
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
     session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
     use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
     EndSession, a password change or reset, and the member's withdrawal end it

@@ -47,7 +47,8 @@ class MemberServiceStub:
     UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
-    id. It is checked after the field limits and before anything else. A
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
     session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
     use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
     EndSession, a password change or reset, and the member's withdrawal end it
@@ -101,7 +102,8 @@ class MemberServiceStub:
     crypto-shredded at once; with one, what the member entered moves, encrypted,
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
-    NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+    NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+    sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
     withdrawal of the same member is in flight. It needs the member's session
     (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
     UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
@@ -188,7 +190,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
-    id. It is checked after the field limits and before anything else. A
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
     session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
     use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
     EndSession, a password change or reset, and the member's withdrawal end it
@@ -239,7 +242,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     crypto-shredded at once; with one, what the member entered moves, encrypted,
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
-    NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+    NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+    sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
     withdrawal of the same member is in flight. It needs the member's session
     (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
     UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
@@ -325,7 +329,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
-    id. It is checked after the field limits and before anything else. A
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
     session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
     use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
     EndSession, a password change or reset, and the member's withdrawal end it
@@ -410,7 +415,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         crypto-shredded at once; with one, what the member entered moves, encrypted,
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
-        NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
+        NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+        sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
         withdrawal of the same member is in flight. It needs the member's session
         (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
         UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
