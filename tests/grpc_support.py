@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
+from service.server import RunningServer
 from vault import CHEAPEST
 
 CLIENT_IP = (("x-client-ip", "203.0.113.7"),)
@@ -70,6 +71,14 @@ async def member_session(
     )
     assert auth.session_token
     return ((SESSION_KEY, auth.session_token),)
+
+
+async def vault_session(server: RunningServer, member_id: str) -> Metadata:
+    """A session started by the server's vault itself (``Vault.sessions.start``, what
+    Authenticate does after the password check), for tests whose assertions count the
+    member's access-log entries: an Authenticate would add one. Tests of the login
+    itself use :func:`member_session`."""
+    return ((SESSION_KEY, await server.vault.sessions.start(member_id)),)
 
 
 async def signed_in(members: MemberServiceStub, **overrides: object) -> tuple[str, Metadata]:

@@ -145,9 +145,7 @@ async def test_a_shred_deletes_the_members_sessions(vault: Store) -> None:
 async def test_concurrent_logins_keep_the_bound(vault: Store) -> None:
     mid = await _member(vault)
     made = [session(mid, n / 1000) for n in range(12)]
-    results = await asyncio.gather(
-        *(vault.create_session(s, keep=5, purge_limit=10) for s in made)
-    )
+    results = await asyncio.gather(*(vault.create_session(s, keep=5, purge_limit=10) for s in made))
     assert all(results)
     live = [await vault.find_session(s.token_hash, ts(1)) for s in made]
     assert sum(s is not None for s in live) == 5
