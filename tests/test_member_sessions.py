@@ -369,7 +369,7 @@ async def test_a_legitimate_email_change_is_told_to_the_old_address(
         _email_change(member_id, new_email, request.password), metadata=session
     )
     assert changed.member.email == new_email
-    queued = await server.vault.store.due_outbox(clock.now() + timedelta(days=1), 10)
+    queued = await server.vault.parts.store.due_outbox(clock.now() + timedelta(days=1), 10)
     assert [m.kind for m in queued] == ["email_changed"]
     # No address in the clear in the outbox: the old one is sealed under the DEK.
     assert request.email not in repr(queued[0].params)
@@ -400,7 +400,7 @@ async def test_an_email_change_notice_is_dropped_with_a_shredded_member(
     await members.Withdraw(
         pb.WithdrawRequest(member_id=member_id, password=request.password), metadata=session
     )
-    assert await server.vault.store.due_outbox(clock.now() + timedelta(days=1), 10) == []
+    assert await server.vault.parts.store.due_outbox(clock.now() + timedelta(days=1), 10) == []
     assert await _relay(server, clock, smtp_server) == 0
     assert smtp_server.handler.received == []
 
