@@ -11,10 +11,15 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from privacyvault.v1 import member_pb2 as pb
+from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
+from service.server import RunningServer
 from vault import CHEAPEST
 
 CLIENT_IP = (("x-client-ip", "203.0.113.7"),)
+#: The metadata key the member's own-rights calls carry their session in.
+SESSION_KEY = "x-member-session"
+Metadata = tuple[tuple[str, str], ...]
 #: The admin token of the test servers that serve KeyAdminService (``admin_settings``).
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 _counter = itertools.count(1)
@@ -53,6 +58,34 @@ def sign_up_request(**overrides: object) -> pb.SignUpRequest:
     }
     fields.update(overrides)
     return pb.SignUpRequest(**fields)  # type: ignore[arg-type]
+
+
+async def member_session(
+    members: MemberServiceStub, request: pb.SignUpRequest, password: str | None = None
+) -> Metadata:
+    """Log the member of ``request`` in (Authenticate, recorded in their access log)
+    and return what their own-rights calls send: ``(("x-member-session", token),)``."""
+    auth = await members.Authenticate(
+        pb.AuthenticateRequest(login_id=request.login_id, password=password or request.password),
+        metadata=CLIENT_IP,
+    )
+    assert auth.session_token
+    return ((SESSION_KEY, auth.session_token),)
+
+
+async def vault_session(server: RunningServer, member_id: str) -> Metadata:
+    """A session started by the server's vault itself (``Vault.sessions.start``, what
+    Authenticate does after the password check), for tests whose assertions count the
+    member's access-log entries: an Authenticate would add one. Tests of the login
+    itself use :func:`member_session`."""
+    return ((SESSION_KEY, await server.vault.sessions.start(member_id)),)
+
+
+async def signed_in(members: MemberServiceStub, **overrides: object) -> tuple[str, Metadata]:
+    """A new member (``sign_up_request(**overrides)``), logged in: (member id, session)."""
+    request = sign_up_request(**overrides)
+    member_id = (await members.SignUp(request)).member_id
+    return member_id, await member_session(members, request)
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from grpc_support import CLIENT_IP, field_violations, sign_up_request
+from grpc_support import CLIENT_IP, field_violations, member_session, sign_up_request
 from mail_support import (
     SmtpServer,
     lf_body,
@@ -288,7 +288,8 @@ async def test_change_password_notifies_the_member(
     await members.ChangePassword(
         pb.ChangePasswordRequest(
             member_id=member_id, current_password=request.password, new_password=NEW_PASSWORD
-        )
+        ),
+        metadata=await member_session(members, request),
     )
     (notice,) = await outbox(server.vault.parts.store, clock)
     assert (notice.member_id, notice.kind, notice.params["via"]) == (

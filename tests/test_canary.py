@@ -251,6 +251,7 @@ def _sign_up(person: Person) -> pb.SignUpRequest:
 async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientErrors) -> list[str]:
     """Every RPC, happy and failing, with canaries in every personal field. Returns exports."""
     member_ids = []
+    sessions: list[tuple[tuple[str, str], ...]] = []  # each member's own session
     for person in PEOPLE:
         response = await members.SignUp(_sign_up(person))
         member_ids.append(response.member_id)
@@ -259,6 +260,7 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
             metadata=META,
         )
         assert auth.member_id == response.member_id
+        sessions.append((("x-member-session", auth.session_token),))
         await members.RecordAccess(
             pb.RecordAccessRequest(member_id=response.member_id, action=ACTION, ip=CLIENT_IP)
         )
@@ -270,17 +272,21 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
             name=RENAMED,
             email=REMAILED,
             update_mask=FieldMask(paths=["name", "email"]),
-        )
+            current_password=PEOPLE[0].password,
+        ),
+        metadata=sessions[0],
     )
     assert updated.member.name == RENAMED
     await members.ChangePassword(
         pb.ChangePasswordRequest(
             member_id=first, current_password=PEOPLE[0].password, new_password=NEW_PASSWORD
-        )
+        ),
+        metadata=sessions[0],
     )
-    await members.Authenticate(
+    again = await members.Authenticate(
         pb.AuthenticateRequest(login_id=PEOPLE[0].login_id, password=NEW_PASSWORD), metadata=META
     )
+    sessions[0] = (("x-member-session", again.session_token),)  # the change ended the old
 
     # Failing calls, so the error paths log too.
     duplicate = _sign_up(PEOPLE[1])
@@ -291,8 +297,12 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
         grpc.StatusCode.ALREADY_EXISTS,
         members.UpdateMember(
             pb.UpdateMemberRequest(
-                member_id=second, email=PEOPLE[2].email, update_mask=FieldMask(paths=["email"])
-            )
+                member_id=second,
+                email=PEOPLE[2].email,
+                update_mask=FieldMask(paths=["email"]),
+                current_password=PEOPLE[1].password,
+            ),
+            metadata=sessions[1],
         ),
     )
     await _expect_error(
@@ -336,7 +346,9 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
                 email=BAD_EMAIL,
                 mobile_phone=BAD_PHONE,
                 update_mask=FieldMask(paths=["email", "mobile_phone"]),
-            )
+                current_password=PEOPLE[1].password,
+            ),
+            metadata=sessions[1],
         ),
     )
     await _expect_error(
@@ -345,7 +357,8 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
         members.ChangePassword(
             pb.ChangePasswordRequest(
                 member_id=second, current_password=WRONG_PASSWORD, new_password=NEW_PASSWORD
-            )
+            ),
+            metadata=sessions[1],
         ),
     )
     await _expect_error(
@@ -355,12 +368,13 @@ async def _drive_api(members: member_pb2_grpc.MemberServiceStub, errors: ClientE
     )
 
     exports = []
-    for member_id in member_ids:
-        exported = await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id))
-        exports.append(exported.json)
+    for member_id, session in zip(member_ids, sessions, strict=True):
+        export = pb.ExportMemberDataRequest(member_id=member_id)
+        exports.append((await members.ExportMemberData(export, metadata=session)).json)
     # The third withdraws: their data moves to the retention database, at rest there.
     withdrawn = await members.Withdraw(
-        pb.WithdrawRequest(member_id=member_ids[2], password=PEOPLE[2].password)
+        pb.WithdrawRequest(member_id=member_ids[2], password=PEOPLE[2].password),
+        metadata=sessions[2],
     )
     assert withdrawn.WhichOneof("outcome") == "retained_until"
     return exports

@@ -19,7 +19,8 @@ from vault.mail import MailOutbox
 from vault.member_keys import MemberKeys, MemberKeyStore
 from vault.recovery import Recovery, RecoveryStores
 from vault.retention import Retention, RetentionStores
-from vault.store.base import LeaseStore, Store
+from vault.sessions import MemberSessions
+from vault.store.base import LeaseStore, SessionStore, Store
 
 #: consumer, its store argument, the slice it takes
 SLICES = [
@@ -30,6 +31,7 @@ SLICES = [
     (Export, "store", ExportStores),
     (MemberKeys, "store", MemberKeyStore),
     (OutboxRelay, "store", MailOutbox),
+    (MemberSessions, "store", SessionStore),
 ]
 
 

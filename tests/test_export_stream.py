@@ -23,7 +23,7 @@ from datetime import timedelta
 import asyncpg
 import grpc
 import pytest
-from grpc_support import precondition_violation, sign_up_request
+from grpc_support import Metadata, precondition_violation, sign_up_request, vault_session
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -85,15 +85,18 @@ def seed(server: RunningServer, store_url: str, backend: str, clock: FrozenClock
     return seed
 
 
-async def _stream(members: MemberServiceStub, member_id: str) -> list[str]:
-    call = members.StreamMemberData(pb.StreamMemberDataRequest(member_id=member_id), timeout=300)
+async def _stream(members: MemberServiceStub, member_id: str, session: Metadata) -> list[str]:
+    request = pb.StreamMemberDataRequest(member_id=member_id)
+    call = members.StreamMemberData(request, timeout=300, metadata=session)
     return [piece.json async for piece in call]
 
 
-async def _export_refused(members: MemberServiceStub, member_id: str) -> None:
+async def _export_refused(members: MemberServiceStub, member_id: str, session: Metadata) -> None:
     """ExportMemberData is FAILED_PRECONDITION, saying to use StreamMemberData."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id), timeout=300)
+        await members.ExportMemberData(
+            pb.ExportMemberDataRequest(member_id=member_id), timeout=300, metadata=session
+        )
     error = caught.value
     assert error.code() == Code.FAILED_PRECONDITION, (error.code(), error.details())
     violation = precondition_violation(error)
@@ -103,14 +106,15 @@ async def _export_refused(members: MemberServiceStub, member_id: str) -> None:
 
 
 async def test_a_history_of_50000_entries_streams_whole(
-    members: MemberServiceStub, seed: Seed, backend: str
+    members: MemberServiceStub, seed: Seed, backend: str, server: RunningServer
 ) -> None:
     request = sign_up_request(name="김지수")
     member_id = (await members.SignUp(request)).member_id
     await seed(member_id, HISTORY)
 
+    session = await vault_session(server, member_id)
     started = time.perf_counter()
-    pieces = await _stream(members, member_id)
+    pieces = await _stream(members, member_id, session)
     elapsed = time.perf_counter() - started
     document_text = "".join(pieces)
     size = len(document_text.encode())
@@ -133,35 +137,36 @@ async def test_a_history_of_50000_entries_streams_whole(
 
     # The one-message form refuses it clearly (it was RESOURCE_EXHAUSTED from the
     # transport's send limit) and points at the stream.
-    await _export_refused(members, member_id)
+    await _export_refused(members, member_id, session)
 
 
 async def test_oversized_entries_stored_before_the_ip_check_still_stream(
-    members: MemberServiceStub, seed: Seed
+    members: MemberServiceStub, seed: Seed, server: RunningServer
 ) -> None:
     """80 entries of 60 KiB each (what the old IP check let through): every piece
     stays within its bound, and the document is whole."""
     member_id = (await members.SignUp(sign_up_request())).member_id
     huge = "fe80::1%" + "x" * (60 * 1024)
     await seed(member_id, 80, ip=lambda i: huge)
-    pieces = await _stream(members, member_id)
+    session = await vault_session(server, member_id)
+    pieces = await _stream(members, member_id, session)
     assert all(len(p) <= EXPORT_PIECE_CHARS for p in pieces)
     history = json.loads("".join(pieces))["access_history"]
     assert len(history) == 80
     assert all(e["ip"] == huge for e in history)
-    await _export_refused(members, member_id)
+    await _export_refused(members, member_id, session)
 
 
 async def test_stream_and_one_message_export_are_the_same_document(
-    members: MemberServiceStub, seed: Seed
+    members: MemberServiceStub, seed: Seed, server: RunningServer
 ) -> None:
     for entries in (0, 1, 2500):
         member_id = (await members.SignUp(sign_up_request(mobile_phone="+15550100"))).member_id
         await seed(member_id, entries)
-        streamed = "".join(await _stream(members, member_id))
-        exported = (
-            await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id))
-        ).json
+        session = await vault_session(server, member_id)
+        streamed = "".join(await _stream(members, member_id, session))
+        export = pb.ExportMemberDataRequest(member_id=member_id)
+        exported = (await members.ExportMemberData(export, metadata=session)).json
         assert streamed == exported
         assert len(exported.encode()) <= EXPORT_MAX_BYTES
         document = json.loads(exported)
@@ -211,7 +216,8 @@ async def test_a_shred_during_the_stream_is_not_found_not_a_short_document(
 @pytest.mark.parametrize(
     ("member_id", "code"),
     [
-        ("00000000-0000-4000-8000-000000000000", Code.NOT_FOUND),
+        # No session can be for an unknown member: the one answer, no oracle.
+        ("00000000-0000-4000-8000-000000000000", Code.UNAUTHENTICATED),
         ("not-a-member-id", Code.INVALID_ARGUMENT),
         ("0" * 46, Code.INVALID_ARGUMENT),
     ],
@@ -220,6 +226,6 @@ async def test_stream_of_a_missing_or_malformed_member(
     members: MemberServiceStub, member_id: str, code: grpc.StatusCode
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _stream(members, member_id)
+        await _stream(members, member_id, ())
     assert caught.value.code() == code
     assert member_id not in (caught.value.details() or "")

@@ -21,12 +21,22 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
-from grpc_support import admin_metadata, field_violations, sign_up_request
+from grpc_support import (
+    SESSION_KEY,
+    Metadata,
+    admin_metadata,
+    field_violations,
+    member_session,
+    sign_up_request,
+    vault_session,
+)
 
 from privacyvault.v1 import field_limits_pb2, key_admin_pb2, member_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
+from service.member_rights import MEMBER_RIGHTS
+from service.server import RunningServer
 
 Code = grpc.StatusCode
 PROTOS = Path(__file__).resolve().parent.parent / "protos" / "privacyvault" / "v1"
@@ -118,6 +128,8 @@ class Context:
     member_id: str
     login_id: str
     password: str
+    #: The member's session, for the member's own rights.
+    session: Metadata = ()
 
 
 def _email(n: int, length: int = 0) -> str:
@@ -155,6 +167,7 @@ def _base(method: str, ctx: Context) -> Message:
         "CompletePasswordReset": lambda: pb.CompletePasswordResetRequest(
             token="t" * 43, new_password="another one 1"
         ),
+        "EndSession": lambda: pb.EndSessionRequest(member_id=mid),
         "RotateMemberKey": lambda: key_admin_pb2.RotateMemberKeyRequest(member_id=mid),
     }
     return requests[method]()
@@ -181,7 +194,9 @@ def _at_max(field: str, n: int, ctx: Context) -> str:
     return value
 
 
-async def _call(channel: grpc.aio.Channel, method: MethodDescriptor, request: Message) -> None:
+async def _call(
+    channel: grpc.aio.Channel, method: MethodDescriptor, request: Message, ctx: Context
+) -> None:
     service = method.containing_service
     stub: Any = (
         KeyAdminServiceStub(channel)
@@ -189,6 +204,13 @@ async def _call(channel: grpc.aio.Channel, method: MethodDescriptor, request: Me
         else MemberServiceStub(channel)
     )
     metadata = ADMIN if service.name == "KeyAdminService" else CLIENT_IP
+    if service.name == "MemberService" and method.name in MEMBER_RIGHTS:
+        session = ctx.session
+        if method.name == "EndSession":  # a session of its own to end, not ctx's
+            login = pb.AuthenticateRequest(login_id=ctx.login_id, password=ctx.password)
+            auth = await MemberServiceStub(channel).Authenticate(login, metadata=CLIENT_IP)
+            session = ((SESSION_KEY, auth.session_token),)
+        metadata = (*metadata, *session)
     call = getattr(stub, method.name)(request, metadata=metadata, timeout=30)
     if method.server_streaming:
         async for _ in call:
@@ -254,7 +276,9 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
 ) -> None:
     members = MemberServiceStub(admin_channel)
     first = sign_up_request()
-    ctx = Context((await members.SignUp(first)).member_id, first.login_id, first.password)
+    member_id = (await members.SignUp(first)).member_id
+    session = await member_session(members, first)
+    ctx = Context(member_id, first.login_id, first.password, session)
     cases = _cases()
     assert len(cases) >= 30  # every request string field of both services
     problems: list[str] = []
@@ -267,7 +291,7 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
             request = _base(method.name, ctx)
             _set(request, field, past)
             try:
-                await _call(admin_channel, method, request)
+                await _call(admin_channel, method, request, ctx)
                 problems.append(f"{label}: past the limit was accepted")
             except grpc.aio.AioRpcError as error:
                 if error.code() != Code.INVALID_ARGUMENT:
@@ -278,7 +302,7 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
             request = _base(method.name, ctx)
             _set(request, field, at_max)
             try:
-                await _call(admin_channel, method, request)
+                await _call(admin_channel, method, request, ctx)
             except grpc.aio.AioRpcError as error:
                 if error.code() in (Code.INTERNAL, Code.UNKNOWN):
                     problems.append(f"{label}: at the limit gave {error.code().name}")
@@ -296,8 +320,13 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
 # --- IP addresses ----------------------------------------------------------------------
 
 
-async def _history_ips(members: MemberServiceStub, member_id: str) -> list[str]:
-    page = await members.ListAccessHistory(pb.ListAccessHistoryRequest(member_id=member_id))
+async def _history_ips(
+    members: MemberServiceStub, server: RunningServer, member_id: str
+) -> list[str]:
+    # A session from the vault itself: a login would add an entry to what is counted.
+    session = await vault_session(server, member_id)
+    request = pb.ListAccessHistoryRequest(member_id=member_id)
+    page = await members.ListAccessHistory(request, metadata=session)
     return [e.ip for e in page.entries]
 
 
@@ -314,7 +343,7 @@ BAD_IPS = [
 
 
 async def test_record_access_refuses_zone_ids_and_oversized_addresses(
-    admin_channel: grpc.aio.Channel,
+    admin_channel: grpc.aio.Channel, admin_server: RunningServer
 ) -> None:
     members = MemberServiceStub(admin_channel)
     member_id = (await members.SignUp(sign_up_request())).member_id
@@ -326,11 +355,11 @@ async def test_record_access_refuses_zone_ids_and_oversized_addresses(
         assert caught.value.code() == Code.INVALID_ARGUMENT, repr(ip)
         assert set(field_violations(caught.value)) == {"ip"}
         assert "Kim" not in (caught.value.details() or "")
-    assert await _history_ips(members, member_id) == []
+    assert await _history_ips(members, admin_server, member_id) == []
 
 
 async def test_authenticate_refuses_zone_ids_and_oversized_client_ips(
-    admin_channel: grpc.aio.Channel,
+    admin_channel: grpc.aio.Channel, admin_server: RunningServer
 ) -> None:
     members = MemberServiceStub(admin_channel)
     request = sign_up_request()
@@ -346,7 +375,7 @@ async def test_authenticate_refuses_zone_ids_and_oversized_client_ips(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await members.Authenticate(auth, metadata=(("x-client-ip", "fe80::1%" + "x" * 4000),))
     assert caught.value.code() == Code.INVALID_ARGUMENT
-    assert await _history_ips(members, member_id) == []
+    assert await _history_ips(members, admin_server, member_id) == []
 
 
 @pytest.mark.parametrize(
@@ -361,7 +390,7 @@ async def test_authenticate_refuses_zone_ids_and_oversized_client_ips(
     ],
 )
 async def test_addresses_are_stored_in_canonical_form(
-    admin_channel: grpc.aio.Channel, sent: str, stored: str
+    admin_channel: grpc.aio.Channel, admin_server: RunningServer, sent: str, stored: str
 ) -> None:
     members = MemberServiceStub(admin_channel)
     request = sign_up_request()
@@ -373,4 +402,4 @@ async def test_addresses_are_stored_in_canonical_form(
         pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
         metadata=(("x-client-ip", sent),),
     )
-    assert await _history_ips(members, member_id) == [stored, stored]
+    assert await _history_ips(members, admin_server, member_id) == [stored, stored]

@@ -41,7 +41,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_support import CLIENT_IP, admin_metadata, sign_up_request
+from grpc_support import CLIENT_IP, SESSION_KEY, admin_metadata, sign_up_request
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
 from privacyvault.v1 import member_pb2 as pb
@@ -138,6 +138,8 @@ class Pools:
 
     strings: dict[str, list[str]] = field(default_factory=dict)
     ints: dict[str, list[int]] = field(default_factory=dict)
+    #: Member sessions (Authenticate's session_token), by member id.
+    sessions: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, value: str | int) -> None:
         if isinstance(value, str):
@@ -481,7 +483,7 @@ class Generator:
         self.fill(request, method.input_type, valid)
         payload = request.SerializeToString()
         strings = _strings(request)
-        metadata = self.metadata(method, strings)
+        metadata = self.metadata(method, strings, request)
         if not valid and rng.random() < 0.25:
             payload, kind = self.mutate(payload, method.input_type)
             return Case(number, method, payload, strings, kind, metadata, None)
@@ -489,10 +491,24 @@ class Generator:
             number, method, payload, strings, "valid" if valid else "fuzzed", metadata, request
         )
 
-    def metadata(self, method: MethodDescriptor, strings: list[str]) -> tuple[tuple[str, str], ...]:
-        """The admin token (and now and then a wrong one, or a bad actor); a client IP."""
+    def metadata(
+        self, method: MethodDescriptor, strings: list[str], request: Message
+    ) -> tuple[tuple[str, str], ...]:
+        """The admin token (and now and then a wrong one, or a bad actor); a member
+        session (mostly the request's member's, when there is one); a client IP."""
         rng = self.rng
         metadata: list[tuple[str, str]] = []
+        if method.containing_service.full_name != ADMIN_SERVICE:
+            roll = rng.random()
+            member_id = getattr(request, "member_id", "")
+            if roll < 0.75 and self.pools.sessions:
+                own = self.pools.sessions.get(member_id)
+                other = rng.choice(sorted(self.pools.sessions.values()))
+                metadata.append((SESSION_KEY, own or other))
+            elif roll < 0.85:
+                forged = "fz" + self.token(rng.choice((8, 41, 43, 100)))
+                strings.append(forged)
+                metadata.append((SESSION_KEY, forged))
         if method.containing_service.full_name == ADMIN_SERVICE:
             roll = rng.random()
             if roll < 0.9:
@@ -650,13 +666,19 @@ async def _seed_members(channel: grpc.aio.Channel, pools: Pools) -> None:
         for name in ("login_id", "email", "name", "password"):
             pools.add(name, getattr(request, name))
         pools.add("member_id", member_id)
+        auth = await members.Authenticate(
+            pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
+            metadata=CLIENT_IP,
+        )
+        pools.sessions[member_id] = auth.session_token
         for i in range(25 if n < 2 else 2):
             await members.RecordAccess(
                 pb.RecordAccessRequest(member_id=member_id, action=f"seed.{i}", ip="192.0.2.1")
             )
         # Page tokens as the server hands them out; the generator bends them.
         page = await members.ListAccessHistory(
-            pb.ListAccessHistoryRequest(member_id=member_id, page_size=2 + n)
+            pb.ListAccessHistoryRequest(member_id=member_id, page_size=2 + n),
+            metadata=((SESSION_KEY, auth.session_token),),
         )
         pools.harvest(page)
 
@@ -675,7 +697,10 @@ def _learn(case: Case, replies: list[bytes], pools: Pools) -> None:
     """Successful answers feed the pools: real IDs, page tokens, KEK versions."""
     response_class = message_factory.GetMessageClass(case.method.output_type)
     for reply in replies:
-        pools.harvest(response_class.FromString(reply))
+        answer = response_class.FromString(reply)
+        pools.harvest(answer)
+        if case.method.name == "Authenticate":
+            pools.sessions[answer.member_id] = answer.session_token
     if case.request is not None and case.method.name in ("SignUp", "ChangePassword"):
         for f, value in case.request.ListFields():
             if isinstance(value, str):
@@ -792,7 +817,7 @@ def test_the_generator_covers_every_rpc_and_replays_from_its_seed() -> None:
     assert first != sequence(SEED + 1)
     assert {name for name, _ in first} == {m.full_name for m in METHODS}
     # A new RPC is fuzzed by construction; this count makes adding one a visible step.
-    assert [len(s.methods) for s in SERVICES] == [13, 6]
+    assert [len(s.methods) for s in SERVICES] == [14, 6]
 
 
 def test_the_echo_check_sees_an_echo_and_ignores_the_apis_own_names() -> None:

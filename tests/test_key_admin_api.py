@@ -98,7 +98,8 @@ async def _reads_back(members: MemberServiceStub, signed: dict[str, pb.SignUpReq
         assert auth.member_id == member_id
         member = (
             await members.GetMember(
-                pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+                metadata=(("x-member-session", auth.session_token),),
             )
         ).member
         assert (member.login_id, member.name, member.email) == (
@@ -237,10 +238,11 @@ async def test_rotate_member_key_keeps_fields_and_history(
 ) -> None:
     request = sign_up_request(mobile_phone="+82 10-9876-5432")
     member_id = (await admin_members.SignUp(request)).member_id
-    await admin_members.Authenticate(
+    auth = await admin_members.Authenticate(
         pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
         metadata=CLIENT_IP,
     )
+    session = (("x-member-session", auth.session_token),)
     for action in ("order.view", "order.pay"):
         await admin_members.RecordAccess(
             pb.RecordAccessRequest(member_id=member_id, action=action, ip="198.51.100.4")
@@ -249,11 +251,12 @@ async def test_rotate_member_key_keeps_fields_and_history(
     async def snapshot() -> tuple[pb.Member, list[tuple[str, str]]]:
         member = (
             await admin_members.GetMember(
-                pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+                metadata=session,
             )
         ).member
         history = await admin_members.ListAccessHistory(
-            pb.ListAccessHistoryRequest(member_id=member_id)
+            pb.ListAccessHistoryRequest(member_id=member_id), metadata=session
         )
         return member, [(e.action, e.ip) for e in history.entries]
 
@@ -411,10 +414,10 @@ async def _client_loop(
         data = client.members[member_id]
         client.calls += 1
         try:
-            if op == "get":
+            if op == "get":  # IDENTIFICATION: these three fields, no member session
                 member = (
                     await stub.GetMember(
-                        pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                        pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_IDENTIFICATION)
                     )
                 ).member
                 seen = {"login_id": member.login_id, "name": member.name, "email": member.email}
@@ -423,13 +426,19 @@ async def _client_loop(
             elif op == "update":
                 n = next(_unique)
                 name, email = f"Renamed Member{n}", f"renamed{n:06d}@example.com"
+                login = await stub.Authenticate(  # the member's own right: their session
+                    pb.AuthenticateRequest(login_id=data["login_id"], password=data["password"]),
+                    metadata=CLIENT_IP,
+                )
                 await stub.UpdateMember(
                     pb.UpdateMemberRequest(
                         member_id=member_id,
                         name=name,
                         email=email,
                         update_mask=FieldMask(paths=["name", "email"]),
-                    )
+                        current_password=data["password"],
+                    ),
+                    metadata=(("x-member-session", login.session_token),),
                 )
                 data.update(name=name, email=email)
             elif op == "authenticate":
@@ -540,7 +549,7 @@ async def test_rotation_rewrap_and_destroy_while_serving(
             for member_id, data in client.members.items():
                 member = (
                     await stub.GetMember(
-                        pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                        pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_IDENTIFICATION)
                     )
                 ).member
                 assert (member.login_id, member.name, member.email) == (

@@ -91,7 +91,8 @@ async def _all_read(
             assert auth.member_id == member_id
             member = (
                 await members.GetMember(
-                    pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                    pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+                    metadata=(("x-member-session", auth.session_token),),
                 )
             ).member
             assert (member.login_id, member.email) == (request.login_id, request.email)

@@ -32,7 +32,7 @@ import pytest
 import structlog
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from grpc_support import CLIENT_IP, sign_up_request
+from grpc_support import CLIENT_IP, member_session, sign_up_request
 from mail_support import TOKEN_IN_MAIL, lf_body, outbox, relay_for, smtp_mailer
 from process_support import free_port
 from pydantic import SecretStr
@@ -326,7 +326,10 @@ async def test_withdraw_deletes_the_members_spooled_mail(
 ) -> None:
     member_id, request, other = await _two_with_spooled_mail(members, server, server_settings)
 
-    await members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=request.password))
+    await members.Withdraw(
+        pb.WithdrawRequest(member_id=member_id, password=request.password),
+        metadata=await member_session(members, request),
+    )
 
     assert _mail_to(server_settings, request.email) == []
     assert not (_spool(server_settings) / member_id).exists()
@@ -357,7 +360,8 @@ async def test_withdraw_into_retention_deletes_the_members_spooled_mail(
         assert len(_mail_to(retaining_settings, request.email)) == 1
 
         outcome = await members.Withdraw(
-            pb.WithdrawRequest(member_id=member_id, password=request.password)
+            pb.WithdrawRequest(member_id=member_id, password=request.password),
+            metadata=await member_session(members, request),
         )
 
         assert outcome.HasField("retained_until")

@@ -10,7 +10,15 @@ from datetime import timedelta
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from grpc_support import CLIENT_IP, error_info, field_violations, rich_status, sign_up_request
+from grpc_support import (
+    CLIENT_IP,
+    Metadata,
+    error_info,
+    field_violations,
+    member_session,
+    rich_status,
+    sign_up_request,
+)
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -28,10 +36,12 @@ async def _fails(call: object, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return caught.value
 
 
-async def _get(members: MemberServiceStub, member_id: str, purpose: int) -> pb.Member:
-    return (
-        await members.GetMember(pb.GetMemberRequest(member_id=member_id, purpose=purpose))
-    ).member  # type: ignore[arg-type]
+async def _get(
+    members: MemberServiceStub, member_id: str, purpose: int, session: Metadata = ()
+) -> pb.Member:
+    """GetMember; PURPOSE_MEMBER_REQUEST needs the member's ``session``."""
+    request = pb.GetMemberRequest(member_id=member_id, purpose=purpose)  # type: ignore[arg-type]
+    return (await members.GetMember(request, metadata=session)).member
 
 
 def _set_fields(member: pb.Member) -> set[str]:
@@ -49,7 +59,8 @@ async def test_sign_up_then_authenticate(members: MemberServiceStub) -> None:
         metadata=CLIENT_IP,
     )
     assert auth.member_id == member_id
-    member = await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST)
+    session = (("x-member-session", auth.session_token),)
+    member = await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST, session)
     assert (member.login_id, member.name, member.email) == (
         request.login_id,
         request.name,
@@ -148,6 +159,7 @@ async def test_each_purpose_sees_only_its_fields(members: MemberServiceStub) -> 
         ],
     )
     member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
     expected = {
         pb.PURPOSE_IDENTIFICATION: {"login_id", "name", "email"},
         pb.PURPOSE_ACCOUNT_RECOVERY: {"login_id", "email"},
@@ -156,19 +168,19 @@ async def test_each_purpose_sees_only_its_fields(members: MemberServiceStub) -> 
         pb.PURPOSE_STATISTICS: set(),
     }
     for purpose, fields in expected.items():
-        member = await _get(members, member_id, purpose)
+        member = await _get(members, member_id, purpose, session)
         assert _set_fields(member) == fields, pb.Purpose.Name(purpose)
         assert member.member_id == member_id
         assert member.created_at.seconds > 0
 
 
 async def test_consents_are_recorded_with_policy_version(members: MemberServiceStub) -> None:
-    member_id = (
-        await members.SignUp(
-            sign_up_request(consents=[pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, granted=False)])
-        )
-    ).member_id
-    member = await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST)
+    request = sign_up_request(
+        consents=[pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, granted=False)]
+    )
+    member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
+    member = await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST, session)
     recorded = {c.purpose: c.granted for c in member.consents}
     assert recorded == {
         pb.PURPOSE_IDENTIFICATION: True,
@@ -260,15 +272,19 @@ async def test_authenticate_records_the_connection(
 ) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
-    signed_up = (await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST)).last_seen_at
+    # Read as a calling service (IDENTIFICATION needs no session): no login yet.
+    signed_up = (await _get(members, member_id, pb.PURPOSE_IDENTIFICATION)).last_seen_at
     clock.advance(timedelta(days=3))
-    await members.Authenticate(
+    auth = await members.Authenticate(
         pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
         metadata=(("x-client-ip", "2001:DB8::7"),),
     )
-    member = await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST)
+    session = (("x-member-session", auth.session_token),)
+    member = await _get(members, member_id, pb.PURPOSE_MEMBER_REQUEST, session)
     assert member.last_seen_at.ToDatetime() - signed_up.ToDatetime() == timedelta(days=3)
-    history = await members.ListAccessHistory(pb.ListAccessHistoryRequest(member_id=member_id))
+    history = await members.ListAccessHistory(
+        pb.ListAccessHistoryRequest(member_id=member_id), metadata=session
+    )
     assert [(e.action, e.ip, e.at) for e in history.entries] == [
         ("authenticate", "2001:db8::7", member.last_seen_at)
     ]
@@ -327,7 +343,9 @@ async def test_update_member_corrects_fields_and_indexes(members: MemberServiceS
             email="corrected@example.org",
             mobile_phone="",
             update_mask=FieldMask(paths=["name", "email", "mobile_phone"]),
-        )
+            current_password=request.password,  # a new e-mail needs it
+        ),
+        metadata=await member_session(members, request),
     )
     assert (updated.member.name, updated.member.email) == (
         "Corrected Name",
@@ -346,12 +364,17 @@ async def test_update_member_corrects_fields_and_indexes(members: MemberServiceS
 async def test_update_member_refuses_a_taken_email(members: MemberServiceStub) -> None:
     first = sign_up_request()
     await members.SignUp(first)
-    second_id = (await members.SignUp(sign_up_request())).member_id
+    second = sign_up_request()
+    second_id = (await members.SignUp(second)).member_id
     await _fails(
         members.UpdateMember(
             pb.UpdateMemberRequest(
-                member_id=second_id, email=first.email, update_mask=FieldMask(paths=["email"])
-            )
+                member_id=second_id,
+                email=first.email,
+                update_mask=FieldMask(paths=["email"]),
+                current_password=second.password,
+            ),
+            metadata=await member_session(members, second),
         ),
         Code.ALREADY_EXISTS,
     )
@@ -370,12 +393,15 @@ async def test_update_member_refuses_a_taken_email(members: MemberServiceStub) -
 async def test_update_member_validates(
     members: MemberServiceStub, paths: list[str], values: dict[str, str], bad: set[str]
 ) -> None:
-    member_id = (await members.SignUp(sign_up_request())).member_id
+    request = sign_up_request()
+    member_id = (await members.SignUp(request)).member_id
+    password = {"current_password": request.password} if "email" in paths else {}
     error = await _fails(
         members.UpdateMember(
             pb.UpdateMemberRequest(
-                member_id=member_id, update_mask=FieldMask(paths=paths), **values
-            )
+                member_id=member_id, update_mask=FieldMask(paths=paths), **values, **password
+            ),
+            metadata=await member_session(members, request),
         ),
         Code.INVALID_ARGUMENT,
     )
@@ -385,28 +411,33 @@ async def test_update_member_validates(
 async def test_change_password(members: MemberServiceStub) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
     await _fails(
         members.ChangePassword(
             pb.ChangePasswordRequest(
                 member_id=member_id, current_password="wrong password", new_password="new secret 22"
-            )
+            ),
+            metadata=session,
         ),
         Code.UNAUTHENTICATED,
     )
     await members.ChangePassword(
         pb.ChangePasswordRequest(
             member_id=member_id, current_password=request.password, new_password="new secret 22"
-        )
+        ),
+        metadata=session,
     )
     old = pb.AuthenticateRequest(login_id=request.login_id, password=request.password)
     await _fails(members.Authenticate(old, metadata=CLIENT_IP), Code.UNAUTHENTICATED)
     new = pb.AuthenticateRequest(login_id=request.login_id, password="new secret 22")
-    assert (await members.Authenticate(new, metadata=CLIENT_IP)).member_id == member_id
+    auth = await members.Authenticate(new, metadata=CLIENT_IP)
+    assert auth.member_id == member_id
     error = await _fails(
         members.ChangePassword(
             pb.ChangePasswordRequest(
                 member_id=member_id, current_password="new secret 22", new_password="x"
-            )
+            ),
+            metadata=(("x-member-session", auth.session_token),),  # the old one ended
         ),
         Code.INVALID_ARGUMENT,
     )
@@ -419,7 +450,9 @@ async def test_change_password(members: MemberServiceStub) -> None:
 async def test_access_history_pages_newest_first(
     members: MemberServiceStub, clock: FrozenClock
 ) -> None:
-    member_id = (await members.SignUp(sign_up_request())).member_id
+    request = sign_up_request()
+    member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)  # its login is the oldest entry
     for i in range(25):
         if i % 2:
             clock.advance(timedelta(seconds=1))  # half the entries share a timestamp
@@ -431,7 +464,8 @@ async def test_access_history_pages_newest_first(
     pages = 0
     while True:
         page = await members.ListAccessHistory(
-            pb.ListAccessHistoryRequest(member_id=member_id, page_size=10, page_token=token)
+            pb.ListAccessHistoryRequest(member_id=member_id, page_size=10, page_token=token),
+            metadata=session,
         )
         pages += 1
         seen.extend(e.action for e in page.entries)
@@ -439,7 +473,7 @@ async def test_access_history_pages_newest_first(
         if not token:
             break
     assert pages == 3
-    assert seen == [f"page.view.{i}" for i in reversed(range(25))]
+    assert seen == [f"page.view.{i}" for i in reversed(range(25))] + ["authenticate"]
 
 
 @pytest.mark.parametrize(
@@ -453,10 +487,12 @@ async def test_access_history_pages_newest_first(
 async def test_access_history_validates(
     members: MemberServiceStub, request_fields: dict[str, object], bad: set[str]
 ) -> None:
-    member_id = (await members.SignUp(sign_up_request())).member_id
+    request = sign_up_request()
+    member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
     fields: dict[str, object] = {"member_id": member_id, **request_fields}
     error = await _fails(
-        members.ListAccessHistory(pb.ListAccessHistoryRequest(**fields)),  # type: ignore[arg-type]
+        members.ListAccessHistory(pb.ListAccessHistoryRequest(**fields), metadata=session),  # type: ignore[arg-type]
         Code.INVALID_ARGUMENT,
     )
     assert set(field_violations(error)) == bad
@@ -477,16 +513,12 @@ async def test_record_access_validates(members: MemberServiceStub) -> None:
 async def test_export_member_data(members: MemberServiceStub) -> None:
     request = sign_up_request(mobile_phone="+15550100", name="이순신")
     member_id = (await members.SignUp(request)).member_id
-    await members.Authenticate(
-        pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
-        metadata=CLIENT_IP,
-    )
+    session = await member_session(members, request)  # Authenticate, from CLIENT_IP
     await members.RecordAccess(
         pb.RecordAccessRequest(member_id=member_id, action="order.view", ip="192.0.2.9")
     )
-    document = json.loads(
-        (await members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id))).json
-    )
+    export = pb.ExportMemberDataRequest(member_id=member_id)
+    document = json.loads((await members.ExportMemberData(export, metadata=session)).json)
     assert document["member"]["member_id"] == member_id
     assert document["member"]["login_id"] == request.login_id
     assert document["member"]["name"] == "이순신"
@@ -504,7 +536,10 @@ async def test_withdraw_needs_the_password(members: MemberServiceStub) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
     await _fails(
-        members.Withdraw(pb.WithdrawRequest(member_id=member_id, password="wrong password")),
+        members.Withdraw(
+            pb.WithdrawRequest(member_id=member_id, password="wrong password"),
+            metadata=await member_session(members, request),
+        ),
         Code.UNAUTHENTICATED,
     )
     assert (await _get(members, member_id, pb.PURPOSE_IDENTIFICATION)).login_id == request.login_id
@@ -521,31 +556,48 @@ async def test_withdraw_shreds_the_member(
     stored = await server.vault.parts.store.get_member(member_id)
     assert stored is not None
 
+    session = await member_session(members, request)
     outcome = await members.Withdraw(
-        pb.WithdrawRequest(member_id=member_id, password=request.password)
+        pb.WithdrawRequest(member_id=member_id, password=request.password), metadata=session
     )
     assert outcome.WhichOneof("outcome") == "destroyed_at"
 
-    calls = [
+    # The member's own rights: their sessions ended with them (one answer, no oracle).
+    own_rights = [
         members.GetMember(
-            pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+            pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+            metadata=session,
         ),
         members.UpdateMember(
             pb.UpdateMemberRequest(
                 member_id=member_id, name="n", update_mask=FieldMask(paths=["name"])
-            )
+            ),
+            metadata=session,
         ),
         members.ChangePassword(
             pb.ChangePasswordRequest(
                 member_id=member_id, current_password=request.password, new_password="another one 1"
-            )
+            ),
+            metadata=session,
         ),
-        members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=request.password)),
-        members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id)),
+        members.Withdraw(
+            pb.WithdrawRequest(member_id=member_id, password=request.password), metadata=session
+        ),
+        members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id), metadata=session),
+        members.ListAccessHistory(
+            pb.ListAccessHistoryRequest(member_id=member_id), metadata=session
+        ),
+    ]
+    for call in own_rights:
+        error = await _fails(call, Code.UNAUTHENTICATED)
+        assert error_info(error).reason == "MEMBER_SESSION_REQUIRED"
+    calls = [
+        members.GetMember(
+            pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_IDENTIFICATION)
+        ),
         members.RecordAccess(
             pb.RecordAccessRequest(member_id=member_id, action="x", ip="192.0.2.1")
         ),
-        members.ListAccessHistory(pb.ListAccessHistoryRequest(member_id=member_id)),
     ]
     for call in calls:
         await _fails(call, Code.NOT_FOUND)
@@ -562,7 +614,7 @@ async def test_withdraw_shreds_the_member(
     (record,) = await server.vault.parts.store.list_destruction_records(member_id)
     assert record.reason == "withdrawal"
     assert record.items["member_keys"] == 1
-    assert record.items["access_log"] == 1
+    assert record.items["access_log"] == 2  # the RecordAccess and the login
     assert record.kek_versions == (1,)
     # The login ID and e-mail are free for a new member.
     assert (

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from grpc_support import field_violations, sign_up_request
+from grpc_support import Metadata, field_violations, sign_up_request, vault_session
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -25,10 +25,16 @@ Code = grpc.StatusCode
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
+#: Each member's session (ListAccessHistory is the member's own right), by member id.
+_SESSIONS: dict[str, Metadata] = {}
+
+
 async def _member_with_history(
-    members: MemberServiceStub, clock: FrozenClock, entries: int = 5
+    members: MemberServiceStub, server: RunningServer, clock: FrozenClock, entries: int = 5
 ) -> str:
     member_id = (await members.SignUp(sign_up_request())).member_id
+    # Started by the vault, not Authenticate: a login would be one more history entry.
+    _SESSIONS[member_id] = await vault_session(server, member_id)
     for i in range(entries):
         clock.advance(timedelta(seconds=1))
         await members.RecordAccess(
@@ -39,7 +45,8 @@ async def _member_with_history(
 
 async def _first_token(members: MemberServiceStub, member_id: str) -> str:
     page = await members.ListAccessHistory(
-        pb.ListAccessHistoryRequest(member_id=member_id, page_size=2)
+        pb.ListAccessHistoryRequest(member_id=member_id, page_size=2),
+        metadata=_SESSIONS[member_id],
     )
     assert page.next_page_token
     return page.next_page_token
@@ -49,7 +56,8 @@ async def _refused(members: MemberServiceStub, member_id: str, token: str) -> No
     """The token is INVALID_ARGUMENT, with exactly one violation, on page_token."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await members.ListAccessHistory(
-            pb.ListAccessHistoryRequest(member_id=member_id, page_size=2, page_token=token)
+            pb.ListAccessHistoryRequest(member_id=member_id, page_size=2, page_token=token),
+            metadata=_SESSIONS[member_id],
         )
     error = caught.value
     assert error.code() == Code.INVALID_ARGUMENT, (error.code(), error.details())
@@ -64,9 +72,9 @@ def _old_format(micros: int | str, entry_id: int | str) -> str:
 
 
 async def test_crafted_tokens_with_out_of_range_cursors_are_invalid_argument(
-    members: MemberServiceStub, clock: FrozenClock
+    members: MemberServiceStub, clock: FrozenClock, server: RunningServer
 ) -> None:
-    member_id = await _member_with_history(members, clock)
+    member_id = await _member_with_history(members, server, clock)
     now = to_micros(clock.now())
     crafted = [
         _old_format(now, 2**63),  # was INTERNAL: OverflowError / DataError
@@ -89,7 +97,7 @@ async def test_authentic_tokens_with_out_of_range_cursors_are_refused(
 ) -> None:
     """Even a correctly tagged token is range-checked before its cursor reaches SQL
     (the key is the server's own, taken in-process to sign what it never issues)."""
-    member_id = await _member_with_history(members, clock)
+    member_id = await _member_with_history(members, server, clock)
     key = server.vault.parts.page_token_key
     for version, micros, entry_id in [
         (2, to_micros(clock.now()), 0),
@@ -105,23 +113,34 @@ async def test_authentic_tokens_with_out_of_range_cursors_are_refused(
 
 
 async def test_a_token_is_refused_for_another_member(
-    members: MemberServiceStub, clock: FrozenClock
+    members: MemberServiceStub, clock: FrozenClock, server: RunningServer
 ) -> None:
-    first = await _member_with_history(members, clock)
-    second = await _member_with_history(members, clock)
+    first = await _member_with_history(members, server, clock)
+    second = await _member_with_history(members, server, clock)
     token = await _first_token(members, first)
     await _refused(members, second, token)
-    # Nor for a member that does not exist: refused before any lookup.
-    await _refused(members, "00000000-0000-4000-8000-000000000000", token)
+    # Nor for a member that does not exist: no session is theirs, so the call is
+    # refused before the token is even looked at.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await members.ListAccessHistory(
+            pb.ListAccessHistoryRequest(
+                member_id="00000000-0000-4000-8000-000000000000", page_size=2, page_token=token
+            ),
+            metadata=_SESSIONS[first],
+        )
+    assert caught.value.code() == Code.UNAUTHENTICATED
     # It still works for its own member.
     page = await members.ListAccessHistory(
-        pb.ListAccessHistoryRequest(member_id=first, page_size=2, page_token=token)
+        pb.ListAccessHistoryRequest(member_id=first, page_size=2, page_token=token),
+        metadata=_SESSIONS[first],
     )
     assert [e.action for e in page.entries] == ["page.view.2", "page.view.1"]
 
 
-async def test_tampered_tokens_are_refused(members: MemberServiceStub, clock: FrozenClock) -> None:
-    member_id = await _member_with_history(members, clock)
+async def test_tampered_tokens_are_refused(
+    members: MemberServiceStub, clock: FrozenClock, server: RunningServer
+) -> None:
+    member_id = await _member_with_history(members, server, clock)
     token = await _first_token(members, member_id)
     tampered = {token[:-1], token + "A", token + "=", token + "==", token[1:], "", token.upper()}
     tampered.discard("")  # empty means the first page
@@ -135,18 +154,20 @@ async def test_tampered_tokens_are_refused(members: MemberServiceStub, clock: Fr
 
 
 async def test_a_token_pages_on_with_any_page_size(
-    members: MemberServiceStub, clock: FrozenClock
+    members: MemberServiceStub, clock: FrozenClock, server: RunningServer
 ) -> None:
-    member_id = await _member_with_history(members, clock, entries=7)
+    member_id = await _member_with_history(members, server, clock, entries=7)
     token = await _first_token(members, member_id)  # after page.view.6 and .5
     page = await members.ListAccessHistory(
-        pb.ListAccessHistoryRequest(member_id=member_id, page_size=3, page_token=token)
+        pb.ListAccessHistoryRequest(member_id=member_id, page_size=3, page_token=token),
+        metadata=_SESSIONS[member_id],
     )
     assert [e.action for e in page.entries] == ["page.view.4", "page.view.3", "page.view.2"]
     rest = await members.ListAccessHistory(
         pb.ListAccessHistoryRequest(
             member_id=member_id, page_size=50, page_token=page.next_page_token
-        )
+        ),
+        metadata=_SESSIONS[member_id],
     )
     assert [e.action for e in rest.entries] == ["page.view.1", "page.view.0"]
     assert rest.next_page_token == ""
@@ -162,14 +183,15 @@ async def test_every_server_on_the_database_accepts_the_token(
         grpc.aio.insecure_channel(first.target) as channel,
     ):
         members = MemberServiceStub(channel)
-        member_id = await _member_with_history(members, clock)
+        member_id = await _member_with_history(members, first, clock)
         token = await _first_token(members, member_id)
     async with (
         run_server(server_settings, clock=clock) as second,
         grpc.aio.insecure_channel(second.target) as channel,
     ):
         page = await MemberServiceStub(channel).ListAccessHistory(
-            pb.ListAccessHistoryRequest(member_id=member_id, page_size=2, page_token=token)
+            pb.ListAccessHistoryRequest(member_id=member_id, page_size=2, page_token=token),
+            metadata=_SESSIONS[member_id],  # sessions, too, are in the shared database
         )
         assert [e.action for e in page.entries] == ["page.view.2", "page.view.1"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pkcs11
 import pytest
-from grpc_support import CLIENT_IP, sign_up_request
+from grpc_support import CLIENT_IP, member_session, sign_up_request
 from pydantic import SecretStr
 
 from privacyvault.v1 import member_pb2 as pb
@@ -451,8 +451,10 @@ async def test_a_vault_over_grpc_on_the_pkcs11_provider(
             metadata=CLIENT_IP,
         )
         assert auth.member_id == member_id
+        session = (("x-member-session", auth.session_token),)
         got = await members.GetMember(
-            pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+            pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+            metadata=session,
         )
         assert (got.member.login_id, got.member.name, got.member.email) == (
             request.login_id,
@@ -460,12 +462,12 @@ async def test_a_vault_over_grpc_on_the_pkcs11_provider(
             request.email,
         )
         outcome = await members.Withdraw(
-            pb.WithdrawRequest(member_id=member_id, password=request.password)
+            pb.WithdrawRequest(member_id=member_id, password=request.password), metadata=session
         )
         assert outcome.WhichOneof("outcome") == "destroyed_at"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await members.GetMember(
-                pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_IDENTIFICATION)
             )
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         # KEK version 1 was made in the token by the first start.
@@ -499,7 +501,10 @@ async def test_the_dek_cache_keeps_the_hsm_off_the_hot_path(
         assert unwraps[0] == 1
         assert running.vault.parts.member_keys.cache.get(member_id, 1) is not None
 
-        await members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=request.password))
+        session = await member_session(members, request)  # the DEK is cached: no unwrap
+        await members.Withdraw(
+            pb.WithdrawRequest(member_id=member_id, password=request.password), metadata=session
+        )
         assert running.vault.parts.member_keys.cache.get(member_id, 1) is None
         assert len(running.vault.parts.member_keys.cache) == 0
         with pytest.raises(grpc.aio.AioRpcError):

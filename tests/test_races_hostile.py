@@ -39,7 +39,14 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from grpc_support import ADMIN_TOKEN, CLIENT_IP, admin_metadata, sign_up_request
+from grpc_support import (
+    ADMIN_TOKEN,
+    CLIENT_IP,
+    SESSION_KEY,
+    Metadata,
+    admin_metadata,
+    sign_up_request,
+)
 from pydantic import SecretStr
 
 from privacyvault.v1 import key_admin_pb2 as kpb
@@ -60,17 +67,21 @@ ROTATIONS_PER_ROUND = 10
 RECORDS_PER_ROUND = 4
 PHONE, NEW_PHONE = "+821012345678", "+821087654321"  # as stored (E.164)
 AUTH_IP = dict(CLIENT_IP)["x-client-ip"]
+#: Each member's session, by member id (the PostgreSQL lock-order tests).
+_SESSIONS: dict[str, Metadata] = {}
 
 #: What each racing call may end with. INTERNAL and UNKNOWN never.
+# UNAUTHENTICATED (MEMBER_SESSION_REQUIRED): the member's own rights found their
+# session ended first, by the racing ChangePassword or by the withdrawal's shred.
 WITHDRAW_RACE: dict[str, set[Code]] = {
-    "withdraw": {Code.OK, Code.ABORTED},
-    "update_name": {Code.OK, Code.NOT_FOUND, Code.ABORTED},
-    "update_email": {Code.OK, Code.NOT_FOUND, Code.ABORTED},
+    "withdraw": {Code.OK, Code.ABORTED, Code.UNAUTHENTICATED},
+    "update_name": {Code.OK, Code.NOT_FOUND, Code.ABORTED, Code.UNAUTHENTICATED},
+    "update_email": {Code.OK, Code.NOT_FOUND, Code.ABORTED, Code.UNAUTHENTICATED},
     # A member shredded before the lookup is an unknown login ID.
     "authenticate": {Code.OK, Code.UNAUTHENTICATED, Code.ABORTED},
     "record_0": {Code.OK, Code.NOT_FOUND, Code.ABORTED},
     "record_1": {Code.OK, Code.NOT_FOUND, Code.ABORTED},
-    "change_password": {Code.OK, Code.NOT_FOUND, Code.ABORTED},
+    "change_password": {Code.OK, Code.NOT_FOUND, Code.ABORTED, Code.UNAUTHENTICATED},
 }
 
 
@@ -122,7 +133,20 @@ async def stubs(server_settings: Settings, clock: FrozenClock) -> AsyncIterator[
         yield s
 
 
-async def _history(members: MemberServiceStub, member_id: str) -> list[pb.AccessEntry]:
+async def _login(members: MemberServiceStub, request: pb.SignUpRequest, member_id: str) -> Metadata:
+    """Authenticate (one access-log entry, from AUTH_IP): the member's session."""
+    auth = await members.Authenticate(
+        pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
+        metadata=CLIENT_IP,
+        timeout=CALL_TIMEOUT,
+    )
+    assert auth.member_id == member_id
+    return ((SESSION_KEY, auth.session_token),)
+
+
+async def _history(
+    members: MemberServiceStub, member_id: str, session: Metadata
+) -> list[pb.AccessEntry]:
     """The member's whole access log, every page (each entry decrypted by the server)."""
     entries: list[pb.AccessEntry] = []
     token = ""
@@ -130,6 +154,7 @@ async def _history(members: MemberServiceStub, member_id: str) -> list[pb.Access
         page = await members.ListAccessHistory(
             pb.ListAccessHistoryRequest(member_id=member_id, page_size=100, page_token=token),
             timeout=CALL_TIMEOUT,
+            metadata=session,
         )
         entries.extend(page.entries)
         token = page.next_page_token
@@ -138,9 +163,9 @@ async def _history(members: MemberServiceStub, member_id: str) -> list[pb.Access
     raise AssertionError("the access history does not end")
 
 
-async def _export(members: MemberServiceStub, member_id: str) -> dict[str, Any]:
+async def _export(members: MemberServiceStub, member_id: str, session: Metadata) -> dict[str, Any]:
     reply = await members.ExportMemberData(
-        pb.ExportMemberDataRequest(member_id=member_id), timeout=CALL_TIMEOUT
+        pb.ExportMemberDataRequest(member_id=member_id), timeout=CALL_TIMEOUT, metadata=session
     )
     document: dict[str, Any] = json.loads(reply.json)
     return document
@@ -155,43 +180,48 @@ async def _assert_whole(
 ) -> None:
     """Every field decrypts and holds exactly what was acknowledged; every
     acknowledged access-log entry is there; the export says the same."""
+    # The password hash decrypts and still verifies: the login opens the member's
+    # own rights, and is itself in the history read next.
+    session = await _login(members, request, member_id)
+    entries = [*entries, ("authenticate", AUTH_IP)]
     member = (
         await members.GetMember(
             pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
             timeout=CALL_TIMEOUT,
+            metadata=session,
         )
     ).member
     got = {f: getattr(member, f) for f in ("login_id", "name", "email", "mobile_phone")}
     assert got == expected
-    history = sorted((e.action, e.ip) for e in await _history(members, member_id))
+    history = sorted((e.action, e.ip) for e in await _history(members, member_id, session))
     assert history == sorted(entries)
-    document = await _export(members, member_id)
+    document = await _export(members, member_id, session)
     assert {f: document["member"][f] for f in expected} == expected
     exported = sorted((e["action"], e["ip"]) for e in document["access_history"])
     assert exported == sorted(entries)
-    # The password hash decrypts and still verifies.
-    auth = await members.Authenticate(
-        pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
-        metadata=CLIENT_IP,
-        timeout=CALL_TIMEOUT,
-    )
-    assert auth.member_id == member_id
 
 
 async def _assert_gone(
-    members: MemberServiceStub, request: pb.SignUpRequest, member_id: str
+    members: MemberServiceStub, request: pb.SignUpRequest, member_id: str, session: Metadata
 ) -> None:
-    """NOT_FOUND on every member RPC, an unknown login, and the login ID free again."""
-    by_id = pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
-    t = CALL_TIMEOUT
+    """NOT_FOUND on every member RPC (the member's own rights: their session ended
+    with them, UNAUTHENTICATED), an unknown login, and the login ID free again."""
+    t, md = CALL_TIMEOUT, session
+    by_id = pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_IDENTIFICATION)
     await _fails(members.GetMember(by_id, timeout=t), Code.NOT_FOUND)
+    own = pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+    await _fails(members.GetMember(own, timeout=t, metadata=md), Code.UNAUTHENTICATED)
     await _fails(
-        members.ExportMemberData(pb.ExportMemberDataRequest(member_id=member_id), timeout=t),
-        Code.NOT_FOUND,
+        members.ExportMemberData(
+            pb.ExportMemberDataRequest(member_id=member_id), timeout=t, metadata=md
+        ),
+        Code.UNAUTHENTICATED,
     )
     await _fails(
-        members.ListAccessHistory(pb.ListAccessHistoryRequest(member_id=member_id), timeout=t),
-        Code.NOT_FOUND,
+        members.ListAccessHistory(
+            pb.ListAccessHistoryRequest(member_id=member_id), timeout=t, metadata=md
+        ),
+        Code.UNAUTHENTICATED,
     )
     await _fails(
         members.RecordAccess(
@@ -205,14 +235,17 @@ async def _assert_gone(
                 member_id=member_id, name="Too Late", update_mask=FieldMask(paths=["name"])
             ),
             timeout=t,
+            metadata=md,
         ),
-        Code.NOT_FOUND,
+        Code.UNAUTHENTICATED,
     )
     await _fails(
         members.Withdraw(
-            pb.WithdrawRequest(member_id=member_id, password=request.password), timeout=t
+            pb.WithdrawRequest(member_id=member_id, password=request.password),
+            timeout=t,
+            metadata=md,
         ),
-        Code.NOT_FOUND,
+        Code.UNAUTHENTICATED,
     )
     await _fails(
         members.Authenticate(
@@ -233,6 +266,7 @@ async def _withdraw_round(members: MemberServiceStub, n: int) -> bool:
     request = sign_up_request(mobile_phone=PHONE)
     t = CALL_TIMEOUT
     member_id = (await members.SignUp(request, timeout=t)).member_id
+    session = await _login(members, request, member_id)
     new_name, new_email = f"Renamed Member{n}", f"renamed.{request.login_id}@example.com"
 
     def record(i: int) -> Awaitable[Any]:
@@ -243,13 +277,16 @@ async def _withdraw_round(members: MemberServiceStub, n: int) -> bool:
 
     calls: dict[str, Awaitable[Any]] = {
         "withdraw": members.Withdraw(
-            pb.WithdrawRequest(member_id=member_id, password=request.password), timeout=t
+            pb.WithdrawRequest(member_id=member_id, password=request.password),
+            timeout=t,
+            metadata=session,
         ),
         "update_name": members.UpdateMember(
             pb.UpdateMemberRequest(
                 member_id=member_id, name=new_name, update_mask=FieldMask(paths=["name"])
             ),
             timeout=t,
+            metadata=session,
         ),
         "update_email": members.UpdateMember(
             pb.UpdateMemberRequest(
@@ -257,8 +294,10 @@ async def _withdraw_round(members: MemberServiceStub, n: int) -> bool:
                 email=new_email,
                 mobile_phone=NEW_PHONE,
                 update_mask=FieldMask(paths=["email", "mobile_phone"]),
+                current_password=request.password,
             ),
             timeout=t,
+            metadata=session,
         ),
         "authenticate": members.Authenticate(
             pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
@@ -276,6 +315,7 @@ async def _withdraw_round(members: MemberServiceStub, n: int) -> bool:
                 new_password=request.password,
             ),
             timeout=t,
+            metadata=session,
         ),
     }
     outcomes = dict(
@@ -287,7 +327,7 @@ async def _withdraw_round(members: MemberServiceStub, n: int) -> bool:
         assert code in WITHDRAW_RACE[name], (n, name, code)
 
     if codes["withdraw"] == Code.OK:
-        await _assert_gone(members, request, member_id)
+        await _assert_gone(members, request, member_id, session)
         return True
     ok = {name for name, code in codes.items() if code == Code.OK}
     expected = {
@@ -297,6 +337,7 @@ async def _withdraw_round(members: MemberServiceStub, n: int) -> bool:
         "mobile_phone": NEW_PHONE if "update_email" in ok else PHONE,
     }
     entries = [(f"race.{i}", f"192.0.2.{i + 1}") for i in range(2) if f"record_{i}" in ok]
+    entries.append(("authenticate", AUTH_IP))  # the login before the race
     if "authenticate" in ok:
         entries.append(("authenticate", AUTH_IP))
     await _assert_whole(members, request, member_id, expected, entries)
@@ -342,12 +383,14 @@ def _member_write(
     members: MemberServiceStub, request: pb.SignUpRequest, member_id: str, which: str
 ) -> Awaitable[Any]:
     t = CALL_TIMEOUT
+    session = _SESSIONS[member_id]  # the session check reads member_sessions: no lock
     if which == "update_member":
         return members.UpdateMember(
             pb.UpdateMemberRequest(
                 member_id=member_id, name="Locked Out", update_mask=FieldMask(paths=["name"])
             ),
             timeout=t,
+            metadata=session,
         )
     if which == "record_access":
         return members.RecordAccess(
@@ -366,6 +409,7 @@ def _member_write(
             member_id=member_id, current_password=request.password, new_password=request.password
         ),
         timeout=t,
+        metadata=session,
     )
 
 
@@ -401,6 +445,7 @@ async def pg_member(
     async with _serving(server_settings, clock) as s:
         request = sign_up_request(mobile_phone=PHONE)
         member_id = (await s.members.SignUp(request, timeout=CALL_TIMEOUT)).member_id
+        _SESSIONS[member_id] = await _login(s.members, request, member_id)
         holder, monitor = await asyncpg.connect(store_url), await asyncpg.connect(store_url)
         try:
             try:
@@ -489,6 +534,7 @@ async def _assert_member_after(
         "record_access": [("locked", "192.0.2.7")],
         "authenticate": [("authenticate", AUTH_IP)],
     }
+    login = [("authenticate", AUTH_IP)]  # pg_member's, for the session
     await _assert_whole(
         members,
         request,
@@ -499,7 +545,7 @@ async def _assert_member_after(
             "email": request.email,
             "mobile_phone": PHONE,
         },
-        entries.get(which, []),
+        [*login, *entries.get(which, [])],
     )
 
 

@@ -30,7 +30,14 @@ import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_support import CLIENT_IP, error_info, field_violations, rich_status, sign_up_request
+from grpc_support import (
+    CLIENT_IP,
+    error_info,
+    field_violations,
+    member_session,
+    rich_status,
+    sign_up_request,
+)
 from mail_support import SmtpServer, lf_body, mail_token, outbox, relay_for, smtp_mailer
 from structlog.testing import capture_logs
 
@@ -203,6 +210,7 @@ async def test_a_burst_past_the_password_queue_is_refused_at_once_with_retry_inf
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
     token = await _reset_token(members, server, clock, smtp_server, request.login_id)
+    session = await member_session(members, request)  # before the thread is held
 
     async with _password_thread_held(server):
         burst = [
@@ -239,10 +247,12 @@ async def test_a_burst_past_the_password_queue_is_refused_at_once_with_retry_inf
                     new_password=NEW_PASSWORD,
                 ),
                 timeout=CALL_TIMEOUT,
+                metadata=session,
             ),
             members.Withdraw(
                 pb.WithdrawRequest(member_id=member_id, password=request.password),
                 timeout=CALL_TIMEOUT,
+                metadata=session,
             ),
             members.CompletePasswordReset(
                 pb.CompletePasswordResetRequest(token=token, new_password=NEW_PASSWORD),

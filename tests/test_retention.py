@@ -647,16 +647,27 @@ async def test_withdraw_over_grpc_says_until_when_and_the_member_is_gone(
                 birth_date="1990-01-01",
             )
         )
+        auth = await stub.Authenticate(
+            pb.AuthenticateRequest(login_id="grpc0001", password=PASSWORD),
+            metadata=(("x-client-ip", "192.0.2.1"),),
+        )
+        session = (("x-member-session", auth.session_token),)
         reply = await stub.Withdraw(
-            pb.WithdrawRequest(member_id=signed.member_id, password=PASSWORD)
+            pb.WithdrawRequest(member_id=signed.member_id, password=PASSWORD), metadata=session
         )
         assert reply.WhichOneof("outcome") == "retained_until"
         assert reply.retained_until.ToDatetime(UTC) == r_clock.now() + RETAIN
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await stub.GetMember(
-                pb.GetMemberRequest(member_id=signed.member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+                pb.GetMemberRequest(member_id=signed.member_id, purpose=pb.PURPOSE_IDENTIFICATION)
             )
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as ended:  # the sessions went with the member
+            await stub.GetMember(
+                pb.GetMemberRequest(member_id=signed.member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+                metadata=session,
+            )
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.aio.AioRpcError) as login:
             await stub.Authenticate(
                 pb.AuthenticateRequest(login_id="grpc0001", password=PASSWORD),

@@ -226,8 +226,11 @@ async def test_every_error_carries_a_request_id(
             pb.AuthenticateRequest(login_id=SIGN_UP.login_id, password="wrong password 9"),
             metadata=(*md, *CLIENT_IP),
         ),
-        grpc.StatusCode.NOT_FOUND: lambda md: members.ExportMemberData(
-            pb.ExportMemberDataRequest(member_id="00000000-0000-4000-8000-000000000000"),
+        grpc.StatusCode.NOT_FOUND: lambda md: members.GetMember(
+            pb.GetMemberRequest(
+                member_id="00000000-0000-4000-8000-000000000000",
+                purpose=pb.PURPOSE_IDENTIFICATION,
+            ),
             metadata=md,
         ),
         grpc.StatusCode.PERMISSION_DENIED: lambda md: members.GetMember(

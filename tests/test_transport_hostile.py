@@ -41,6 +41,7 @@ from grpc_support import (
     embedded_settings,
     error_info,
     field_violations,
+    member_session,
     rich_status,
     sign_up_request,
 )
@@ -496,14 +497,16 @@ async def test_a_safe_request_id_is_echoed(both_services: RunningServer) -> None
 async def test_update_mask_paths_are_never_echoed_and_the_trailer_stays_small(
     members: MemberServiceStub,
 ) -> None:
-    member_id = (await members.SignUp(sign_up_request())).member_id
+    signed = sign_up_request()
+    member_id = (await members.SignUp(signed)).member_id
+    session = await member_session(members, signed)
     paths = [f"q{n:x}" for n in range(7000)]  # 7,000 paths still fit in MAX_REQUEST_BYTES
     request = pb.UpdateMemberRequest(
         member_id=member_id, name="Kim Jisoo", update_mask=FieldMask(paths=["name", *paths])
     )
     assert request.ByteSize() < 64 * 1024  # so it reaches the vault
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await members.UpdateMember(request)
+        await members.UpdateMember(request, metadata=session)
     error = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     violations = field_violations(error)
@@ -516,7 +519,8 @@ async def test_update_mask_paths_are_never_echoed_and_the_trailer_stays_small(
     assert "q1" not in said
     # And nothing changed.
     got = await members.GetMember(
-        pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST)
+        pb.GetMemberRequest(member_id=member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+        metadata=session,
     )
     assert got.member.name != "Kim Jisoo"
 
@@ -524,12 +528,14 @@ async def test_update_mask_paths_are_never_echoed_and_the_trailer_stays_small(
 async def test_one_unknown_path_is_refused_without_quoting_it(
     members: MemberServiceStub,
 ) -> None:
-    member_id = (await members.SignUp(sign_up_request())).member_id
+    signed = sign_up_request()
+    member_id = (await members.SignUp(signed)).member_id
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await members.UpdateMember(
             pb.UpdateMemberRequest(
                 member_id=member_id, update_mask=FieldMask(paths=["login_id", "zqx'secret"])
-            )
+            ),
+            metadata=await member_session(members, signed),
         )
     violations = field_violations(caught.value)
     assert list(violations) == ["update_mask"]

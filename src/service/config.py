@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     #: FindLoginId/StartPasswordReset work in flight after answering; past it
     #: RESOURCE_EXHAUSTED with RetryInfo.
     recovery_queue_limit: int = Field(64, ge=1, le=100_000)
+    #: Member sessions end this long after their last use (idle) and after the
+    #: login (absolute), whatever their use; a member's live sessions are bounded.
+    session_idle_minutes: int = Field(15, ge=1, le=24 * 60)
+    session_lifetime_hours: int = Field(12, ge=1, le=30 * 24)
+    sessions_per_member: int = Field(20, ge=1, le=1000)
 
     dek_cache_size: int = Field(10_000, ge=0)
     dek_cache_ttl_seconds: float = Field(300.0, ge=0)
@@ -201,6 +206,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _session_idle_within_lifetime(self) -> Settings:
+        if self.session_idle_minutes > self.session_lifetime_hours * 60:
+            raise ValueError("session_idle_minutes must not exceed session_lifetime_hours")
+        return self
+
+    @model_validator(mode="after")
     def _notice_before_expiry(self) -> Settings:
         if self.inactivity_notice_days >= self.inactivity_days:
             raise ValueError("inactivity_notice_days must be less than inactivity_days")
@@ -275,6 +286,9 @@ class Settings(BaseSettings):
             password_queue_limit=self.password_queue_limit,
             recovery_mails_per_hour=self.recovery_mails_per_hour,
             recovery_queue_limit=self.recovery_queue_limit,
+            session_idle=timedelta(minutes=self.session_idle_minutes),
+            session_lifetime=timedelta(hours=self.session_lifetime_hours),
+            sessions_per_member=self.sessions_per_member,
             withdrawal_retention=RetentionRule(
                 timedelta(days=self.withdrawal_retention_days), self.withdrawal_retention_reason
             ),

@@ -54,6 +54,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (ve.NotFound, grpc.StatusCode.NOT_FOUND),
     (ve.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
+    (ve.MemberSessionRequired, grpc.StatusCode.UNAUTHENTICATED),
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
     # Too much work queued: refused at once, with RetryInfo saying when to retry.
@@ -90,9 +91,20 @@ def _bad_request(violations: tuple[ve.FieldViolation, ...]) -> any_pb2.Any:
     return _packed(bad)
 
 
+#: Errors told apart by an ErrorInfo reason alone (no metadata: nothing to say
+#: about the account, which these must not reveal).
+_REASONS: tuple[tuple[type[ve.VaultError], str], ...] = (
+    (ve.MemberSessionRequired, "MEMBER_SESSION_REQUIRED"),
+    (ve.AuthenticationFailed, "WRONG_CREDENTIALS"),
+)
+
+
 def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
     if isinstance(exc, ve.InvalidInput):
         return [_bad_request(exc.violations)]
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return [_packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))]
     if isinstance(exc, ve.AlreadyExists):
         return [
             _packed(

@@ -1,7 +1,9 @@
 """MemberService: proto in, vault call, proto out. Errors rise to the interceptor.
 
 Every request has passed the API's field limits before a method sees it: the server
-registers this servicer with ``validate=check_field_limits`` (service.server).
+registers this servicer with ``validate=check_field_limits`` (service.server). The
+member's own rights check the member's session first (service.member_rights): the
+servicer wraps those methods itself, so it cannot be registered without the check.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
 from service.convert import access_entry_pb, fill_member, purpose_from_pb, timestamp
 from service.interceptors import Context, metadata_value
+from service.member_rights import MEMBER_RIGHTS, SESSION_KEY, guard
 from vault import (
     AccessPage,
     ConsentChoice,
@@ -26,8 +29,19 @@ from vault import (
 CLIENT_IP_KEY = "x-client-ip"
 
 
+class MemberSessionsApi(Protocol):
+    """Vault.sessions, as the servicer uses it."""
+
+    async def start(self, member_id: str) -> str: ...
+    async def require(self, token: str, member_id: str) -> None: ...
+    async def end(self, token: str, member_id: str) -> None: ...
+
+
 class MemberVault(Protocol):
     """The slice of the vault this servicer needs."""
+
+    @property
+    def sessions(self) -> MemberSessionsApi: ...
 
     async def sign_up(self, new: NewMember) -> str: ...
     async def authenticate(self, login_id: str, password: str, client_ip: str) -> str: ...
@@ -47,6 +61,8 @@ class MemberVault(Protocol):
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     def __init__(self, vault: MemberVault) -> None:
         self._vault = vault
+        for name in MEMBER_RIGHTS:
+            setattr(self, name, guard(name, getattr(self, name), vault.sessions))
 
     async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.SignUpResponse:
         consents = [
@@ -72,7 +88,8 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         member_id = await self._vault.authenticate(
             request.login_id, request.password, metadata_value(context, CLIENT_IP_KEY)
         )
-        return pb.AuthenticateResponse(member_id=member_id)
+        token = await self._vault.sessions.start(member_id)
+        return pb.AuthenticateResponse(member_id=member_id, session_token=token)
 
     async def GetMember(
         self, request: pb.GetMemberRequest, context: Context
@@ -92,6 +109,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
             name=request.name if request.HasField("name") else None,
             email=request.email if request.HasField("email") else None,
             mobile_phone=request.mobile_phone if request.HasField("mobile_phone") else None,
+            current_password=(
+                request.current_password if request.HasField("current_password") else None
+            ),
         )
         view = await self._vault.update_member(request.member_id, changes)
         response = pb.UpdateMemberResponse()
@@ -162,3 +182,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     ) -> pb.CompletePasswordResetResponse:
         await self._vault.complete_password_reset(request.token, request.new_password)
         return pb.CompletePasswordResetResponse()
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: Context
+    ) -> pb.EndSessionResponse:
+        await self._vault.sessions.end(metadata_value(context, SESSION_KEY), request.member_id)
+        return pb.EndSessionResponse()

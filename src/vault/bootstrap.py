@@ -38,6 +38,7 @@ from vault.providers.local import LocalKeyProvider
 from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.recovery import Recovery
 from vault.retention import Retention
+from vault.sessions import MemberSessions
 from vault.store import database_backend, open_retention_store, open_store
 from vault.store.base import (
     IndexKeyRow,
@@ -249,6 +250,7 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
+        sessions=MemberSessions(store, clock, settings),
         decoy_key=decoy_key,
         decoy_ct=_hazmat.seal_field(decoy_key, "decoy", "password_hash", b"x" * 97),
     )

@@ -62,6 +62,15 @@ class AuthenticationFailed(VaultError):
         super().__init__("invalid credentials")
 
 
+class MemberSessionRequired(VaultError):
+    """The call is one of the member's own rights and carries no live session of
+    that member: one error for a missing, malformed, unknown, expired or ended
+    session, another member's, and an unknown member id (no oracle)."""
+
+    def __init__(self) -> None:
+        super().__init__("this call needs the member's session (x-member-session)")
+
+
 class PurposeNotAllowed(VaultError):
     """The member has not consented to (or has refused) the stated purpose."""
 

@@ -46,6 +46,7 @@ from vault.members import (
     ShredHook,
     VaultSettings,
     WithdrawalOutcome,
+    checked_changes,
     load_member,
     log,
     member_view,
@@ -55,8 +56,9 @@ from vault.page_tokens import decode_page_token, encode_page_token
 from vault.passwords import PasswordHasher, PasswordStats
 from vault.policy import Purpose, Violations
 from vault.providers.base import KeyProvider
-from vault.recovery import Recovery, sealed_field
+from vault.recovery import Recovery, email_changed_notice, sealed_field
 from vault.retention import WITHDRAWAL, Retention
+from vault.sessions import MemberSessions
 from vault.store.base import (
     ConsentRow,
     LeaseStore,
@@ -102,6 +104,7 @@ class VaultParts:
     retention: Retention
     recovery: Recovery
     export: Export
+    sessions: MemberSessions
     #: Decrypted when a login ID is unknown, so that path does the same work.
     decoy_key: _hazmat.SecretKey
     decoy_ct: bytes
@@ -131,6 +134,8 @@ class Vault:
         self.keys = parts.keys
         #: Withdrawn members' data in the separated storage (policy section 6).
         self.retention = parts.retention
+        #: Member sessions: the member's own rights need one (vault.sessions).
+        self.sessions = parts.sessions
 
     def __repr__(self) -> str:
         return f"<Vault provider={self._provider.name}>"
@@ -284,40 +289,31 @@ class Vault:
         )
 
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView:
+        """Correct the named fields; the answer is the MEMBER_REQUEST view (the caller
+        holds the member's session). A new e-mail needs the current password, and a
+        notice of the change goes to the old address (email_changed_notice)."""
         v = Violations()
         mid = policy.check_member_id(member_id, v)
-        # One violation however many bad paths, and never the path itself: it is the
-        # caller's text, and 7,000 of them made a trailer no client would accept.
-        if changes.paths - {"name", "email", "mobile_phone"}:
-            v.add(
-                "update_mask",
-                "names a field that cannot be updated; use name, email or mobile_phone",
-            )
-        if not changes.paths:
-            v.add("update_mask", "must name at least one field")
-        new_values: dict[str, str] = {}
-        if "name" in changes.paths and (name := policy.check_name(changes.name or "", v)):
-            new_values["name"] = name
-        if "email" in changes.paths and (email := policy.check_email(changes.email or "", v)):
-            new_values["email"] = email
-        if "mobile_phone" in changes.paths:
-            if changes.mobile_phone:
-                if phone := policy.check_mobile_phone(changes.mobile_phone, v):
-                    new_values["mobile_phone"] = phone
-            else:
-                new_values["mobile_phone"] = ""  # removing the optional item
+        new_values = checked_changes(changes, v)
         v.raise_if_any()
         assert mid
-
-        indexes = (
-            {"email": self._indexes.email(new_values["email"])} if "email" in new_values else None
-        )
+        email = new_values.get("email")
+        if email is not None:
+            row = await load_member(self._store, mid)
+            dek = await self._member_keys.dek(row.key)
+            await self._check_password(dek, row, changes.current_password or "")
+        indexes = {"email": self._indexes.email(email)} if email is not None else None
 
         async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
             ciphertexts = {
                 f: member_cipher.seal(key, mid, f, value) for f, value in new_values.items()
             }
-            return await self._store.update_member(mid, ciphertexts, indexes, dek_id=row.key.dek_id)
+            notice = None
+            if email is not None:  # sealed from the row written over: the old address
+                notice = email_changed_notice(key, row, self._clock.now())
+            return await self._store.update_member(
+                mid, ciphertexts, indexes, dek_id=row.key.dek_id, notify=notice
+            )
 
         await self._member_keys.under_current_key(mid, write)
         log.info("member_updated", fields=sorted(new_values))
@@ -340,6 +336,7 @@ class Vault:
         encoded = await self._hasher.hash(new)
 
         await self._recovery.store_password(mid, encoded, "change", first=(row, dek))
+        await self.sessions.end_all(mid)  # after the write: no session outlives it
         log.info("member_password_changed")
 
     async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome:
@@ -493,8 +490,10 @@ class Vault:
         await self._recovery.start_password_reset(login_id=login_id, email=email)
 
     async def complete_password_reset(self, token: str, new_password: str) -> None:
-        """Set a new password with a token from start_password_reset."""
-        await self._recovery.complete_password_reset(token, new_password)
+        """Set a new password with a token from start_password_reset; the member's
+        sessions end with the old password."""
+        member_id = await self._recovery.complete_password_reset(token, new_password)
+        await self.sessions.end_all(member_id)
 
     async def settle(self) -> None:
         """Wait for work started after answering (tests, and a clean close)."""

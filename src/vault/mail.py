@@ -27,10 +27,17 @@ INACTIVITY_NOTICE = "inactivity_notice"
 PASSWORD_CHANGED = "password_changed"  # noqa: S105 - a message kind, not a password
 LOGIN_ID_REMINDER = "login_id_reminder"
 PASSWORD_RESET = "password_reset"  # noqa: S105 - a message kind, not a password
-KINDS = frozenset({INACTIVITY_NOTICE, PASSWORD_CHANGED, LOGIN_ID_REMINDER, PASSWORD_RESET})
+#: To the old address, after the member's e-mail address was changed.
+EMAIL_CHANGED = "email_changed"
+KINDS = frozenset(
+    {INACTIVITY_NOTICE, PASSWORD_CHANGED, LOGIN_ID_REMINDER, PASSWORD_RESET, EMAIL_CHANGED}
+)
 # A param named "sealed_<name>" is a secret encrypted under the member's DEK (see
 # Vault.start_password_reset); it is opened at send time into Recipient.unsealed[name].
 SEALED_PREFIX = "sealed_"
+#: A sealed param of this name is the address the mail goes to instead of the
+#: member's current one (an e-mail change notice goes to the old address).
+SEALED_RECIPIENT = "to"
 
 # Message ids become a header and a file name: keep them to a safe alphabet.
 # "<uuid>" and "<uuid>@<domain>" (already a Message-ID's shape) both fit.
@@ -155,13 +162,15 @@ class MailRenderer:
             subject, body = self._login_id_reminder(recipient)
         elif message.kind == PASSWORD_RESET:
             subject, body = self._password_reset(message, recipient)
+        elif message.kind == EMAIL_CHANGED:
+            subject, body = self._email_changed(message, recipient)
         else:
             raise ValueError(f"unknown outbox message kind {message.kind!r}")
         mail = EmailMessage()
         mail["From"] = self._sender
         # Built from its parts: Address(addr_spec=...) refuses a non-ASCII local part
         # (NonASCIILocalPartDefect) although SMTPUTF8 delivers it.
-        local_part, domain = mailbox(recipient.email)
+        local_part, domain = mailbox(recipient.unsealed.get(SEALED_RECIPIENT, recipient.email))
         mail["To"] = Address(display_name=recipient.name, username=local_part, domain=domain)
         mail["Subject"] = subject
         # The outbox id, not a fresh one: a retry after an unconfirmed delivery is
@@ -207,6 +216,21 @@ class MailRenderer:
             f"at once and contact {self._contact}.\n"
         )
         return "Your password was changed", body
+
+    def _email_changed(self, message: OutboxMessage, recipient: Recipient) -> tuple[str, str]:
+        # To the old address, which must not learn the new one: the body names none.
+        if SEALED_RECIPIENT not in recipient.unsealed:
+            raise ValueError("email_changed needs its sealed old address, opened at send time")
+        at = message.params.get("at")
+        when = f" on {format_utc(parse_utc(at))}" if at else ""
+        body = (
+            f"Dear {recipient.name},\n\n"
+            f"The e-mail address of your account was changed{when}. This address\n"
+            "will no longer receive mail about your account, such as password resets.\n\n"
+            "If you did this, no action is needed. If you did not, someone may have\n"
+            f"taken over your account: contact {self._contact} at once.\n"
+        )
+        return "The e-mail address of your account was changed", body
 
     def _login_id_reminder(self, recipient: Recipient) -> tuple[str, str]:
         if not recipient.login_id:

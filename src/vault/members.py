@@ -24,6 +24,9 @@ log = structlog.get_logger("vault")
 
 #: The longest a password reset token may live (issue 4: "expiring within 30 minutes").
 MAX_PASSWORD_RESET_TTL = timedelta(minutes=30)
+#: Bounds on the member-session settings (a token is a bearer credential).
+MAX_SESSION_LIFETIME = timedelta(days=30)
+MAX_SESSIONS_PER_MEMBER = 1000
 #: Called with a member id after that member is shredded, for copies outside the
 #: database (the service's mail spool). A failure is logged; the shred stands.
 ShredHook = Callable[[str], Awaitable[object]]
@@ -48,6 +51,12 @@ class VaultSettings:
     #: Password hashes and verifications admitted at once, running or waiting
     #: (open_vault builds the hasher with it); default: 8 per password worker.
     password_queue_limit: int | None = None
+    #: A member session (vault.sessions) ends this long after its last use, and
+    #: this long after the login whatever its use; a login past sessions_per_member
+    #: live sessions ends the member's oldest.
+    session_idle: timedelta = timedelta(minutes=15)
+    session_lifetime: timedelta = timedelta(hours=12)
+    sessions_per_member: int = 20
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
@@ -56,6 +65,10 @@ class VaultSettings:
             raise ValueError("recovery_mails_per_hour and recovery_queue_limit must be >= 1")
         if self.password_queue_limit is not None and self.password_queue_limit < 1:
             raise ValueError("password_queue_limit must be at least 1")
+        if not timedelta(0) < self.session_idle <= self.session_lifetime <= MAX_SESSION_LIFETIME:
+            raise ValueError("sessions need 0 < session_idle <= session_lifetime <= 30 days")
+        if not 1 <= self.sessions_per_member <= MAX_SESSIONS_PER_MEMBER:
+            raise ValueError("sessions_per_member must be between 1 and 1000")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +93,38 @@ class MemberChanges:
     name: str | None = None
     email: str | None = None
     mobile_phone: str | None = None
+    #: Required when ``email`` is in ``paths``: the e-mail is the recovery channel.
+    current_password: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"<MemberChanges paths={sorted(self.paths)}>"
+
+
+def checked_changes(changes: MemberChanges, v: Violations) -> dict[str, str]:
+    """The new values of a correction, checked (violations go into ``v``)."""
+    # One violation however many bad paths, and never the path itself: it is the
+    # caller's text, and 7,000 of them made a trailer no client would accept.
+    if changes.paths - {"name", "email", "mobile_phone"}:
+        v.add(
+            "update_mask", "names a field that cannot be updated; use name, email or mobile_phone"
+        )
+    if not changes.paths:
+        v.add("update_mask", "must name at least one field")
+    new_values: dict[str, str] = {}
+    if "name" in changes.paths and (name := policy.check_name(changes.name or "", v)):
+        new_values["name"] = name
+    if "email" in changes.paths:
+        if email := policy.check_email(changes.email or "", v):
+            new_values["email"] = email
+        if not changes.current_password:
+            v.add("current_password", "is required to change the e-mail address")
+    if "mobile_phone" in changes.paths:
+        if changes.mobile_phone:
+            if phone := policy.check_mobile_phone(changes.mobile_phone, v):
+                new_values["mobile_phone"] = phone
+        else:
+            new_values["mobile_phone"] = ""  # removing the optional item
+    return new_values
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,13 +16,20 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from vault import _hazmat, ids, member_cipher, policy
 from vault.clock import Clock
 from vault.errors import FieldViolation, InvalidInput, NotFound, Overloaded
-from vault.mail import LOGIN_ID_REMINDER, PASSWORD_CHANGED, PASSWORD_RESET, SEALED_PREFIX
+from vault.mail import (
+    EMAIL_CHANGED,
+    LOGIN_ID_REMINDER,
+    PASSWORD_CHANGED,
+    PASSWORD_RESET,
+    SEALED_PREFIX,
+    SEALED_RECIPIENT,
+)
 from vault.member_keys import MemberKeys
 from vault.members import BlindIndexes, VaultSettings, load_member, log, open_member_field
 from vault.passwords import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PasswordHasher
@@ -201,9 +208,9 @@ class Recovery:
             # Nobody is told but the operator: the caller got the usual answer.
             log.warning("recovery_mail_limit_reached", kind=kind)
 
-    async def complete_password_reset(self, token: str, new_password: str) -> None:
-        """Set a new password with a token from start_password_reset. An unknown,
-        used or expired token is one and the same error."""
+    async def complete_password_reset(self, token: str, new_password: str) -> str:
+        """Set a new password with a token from start_password_reset; the member's
+        id. An unknown, used or expired token is one and the same error."""
         v = Violations()
         if not token:
             v.add(_INVALID_TOKEN.field, _INVALID_TOKEN.description)
@@ -232,6 +239,7 @@ class Recovery:
         except NotFound:
             raise InvalidInput([_INVALID_TOKEN]) from None
         log.info("member_password_reset")
+        return member_id
 
     def after_answer(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``work()`` after the caller has its answer; failures are logged by type
@@ -274,3 +282,26 @@ def _token_hash(token: str) -> bytes:
 def sealed_field(message_id: str, name: str) -> str:
     """The field name bound into a sealed outbox param: this message, this param."""
     return f"outbox/{message_id}/{name}"
+
+
+def email_changed_notice(key: _hazmat.SecretKey, row: MemberRow, now: datetime) -> OutboxMessage:
+    """The notice that the member's e-mail address was changed, to the OLD address
+    (read from ``row``, the member as it stands before the change, under ``key``).
+
+    The relay can no longer find that address at send time, so it travels in the
+    message, sealed under the member's DEK and bound to this message, like a reset
+    token: the outbox holds no plaintext, a shred deletes the row and leaves any
+    copy unreadable. It says when, never the new address."""
+    message_id = str(uuid.uuid4())
+    old = open_member_field(key, row, "email")
+    sealed = member_cipher.seal(key, row.member_id, sealed_field(message_id, SEALED_RECIPIENT), old)
+    return OutboxMessage(
+        message_id=message_id,
+        member_id=row.member_id,
+        kind=EMAIL_CHANGED,
+        params={
+            "at": now.isoformat(),
+            SEALED_PREFIX + SEALED_RECIPIENT: base64.b64encode(sealed).decode(),
+        },
+        created_at=now,
+    )

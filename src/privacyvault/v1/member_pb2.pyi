@@ -275,15 +275,22 @@ class AuthenticateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
+    session_token: _builtins.str
+    """A new member session: 43 URL-safe characters (256 random bits), shown only
+    here (the server keeps its SHA-256). Send it as the `x-member-session`
+    metadata value of the member's own-rights calls; keep it like a password.
+    """
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
+        session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +348,7 @@ class UpdateMemberRequest(_message.Message):
     EMAIL_FIELD_NUMBER: _builtins.int
     MOBILE_PHONE_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    CURRENT_PASSWORD_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     name: _builtins.str
@@ -350,6 +358,10 @@ class UpdateMemberRequest(_message.Message):
     mobile_phone: _builtins.str
     """Named in update_mask and left empty, the mobile phone is removed. At most
     32 characters.
+    """
+    current_password: _builtins.str
+    """The member's current password: required when update_mask names "email",
+    ignored otherwise. At most 256 characters.
     """
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
@@ -365,17 +377,22 @@ class UpdateMemberRequest(_message.Message):
         email: _builtins.str | None = ...,
         mobile_phone: _builtins.str | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
+        current_password: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_mobile_phone", b"_mobile_phone", "_name", b"_name", "email", b"email", "mobile_phone", b"mobile_phone", "name", b"name", "update_mask", b"update_mask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_current_password", b"_current_password", "_email", b"_email", "_mobile_phone", b"_mobile_phone", "_name", b"_name", "current_password", b"current_password", "email", b"email", "mobile_phone", b"mobile_phone", "name", b"name", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_email", b"_email", "_mobile_phone", b"_mobile_phone", "_name", b"_name", "email", b"email", "member_id", b"member_id", "mobile_phone", b"mobile_phone", "name", b"name", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_current_password", b"_current_password", "_email", b"_email", "_mobile_phone", b"_mobile_phone", "_name", b"_name", "current_password", b"current_password", "email", b"email", "member_id", b"member_id", "mobile_phone", b"mobile_phone", "name", b"name", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__current_password: _TypeAlias = _typing.Literal["current_password"]  # noqa: Y015
+    _WhichOneofArgType__current_password: _TypeAlias = _typing.Literal["_current_password", b"_current_password"]  # noqa: Y015
     _WhichOneofReturnType__email: _TypeAlias = _typing.Literal["email"]  # noqa: Y015
     _WhichOneofArgType__email: _TypeAlias = _typing.Literal["_email", b"_email"]  # noqa: Y015
     _WhichOneofReturnType__mobile_phone: _TypeAlias = _typing.Literal["mobile_phone"]  # noqa: Y015
     _WhichOneofArgType__mobile_phone: _TypeAlias = _typing.Literal["_mobile_phone", b"_mobile_phone"]  # noqa: Y015
     _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
     _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__current_password) -> _WhichOneofReturnType__current_password | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__email) -> _WhichOneofReturnType__email | None: ...
     @_typing.overload
@@ -836,3 +853,38 @@ class CompletePasswordResetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompletePasswordResetResponse: _TypeAlias = CompletePasswordResetResponse  # noqa: Y015
+
+@_typing.final
+class EndSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionRequest: _TypeAlias = EndSessionRequest  # noqa: Y015
+
+@_typing.final
+class EndSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015

@@ -37,6 +37,22 @@ class MemberServiceStub:
     comment (and as the `max_length` option, see field_limits.proto) and counted
     in characters as sent; a longer value is INVALID_ARGUMENT with a field
     violation on that field, checked before any other work on the request.
+
+    Member sessions. The member's own rights (GetMember with
+    PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
+    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
+    live session of that same member, from Authenticate's session_token, sent
+    as the `x-member-session` metadata value. Without one the call is
+    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
+    expired or ended session, another member's session, and an unknown member
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
+    session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
+    use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
+    EndSession, a password change or reset, and the member's withdrawal end it
+    sooner, and a member's 21st live session ends the oldest. Other purposes
+    of GetMember are for calling services and need no member session.
     """
 
     def __init__(self, channel):
@@ -110,6 +126,11 @@ class MemberServiceStub:
                 request_serializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetRequest.SerializeToString,
                 response_deserializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetResponse.FromString,
                 _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/privacyvault.v1.MemberService/EndSession',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.EndSessionResponse.FromString,
+                _registered_method=True)
 
 
 class MemberServiceServicer:
@@ -124,6 +145,22 @@ class MemberServiceServicer:
     comment (and as the `max_length` option, see field_limits.proto) and counted
     in characters as sent; a longer value is INVALID_ARGUMENT with a field
     violation on that field, checked before any other work on the request.
+
+    Member sessions. The member's own rights (GetMember with
+    PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
+    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
+    live session of that same member, from Authenticate's session_token, sent
+    as the `x-member-session` metadata value. Without one the call is
+    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
+    expired or ended session, another member's session, and an unknown member
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
+    session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
+    use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
+    EndSession, a password change or reset, and the member's withdrawal end it
+    sooner, and a member's 21st live session ends the oldest. Other purposes
+    of GetMember are for calling services and need no member session.
     """
 
     def SignUp(self, request, context):
@@ -138,7 +175,10 @@ class MemberServiceServicer:
         """Authenticate checks a login ID and password. The caller passes the end
         user's IP address in the `x-client-ip` metadata key (at most 45
         characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-        encrypted and in canonical form, in the member's access log.
+        encrypted and in canonical form, in the member's access log. The answer
+        carries a new member session token (see the service comment). A wrong
+        login ID or password is UNAUTHENTICATED with ErrorInfo reason
+        WRONG_CREDENTIALS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,21 +186,35 @@ class MemberServiceServicer:
 
     def GetMember(self, request, context):
         """GetMember reads a member for a stated purpose; only the fields that
-        purpose allows are set.
+        purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
+        and needs the member's session (`x-member-session`; else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMember(self, request, context):
-        """UpdateMember corrects the fields named in update_mask.
+        """UpdateMember corrects the fields named in update_mask. It needs the
+        member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED), and a
+        change of e-mail (the account's recovery channel) also needs
+        current_password: missing, INVALID_ARGUMENT with a field violation on
+        current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
+        WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
+        address, saying when (never the new address). The answer is the member
+        as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
+        gets it, so it shows nothing a purpose would hide from another caller.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ChangePassword(self, request, context):
-        """ChangePassword replaces the password after checking the current one.
+        """ChangePassword replaces the password after checking the current one. It
+        needs the member's session (else UNAUTHENTICATED,
+        MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
+        with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
+        ends with the old password: log in again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,8 +225,11 @@ class MemberServiceServicer:
         crypto-shredded at once; with one, what the member entered moves, encrypted,
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
-        NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-        withdrawal of the same member is in flight.
+        NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+        sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
+        withdrawal of the same member is in flight. It needs the member's session
+        (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
+        UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +242,8 @@ class MemberServiceServicer:
         FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
         EXPORT_TOO_LARGE (subject "export", its description naming
         StreamMemberData), found without reading the rest: read it with
-        StreamMemberData, which works for every member.
+        StreamMemberData, which works for every member. It needs the member's
+        session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,7 +258,8 @@ class MemberServiceServicer:
         once. Only a stream that ends with OK is the whole document; on any other
         status discard the pieces and ask again. The access history is the log as
         it stood when the export began (newest first), less any entry the 6-month
-        purge removed meanwhile.
+        purge removed meanwhile. It needs the member's session (else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,7 +277,8 @@ class MemberServiceServicer:
         A page token is opaque and authenticated by the server: it is valid only
         for the member it was issued for, and a token that is altered, made up,
         issued for another member or by an older server version is
-        INVALID_ARGUMENT with a field violation on page_token.
+        INVALID_ARGUMENT with a field violation on page_token. It needs the
+        member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -250,7 +310,18 @@ class MemberServiceServicer:
         """CompletePasswordReset sets a new password with a token from
         StartPasswordReset; the token is spent. An unknown, used or expired token is
         INVALID_ARGUMENT with one field violation on "token", the same for every
-        case. The member is told of the change by e-mail.
+        case. The member is told of the change by e-mail, and every session of
+        the member ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndSession(self, request, context):
+        """EndSession ends the member session sent in `x-member-session` (log out).
+        It needs that session to be a live one of member_id (else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
+        second EndSession with the same token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -324,6 +395,11 @@ def add_MemberServiceServicer_to_server(servicer, server):
                     request_deserializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetRequest.FromString,
                     response_serializer=privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetResponse.SerializeToString,
             ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.EndSessionRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.EndSessionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'privacyvault.v1.MemberService', rpc_method_handlers)
@@ -344,6 +420,22 @@ class MemberService:
     comment (and as the `max_length` option, see field_limits.proto) and counted
     in characters as sent; a longer value is INVALID_ARGUMENT with a field
     violation on that field, checked before any other work on the request.
+
+    Member sessions. The member's own rights (GetMember with
+    PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
+    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
+    live session of that same member, from Authenticate's session_token, sent
+    as the `x-member-session` metadata value. Without one the call is
+    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
+    expired or ended session, another member's session, and an unknown member
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
+    session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
+    use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
+    EndSession, a password change or reset, and the member's withdrawal end it
+    sooner, and a member's 21st live session ends the oldest. Other purposes
+    of GetMember are for calling services and need no member session.
     """
 
     @staticmethod
@@ -687,6 +779,33 @@ class MemberService:
             '/privacyvault.v1.MemberService/CompletePasswordReset',
             privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetRequest.SerializeToString,
             privacyvault_dot_v1_dot_member__pb2.CompletePasswordResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/EndSession',
+            privacyvault_dot_v1_dot_member__pb2.EndSessionRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.EndSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,22 @@ class MemberServiceStub:
     comment (and as the `max_length` option, see field_limits.proto) and counted
     in characters as sent; a longer value is INVALID_ARGUMENT with a field
     violation on that field, checked before any other work on the request.
+
+    Member sessions. The member's own rights (GetMember with
+    PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
+    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
+    live session of that same member, from Authenticate's session_token, sent
+    as the `x-member-session` metadata value. Without one the call is
+    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
+    expired or ended session, another member's session, and an unknown member
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
+    session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
+    use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
+    EndSession, a password change or reset, and the member's withdrawal end it
+    sooner, and a member's 21st live session ends the oldest. Other purposes
+    of GetMember are for calling services and need no member session.
     """
 
     @_typing.overload
@@ -52,23 +68,45 @@ class MemberServiceStub:
     """Authenticate checks a login ID and password. The caller passes the end
     user's IP address in the `x-client-ip` metadata key (at most 45
     characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-    encrypted and in canonical form, in the member's access log.
+    encrypted and in canonical form, in the member's access log. The answer
+    carries a new member session token (see the service comment). A wrong
+    login ID or password is UNAUTHENTICATED with ErrorInfo reason
+    WRONG_CREDENTIALS.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]
     """GetMember reads a member for a stated purpose; only the fields that
-    purpose allows are set.
+    purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
+    and needs the member's session (`x-member-session`; else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     """
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]
-    """UpdateMember corrects the fields named in update_mask."""
+    """UpdateMember corrects the fields named in update_mask. It needs the
+    member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED), and a
+    change of e-mail (the account's recovery channel) also needs
+    current_password: missing, INVALID_ARGUMENT with a field violation on
+    current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
+    WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
+    address, saying when (never the new address). The answer is the member
+    as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
+    gets it, so it shows nothing a purpose would hide from another caller.
+    """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]
-    """ChangePassword replaces the password after checking the current one."""
+    """ChangePassword replaces the password after checking the current one. It
+    needs the member's session (else UNAUTHENTICATED,
+    MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
+    with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
+    ends with the old password: log in again.
+    """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]
     """Withdraw ends the membership. With no retention rule the member's data is
     crypto-shredded at once; with one, what the member entered moves, encrypted,
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
-    NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-    withdrawal of the same member is in flight.
+    NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+    sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
+    withdrawal of the same member is in flight. It needs the member's session
+    (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
+    UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -77,7 +115,8 @@ class MemberServiceStub:
     FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
     EXPORT_TOO_LARGE (subject "export", its description naming
     StreamMemberData), found without reading the rest: read it with
-    StreamMemberData, which works for every member.
+    StreamMemberData, which works for every member. It needs the member's
+    session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     """
     StreamMemberData: _grpc.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]
     """StreamMemberData returns the same JSON document as ExportMemberData, for a
@@ -88,7 +127,8 @@ class MemberServiceStub:
     once. Only a stream that ends with OK is the whole document; on any other
     status discard the pieces and ask again. The access history is the log as
     it stood when the export began (newest first), less any entry the 6-month
-    purge removed meanwhile.
+    purge removed meanwhile. It needs the member's session (else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
     """
     RecordAccess: _grpc.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]
     """RecordAccess appends an entry to the member's service use history."""
@@ -97,7 +137,8 @@ class MemberServiceStub:
     A page token is opaque and authenticated by the server: it is valid only
     for the member it was issued for, and a token that is altered, made up,
     issued for another member or by an older server version is
-    INVALID_ARGUMENT with a field violation on page_token.
+    INVALID_ARGUMENT with a field violation on page_token. It needs the
+    member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     """
     FindLoginId: _grpc.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -117,7 +158,14 @@ class MemberServiceStub:
     """CompletePasswordReset sets a new password with a token from
     StartPasswordReset; the token is spent. An unknown, used or expired token is
     INVALID_ARGUMENT with one field violation on "token", the same for every
-    case. The member is told of the change by e-mail.
+    case. The member is told of the change by e-mail, and every session of
+    the member ends.
+    """
+    EndSession: _grpc.UnaryUnaryMultiCallable[_member_pb2.EndSessionRequest, _member_pb2.EndSessionResponse]
+    """EndSession ends the member session sent in `x-member-session` (log out).
+    It needs that session to be a live one of member_id (else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
+    second EndSession with the same token).
     """
 
 @_typing.type_check_only
@@ -133,6 +181,22 @@ class MemberServiceAsyncStub(MemberServiceStub):
     comment (and as the `max_length` option, see field_limits.proto) and counted
     in characters as sent; a longer value is INVALID_ARGUMENT with a field
     violation on that field, checked before any other work on the request.
+
+    Member sessions. The member's own rights (GetMember with
+    PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
+    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
+    live session of that same member, from Authenticate's session_token, sent
+    as the `x-member-session` metadata value. Without one the call is
+    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
+    expired or ended session, another member's session, and an unknown member
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
+    session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
+    use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
+    EndSession, a password change or reset, and the member's withdrawal end it
+    sooner, and a member's 21st live session ends the oldest. Other purposes
+    of GetMember are for calling services and need no member session.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -144,23 +208,45 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """Authenticate checks a login ID and password. The caller passes the end
     user's IP address in the `x-client-ip` metadata key (at most 45
     characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-    encrypted and in canonical form, in the member's access log.
+    encrypted and in canonical form, in the member's access log. The answer
+    carries a new member session token (see the service comment). A wrong
+    login ID or password is UNAUTHENTICATED with ErrorInfo reason
+    WRONG_CREDENTIALS.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]  # type: ignore[assignment]
     """GetMember reads a member for a stated purpose; only the fields that
-    purpose allows are set.
+    purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
+    and needs the member's session (`x-member-session`; else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     """
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]  # type: ignore[assignment]
-    """UpdateMember corrects the fields named in update_mask."""
+    """UpdateMember corrects the fields named in update_mask. It needs the
+    member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED), and a
+    change of e-mail (the account's recovery channel) also needs
+    current_password: missing, INVALID_ARGUMENT with a field violation on
+    current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
+    WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
+    address, saying when (never the new address). The answer is the member
+    as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
+    gets it, so it shows nothing a purpose would hide from another caller.
+    """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]  # type: ignore[assignment]
-    """ChangePassword replaces the password after checking the current one."""
+    """ChangePassword replaces the password after checking the current one. It
+    needs the member's session (else UNAUTHENTICATED,
+    MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
+    with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
+    ends with the old password: log in again.
+    """
     Withdraw: _aio.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]  # type: ignore[assignment]
     """Withdraw ends the membership. With no retention rule the member's data is
     crypto-shredded at once; with one, what the member entered moves, encrypted,
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
-    NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-    withdrawal of the same member is in flight.
+    NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+    sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
+    withdrawal of the same member is in flight. It needs the member's session
+    (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
+    UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -169,7 +255,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
     EXPORT_TOO_LARGE (subject "export", its description naming
     StreamMemberData), found without reading the rest: read it with
-    StreamMemberData, which works for every member.
+    StreamMemberData, which works for every member. It needs the member's
+    session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     """
     StreamMemberData: _aio.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]  # type: ignore[assignment]
     """StreamMemberData returns the same JSON document as ExportMemberData, for a
@@ -180,7 +267,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     once. Only a stream that ends with OK is the whole document; on any other
     status discard the pieces and ask again. The access history is the log as
     it stood when the export began (newest first), less any entry the 6-month
-    purge removed meanwhile.
+    purge removed meanwhile. It needs the member's session (else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
     """
     RecordAccess: _aio.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]  # type: ignore[assignment]
     """RecordAccess appends an entry to the member's service use history."""
@@ -189,7 +277,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     A page token is opaque and authenticated by the server: it is valid only
     for the member it was issued for, and a token that is altered, made up,
     issued for another member or by an older server version is
-    INVALID_ARGUMENT with a field violation on page_token.
+    INVALID_ARGUMENT with a field violation on page_token. It needs the
+    member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     """
     FindLoginId: _aio.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]  # type: ignore[assignment]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -209,7 +298,14 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """CompletePasswordReset sets a new password with a token from
     StartPasswordReset; the token is spent. An unknown, used or expired token is
     INVALID_ARGUMENT with one field violation on "token", the same for every
-    case. The member is told of the change by e-mail.
+    case. The member is told of the change by e-mail, and every session of
+    the member ends.
+    """
+    EndSession: _aio.UnaryUnaryMultiCallable[_member_pb2.EndSessionRequest, _member_pb2.EndSessionResponse]  # type: ignore[assignment]
+    """EndSession ends the member session sent in `x-member-session` (log out).
+    It needs that session to be a live one of member_id (else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
+    second EndSession with the same token).
     """
 
 class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -224,6 +320,22 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     comment (and as the `max_length` option, see field_limits.proto) and counted
     in characters as sent; a longer value is INVALID_ARGUMENT with a field
     violation on that field, checked before any other work on the request.
+
+    Member sessions. The member's own rights (GetMember with
+    PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
+    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
+    live session of that same member, from Authenticate's session_token, sent
+    as the `x-member-session` metadata value. Without one the call is
+    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
+    expired or ended session, another member's session, and an unknown member
+    id. It is checked after the field limits and the member id's form (a
+    malformed id is INVALID_ARGUMENT on member_id) and before anything else. A
+    session ends 15 minutes (PRIVACY_VAULT_SESSION_IDLE_MINUTES) after its last
+    use and 12 hours (PRIVACY_VAULT_SESSION_LIFETIME_HOURS) after the login;
+    EndSession, a password change or reset, and the member's withdrawal end it
+    sooner, and a member's 21st live session ends the oldest. Other purposes
+    of GetMember are for calling services and need no member session.
     """
 
     @_abc_1.abstractmethod
@@ -245,7 +357,10 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         """Authenticate checks a login ID and password. The caller passes the end
         user's IP address in the `x-client-ip` metadata key (at most 45
         characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-        encrypted and in canonical form, in the member's access log.
+        encrypted and in canonical form, in the member's access log. The answer
+        carries a new member session token (see the service comment). A wrong
+        login ID or password is UNAUTHENTICATED with ErrorInfo reason
+        WRONG_CREDENTIALS.
         """
 
     @_abc_1.abstractmethod
@@ -255,7 +370,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.GetMemberResponse, _abc.Awaitable[_member_pb2.GetMemberResponse]]:
         """GetMember reads a member for a stated purpose; only the fields that
-        purpose allows are set.
+        purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
+        and needs the member's session (`x-member-session`; else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         """
 
     @_abc_1.abstractmethod
@@ -264,7 +381,16 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.UpdateMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.UpdateMemberResponse, _abc.Awaitable[_member_pb2.UpdateMemberResponse]]:
-        """UpdateMember corrects the fields named in update_mask."""
+        """UpdateMember corrects the fields named in update_mask. It needs the
+        member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED), and a
+        change of e-mail (the account's recovery channel) also needs
+        current_password: missing, INVALID_ARGUMENT with a field violation on
+        current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
+        WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
+        address, saying when (never the new address). The answer is the member
+        as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
+        gets it, so it shows nothing a purpose would hide from another caller.
+        """
 
     @_abc_1.abstractmethod
     def ChangePassword(
@@ -272,7 +398,12 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.ChangePasswordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ChangePasswordResponse, _abc.Awaitable[_member_pb2.ChangePasswordResponse]]:
-        """ChangePassword replaces the password after checking the current one."""
+        """ChangePassword replaces the password after checking the current one. It
+        needs the member's session (else UNAUTHENTICATED,
+        MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
+        with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
+        ends with the old password: log in again.
+        """
 
     @_abc_1.abstractmethod
     def Withdraw(
@@ -284,8 +415,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         crypto-shredded at once; with one, what the member entered moves, encrypted,
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
-        NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-        withdrawal of the same member is in flight.
+        NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
+        sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
+        withdrawal of the same member is in flight. It needs the member's session
+        (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
+        UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
         """
 
     @_abc_1.abstractmethod
@@ -300,7 +434,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION with a google.rpc.PreconditionFailure of type
         EXPORT_TOO_LARGE (subject "export", its description naming
         StreamMemberData), found without reading the rest: read it with
-        StreamMemberData, which works for every member.
+        StreamMemberData, which works for every member. It needs the member's
+        session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         """
 
     @_abc_1.abstractmethod
@@ -317,7 +452,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         once. Only a stream that ends with OK is the whole document; on any other
         status discard the pieces and ask again. The access history is the log as
         it stood when the export began (newest first), less any entry the 6-month
-        purge removed meanwhile.
+        purge removed meanwhile. It needs the member's session (else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
         """
 
     @_abc_1.abstractmethod
@@ -338,7 +474,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         A page token is opaque and authenticated by the server: it is valid only
         for the member it was issued for, and a token that is altered, made up,
         issued for another member or by an older server version is
-        INVALID_ARGUMENT with a field violation on page_token.
+        INVALID_ARGUMENT with a field violation on page_token. It needs the
+        member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         """
 
     @_abc_1.abstractmethod
@@ -376,7 +513,20 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         """CompletePasswordReset sets a new password with a token from
         StartPasswordReset; the token is spent. An unknown, used or expired token is
         INVALID_ARGUMENT with one field violation on "token", the same for every
-        case. The member is told of the change by e-mail.
+        case. The member is told of the change by e-mail, and every session of
+        the member ends.
+        """
+
+    @_abc_1.abstractmethod
+    def EndSession(
+        self,
+        request: _member_pb2.EndSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.EndSessionResponse, _abc.Awaitable[_member_pb2.EndSessionResponse]]:
+        """EndSession ends the member session sent in `x-member-session` (log out).
+        It needs that session to be a live one of member_id (else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
+        second EndSession with the same token).
         """
 
 def add_MemberServiceServicer_to_server(servicer: MemberServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

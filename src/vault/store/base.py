@@ -32,6 +32,7 @@ from vault.store.contracts.members import MemberStore
 from vault.store.contracts.outbox import OutboxStore
 from vault.store.contracts.recovery import RecoveryStore
 from vault.store.contracts.retention import RetentionStore
+from vault.store.contracts.sessions import SessionRow, SessionStore
 from vault.store.rows import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
@@ -92,6 +93,8 @@ __all__ = [
     "RetentionEvent",
     "RetentionStore",
     "RewrapUpdate",
+    "SessionRow",
+    "SessionStore",
     "Store",
     "whole_access_log",
 ]
@@ -107,6 +110,7 @@ class Store(
     InactivityStore,
     RecoveryStore,
     OutboxStore,
+    SessionStore,
     Protocol,
 ):
     """One database holding the vault: every domain's Protocol. See the module

@@ -12,6 +12,7 @@ from vault.store.sql.lease import SqlLease
 from vault.store.sql.members import SqlMembers
 from vault.store.sql.outbox import SqlOutbox
 from vault.store.sql.recovery import SqlRecoveryTokens
+from vault.store.sql.sessions import SqlSessions
 
 
 class SqlVaultStore(
@@ -24,5 +25,6 @@ class SqlVaultStore(
     SqlInactivity,
     SqlRecoveryTokens,
     SqlOutbox,
+    SqlSessions,
 ):
     """Every statement of the vault store that the dialects agree on."""

@@ -1,0 +1,104 @@
+"""Which MemberService RPCs are the member's own rights, and the session they need.
+
+The member's own rights (policy section 7: exercised "after identification") need a
+live session of the member named by the request's ``member_id``, sent as the
+``x-member-session`` metadata value. The table below is the one place that says
+which calls those are. Every RPC of the service must be in it or in
+:data:`WITHOUT_SESSION`: this module refuses to load otherwise, so a new RPC cannot
+be added without deciding. :func:`guard` wraps the servicer's methods with the
+check (MemberServicer does it for itself), which goes through the vault
+(``Vault.sessions``), never to the database from here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+from privacyvault.v1 import member_pb2 as pb
+from service.interceptors import Context, metadata_value
+
+SESSION_KEY = "x-member-session"
+
+
+def _always(request: Any) -> bool:
+    return True
+
+
+def _member_request(request: Any) -> bool:
+    return bool(request.purpose == pb.PURPOSE_MEMBER_REQUEST)
+
+
+#: RPC name -> whether a request to it exercises the member's own rights.
+MEMBER_RIGHTS: Mapping[str, Callable[[Any], bool]] = {
+    "GetMember": _member_request,  # other purposes are calling services' reads
+    "UpdateMember": _always,
+    "ChangePassword": _always,
+    "Withdraw": _always,
+    "ExportMemberData": _always,
+    "StreamMemberData": _always,
+    "ListAccessHistory": _always,
+    "EndSession": _always,
+}
+#: Anonymous (sign-up, login, recovery by what the member knows) or a calling
+#: service's own record (RecordAccess): no member session.
+WITHOUT_SESSION = frozenset(
+    {
+        "SignUp",
+        "Authenticate",
+        "RecordAccess",
+        "FindLoginId",
+        "StartPasswordReset",
+        "CompletePasswordReset",
+    }
+)
+
+
+def check_classified(service: ServiceDescriptor) -> None:
+    """RuntimeError unless every RPC of ``service`` is in exactly one of the lists."""
+    names = {m.name for m in service.methods}
+    both = MEMBER_RIGHTS.keys() & WITHOUT_SESSION
+    unclassified = names - MEMBER_RIGHTS.keys() - WITHOUT_SESSION
+    unknown = (MEMBER_RIGHTS.keys() | WITHOUT_SESSION) - names
+    if both or unclassified or unknown:
+        raise RuntimeError(
+            "every MemberService RPC must be in MEMBER_RIGHTS or WITHOUT_SESSION, once: "
+            f"{sorted(both | unclassified | unknown)}"
+        )
+
+
+check_classified(pb.DESCRIPTOR.services_by_name["MemberService"])
+
+
+class SessionCheck(Protocol):
+    async def require(self, token: str, member_id: str) -> None: ...
+
+
+def guard(name: str, behavior: Callable[..., Any], sessions: SessionCheck) -> Callable[..., Any]:
+    """``behavior`` (the servicer's method ``name``), checking the member's session
+    first when the request is one of the member's own rights."""
+    needs = MEMBER_RIGHTS.get(name)
+    if needs is None:
+        return behavior
+
+    async def check(request: Any, context: Context) -> None:
+        if needs(request):
+            await sessions.require(metadata_value(context, SESSION_KEY), request.member_id)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streamed(request: Any, context: Context) -> AsyncIterator[Any]:
+            await check(request, context)
+            async for item in behavior(request, context):
+                yield item
+
+        return streamed
+
+    async def unary(request: Any, context: Context) -> Any:
+        await check(request, context)
+        return await behavior(request, context)
+
+    return unary
