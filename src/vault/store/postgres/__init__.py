@@ -39,15 +39,18 @@ from vault.store.postgres.access_log import PostgresAccessLog
 from vault.store.postgres.destruction import PostgresDestruction
 from vault.store.postgres.inactivity import PostgresInactivity
 from vault.store.postgres.keys import PostgresKeys
+from vault.store.postgres.login_failures import PostgresLoginFailures
 from vault.store.postgres.members import PostgresMembers
 from vault.store.postgres.outbox import PostgresOutbox
 from vault.store.postgres.recovery import PostgresRecovery
 from vault.store.postgres.retention import PostgresRetentionStore
 from vault.store.sql.access_log import SqlAccessLogCount
 from vault.store.sql.destruction import SqlDestructionRecords
+from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
 from vault.store.sql.lease import SqlLease
+from vault.store.sql.login_failures import SqlLoginFailures
 from vault.store.sql.outbox import SqlOutbox
 from vault.store.sql.recovery import SqlRecoveryTokens
 
@@ -69,5 +72,8 @@ class PostgresStore(
     SqlRecoveryTokens,
     PostgresOutbox,
     SqlOutbox,
+    PostgresLoginFailures,
+    SqlLoginFailures,
+    SqlIdempotency,
 ):
     """The vault in a PostgreSQL database. Open with :meth:`open`, then ``migrate()``."""

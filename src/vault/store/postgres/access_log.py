@@ -12,6 +12,7 @@ from vault.store._common import (
     check_limit,
     require_aware,
 )
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.postgres._db import _affected, _PostgresDatabase, _uuid
 from vault.store.postgres._shared import (
     _check_dek,
@@ -21,6 +22,8 @@ from vault.store.rows import (
     AccessEntryRow,
     NewAccessEntry,
 )
+from vault.store.sql.dialect import POSTGRES
+from vault.store.sql.idempotency import INSERT_KEY, key_params, key_taken
 
 
 class PostgresAccessLog(_PostgresDatabase):
@@ -34,9 +37,17 @@ class PostgresAccessLog(_PostgresDatabase):
         return applied
 
     # --- access log ------------------------------------------------------------
-    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
+    async def append_access(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        *,
+        dek_id: int,
+        idempotency: IdempotencyKey | None = None,
+    ) -> bool:
         key = _uuid(member_id)
         at = require_aware(entry.at)
+        idempotent = None if idempotency is None else key_params(POSTGRES, idempotency)
         try:
             async with self._transaction() as conn:
                 # The lock order: the insert's foreign key check locks the members row
@@ -51,6 +62,10 @@ class PostgresAccessLog(_PostgresDatabase):
                     bytes(entry.ip_ct),
                 )
                 await _check_dek(conn, key, dek_id)
+                if idempotent is not None and not _affected(
+                    await conn.execute(INSERT_KEY["postgres"], *idempotent)
+                ):
+                    raise key_taken()  # rolls the entry back
         except (asyncpg.ForeignKeyViolationError, _MemberGone):
             return False  # no such member
         return True

@@ -27,6 +27,7 @@ from vault.store.rows import (
     DestructionRecord,
     RetentionCheck,
 )
+from vault.store.sql.login_failures import SHRED_FAILURES
 
 
 async def _insert_destruction_record(conn: Any, record: DestructionRecord) -> None:
@@ -76,6 +77,7 @@ class PostgresDestruction(_PostgresDatabase):
             ):
                 raise KeyChanged
             versions = [] if key_row is None else [int(key_row["kek_version"])]
+            await conn.execute(SHRED_FAILURES["postgres"], key)  # keyed by the login index
             counts = {
                 table: _affected(
                     await conn.execute(f"DELETE FROM {table} WHERE member_id = $1", key)

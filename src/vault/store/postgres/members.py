@@ -17,6 +17,7 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.postgres._db import _affected, _PostgresDatabase, _unique_error, _uuid
 from vault.store.postgres._shared import (
     _INSERT_OUTBOX,
@@ -33,8 +34,11 @@ from vault.store.rows import (
     NewAccessEntry,
     OutboxMessage,
 )
+from vault.store.sql.dialect import POSTGRES
+from vault.store.sql.idempotency import INSERT_KEY, key_params, key_taken
 
 # The member's consents ride along as an array of records: one round trip.
+_INSERT_KEY = INSERT_KEY["postgres"]
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, ARRAY("
     "SELECT ROW(c.purpose, c.granted, c.policy_version, c.recorded_at) FROM consents AS c "
@@ -70,7 +74,9 @@ class PostgresMembers(_PostgresDatabase):
     """PostgreSQL: members, their consents, sign-ups, updates and logins."""
 
     # --- members ---------------------------------------------------------------
-    async def insert_member(self, member: MemberRow) -> None:
+    async def insert_member(
+        self, member: MemberRow, idempotency: IdempotencyKey | None = None
+    ) -> None:
         member_id = uuid.UUID(check_new_member(member))
         consents = member.consents
         columns = [
@@ -112,6 +118,10 @@ class PostgresMembers(_PostgresDatabase):
                             for c in consents
                         ],
                     )
+                if idempotency is not None and not _affected(
+                    await conn.execute(_INSERT_KEY, *key_params(POSTGRES, idempotency))
+                ):
+                    raise key_taken()  # rolls the member back
         except asyncpg.UniqueViolationError as exc:
             raise _unique_error(exc) from None
         except asyncpg.ForeignKeyViolationError:

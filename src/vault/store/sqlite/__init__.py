@@ -22,15 +22,18 @@ from __future__ import annotations
 
 from vault.store.sql.access_log import SqlAccessLogCount
 from vault.store.sql.destruction import SqlDestructionRecords
+from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
 from vault.store.sql.lease import SqlLease
+from vault.store.sql.login_failures import SqlLoginFailures
 from vault.store.sql.outbox import SqlOutbox
 from vault.store.sql.recovery import SqlRecoveryTokens
 from vault.store.sqlite.access_log import SqliteAccessLog
 from vault.store.sqlite.destruction import SqliteDestruction
 from vault.store.sqlite.inactivity import SqliteInactivity
 from vault.store.sqlite.keys import SqliteKeys
+from vault.store.sqlite.login_failures import SqliteLoginFailures
 from vault.store.sqlite.members import SqliteMembers
 from vault.store.sqlite.outbox import SqliteOutbox
 from vault.store.sqlite.recovery import SqliteRecovery
@@ -54,5 +57,8 @@ class SqliteStore(
     SqlRecoveryTokens,
     SqliteOutbox,
     SqlOutbox,
+    SqliteLoginFailures,
+    SqlLoginFailures,
+    SqlIdempotency,
 ):
     """The vault in one SQLite file. Open with :meth:`open`, then ``migrate()``."""

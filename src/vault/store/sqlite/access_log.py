@@ -10,23 +10,36 @@ from vault.store._common import (
     canonical_member_id,
     check_limit,
 )
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.rows import (
     AccessEntryRow,
     NewAccessEntry,
 )
+from vault.store.sql.dialect import SQLITE
+from vault.store.sql.idempotency import INSERT_KEY, key_params, key_taken
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
     _member_has_dek,
 )
+
+_INSERT_KEY = INSERT_KEY["sqlite"]
 
 
 class SqliteAccessLog(_SqliteDatabase):
     """SQLite: the member's access log."""
 
     # --- access log ------------------------------------------------------------
-    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
+    async def append_access(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        *,
+        dek_id: int,
+        idempotency: IdempotencyKey | None = None,
+    ) -> bool:
         member_id = canonical_member_id(member_id)
         params = (member_id, _to_us(entry.at), bytes(entry.action_ct), bytes(entry.ip_ct))
+        idempotent = None if idempotency is None else key_params(SQLITE, idempotency)
 
         def work(conn: sqlite3.Connection) -> bool:
             if not _member_has_dek(conn, member_id, dek_id):
@@ -35,6 +48,8 @@ class SqliteAccessLog(_SqliteDatabase):
                 "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
                 params,
             )
+            if idempotent is not None and conn.execute(_INSERT_KEY, idempotent).rowcount != 1:
+                raise key_taken()  # rolls the entry back
             return True
 
         return await self._write(work)

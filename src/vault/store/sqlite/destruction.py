@@ -22,6 +22,7 @@ from vault.store.rows import (
     DestructionRecord,
     RetentionCheck,
 )
+from vault.store.sql.login_failures import SHRED_FAILURES
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
     _matches_retention,
@@ -84,6 +85,7 @@ class SqliteDestruction(_SqliteDatabase):
                     )
                 }
             )
+            conn.execute(SHRED_FAILURES["sqlite"], params)  # keyed by the login ID's index
             counts = {
                 table: conn.execute(f"DELETE FROM {table} WHERE member_id = ?", params).rowcount
                 for table in SHRED_TABLES

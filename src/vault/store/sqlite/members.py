@@ -16,6 +16,7 @@ from vault.store._common import (
     hmac_column,
     update_assignments,
 )
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.rows import (
     ConsentRow,
     IndexedField,
@@ -24,6 +25,8 @@ from vault.store.rows import (
     NewAccessEntry,
     OutboxMessage,
 )
+from vault.store.sql.dialect import SQLITE
+from vault.store.sql.idempotency import INSERT_KEY, key_params, key_taken
 from vault.store.sqlite._db import _from_us, _integrity_error, _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
     _INSERT_OUTBOX,
@@ -32,6 +35,7 @@ from vault.store.sqlite._shared import (
     _require_not_destroyed,
 )
 
+_INSERT_KEY = INSERT_KEY["sqlite"]
 # The member's consents ride along as a JSON array: one statement per read.
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, (SELECT json_group_array("
@@ -93,7 +97,9 @@ class SqliteMembers(_SqliteDatabase):
     """SQLite: members, their consents, sign-ups, updates and logins."""
 
     # --- members ---------------------------------------------------------------
-    async def insert_member(self, member: MemberRow) -> None:
+    async def insert_member(
+        self, member: MemberRow, idempotency: IdempotencyKey | None = None
+    ) -> None:
         member_id = check_new_member(member)
         consents = member.consents
         columns = [
@@ -119,6 +125,8 @@ class SqliteMembers(_SqliteDatabase):
             for c in consents
         ]
 
+        idempotent = None if idempotency is None else key_params(SQLITE, idempotency)
+
         def work(conn: sqlite3.Connection) -> None:
             _require_not_destroyed(conn, key.kek_version)
             try:
@@ -133,6 +141,8 @@ class SqliteMembers(_SqliteDatabase):
                     "recorded_at) VALUES (?, ?, ?, ?, ?)",
                     consent_rows,
                 )
+                if idempotent is not None and conn.execute(_INSERT_KEY, idempotent).rowcount != 1:
+                    raise key_taken()
             except sqlite3.IntegrityError as exc:
                 raise _integrity_error(exc) from None
 
