@@ -219,6 +219,8 @@ class Recovery:
             await self.store_password(member_id, encoded, "reset", first=(row, dek))
         except NotFound:
             raise InvalidInput([_INVALID_TOKEN]) from None
+        # A reset lifts every lock on the account, the permanent one included.
+        await self._store.clear_login_failures(row.blind_indexes["login_id"])
         log.info("member_password_reset")
 
     def after_answer(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
