@@ -235,7 +235,8 @@ async def test_locked_answers_like_a_wrong_password_in_code_details_and_time(
             await asyncio.gather(*(_login(stub, locked.login_id, WRONG) for _ in range(10)))
         wrong_error = await _login(stub, open_.login_id, WRONG)
         locked_error = await _login(stub, locked.login_id, locked.password)
-        assert wrong_error is not None and locked_error is not None
+        assert wrong_error is not None
+        assert locked_error is not None
         assert locked_error.code() == wrong_error.code()
         assert locked_error.details() == wrong_error.details()
         assert rich_status(locked_error) == rich_status(wrong_error)

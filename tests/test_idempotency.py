@@ -46,7 +46,8 @@ async def test_concurrent_retries_make_one_member(
     row = await server.vault.store.find_member(
         "login_id", server.vault.parts.indexes.login_id(request.login_id)
     )
-    assert row is not None and row.member_id == answers[0].member_id
+    assert row is not None
+    assert row.member_id == answers[0].member_id
 
 
 async def test_same_id_with_another_request_is_invalid(members: MemberServiceStub) -> None:
