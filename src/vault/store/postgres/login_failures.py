@@ -10,9 +10,10 @@ from vault.store._common import require_aware
 from vault.store.contracts.login_failures import FailedLogin, FailureCount
 from vault.store.postgres._db import _PostgresDatabase, _uuid
 from vault.store.postgres._shared import _check_dek, _MemberGone
-from vault.store.sql.login_failures import COUNT_FAILURE, COUNT_IP_FAILURE
+from vault.store.sql.login_failures import APPEND_ENTRY, COUNT_FAILURE, COUNT_IP_FAILURE
 
 _COUNT, _COUNT_IP = COUNT_FAILURE["postgres"], COUNT_IP_FAILURE["postgres"]
+_APPEND = APPEND_ENTRY["postgres"]
 
 
 class PostgresLoginFailures(_PostgresDatabase):
@@ -32,12 +33,7 @@ class PostgresLoginFailures(_PostgresDatabase):
                 try:
                     async with conn.transaction():  # a savepoint: the count stands
                         await conn.execute(
-                            "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
-                            "VALUES ($1, $2, $3, $4)",
-                            key,
-                            at,
-                            bytes(entry.action_ct),
-                            bytes(entry.ip_ct),
+                            _APPEND, key, at, bytes(entry.action_ct), bytes(entry.ip_ct)
                         )
                         await _check_dek(conn, key, failure.dek_id)
                     written = True

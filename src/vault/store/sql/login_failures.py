@@ -35,6 +35,10 @@ COUNT_IP_FAILURE = both(
     "window_start = CASE WHEN ip_failures.window_start <= $3 THEN excluded.window_start "
     "ELSE ip_failures.window_start END"
 )
+#: A failed login's access-log entry, in the failure's transaction.
+APPEND_ENTRY = both(
+    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)"
+)
 _CLEAR = both("DELETE FROM login_failures WHERE login_hmac = $1")
 #: The member's shred, before the members row goes: its counter goes with it.
 SHRED_FAILURES = both(

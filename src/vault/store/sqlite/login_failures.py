@@ -7,11 +7,12 @@ import sqlite3
 from vault.errors import KeyChanged
 from vault.store._common import canonical_member_id
 from vault.store.contracts.login_failures import FailedLogin, FailureCount
-from vault.store.sql.login_failures import COUNT_FAILURE, COUNT_IP_FAILURE
+from vault.store.sql.login_failures import APPEND_ENTRY, COUNT_FAILURE, COUNT_IP_FAILURE
 from vault.store.sqlite._db import _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import _member_has_dek
 
 _COUNT, _COUNT_IP = COUNT_FAILURE["sqlite"], COUNT_IP_FAILURE["sqlite"]
+_APPEND = APPEND_ENTRY["sqlite"]
 
 
 class SqliteLoginFailures(_SqliteDatabase):
@@ -37,9 +38,7 @@ class SqliteLoginFailures(_SqliteDatabase):
                     written = False
                 if written:
                     conn.execute(
-                        "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
-                        "VALUES (?, ?, ?, ?)",
-                        (member_id, at, bytes(entry.action_ct), bytes(entry.ip_ct)),
+                        _APPEND, (member_id, at, bytes(entry.action_ct), bytes(entry.ip_ct))
                     )
             (failures,) = conn.execute(_COUNT, (bytes(failure.login_hmac), at)).fetchone()
             if ip is not None:
