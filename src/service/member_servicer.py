@@ -30,14 +30,18 @@ class MemberVault(Protocol):
     """The slice of the vault this servicer needs."""
 
     async def sign_up(self, new: NewMember) -> str: ...
-    async def authenticate(self, login_id: str, password: str, client_ip: str) -> str: ...
+    async def authenticate(
+        self, login_id: str, password: str, client_ip: str, *, ip_field: str = ...
+    ) -> str: ...
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView: ...
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView: ...
     async def change_password(self, member_id: str, current: str, new: str) -> None: ...
     async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome: ...
     async def export_member(self, member_id: str) -> str: ...
     def stream_member(self, member_id: str) -> AsyncIterator[str]: ...
-    async def record_access(self, member_id: str, action: str, ip: str) -> None: ...
+    async def record_access(
+        self, member_id: str, action: str, ip: str, request_id: str = ...
+    ) -> None: ...
     async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage: ...
     async def find_login_id(self, email: str) -> None: ...
     async def start_password_reset(self, *, login_id: str = "", email: str = "") -> None: ...
@@ -62,6 +66,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                 birth_date=request.birth_date,
                 mobile_phone=request.mobile_phone if request.HasField("mobile_phone") else None,
                 consents=consents,
+                request_id=request.request_id,
             )
         )
         return pb.SignUpResponse(member_id=member_id)
@@ -69,8 +74,12 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def Authenticate(
         self, request: pb.AuthenticateRequest, context: Context
     ) -> pb.AuthenticateResponse:
+        # The field wins; the metadata key is the older way, kept as a fallback.
+        ip, field = request.client_ip, "client_ip"
+        if not ip:
+            ip, field = metadata_value(context, CLIENT_IP_KEY), CLIENT_IP_KEY
         member_id = await self._vault.authenticate(
-            request.login_id, request.password, metadata_value(context, CLIENT_IP_KEY)
+            request.login_id, request.password, ip, ip_field=field
         )
         return pb.AuthenticateResponse(member_id=member_id)
 
@@ -123,7 +132,9 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def RecordAccess(
         self, request: pb.RecordAccessRequest, context: Context
     ) -> pb.RecordAccessResponse:
-        await self._vault.record_access(request.member_id, request.action, request.ip)
+        await self._vault.record_access(
+            request.member_id, request.action, request.ip, request.request_id
+        )
         return pb.RecordAccessResponse()
 
     async def ListAccessHistory(

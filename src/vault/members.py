@@ -15,6 +15,7 @@ import structlog
 
 from vault import _hazmat, member_cipher, policy
 from vault.errors import NotFound
+from vault.login_guard import LoginGuardSettings
 from vault.policy import ConsentChoice, Violations
 from vault.retention import RetentionRule
 from vault.store.base import ConsentRow, MemberRow
@@ -48,6 +49,8 @@ class VaultSettings:
     #: Password hashes and verifications admitted at once, running or waiting
     #: (open_vault builds the hasher with it); default: 8 per password worker.
     password_queue_limit: int | None = None
+    #: Failure counters, lockouts and the per-IP throttle (vault.login_guard).
+    login_guard: LoginGuardSettings = field(default_factory=LoginGuardSettings)
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
@@ -67,6 +70,8 @@ class NewMember:
     birth_date: str
     mobile_phone: str | None = None
     consents: Sequence[ConsentChoice] = ()
+    #: AIP-155: a retry with the same id gets the first answer ('' = not idempotent).
+    request_id: str = ""
 
     def __repr__(self) -> str:
         return "<NewMember (personal data hidden)>"

@@ -47,12 +47,30 @@ class MemberServiceStub:
     SignUp: _grpc.UnaryUnaryMultiCallable[_member_pb2.SignUpRequest, _member_pb2.SignUpResponse]
     """SignUp creates a member from the required items (login ID, password,
     name, e-mail) and the optional mobile phone. Members under 14 are refused.
+    With a request_id it is idempotent (AIP-155): a retry with the same id
+    returns the first answer (the same member_id) and writes nothing again,
+    for 24 hours; the same id with a different request is INVALID_ARGUMENT
+    with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+    on request_id.
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]
     """Authenticate checks a login ID and password. The caller passes the end
-    user's IP address in the `x-client-ip` metadata key (at most 45
-    characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-    encrypted and in canonical form, in the member's access log.
+    user's IP address in client_ip, or (the older way) in the `x-client-ip`
+    metadata key; the field wins when both are sent. It is recorded,
+    encrypted and in canonical form, in the member's access log, and counts
+    failed logins per client IP.
+
+    A wrong password, an unknown login ID and a locked account are one and
+    the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+    reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+    failures (configurable) for a period that doubles with each further
+    failure, and after 100 until a password reset (CompletePasswordReset);
+    every password check counts (Authenticate, ChangePassword, Withdraw), and
+    a success outside a lock clears the count. Too many failed logins from one
+    client IP, on any accounts, is RESOURCE_EXHAUSTED with ErrorInfo reason
+    TOO_MANY_ATTEMPTS and a google.rpc.RetryInfo saying when to retry. Failed
+    logins of an existing account appear in its access history as
+    "login.failed" with the IP.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]
     """GetMember reads a member for a stated purpose; only the fields that
@@ -61,14 +79,19 @@ class MemberServiceStub:
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]
     """UpdateMember corrects the fields named in update_mask."""
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]
-    """ChangePassword replaces the password after checking the current one."""
+    """ChangePassword replaces the password after checking the current one. A
+    wrong current password is UNAUTHENTICATED with ErrorInfo reason
+    WRONG_CREDENTIALS and counts toward Authenticate's lockout (and answers
+    so while the account is locked).
+    """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]
     """Withdraw ends the membership. With no retention rule the member's data is
     crypto-shredded at once; with one, what the member entered moves, encrypted,
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-    withdrawal of the same member is in flight.
+    withdrawal of the same member is in flight. A wrong password is as for
+    ChangePassword (WRONG_CREDENTIALS, counted toward the lockout).
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -91,7 +114,9 @@ class MemberServiceStub:
     purge removed meanwhile.
     """
     RecordAccess: _grpc.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]
-    """RecordAccess appends an entry to the member's service use history."""
+    """RecordAccess appends an entry to the member's service use history. With a
+    request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+    """
     ListAccessHistory: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]
     """ListAccessHistory pages through the member's access log, newest first.
     A page token is opaque and authenticated by the server: it is valid only
@@ -139,12 +164,30 @@ class MemberServiceAsyncStub(MemberServiceStub):
     SignUp: _aio.UnaryUnaryMultiCallable[_member_pb2.SignUpRequest, _member_pb2.SignUpResponse]  # type: ignore[assignment]
     """SignUp creates a member from the required items (login ID, password,
     name, e-mail) and the optional mobile phone. Members under 14 are refused.
+    With a request_id it is idempotent (AIP-155): a retry with the same id
+    returns the first answer (the same member_id) and writes nothing again,
+    for 24 hours; the same id with a different request is INVALID_ARGUMENT
+    with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+    on request_id.
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Authenticate checks a login ID and password. The caller passes the end
-    user's IP address in the `x-client-ip` metadata key (at most 45
-    characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-    encrypted and in canonical form, in the member's access log.
+    user's IP address in client_ip, or (the older way) in the `x-client-ip`
+    metadata key; the field wins when both are sent. It is recorded,
+    encrypted and in canonical form, in the member's access log, and counts
+    failed logins per client IP.
+
+    A wrong password, an unknown login ID and a locked account are one and
+    the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+    reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+    failures (configurable) for a period that doubles with each further
+    failure, and after 100 until a password reset (CompletePasswordReset);
+    every password check counts (Authenticate, ChangePassword, Withdraw), and
+    a success outside a lock clears the count. Too many failed logins from one
+    client IP, on any accounts, is RESOURCE_EXHAUSTED with ErrorInfo reason
+    TOO_MANY_ATTEMPTS and a google.rpc.RetryInfo saying when to retry. Failed
+    logins of an existing account appear in its access history as
+    "login.failed" with the IP.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]  # type: ignore[assignment]
     """GetMember reads a member for a stated purpose; only the fields that
@@ -153,14 +196,19 @@ class MemberServiceAsyncStub(MemberServiceStub):
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]  # type: ignore[assignment]
     """UpdateMember corrects the fields named in update_mask."""
     ChangePassword: _aio.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]  # type: ignore[assignment]
-    """ChangePassword replaces the password after checking the current one."""
+    """ChangePassword replaces the password after checking the current one. A
+    wrong current password is UNAUTHENTICATED with ErrorInfo reason
+    WRONG_CREDENTIALS and counts toward Authenticate's lockout (and answers
+    so while the account is locked).
+    """
     Withdraw: _aio.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]  # type: ignore[assignment]
     """Withdraw ends the membership. With no retention rule the member's data is
     crypto-shredded at once; with one, what the member entered moves, encrypted,
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-    withdrawal of the same member is in flight.
+    withdrawal of the same member is in flight. A wrong password is as for
+    ChangePassword (WRONG_CREDENTIALS, counted toward the lockout).
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -183,7 +231,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     purge removed meanwhile.
     """
     RecordAccess: _aio.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]  # type: ignore[assignment]
-    """RecordAccess appends an entry to the member's service use history."""
+    """RecordAccess appends an entry to the member's service use history. With a
+    request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+    """
     ListAccessHistory: _aio.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]  # type: ignore[assignment]
     """ListAccessHistory pages through the member's access log, newest first.
     A page token is opaque and authenticated by the server: it is valid only
@@ -234,6 +284,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_member_pb2.SignUpResponse, _abc.Awaitable[_member_pb2.SignUpResponse]]:
         """SignUp creates a member from the required items (login ID, password,
         name, e-mail) and the optional mobile phone. Members under 14 are refused.
+        With a request_id it is idempotent (AIP-155): a retry with the same id
+        returns the first answer (the same member_id) and writes nothing again,
+        for 24 hours; the same id with a different request is INVALID_ARGUMENT
+        with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+        on request_id.
         """
 
     @_abc_1.abstractmethod
@@ -243,9 +298,22 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.AuthenticateResponse, _abc.Awaitable[_member_pb2.AuthenticateResponse]]:
         """Authenticate checks a login ID and password. The caller passes the end
-        user's IP address in the `x-client-ip` metadata key (at most 45
-        characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-        encrypted and in canonical form, in the member's access log.
+        user's IP address in client_ip, or (the older way) in the `x-client-ip`
+        metadata key; the field wins when both are sent. It is recorded,
+        encrypted and in canonical form, in the member's access log, and counts
+        failed logins per client IP.
+
+        A wrong password, an unknown login ID and a locked account are one and
+        the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+        reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+        failures (configurable) for a period that doubles with each further
+        failure, and after 100 until a password reset (CompletePasswordReset);
+        every password check counts (Authenticate, ChangePassword, Withdraw), and
+        a success outside a lock clears the count. Too many failed logins from one
+        client IP, on any accounts, is RESOURCE_EXHAUSTED with ErrorInfo reason
+        TOO_MANY_ATTEMPTS and a google.rpc.RetryInfo saying when to retry. Failed
+        logins of an existing account appear in its access history as
+        "login.failed" with the IP.
         """
 
     @_abc_1.abstractmethod
@@ -272,7 +340,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.ChangePasswordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ChangePasswordResponse, _abc.Awaitable[_member_pb2.ChangePasswordResponse]]:
-        """ChangePassword replaces the password after checking the current one."""
+        """ChangePassword replaces the password after checking the current one. A
+        wrong current password is UNAUTHENTICATED with ErrorInfo reason
+        WRONG_CREDENTIALS and counts toward Authenticate's lockout (and answers
+        so while the account is locked).
+        """
 
     @_abc_1.abstractmethod
     def Withdraw(
@@ -285,7 +357,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
         NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
-        withdrawal of the same member is in flight.
+        withdrawal of the same member is in flight. A wrong password is as for
+        ChangePassword (WRONG_CREDENTIALS, counted toward the lockout).
         """
 
     @_abc_1.abstractmethod
@@ -326,7 +399,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.RecordAccessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.RecordAccessResponse, _abc.Awaitable[_member_pb2.RecordAccessResponse]]:
-        """RecordAccess appends an entry to the member's service use history."""
+        """RecordAccess appends an entry to the member's service use history. With a
+        request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+        """
 
     @_abc_1.abstractmethod
     def ListAccessHistory(
