@@ -177,6 +177,9 @@ def _caller(stub: Any, load: Load, worker: int) -> Callable[[int], Awaitable[Any
         ]
         return lambda n: stub.GetMember(gets[n % len(gets)], timeout=CALL_TIMEOUT)
     if load.rpc == "Authenticate":
+        # Right passwords only: a success leaves the failure counters alone (one read),
+        # so the load never trips the lockout or the per-IP throttle (failures only);
+        # a call that fails is reported and fails --check.
         auths = [
             member_pb2.AuthenticateRequest(login_id=login, password=PASSWORD)
             for login in load.login_ids

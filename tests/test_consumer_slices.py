@@ -13,14 +13,16 @@ import pytest
 from service.mailer import OutboxRelay
 from service.sidecar import Sidecar
 from vault.export import Export, ExportStores
+from vault.idempotency import Idempotency
 from vault.keyadmin import KeyAdmin, KeyAdminStores
 from vault.lifecycle import Lifecycle, LifecycleStores
+from vault.login_guard import LoginGuard, LoginGuardStores
 from vault.mail import MailOutbox
 from vault.member_keys import MemberKeys, MemberKeyStore
 from vault.recovery import Recovery, RecoveryStores
 from vault.retention import Retention, RetentionStores
 from vault.sessions import MemberSessions
-from vault.store.base import LeaseStore, SessionStore, Store
+from vault.store.base import IdempotencyStore, LeaseStore, SessionStore, Store
 
 #: consumer, its store argument, the slice it takes
 SLICES = [
@@ -30,6 +32,8 @@ SLICES = [
     (Recovery, "store", RecoveryStores),
     (Export, "store", ExportStores),
     (MemberKeys, "store", MemberKeyStore),
+    (LoginGuard, "store", LoginGuardStores),
+    (Idempotency, "store", IdempotencyStore),
     (OutboxRelay, "store", MailOutbox),
     (MemberSessions, "store", SessionStore),
 ]

@@ -312,6 +312,7 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
         "shredded": 1,
         "access_log_purged": 3,
         "retained_destroyed": 0,
+        "counters_purged": 0,
         "kek_rotated": 0,
         "kek_versions_destroyed": 0,
         "dry_run": True,
@@ -398,6 +399,7 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
         "inactivity_notices": 1,
         "retained_destroyed": 0,
         "access_log_purged": 1,
+        "counters_purged": 0,
     }
     assert all(line["dry_run"] is True for line in lines)
     assert "member0001" not in result.stdout + result.stderr

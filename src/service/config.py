@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vault import OWASP, Argon2Profile, KeyProviderSettings, RetentionRule, VaultSettings
 from vault.bootstrap import retention_database_url
+from vault.login_guard import LoginGuardSettings
 
 ENV_PREFIX = "PRIVACY_VAULT_"
 #: The admin token (a bearer secret in a gRPC header): long enough, printable ASCII
@@ -129,6 +130,17 @@ class Settings(BaseSettings):
     session_idle_minutes: int = Field(15, ge=1, le=24 * 60)
     session_lifetime_hours: int = Field(12, ge=1, le=30 * 24)
     sessions_per_member: int = Field(20, ge=1, le=1000)
+    #: Brute force (vault.login_guard): consecutive failed password checks that lock
+    #: an account, for login_lock_base_seconds doubling with each further failure up
+    #: to login_lock_max_seconds; from login_lock_permanent_after on, until a reset.
+    login_lock_after: int = Field(10, ge=1, le=99)
+    login_lock_base_seconds: float = Field(60.0, gt=0, le=86_400)
+    login_lock_max_seconds: float = Field(3600.0, gt=0, le=86_400 * 30)
+    login_lock_permanent_after: int = Field(100, ge=2, le=100)
+    #: Failed logins one client IP may have (on any accounts) in its window; past it
+    #: RESOURCE_EXHAUSTED with RetryInfo until the window ends.
+    login_ip_failure_limit: int = Field(100, ge=1, le=1_000_000)
+    login_ip_window_seconds: float = Field(900.0, gt=0, le=86_400)
 
     dek_cache_size: int = Field(10_000, ge=0)
     dek_cache_ttl_seconds: float = Field(300.0, ge=0)
@@ -289,6 +301,14 @@ class Settings(BaseSettings):
             session_idle=timedelta(minutes=self.session_idle_minutes),
             session_lifetime=timedelta(hours=self.session_lifetime_hours),
             sessions_per_member=self.sessions_per_member,
+            login_guard=LoginGuardSettings(
+                lock_after=self.login_lock_after,
+                lock_base=timedelta(seconds=self.login_lock_base_seconds),
+                lock_max=timedelta(seconds=self.login_lock_max_seconds),
+                permanent_after=self.login_lock_permanent_after,
+                ip_failure_limit=self.login_ip_failure_limit,
+                ip_window=timedelta(seconds=self.login_ip_window_seconds),
+            ),
             withdrawal_retention=RetentionRule(
                 timedelta(days=self.withdrawal_retention_days), self.withdrawal_retention_reason
             ),

@@ -57,6 +57,8 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ve.MemberSessionRequired, grpc.StatusCode.UNAUTHENTICATED),
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    # Too many failed logins from one client IP: RetryInfo says when the window frees.
+    (ve.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
     # Too much work queued: refused at once, with RetryInfo saying when to retry.
     (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ve.DecryptionError, grpc.StatusCode.INTERNAL),
@@ -95,16 +97,31 @@ def _bad_request(violations: tuple[ve.FieldViolation, ...]) -> any_pb2.Any:
 #: about the account, which these must not reveal).
 _REASONS: tuple[tuple[type[ve.VaultError], str], ...] = (
     (ve.MemberSessionRequired, "MEMBER_SESSION_REQUIRED"),
+    # Wrong password, unknown login ID, locked account: one and the same.
     (ve.AuthenticationFailed, "WRONG_CREDENTIALS"),
 )
 
 
+def _error_info(reason: str) -> any_pb2.Any:
+    return _packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(seconds * 1e9))
+    return _packed(error_details_pb2.RetryInfo(retry_delay=delay))
+
+
 def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
+    if isinstance(exc, ve.IdempotencyKeyReused):
+        return [_bad_request(exc.violations), _error_info("IDEMPOTENCY_KEY_REUSED")]
+    if isinstance(exc, ve.TooManyAttempts):
+        return [_retry_info(exc.retry_after), _error_info("TOO_MANY_ATTEMPTS")]
     if isinstance(exc, ve.InvalidInput):
         return [_bad_request(exc.violations)]
     for kind, reason in _REASONS:
         if isinstance(exc, kind):
-            return [_packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))]
+            return [_error_info(reason)]
     if isinstance(exc, ve.AlreadyExists):
         return [
             _packed(
@@ -124,10 +141,8 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
             )
         ]
     if isinstance(exc, ve.Overloaded):
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(round(exc.retry_after * 1e9))
         return [
-            _packed(error_details_pb2.RetryInfo(retry_delay=delay)),
+            _retry_info(exc.retry_after),
             _packed(
                 error_details_pb2.ErrorInfo(
                     reason="OVERLOADED", domain=DOMAIN, metadata={"resource": exc.resource}

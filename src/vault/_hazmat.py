@@ -214,6 +214,12 @@ def derive_mac_key(key: IndexKey, purpose: str) -> MacKey:
     return MacKey(key.key_id, hkdf.derive(key._material))
 
 
+def keyed_digest(key: MacKey, data: bytes) -> bytes:
+    """The full HMAC-SHA256 of ``data``: what is stored of a request or an IP (never
+    a plain hash of it, which a dictionary would reverse)."""
+    return hmac.new(key._material, data, hashlib.sha256).digest()
+
+
 def token_tag(key: MacKey, data: bytes) -> bytes:
     """The tag a server-issued token carries over ``data`` (what it is bound to)."""
     return hmac.new(key._material, data, hashlib.sha256).digest()[:TOKEN_TAG_SIZE]

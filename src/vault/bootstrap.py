@@ -27,9 +27,11 @@ from vault.clock import Clock, SystemClock
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
+from vault.idempotency import Idempotency
 from vault.keyadmin import KeyAdmin
 from vault.keyring import Keyring
 from vault.lifecycle import Lifecycle, LifecyclePolicy
+from vault.login_guard import LoginGuard
 from vault.member_keys import MemberKeys
 from vault.members import BlindIndexes
 from vault.passwords import OWASP, Argon2Profile, PasswordHasher
@@ -234,6 +236,7 @@ def wire_vault(
     )
     indexes = BlindIndexes(index_key)
     decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
+    decoy_ct = _hazmat.seal_field(decoy_key, "decoy", "password_hash", b"x" * 97)
     return VaultParts(
         store=store,
         retained=retained,
@@ -252,7 +255,18 @@ def wire_vault(
         export=Export(store, keys, clock, settings),
         sessions=MemberSessions(store, clock, settings),
         decoy_key=decoy_key,
-        decoy_ct=_hazmat.seal_field(decoy_key, "decoy", "password_hash", b"x" * 97),
+        decoy_ct=decoy_ct,
+        # The IP's and the request id's HMAC keys are derived like the page tokens'.
+        guard=LoginGuard(
+            store,
+            hasher,
+            keys,
+            clock,
+            settings.login_guard,
+            _hazmat.derive_mac_key(index_key, "client-ip"),
+            (decoy_key, decoy_ct),
+        ),
+        idempotency=Idempotency(store, _hazmat.derive_mac_key(index_key, "request-id"), clock),
     )
 
 

@@ -71,6 +71,22 @@ class MemberSessionRequired(VaultError):
         super().__init__("this call needs the member's session (x-member-session)")
 
 
+class TooManyAttempts(VaultError):
+    """Too many failed logins from one client IP (across accounts): refused before
+    any password is checked. ``retry_after`` is when the window frees, in seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__("too many failed login attempts from this client; retry later")
+
+
+class IdempotencyKeyReused(InvalidInput):
+    """A request_id already used for a different request (AIP-155)."""
+
+    def __init__(self) -> None:
+        super().__init__([FieldViolation("request_id", "was already used for a different request")])
+
+
 class PurposeNotAllowed(VaultError):
     """The member has not consented to (or has refused) the stated purpose."""
 

@@ -20,6 +20,7 @@ from datetime import datetime
 from vault import _hazmat, ids, member_cipher, policy
 from vault.clock import Clock
 from vault.errors import (
+    AlreadyExists,
     AuthenticationFailed,
     Conflict,
     DecryptionError,
@@ -32,8 +33,10 @@ from vault.errors import (
 from vault.export import EXPORT_MAX_BYTES as EXPORT_MAX_BYTES
 from vault.export import EXPORT_PIECE_CHARS as EXPORT_PIECE_CHARS
 from vault.export import Export, open_access_entry
+from vault.idempotency import RECORD_ACCESS, SIGN_UP, Idempotency, check_request_id
 from vault.keyadmin import KeyAdmin
 from vault.lifecycle import BatchHook, Lifecycle, LifecyclePolicy
+from vault.login_guard import LOGIN_FAILED, LoginGuard
 from vault.mail import SEALED_PREFIX, MailOutbox, Recipient
 from vault.member_keys import KEY_CHANGE_RETRIES, MemberKeys
 from vault.members import AccessEntry as AccessEntry
@@ -108,6 +111,9 @@ class VaultParts:
     #: Decrypted when a login ID is unknown, so that path does the same work.
     decoy_key: _hazmat.SecretKey
     decoy_ct: bytes
+    #: Every password check, under the failure counters and the IP throttle.
+    guard: LoginGuard
+    idempotency: Idempotency
 
     def __repr__(self) -> str:
         return f"<VaultParts provider={self.provider.name}>"
@@ -128,7 +134,7 @@ class Vault:
         self._page_token_key = parts.page_token_key
         self._recovery = parts.recovery
         self._export = parts.export
-        self._decoy_key, self._decoy_ct = parts.decoy_key, parts.decoy_ct
+        self._guard, self._idempotency = parts.guard, parts.idempotency
         self._shred_hooks: list[ShredHook] = []
         #: Key management (rotation, re-wrap, destruction) for the security team.
         self.keys = parts.keys
@@ -185,39 +191,22 @@ class Vault:
 
     # --- members -----------------------------------------------------------------
     async def sign_up(self, new: NewMember) -> str:
-        v = Violations()
-        login_id = policy.check_login_id(new.login_id, v)
-        password = policy.check_password(new.password, v, login_id=new.login_id)
-        name = policy.check_name(new.name, v)
-        email = policy.check_email(new.email, v)
-        mobile = policy.check_mobile_phone(new.mobile_phone, v) if new.mobile_phone else ""
-        policy.check_birth_date(new.birth_date, self._clock.now().date(), v)
-        consents = policy.check_consents(new.consents, v)
-        v.raise_if_any()
-        assert login_id
-        assert password
-        assert name
-        assert email
-        assert mobile is not None
-
-        encoded_hash = await self._hasher.hash(password)
+        plain, consents = self._checked_new_member(new)
+        request = self._idempotency.request(SIGN_UP, new.request_id, _sign_up_fields(new))
+        if (first := await self._idempotency.replay(request)) is not None:
+            return first  # a retry: the first answer, nothing written again
+        encoded_hash = await self._hasher.hash(plain["password_hash"])
+        plain["password_hash"] = encoded_hash
         member_id = ids.new_member_id()
         material = _hazmat.new_key_material()
         dek = _hazmat.SecretKey(FIRST_DEK_ID, material)
-        plain = {
-            "login_id": login_id,
-            "password_hash": encoded_hash,
-            "name": name,
-            "email": email,
-            "mobile_phone": mobile,
-        }
         now = self._clock.now()
         ciphertexts = {
             f: member_cipher.seal(dek, member_id, f, value) for f, value in plain.items()
         }
         indexes = {
-            "login_id": self._indexes.login_id(login_id),
-            "email": self._indexes.email(email),
+            "login_id": self._indexes.login_id(plain["login_id"]),
+            "email": self._indexes.email(plain["email"]),
         }
         consent_rows = tuple(
             ConsentRow(p.value, granted, self._settings.policy_version, now)
@@ -226,34 +215,67 @@ class Vault:
 
         async def insert(key_row: MemberKeyRow) -> None:
             await self._store.insert_member(
-                MemberRow(member_id, now, now, ciphertexts, indexes, key_row, consent_rows)
+                MemberRow(member_id, now, now, ciphertexts, indexes, key_row, consent_rows),
+                self._idempotency.key(request, member_id),
             )
 
-        await self._member_keys.insert_under_active(member_id, FIRST_DEK_ID, material, insert)
+        try:
+            await self._member_keys.insert_under_active(member_id, FIRST_DEK_ID, material, insert)
+        except AlreadyExists:
+            # A concurrent retry of the same request won: its answer is ours.
+            if (first := await self._idempotency.replay(request)) is not None:
+                return first
+            raise
         self._member_keys.cache_key(member_id, dek)
+        # A new account starts with no failures (guesses at the ID before it existed).
+        await self._store.clear_login_failures(indexes["login_id"])
         log.info("member_signed_up")
         return member_id
 
-    async def authenticate(self, login_id: str, password: str, client_ip: str) -> str:
+    def _checked_new_member(self, new: NewMember) -> tuple[dict[str, str], dict[Purpose, bool]]:
+        """The sign-up's fields to encrypt (the password still plain) and its consents."""
+        v = Violations()
+        login_id = policy.check_login_id(new.login_id, v)
+        password = policy.check_password(new.password, v, login_id=new.login_id)
+        name = policy.check_name(new.name, v)
+        email = policy.check_email(new.email, v)
+        mobile = policy.check_mobile_phone(new.mobile_phone, v) if new.mobile_phone else ""
+        policy.check_birth_date(new.birth_date, self._clock.now().date(), v)
+        consents = policy.check_consents(new.consents, v)
+        check_request_id(new.request_id, v)
+        v.raise_if_any()
+        assert login_id
+        assert password
+        assert name
+        assert email
+        assert mobile is not None
+        return {
+            "login_id": login_id,
+            "password_hash": password,
+            "name": name,
+            "email": email,
+            "mobile_phone": mobile,
+        }, consents
+
+    async def authenticate(
+        self, login_id: str, password: str, client_ip: str, *, ip_field: str = "x-client-ip"
+    ) -> str:
         v = Violations()
         checked_login = policy.check_login_id(login_id, v)
         if not password:
             v.add("password", "must not be empty")
-        ip = policy.check_ip(client_ip, v, field="x-client-ip")
+        ip = policy.check_ip(client_ip, v, field=ip_field)
         v.raise_if_any()
         assert checked_login
         assert ip
 
-        row = await self._store.find_member("login_id", self._indexes.login_id(checked_login))
-        if row is None:
-            # Same work as a wrong password: a decryption and a verification.
-            _hazmat.open_field(self._decoy_key, "decoy", "password_hash", self._decoy_ct)
-            await self._hasher.verify_decoy(password)
-            raise AuthenticationFailed
-        dek = await self._member_keys.dek(row.key)
-        encoded = open_member_field(dek, row, "password_hash")
-        if not await self._hasher.verify(encoded, password):
-            raise AuthenticationFailed
+        login_hmac = self._indexes.login_id(checked_login)
+        row = await self._store.find_member("login_id", login_hmac)
+        # Unknown, wrong or locked: one error after the same work (vault.login_guard).
+        found = None if row is None else (row, await self._member_keys.dek(row.key))
+        encoded = await self._guard.check(login_hmac, found, password, ip, LOGIN_FAILED)
+        assert found is not None  # check() refuses an unknown login ID
+        row, dek = found
         rehash = None
         if self._hasher.needs_rehash(encoded):
             # Refused (Overloaded): the login stands; the upgrade waits for a later one.
@@ -433,23 +455,36 @@ class Vault:
         assert view.login_id is not None
         return Recipient(view.member_id, view.email, view.name, view.login_id, opened)
 
-    async def record_access(self, member_id: str, action: str, ip: str) -> None:
+    async def record_access(
+        self, member_id: str, action: str, ip: str, request_id: str = ""
+    ) -> None:
         v = Violations()
         mid = policy.check_member_id(member_id, v)
         checked_action = policy.check_action(action, v)
         checked_ip = policy.check_ip(ip, v)
+        check_request_id(request_id, v)
         v.raise_if_any()
         assert mid
         assert checked_action
         assert checked_ip
+        idem = self._idempotency
+        request = idem.request(RECORD_ACCESS, request_id, [mid, checked_action, checked_ip])
+        if await idem.replay(request) is not None:
+            return  # a retry: recorded the first time
 
         async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
             entry = member_cipher.seal_access(
                 key, mid, self._clock.now(), checked_action, checked_ip
             )
-            return await self._store.append_access(mid, entry, dek_id=row.key.dek_id)
+            return await self._store.append_access(
+                mid, entry, dek_id=row.key.dek_id, idempotency=idem.key(request, mid)
+            )
 
-        await self._member_keys.under_current_key(mid, write)
+        try:
+            await self._member_keys.under_current_key(mid, write)
+        except AlreadyExists:
+            if await idem.replay(request) is None:  # a concurrent retry won
+                raise
 
     async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage:
         v = Violations()
@@ -508,5 +543,19 @@ class Vault:
         return self._export.stream_member(member_id)
 
     async def _check_password(self, dek: _hazmat.SecretKey, row: MemberRow, password: str) -> None:
-        if not await self._hasher.verify(open_member_field(dek, row, "password_hash"), password):
-            raise AuthenticationFailed
+        """Every password check but Authenticate's: it counts toward the same lock."""
+        await self._guard.check(row.blind_indexes["login_id"], (row, dek), password)
+
+
+def _sign_up_fields(new: NewMember) -> list[object]:
+    """What a sign-up's request id is bound to: every field as sent."""
+    consents = sorted((c.purpose.value, c.granted) for c in new.consents)
+    return [
+        new.login_id,
+        new.password,
+        new.name,
+        new.email,
+        new.birth_date,
+        new.mobile_phone,
+        consents,
+    ]

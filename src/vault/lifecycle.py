@@ -9,6 +9,8 @@
   crypto-shredded with a destruction record.
 - Access logs older than the retention period are purged in small batches (in
   the retention store as well).
+- Brute-force counters of login IDs no member has and IP windows, once stale
+  (a day), and request ids past their 24 hours are purged.
 - Withdrawn members' copies in the separated retention storage are destroyed once
   their destroy-after time passes, and copies a crash left unconfirmed are settled
   (:mod:`vault.retention`).
@@ -29,11 +31,15 @@ from typing import Any, Protocol
 
 from vault.clock import Clock
 from vault.errors import NotFound
+from vault.idempotency import IDEMPOTENCY_TTL
+from vault.login_guard import STALE_COUNTERS
 from vault.retention import RETENTION_EXPIRED, destroy_copy, reconcile_copies
 from vault.store.base import (
     AccessLogStore,
     DestructionStore,
+    IdempotencyStore,
     InactivityStore,
+    LoginFailureStore,
     OutboxMessage,
     RetentionStore,
 )
@@ -89,6 +95,8 @@ class RoundReport:
     access_log_purged: int = 0
     #: Withdrawn members' retained copies destroyed (their date passed).
     retained_destroyed: int = 0
+    #: Stale failure counters, IP windows and expired request ids deleted.
+    counters_purged: int = 0
     #: Key maintenance (rotate when due, re-wrap, destroy unused versions), when on.
     kek_rotated: int = 0
     kek_versions_destroyed: int = 0
@@ -100,6 +108,7 @@ class RoundReport:
             "shredded": self.shredded,
             "access_log_purged": self.access_log_purged,
             "retained_destroyed": self.retained_destroyed,
+            "counters_purged": self.counters_purged,
             "kek_rotated": self.kek_rotated,
             "kek_versions_destroyed": self.kek_versions_destroyed,
             "dry_run": self.dry_run,
@@ -134,9 +143,17 @@ class LifecycleStep:
             raise ValueError(f"a lifecycle step must name a RoundReport count: {self.name!r}")
 
 
-class LifecycleStores(InactivityStore, AccessLogStore, DestructionStore, Protocol):
+class LifecycleStores(
+    InactivityStore,
+    AccessLogStore,
+    DestructionStore,
+    LoginFailureStore,
+    IdempotencyStore,
+    Protocol,
+):
     """The vault-database slice the lifecycle sweeps: inactivity, the access log's
-    purge, and destruction records (to settle retained copies)."""
+    purge, destruction records (to settle retained copies), and the purges of stale
+    failure counters and expired request ids."""
 
 
 class Lifecycle:
@@ -274,6 +291,26 @@ class Lifecycle:
             if len(due) < policy.batch_size or done == 0:
                 return destroyed
 
+    async def purge_counters(self, *, dry_run: bool = False) -> int:
+        """Delete stale failure counters (unknown login IDs only), ended IP windows and
+        expired request ids, batch by batch. A dry run counts nothing (0): these
+        rows hold no personal data and no one waits for them."""
+        if dry_run:
+            return 0
+        now, size = self._clock.now(), self._policy.batch_size
+        purged = 0
+        for purge, before in (
+            (self._store.purge_login_failures, now - STALE_COUNTERS),
+            (self._store.purge_idempotency_keys, now - IDEMPOTENCY_TTL),
+        ):
+            while True:
+                count = await purge(before, size)
+                purged += count
+                await self._batch_done("counters_purged", count)
+                if count < size:
+                    break
+        return purged
+
     @property
     def steps(self) -> tuple[LifecycleStep, ...]:
         """The round's steps, in an order where each sees the previous one's effect:
@@ -283,6 +320,7 @@ class Lifecycle:
             LifecycleStep("notices", "inactivity_notices", self.send_inactivity_notices),
             LifecycleStep("retained_destroyed", "retained_destroyed", self.destroy_retained),
             LifecycleStep("access_log_purged", "access_log_purged", self.purge_access_logs),
+            LifecycleStep("counters_purged", "counters_purged", self.purge_counters),
         )
 
     async def run_round(self, *, dry_run: bool = False) -> RoundReport:

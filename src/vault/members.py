@@ -15,6 +15,7 @@ import structlog
 
 from vault import _hazmat, member_cipher, policy
 from vault.errors import NotFound
+from vault.login_guard import LoginGuardSettings
 from vault.policy import ConsentChoice, Violations
 from vault.retention import RetentionRule
 from vault.store.base import ConsentRow, MemberRow
@@ -57,6 +58,8 @@ class VaultSettings:
     session_idle: timedelta = timedelta(minutes=15)
     session_lifetime: timedelta = timedelta(hours=12)
     sessions_per_member: int = 20
+    #: Failure counters, lockouts and the per-IP throttle (vault.login_guard).
+    login_guard: LoginGuardSettings = field(default_factory=LoginGuardSettings)
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
@@ -80,6 +83,8 @@ class NewMember:
     birth_date: str
     mobile_phone: str | None = None
     consents: Sequence[ConsentChoice] = ()
+    #: AIP-155: a retry with the same id gets the first answer ('' = not idempotent).
+    request_id: str = ""
 
     def __repr__(self) -> str:
         return "<NewMember (personal data hidden)>"

@@ -36,6 +36,7 @@ from vault.passwords import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PasswordHasher
 from vault.policy import Violations
 from vault.store.base import (
     IndexedField,
+    LoginFailureStore,
     MemberRow,
     MemberStore,
     NewPasswordReset,
@@ -50,9 +51,10 @@ RECOVERY_MAIL_WINDOW = timedelta(hours=1)
 _INVALID_TOKEN = FieldViolation("token", "is invalid or expired")
 
 
-class RecoveryStores(MemberStore, RecoveryStore, Protocol):
+class RecoveryStores(MemberStore, RecoveryStore, LoginFailureStore, Protocol):
     """The vault-database slice account recovery uses: members (lookup, the new
-    password) and reset tokens with the recovery-mail quota."""
+    password), reset tokens with the recovery-mail quota, and the failure counter
+    a reset clears."""
 
 
 class Recovery:
@@ -238,6 +240,8 @@ class Recovery:
             await self.store_password(member_id, encoded, "reset", first=(row, dek))
         except NotFound:
             raise InvalidInput([_INVALID_TOKEN]) from None
+        # A reset lifts every lock on the account, the permanent one included.
+        await self._store.clear_login_failures(row.blind_indexes["login_id"])
         log.info("member_password_reset")
         return member_id
 

@@ -184,6 +184,7 @@ class SignUpRequest(_message.Message):
     MOBILE_PHONE_FIELD_NUMBER: _builtins.int
     BIRTH_DATE_FIELD_NUMBER: _builtins.int
     CONSENTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     login_id: _builtins.str
     """4-64 characters of letters, digits, '.', '_' and '-', starting with a
     letter or digit. At most 64 characters.
@@ -202,6 +203,12 @@ class SignUpRequest(_message.Message):
     """YYYY-MM-DD. Checked for an age of at least 14, never stored. At most 10
     characters.
     """
+    request_id: _builtins.str
+    """Optional (AIP-155): a UUID, or 1-64 characters of letters, digits and
+    '_.:-', unique per request the caller means; a retry sends it again with
+    the same fields. Scoped to the calling service; remembered for 24 hours.
+    Empty: not idempotent. At most 64 characters.
+    """
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentChoice]:
         """At most one choice per purpose; at most 8 items."""
@@ -216,10 +223,11 @@ class SignUpRequest(_message.Message):
         mobile_phone: _builtins.str | None = ...,
         birth_date: _builtins.str = ...,
         consents: _abc.Iterable[Global___ConsentChoice] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_mobile_phone", b"_mobile_phone", "mobile_phone", b"mobile_phone"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mobile_phone", b"_mobile_phone", "birth_date", b"birth_date", "consents", b"consents", "email", b"email", "login_id", b"login_id", "mobile_phone", b"mobile_phone", "name", b"name", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mobile_phone", b"_mobile_phone", "birth_date", b"birth_date", "consents", b"consents", "email", b"email", "login_id", b"login_id", "mobile_phone", b"mobile_phone", "name", b"name", "password", b"password", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mobile_phone: _TypeAlias = _typing.Literal["mobile_phone"]  # noqa: Y015
     _WhichOneofArgType__mobile_phone: _TypeAlias = _typing.Literal["_mobile_phone", b"_mobile_phone"]  # noqa: Y015
@@ -252,19 +260,26 @@ class AuthenticateRequest(_message.Message):
 
     LOGIN_ID_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
     login_id: _builtins.str
     """At most 64 characters."""
     password: _builtins.str
     """At most 256 characters."""
+    client_ip: _builtins.str
+    """The end user's IPv4 or IPv6 address, as RecordAccessRequest.ip. Wins over
+    the `x-client-ip` metadata key; one of the two is required. At most 45
+    characters.
+    """
     def __init__(
         self,
         *,
         login_id: _builtins.str = ...,
         password: _builtins.str = ...,
+        client_ip: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["login_id", b"login_id", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "login_id", b"login_id", "password", b"password"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -612,6 +627,7 @@ class RecordAccessRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     action: _builtins.str
@@ -625,16 +641,19 @@ class RecordAccessRequest(_message.Message):
     same rules apply to the `x-client-ip` metadata of Authenticate. At most
     45 characters.
     """
+    request_id: _builtins.str
+    """Optional, as SignUpRequest.request_id. At most 64 characters."""
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
         action: _builtins.str = ...,
         ip: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "ip", b"ip", "member_id", b"member_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "ip", b"ip", "member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -166,6 +166,11 @@ class MemberServiceServicer:
     def SignUp(self, request, context):
         """SignUp creates a member from the required items (login ID, password,
         name, e-mail) and the optional mobile phone. Members under 14 are refused.
+        With a request_id it is idempotent (AIP-155): a retry with the same id
+        returns the first answer (the same member_id) and writes nothing again,
+        for 24 hours; the same id with a different request is INVALID_ARGUMENT
+        with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+        on request_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,12 +178,23 @@ class MemberServiceServicer:
 
     def Authenticate(self, request, context):
         """Authenticate checks a login ID and password. The caller passes the end
-        user's IP address in the `x-client-ip` metadata key (at most 45
-        characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-        encrypted and in canonical form, in the member's access log. The answer
-        carries a new member session token (see the service comment). A wrong
-        login ID or password is UNAUTHENTICATED with ErrorInfo reason
-        WRONG_CREDENTIALS.
+        user's IP address in client_ip, or (the older way) in the `x-client-ip`
+        metadata key; the field wins when both are sent. It is recorded,
+        encrypted and in canonical form, in the member's access log, and counts
+        failed logins per client IP. The answer carries a new member session
+        token (see the service comment).
+
+        A wrong password, an unknown login ID and a locked account are one and
+        the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+        reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+        failures (configurable) for a period that doubles with each further
+        failure, and after 100 until a password reset (CompletePasswordReset);
+        every password check counts (Authenticate, ChangePassword, Withdraw,
+        UpdateMember's current_password), and a success outside a lock clears the
+        count. Too many failed logins from one client IP, on any accounts, is
+        RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
+        google.rpc.RetryInfo saying when to retry. Failed logins of an existing
+        account appear in its access history as "login.failed" with the IP.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,8 +229,9 @@ class MemberServiceServicer:
         """ChangePassword replaces the password after checking the current one. It
         needs the member's session (else UNAUTHENTICATED,
         MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
-        with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
-        ends with the old password: log in again.
+        with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
+        lockout (and answers so while the account is locked). Every session of
+        the member ends with the old password: log in again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,10 +243,11 @@ class MemberServiceServicer:
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
         NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
-        sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
-        withdrawal of the same member is in flight. It needs the member's session
-        (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
-        UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
+        sessions ended with the member), and the login ID and e-mail are free
+        again. ABORTED if another withdrawal of the same member is in flight. It
+        needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
+        and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
+        toward the lockout); the sessions end with the member.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,7 +284,8 @@ class MemberServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordAccess(self, request, context):
-        """RecordAccess appends an entry to the member's service use history.
+        """RecordAccess appends an entry to the member's service use history. With a
+        request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,15 +63,31 @@ class MemberServiceStub:
     SignUp: _grpc.UnaryUnaryMultiCallable[_member_pb2.SignUpRequest, _member_pb2.SignUpResponse]
     """SignUp creates a member from the required items (login ID, password,
     name, e-mail) and the optional mobile phone. Members under 14 are refused.
+    With a request_id it is idempotent (AIP-155): a retry with the same id
+    returns the first answer (the same member_id) and writes nothing again,
+    for 24 hours; the same id with a different request is INVALID_ARGUMENT
+    with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+    on request_id.
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]
     """Authenticate checks a login ID and password. The caller passes the end
-    user's IP address in the `x-client-ip` metadata key (at most 45
-    characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-    encrypted and in canonical form, in the member's access log. The answer
-    carries a new member session token (see the service comment). A wrong
-    login ID or password is UNAUTHENTICATED with ErrorInfo reason
-    WRONG_CREDENTIALS.
+    user's IP address in client_ip, or (the older way) in the `x-client-ip`
+    metadata key; the field wins when both are sent. It is recorded,
+    encrypted and in canonical form, in the member's access log, and counts
+    failed logins per client IP. The answer carries a new member session
+    token (see the service comment).
+
+    A wrong password, an unknown login ID and a locked account are one and
+    the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+    reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+    failures (configurable) for a period that doubles with each further
+    failure, and after 100 until a password reset (CompletePasswordReset);
+    every password check counts (Authenticate, ChangePassword, Withdraw,
+    UpdateMember's current_password), and a success outside a lock clears the
+    count. Too many failed logins from one client IP, on any accounts, is
+    RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
+    google.rpc.RetryInfo saying when to retry. Failed logins of an existing
+    account appear in its access history as "login.failed" with the IP.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]
     """GetMember reads a member for a stated purpose; only the fields that
@@ -94,8 +110,9 @@ class MemberServiceStub:
     """ChangePassword replaces the password after checking the current one. It
     needs the member's session (else UNAUTHENTICATED,
     MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
-    with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
-    ends with the old password: log in again.
+    with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
+    lockout (and answers so while the account is locked). Every session of
+    the member ends with the old password: log in again.
     """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]
     """Withdraw ends the membership. With no retention rule the member's data is
@@ -103,10 +120,11 @@ class MemberServiceStub:
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
-    sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
-    withdrawal of the same member is in flight. It needs the member's session
-    (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
-    UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
+    sessions ended with the member), and the login ID and e-mail are free
+    again. ABORTED if another withdrawal of the same member is in flight. It
+    needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
+    and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
+    toward the lockout); the sessions end with the member.
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -131,7 +149,9 @@ class MemberServiceStub:
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
     """
     RecordAccess: _grpc.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]
-    """RecordAccess appends an entry to the member's service use history."""
+    """RecordAccess appends an entry to the member's service use history. With a
+    request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+    """
     ListAccessHistory: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]
     """ListAccessHistory pages through the member's access log, newest first.
     A page token is opaque and authenticated by the server: it is valid only
@@ -203,15 +223,31 @@ class MemberServiceAsyncStub(MemberServiceStub):
     SignUp: _aio.UnaryUnaryMultiCallable[_member_pb2.SignUpRequest, _member_pb2.SignUpResponse]  # type: ignore[assignment]
     """SignUp creates a member from the required items (login ID, password,
     name, e-mail) and the optional mobile phone. Members under 14 are refused.
+    With a request_id it is idempotent (AIP-155): a retry with the same id
+    returns the first answer (the same member_id) and writes nothing again,
+    for 24 hours; the same id with a different request is INVALID_ARGUMENT
+    with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+    on request_id.
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Authenticate checks a login ID and password. The caller passes the end
-    user's IP address in the `x-client-ip` metadata key (at most 45
-    characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-    encrypted and in canonical form, in the member's access log. The answer
-    carries a new member session token (see the service comment). A wrong
-    login ID or password is UNAUTHENTICATED with ErrorInfo reason
-    WRONG_CREDENTIALS.
+    user's IP address in client_ip, or (the older way) in the `x-client-ip`
+    metadata key; the field wins when both are sent. It is recorded,
+    encrypted and in canonical form, in the member's access log, and counts
+    failed logins per client IP. The answer carries a new member session
+    token (see the service comment).
+
+    A wrong password, an unknown login ID and a locked account are one and
+    the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+    reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+    failures (configurable) for a period that doubles with each further
+    failure, and after 100 until a password reset (CompletePasswordReset);
+    every password check counts (Authenticate, ChangePassword, Withdraw,
+    UpdateMember's current_password), and a success outside a lock clears the
+    count. Too many failed logins from one client IP, on any accounts, is
+    RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
+    google.rpc.RetryInfo saying when to retry. Failed logins of an existing
+    account appear in its access history as "login.failed" with the IP.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]  # type: ignore[assignment]
     """GetMember reads a member for a stated purpose; only the fields that
@@ -234,8 +270,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """ChangePassword replaces the password after checking the current one. It
     needs the member's session (else UNAUTHENTICATED,
     MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
-    with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
-    ends with the old password: log in again.
+    with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
+    lockout (and answers so while the account is locked). Every session of
+    the member ends with the old password: log in again.
     """
     Withdraw: _aio.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]  # type: ignore[assignment]
     """Withdraw ends the membership. With no retention rule the member's data is
@@ -243,10 +280,11 @@ class MemberServiceAsyncStub(MemberServiceStub):
     to the separated retention storage (no RPC here reads it) and is shredded
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
-    sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
-    withdrawal of the same member is in flight. It needs the member's session
-    (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
-    UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
+    sessions ended with the member), and the login ID and e-mail are free
+    again. ABORTED if another withdrawal of the same member is in flight. It
+    needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
+    and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
+    toward the lockout); the sessions end with the member.
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -271,7 +309,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
     """
     RecordAccess: _aio.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]  # type: ignore[assignment]
-    """RecordAccess appends an entry to the member's service use history."""
+    """RecordAccess appends an entry to the member's service use history. With a
+    request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+    """
     ListAccessHistory: _aio.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]  # type: ignore[assignment]
     """ListAccessHistory pages through the member's access log, newest first.
     A page token is opaque and authenticated by the server: it is valid only
@@ -346,6 +386,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_member_pb2.SignUpResponse, _abc.Awaitable[_member_pb2.SignUpResponse]]:
         """SignUp creates a member from the required items (login ID, password,
         name, e-mail) and the optional mobile phone. Members under 14 are refused.
+        With a request_id it is idempotent (AIP-155): a retry with the same id
+        returns the first answer (the same member_id) and writes nothing again,
+        for 24 hours; the same id with a different request is INVALID_ARGUMENT
+        with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
+        on request_id.
         """
 
     @_abc_1.abstractmethod
@@ -355,12 +400,23 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.AuthenticateResponse, _abc.Awaitable[_member_pb2.AuthenticateResponse]]:
         """Authenticate checks a login ID and password. The caller passes the end
-        user's IP address in the `x-client-ip` metadata key (at most 45
-        characters, no zone id; see RecordAccessRequest.ip); it is recorded,
-        encrypted and in canonical form, in the member's access log. The answer
-        carries a new member session token (see the service comment). A wrong
-        login ID or password is UNAUTHENTICATED with ErrorInfo reason
-        WRONG_CREDENTIALS.
+        user's IP address in client_ip, or (the older way) in the `x-client-ip`
+        metadata key; the field wins when both are sent. It is recorded,
+        encrypted and in canonical form, in the member's access log, and counts
+        failed logins per client IP. The answer carries a new member session
+        token (see the service comment).
+
+        A wrong password, an unknown login ID and a locked account are one and
+        the same answer, in code, details and time: UNAUTHENTICATED with ErrorInfo
+        reason WRONG_CREDENTIALS. An account is locked after 10 consecutive
+        failures (configurable) for a period that doubles with each further
+        failure, and after 100 until a password reset (CompletePasswordReset);
+        every password check counts (Authenticate, ChangePassword, Withdraw,
+        UpdateMember's current_password), and a success outside a lock clears the
+        count. Too many failed logins from one client IP, on any accounts, is
+        RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
+        google.rpc.RetryInfo saying when to retry. Failed logins of an existing
+        account appear in its access history as "login.failed" with the IP.
         """
 
     @_abc_1.abstractmethod
@@ -401,8 +457,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         """ChangePassword replaces the password after checking the current one. It
         needs the member's session (else UNAUTHENTICATED,
         MEMBER_SESSION_REQUIRED); a wrong current password is UNAUTHENTICATED
-        with ErrorInfo reason WRONG_CREDENTIALS. Every session of the member
-        ends with the old password: log in again.
+        with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
+        lockout (and answers so while the account is locked). Every session of
+        the member ends with the old password: log in again.
         """
 
     @_abc_1.abstractmethod
@@ -416,10 +473,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         to the separated retention storage (no RPC here reads it) and is shredded
         when the rule's period ends. Either way every later call for the member is
         NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
-        sessions ended with the member), and the login ID and e-mail are free again. ABORTED if another
-        withdrawal of the same member is in flight. It needs the member's session
-        (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED) and the password (wrong:
-        UNAUTHENTICATED, WRONG_CREDENTIALS); the sessions end with the member.
+        sessions ended with the member), and the login ID and e-mail are free
+        again. ABORTED if another withdrawal of the same member is in flight. It
+        needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
+        and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
+        toward the lockout); the sessions end with the member.
         """
 
     @_abc_1.abstractmethod
@@ -462,7 +520,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.RecordAccessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.RecordAccessResponse, _abc.Awaitable[_member_pb2.RecordAccessResponse]]:
-        """RecordAccess appends an entry to the member's service use history."""
+        """RecordAccess appends an entry to the member's service use history. With a
+        request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+        """
 
     @_abc_1.abstractmethod
     def ListAccessHistory(

@@ -25,9 +25,11 @@ from typing import Protocol
 from vault.store.contracts.access_log import AccessLogStore
 from vault.store.contracts.database import Database
 from vault.store.contracts.destruction import DestructionStore
+from vault.store.contracts.idempotency import IdempotencyStore
 from vault.store.contracts.inactivity import InactivityStore
 from vault.store.contracts.keys import KeyStore
 from vault.store.contracts.lease import LeaseStore
+from vault.store.contracts.login_failures import LoginFailureStore
 from vault.store.contracts.members import MemberStore
 from vault.store.contracts.outbox import OutboxStore
 from vault.store.contracts.recovery import RecoveryStore
@@ -69,6 +71,7 @@ __all__ = [
     "Database",
     "DestructionRecord",
     "DestructionStore",
+    "IdempotencyStore",
     "InactivityStore",
     "IndexKeyRow",
     "IndexedField",
@@ -78,6 +81,7 @@ __all__ = [
     "KeyEvent",
     "KeyStore",
     "LeaseStore",
+    "LoginFailureStore",
     "MemberKeyRow",
     "MemberRow",
     "MemberStore",
@@ -111,6 +115,8 @@ class Store(
     RecoveryStore,
     OutboxStore,
     SessionStore,
+    LoginFailureStore,
+    IdempotencyStore,
     Protocol,
 ):
     """One database holding the vault: every domain's Protocol. See the module

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.rows import (
     AccessEntryRow,
     NewAccessEntry,
@@ -14,8 +15,17 @@ from vault.store.rows import (
 class AccessLogStore(Protocol):
     """The access log: appended by the member's actions, read in pages, purged after 6 months."""
 
-    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
-        """False if no such member; KeyChanged as for update_member."""
+    async def append_access(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        *,
+        dek_id: int,
+        idempotency: IdempotencyKey | None = None,
+    ) -> bool:
+        """False if no such member; KeyChanged as for update_member. With
+        ``idempotency``, the key is stored in the same transaction (see
+        IdempotencyStore)."""
         ...
 
     async def list_access(

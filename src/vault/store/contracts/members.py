@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.rows import (
     ConsentRow,
     IndexedField,
@@ -17,9 +18,12 @@ from vault.store.rows import (
 class MemberStore(Protocol):
     """Members with their key and consents (ciphertexts and blind indexes only)."""
 
-    async def insert_member(self, member: MemberRow) -> None:
-        """Insert the member, its key and its consents in one transaction.
-        PreconditionFailed if the key's KEK version has been destroyed meanwhile."""
+    async def insert_member(
+        self, member: MemberRow, idempotency: IdempotencyKey | None = None
+    ) -> None:
+        """Insert the member, its key and its consents in one transaction (with
+        ``idempotency``, the key too: see IdempotencyStore). PreconditionFailed if
+        the key's KEK version has been destroyed meanwhile."""
         ...
 
     async def get_member(self, member_id: str) -> MemberRow | None:

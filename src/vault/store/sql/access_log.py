@@ -8,10 +8,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from vault.store._common import check_limit
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.rows import AccessEntryRow, NewAccessEntry
 from vault.store.sql import guards
 from vault.store.sql.dialect import both
 from vault.store.sql.executor import ForeignKeyViolation, MemberGone, SqlExecutor, Tx
+from vault.store.sql.idempotency import key_params, store_key
 from vault.store.sql.members import INSERT_ACCESS
 
 _COUNT_BEFORE = both("SELECT count(*) FROM access_log WHERE at < $1")
@@ -24,10 +26,18 @@ _PAGE_BEFORE = both(f"{_ENTRIES} AND (at, entry_id) < ($2, $3) {_NEWEST} LIMIT $
 class SqlAccessLog(SqlExecutor):
     """Appending an entry, paging a member's entries, and the 6-month rule's count."""
 
-    async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
+    async def append_access(
+        self,
+        member_id: str,
+        entry: NewAccessEntry,
+        *,
+        dek_id: int,
+        idempotency: IdempotencyKey | None = None,
+    ) -> bool:
         d = self._dialect
         key = d.member_id(member_id)
         row = (key, d.time(entry.at), bytes(entry.action_ct), bytes(entry.ip_ct))
+        request = key_params(d, idempotency)
 
         async def body(tx: Tx) -> bool:
             # The lock order: the insert's foreign key check locks the members row
@@ -35,6 +45,7 @@ class SqlAccessLog(SqlExecutor):
             # rotated key (or none) rolls the insert back.
             await tx.run(INSERT_ACCESS[d.name], *row)
             await guards.check_dek(tx, d, key, dek_id)
+            await store_key(tx, d, request)  # a live key there rolls the entry back
             return True
 
         try:

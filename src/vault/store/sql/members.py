@@ -15,6 +15,7 @@ from vault.store._common import (
     check_new_member,
     update_assignments,
 )
+from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.rows import ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
 from vault.store.sql import guards
 from vault.store.sql.dialect import both
@@ -25,6 +26,7 @@ from vault.store.sql.executor import (
     Tx,
     UniqueViolation,
 )
+from vault.store.sql.idempotency import key_params, store_key
 from vault.store.sql.keys import members_update
 
 _MEMBER_COLUMNS = ["member_id", "created_at", "last_seen_at", *HMAC_COLUMNS.values()]
@@ -57,7 +59,9 @@ _CONSENTS = both(
 class SqlMembers(SqlExecutor):
     """Sign-ups, updates, logins and consents."""
 
-    async def insert_member(self, member: MemberRow) -> None:
+    async def insert_member(
+        self, member: MemberRow, idempotency: IdempotencyKey | None = None
+    ) -> None:
         d = self._dialect
         member_id = d.member_id(check_new_member(member))
         values = [
@@ -72,6 +76,7 @@ class SqlMembers(SqlExecutor):
             (member_id, c.purpose, c.granted, c.policy_version, d.time(c.recorded_at))
             for c in member.consents
         ]
+        request = key_params(d, idempotency)
 
         async def body(tx: Tx) -> None:
             await guards.require_not_destroyed(tx, d, key.kek_version)
@@ -80,6 +85,7 @@ class SqlMembers(SqlExecutor):
                 _INSERT_KEY[d.name], member_id, key.dek_id, key.kek_version, bytes(key.wrapped_dek)
             )
             await tx.run_many(_INSERT_CONSENT[d.name], consents)
+            await store_key(tx, d, request)  # a live key there rolls the member back
 
         try:
             await self._in_transaction(body)

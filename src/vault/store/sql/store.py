@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from vault.store.sql.access_log import SqlAccessLog
 from vault.store.sql.destruction import SqlDestruction
+from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
 from vault.store.sql.keys import SqlKeys
 from vault.store.sql.lease import SqlLease
+from vault.store.sql.login_failures import SqlLoginFailures
 from vault.store.sql.members import SqlMembers
 from vault.store.sql.outbox import SqlOutbox
 from vault.store.sql.recovery import SqlRecoveryTokens
@@ -26,5 +28,7 @@ class SqlVaultStore(
     SqlRecoveryTokens,
     SqlOutbox,
     SqlSessions,
+    SqlLoginFailures,
+    SqlIdempotency,
 ):
     """Every statement of the vault store that the dialects agree on."""
