@@ -17,8 +17,16 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
-from grpc_support import CLIENT_IP, error_info, rich_status, sign_up_request
+from grpc_support import (
+    CLIENT_IP,
+    SESSION_KEY,
+    error_info,
+    rich_status,
+    sign_up_request,
+    vault_session,
+)
 from mail_support import SmtpServer, lf_body, mail_token, relay_for, smtp_mailer
 from process_support import ServerProcess, cli_env, free_port
 
@@ -134,22 +142,46 @@ async def test_change_password_and_withdraw_count_toward_the_same_lock(
 ) -> None:
     request = sign_up_request()
     member_id = (await members.SignUp(request)).member_id
-    for _ in range(5):
+    # A session from before the guesses: the member's own-rights calls need one, and
+    # the password checks behind it still count (the session is no way around them).
+    session = await vault_session(server, member_id)
+    for _ in range(3):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await members.ChangePassword(
                 pb.ChangePasswordRequest(
                     member_id=member_id, current_password=WRONG, new_password="another one 123"
-                )
+                ),
+                metadata=session,
             )
         assert error_info(raised.value).reason == "WRONG_CREDENTIALS"
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=WRONG))
+            await members.Withdraw(
+                pb.WithdrawRequest(member_id=member_id, password=WRONG), metadata=session
+            )
         assert raised.value.code() == Code.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await members.UpdateMember(
+                pb.UpdateMemberRequest(
+                    member_id=member_id,
+                    email="elsewhere@example.com",
+                    current_password=WRONG,
+                    update_mask=field_mask_pb2.FieldMask(paths=["email"]),
+                ),
+                metadata=session,
+            )
+        assert error_info(raised.value).reason == "WRONG_CREDENTIALS"
+    assert await _failures(server, request.login_id) == 9
+    with pytest.raises(grpc.aio.AioRpcError):
+        await members.Withdraw(
+            pb.WithdrawRequest(member_id=member_id, password=WRONG), metadata=session
+        )
     assert await _failures(server, request.login_id) == 10
     await _refused(members, request.login_id, request.password)  # locked
     # And a locked account's right password is refused by the other checks too.
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await members.Withdraw(pb.WithdrawRequest(member_id=member_id, password=request.password))
+        await members.Withdraw(
+            pb.WithdrawRequest(member_id=member_id, password=request.password), metadata=session
+        )
     assert raised.value.code() == Code.UNAUTHENTICATED
     assert await _failures(server, request.login_id) == 12
 
@@ -167,11 +199,14 @@ async def test_failed_logins_are_in_the_members_history_with_the_ip(
             ),
             metadata=CLIENT_IP,
         )
-    await members.Authenticate(
+    auth = await members.Authenticate(
         pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
         metadata=CLIENT_IP,
     )
-    history = await members.ListAccessHistory(pb.ListAccessHistoryRequest(member_id=member_id))
+    history = await members.ListAccessHistory(
+        pb.ListAccessHistoryRequest(member_id=member_id),
+        metadata=((SESSION_KEY, auth.session_token),),
+    )
     assert [(e.action, e.ip) for e in history.entries] == [
         ("authenticate", "203.0.113.7"),
         ("login.failed", "2001:db8::42"),

@@ -22,6 +22,7 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from grpc_support import (
+    ADMIN_TOKEN,
     SESSION_KEY,
     Metadata,
     admin_metadata,
@@ -30,11 +31,13 @@ from grpc_support import (
     sign_up_request,
     vault_session,
 )
+from pydantic import SecretStr
 
 from privacyvault.v1 import field_limits_pb2, key_admin_pb2, member_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
+from service.config import Settings
 from service.member_rights import MEMBER_RIGHTS
 from service.server import RunningServer
 
@@ -269,6 +272,16 @@ def _limit_description(field: FieldDescriptor, what: str) -> str:
     if what == "items":
         return f"must have at most {_max_items(field)} items"
     return f"must be at most {_max_length(field)} characters"
+
+
+@pytest.fixture
+def admin_settings(server_settings: Settings) -> Settings:
+    """KeyAdminService on, and no lockout within the walk: its at-the-limit passwords are
+    wrong ones, and every wrong password counts toward the account's lock
+    (vault.login_guard), which would refuse the walk's own logins part-way."""
+    return server_settings.model_copy(
+        update={"admin_token": SecretStr(ADMIN_TOKEN), "login_lock_after": 99}
+    )
 
 
 async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(

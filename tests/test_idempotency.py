@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from grpc_support import error_info, field_violations, sign_up_request
+from grpc_support import error_info, field_violations, sign_up_request, vault_session
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
@@ -17,8 +17,12 @@ from vault import FrozenClock
 REQUEST_ID = "6f1c2f0e-4a51-4f5e-9a55-0c3e1b0f2a77"
 
 
-async def _history(members: MemberServiceStub, member_id: str) -> list[str]:
-    page = await members.ListAccessHistory(pb.ListAccessHistoryRequest(member_id=member_id))
+async def _history(members: MemberServiceStub, server: RunningServer, member_id: str) -> list[str]:
+    # A session from the vault itself: a login would add an entry to the history.
+    session = await vault_session(server, member_id)
+    page = await members.ListAccessHistory(
+        pb.ListAccessHistoryRequest(member_id=member_id), metadata=session
+    )
     return [e.action for e in page.entries]
 
 
@@ -74,7 +78,9 @@ async def test_request_ids_expire_after_a_day(
     await members.SignUp(sign_up_request(request_id=REQUEST_ID))
 
 
-async def test_record_access_retries_write_once(members: MemberServiceStub) -> None:
+async def test_record_access_retries_write_once(
+    members: MemberServiceStub, server: RunningServer
+) -> None:
     member_id = (await members.SignUp(sign_up_request())).member_id
     request = pb.RecordAccessRequest(
         member_id=member_id, action="order.view", ip="192.0.2.5", request_id=REQUEST_ID
@@ -91,7 +97,7 @@ async def test_record_access_retries_write_once(members: MemberServiceStub) -> N
             for _ in range(2)
         )
     )
-    assert sorted(await _history(members, member_id)) == ["cart.view", "order.view"]
+    assert sorted(await _history(members, server, member_id)) == ["cart.view", "order.view"]
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await members.RecordAccess(
             pb.RecordAccessRequest(
@@ -99,4 +105,4 @@ async def test_record_access_retries_write_once(members: MemberServiceStub) -> N
             )
         )
     assert error_info(raised.value).reason == "IDEMPOTENCY_KEY_REUSED"
-    assert len(await _history(members, member_id)) == 2
+    assert len(await _history(members, server, member_id)) == 2
