@@ -7,6 +7,7 @@ import json
 import sqlite3
 from typing import Any
 
+from vault.clock import from_micros
 from vault.store._common import (
     CT_COLUMNS,
     HMAC_COLUMNS,
@@ -15,45 +16,55 @@ from vault.store._common import (
     hmac_column,
 )
 from vault.store.rows import ConsentRow, IndexedField, MemberKeyRow, MemberRow
-from vault.store.sqlite._db import _from_us, _SqliteDatabase
+from vault.store.sqlite._db import _SqliteDatabase
 
 # The member's consents ride along as a JSON array: one statement per read.
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, (SELECT json_group_array("
     "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at)) FROM "
-    "(SELECT * FROM consents WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
+    "(SELECT purpose, granted, policy_version, recorded_at FROM consents "
+    "WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
+# Built once: the member read is GetMember's hot path.
+_BY_ID = f"{_SELECT_MEMBER} WHERE m.member_id = ?"
+_BY_HMAC = {f: f"{_SELECT_MEMBER} WHERE m.{c} = ?" for f, c in HMAC_COLUMNS.items()}
 
-
-# Column positions in _SELECT_MEMBER: member reads are the hot path, and plain
-# tuples index faster than sqlite3.Row looks names up.
-_HMAC_AT = {field: 3 + i for i, field in enumerate(HMAC_COLUMNS)}
-_CT_AT = {field: 3 + len(HMAC_COLUMNS) + i for i, field in enumerate(CT_COLUMNS)}
-_KEY_AT = 3 + len(HMAC_COLUMNS) + len(CT_COLUMNS)
+# Column positions in _SELECT_MEMBER: plain tuples index faster than sqlite3.Row
+# looks names up, and zip over a slice builds a dict faster than a comprehension.
+_CT_FIELDS = tuple(CT_COLUMNS)
+_HMAC_FIELDS = tuple(HMAC_COLUMNS)
+_CT_AT = 3 + len(HMAC_COLUMNS)
+_KEY_AT = _CT_AT + len(CT_COLUMNS)
+# raw_decode: the C scanner without loads' whitespace checks (SQLite wrote the JSON).
+_decode = json.JSONDecoder().raw_decode
 
 
 def _member(row: tuple[Any, ...]) -> MemberRow:
-    member_id = str(row[0])
-    dek_id, kek_version, wrapped_dek, consents = row[_KEY_AT : _KEY_AT + 4]
+    # The columns come typed by the schema (TEXT member_id and purposes, INTEGER
+    # ids, BLOB ciphertexts), so no value is converted again.
+    member_id = row[0]
+    dek_id, kek_version, wrapped_dek, consents = row[_KEY_AT:]
     return MemberRow(
         member_id=member_id,
-        created_at=_from_us(row[1]),
-        last_seen_at=_from_us(row[2]),
-        ciphertexts={field: row[at] for field, at in _CT_AT.items()},
-        blind_indexes={field: row[at] for field, at in _HMAC_AT.items()},
-        key=MemberKeyRow(member_id, int(dek_id), int(kek_version), wrapped_dek),
+        created_at=from_micros(row[1]),
+        last_seen_at=from_micros(row[2]),
+        ciphertexts=dict(zip(_CT_FIELDS, row[_CT_AT:_KEY_AT], strict=True)),
+        blind_indexes=dict(zip(_HMAC_FIELDS, row[3:_CT_AT], strict=True)),
+        key=MemberKeyRow(member_id, dek_id, kek_version, wrapped_dek),
         consents=tuple(
-            ConsentRow(str(purpose), bool(granted), str(version), _from_us(recorded_at))
-            for purpose, granted, version, recorded_at in json.loads(consents)
+            [
+                ConsentRow(purpose, granted == 1, version, from_micros(at))
+                for purpose, granted, version, at in _decode(consents)[0]
+            ]
         ),
     )
 
 
-def _fetch_member(conn: sqlite3.Connection, where: str, value: object) -> MemberRow | None:
+def _fetch_member(conn: sqlite3.Connection, sql: str, value: object) -> MemberRow | None:
     cursor = conn.cursor()
     cursor.row_factory = None
-    row = cursor.execute(f"{_SELECT_MEMBER} WHERE {where} = ?", (value,)).fetchone()
+    row = cursor.execute(sql, (value,)).fetchone()
     return None if row is None else _member(row)
 
 
@@ -64,10 +75,11 @@ class SqliteMembers(_SqliteDatabase):
     async def get_member(self, member_id: str) -> MemberRow | None:
         member_id = canonical_member_id(member_id)
 
-        return self._read(lambda conn: _fetch_member(conn, "m.member_id", member_id))
+        return self._read(lambda conn: _fetch_member(conn, _BY_ID, member_id))
 
     async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
-        column = hmac_column(index)
+        hmac_column(index)  # refuses an unknown index name
+        sql = _BY_HMAC[index]
         value = bytes(hmac)
 
-        return self._read(lambda conn: _fetch_member(conn, f"m.{column}", value))
+        return self._read(lambda conn: _fetch_member(conn, sql, value))
