@@ -21,6 +21,10 @@ from vault.store.rows import (
     AccessEntryRow,
     NewAccessEntry,
 )
+from vault.store.sql.access_log import INSERT_ACCESS, entry_ciphertexts, optional_bytes
+
+#: Every column of an entry, as a late partition's rows move out of the default one.
+_MOVED_COLUMNS = "entry_id, member_id, at, action_ct, ip_ct, caller_ct"
 
 
 class PostgresAccessLog(_PostgresDatabase):
@@ -42,14 +46,7 @@ class PostgresAccessLog(_PostgresDatabase):
                 # The lock order: the insert's foreign key check locks the members row
                 # (FOR KEY SHARE) first, then the key row is checked; a rotated key (or
                 # none) rolls the insert back.
-                await conn.execute(
-                    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
-                    "VALUES ($1, $2, $3, $4)",
-                    key,
-                    at,
-                    bytes(entry.action_ct),
-                    bytes(entry.ip_ct),
-                )
+                await conn.execute(INSERT_ACCESS["postgres"], key, at, *entry_ciphertexts(entry))
                 await _check_dek(conn, key, dek_id)
         except (asyncpg.ForeignKeyViolationError, _MemberGone):
             return False  # no such member
@@ -66,14 +63,15 @@ class PostgresAccessLog(_PostgresDatabase):
         async with self._connection() as conn:
             if before is None:
                 rows = await conn.fetch(
-                    "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = $1 "
+                    "SELECT entry_id, at, action_ct, ip_ct, caller_ct FROM access_log "
+                    "WHERE member_id = $1 "
                     "ORDER BY at DESC, entry_id DESC LIMIT $2",
                     key,
                     limit,
                 )
             else:
                 rows = await conn.fetch(
-                    "SELECT entry_id, at, action_ct, ip_ct FROM access_log "
+                    "SELECT entry_id, at, action_ct, ip_ct, caller_ct FROM access_log "
                     "WHERE member_id = $1 AND (at, entry_id) < ($2, $3) "
                     "ORDER BY at DESC, entry_id DESC LIMIT $4",
                     key,
@@ -87,6 +85,7 @@ class PostgresAccessLog(_PostgresDatabase):
                 at=r["at"],
                 action_ct=bytes(r["action_ct"]),
                 ip_ct=bytes(r["ip_ct"]),
+                caller_ct=optional_bytes(r["caller_ct"]),
             )
             for r in rows
         ]
@@ -198,9 +197,9 @@ class PostgresAccessLog(_PostgresDatabase):
             await conn.execute(f'CREATE TABLE "{name}" (LIKE access_log)')
             await conn.execute(
                 "WITH moved AS (DELETE FROM access_log_default WHERE at >= $1 AND at < $2 "
-                "RETURNING entry_id, member_id, at, action_ct, ip_ct) "
-                f'INSERT INTO "{name}" (entry_id, member_id, at, action_ct, ip_ct) '
-                "SELECT entry_id, member_id, at, action_ct, ip_ct FROM moved",
+                f"RETURNING {_MOVED_COLUMNS}) "
+                f'INSERT INTO "{name}" ({_MOVED_COLUMNS}) '
+                f"SELECT {_MOVED_COLUMNS} FROM moved",
                 month,
                 end,
             )

@@ -33,6 +33,7 @@ from vault.store.rows import (
     KekUsage,
     KekVersionRow,
     MemberKeyRow,
+    ResealedAccess,
 )
 
 _SELECT_INDEX_KEY = (
@@ -192,7 +193,7 @@ class PostgresKeys(_PostgresDatabase):
         old_dek_id: int,
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
-        access_log: Mapping[int, tuple[bytes, bytes]],
+        access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
@@ -230,11 +231,11 @@ class PostgresKeys(_PostgresDatabase):
             )
             if access_log:
                 await conn.executemany(
-                    "UPDATE access_log SET action_ct = $3, ip_ct = $4 "
+                    "UPDATE access_log SET action_ct = $3, ip_ct = $4, caller_ct = $5 "
                     "WHERE entry_id = $1 AND at = $2",
                     [
-                        (entry_id, present[entry_id], bytes(a), bytes(i))
-                        for entry_id, (a, i) in access_log.items()
+                        (entry_id, present[entry_id], bytes(a), bytes(i), c and bytes(c))
+                        for entry_id, (a, i, c) in access_log.items()
                     ],
                 )
         return True

@@ -33,6 +33,7 @@ from vault.store.rows import (
     NewAccessEntry,
     OutboxMessage,
 )
+from vault.store.sql.access_log import INSERT_ACCESS, entry_ciphertexts
 
 # The member's consents ride along as an array of records: one round trip.
 _SELECT_MEMBER = (
@@ -205,14 +206,7 @@ class PostgresMembers(_PostgresDatabase):
                 if _affected(status) != 1:
                     return False
                 await _check_dek(conn, key, dek_id)
-                await conn.execute(
-                    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) "
-                    "VALUES ($1, $2, $3, $4)",
-                    key,
-                    at,
-                    bytes(entry.action_ct),
-                    bytes(entry.ip_ct),
-                )
+                await conn.execute(INSERT_ACCESS["postgres"], key, at, *entry_ciphertexts(entry))
         except _MemberGone:
             return False
         return True

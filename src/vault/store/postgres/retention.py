@@ -25,6 +25,7 @@ from vault.store.rows import (
     RetainedMember,
     RetainedSummary,
 )
+from vault.store.sql.access_log import optional_bytes, retained_ciphertexts
 from vault.store.sql.retention import SqlRetention
 
 _RETAINED_CT_SELECT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
@@ -86,10 +87,9 @@ class PostgresRetentionStore(SqlRetention, _PostgresDatabase):
                 await conn.copy_records_to_table(
                     "retained_access_log",
                     records=[
-                        (key, e.entry_id, e.at, bytes(e.action_ct), bytes(e.ip_ct))
-                        for e in member.access_log
+                        (key, e.entry_id, e.at, *retained_ciphertexts(e)) for e in member.access_log
                     ],
-                    columns=["member_id", "entry_id", "at", "action_ct", "ip_ct"],
+                    columns=["member_id", "entry_id", "at", "action_ct", "ip_ct", "caller_ct"],
                 )
         return True
 
@@ -105,7 +105,7 @@ class PostgresRetentionStore(SqlRetention, _PostgresDatabase):
             if row is None:
                 return None
             entries = await conn.fetch(
-                "SELECT entry_id, at, action_ct, ip_ct FROM retained_access_log "
+                "SELECT entry_id, at, action_ct, ip_ct, caller_ct FROM retained_access_log "
                 "WHERE member_id = $1 ORDER BY at DESC, entry_id DESC",
                 key,
             )
@@ -125,7 +125,11 @@ class PostgresRetentionStore(SqlRetention, _PostgresDatabase):
             ),
             access_log=tuple(
                 AccessEntryRow(
-                    int(e["entry_id"]), e["at"], bytes(e["action_ct"]), bytes(e["ip_ct"])
+                    int(e["entry_id"]),
+                    e["at"],
+                    bytes(e["action_ct"]),
+                    bytes(e["ip_ct"]),
+                    optional_bytes(e["caller_ct"]),
                 )
                 for e in entries
             ),

@@ -14,6 +14,7 @@ from vault.store.rows import (
     AccessEntryRow,
     NewAccessEntry,
 )
+from vault.store.sql.access_log import INSERT_ACCESS, entry_ciphertexts, optional_bytes
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
     _member_has_dek,
@@ -26,13 +27,13 @@ class SqliteAccessLog(_SqliteDatabase):
     # --- access log ------------------------------------------------------------
     async def append_access(self, member_id: str, entry: NewAccessEntry, *, dek_id: int) -> bool:
         member_id = canonical_member_id(member_id)
-        params = (member_id, _to_us(entry.at), bytes(entry.action_ct), bytes(entry.ip_ct))
+        params = (member_id, _to_us(entry.at), *entry_ciphertexts(entry))
 
         def work(conn: sqlite3.Connection) -> bool:
             if not _member_has_dek(conn, member_id, dek_id):
                 return False
             conn.execute(
-                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
+                INSERT_ACCESS["sqlite"],
                 params,
             )
             return True
@@ -49,13 +50,14 @@ class SqliteAccessLog(_SqliteDatabase):
         limit = check_limit(limit)
         if before is None:
             query = (
-                "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = ? "
+                "SELECT entry_id, at, action_ct, ip_ct, caller_ct FROM access_log "
+                "WHERE member_id = ? "
                 "ORDER BY at DESC, entry_id DESC LIMIT ?"
             )
             params: tuple[Any, ...] = (member_id, limit)
         else:
             query = (
-                "SELECT entry_id, at, action_ct, ip_ct FROM access_log "
+                "SELECT entry_id, at, action_ct, ip_ct, caller_ct FROM access_log "
                 "WHERE member_id = ? AND (at, entry_id) < (?, ?) "
                 "ORDER BY at DESC, entry_id DESC LIMIT ?"
             )
@@ -68,6 +70,7 @@ class SqliteAccessLog(_SqliteDatabase):
                     at=_from_us(r["at"]),
                     action_ct=bytes(r["action_ct"]),
                     ip_ct=bytes(r["ip_ct"]),
+                    caller_ct=optional_bytes(r["caller_ct"]),
                 )
                 for r in conn.execute(query, params)
             ]

@@ -23,6 +23,7 @@ from vault.store.rows import (
     KekUsage,
     KekVersionRow,
     MemberKeyRow,
+    ResealedAccess,
 )
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
@@ -202,7 +203,7 @@ class SqliteKeys(_SqliteDatabase):
         old_dek_id: int,
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
-        access_log: Mapping[int, tuple[bytes, bytes]],
+        access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
@@ -212,7 +213,10 @@ class SqliteKeys(_SqliteDatabase):
         assignments = update_assignments(ciphertexts, None)
         setters = ", ".join(f"{column} = ?" for column, _ in assignments)
         field_params = [value for _, value in assignments] + [member_id]
-        entries = [(bytes(a), bytes(i), entry_id) for entry_id, (a, i) in access_log.items()]
+        entries = [
+            (bytes(a), bytes(i), c and bytes(c), entry_id)
+            for entry_id, (a, i, c) in access_log.items()
+        ]
 
         def work(conn: sqlite3.Connection) -> bool:
             try:
@@ -230,7 +234,8 @@ class SqliteKeys(_SqliteDatabase):
             )
             conn.execute(f"UPDATE members SET {setters} WHERE member_id = ?", field_params)
             conn.executemany(
-                "UPDATE access_log SET action_ct = ?, ip_ct = ? WHERE entry_id = ?", entries
+                "UPDATE access_log SET action_ct = ?, ip_ct = ?, caller_ct = ? WHERE entry_id = ?",
+                entries,
             )
             return True
 

@@ -24,6 +24,7 @@ from vault.store.rows import (
     NewAccessEntry,
     OutboxMessage,
 )
+from vault.store.sql.access_log import INSERT_ACCESS, entry_ciphertexts
 from vault.store.sqlite._db import _from_us, _integrity_error, _SqliteDatabase, _to_us
 from vault.store.sqlite._shared import (
     _INSERT_OUTBOX,
@@ -205,16 +206,13 @@ class SqliteMembers(_SqliteDatabase):
                 "password_hash_ct = ? WHERE member_id = ?",
                 [at, bytes(password_hash_ct), member_id],
             )
-        log_params = (member_id, at, bytes(entry.action_ct), bytes(entry.ip_ct))
+        log_params = (member_id, at, *entry_ciphertexts(entry))
 
         def work(conn: sqlite3.Connection) -> bool:
             if not _member_has_dek(conn, member_id, dek_id):
                 return False
             conn.execute(*update)
-            conn.execute(
-                "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES (?, ?, ?, ?)",
-                log_params,
-            )
+            conn.execute(INSERT_ACCESS["sqlite"], log_params)
             return True
 
         return await self._write(work)

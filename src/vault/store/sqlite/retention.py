@@ -20,6 +20,7 @@ from vault.store.rows import (
     RetainedMember,
     RetainedSummary,
 )
+from vault.store.sql.access_log import optional_bytes, retained_ciphertexts
 from vault.store.sql.retention import SqlRetention
 from vault.store.sqlite._db import _from_us, _SqliteDatabase, _to_us
 
@@ -63,7 +64,7 @@ class SqliteRetentionStore(SqlRetention, _SqliteDatabase):
             ),
         )
         entries = [
-            (member_id, e.entry_id, _to_us(e.at), bytes(e.action_ct), bytes(e.ip_ct))
+            (member_id, e.entry_id, _to_us(e.at), *retained_ciphertexts(e))
             for e in member.access_log
         ]
 
@@ -85,8 +86,8 @@ class SqliteRetentionStore(SqlRetention, _SqliteDatabase):
                 row,
             )
             conn.executemany(
-                "INSERT INTO retained_access_log (member_id, entry_id, at, action_ct, ip_ct) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO retained_access_log "
+                "(member_id, entry_id, at, action_ct, ip_ct, caller_ct) VALUES (?, ?, ?, ?, ?, ?)",
                 entries,
             )
             return True
@@ -106,7 +107,7 @@ class SqliteRetentionStore(SqlRetention, _SqliteDatabase):
             if row is None:
                 return None
             entries = conn.execute(
-                "SELECT entry_id, at, action_ct, ip_ct FROM retained_access_log "
+                "SELECT entry_id, at, action_ct, ip_ct, caller_ct FROM retained_access_log "
                 "WHERE member_id = ? ORDER BY at DESC, entry_id DESC",
                 (member_id,),
             ).fetchall()
@@ -127,7 +128,9 @@ class SqliteRetentionStore(SqlRetention, _SqliteDatabase):
                     for p, g, v, t in json.loads(row["consents"])
                 ),
                 access_log=tuple(
-                    AccessEntryRow(int(e[0]), _from_us(e[1]), bytes(e[2]), bytes(e[3]))
+                    AccessEntryRow(
+                        int(e[0]), _from_us(e[1]), bytes(e[2]), bytes(e[3]), optional_bytes(e[4])
+                    )
                     for e in entries
                 ),
                 attempt=str(row["attempt"]),
