@@ -182,13 +182,7 @@ def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
 
 
 def _production(pki: TestPki, policy: Path, leave_out: str = "") -> dict[str, str]:
-    settings = {
-        "environment": "production",
-        "tls_cert_file": str(pki.server_cert),
-        "tls_key_file": str(pki.server_key),
-        "tls_client_ca_file": str(pki.ca_cert),
-        "caller_policy_file": str(policy),
-    }
+    settings = pki.production_settings(policy)
     if leave_out == "tls_cert_file":  # no TLS at all (a client CA alone is refused anyway)
         settings.pop("tls_key_file")
         settings.pop("tls_client_ca_file")

@@ -112,14 +112,7 @@ def _production_settings(tmp_path: Path) -> tuple[grpc.ChannelCredentials, dict[
     policy = tmp_path / "callers.toml"
     policy.write_text('trust_domain = "example.org"\n')
     client = pki.client("spiffe://example.org/ns/ops/sa/probe")
-    settings = {
-        "environment": "production",
-        "tls_cert_file": str(pki.server_cert),
-        "tls_key_file": str(pki.server_key),
-        "tls_client_ca_file": str(pki.ca_cert),
-        "caller_policy_file": str(policy),
-    }
-    return pki.credentials(client), settings
+    return pki.credentials(client), pki.production_settings(policy)
 
 
 def test_reflection_is_off_in_production(tmp_path: Path) -> None:

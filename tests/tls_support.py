@@ -108,6 +108,17 @@ class TestPki:
     def server_key(self) -> Path:
         return self.directory / "server-key.pem"
 
+    def production_settings(self, policy: Path) -> dict[str, str]:
+        """What ``ENVIRONMENT=production`` needs to start, as CLI settings: this server
+        certificate, this CA for client certificates, and the caller policy file."""
+        return {
+            "environment": "production",
+            "tls_cert_file": str(self.server_cert),
+            "tls_key_file": str(self.server_key),
+            "tls_client_ca_file": str(self.ca_cert),
+            "caller_policy_file": str(policy),
+        }
+
     def _issue(
         self, common_name: str, sans: Sequence[x509.GeneralName], usage: x509.ObjectIdentifier
     ) -> tuple[bytes, bytes]:
