@@ -29,9 +29,31 @@ class MemberServiceStub:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+    PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+    the policy does not allow the caller
+    this RPC (or this purpose)
+    INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+    INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+    DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+    ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+    INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -116,9 +138,31 @@ class MemberServiceServicer:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+    PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+    the policy does not allow the caller
+    this RPC (or this purpose)
+    INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+    INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+    DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+    ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+    INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -129,6 +173,8 @@ class MemberServiceServicer:
     def SignUp(self, request, context):
         """SignUp creates a member from the required items (login ID, password,
         name, e-mail) and the optional mobile phone. Members under 14 are refused.
+        Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+        "field"); RESOURCE_EXHAUSTED OVERLOADED (password hashing busy).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +185,8 @@ class MemberServiceServicer:
         user's IP address in the `x-client-ip` metadata key (at most 45
         characters, no zone id; see RecordAccessRequest.ip); it is recorded,
         encrypted and in canonical form, in the member's access log.
+        Reasons: UNAUTHENTICATED WRONG_CREDENTIALS (the same for an unknown login ID
+        and a wrong password); RESOURCE_EXHAUSTED OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +195,9 @@ class MemberServiceServicer:
     def GetMember(self, request, context):
         """GetMember reads a member for a stated purpose; only the fields that
         purpose allows are set.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+        (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+        policy does not allow the caller the stated purpose.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +205,7 @@ class MemberServiceServicer:
 
     def UpdateMember(self, request, context):
         """UpdateMember corrects the fields named in update_mask.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; ALREADY_EXISTS EMAIL_TAKEN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +213,8 @@ class MemberServiceServicer:
 
     def ChangePassword(self, request, context):
         """ChangePassword replaces the password after checking the current one.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +227,8 @@ class MemberServiceServicer:
         when the rule's period ends. Either way every later call for the member is
         NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
         withdrawal of the same member is in flight.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +242,7 @@ class MemberServiceServicer:
         EXPORT_TOO_LARGE (subject "export", its description naming
         StreamMemberData), found without reading the rest: read it with
         StreamMemberData, which works for every member.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; FAILED_PRECONDITION EXPORT_TOO_LARGE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,6 +258,7 @@ class MemberServiceServicer:
         status discard the pieces and ask again. The access history is the log as
         it stood when the export began (newest first), less any entry the 6-month
         purge removed meanwhile.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -208,6 +266,7 @@ class MemberServiceServicer:
 
     def RecordAccess(self, request, context):
         """RecordAccess appends an entry to the member's service use history.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +278,8 @@ class MemberServiceServicer:
         for the member it was issued for, and a token that is altered, made up,
         issued for another member or by an older server version is
         INVALID_ARGUMENT with a field violation on page_token.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT INVALID_ARGUMENT on
+        page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +291,7 @@ class MemberServiceServicer:
         or not an account has it, and takes the same time: it tells the caller
         nothing about which addresses are registered. Only a malformed address is
         INVALID_ARGUMENT.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,6 +303,7 @@ class MemberServiceServicer:
         e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
         the account exists, and takes the same time. Each call issues a new token;
         earlier unexpired ones stay valid until used or expired.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,6 +314,8 @@ class MemberServiceServicer:
         StartPasswordReset; the token is spent. An unknown, used or expired token is
         INVALID_ARGUMENT with one field violation on "token", the same for every
         case. The member is told of the change by e-mail.
+        Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+        OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -336,9 +401,31 @@ class MemberService:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+    PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+    the policy does not allow the caller
+    this RPC (or this purpose)
+    INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+    INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+    DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+    ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+    INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted

@@ -30,9 +30,31 @@ class MemberServiceStub:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+                                               the policy does not allow the caller
+                                               this RPC (or this purpose)
+      INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -47,21 +69,33 @@ class MemberServiceStub:
     SignUp: _grpc.UnaryUnaryMultiCallable[_member_pb2.SignUpRequest, _member_pb2.SignUpResponse]
     """SignUp creates a member from the required items (login ID, password,
     name, e-mail) and the optional mobile phone. Members under 14 are refused.
+    Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+    "field"); RESOURCE_EXHAUSTED OVERLOADED (password hashing busy).
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]
     """Authenticate checks a login ID and password. The caller passes the end
     user's IP address in the `x-client-ip` metadata key (at most 45
     characters, no zone id; see RecordAccessRequest.ip); it is recorded,
     encrypted and in canonical form, in the member's access log.
+    Reasons: UNAUTHENTICATED WRONG_CREDENTIALS (the same for an unknown login ID
+    and a wrong password); RESOURCE_EXHAUSTED OVERLOADED.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]
     """GetMember reads a member for a stated purpose; only the fields that
     purpose allows are set.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+    (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+    policy does not allow the caller the stated purpose.
     """
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]
-    """UpdateMember corrects the fields named in update_mask."""
+    """UpdateMember corrects the fields named in update_mask.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; ALREADY_EXISTS EMAIL_TAKEN.
+    """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]
-    """ChangePassword replaces the password after checking the current one."""
+    """ChangePassword replaces the password after checking the current one.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED.
+    """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]
     """Withdraw ends the membership. With no retention rule the member's data is
     crypto-shredded at once; with one, what the member entered moves, encrypted,
@@ -69,6 +103,8 @@ class MemberServiceStub:
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
     withdrawal of the same member is in flight.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -78,6 +114,7 @@ class MemberServiceStub:
     EXPORT_TOO_LARGE (subject "export", its description naming
     StreamMemberData), found without reading the rest: read it with
     StreamMemberData, which works for every member.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; FAILED_PRECONDITION EXPORT_TOO_LARGE.
     """
     StreamMemberData: _grpc.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]
     """StreamMemberData returns the same JSON document as ExportMemberData, for a
@@ -89,15 +126,20 @@ class MemberServiceStub:
     status discard the pieces and ask again. The access history is the log as
     it stood when the export began (newest first), less any entry the 6-month
     purge removed meanwhile.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND.
     """
     RecordAccess: _grpc.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]
-    """RecordAccess appends an entry to the member's service use history."""
+    """RecordAccess appends an entry to the member's service use history.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND.
+    """
     ListAccessHistory: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]
     """ListAccessHistory pages through the member's access log, newest first.
     A page token is opaque and authenticated by the server: it is valid only
     for the member it was issued for, and a token that is altered, made up,
     issued for another member or by an older server version is
     INVALID_ARGUMENT with a field violation on page_token.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT INVALID_ARGUMENT on
+    page_token.
     """
     FindLoginId: _grpc.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -105,6 +147,7 @@ class MemberServiceStub:
     or not an account has it, and takes the same time: it tells the caller
     nothing about which addresses are registered. Only a malformed address is
     INVALID_ARGUMENT.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     StartPasswordReset: _grpc.UnaryUnaryMultiCallable[_member_pb2.StartPasswordResetRequest, _member_pb2.StartPasswordResetResponse]
     """StartPasswordReset sends a single-use reset token (256 bits, valid for at
@@ -112,12 +155,15 @@ class MemberServiceStub:
     e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
     the account exists, and takes the same time. Each call issues a new token;
     earlier unexpired ones stay valid until used or expired.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     CompletePasswordReset: _grpc.UnaryUnaryMultiCallable[_member_pb2.CompletePasswordResetRequest, _member_pb2.CompletePasswordResetResponse]
     """CompletePasswordReset sets a new password with a token from
     StartPasswordReset; the token is spent. An unknown, used or expired token is
     INVALID_ARGUMENT with one field violation on "token", the same for every
     case. The member is told of the change by e-mail.
+    Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+    OVERLOADED.
     """
 
 @_typing.type_check_only
@@ -125,9 +171,31 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+                                               the policy does not allow the caller
+                                               this RPC (or this purpose)
+      INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -139,21 +207,33 @@ class MemberServiceAsyncStub(MemberServiceStub):
     SignUp: _aio.UnaryUnaryMultiCallable[_member_pb2.SignUpRequest, _member_pb2.SignUpResponse]  # type: ignore[assignment]
     """SignUp creates a member from the required items (login ID, password,
     name, e-mail) and the optional mobile phone. Members under 14 are refused.
+    Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+    "field"); RESOURCE_EXHAUSTED OVERLOADED (password hashing busy).
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Authenticate checks a login ID and password. The caller passes the end
     user's IP address in the `x-client-ip` metadata key (at most 45
     characters, no zone id; see RecordAccessRequest.ip); it is recorded,
     encrypted and in canonical form, in the member's access log.
+    Reasons: UNAUTHENTICATED WRONG_CREDENTIALS (the same for an unknown login ID
+    and a wrong password); RESOURCE_EXHAUSTED OVERLOADED.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]  # type: ignore[assignment]
     """GetMember reads a member for a stated purpose; only the fields that
     purpose allows are set.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+    (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+    policy does not allow the caller the stated purpose.
     """
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]  # type: ignore[assignment]
-    """UpdateMember corrects the fields named in update_mask."""
+    """UpdateMember corrects the fields named in update_mask.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; ALREADY_EXISTS EMAIL_TAKEN.
+    """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]  # type: ignore[assignment]
-    """ChangePassword replaces the password after checking the current one."""
+    """ChangePassword replaces the password after checking the current one.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED.
+    """
     Withdraw: _aio.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]  # type: ignore[assignment]
     """Withdraw ends the membership. With no retention rule the member's data is
     crypto-shredded at once; with one, what the member entered moves, encrypted,
@@ -161,6 +241,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
     withdrawal of the same member is in flight.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -170,6 +252,7 @@ class MemberServiceAsyncStub(MemberServiceStub):
     EXPORT_TOO_LARGE (subject "export", its description naming
     StreamMemberData), found without reading the rest: read it with
     StreamMemberData, which works for every member.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; FAILED_PRECONDITION EXPORT_TOO_LARGE.
     """
     StreamMemberData: _aio.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]  # type: ignore[assignment]
     """StreamMemberData returns the same JSON document as ExportMemberData, for a
@@ -181,15 +264,20 @@ class MemberServiceAsyncStub(MemberServiceStub):
     status discard the pieces and ask again. The access history is the log as
     it stood when the export began (newest first), less any entry the 6-month
     purge removed meanwhile.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND.
     """
     RecordAccess: _aio.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]  # type: ignore[assignment]
-    """RecordAccess appends an entry to the member's service use history."""
+    """RecordAccess appends an entry to the member's service use history.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND.
+    """
     ListAccessHistory: _aio.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]  # type: ignore[assignment]
     """ListAccessHistory pages through the member's access log, newest first.
     A page token is opaque and authenticated by the server: it is valid only
     for the member it was issued for, and a token that is altered, made up,
     issued for another member or by an older server version is
     INVALID_ARGUMENT with a field violation on page_token.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT INVALID_ARGUMENT on
+    page_token.
     """
     FindLoginId: _aio.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]  # type: ignore[assignment]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -197,6 +285,7 @@ class MemberServiceAsyncStub(MemberServiceStub):
     or not an account has it, and takes the same time: it tells the caller
     nothing about which addresses are registered. Only a malformed address is
     INVALID_ARGUMENT.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     StartPasswordReset: _aio.UnaryUnaryMultiCallable[_member_pb2.StartPasswordResetRequest, _member_pb2.StartPasswordResetResponse]  # type: ignore[assignment]
     """StartPasswordReset sends a single-use reset token (256 bits, valid for at
@@ -204,21 +293,46 @@ class MemberServiceAsyncStub(MemberServiceStub):
     e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
     the account exists, and takes the same time. Each call issues a new token;
     earlier unexpired ones stay valid until used or expired.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     CompletePasswordReset: _aio.UnaryUnaryMultiCallable[_member_pb2.CompletePasswordResetRequest, _member_pb2.CompletePasswordResetResponse]  # type: ignore[assignment]
     """CompletePasswordReset sets a new password with a token from
     StartPasswordReset; the token is spent. An unknown, used or expired token is
     INVALID_ARGUMENT with one field violation on "token", the same for every
     case. The member is told of the change by e-mail.
+    Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+    OVERLOADED.
     """
 
 class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+                                               the policy does not allow the caller
+                                               this RPC (or this purpose)
+      INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -234,6 +348,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_member_pb2.SignUpResponse, _abc.Awaitable[_member_pb2.SignUpResponse]]:
         """SignUp creates a member from the required items (login ID, password,
         name, e-mail) and the optional mobile phone. Members under 14 are refused.
+        Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+        "field"); RESOURCE_EXHAUSTED OVERLOADED (password hashing busy).
         """
 
     @_abc_1.abstractmethod
@@ -246,6 +362,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         user's IP address in the `x-client-ip` metadata key (at most 45
         characters, no zone id; see RecordAccessRequest.ip); it is recorded,
         encrypted and in canonical form, in the member's access log.
+        Reasons: UNAUTHENTICATED WRONG_CREDENTIALS (the same for an unknown login ID
+        and a wrong password); RESOURCE_EXHAUSTED OVERLOADED.
         """
 
     @_abc_1.abstractmethod
@@ -256,6 +374,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_member_pb2.GetMemberResponse, _abc.Awaitable[_member_pb2.GetMemberResponse]]:
         """GetMember reads a member for a stated purpose; only the fields that
         purpose allows are set.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+        (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+        policy does not allow the caller the stated purpose.
         """
 
     @_abc_1.abstractmethod
@@ -264,7 +385,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.UpdateMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.UpdateMemberResponse, _abc.Awaitable[_member_pb2.UpdateMemberResponse]]:
-        """UpdateMember corrects the fields named in update_mask."""
+        """UpdateMember corrects the fields named in update_mask.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; ALREADY_EXISTS EMAIL_TAKEN.
+        """
 
     @_abc_1.abstractmethod
     def ChangePassword(
@@ -272,7 +395,10 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.ChangePasswordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ChangePasswordResponse, _abc.Awaitable[_member_pb2.ChangePasswordResponse]]:
-        """ChangePassword replaces the password after checking the current one."""
+        """ChangePassword replaces the password after checking the current one.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED.
+        """
 
     @_abc_1.abstractmethod
     def Withdraw(
@@ -286,6 +412,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         when the rule's period ends. Either way every later call for the member is
         NOT_FOUND, and the login ID and e-mail are free again. ABORTED if another
         withdrawal of the same member is in flight.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
         """
 
     @_abc_1.abstractmethod
@@ -301,6 +429,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         EXPORT_TOO_LARGE (subject "export", its description naming
         StreamMemberData), found without reading the rest: read it with
         StreamMemberData, which works for every member.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; FAILED_PRECONDITION EXPORT_TOO_LARGE.
         """
 
     @_abc_1.abstractmethod
@@ -318,6 +447,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         status discard the pieces and ask again. The access history is the log as
         it stood when the export began (newest first), less any entry the 6-month
         purge removed meanwhile.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -326,7 +456,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.RecordAccessRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.RecordAccessResponse, _abc.Awaitable[_member_pb2.RecordAccessResponse]]:
-        """RecordAccess appends an entry to the member's service use history."""
+        """RecordAccess appends an entry to the member's service use history.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListAccessHistory(
@@ -339,6 +471,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         for the member it was issued for, and a token that is altered, made up,
         issued for another member or by an older server version is
         INVALID_ARGUMENT with a field violation on page_token.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT INVALID_ARGUMENT on
+        page_token.
         """
 
     @_abc_1.abstractmethod
@@ -352,6 +486,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         or not an account has it, and takes the same time: it tells the caller
         nothing about which addresses are registered. Only a malformed address is
         INVALID_ARGUMENT.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
 
     @_abc_1.abstractmethod
@@ -365,6 +500,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
         the account exists, and takes the same time. Each call issues a new token;
         earlier unexpired ones stay valid until used or expired.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
 
     @_abc_1.abstractmethod
@@ -377,6 +513,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         StartPasswordReset; the token is spent. An unknown, used or expired token is
         INVALID_ARGUMENT with one field violation on "token", the same for every
         case. The member is told of the change by e-mail.
+        Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+        OVERLOADED.
         """
 
 def add_MemberServiceServicer_to_server(servicer: MemberServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
