@@ -70,6 +70,24 @@ class Argon2Params:
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """mTLS for the driver's channels, as PEM bytes: the CA, the client's key and cert."""
+
+    ca: bytes
+    key: bytes
+    cert: bytes
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+
+def open_channel(address: str, tls: ClientTls | None = None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, tls.credentials())
+
+
+@dataclass(frozen=True)
 class Load:
     """One RPC load, as plain picklable data: the workers build their requests from it."""
 
@@ -79,6 +97,7 @@ class Load:
     member_ids: tuple[str, ...] = ()  # GetMember targets, round-robin
     login_ids: tuple[str, ...] = ()  # Authenticate targets, round-robin (password PASSWORD)
     tag: str = ""  # SignUp: unique login ids are f"{tag}w{worker}n{counter}"
+    tls: ClientTls | None = None  # mTLS (bench/run.py --tls), else plaintext
 
 
 @dataclass(frozen=True)
@@ -219,8 +238,9 @@ async def _slice(
 async def _drive(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
     async with contextlib.AsyncExitStack() as stack:
         stubs: dict[str, Any] = {}
-        for address in sorted({load.address for load in loads.values()}):
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+        tls = {load.address: load.tls for load in loads.values()}
+        for address in sorted(tls):
+            channel = await stack.enter_async_context(open_channel(address, tls[address]))
             await asyncio.wait_for(channel.channel_ready(), 30)
             stubs[address] = member_pb2_grpc.MemberServiceStub(channel)
         calls = {name: _caller(stubs[load.address], load, worker) for name, load in loads.items()}
@@ -374,9 +394,11 @@ def run_schedule(
         ]
 
 
-async def seed(address: str, count: int, tag: str, concurrency: int = 8) -> list[tuple[str, str]]:
+async def seed(
+    address: str, count: int, tag: str, concurrency: int = 8, tls: ClientTls | None = None
+) -> list[tuple[str, str]]:
     """Sign up `count` members; returns their (member_id, login_id). Any error aborts."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         stub = member_pb2_grpc.MemberServiceStub(channel)
         limit = asyncio.Semaphore(concurrency)
 

@@ -8,7 +8,9 @@ bytes would make the baseline cheaper than any protobuf servicer can be and infl
 gap; the difference measured against GetMember is then exactly the service's own work
 (authorization, store lookup, DEK unwrap, field decryption, interceptors).
 
-Configured like the service, from PRIVACY_VAULT_LISTEN_ADDRESS; it serves grpc.health.v1
+Configured like the service, from PRIVACY_VAULT_LISTEN_ADDRESS and, for the mTLS
+comparison (bench/run.py --tls), PRIVACY_VAULT_TLS_CERT_FILE, PRIVACY_VAULT_TLS_KEY_FILE and
+PRIVACY_VAULT_TLS_CLIENT_CA_FILE (client certificates required); it serves grpc.health.v1
 for readiness and uses a default ``grpc.aio.server()``. The service sets only limits
 (message sizes, no SO_REUSEPORT), no throughput tuning, so neither side is tuned.
 Run: ``python bench/echo_server.py`` (the privacyvault stubs must be importable).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,6 +56,17 @@ async def get_member(
     return member_pb2.GetMemberResponse(member=member)
 
 
+def _mtls_credentials() -> grpc.ServerCredentials | None:
+    """The same TLS as the service's (mTLS, client certificates required), if configured."""
+    files = [os.environ.get(f"PRIVACY_VAULT_TLS_{n}_FILE") for n in ("CERT", "KEY", "CLIENT_CA")]
+    if not all(files):
+        return None
+    cert, key, ca = (Path(f).read_bytes() for f in files if f)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=True
+    )
+
+
 async def serve(address: str) -> None:
     server = grpc.aio.server()
     handler = grpc.unary_unary_rpc_method_handler(
@@ -69,7 +83,11 @@ async def serve(address: str) -> None:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(address)
+    credentials = _mtls_credentials()
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()

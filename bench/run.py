@@ -1,6 +1,7 @@
 """One command: each service RPC measured interleaved with its baseline, in one run, on one machine.
 
     python bench/run.py [--pairs 8] [--slice 1.5] [--database-url URL] [--json out.json] [--check]
+    python bench/run.py --tls ...   (the mTLS pairs of bench/tls_bench.py instead)
 
 Pairs: bare grpc.aio echo server / GetMember; raw argon2id verify / Authenticate; raw
 argon2id hash / SignUp. Each pair of scenarios alternates in short slices, A B B A A B ...,
@@ -34,6 +35,7 @@ import grpc
 from driver import (
     SOURCE_PATH,
     Argon2Params,
+    ClientTls,
     Load,
     RawOp,
     Sample,
@@ -74,8 +76,11 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def serve(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
-    """Start a server subprocess, wait until grpc.health.v1 reports SERVING, stop it on exit."""
+def serve(
+    cmd: list[str], env: dict[str, str], log: Path, tls: ClientTls | None = None
+) -> Iterator[str]:
+    """Start a server subprocess, wait until grpc.health.v1 reports SERVING, stop it on exit.
+    With ``tls`` the server speaks mTLS and health is asked over it."""
     address = f"127.0.0.1:{_free_port()}"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -87,7 +92,12 @@ def serve(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
         )
     try:
         deadline = time.monotonic() + 60
-        with grpc.insecure_channel(address) as channel:
+        channel = (
+            grpc.insecure_channel(address)
+            if tls is None
+            else grpc.secure_channel(address, tls.credentials())
+        )
+        with channel:
             health: Any = health_pb2_grpc.HealthStub(channel)  # typeshed lacks its methods
             while True:
                 if proc.poll() is not None:
@@ -347,13 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--check", action="store_true", help="exit 1 on a missed target or error")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the mTLS pairs instead: GetMember under a 50-entry caller policy / allow-all, "
+        "and / the echo over mTLS",
+    )
     args = parser.parse_args(argv)
     args.only = args.only or [r.service for r in RATIOS]
     measured: list[tuple[dict[str, Stats], list[Paired]]] = []
 
     def work() -> None:
         with tempfile.TemporaryDirectory(prefix="privacy-vault-bench-") as tmp:
-            measured.append(measure(args, Path(tmp)))
+            if args.tls:
+                from tls_bench import measure_tls
+
+                measured.append(measure_tls(args, Path(tmp)))
+            else:
+                measured.append(measure(args, Path(tmp)))
 
     failed = run_guarded(work)
     if failed is not None:

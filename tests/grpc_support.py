@@ -41,6 +41,12 @@ def embedded_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**(fields | overrides))
 
 
+#: For tests that send many wrong passwords on purpose (the field-limit walk, the
+#: fuzzer) and must keep logging in: no account lock and no per-IP throttle within
+#: the test (every wrong password counts, vault.login_guard).
+NO_LOCKOUT: dict[str, Any] = {"login_lock_after": 99, "login_ip_failure_limit": 1_000_000}
+
+
 def admin_metadata(actor: str) -> tuple[tuple[str, str], tuple[str, str]]:
     """What an admin call sends: the bearer token and the actor it is recorded under."""
     return (("authorization", f"Bearer {ADMIN_TOKEN}"), ("x-actor", actor))

@@ -79,11 +79,15 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def wait_serving(self) -> grpc.Channel:
-        """A channel once health answers SERVING; fails the test if the server exits or
-        does not answer within STARTUP_TIMEOUT."""
+    def wait_serving(self, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+        """A channel once health answers SERVING (over TLS with ``credentials``); fails
+        the test if the server exits or does not answer within STARTUP_TIMEOUT."""
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        channel = grpc.insecure_channel(self.target)
+        channel = (
+            grpc.insecure_channel(self.target)
+            if credentials is None
+            else grpc.secure_channel(self.target, credentials)
+        )
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             if self.process.poll() is not None:

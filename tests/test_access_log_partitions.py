@@ -4,6 +4,7 @@ the retention purge that drops whole months (migration 0006)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from store_support import entry, new_member, with_active_kek
 
 from vault.clock import FrozenClock
 from vault.lifecycle import Lifecycle, LifecyclePolicy
-from vault.store import MemberRow
+from vault.store import AccessEntryRow, MemberRow
 from vault.store._migrations import load_migrations
 from vault.store.postgres import PostgresStore
 from vault.store.postgres._db import _CREATE_SCHEMA_MIGRATIONS
@@ -91,6 +92,29 @@ async def add_member(store: PostgresStore) -> MemberRow:
 
 async def append(store: PostgresStore, member: MemberRow, at: datetime, n: int = 0) -> None:
     assert await store.append_access(member.member_id, entry(at, n), dek_id=1)
+
+
+async def append_before_0011(
+    sql: asyncpg.Connection, member: MemberRow, at: datetime, n: int
+) -> None:
+    """An entry as the store wrote it before 0011 (no caller): today's store needs 0011."""
+    e = entry(at, n)
+    await sql.execute(
+        "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)",
+        uuid.UUID(member.member_id),
+        e.at,
+        e.action_ct,
+        e.ip_ct,
+    )
+
+
+async def list_before_0011(sql: asyncpg.Connection, member: MemberRow) -> list[AccessEntryRow]:
+    rows = await sql.fetch(
+        "SELECT entry_id, at, action_ct, ip_ct FROM access_log WHERE member_id = $1 "
+        "ORDER BY at DESC, entry_id DESC",
+        uuid.UUID(member.member_id),
+    )
+    return [AccessEntryRow(r[0], r[1], bytes(r[2]), bytes(r[3])) for r in rows]
 
 
 # 2025-01 .. 2025-08 with partitions (3 entries each), plus one 2024-06 entry that
@@ -276,12 +300,13 @@ async def test_key_replacement_updates_entries_across_partitions(
     rows = await pg.list_access(member.member_id, 10)
     new_key = replace(member.key, dek_id=2)
     resealed = {r.entry_id: (b"a2-" + r.action_ct, b"i2-" + r.ip_ct) for r in rows}
+    with_callers = {entry_id: (a, i, None) for entry_id, (a, i) in resealed.items()}
     assert await pg.replace_member_key(
         member.member_id,
         1,
         new_key,
         dict(member.ciphertexts),
-        resealed,
+        with_callers,
         old_ciphertexts=dict(member.ciphertexts),
     )
     after = await pg.list_access(member.member_id, 10)
@@ -311,8 +336,8 @@ async def test_migration_keeps_every_row_and_the_sequence(
         for n, at in enumerate(
             (month(2025, 1), month(2025, 1, 20), month(2025, 3), month(2025, 3, 2), month(2025, 4))
         ):
-            await append(store, member, at, n)
-        old = await store.list_access(member.member_id, 10)
+            await append_before_0011(sql, member, at, n)
+        old = await list_before_0011(sql, member)
         # The newest entry goes: its id must still never come back.
         await sql.execute("DELETE FROM access_log WHERE entry_id = $1", old[0].entry_id)
         old = old[1:]

@@ -23,6 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from grpc_support import (
     ADMIN_TOKEN,
+    NO_LOCKOUT,
     SESSION_KEY,
     Metadata,
     admin_metadata,
@@ -277,11 +278,8 @@ def _limit_description(field: FieldDescriptor, what: str) -> str:
 @pytest.fixture
 def admin_settings(server_settings: Settings) -> Settings:
     """KeyAdminService on, and no lockout within the walk: its at-the-limit passwords are
-    wrong ones, and every wrong password counts toward the account's lock
-    (vault.login_guard), which would refuse the walk's own logins part-way."""
-    return server_settings.model_copy(
-        update={"admin_token": SecretStr(ADMIN_TOKEN), "login_lock_after": 99}
-    )
+    wrong ones, which would lock the account and refuse the walk's own logins part-way."""
+    return server_settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN), **NO_LOCKOUT})
 
 
 async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(

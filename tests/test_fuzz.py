@@ -10,6 +10,8 @@ real server over a real channel, on both backends, with KeyAdminService served
 (the admin token is sent as the key admin tests send it). Asserted:
 
 * no call ends INTERNAL or UNKNOWN;
+* every error the service answers (not grpc's transport) carries a
+  google.rpc.ErrorInfo of our domain with an AIP-193 reason;
 * no submitted string (4 characters or more, that is not a name the API itself
   uses, such as a field name in an update mask) appears in a status message, in
   the ``google.rpc.Status`` details or in any other trailer;
@@ -41,11 +43,21 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescri
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_support import CLIENT_IP, SESSION_KEY, admin_metadata, sign_up_request
+from grpc_support import (
+    ADMIN_TOKEN,
+    CLIENT_IP,
+    NO_LOCKOUT,
+    SESSION_KEY,
+    admin_metadata,
+    sign_up_request,
+)
+from pydantic import SecretStr
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
+from service.config import Settings
+from service.errors import DOMAIN
 from service.server import RunningServer
 
 SEED = int(os.environ.get("PRIVACY_VAULT_FUZZ_SEED", "8016"))
@@ -611,6 +623,29 @@ def _error_texts(error: grpc.aio.AioRpcError) -> list[str]:
     return texts
 
 
+_REASON = re.compile(r"[A-Z][A-Z0-9_]{0,61}[A-Z0-9]")
+
+
+def _ours(error: grpc.aio.AioRpcError) -> bool:
+    """Whether the server's request wrapper answered (its statuses carry a request id),
+    rather than grpc's transport (e.g. a message past the size limit)."""
+    return any(key == "x-request-id" for key, _ in error.trailing_metadata() or ())
+
+
+def _error_reason(error: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason every error of ours carries (AIP-193: UPPER_SNAKE_CASE, our
+    domain), or None when the status has none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    if info.domain == DOMAIN and _REASON.fullmatch(info.reason):
+                        return info.reason
+    return None
+
+
 def _leaked(strings: list[str], texts: list[str]) -> str | None:
     """A submitted string the error repeats (whole, or the start or end of a long one)."""
     blob = "\n".join(texts)
@@ -726,6 +761,8 @@ async def _fuzz(channel: grpc.aio.Channel, backend: str) -> Run:
             message = error.details() or ""
             if code in NEVER:
                 run.failures.append(Failure(case, "forbidden status", code.name, message))
+            if _ours(error) and _error_reason(error) is None:
+                run.failures.append(Failure(case, "no ErrorInfo reason", code.name, message))
             leaked = _leaked(case.strings, _error_texts(error))
             if leaked is not None:
                 problem = f"echoes the submitted {leaked[:80]!r}"
@@ -780,6 +817,14 @@ def _examples(failures: list[Failure], limit: int = 12) -> list[Failure]:
         first.setdefault((f.case.method.name, f.case.kind, f.code), f)
     rest = [f for f in failures if f not in first.values()]
     return [*first.values(), *rest][:limit]
+
+
+@pytest.fixture
+def admin_settings(server_settings: Settings) -> Settings:
+    """KeyAdminService on, and no lockout within the run: the fuzzer's wrong passwords
+    would otherwise lock its seeded members and throttle its IP, and the RPCs behind a
+    login would go untested."""
+    return server_settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN), **NO_LOCKOUT})
 
 
 async def test_fuzzed_requests_on_every_rpc(

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from process_support import SHUTDOWN_TIMEOUT, ServerProcess, cli_env, free_port, run_cli
+from tls_support import TestPki
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
@@ -30,12 +31,16 @@ MEMBER_SERVICE = "privacyvault.v1.MemberService"
 
 @contextlib.contextmanager
 def serving(
-    tmp_path: Path, data_dir: Path, name: str, **settings: str
+    tmp_path: Path,
+    data_dir: Path,
+    name: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    **settings: str,
 ) -> Iterator[tuple[ServerProcess, grpc.Channel]]:
     env = cli_env(data_dir, listen_address=f"127.0.0.1:{free_port()}", **settings)
     server = ServerProcess(env, tmp_path, tmp_path / f"{name}.log")
     try:
-        channel = server.wait_serving()
+        channel = server.wait_serving(credentials)
         try:
             yield server, channel
         finally:
@@ -101,8 +106,18 @@ def test_reflection_is_on_in_the_embedded_environment(tmp_path: Path) -> None:
     assert "grpc.health.v1.Health" in services
 
 
+def _production_settings(tmp_path: Path) -> tuple[grpc.ChannelCredentials, dict[str, str]]:
+    """What production needs to start (mTLS and a caller policy), and a client for it."""
+    pki = TestPki.create(tmp_path / "pki")
+    policy = tmp_path / "callers.toml"
+    policy.write_text('trust_domain = "example.org"\n')
+    client = pki.client("spiffe://example.org/ns/ops/sa/probe")
+    return pki.credentials(client), pki.production_settings(policy)
+
+
 def test_reflection_is_off_in_production(tmp_path: Path) -> None:
-    with serving(tmp_path, tmp_path / "data", "production", environment="production") as (
+    credentials, settings = _production_settings(tmp_path)
+    with serving(tmp_path, tmp_path / "data", "production", credentials, **settings) as (
         server,
         channel,
     ):

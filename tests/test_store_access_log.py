@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import datetime
 
 from store_support import (
@@ -15,6 +16,7 @@ from store_support import (
 )
 
 from vault.store import (
+    NewAccessEntry,
     Store,
 )
 
@@ -73,3 +75,25 @@ async def test_purge_access_log_in_batches_oldest_first(vault: Store) -> None:
     assert await vault.purge_access_log(ts(5), 2) == 0
     left = await vault.list_access(member.member_id, 10)
     assert sorted(e.at for e in left) == [ts(5), ts(6)]
+
+
+async def test_an_entry_keeps_its_caller_and_a_key_replacement_reseals_it(vault: Store) -> None:
+    """The caller (migration 0011) is stored with its entry, read back, and replaced with
+    the entry's other ciphertexts by a member key rotation; an entry without one (older
+    than callers) stays without."""
+    member = new_member()
+    await vault.insert_member(member)
+    mid = member.member_id
+    with_caller = NewAccessEntry(at=ts(1), action_ct=b"a", ip_ct=b"i", caller_ct=b"c")
+    assert await vault.append_access(mid, with_caller, dek_id=1)
+    assert await vault.append_access(mid, entry(ts(2)), dek_id=1)
+    newer, older = await vault.list_access(mid, 10)
+    assert (older.caller_ct, newer.caller_ct) == (b"c", None)
+
+    resealed = {older.entry_id: (b"a2", b"i2", b"c2"), newer.entry_id: (b"a3", b"i3", None)}
+    new_key = replace(member.key, dek_id=2)
+    fields = dict(member.ciphertexts)
+    assert await vault.replace_member_key(mid, 1, new_key, fields, resealed, old_ciphertexts=fields)
+    newer, older = await vault.list_access(mid, 10)
+    assert (older.action_ct, older.ip_ct, older.caller_ct) == (b"a2", b"i2", b"c2")
+    assert (newer.action_ct, newer.caller_ct) == (b"a3", None)

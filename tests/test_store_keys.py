@@ -178,7 +178,7 @@ async def test_replace_member_key_is_atomic_and_conditional(vault: Store) -> Non
     (logged,) = await vault.list_access(mid, 10)
     new_key = MemberKeyRow(mid, 2, 1, b"wrapped-dek-2")
     fields = {f: b"re-" + ct for f, ct in member.ciphertexts.items()}
-    reencrypted = {logged.entry_id: (b"re-action", b"re-ip")}
+    reencrypted = {logged.entry_id: (b"re-action", b"re-ip", None)}
 
     old = member.ciphertexts
     # Refused: the caller's view is out of date (access log, DEK id, a field).

@@ -66,6 +66,7 @@ _STARTUP_EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (ve.PreconditionFailed, ExitCode.REFUSED),
     (ve.KeyUnavailable, ExitCode.UNAVAILABLE),
     (ve.StorageUnavailable, ExitCode.UNAVAILABLE),
+    (ServiceError, ExitCode.USAGE),  # a configuration file that cannot be used
 )
 
 
@@ -247,7 +248,7 @@ def run_async(main: Coroutine[Any, Any, _T]) -> _T:
     error messages never carry a value or key material."""
     try:
         return asyncio.run(main)
-    except ve.VaultError as exc:
+    except (ve.VaultError, ServiceError) as exc:
         code = exit_code_for(exc, startup=True)
         typer.echo(f"cannot start: {exc.message}", err=True)
         raise typer.Exit(code) from None

@@ -7,6 +7,7 @@ listening on 127.0.0.1. Any setting ``X`` may instead come from a file named by
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterable
 from datetime import timedelta
@@ -34,6 +35,19 @@ ADMIN_TOKEN_RULE = (
 )
 #: Where Debian's softhsm2 puts its module: the pkcs11 default when it is installed.
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+
+
+def listens_on_loopback(address: str) -> bool:
+    """Whether ``host:port`` (or a unix socket) is reachable from this host only."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _file_sourced_env(fields: Iterable[str]) -> dict[str, str]:
@@ -83,8 +97,19 @@ class Settings(BaseSettings):
     listen_address: str = "127.0.0.1:50051"
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    #: With a client CA, clients must present a certificate it signed (mTLS).
+    #: With a client CA, clients must present a certificate it signed (mTLS), and a
+    #: caller is the one SPIFFE ID in its certificate's URI SAN. Without one, every
+    #: caller is the identity ``local``.
     tls_client_ca_file: Path | None = None
+    #: The caller policy (TOML, see service.caller_policy): which identity may call
+    #: which RPCs for which purposes. Unset: the built-in development policy, which
+    #: allows every caller everything (refused in production and beyond loopback).
+    caller_policy_file: Path | None = None
+    #: How often the policy file is checked for a change (one stat), in seconds.
+    caller_policy_check_seconds: float = Field(1.0, ge=0, le=300)
+    #: Take the caller's identity from ``x-forwarded-client-cert`` (a mesh sidecar
+    #: terminating mTLS), and only from a loopback peer. Off: the header is ignored.
+    trust_forwarded_client_cert: bool = False
     #: Bearer token for KeyAdminService (PRIVACY_VAULT_ADMIN_TOKEN or
     #: PRIVACY_VAULT_ADMIN_TOKEN_FILE). Unset: the admin API is not served at all.
     #: See ADMIN_TOKEN_RULE for what is accepted.
@@ -221,6 +246,33 @@ class Settings(BaseSettings):
     def _session_idle_within_lifetime(self) -> Settings:
         if self.session_idle_minutes > self.session_lifetime_hours * 60:
             raise ValueError("session_idle_minutes must not exceed session_lifetime_hours")
+        return self
+
+    @model_validator(mode="after")
+    def _production_callers(self) -> Settings:
+        # Production knows who is calling: mTLS identities under a written policy.
+        if self.environment == "production":
+            missing = [
+                f"PRIVACY_VAULT_{name.upper()}"
+                for name in ("tls_cert_file", "tls_client_ca_file", "caller_policy_file")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    "environment production needs TLS, a client CA and a caller policy; "
+                    f"missing: {', '.join(missing)}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _policy_beyond_loopback(self) -> Settings:
+        # Without a policy every caller may do everything: fine on loopback, where
+        # only this host's processes connect; never for a whole network.
+        if self.caller_policy_file is None and not listens_on_loopback(self.listen_address):
+            raise ValueError(
+                "a listen_address beyond loopback needs PRIVACY_VAULT_CALLER_POLICY_FILE: "
+                "without a caller policy every caller is allowed everything"
+            )
         return self
 
     @model_validator(mode="after")

@@ -90,7 +90,7 @@ def fill_member(member: mpb.Member, view: MemberView) -> None:
 
 
 def access_entry_pb(e: AccessEntry) -> mpb.AccessEntry:
-    return mpb.AccessEntry(at=timestamp(e.at), action=e.action, ip=e.ip)
+    return mpb.AccessEntry(at=timestamp(e.at), action=e.action, ip=e.ip, caller=e.caller)
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -150,4 +150,5 @@ def event_pb(e: KeyEvent) -> kpb.KeyEvent:
         kek_version=e.kek_version or 0,
         member_id=e.member_id or "",
         details={k: _detail(v) for k, v in e.details.items()},
+        caller=e.caller,
     )

@@ -3,6 +3,10 @@
 Servicers never pick status codes: they let errors rise, and the interceptor in
 ``service.interceptors`` calls :func:`to_status`. Anything that is not a
 ``VaultError`` becomes a bare INTERNAL: its text may hold anything, so it is not sent.
+
+Every status carries a ``google.rpc.ErrorInfo`` (AIP-193) whose ``reason`` says which
+error it is, in a form a program can switch on: :data:`_CODES` gives each error its
+code and reason (the proto comments list the reasons per RPC).
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ class AdminUnauthenticated(ServiceError):
         super().__init__("the key admin API needs a valid admin token")
 
 
+class CallerNotAllowed(ServiceError):
+    """The calling service has no acceptable identity, or the caller policy does not
+    allow it this method or this purpose. ``metadata`` says which (the identity, the
+    method, the purpose), never anything from a certificate that was not accepted."""
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.metadata = metadata
+
+
 class MalformedRequest(ServiceError):
     """The request bytes do not parse as the method's message (bad wire format,
     invalid UTF-8 in a string field, nesting past the parser's limit), or the call
@@ -49,27 +63,40 @@ class MalformedRequest(ServiceError):
         super().__init__(message)
 
 
-_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (ve.NotFound, grpc.StatusCode.NOT_FOUND),
-    (ve.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
-    (ve.MemberSessionRequired, grpc.StatusCode.UNAUTHENTICATED),
-    (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
-    (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
-    # Too many failed logins from one client IP: RetryInfo says when the window frees.
-    (ve.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
+#: (error, status code, ErrorInfo reason), first match wins. A reason of None is
+#: computed from the error (:func:`_reason`).
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
+    (ve.IdempotencyKeyReused, grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REUSED"),
+    (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, None),  # LOGIN_ID_TAKEN, EMAIL_TAKEN
+    (ve.NotFound, grpc.StatusCode.NOT_FOUND, None),  # MEMBER_NOT_FOUND, KEK_VERSION_NOT_FOUND
+    # The same reason for a wrong login ID or a wrong password: no oracle.
+    # ... and for a locked account (vault.login_guard).
+    (ve.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED, "WRONG_CREDENTIALS"),
+    # Missing, unknown, expired, ended or another member's session: one answer.
+    (ve.MemberSessionRequired, grpc.StatusCode.UNAUTHENTICATED, "MEMBER_SESSION_REQUIRED"),
+    (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED, "PURPOSE_NOT_CONSENTED"),
+    (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION, None),
     # Too much work queued: refused at once, with RetryInfo saying when to retry.
-    (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ve.DecryptionError, grpc.StatusCode.INTERNAL),
-    (ve.KeyUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (ve.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
+    # Too many failed logins from one client IP: RetryInfo says when the window frees.
+    (ve.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ATTEMPTS"),
+    (ve.DecryptionError, grpc.StatusCode.INTERNAL, "DECRYPTION_FAILED"),
+    (ve.KeyUnavailable, grpc.StatusCode.UNAVAILABLE, "KEY_UNAVAILABLE"),
+    (ve.StorageUnavailable, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE"),
     # The member kept changing under a per-member key rotation: retry.
-    (ve.KeyChanged, grpc.StatusCode.ABORTED),
-    (ve.Conflict, grpc.StatusCode.ABORTED),  # a deadlock or serialization failure: retry
-    (AdminUnauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (ve.KeyChanged, grpc.StatusCode.ABORTED, "KEY_CHANGED"),
+    # A deadlock or serialization failure: retry.
+    (ve.Conflict, grpc.StatusCode.ABORTED, "TRANSACTION_CONFLICT"),
+    (AdminUnauthenticated, grpc.StatusCode.UNAUTHENTICATED, "ADMIN_TOKEN_INVALID"),
+    (CallerNotAllowed, grpc.StatusCode.PERMISSION_DENIED, "CALLER_NOT_ALLOWED"),
+    (MalformedRequest, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
 )
+#: Anything else: a bug or a failure whose text may hold anything.
+INTERNAL_REASON = "INTERNAL"
+#: PreconditionFailed kinds that name a KEK version's state.
+_PRECONDITION_REASONS = {"ACTIVE": "KEK_VERSION_ACTIVE", "IN_USE": "KEK_VERSION_IN_USE"}
 
 
 def _packed(message: object) -> any_pb2.Any:
@@ -93,19 +120,6 @@ def _bad_request(violations: tuple[ve.FieldViolation, ...]) -> any_pb2.Any:
     return _packed(bad)
 
 
-#: Errors told apart by an ErrorInfo reason alone (no metadata: nothing to say
-#: about the account, which these must not reveal).
-_REASONS: tuple[tuple[type[ve.VaultError], str], ...] = (
-    (ve.MemberSessionRequired, "MEMBER_SESSION_REQUIRED"),
-    # Wrong password, unknown login ID, locked account: one and the same.
-    (ve.AuthenticationFailed, "WRONG_CREDENTIALS"),
-)
-
-
-def _error_info(reason: str) -> any_pb2.Any:
-    return _packed(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
-
-
 def _retry_info(seconds: float) -> any_pb2.Any:
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(round(seconds * 1e9))
@@ -113,15 +127,8 @@ def _retry_info(seconds: float) -> any_pb2.Any:
 
 
 def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
-    if isinstance(exc, ve.IdempotencyKeyReused):
-        return [_bad_request(exc.violations), _error_info("IDEMPOTENCY_KEY_REUSED")]
-    if isinstance(exc, ve.TooManyAttempts):
-        return [_retry_info(exc.retry_after), _error_info("TOO_MANY_ATTEMPTS")]
     if isinstance(exc, ve.InvalidInput):
         return [_bad_request(exc.violations)]
-    for kind, reason in _REASONS:
-        if isinstance(exc, kind):
-            return [_error_info(reason)]
     if isinstance(exc, ve.AlreadyExists):
         return [
             _packed(
@@ -140,6 +147,8 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
                 )
             )
         ]
+    if isinstance(exc, ve.TooManyAttempts):
+        return [_retry_info(exc.retry_after)]  # the ErrorInfo comes from the table
     if isinstance(exc, ve.Overloaded):
         return [
             _retry_info(exc.retry_after),
@@ -164,25 +173,57 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
     return []
 
 
-def code_for(exc: BaseException) -> grpc.StatusCode:
-    for kind, code in _CODES:
+def _entry(exc: BaseException) -> tuple[grpc.StatusCode, str | None] | None:
+    for kind, code, reason in _CODES:
         if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
+            return code, reason
+    return None
+
+
+def code_for(exc: BaseException) -> grpc.StatusCode:
+    entry = _entry(exc)
+    return grpc.StatusCode.INTERNAL if entry is None else entry[0]
+
+
+def _reason(exc: BaseException) -> str:
+    """The ErrorInfo reason of ``exc`` (AIP-193: UPPER_SNAKE_CASE, at most 63 characters)."""
+    entry = _entry(exc)
+    if entry is None:
+        return INTERNAL_REASON
+    if entry[1] is not None:
+        return entry[1]
+    if isinstance(exc, ve.AlreadyExists):
+        return f"{exc.field.upper()}_TAKEN"
+    if isinstance(exc, ve.NotFound):
+        return "MEMBER_NOT_FOUND" if exc.what == "member" else "KEK_VERSION_NOT_FOUND"
+    if isinstance(exc, ve.PreconditionFailed):
+        default = "FAILED_PRECONDITION" if exc.kind == "STATE" else exc.kind
+        return _PRECONDITION_REASONS.get(exc.kind, default)
+    return entry[0].name
+
+
+def _with_error_info(exc: BaseException, details: list[any_pb2.Any]) -> list[any_pb2.Any]:
+    """``details`` with an ErrorInfo, added when none of them is one."""
+    if any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in details):
+        return details
+    metadata = exc.metadata if isinstance(exc, CallerNotAllowed) else {}
+    info = error_details_pb2.ErrorInfo(reason=_reason(exc), domain=DOMAIN, metadata=metadata)
+    return [*details, _packed(info)]
 
 
 def to_status(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str, bytes]:
-    """(code, message, serialized google.rpc.Status) for an exception."""
+    """(code, message, serialized google.rpc.Status) for an exception; the Status
+    always carries an ErrorInfo."""
     code = code_for(exc)
     if isinstance(exc, ve.VaultError):
         message, details = exc.message, _details(exc)
-    elif isinstance(exc, MalformedRequest):
-        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)
-        message, details = exc.message, [_packed(info)]
     elif isinstance(exc, ServiceError):
         message, details = exc.message, []
+    elif isinstance(exc, TimeoutError):
+        message, details = "deadline exceeded", []
     else:
         message, details = "internal error", []
+    details = _with_error_info(exc, details)
     if request_id and code == grpc.StatusCode.INTERNAL:
         details.append(_packed(error_details_pb2.RequestInfo(request_id=request_id)))
     message = message[:MAX_MESSAGE]

@@ -33,10 +33,11 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from service.errors import MalformedRequest, to_status
 from service.logs import debug_enabled
+from vault.calls import current_caller
 
 log = structlog.get_logger("service.rpc")
 
@@ -103,18 +104,30 @@ def _checked(request: Any) -> Any:
     return request
 
 
-Accept = Callable[[Any], Any]
+Accept = Callable[[Any, "Context"], Any]
+#: Says who is calling and whether the caller may make this call (the caller policy):
+#: raises to refuse, and sets the caller (vault.calls) for the rest of the call.
+Authorize = Callable[[Any, "Context"], None]
+#: Builds the ``Authorize`` of one method from its path and descriptor.
+Authorization = Callable[[str, MethodDescriptor], Authorize]
 
 
-def _accepting(validate: Callable[[Any], None] | None) -> Accept:
-    """What the wrapper does with a parsed request: refuse the malformed, then run the
-    service's own ``validate`` (its field limits), once for every method."""
-    if validate is None:
-        return _checked
+def _accept_checked(request: Any, context: Context) -> Any:
+    return _checked(request)
 
-    def accept(request: Any) -> Any:
+
+def _accepting(validate: Callable[[Any], None] | None, authorize: Authorize | None) -> Accept:
+    """What the wrapper does with a parsed request: refuse the malformed, authorize the
+    caller, then run the service's own ``validate`` (its field limits)."""
+    if validate is None and authorize is None:
+        return _accept_checked
+
+    def accept(request: Any, context: Context) -> Any:
         checked = _checked(request)
-        validate(checked)
+        if authorize is not None:
+            authorize(checked, context)
+        if validate is not None:
+            validate(checked)
         return checked
 
     return accept
@@ -191,7 +204,7 @@ class ServiceInterceptor:
     # back: a successful call at info level pays for neither. ``requests`` is
     # grpc's reader, unused: the one message is read here (see the module doc).
     def unary(
-        self, method: str, behavior: UnaryBehavior, accept: Accept = _checked
+        self, method: str, behavior: UnaryBehavior, accept: Accept = _accept_checked
     ) -> UnaryBehavior:
         default = self._default_deadline
         slow_reads = self._slow_reads
@@ -202,9 +215,9 @@ class ServiceInterceptor:
                 remaining = context.time_remaining()
                 if remaining is None:
                     async with asyncio.timeout(default):
-                        response = await behavior(accept(await context.read()), context)
+                        response = await behavior(accept(await context.read(), context), context)
                 elif remaining <= default:  # gRPC enforces the caller's own deadline
-                    response = await behavior(accept(await context.read()), context)
+                    response = await behavior(accept(await context.read(), context), context)
                 else:  # ... but waits no longer than the default for the message
                     task = slow_reads.watch()
                     try:
@@ -215,7 +228,7 @@ class ServiceInterceptor:
                         raise TimeoutError from None
                     finally:
                         slow_reads.unwatch(task)
-                    response = await behavior(accept(request), context)
+                    response = await behavior(accept(request, context), context)
             except grpc.aio.AbortError:
                 raise  # grpc's own servicers (health) abort themselves: the status is sent
             except Exception as exc:  # noqa: BLE001 - the one place errors become statuses
@@ -227,7 +240,7 @@ class ServiceInterceptor:
         return wrapped
 
     def stream(
-        self, method: str, behavior: StreamBehavior, accept: Accept = _checked
+        self, method: str, behavior: StreamBehavior, accept: Accept = _accept_checked
     ) -> StreamBehavior:
         writes_itself = not inspect.isasyncgenfunction(behavior)
 
@@ -238,7 +251,7 @@ class ServiceInterceptor:
             # or sets a deadline.
             try:
                 async with asyncio.timeout(self._default_deadline):
-                    request = accept(await context.read())
+                    request = accept(await context.read(), context)
                 if writes_itself:
                     await behavior(request, context)  # type: ignore[misc]
                 else:
@@ -255,13 +268,11 @@ class ServiceInterceptor:
 
     async def _abort(self, context: Context, method: str, started: float, exc: Exception) -> None:
         rid = _request_id(context)
-        if isinstance(exc, TimeoutError):
-            code, message, details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", b""
-        else:
-            code, message, details = to_status(exc, rid)
+        code, message, details = to_status(exc, rid)
         fields: dict[str, Any] = {
             "method": method,
             "code": code.name,
+            "caller": current_caller(),
             "request_id": rid,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         }
@@ -295,20 +306,24 @@ def add_servicer(
     interceptor: ServiceInterceptor,
     methods: Collection[str] | None = None,
     validate: Callable[[Any], None] | None = None,
+    authorization: Authorization | None = None,
 ) -> None:
     """Register ``servicer``'s methods for ``service`` (or only those named in
-    ``methods``), each wrapped by ``interceptor``; ``validate`` runs on every
-    request before its method does.
+    ``methods``), each wrapped by ``interceptor``; ``authorization`` gives each
+    method its caller check, and ``validate`` runs on every request before its
+    method does. Every method of the service is registered with the check: a new
+    RPC is covered (and denied until the caller policy names it).
 
     Built from the service descriptor, like the generated ``add_*_to_server``, but
     registered as request-streaming so the wrapper reads the request (module doc).
     """
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    accept = _accepting(validate)
     for method in service.methods:
         if methods is not None and method.name not in methods:
             continue
         path = f"/{service.full_name}/{method.name}"
+        authorize = None if authorization is None else authorization(path, method)
+        accept = _accepting(validate, authorize)
         behavior = getattr(servicer, method.name)
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
+from service.caller_policy import LOCAL, PolicySource
+from service.callers import CallerCheck, policy_methods
 from service.config import Settings
 from service.field_limits import check_field_limits
 from service.interceptors import ServiceInterceptor, add_servicer
@@ -33,6 +35,8 @@ MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
 KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
 HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
 SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
+#: The services under the caller policy (health and reflection are not).
+POLICY_SERVICES = (MEMBER_SERVICE, KEY_ADMIN_SERVICE)
 
 
 @dataclass
@@ -97,21 +101,52 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def caller_check(settings: Settings) -> CallerCheck:
+    """Who may call what (service.callers); an invalid policy file refuses the start."""
+    policy = PolicySource(
+        settings.caller_policy_file,
+        policy_methods(POLICY_SERVICES),
+        check_every=settings.caller_policy_check_seconds,
+    )
+    mutual_tls = settings.tls_client_ca_file is not None
+    log.info(
+        "caller_identity",
+        identity="client certificate (SPIFFE ID)" if mutual_tls else f"every caller is {LOCAL}",
+        policy=str(settings.caller_policy_file)
+        if settings.caller_policy_file
+        else "built-in development policy: every caller is allowed everything",
+        trust_domain=policy.current().trust_domain,
+        trust_forwarded_client_cert=settings.trust_forwarded_client_cert,
+    )
+    return CallerCheck(
+        policy,
+        mutual_tls=mutual_tls,
+        trust_forwarded_client_cert=settings.trust_forwarded_client_cert,
+    )
+
+
 def _add_services(
     server: grpc.aio.Server,
     vault: Vault,
     settings: Settings,
     interceptor: ServiceInterceptor,
     health_servicer: health.aio.HealthServicer,
+    caller_check: CallerCheck,
 ) -> tuple[str, ...]:
     """Register the servicers ``settings`` ask for; the names of the API services."""
+    callers = caller_check.authorization
     add_servicer(
-        server, MemberServicer(vault), MEMBER_SERVICE, interceptor, validate=check_field_limits
+        server,
+        MemberServicer(vault),
+        MEMBER_SERVICE,
+        interceptor,
+        validate=check_field_limits,
+        authorization=callers,
     )
     service_names: tuple[str, ...] = SERVICE_NAMES
     if settings.admin_token is not None:
         keys = KeyAdminServicer(vault.keys, settings.admin_token.get_secret_value())
-        add_servicer(server, keys, KEY_ADMIN_SERVICE, interceptor)
+        add_servicer(server, keys, KEY_ADMIN_SERVICE, interceptor, authorization=callers)
         service_names = (*service_names, KEY_ADMIN_SERVICE.full_name)
     else:
         log.info("admin_api_disabled", reason="PRIVACY_VAULT_ADMIN_TOKEN is not set")
@@ -129,6 +164,7 @@ def _add_services(
 async def run_server(
     settings: Settings, *, clock: Clock | None = None
 ) -> AsyncIterator[RunningServer]:
+    callers = caller_check(settings)  # before anything is opened: a bad policy refuses
     async with open_configured_vault(settings, clock=clock) as vault:
         server = grpc.aio.server(
             options=server_options(settings),
@@ -136,7 +172,9 @@ async def run_server(
         )
         interceptor = ServiceInterceptor(settings.default_deadline_seconds)
         health_servicer = health.aio.HealthServicer()
-        service_names = _add_services(server, vault, settings, interceptor, health_servicer)
+        service_names = _add_services(
+            server, vault, settings, interceptor, health_servicer, callers
+        )
         credentials = _credentials(settings)
         port = (
             server.add_secure_port(settings.listen_address, credentials)

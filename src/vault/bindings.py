@@ -23,5 +23,5 @@ def dek_context(member_id: str, dek_id: int) -> bytes:
 
 
 def access_field(kind: str, at: datetime) -> str:
-    """``kind`` is "action" or "ip"; the entry's time (to the microsecond) is bound in."""
+    """``kind`` is "action", "ip" or "caller"; the entry's time (to the microsecond) is bound in."""
     return f"access.{kind}@{to_micros(at)}"

@@ -23,6 +23,7 @@ import structlog
 from vault import _hazmat
 from vault.bindings import INDEX_KEY_ID
 from vault.cache import DekCache
+from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
@@ -195,7 +196,7 @@ async def bootstrap_keys(
         await provider.create_version(1)
         if await store.insert_kek_version(KekVersionRow(1, "active", now)):
             await store.record_key_event(
-                KeyEvent(now, "bootstrap", "create_kek_version", 1, details={})
+                KeyEvent(now, "bootstrap", "create_kek_version", 1, details={}, caller=INTERNAL)
             )
         rows = await store.list_kek_versions()
     keyring = Keyring(rows)

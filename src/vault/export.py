@@ -32,7 +32,8 @@ EXPORT_PAGE_ROWS = 1000
 
 def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRow) -> AccessEntry:
     action, ip = member_cipher.open_access(dek, member_id, row)
-    return AccessEntry(at=row.at, action=action, ip=ip)
+    caller = member_cipher.open_caller(dek, member_id, row)
+    return AccessEntry(at=row.at, action=action, ip=ip, caller=caller)
 
 
 class ExportStores(MemberStore, AccessLogStore, Protocol):
@@ -106,7 +107,8 @@ class Export:
             row, rows, entries = await self._keys.read_under_key(row, read_page)
             for e in entries:
                 line = json.dumps(
-                    {"at": e.at.isoformat(), "action": e.action, "ip": e.ip}, ensure_ascii=False
+                    {"at": e.at.isoformat(), "action": e.action, "ip": e.ip, "caller": e.caller},
+                    ensure_ascii=False,
                 )
                 pending.append(("\n    " if first else ",\n    ") + line)
                 pending_chars += len(pending[-1])

@@ -23,6 +23,7 @@ from typing import Protocol
 import structlog
 
 from vault import _hazmat, ids, member_cipher
+from vault.calls import current_caller
 from vault.clock import Clock
 from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
 from vault.keyring import DestroyPlan as DestroyPlan  # re-exported: the service's types
@@ -162,10 +163,18 @@ class KeyAdmin:
             actor=actor,
             operation=operation,
             details=details,  # type: ignore[arg-type]
+            caller=current_caller(),  # the calling service (the admin API) or "internal"
             **fields,  # type: ignore[arg-type]
         )
         await self._store.record_key_event(event)
-        log.info("key_event", actor=actor, operation=operation, **fields, **details)  # type: ignore[arg-type]
+        log.info(
+            "key_event",
+            actor=actor,
+            caller=event.caller,
+            operation=operation,
+            **fields,
+            **details,  # type: ignore[arg-type]
+        )
 
     # --- status ------------------------------------------------------------------------
     async def status(self) -> KeyStatus:

@@ -16,7 +16,9 @@ from datetime import datetime
 
 from vault import _hazmat
 from vault.bindings import access_field
+from vault.calls import current_caller
 from vault.store.base import AccessEntryRow, MemberRow, NewAccessEntry
+from vault.store.rows import ResealedAccess
 
 SecretKey = _hazmat.SecretKey
 
@@ -36,12 +38,16 @@ def open_row_field(dek: SecretKey, row: MemberRow, field_name: str) -> str:
 
 
 def seal_access(
-    dek: SecretKey, member_id: str, at: datetime, action: str, ip: str
+    dek: SecretKey, member_id: str, at: datetime, action: str, ip: str, caller: str | None = None
 ) -> NewAccessEntry:
+    """A new entry, recording ``caller`` (default: the current call's caller) with it:
+    sealed like the action, since it ties a service to the member's activity."""
+    who = current_caller() if caller is None else caller
     return NewAccessEntry(
         at=at,
         action_ct=seal(dek, member_id, access_field("action", at), action),
         ip_ct=seal(dek, member_id, access_field("ip", at), ip),
+        caller_ct=seal(dek, member_id, access_field("caller", at), who),
     )
 
 
@@ -50,6 +56,13 @@ def open_access(dek: SecretKey, member_id: str, row: AccessEntryRow) -> tuple[st
     action = open_text(dek, member_id, access_field("action", row.at), row.action_ct)
     ip = open_text(dek, member_id, access_field("ip", row.at), row.ip_ct)
     return action, ip
+
+
+def open_caller(dek: SecretKey, member_id: str, row: AccessEntryRow) -> str:
+    """Who recorded the entry; "" for an entry older than callers (migration 0011)."""
+    if row.caller_ct is None:
+        return ""
+    return open_text(dek, member_id, access_field("caller", row.at), row.caller_ct)
 
 
 def reseal(old: SecretKey, new: SecretKey, member_id: str, field_name: str, blob: bytes) -> bytes:
@@ -66,12 +79,15 @@ def reseal_fields(
 
 def reseal_access_log(
     old: SecretKey, new: SecretKey, member_id: str, entries: Iterable[AccessEntryRow]
-) -> dict[int, tuple[bytes, bytes]]:
-    """Each entry's (action, ip) ciphertexts under ``new``, by entry id."""
+) -> dict[int, ResealedAccess]:
+    """Each entry's (action, ip, caller) ciphertexts under ``new``, by entry id."""
     return {
         e.entry_id: (
             reseal(old, new, member_id, access_field("action", e.at), e.action_ct),
             reseal(old, new, member_id, access_field("ip", e.at), e.ip_ct),
+            None
+            if e.caller_ct is None
+            else reseal(old, new, member_id, access_field("caller", e.at), e.caller_ct),
         )
         for e in entries
     }

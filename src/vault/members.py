@@ -154,6 +154,9 @@ class AccessEntry:
     at: datetime
     action: str
     ip: str
+    #: Who recorded it (a calling service's identity, "local" or "internal"); "" for
+    #: entries older than callers.
+    caller: str = ""
 
     def __repr__(self) -> str:
         return f"<AccessEntry at={self.at.isoformat()}>"

@@ -226,7 +226,10 @@ class Retention:
             f: member_cipher.open_text(dek, mid, f, copy.ciphertexts[f]) for f in RETAINED_FIELDS
         }
         log.info("retained_member_disclosed", member_id=mid, actor=actor)
-        history = [(e.at, *member_cipher.open_access(dek, mid, e)) for e in copy.access_log]
+        history = [
+            (e.at, *member_cipher.open_access(dek, mid, e), member_cipher.open_caller(dek, mid, e))
+            for e in copy.access_log
+        ]
         return {
             "format": DISCLOSURE_FORMAT,
             "member_id": mid,
@@ -247,7 +250,8 @@ class Retention:
                 for c in copy.consents
             ],
             "access_history": [
-                {"at": at.isoformat(), "action": action, "ip": ip} for at, action, ip in history
+                {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
+                for at, action, ip, caller in history
             ],
         }
 

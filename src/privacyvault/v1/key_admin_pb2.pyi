@@ -452,6 +452,7 @@ class KeyEvent(_message.Message):
     KEK_VERSION_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
     """Who ran it (the x-actor of the call, or the CLI's --actor)."""
     operation: _builtins.str
@@ -462,6 +463,11 @@ class KeyEvent(_message.Message):
     """The KEK version concerned, if any (0 otherwise)."""
     member_id: _builtins.str
     """The member concerned, if any (empty otherwise)."""
+    caller: _builtins.str
+    """The calling service that ran it: its SPIFFE ID for the admin API (`local`
+    on the embedded default), `internal` for the CLI and the sidecar; empty
+    for events recorded before callers were known.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp:
         """When the operation completed."""
@@ -479,10 +485,11 @@ class KeyEvent(_message.Message):
         kek_version: _builtins.int = ...,
         member_id: _builtins.str = ...,
         details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "details", b"details", "kek_version", b"kek_version", "member_id", b"member_id", "operation", b"operation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at", b"at", "caller", b"caller", "details", b"details", "kek_version", b"kek_version", "member_id", b"member_id", "operation", b"operation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,10 +38,26 @@ class KeyAdminServiceStub:
       `x-actor: <who>` (1-64 characters of A-Z a-z 0-9 . _ @ -), recorded in
       the key event of each operation; else INVALID_ARGUMENT.
 
+    The caller policy applies here too (see MemberService): the calling service
+    must be allowed each RPC ("KeyAdminService/RotateKek"), besides the token.
+    Its identity is recorded beside the actor in every key event.
+
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
-    why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
-    INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+    trailer, each with a google.rpc.ErrorInfo (domain "privacyvault.v1") whose
+    reason names the error (AIP-193): FAILED_PRECONDITION also carries
+    google.rpc.PreconditionFailure saying why (type ACTIVE or IN_USE, with the
+    number of keys still wrapped), and INVALID_ARGUMENT carries
+    google.rpc.BadRequest field violations.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      UNAUTHENTICATED     ADMIN_TOKEN_INVALID  the token is missing or wrong
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   the caller policy refuses the caller
+      INVALID_ARGUMENT    INVALID_ARGUMENT     x-actor or a field (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT                   retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto); a longer
@@ -61,6 +77,8 @@ class KeyAdminServiceStub:
     """RotateKek adds a KEK version and makes it active: every new DEK, in every
     server process, is wrapped under it from the next call on. The previous
     active version becomes decrypt-only.
+    Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
+    version, e.g. a read-only mounted key file).
     """
     RewrapMemberKeys: _grpc.UnaryStreamMultiCallable[_key_admin_pb2.RewrapMemberKeysRequest, _key_admin_pb2.RewrapMemberKeysResponse]
     """RewrapMemberKeys moves every member DEK and the index key to the active
@@ -74,11 +92,14 @@ class KeyAdminServiceStub:
     refused with FAILED_PRECONDITION while the version is active or still
     wraps any member key or index key. Destroying a destroyed version is a
     no-op. Copies of DEKs wrapped under it (backups, WAL) become noise.
+    Reasons: NOT_FOUND KEK_VERSION_NOT_FOUND; FAILED_PRECONDITION
+    KEK_VERSION_ACTIVE or KEK_VERSION_IN_USE.
     """
     RotateMemberKey: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.RotateMemberKeyRequest, _key_admin_pb2.RotateMemberKeyResponse]
     """RotateMemberKey re-encrypts one member's fields and access history under
     a fresh DEK, atomically. NOT_FOUND for an unknown or destroyed member;
     ABORTED when the member kept changing meanwhile (retry).
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; ABORTED KEY_CHANGED.
     """
     ListKeyEvents: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeyEventsRequest, _key_admin_pb2.ListKeyEventsResponse]
     """ListKeyEvents returns the audit trail of key operations, newest first."""
@@ -96,10 +117,26 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
       `x-actor: <who>` (1-64 characters of A-Z a-z 0-9 . _ @ -), recorded in
       the key event of each operation; else INVALID_ARGUMENT.
 
+    The caller policy applies here too (see MemberService): the calling service
+    must be allowed each RPC ("KeyAdminService/RotateKek"), besides the token.
+    Its identity is recorded beside the actor in every key event.
+
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
-    why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
-    INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+    trailer, each with a google.rpc.ErrorInfo (domain "privacyvault.v1") whose
+    reason names the error (AIP-193): FAILED_PRECONDITION also carries
+    google.rpc.PreconditionFailure saying why (type ACTIVE or IN_USE, with the
+    number of keys still wrapped), and INVALID_ARGUMENT carries
+    google.rpc.BadRequest field violations.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      UNAUTHENTICATED     ADMIN_TOKEN_INVALID  the token is missing or wrong
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   the caller policy refuses the caller
+      INVALID_ARGUMENT    INVALID_ARGUMENT     x-actor or a field (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT                   retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto); a longer
@@ -116,6 +153,8 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     """RotateKek adds a KEK version and makes it active: every new DEK, in every
     server process, is wrapped under it from the next call on. The previous
     active version becomes decrypt-only.
+    Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
+    version, e.g. a read-only mounted key file).
     """
     RewrapMemberKeys: _aio.UnaryStreamMultiCallable[_key_admin_pb2.RewrapMemberKeysRequest, _key_admin_pb2.RewrapMemberKeysResponse]  # type: ignore[assignment]
     """RewrapMemberKeys moves every member DEK and the index key to the active
@@ -129,11 +168,14 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     refused with FAILED_PRECONDITION while the version is active or still
     wraps any member key or index key. Destroying a destroyed version is a
     no-op. Copies of DEKs wrapped under it (backups, WAL) become noise.
+    Reasons: NOT_FOUND KEK_VERSION_NOT_FOUND; FAILED_PRECONDITION
+    KEK_VERSION_ACTIVE or KEK_VERSION_IN_USE.
     """
     RotateMemberKey: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.RotateMemberKeyRequest, _key_admin_pb2.RotateMemberKeyResponse]  # type: ignore[assignment]
     """RotateMemberKey re-encrypts one member's fields and access history under
     a fresh DEK, atomically. NOT_FOUND for an unknown or destroyed member;
     ABORTED when the member kept changing meanwhile (retry).
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; ABORTED KEY_CHANGED.
     """
     ListKeyEvents: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeyEventsRequest, _key_admin_pb2.ListKeyEventsResponse]  # type: ignore[assignment]
     """ListKeyEvents returns the audit trail of key operations, newest first."""
@@ -150,10 +192,26 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
       `x-actor: <who>` (1-64 characters of A-Z a-z 0-9 . _ @ -), recorded in
       the key event of each operation; else INVALID_ARGUMENT.
 
+    The caller policy applies here too (see MemberService): the calling service
+    must be allowed each RPC ("KeyAdminService/RotateKek"), besides the token.
+    Its identity is recorded beside the actor in every key event.
+
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: FAILED_PRECONDITION carries google.rpc.PreconditionFailure saying
-    why (type ACTIVE or IN_USE, with the number of keys still wrapped), and
-    INVALID_ARGUMENT carries google.rpc.BadRequest field violations.
+    trailer, each with a google.rpc.ErrorInfo (domain "privacyvault.v1") whose
+    reason names the error (AIP-193): FAILED_PRECONDITION also carries
+    google.rpc.PreconditionFailure saying why (type ACTIVE or IN_USE, with the
+    number of keys still wrapped), and INVALID_ARGUMENT carries
+    google.rpc.BadRequest field violations.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      UNAUTHENTICATED     ADMIN_TOKEN_INVALID  the token is missing or wrong
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   the caller policy refuses the caller
+      INVALID_ARGUMENT    INVALID_ARGUMENT     x-actor or a field (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT                   retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto); a longer
@@ -180,6 +238,8 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """RotateKek adds a KEK version and makes it active: every new DEK, in every
         server process, is wrapped under it from the next call on. The previous
         active version becomes decrypt-only.
+        Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
+        version, e.g. a read-only mounted key file).
         """
 
     @_abc_1.abstractmethod
@@ -205,6 +265,8 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         refused with FAILED_PRECONDITION while the version is active or still
         wraps any member key or index key. Destroying a destroyed version is a
         no-op. Copies of DEKs wrapped under it (backups, WAL) become noise.
+        Reasons: NOT_FOUND KEK_VERSION_NOT_FOUND; FAILED_PRECONDITION
+        KEK_VERSION_ACTIVE or KEK_VERSION_IN_USE.
         """
 
     @_abc_1.abstractmethod
@@ -216,6 +278,7 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """RotateMemberKey re-encrypts one member's fields and access history under
         a fresh DEK, atomically. NOT_FOUND for an unknown or destroyed member;
         ABORTED when the member kept changing meanwhile (retry).
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; ABORTED KEY_CHANGED.
         """
 
     @_abc_1.abstractmethod

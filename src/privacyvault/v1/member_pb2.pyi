@@ -712,8 +712,14 @@ class AccessEntry(_message.Message):
     AT_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
     action: _builtins.str
     ip: _builtins.str
+    caller: _builtins.str
+    """Who recorded the entry: the calling service's SPIFFE ID, `local` (the
+    embedded default) or `internal`; empty for entries recorded before callers
+    were known. Stored encrypted with the entry.
+    """
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -722,10 +728,11 @@ class AccessEntry(_message.Message):
         at: _timestamp_pb2.Timestamp | None = ...,
         action: _builtins.str = ...,
         ip: _builtins.str = ...,
+        caller: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "ip", b"ip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "caller", b"caller", "ip", b"ip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

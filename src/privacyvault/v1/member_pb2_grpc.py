@@ -29,9 +29,31 @@ class MemberServiceStub:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+    PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+    the policy does not allow the caller
+    this RPC (or this purpose)
+    INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+    INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+    DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+    ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+    INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -137,9 +159,31 @@ class MemberServiceServicer:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+    PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+    the policy does not allow the caller
+    this RPC (or this purpose)
+    INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+    INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+    DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+    ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+    INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -171,6 +215,9 @@ class MemberServiceServicer:
         for 24 hours; the same id with a different request is INVALID_ARGUMENT
         with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
         on request_id.
+        Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+        "field"); INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED; RESOURCE_EXHAUSTED
+        OVERLOADED (password hashing busy).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +242,8 @@ class MemberServiceServicer:
         RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
         google.rpc.RetryInfo saying when to retry. Failed logins of an existing
         account appear in its access history as "login.failed" with the IP.
+        Reasons: UNAUTHENTICATED WRONG_CREDENTIALS; RESOURCE_EXHAUSTED
+        TOO_MANY_ATTEMPTS or OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +254,10 @@ class MemberServiceServicer:
         purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
         and needs the member's session (`x-member-session`; else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+        (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+        policy does not allow the caller the stated purpose; UNAUTHENTICATED
+        MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,10 +269,13 @@ class MemberServiceServicer:
         change of e-mail (the account's recovery channel) also needs
         current_password: missing, INVALID_ARGUMENT with a field violation on
         current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
-        WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
-        address, saying when (never the new address). The answer is the member
-        as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
-        gets it, so it shows nothing a purpose would hide from another caller.
+        WRONG_CREDENTIALS (counted toward Authenticate's lockout). After an e-mail
+        change a notice goes to the old address, saying when (never the new
+        address). The answer is the member as PURPOSE_MEMBER_REQUEST sees them:
+        only the member, by their session, gets it, so it shows nothing a purpose
+        would hide from another caller.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+        ALREADY_EXISTS EMAIL_TAKEN; RESOURCE_EXHAUSTED OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,6 +288,8 @@ class MemberServiceServicer:
         with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
         lockout (and answers so while the account is locked). Every session of
         the member ends with the old password: log in again.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +306,8 @@ class MemberServiceServicer:
         needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
         and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
         toward the lockout); the sessions end with the member.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -262,6 +322,8 @@ class MemberServiceServicer:
         StreamMemberData), found without reading the rest: read it with
         StreamMemberData, which works for every member. It needs the member's
         session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; FAILED_PRECONDITION
+        EXPORT_TOO_LARGE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,6 +340,7 @@ class MemberServiceServicer:
         it stood when the export began (newest first), less any entry the 6-month
         purge removed meanwhile. It needs the member's session (else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,6 +349,7 @@ class MemberServiceServicer:
     def RecordAccess(self, request, context):
         """RecordAccess appends an entry to the member's service use history. With a
         request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,6 +362,8 @@ class MemberServiceServicer:
         issued for another member or by an older server version is
         INVALID_ARGUMENT with a field violation on page_token. It needs the
         member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -309,6 +375,7 @@ class MemberServiceServicer:
         or not an account has it, and takes the same time: it tells the caller
         nothing about which addresses are registered. Only a malformed address is
         INVALID_ARGUMENT.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -320,6 +387,7 @@ class MemberServiceServicer:
         e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
         the account exists, and takes the same time. Each call issues a new token;
         earlier unexpired ones stay valid until used or expired.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -331,6 +399,8 @@ class MemberServiceServicer:
         INVALID_ARGUMENT with one field violation on "token", the same for every
         case. The member is told of the change by e-mail, and every session of
         the member ends.
+        Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+        OVERLOADED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -431,9 +501,31 @@ class MemberService:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+    PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+    the policy does not allow the caller
+    this RPC (or this purpose)
+    INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+    INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+    DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+    UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+    ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+    INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted

@@ -30,9 +30,31 @@ class MemberServiceStub:
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+                                               the policy does not allow the caller
+                                               this RPC (or this purpose)
+      INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -68,6 +90,9 @@ class MemberServiceStub:
     for 24 hours; the same id with a different request is INVALID_ARGUMENT
     with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
     on request_id.
+    Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+    "field"); INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED; RESOURCE_EXHAUSTED
+    OVERLOADED (password hashing busy).
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]
     """Authenticate checks a login ID and password. The caller passes the end
@@ -88,12 +113,18 @@ class MemberServiceStub:
     RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
     google.rpc.RetryInfo saying when to retry. Failed logins of an existing
     account appear in its access history as "login.failed" with the IP.
+    Reasons: UNAUTHENTICATED WRONG_CREDENTIALS; RESOURCE_EXHAUSTED
+    TOO_MANY_ATTEMPTS or OVERLOADED.
     """
     GetMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]
     """GetMember reads a member for a stated purpose; only the fields that
     purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
     and needs the member's session (`x-member-session`; else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+    (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+    policy does not allow the caller the stated purpose; UNAUTHENTICATED
+    MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
     """
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]
     """UpdateMember corrects the fields named in update_mask. It needs the
@@ -101,10 +132,13 @@ class MemberServiceStub:
     change of e-mail (the account's recovery channel) also needs
     current_password: missing, INVALID_ARGUMENT with a field violation on
     current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
-    WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
-    address, saying when (never the new address). The answer is the member
-    as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
-    gets it, so it shows nothing a purpose would hide from another caller.
+    WRONG_CREDENTIALS (counted toward Authenticate's lockout). After an e-mail
+    change a notice goes to the old address, saying when (never the new
+    address). The answer is the member as PURPOSE_MEMBER_REQUEST sees them:
+    only the member, by their session, gets it, so it shows nothing a purpose
+    would hide from another caller.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+    ALREADY_EXISTS EMAIL_TAKEN; RESOURCE_EXHAUSTED OVERLOADED.
     """
     ChangePassword: _grpc.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]
     """ChangePassword replaces the password after checking the current one. It
@@ -113,6 +147,8 @@ class MemberServiceStub:
     with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
     lockout (and answers so while the account is locked). Every session of
     the member ends with the old password: log in again.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED.
     """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]
     """Withdraw ends the membership. With no retention rule the member's data is
@@ -125,6 +161,8 @@ class MemberServiceStub:
     needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
     and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
     toward the lockout); the sessions end with the member.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -135,6 +173,8 @@ class MemberServiceStub:
     StreamMemberData), found without reading the rest: read it with
     StreamMemberData, which works for every member. It needs the member's
     session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; FAILED_PRECONDITION
+    EXPORT_TOO_LARGE.
     """
     StreamMemberData: _grpc.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]
     """StreamMemberData returns the same JSON document as ExportMemberData, for a
@@ -147,10 +187,12 @@ class MemberServiceStub:
     it stood when the export began (newest first), less any entry the 6-month
     purge removed meanwhile. It needs the member's session (else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
     """
     RecordAccess: _grpc.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]
     """RecordAccess appends an entry to the member's service use history. With a
     request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED.
     """
     ListAccessHistory: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]
     """ListAccessHistory pages through the member's access log, newest first.
@@ -159,6 +201,8 @@ class MemberServiceStub:
     issued for another member or by an older server version is
     INVALID_ARGUMENT with a field violation on page_token. It needs the
     member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_token.
     """
     FindLoginId: _grpc.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -166,6 +210,7 @@ class MemberServiceStub:
     or not an account has it, and takes the same time: it tells the caller
     nothing about which addresses are registered. Only a malformed address is
     INVALID_ARGUMENT.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     StartPasswordReset: _grpc.UnaryUnaryMultiCallable[_member_pb2.StartPasswordResetRequest, _member_pb2.StartPasswordResetResponse]
     """StartPasswordReset sends a single-use reset token (256 bits, valid for at
@@ -173,6 +218,7 @@ class MemberServiceStub:
     e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
     the account exists, and takes the same time. Each call issues a new token;
     earlier unexpired ones stay valid until used or expired.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     CompletePasswordReset: _grpc.UnaryUnaryMultiCallable[_member_pb2.CompletePasswordResetRequest, _member_pb2.CompletePasswordResetResponse]
     """CompletePasswordReset sets a new password with a token from
@@ -180,6 +226,8 @@ class MemberServiceStub:
     INVALID_ARGUMENT with one field violation on "token", the same for every
     case. The member is told of the change by e-mail, and every session of
     the member ends.
+    Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+    OVERLOADED.
     """
     EndSession: _grpc.UnaryUnaryMultiCallable[_member_pb2.EndSessionRequest, _member_pb2.EndSessionResponse]
     """EndSession ends the member session sent in `x-member-session` (log out).
@@ -193,9 +241,31 @@ class MemberServiceAsyncStub(MemberServiceStub):
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+                                               the policy does not allow the caller
+                                               this RPC (or this purpose)
+      INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -228,6 +298,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     for 24 hours; the same id with a different request is INVALID_ARGUMENT
     with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
     on request_id.
+    Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+    "field"); INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED; RESOURCE_EXHAUSTED
+    OVERLOADED (password hashing busy).
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_member_pb2.AuthenticateRequest, _member_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Authenticate checks a login ID and password. The caller passes the end
@@ -248,12 +321,18 @@ class MemberServiceAsyncStub(MemberServiceStub):
     RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
     google.rpc.RetryInfo saying when to retry. Failed logins of an existing
     account appear in its access history as "login.failed" with the IP.
+    Reasons: UNAUTHENTICATED WRONG_CREDENTIALS; RESOURCE_EXHAUSTED
+    TOO_MANY_ATTEMPTS or OVERLOADED.
     """
     GetMember: _aio.UnaryUnaryMultiCallable[_member_pb2.GetMemberRequest, _member_pb2.GetMemberResponse]  # type: ignore[assignment]
     """GetMember reads a member for a stated purpose; only the fields that
     purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
     and needs the member's session (`x-member-session`; else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+    (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+    policy does not allow the caller the stated purpose; UNAUTHENTICATED
+    MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
     """
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]  # type: ignore[assignment]
     """UpdateMember corrects the fields named in update_mask. It needs the
@@ -261,10 +340,13 @@ class MemberServiceAsyncStub(MemberServiceStub):
     change of e-mail (the account's recovery channel) also needs
     current_password: missing, INVALID_ARGUMENT with a field violation on
     current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
-    WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
-    address, saying when (never the new address). The answer is the member
-    as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
-    gets it, so it shows nothing a purpose would hide from another caller.
+    WRONG_CREDENTIALS (counted toward Authenticate's lockout). After an e-mail
+    change a notice goes to the old address, saying when (never the new
+    address). The answer is the member as PURPOSE_MEMBER_REQUEST sees them:
+    only the member, by their session, gets it, so it shows nothing a purpose
+    would hide from another caller.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+    ALREADY_EXISTS EMAIL_TAKEN; RESOURCE_EXHAUSTED OVERLOADED.
     """
     ChangePassword: _aio.UnaryUnaryMultiCallable[_member_pb2.ChangePasswordRequest, _member_pb2.ChangePasswordResponse]  # type: ignore[assignment]
     """ChangePassword replaces the password after checking the current one. It
@@ -273,6 +355,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
     lockout (and answers so while the account is locked). Every session of
     the member ends with the old password: log in again.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED.
     """
     Withdraw: _aio.UnaryUnaryMultiCallable[_member_pb2.WithdrawRequest, _member_pb2.WithdrawResponse]  # type: ignore[assignment]
     """Withdraw ends the membership. With no retention rule the member's data is
@@ -285,6 +369,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
     and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
     toward the lockout); the sessions end with the member.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+    RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -295,6 +381,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     StreamMemberData), found without reading the rest: read it with
     StreamMemberData, which works for every member. It needs the member's
     session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; FAILED_PRECONDITION
+    EXPORT_TOO_LARGE.
     """
     StreamMemberData: _aio.UnaryStreamMultiCallable[_member_pb2.StreamMemberDataRequest, _member_pb2.StreamMemberDataResponse]  # type: ignore[assignment]
     """StreamMemberData returns the same JSON document as ExportMemberData, for a
@@ -307,10 +395,12 @@ class MemberServiceAsyncStub(MemberServiceStub):
     it stood when the export began (newest first), less any entry the 6-month
     purge removed meanwhile. It needs the member's session (else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
     """
     RecordAccess: _aio.UnaryUnaryMultiCallable[_member_pb2.RecordAccessRequest, _member_pb2.RecordAccessResponse]  # type: ignore[assignment]
     """RecordAccess appends an entry to the member's service use history. With a
     request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED.
     """
     ListAccessHistory: _aio.UnaryUnaryMultiCallable[_member_pb2.ListAccessHistoryRequest, _member_pb2.ListAccessHistoryResponse]  # type: ignore[assignment]
     """ListAccessHistory pages through the member's access log, newest first.
@@ -319,6 +409,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     issued for another member or by an older server version is
     INVALID_ARGUMENT with a field violation on page_token. It needs the
     member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_token.
     """
     FindLoginId: _aio.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]  # type: ignore[assignment]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -326,6 +418,7 @@ class MemberServiceAsyncStub(MemberServiceStub):
     or not an account has it, and takes the same time: it tells the caller
     nothing about which addresses are registered. Only a malformed address is
     INVALID_ARGUMENT.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     StartPasswordReset: _aio.UnaryUnaryMultiCallable[_member_pb2.StartPasswordResetRequest, _member_pb2.StartPasswordResetResponse]  # type: ignore[assignment]
     """StartPasswordReset sends a single-use reset token (256 bits, valid for at
@@ -333,6 +426,7 @@ class MemberServiceAsyncStub(MemberServiceStub):
     e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
     the account exists, and takes the same time. Each call issues a new token;
     earlier unexpired ones stay valid until used or expired.
+    Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
     """
     CompletePasswordReset: _aio.UnaryUnaryMultiCallable[_member_pb2.CompletePasswordResetRequest, _member_pb2.CompletePasswordResetResponse]  # type: ignore[assignment]
     """CompletePasswordReset sets a new password with a token from
@@ -340,6 +434,8 @@ class MemberServiceAsyncStub(MemberServiceStub):
     INVALID_ARGUMENT with one field violation on "token", the same for every
     case. The member is told of the change by e-mail, and every session of
     the member ends.
+    Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+    OVERLOADED.
     """
     EndSession: _aio.UnaryUnaryMultiCallable[_member_pb2.EndSessionRequest, _member_pb2.EndSessionResponse]  # type: ignore[assignment]
     """EndSession ends the member session sent in `x-member-session` (log out).
@@ -352,9 +448,31 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     """MemberService keeps members' personal data in an envelope-encrypted vault.
 
     Errors are google.rpc.Status values carried in the grpc-status-details-bin
-    trailer: INVALID_ARGUMENT carries google.rpc.BadRequest field violations,
-    ALREADY_EXISTS and PERMISSION_DENIED carry google.rpc.ErrorInfo. No error
-    message ever repeats a submitted value.
+    trailer. Every error this service answers carries a google.rpc.ErrorInfo
+    (domain "privacyvault.v1") whose `reason` names the error (AIP-193); switch on
+    the reason, not on the message. INVALID_ARGUMENT also carries
+    google.rpc.BadRequest field violations, RESOURCE_EXHAUSTED a
+    google.rpc.RetryInfo, FAILED_PRECONDITION a google.rpc.PreconditionFailure and
+    INTERNAL a google.rpc.RequestInfo. No error message ever repeats a submitted
+    value. (Statuses made by the gRPC transport itself, e.g. UNIMPLEMENTED for an
+    unknown method or RESOURCE_EXHAUSTED past the server's concurrent-call limit,
+    carry no details.)
+
+    Who is calling: a calling service is the one SPIFFE ID in its client
+    certificate (mTLS; `local` on the embedded default's plaintext loopback), and
+    the caller policy names the RPCs it may call and, for GetMember, the purposes
+    it may state. The identity is recorded with every access-log entry.
+
+    Reasons every RPC may answer, beside those listed on each RPC:
+      PERMISSION_DENIED   CALLER_NOT_ALLOWED   no acceptable caller identity, or
+                                               the policy does not allow the caller
+                                               this RPC (or this purpose)
+      INVALID_ARGUMENT    INVALID_ARGUMENT     a field limit or value (BadRequest)
+      INVALID_ARGUMENT    MALFORMED_REQUEST    the request bytes do not parse
+      DEADLINE_EXCEEDED   DEADLINE_EXCEEDED
+      UNAVAILABLE         STORAGE_UNAVAILABLE, KEY_UNAVAILABLE   retry
+      ABORTED             TRANSACTION_CONFLICT, KEY_CHANGED       retry
+      INTERNAL            INTERNAL, DECRYPTION_FAILED
 
     Every string field of every request has a maximum length, given in its
     comment (and as the `max_length` option, see field_limits.proto) and counted
@@ -391,6 +509,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         for 24 hours; the same id with a different request is INVALID_ARGUMENT
         with ErrorInfo reason IDEMPOTENCY_KEY_REUSED and a BadRequest violation
         on request_id.
+        Reasons: ALREADY_EXISTS LOGIN_ID_TAKEN or EMAIL_TAKEN (ErrorInfo metadata
+        "field"); INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED; RESOURCE_EXHAUSTED
+        OVERLOADED (password hashing busy).
         """
 
     @_abc_1.abstractmethod
@@ -417,6 +538,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         RESOURCE_EXHAUSTED with ErrorInfo reason TOO_MANY_ATTEMPTS and a
         google.rpc.RetryInfo saying when to retry. Failed logins of an existing
         account appear in its access history as "login.failed" with the IP.
+        Reasons: UNAUTHENTICATED WRONG_CREDENTIALS; RESOURCE_EXHAUSTED
+        TOO_MANY_ATTEMPTS or OVERLOADED.
         """
 
     @_abc_1.abstractmethod
@@ -429,6 +552,10 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
         and needs the member's session (`x-member-session`; else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
+        (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+        policy does not allow the caller the stated purpose; UNAUTHENTICATED
+        MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
         """
 
     @_abc_1.abstractmethod
@@ -442,10 +569,13 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         change of e-mail (the account's recovery channel) also needs
         current_password: missing, INVALID_ARGUMENT with a field violation on
         current_password; wrong, UNAUTHENTICATED with ErrorInfo reason
-        WRONG_CREDENTIALS. After an e-mail change a notice goes to the old
-        address, saying when (never the new address). The answer is the member
-        as PURPOSE_MEMBER_REQUEST sees them: only the member, by their session,
-        gets it, so it shows nothing a purpose would hide from another caller.
+        WRONG_CREDENTIALS (counted toward Authenticate's lockout). After an e-mail
+        change a notice goes to the old address, saying when (never the new
+        address). The answer is the member as PURPOSE_MEMBER_REQUEST sees them:
+        only the member, by their session, gets it, so it shows nothing a purpose
+        would hide from another caller.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+        ALREADY_EXISTS EMAIL_TAKEN; RESOURCE_EXHAUSTED OVERLOADED.
         """
 
     @_abc_1.abstractmethod
@@ -460,6 +590,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         with ErrorInfo reason WRONG_CREDENTIALS and counts toward Authenticate's
         lockout (and answers so while the account is locked). Every session of
         the member ends with the old password: log in again.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED.
         """
 
     @_abc_1.abstractmethod
@@ -478,6 +610,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
         and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
         toward the lockout); the sessions end with the member.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
+        RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
         """
 
     @_abc_1.abstractmethod
@@ -494,6 +628,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         StreamMemberData), found without reading the rest: read it with
         StreamMemberData, which works for every member. It needs the member's
         session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; FAILED_PRECONDITION
+        EXPORT_TOO_LARGE.
         """
 
     @_abc_1.abstractmethod
@@ -512,6 +648,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         it stood when the export began (newest first), less any entry the 6-month
         purge removed meanwhile. It needs the member's session (else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, before the first piece).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
         """
 
     @_abc_1.abstractmethod
@@ -522,6 +659,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_member_pb2.RecordAccessResponse, _abc.Awaitable[_member_pb2.RecordAccessResponse]]:
         """RecordAccess appends an entry to the member's service use history. With a
         request_id it is idempotent as SignUp is (IDEMPOTENCY_KEY_REUSED).
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; INVALID_ARGUMENT IDEMPOTENCY_KEY_REUSED.
         """
 
     @_abc_1.abstractmethod
@@ -536,6 +674,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         issued for another member or by an older server version is
         INVALID_ARGUMENT with a field violation on page_token. It needs the
         member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_token.
         """
 
     @_abc_1.abstractmethod
@@ -549,6 +689,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         or not an account has it, and takes the same time: it tells the caller
         nothing about which addresses are registered. Only a malformed address is
         INVALID_ARGUMENT.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
 
     @_abc_1.abstractmethod
@@ -562,6 +703,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         e-mail. Like FindLoginId it is OK for any well-formed input, whether or not
         the account exists, and takes the same time. Each call issues a new token;
         earlier unexpired ones stay valid until used or expired.
+        Reasons: RESOURCE_EXHAUSTED OVERLOADED (with RetryInfo).
         """
 
     @_abc_1.abstractmethod
@@ -575,6 +717,8 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT with one field violation on "token", the same for every
         case. The member is told of the change by e-mail, and every session of
         the member ends.
+        Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (the token); RESOURCE_EXHAUSTED
+        OVERLOADED.
         """
 
     @_abc_1.abstractmethod

@@ -73,6 +73,8 @@ class NewAccessEntry:
     at: datetime
     action_ct: bytes
     ip_ct: bytes
+    #: Who called (vault.calls), sealed like the action; None: not known.
+    caller_ct: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,12 @@ class AccessEntryRow:
     at: datetime
     action_ct: bytes
     ip_ct: bytes
+    #: None for entries recorded before callers were known (migration 0011).
+    caller_ct: bytes | None = None
+
+
+#: An access-log entry's ciphertexts re-sealed under a new DEK: (action, ip, caller).
+ResealedAccess = tuple[bytes, bytes, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +158,8 @@ class KeyEvent:
     member_id: str | None = None
     # Counts and outcomes, e.g. {"rewrapped": 1000}.
     details: Mapping[str, int | str | bool] = field(default_factory=dict)
+    #: The calling service (vault.calls.current_caller) beside the actor.
+    caller: str = ""
 
 
 @dataclass(frozen=True, slots=True)

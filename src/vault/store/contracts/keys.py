@@ -12,6 +12,7 @@ from vault.store.rows import (
     KekVersionRow,
     KeyEvent,
     MemberKeyRow,
+    ResealedAccess,
     RewrapUpdate,
 )
 
@@ -76,12 +77,12 @@ class KeyStore(Protocol):
         old_dek_id: int,
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
-        access_log: Mapping[int, tuple[bytes, bytes]],
+        access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
         """Per-member DEK rotation, atomically: the new key row, every field
-        ciphertext, and every access-log entry (entry_id -> (action_ct, ip_ct))
+        ciphertext, and every access-log entry (entry_id -> (action_ct, ip_ct, caller_ct))
         re-encrypted. Only if the member still has ``old_dek_id``, exactly these
         access-log entries, and field ciphertexts equal to ``old_ciphertexts`` (what
         the caller re-encrypted: a field written meanwhile under the old DEK must not

@@ -15,6 +15,9 @@ from vault.store._common import (
 )
 from vault.store.postgres._db import _affected, _PostgresDatabase
 
+#: Every column of an entry, as a late partition's rows move out of the default one.
+_MOVED_COLUMNS = "entry_id, member_id, at, action_ct, ip_ct, caller_ct"
+
 
 class PostgresAccessLog(_PostgresDatabase):
     """PostgreSQL: the access log's monthly partitions and its purge."""
@@ -135,9 +138,9 @@ class PostgresAccessLog(_PostgresDatabase):
             await conn.execute(f'CREATE TABLE "{name}" (LIKE access_log)')
             await conn.execute(
                 "WITH moved AS (DELETE FROM access_log_default WHERE at >= $1 AND at < $2 "
-                "RETURNING entry_id, member_id, at, action_ct, ip_ct) "
-                f'INSERT INTO "{name}" (entry_id, member_id, at, action_ct, ip_ct) '
-                "SELECT entry_id, member_id, at, action_ct, ip_ct FROM moved",
+                f"RETURNING {_MOVED_COLUMNS}) "
+                f'INSERT INTO "{name}" ({_MOVED_COLUMNS}) '
+                f"SELECT {_MOVED_COLUMNS} FROM moved",
                 month,
                 end,
             )

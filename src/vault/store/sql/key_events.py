@@ -11,11 +11,11 @@ from vault.store.sql.dialect import both
 from vault.store.sql.executor import SqlExecutor
 
 _RECORD = both(
-    "INSERT INTO key_events (at, actor, operation, kek_version, member_id, details) "
-    "VALUES ($1, $2, $3, $4, $5, $6{jsonb})"
+    "INSERT INTO key_events (at, actor, operation, kek_version, member_id, details, caller) "
+    "VALUES ($1, $2, $3, $4, $5, $6{jsonb}, $7)"
 )
 _LIST = both(
-    "SELECT at, actor, operation, kek_version, member_id, details{text} "
+    "SELECT at, actor, operation, kek_version, member_id, details{text}, caller "
     "FROM key_events ORDER BY event_id DESC LIMIT $1"
 )
 
@@ -33,6 +33,7 @@ class SqlKeyEvents(SqlExecutor):
             event.kek_version,
             None if event.member_id is None else d.member_id(event.member_id),
             json.dumps(dict(event.details), sort_keys=True),
+            event.caller,
         )
 
     async def list_key_events(self, limit: int = 100) -> list[KeyEvent]:
@@ -46,6 +47,7 @@ class SqlKeyEvents(SqlExecutor):
                 version,
                 None if member is None else str(member),
                 json.loads(details),
+                caller,
             )
-            for at, actor, operation, version, member, details in rows
+            for at, actor, operation, version, member, details, caller in rows
         ]

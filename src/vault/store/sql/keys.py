@@ -18,7 +18,7 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.rows import IndexKeyRow, KekUsage, KekVersionRow, MemberKeyRow
+from vault.store.rows import IndexKeyRow, KekUsage, KekVersionRow, MemberKeyRow, ResealedAccess
 from vault.store.sql import guards
 from vault.store.sql.dialect import Dialect, both
 from vault.store.sql.executor import SqlExecutor, Tx, UniqueViolation
@@ -68,7 +68,8 @@ _REPLACE_KEY = both(
     "UPDATE member_keys SET dek_id = $2, kek_version = $3, wrapped_dek = $4 WHERE member_id = $1"
 )
 _REWRITE_ENTRY = both(
-    "UPDATE access_log SET action_ct = $3, ip_ct = $4 WHERE entry_id = $1 AND at = $2"
+    "UPDATE access_log SET action_ct = $3, ip_ct = $4, caller_ct = $5 "
+    "WHERE entry_id = $1 AND at = $2"
 )
 
 
@@ -215,7 +216,7 @@ class SqlKeys(SqlRewrapRead):
         old_dek_id: int,
         new_key: MemberKeyRow,
         ciphertexts: Mapping[str, bytes],
-        access_log: Mapping[int, tuple[bytes, bytes]],
+        access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
     ) -> bool:
@@ -245,7 +246,10 @@ class SqlKeys(SqlRewrapRead):
             await tx.run(update_fields, key, *(value for _, value in assignments))
             await tx.run_many(
                 _REWRITE_ENTRY[d.name],
-                [(i, present[i], bytes(a), bytes(ip)) for i, (a, ip) in access_log.items()],
+                [
+                    (i, present[i], bytes(a), bytes(ip), None if c is None else bytes(c))
+                    for i, (a, ip, c) in access_log.items()
+                ],
             )
             return True
 

@@ -13,7 +13,7 @@ from vault.store.contracts.login_failures import FailedLogin, FailureCount, Logi
 from vault.store.sql import guards
 from vault.store.sql.dialect import Dialect, both
 from vault.store.sql.executor import MemberGone, SqlExecutor, Tx
-from vault.store.sql.members import INSERT_ACCESS
+from vault.store.sql.members import INSERT_ACCESS, entry_ciphertexts
 
 # Both counters in one read (scalar subqueries: NULL where there is no row).
 _STATE = both(
@@ -90,7 +90,7 @@ class SqlLoginFailures(SqlExecutor):
         key = None if member_id is None else d.member_id(member_id)
         log_row = None
         if entry is not None and key is not None:
-            log_row = (key, at, bytes(entry.action_ct), bytes(entry.ip_ct))
+            log_row = (key, at, *entry_ciphertexts(entry))
 
         async def body(tx: Tx) -> FailureCount:
             # The entry first (its member's rows, in the lock order), then the

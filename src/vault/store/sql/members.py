@@ -16,7 +16,7 @@ from vault.store._common import (
     update_assignments,
 )
 from vault.store.contracts.idempotency import IdempotencyKey
-from vault.store.rows import ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
+from vault.store.rows import AccessEntryRow, ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
 from vault.store.sql import guards
 from vault.store.sql.dialect import both
 from vault.store.sql.executor import (
@@ -47,13 +47,25 @@ _LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_updat
 _SEEN = "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL"
 _LOGIN = both(f"{_SEEN} WHERE member_id = $1")
 _LOGIN_REHASH = both(f"{_SEEN}, password_hash_ct = $3 WHERE member_id = $1")
+#: One entry: (member_id, at) then :func:`entry_ciphertexts`.
 INSERT_ACCESS = both(
-    "INSERT INTO access_log (member_id, at, action_ct, ip_ct) VALUES ($1, $2, $3, $4)"
+    "INSERT INTO access_log (member_id, at, action_ct, ip_ct, caller_ct) "
+    "VALUES ($1, $2, $3, $4, $5)"
 )
 _CONSENTS = both(
     "SELECT purpose, granted, policy_version, recorded_at FROM consents "
     "WHERE member_id = $1 ORDER BY purpose"
 )
+
+
+def optional_bytes(value: Any) -> bytes | None:
+    """A nullable BLOB/bytea column (caller_ct before migration 0011)."""
+    return None if value is None else bytes(value)
+
+
+def entry_ciphertexts(entry: NewAccessEntry | AccessEntryRow) -> tuple[bytes, bytes, bytes | None]:
+    """An entry's (action, ip, caller) ciphertexts as the drivers bind them."""
+    return bytes(entry.action_ct), bytes(entry.ip_ct), optional_bytes(entry.caller_ct)
 
 
 class SqlMembers(SqlExecutor):
@@ -148,7 +160,7 @@ class SqlMembers(SqlExecutor):
             if password_hash_ct is None
             else (_LOGIN_REHASH[d.name], key, at, bytes(password_hash_ct))
         )
-        log_row = (key, at, bytes(entry.action_ct), bytes(entry.ip_ct))
+        log_row = (key, at, *entry_ciphertexts(entry))
 
         async def body(tx: Tx) -> bool:
             # The lock order: the members row first (by the update), then the key

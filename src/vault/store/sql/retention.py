@@ -14,7 +14,6 @@ from vault.clock import from_micros, to_micros
 from vault.store._common import RETAINED_COLUMNS, check_limit, check_retained, require_aware
 from vault.store.rows import (
     RETAINED_FIELDS,
-    AccessEntryRow,
     ConsentRow,
     KekUsage,
     MemberKeyRow,
@@ -22,12 +21,14 @@ from vault.store.rows import (
     RetainedSummary,
     RetentionEvent,
 )
+from vault.store.sql.access_log import ENTRY_COLUMNS, access_entry
 from vault.store.sql.dialect import Dialect, both, each
 from vault.store.sql.executor import Body, Tx, UniqueViolation
 from vault.store.sql.keys import SqlRewrapRead
+from vault.store.sql.members import entry_ciphertexts
 
 _CT = ", ".join(RETAINED_COLUMNS[f] for f in RETAINED_FIELDS)
-_COPY_COLUMNS = ("member_id", "entry_id", "at", "action_ct", "ip_ct")
+_COPY_COLUMNS = ("member_id", "entry_id", "at", "action_ct", "ip_ct", "caller_ct")
 _LOCK_COPY = both(
     "SELECT confirmed, attempt, retained_at FROM retained_members WHERE member_id = $1{update}"
 )
@@ -44,7 +45,7 @@ _COPY = both(
     f"wrapped_dek, consents{{text}} AS consents, {_CT} FROM retained_members WHERE member_id = $1"
 )
 _COPY_ENTRIES = both(
-    "SELECT entry_id, at, action_ct, ip_ct FROM retained_access_log "
+    f"SELECT {ENTRY_COLUMNS} FROM retained_access_log "
     "WHERE member_id = $1 ORDER BY at DESC, entry_id DESC"
 )
 _LIST = both(
@@ -117,9 +118,7 @@ def _retained(
             ConsentRow(str(p), bool(g), str(v), from_micros(int(t)))
             for p, g, v, t in json.loads(row[8])
         ),
-        access_log=tuple(
-            AccessEntryRow(int(e[0]), d.from_time(e[1]), bytes(e[2]), bytes(e[3])) for e in entries
-        ),
+        access_log=tuple(access_entry(d, e) for e in entries),
         attempt=str(attempt),
         confirmed=bool(confirmed),
     )
@@ -139,8 +138,7 @@ class SqlRetention(SqlRewrapRead):
         stale = d.time(stale_before)
         copy_row = _copy_row(d, member, key)
         entries = [
-            (key, e.entry_id, d.time(e.at), bytes(e.action_ct), bytes(e.ip_ct))
-            for e in member.access_log
+            (key, e.entry_id, d.time(e.at), *entry_ciphertexts(e)) for e in member.access_log
         ]
 
         async def body(tx: Tx) -> bool:
