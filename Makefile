@@ -18,12 +18,13 @@ serve: $(BIN)/.installed  ## run the service on its embedded default (SQLite + l
 test: $(BIN)/.installed  ## run the test suite (PostgreSQL tests skip loudly if it is down)
 	$(BIN)/pytest
 
-lint: $(BIN)/.installed  ## ruff, mypy, buf lint and the stale-stub check
+lint: $(BIN)/.installed  ## ruff, mypy, buf lint, the stale-stub check, the deployment files
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/python scripts/gen_protos.py --check
+	BIN=$(BIN) scripts/lint_deploy.sh
 
 fmt: $(BIN)/.installed
 	$(BIN)/ruff format src tests bench scripts

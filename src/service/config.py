@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     #: below to finish; clients reconnect. Bounds what a call with a huge deadline holds.
     max_connection_age_seconds: float = Field(1800.0, gt=0, le=86_400 * 7)
     max_connection_age_grace_seconds: float = Field(60.0, gt=0, le=86_400)
+    #: A second, plaintext listener that serves grpc.health.v1 only (e.g. 0.0.0.0:50052):
+    #: for probes that cannot do (m)TLS, like Kubernetes' native gRPC probe. It says
+    #: SERVING or NOT_SERVING and nothing else. Unset: no such listener.
+    health_listen_address: str | None = None
 
     argon2_time_cost: int = Field(OWASP.time_cost, ge=1)
     argon2_memory_cost: int = Field(OWASP.memory_cost, ge=8)
@@ -211,12 +215,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("listen_address")
+    @field_validator("listen_address", "health_listen_address")
     @classmethod
-    def _has_port(cls, value: str) -> str:
+    def _has_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError("listen_address must be host:port")
+            raise ValueError("must be host:port")
         return value
 
     @field_validator("admin_token")

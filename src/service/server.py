@@ -23,6 +23,7 @@ from service.caller_policy import LOCAL, PolicySource
 from service.callers import CallerCheck, policy_methods
 from service.config import Settings
 from service.field_limits import check_field_limits
+from service.health_listener import start_health_listener
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
@@ -181,6 +182,11 @@ async def run_server(
             if credentials
             else server.add_insecure_port(settings.listen_address)
         )
+        # Before the API starts, so a health address that cannot be bound leaves
+        # nothing running.
+        health_server = await start_health_listener(
+            settings.health_listen_address, health_servicer, HEALTH_SERVICE, interceptor
+        )
         await server.start()
         for name in ("", *service_names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -211,6 +217,8 @@ async def run_server(
                 with contextlib.suppress(asyncio.CancelledError):
                     await sidecar_task
             await running.stop(settings.shutdown_grace_seconds)
+            if health_server is not None:  # after the drain, so probes saw NOT_SERVING
+                await health_server.stop(0)
             await interceptor.close()
             log.info("server_stopped")
 
