@@ -75,7 +75,13 @@ async def test_nothing_listening_exits_2(tmp_path: Path) -> None:
 
 async def test_address_option_and_wildcard_host(server: RunningServer, tmp_path: Path) -> None:
     # The listen address's wildcard host means this host's loopback; --address wins.
-    wildcard = await health(tmp_path, listen_address=f"0.0.0.0:{server.port}")
+    # A listen address beyond loopback is a valid setting only with a caller policy
+    # (issue 10); the check reads the setting, not the policy.
+    policy = tmp_path / "callers.toml"
+    policy.write_text('trust_domain = "example.org"\n')
+    wildcard = await health(
+        tmp_path, listen_address=f"0.0.0.0:{server.port}", caller_policy_file=str(policy)
+    )
     assert wildcard.returncode == 0, wildcard.stdout
     assert one_line(wildcard) == f"SERVING 127.0.0.1:{server.port}"
     chosen = await health(
