@@ -36,8 +36,11 @@ if [ ! -s callers.toml ]; then
 [[caller]]
 identity    = "spiffe://example.org/ns/dev/sa/client"
 description = "development client (docker/tls/client.crt)"
-methods     = ["MemberService/SignUp", "MemberService/Authenticate", "MemberService/GetMember"]
-purposes    = ["IDENTIFICATION"]
+# GetMember for MEMBER_REQUEST and EndSession need the session Authenticate returned,
+# sent as x-member-session.
+methods     = ["MemberService/SignUp", "MemberService/Authenticate",
+               "MemberService/GetMember", "MemberService/EndSession"]
+purposes    = ["IDENTIFICATION", "MEMBER_REQUEST"]
 TOML
 fi
 chmod 0644 callers.toml tls/*.crt

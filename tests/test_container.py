@@ -1,8 +1,9 @@
 """The image as deployed: ``docker/Dockerfile`` built by ``scripts/container_build.sh``
 and run by podman read-only, as uid 10001, without capabilities, with only a data
 volume writable (not even /tmp), on host networking at a free loopback port. The
-image's own health check says SERVING, SignUp, Authenticate and GetMember work over
-gRPC from outside, and SIGTERM stops it with exit code 0.
+image's own health check says SERVING, SignUp, Authenticate, GetMember (a calling
+service's read, and the member's own with the session) and EndSession work over gRPC
+from outside, and SIGTERM stops it with exit code 0.
 
 Without podman or without the image (``PRIVACY_VAULT_IMAGE``, default
 ``localhost/privacy-vault:ci``) the test is skipped loudly, or fails when
@@ -175,6 +176,17 @@ def test_image_serves_read_only_as_non_root_and_stops_on_sigterm(
             timeout=20,
         )
         assert reply.member.name == "Container Member"
+        # The member's own rights carry the session Authenticate returned (issue 10).
+        session = (("x-member-session", authenticated.session_token),)
+        own = members.GetMember(
+            pb.GetMemberRequest(member_id=signed_up.member_id, purpose=pb.PURPOSE_MEMBER_REQUEST),
+            metadata=session,
+            timeout=20,
+        )
+        assert own.member.email == "container01@example.com"
+        members.EndSession(
+            pb.EndSessionRequest(member_id=signed_up.member_id), metadata=session, timeout=20
+        )
 
     # `podman stop` sends the image's STOPSIGNAL (SIGTERM) and waits; no SIGKILL needed.
     started = time.monotonic()
