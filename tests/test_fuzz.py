@@ -2,7 +2,9 @@
 
 Requests are built from the request message descriptors by a seeded generator:
 plausible values per field (real member IDs, login IDs, e-mails and passwords of
-members signed up first, page tokens the server handed out), values bent from
+members signed up first, page tokens the server handed out; mostly the member's
+own live session for the member's own rights, which the fuzzer keeps live by
+logging a member in again when a call ended its session), values bent from
 those, boundary and huge strings, unicode, unknown enum numbers, repeated and
 nested fields, oneofs, and raw byte mutations of serialized requests (bad wire
 format, invalid UTF-8, nesting past the parser's depth). Every call goes to a
@@ -58,6 +60,7 @@ from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.errors import DOMAIN
+from service.member_rights import MEMBER_RIGHTS
 from service.server import RunningServer
 
 SEED = int(os.environ.get("PRIVACY_VAULT_FUZZ_SEED", "8016"))
@@ -150,8 +153,11 @@ class Pools:
 
     strings: dict[str, list[str]] = field(default_factory=dict)
     ints: dict[str, list[int]] = field(default_factory=dict)
-    #: Member sessions (Authenticate's session_token), by member id.
+    #: Live member sessions (Authenticate's session_token), by member id.
     sessions: dict[str, str] = field(default_factory=dict)
+    #: The login ID and current password of members the fuzzer signed up (by member
+    #: id): when a call ends a member's session, the fuzzer logs the member in again.
+    credentials: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def add(self, name: str, value: str | int) -> None:
         if isinstance(value, str):
@@ -507,17 +513,20 @@ class Generator:
         self, method: MethodDescriptor, strings: list[str], request: Message
     ) -> tuple[tuple[str, str], ...]:
         """The admin token (and now and then a wrong one, or a bad actor); a member
-        session (mostly the request's member's, when there is one); a client IP."""
+        session (mostly the request's member's live one, when there is one, so the
+        member's own rights are reached past the check; else another member's, a
+        forged one or none); a client IP."""
         rng = self.rng
         metadata: list[tuple[str, str]] = []
         if method.containing_service.full_name != ADMIN_SERVICE:
             roll = rng.random()
             member_id = getattr(request, "member_id", "")
-            if roll < 0.75 and self.pools.sessions:
+            if roll < 0.8 and self.pools.sessions:
                 own = self.pools.sessions.get(member_id)
-                other = rng.choice(sorted(self.pools.sessions.values()))
-                metadata.append((SESSION_KEY, own or other))
-            elif roll < 0.85:
+                others = sorted(t for m, t in self.pools.sessions.items() if m != member_id)
+                foreign = rng.choice(others) if others else own
+                metadata.append((SESSION_KEY, own if own and roll < 0.72 else foreign or ""))
+            elif roll < 0.9:
                 forged = "fz" + self.token(rng.choice((8, 41, 43, 100)))
                 strings.append(forged)
                 metadata.append((SESSION_KEY, forged))
@@ -701,11 +710,9 @@ async def _seed_members(channel: grpc.aio.Channel, pools: Pools) -> None:
         for name in ("login_id", "email", "name", "password"):
             pools.add(name, getattr(request, name))
         pools.add("member_id", member_id)
-        auth = await members.Authenticate(
-            pb.AuthenticateRequest(login_id=request.login_id, password=request.password),
-            metadata=CLIENT_IP,
-        )
-        pools.sessions[member_id] = auth.session_token
+        pools.credentials[member_id] = (request.login_id, request.password)
+        await _log_in(members, pools, member_id)
+        assert member_id in pools.sessions
         for i in range(25 if n < 2 else 2):
             await members.RecordAccess(
                 pb.RecordAccessRequest(member_id=member_id, action=f"seed.{i}", ip="192.0.2.1")
@@ -713,9 +720,69 @@ async def _seed_members(channel: grpc.aio.Channel, pools: Pools) -> None:
         # Page tokens as the server hands them out; the generator bends them.
         page = await members.ListAccessHistory(
             pb.ListAccessHistoryRequest(member_id=member_id, page_size=2 + n),
-            metadata=((SESSION_KEY, auth.session_token),),
+            metadata=((SESSION_KEY, pools.sessions[member_id]),),
         )
         pools.harvest(page)
+
+
+async def _log_in(members: MemberServiceStub, pools: Pools, member_id: str) -> None:
+    """A new session for a member whose password the fuzzer knows (its last session
+    ended); a member that cannot log in (withdrawn, shredded) leaves both pools."""
+    pools.sessions.pop(member_id, None)
+    credentials = pools.credentials.get(member_id)
+    if credentials is None:
+        return
+    login_id, password = credentials
+    try:
+        auth = await members.Authenticate(
+            pb.AuthenticateRequest(login_id=login_id, password=password),
+            metadata=CLIENT_IP,
+            timeout=CALL_DEADLINE,
+        )
+    except grpc.aio.AioRpcError:
+        del pools.credentials[member_id]
+        return
+    pools.sessions[member_id] = auth.session_token
+
+
+def _sent_request(case: Case) -> Message | None:
+    """The request as the server read it (a mutated payload it accepted too)."""
+    if case.request is not None:
+        return case.request
+    try:
+        return message_factory.GetMessageClass(case.method.input_type).FromString(case.payload)
+    except DecodeError:
+        return None
+
+
+async def _keep_sessions(
+    members: MemberServiceStub, case: Case, replies: list[bytes] | None, pools: Pools
+) -> None:
+    """Keep a live session per known member, as a member's application would: the
+    sessions a call ended (EndSession, a password change, a withdrawal, or one found
+    ended when refused) are replaced by a new login; a new member is logged in.
+    ``replies`` is None for a refused call. Outside the generator's random stream, so
+    a seed still replays one sequence of requests."""
+    request = _sent_request(case)
+    member_id = str(getattr(request, "member_id", ""))
+    sent = dict(case.metadata).get(SESSION_KEY)
+    own = sent is not None and pools.sessions.get(member_id) == sent
+    name = case.method.name
+    if replies is None:
+        # The member's own live session refused: it had ended (say, by a reset).
+        if own and name in MEMBER_RIGHTS:
+            await _log_in(members, pools, member_id)
+        return
+    if name == "SignUp" and isinstance(request, pb.SignUpRequest) and replies:
+        member_id = pb.SignUpResponse.FromString(replies[0]).member_id
+        pools.credentials[member_id] = (request.login_id, request.password)
+        await _log_in(members, pools, member_id)
+    elif name == "ChangePassword" and isinstance(request, pb.ChangePasswordRequest):
+        if member_id in pools.credentials:
+            pools.credentials[member_id] = (pools.credentials[member_id][0], request.new_password)
+        await _log_in(members, pools, member_id)
+    elif name in ("EndSession", "Withdraw"):
+        await _log_in(members, pools, member_id)  # a withdrawn member fails: it is gone
 
 
 async def _call(channel: grpc.aio.Channel, case: Case) -> list[bytes]:
@@ -745,6 +812,7 @@ def _learn(case: Case, replies: list[bytes], pools: Pools) -> None:
 async def _fuzz(channel: grpc.aio.Channel, backend: str) -> Run:
     run = Run(backend)
     pools = Pools()
+    members = MemberServiceStub(channel)
     await _seed_members(channel, pools)
     generator = Generator(random.Random(SEED), pools)
     started = time.monotonic()
@@ -767,10 +835,13 @@ async def _fuzz(channel: grpc.aio.Channel, backend: str) -> Run:
             if leaked is not None:
                 problem = f"echoes the submitted {leaked[:80]!r}"
                 run.failures.append(Failure(case, problem, code.name, message))
+            if _error_reason(error) == "MEMBER_SESSION_REQUIRED":
+                await _keep_sessions(members, case, None, pools)
         else:
             run.codes["OK"] += 1
             run.answered[case.method.name] += 1
             _learn(case, replies, pools)
+            await _keep_sessions(members, case, replies, pools)
         run.called[case.method.name] += 1
     run.seconds = time.monotonic() - started
     return run

@@ -1,8 +1,10 @@
 """Member sessions over gRPC, on both backends: Authenticate's session token, the
 member's own rights refused without it (MEMBER_SESSION_REQUIRED, one answer for
 every case), expiry on the injected clock, EndSession, revocation by a password
-change, a reset and a shred, and the e-mail change that needs the password and
-tells the old address (the account takeover chain of issue 10)."""
+change, a reset (both in the password write's own transaction: a crash right
+after it leaves no session, and a reset no lock) and a shred, and the e-mail
+change that needs the password and tells the old address (the account takeover
+chain of issue 10)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.member_rights import MEMBER_RIGHTS
 from service.server import RunningServer
 from vault import FrozenClock
+from vault.store.contracts.login_failures import FailedLogin
 
 Code = grpc.StatusCode
 NEW_PASSWORD = "a brand new passphrase 7"
@@ -294,6 +297,98 @@ async def test_a_password_reset_ends_every_session(
         pb.CompletePasswordResetRequest(token=token, new_password=NEW_PASSWORD)
     )
     await _needs_session(_get(members, member_id, session))
+
+
+class _Crash(Exception):
+    """The process dying right after the password write returned."""
+
+
+def _crash_after_the_password_write(server: RunningServer, monkeypatch: Any) -> list[str]:
+    """Make the vault fail right after the store's password write commits (as a crash
+    would): whatever the vault did after it, in another transaction, is not done.
+    The member ids written, in order."""
+    store = server.vault.parts.store
+    write = store.write_password
+    written: list[str] = []
+
+    async def then_crash(member_id: str, *args: Any, **kwargs: Any) -> bool:
+        assert await write(member_id, *args, **kwargs)
+        written.append(member_id)
+        raise _Crash
+
+    monkeypatch.setattr(store, "write_password", then_crash)
+    return written
+
+
+async def _member_sessions(store_url: str, member_id: str) -> int:
+    return sum(str(r[1]) == member_id for r in await _stored_sessions(store_url))
+
+
+async def test_a_crash_after_a_password_change_leaves_no_session(
+    members: MemberServiceStub, server: RunningServer, store_url: str, monkeypatch: Any
+) -> None:
+    """The sessions end in the password write's own transaction, not after it."""
+    request = sign_up_request()
+    member_id = (await members.SignUp(request)).member_id
+    first, second = await member_session(members, request), await member_session(members, request)
+    bystander_id, bystander = await signed_in(members)
+    written = _crash_after_the_password_write(server, monkeypatch)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await members.ChangePassword(
+            pb.ChangePasswordRequest(
+                member_id=member_id, current_password=request.password, new_password=NEW_PASSWORD
+            ),
+            metadata=first,
+        )
+    assert written == [member_id]
+    assert await _member_sessions(store_url, member_id) == 0
+    await _needs_session(_get(members, member_id, first))
+    await _needs_session(_get(members, member_id, second))
+    assert (await _get(members, bystander_id, bystander)).member_id == bystander_id
+    monkeypatch.undo()
+    again = await member_session(members, request, password=NEW_PASSWORD)
+    assert (await _get(members, member_id, again)).member_id == member_id
+
+
+async def test_a_crash_after_a_reset_leaves_no_session_and_no_lock(
+    members: MemberServiceStub,
+    server: RunningServer,
+    clock: FrozenClock,
+    smtp_server: SmtpServer,
+    store_url: str,
+    monkeypatch: Any,
+) -> None:
+    """A reset ends the sessions and lifts even the permanent lock in the new
+    password's own transaction."""
+    request = sign_up_request()
+    member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
+    store = server.vault.parts.store
+    row = await store.get_member(member_id)
+    assert row is not None
+    login_hmac = row.blind_indexes["login_id"]
+    for _ in range(100):  # the permanent lock, counted directly (no argon2 work)
+        await store.record_login_failure(FailedLogin(login_hmac, clock.now(), None))
+    clock.advance(timedelta(days=60))
+    with pytest.raises(grpc.aio.AioRpcError) as locked:
+        await member_session(members, request)
+    assert error_info(locked.value).reason == "WRONG_CREDENTIALS"
+
+    await members.StartPasswordReset(pb.StartPasswordResetRequest(login_id=request.login_id))
+    assert await _relay(server, clock, smtp_server) == 1
+    token = mail_token(lf_body(smtp_server.handler.received[-1].message))
+    written = _crash_after_the_password_write(server, monkeypatch)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await members.CompletePasswordReset(
+            pb.CompletePasswordResetRequest(token=token, new_password=NEW_PASSWORD)
+        )
+    assert written == [member_id]
+    assert await _member_sessions(store_url, member_id) == 0
+    await _needs_session(_get(members, member_id, session))
+    assert (await store.login_failure_state(login_hmac, None)).failures == 0
+    monkeypatch.undo()
+    again = await member_session(members, request, password=NEW_PASSWORD)
+    assert (await _get(members, member_id, again)).member_id == member_id
 
 
 async def test_a_withdrawal_ends_every_session(members: MemberServiceStub, store_url: str) -> None:

@@ -357,8 +357,8 @@ class Vault:
         await self._check_password(dek, row, current)
         encoded = await self._hasher.hash(new)
 
+        # The member's sessions end in the write's own transaction.
         await self._recovery.store_password(mid, encoded, "change", first=(row, dek))
-        await self.sessions.end_all(mid)  # after the write: no session outlives it
         log.info("member_password_changed")
 
     async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome:
@@ -526,9 +526,8 @@ class Vault:
 
     async def complete_password_reset(self, token: str, new_password: str) -> None:
         """Set a new password with a token from start_password_reset; the member's
-        sessions end with the old password."""
-        member_id = await self._recovery.complete_password_reset(token, new_password)
-        await self.sessions.end_all(member_id)
+        sessions end and every lock lifts with the old password (one transaction)."""
+        await self._recovery.complete_password_reset(token, new_password)
 
     async def settle(self) -> None:
         """Wait for work started after answering (tests, and a clean close)."""

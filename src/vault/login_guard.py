@@ -11,7 +11,8 @@ counter of the account and no RPC is a way around the lockout:
   that doubles with each further failure (``lock_base``, at most ``lock_max``)
   from the last one; from ``permanent_after`` on, until a password reset. A
   refused attempt during a lock is a failure too. A success (outside a lock)
-  clears the counter; so do a reset and the member's shred; nothing else;
+  clears the counter; so do a reset (in the new password's own transaction) and
+  the member's shred; nothing else;
 - a locked account answers exactly like a wrong password: the same error, after
   the same work (the argon2 verification runs, and the failure is recorded);
 - a client IP with ``ip_failure_limit`` failed logins (on any accounts) in its
@@ -190,7 +191,3 @@ class LoginGuard:
             await self._member_keys.under_current_key(member_id, write)
         except Exception as exc:  # noqa: BLE001 - the failure is counted; say so and go on
             log.warning("failed_login_not_logged", member_id=member_id, error=type(exc).__name__)
-
-    async def password_reset(self, login_hmac: bytes) -> None:
-        """A password reset lifts every lock, the permanent one included."""
-        await self._store.clear_login_failures(login_hmac)

@@ -36,11 +36,11 @@ from vault.passwords import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PasswordHasher
 from vault.policy import Violations
 from vault.store.base import (
     IndexedField,
-    LoginFailureStore,
     MemberRow,
     MemberStore,
     NewPasswordReset,
     OutboxMessage,
+    PasswordStore,
     RecoveryStore,
 )
 
@@ -51,10 +51,10 @@ RECOVERY_MAIL_WINDOW = timedelta(hours=1)
 _INVALID_TOKEN = FieldViolation("token", "is invalid or expired")
 
 
-class RecoveryStores(MemberStore, RecoveryStore, LoginFailureStore, Protocol):
-    """The vault-database slice account recovery uses: members (lookup, the new
-    password), reset tokens with the recovery-mail quota, and the failure counter
-    a reset clears."""
+class RecoveryStores(MemberStore, RecoveryStore, PasswordStore, Protocol):
+    """The vault-database slice account recovery uses: members (lookup), reset
+    tokens with the recovery-mail quota, and the password write (which ends the
+    sessions and, for a reset, clears the failure counter in its transaction)."""
 
 
 class Recovery:
@@ -93,14 +93,20 @@ class Recovery:
         first: tuple[MemberRow, _hazmat.SecretKey] | None = None,
     ) -> None:
         """Write the new password hash and, in the same transaction, the
-        password_changed mail: the member hears of every change, and of no change
-        that did not happen."""
+        password_changed mail (the member hears of every change, and of no change
+        that did not happen) and the end of every session of the member: a crash
+        cannot leave a session of the old password alive. A reset (``via`` "reset")
+        also clears the failure counter there: the new password unlocks at once."""
         notice = self.message(member_id, PASSWORD_CHANGED, {"via": via})
 
         async def write(current: MemberRow, key: _hazmat.SecretKey) -> bool:
             ct = member_cipher.seal(key, member_id, "password_hash", encoded)
-            return await self._store.update_member(
-                member_id, {"password_hash": ct}, dek_id=current.key.dek_id, notify=notice
+            return await self._store.write_password(
+                member_id,
+                ct,
+                dek_id=current.key.dek_id,
+                notify=notice,
+                clear_failures=via == "reset",
             )
 
         await self._keys.under_current_key(member_id, write, first=first)
@@ -240,8 +246,6 @@ class Recovery:
             await self.store_password(member_id, encoded, "reset", first=(row, dek))
         except NotFound:
             raise InvalidInput([_INVALID_TOKEN]) from None
-        # A reset lifts every lock on the account, the permanent one included.
-        await self._store.clear_login_failures(row.blind_indexes["login_id"])
         log.info("member_password_reset")
         return member_id
 

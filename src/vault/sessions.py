@@ -5,8 +5,9 @@ A session token is 256 random bits from the OS CSPRNG, handed to the member's
 application once; the database keeps only its SHA-256 (a 256-bit random token
 needs no salt or slow hash: nobody can guess one to test against the table). A
 session ends ``session_idle`` after its last use and ``session_lifetime`` after
-the login at the latest; EndSession, a password change or reset and the member's
-shred end it sooner. A member has at most ``sessions_per_member`` live sessions:
+the login at the latest; EndSession, a password change or reset (in the password
+write's own transaction, :mod:`vault.store.sql.passwords`) and the member's shred
+end it sooner. A member has at most ``sessions_per_member`` live sessions:
 a login past it ends the oldest, so a loop of logins cannot grow the table, and
 each login purges a batch of anyone's expired sessions with it.
 
@@ -90,12 +91,6 @@ class MemberSessions:
         if not await self._store.end_session(hashed, mid):
             raise MemberSessionRequired
         log.info("member_session_ended")
-
-    async def end_all(self, member_id: str) -> int:
-        """End every session of the member (a password change or reset)."""
-        ended = await self._store.end_member_sessions(member_id)
-        log.info("member_sessions_revoked", count=ended)
-        return ended
 
     @staticmethod
     def _checked(token: str, member_id: str) -> tuple[bytes, str]:

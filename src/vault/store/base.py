@@ -32,6 +32,7 @@ from vault.store.contracts.lease import LeaseStore
 from vault.store.contracts.login_failures import LoginFailureStore
 from vault.store.contracts.members import MemberStore
 from vault.store.contracts.outbox import OutboxStore
+from vault.store.contracts.passwords import PasswordStore
 from vault.store.contracts.recovery import RecoveryStore
 from vault.store.contracts.retention import RetentionStore
 from vault.store.contracts.sessions import SessionRow, SessionStore
@@ -89,6 +90,7 @@ __all__ = [
     "NewPasswordReset",
     "OutboxMessage",
     "OutboxStore",
+    "PasswordStore",
     "RecoveryMailOutcome",
     "RecoveryStore",
     "RetainedMember",
@@ -108,6 +110,7 @@ class Store(
     Database,
     KeyStore,
     MemberStore,
+    PasswordStore,
     AccessLogStore,
     DestructionStore,
     LeaseStore,

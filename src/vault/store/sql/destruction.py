@@ -17,7 +17,7 @@ from vault.store.rows import DestructionRecord, RetentionCheck
 from vault.store.sql import guards
 from vault.store.sql.dialect import DIALECTS, Dialect, both
 from vault.store.sql.executor import SqlExecutor, Tx
-from vault.store.sql.login_failures import SHRED_FAILURES
+from vault.store.sql.login_failures import DELETE_MEMBER_FAILURES
 
 _IS_DESTROYED = both("SELECT 1 FROM tombstones WHERE member_id = $1")
 _SELECT = (
@@ -109,7 +109,7 @@ class SqlDestruction(SqlExecutor):
             ):
                 raise KeyChanged
             # The counter is keyed by the login ID's index: it goes before the member row.
-            await tx.run(SHRED_FAILURES[d.name], key)
+            await tx.run(DELETE_MEMBER_FAILURES[d.name], key)
             counts = {table: await tx.run(_DELETE[table][d.name], key) for table in SHRED_TABLES}
             await tx.run(_TOMBSTONE[d.name], key, d.time(destroyed_at))
             record = DestructionRecord(

@@ -40,8 +40,9 @@ _COUNT_IP_FAILURE = both(
     "ELSE ip_failures.window_start END"
 )
 _CLEAR = both("DELETE FROM login_failures WHERE login_hmac = $1")
-#: The member's shred, before the members row goes: its counter goes with it.
-SHRED_FAILURES = both(
+#: The counter of the member's login ID: with the shred (before the members row
+#: goes) and with a password reset.
+DELETE_MEMBER_FAILURES = both(
     "DELETE FROM login_failures WHERE login_hmac = "
     "(SELECT login_hmac FROM members WHERE member_id = $1)"
 )

@@ -52,7 +52,8 @@ _REFRESH = both(
     "WHERE token_hash = $1 AND idle_expires_at > $2"
 )
 _END = both("DELETE FROM member_sessions WHERE token_hash = $1 AND member_id = $2")
-_END_ALL = both("DELETE FROM member_sessions WHERE member_id = $1")
+#: Every session of the member (also ended inside the password write).
+END_MEMBER_SESSIONS = both("DELETE FROM member_sessions WHERE member_id = $1")
 
 
 def _session_params(d: Dialect, session: SessionRow) -> tuple[Any, ...]:
@@ -116,7 +117,7 @@ class SqlSessions(SqlExecutor):
 
     async def end_member_sessions(self, member_id: str) -> int:
         d = self._dialect
-        return await self._run(_END_ALL[d.name], d.member_id(member_id))
+        return await self._run(END_MEMBER_SESSIONS[d.name], d.member_id(member_id))
 
     async def purge_sessions(self, now: datetime, limit: int) -> int:
         d = self._dialect

@@ -13,6 +13,7 @@ from vault.store.sql.lease import SqlLease
 from vault.store.sql.login_failures import SqlLoginFailures
 from vault.store.sql.members import SqlMembers
 from vault.store.sql.outbox import SqlOutbox
+from vault.store.sql.passwords import SqlPasswords
 from vault.store.sql.recovery import SqlRecoveryTokens
 from vault.store.sql.sessions import SqlSessions
 
@@ -21,6 +22,7 @@ class SqlVaultStore(
     SqlKeys,
     SqlKeyEvents,
     SqlMembers,
+    SqlPasswords,
     SqlAccessLog,
     SqlDestruction,
     SqlLease,
