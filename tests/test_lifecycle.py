@@ -98,7 +98,7 @@ async def test_a_login_after_the_notice_cancels_the_destruction(
     lc_clock.advance(335 * DAY)
     assert await lc.send_inactivity_notices() == 1
     lc_clock.advance(5 * DAY)
-    assert await vault.authenticate("member0001", PASSWORD, "192.0.2.1") == member
+    assert (await vault.authenticate("member0001", PASSWORD, "192.0.2.1")).member_id == member
     login_at = lc_clock.now()
 
     lc_clock.set(T + 365 * DAY)

@@ -10,10 +10,11 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from store_support import T0, assert_utc, new_member, ts
+from store_support import T0, assert_utc, entry, new_member, ts
 
+from vault.errors import KeyChanged
 from vault.store import Store
-from vault.store.base import SessionRow
+from vault.store.base import NewSession, SessionRow
 
 IDLE = timedelta(minutes=15)
 LIFETIME = timedelta(hours=12)
@@ -163,3 +164,81 @@ async def test_bad_rows_are_refused(vault: Store) -> None:
         )
     with pytest.raises(ValueError):
         await vault.create_session(session(mid), keep=0, purge_limit=1)
+
+
+# A login stores its session in its own transaction (MemberStore.record_login).
+
+
+async def test_a_login_with_a_session_writes_both(vault: Store) -> None:
+    mid, other = await _member(vault), await _member(vault)
+    old = [session(other, n) for n in range(2)]  # expired by the login below
+    mine = [session(mid, 1000 + n) for n in range(3)]
+    for s in [*old, *mine]:
+        assert await vault.create_session(s, keep=20, purge_limit=0)
+    at = 1000 + IDLE.total_seconds() / 2
+    new = session(mid, at)
+    assert await vault.record_login(
+        mid, entry(ts(at), 1), dek_id=1, session=NewSession(new, keep=3, purge_limit=1)
+    )
+    assert await vault.find_session(new.token_hash, ts(at + 1)) == new
+    got = await vault.get_member(mid)
+    assert got is not None
+    assert got.last_seen_at == ts(at)
+    assert len(await vault.list_access(mid, 10)) == 1
+    # Pruned to the 3 newest (the oldest of mine went), one expired one purged.
+    live = [await vault.find_session(s.token_hash, ts(at + 1)) is not None for s in mine]
+    assert live == [False, True, True]
+    assert await vault.purge_sessions(ts(at), 100) == 1
+
+
+async def test_a_login_that_writes_nothing_stores_no_session(vault: Store) -> None:
+    mid = await _member(vault)
+    stranger = str(uuid.uuid4())
+    lost = session(stranger, 1)
+    gone = NewSession(lost, keep=5, purge_limit=10)
+    assert await vault.record_login(stranger, entry(ts(1)), dek_id=1, session=gone) is False
+    assert await vault.find_session(lost.token_hash, ts(2)) is None
+    # A rotated key (KeyChanged) rolls the session back with the login.
+    stale = session(mid, 1)
+    with pytest.raises(KeyChanged):
+        await vault.record_login(
+            mid, entry(ts(1)), b"ct", dek_id=7, session=NewSession(stale, keep=5, purge_limit=10)
+        )
+    assert await vault.find_session(stale.token_hash, ts(2)) is None
+    assert await vault.list_access(mid, 10) == []
+    # A shredded member: no login, no session.
+    assert await vault.shred_member(mid, ts(3), "withdrawal") is not None
+    late = session(mid, 4)
+    shredded = NewSession(late, keep=5, purge_limit=10)
+    assert await vault.record_login(mid, entry(ts(4)), dek_id=1, session=shredded) is False
+    assert await vault.find_session(late.token_hash, ts(5)) is None
+
+
+async def test_a_login_refuses_another_members_or_a_bad_session(vault: Store) -> None:
+    mid, other = await _member(vault), await _member(vault)
+    bad = [
+        NewSession(session(other, 1), keep=5, purge_limit=10),
+        NewSession(session(mid, 1), keep=0, purge_limit=10),
+        NewSession(SessionRow(b"short", mid, T0, T0 + IDLE, T0 + LIFETIME), 5, 10),
+    ]
+    for new in bad:
+        with pytest.raises(ValueError):
+            await vault.record_login(mid, entry(ts(1)), dek_id=1, session=new)
+    assert await vault.list_access(mid, 10) == []
+    assert await vault.find_session(bad[0].row.token_hash, ts(2)) is None
+
+
+async def test_concurrent_logins_with_sessions_keep_the_bound(vault: Store) -> None:
+    mid = await _member(vault)
+    made = [session(mid, n / 1000) for n in range(12)]
+    results = await asyncio.gather(
+        *(
+            vault.record_login(
+                mid, entry(s.created_at), dek_id=1, session=NewSession(s, keep=5, purge_limit=10)
+            )
+            for s in made
+        )
+    )
+    assert all(results)
+    live = [await vault.find_session(s.token_hash, ts(1)) for s in made]
+    assert sum(s is not None for s in live) == 5

@@ -19,6 +19,7 @@ from service.member_rights import MEMBER_RIGHTS, SESSION_KEY, guard
 from vault import (
     AccessPage,
     ConsentChoice,
+    Login,
     MemberChanges,
     MemberView,
     NewMember,
@@ -32,7 +33,6 @@ CLIENT_IP_KEY = "x-client-ip"
 class MemberSessionsApi(Protocol):
     """Vault.sessions, as the servicer uses it."""
 
-    async def start(self, member_id: str) -> str: ...
     async def require(self, token: str, member_id: str) -> None: ...
     async def end(self, token: str, member_id: str) -> None: ...
 
@@ -46,7 +46,7 @@ class MemberVault(Protocol):
     async def sign_up(self, new: NewMember) -> str: ...
     async def authenticate(
         self, login_id: str, password: str, client_ip: str, *, ip_field: str = ...
-    ) -> str: ...
+    ) -> Login: ...
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView: ...
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView: ...
     async def change_password(self, member_id: str, current: str, new: str) -> None: ...
@@ -94,11 +94,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
         ip, field = request.client_ip, "client_ip"
         if not ip:
             ip, field = metadata_value(context, CLIENT_IP_KEY), CLIENT_IP_KEY
-        member_id = await self._vault.authenticate(
+        # One transaction records the login and starts the session.
+        login = await self._vault.authenticate(
             request.login_id, request.password, ip, ip_field=field
         )
-        token = await self._vault.sessions.start(member_id)
-        return pb.AuthenticateResponse(member_id=member_id, session_token=token)
+        return pb.AuthenticateResponse(member_id=login.member_id, session_token=login.session_token)
 
     async def GetMember(
         self, request: pb.GetMemberRequest, context: Context

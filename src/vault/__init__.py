@@ -19,6 +19,7 @@ from vault.facade import (
 from vault.passwords import CHEAPEST, OWASP, Argon2Profile, PasswordHasher
 from vault.policy import ConsentChoice, Purpose
 from vault.retention import RetentionRule
+from vault.sessions import Login
 
 __all__ = [
     "CHEAPEST",
@@ -30,6 +31,7 @@ __all__ = [
     "ConsentChoice",
     "FrozenClock",
     "KeyProviderSettings",
+    "Login",
     "MemberChanges",
     "MemberView",
     "NewMember",

@@ -61,7 +61,7 @@ from vault.policy import Purpose, Violations
 from vault.providers.base import KeyProvider
 from vault.recovery import Recovery, email_changed_notice, sealed_field
 from vault.retention import WITHDRAWAL, Retention
-from vault.sessions import MemberSessions
+from vault.sessions import Login, MemberSessions
 from vault.store.base import (
     ConsentRow,
     LeaseStore,
@@ -259,7 +259,9 @@ class Vault:
 
     async def authenticate(
         self, login_id: str, password: str, client_ip: str, *, ip_field: str = "x-client-ip"
-    ) -> str:
+    ) -> Login:
+        """Check the password; on success one transaction records the login and
+        starts a session (its token is in the result)."""
         v = Violations()
         checked_login = policy.check_login_id(login_id, v)
         if not password:
@@ -281,6 +283,8 @@ class Vault:
             # Refused (Overloaded): the login stands; the upgrade waits for a later one.
             with contextlib.suppress(Overloaded):
                 rehash = await self._hasher.hash(password)
+        # Written only by the attempt that commits: a retry rolls it back with the rest.
+        token, session = self.sessions.new(row.member_id)
 
         async def record(current: MemberRow, key: _hazmat.SecretKey) -> bool:
             mid = current.member_id
@@ -289,13 +293,14 @@ class Vault:
                 member_cipher.seal_access(key, mid, self._clock.now(), "authenticate", ip),
                 None if rehash is None else member_cipher.seal(key, mid, "password_hash", rehash),
                 dek_id=current.key.dek_id,
+                session=session,
             )
 
         try:
             await self._member_keys.under_current_key(row.member_id, record, first=(row, dek))
         except NotFound:
             raise AuthenticationFailed from None  # shredded between the lookup and now
-        return row.member_id
+        return Login(row.member_id, token)
 
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
         row = await load_member(self._store, member_id)

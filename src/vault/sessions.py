@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 
 from vault import policy
@@ -27,7 +28,7 @@ from vault.clock import Clock
 from vault.errors import AuthenticationFailed, MemberSessionRequired
 from vault.members import VaultSettings, log
 from vault.policy import Violations
-from vault.store.base import SessionRow, SessionStore
+from vault.store.base import NewSession, SessionRow, SessionStore
 
 SESSION_TOKEN_BYTES = 32  # 256 bits
 # What token_urlsafe(32) returns: 43 characters of the URL-safe alphabet.
@@ -37,6 +38,17 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 REFRESH_STEP = timedelta(minutes=1)
 #: Expired sessions (anyone's) deleted with each login.
 PURGE_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A successful Authenticate: the member and the new session's token."""
+
+    member_id: str
+    session_token: str
+
+    def __repr__(self) -> str:
+        return f"<Login {self.member_id}>"  # never the token
 
 
 def token_hash(token: str) -> bytes:
@@ -57,15 +69,24 @@ class MemberSessions:
     def __repr__(self) -> str:
         return f"<MemberSessions idle={self._idle} lifetime={self._lifetime}>"
 
-    async def start(self, member_id: str) -> str:
-        """A new session for an authenticated member: the token, shown only now.
-        AuthenticationFailed if the member is gone (shredded since the password
-        check): the login did not happen."""
+    def new(self, member_id: str) -> tuple[str, NewSession]:
+        """A new session for ``member_id``, not yet stored: the token (shown only
+        once it is) and what the store writes. Authenticate stores it in the
+        login's own transaction (MemberStore.record_login)."""
         token = secrets.token_urlsafe(SESSION_TOKEN_BYTES)
         now = self._clock.now()
         ends = now + self._lifetime
         row = SessionRow(token_hash(token), member_id, now, min(now + self._idle, ends), ends)
-        if not await self._store.create_session(row, keep=self._keep, purge_limit=PURGE_BATCH):
+        return token, NewSession(row, self._keep, PURGE_BATCH)
+
+    async def start(self, member_id: str) -> str:
+        """A new session for an authenticated member, in a transaction of its own
+        (tests; Authenticate uses :meth:`new`): the token, shown only now.
+        AuthenticationFailed if the member is gone: the login did not happen."""
+        token, new = self.new(member_id)
+        if not await self._store.create_session(
+            new.row, keep=new.keep, purge_limit=new.purge_limit
+        ):
             raise AuthenticationFailed
         return token
 

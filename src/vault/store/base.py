@@ -35,7 +35,7 @@ from vault.store.contracts.outbox import OutboxStore
 from vault.store.contracts.passwords import PasswordStore
 from vault.store.contracts.recovery import RecoveryStore
 from vault.store.contracts.retention import RetentionStore
-from vault.store.contracts.sessions import SessionRow, SessionStore
+from vault.store.contracts.sessions import NewSession, SessionRow, SessionStore
 from vault.store.rows import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
@@ -88,6 +88,7 @@ __all__ = [
     "MemberStore",
     "NewAccessEntry",
     "NewPasswordReset",
+    "NewSession",
     "OutboxMessage",
     "OutboxStore",
     "PasswordStore",

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from vault.store.contracts.idempotency import IdempotencyKey
+from vault.store.contracts.sessions import NewSession
 from vault.store.rows import (
     ConsentRow,
     IndexedField,
@@ -58,10 +59,14 @@ class MemberStore(Protocol):
         password_hash_ct: bytes | None = None,
         *,
         dek_id: int,
+        session: NewSession | None = None,
     ) -> bool:
         """Set last_seen_at to ``entry.at``, append ``entry`` to the access log and,
-        when given, replace the password hash (a rehash). One transaction; False
-        if no such member; KeyChanged as for update_member."""
+        when given, replace the password hash (a rehash) and store ``session`` (the
+        same member's; pruned and purged as SessionStore.create_session does). One
+        transaction; False if no such member; KeyChanged as for update_member.
+        When it writes nothing (False, KeyChanged, an error), no session is
+        stored either."""
         ...
 
     async def list_consents(self, member_id: str) -> list[ConsentRow]:

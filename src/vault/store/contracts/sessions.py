@@ -23,6 +23,18 @@ class SessionRow:
         return f"<SessionRow {self.member_id} idle_expires_at={self.idle_expires_at.isoformat()}>"
 
 
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """A session to store with a login (MemberStore.record_login), as
+    create_session stores one: the row, the member's sessions pruned to the
+    ``keep`` newest live ones, up to ``purge_limit`` expired sessions of anyone
+    deleted."""
+
+    row: SessionRow
+    keep: int
+    purge_limit: int
+
+
 class SessionStore(Protocol):
     """Live member sessions, bounded per member; expired ones are purged."""
 

@@ -16,6 +16,7 @@ from vault.store._common import (
     update_assignments,
 )
 from vault.store.contracts.idempotency import IdempotencyKey
+from vault.store.contracts.sessions import NewSession
 from vault.store.rows import AccessEntryRow, ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
 from vault.store.sql import guards
 from vault.store.sql.dialect import both
@@ -28,6 +29,7 @@ from vault.store.sql.executor import (
 )
 from vault.store.sql.idempotency import key_params, store_key
 from vault.store.sql.keys import members_update
+from vault.store.sql.sessions import session_params, write_session
 
 _MEMBER_COLUMNS = ["member_id", "created_at", "last_seen_at", *HMAC_COLUMNS.values()]
 _MEMBER_COLUMNS += list(CT_COLUMNS.values())
@@ -151,10 +153,14 @@ class SqlMembers(SqlExecutor):
         password_hash_ct: bytes | None = None,
         *,
         dek_id: int,
+        session: NewSession | None = None,
     ) -> bool:
         d = self._dialect
         key = d.member_id(member_id)
         at = d.time(entry.at)
+        started = None if session is None else session_params(d, session)
+        if started is not None and started[0][1] != key:
+            raise ValueError("the session is another member's")
         login: tuple[Any, ...] = (
             (_LOGIN[d.name], key, at)
             if password_hash_ct is None
@@ -169,11 +175,13 @@ class SqlMembers(SqlExecutor):
                 return False
             await guards.check_dek(tx, d, key, dek_id)
             await tx.run(INSERT_ACCESS[d.name], *log_row)
+            if started is not None:  # under the member's row lock, taken above
+                await write_session(tx, d, started)
             return True
 
         try:
             return await self._in_transaction(body)
-        except MemberGone:
+        except (MemberGone, ForeignKeyViolation):
             return False
 
     async def list_consents(self, member_id: str) -> list[ConsentRow]:

@@ -1,7 +1,9 @@
 """Member sessions (:class:`vault.store.contracts.sessions.SessionStore`), once for
 both backends. Creating one is one transaction: the member check, the insert and
 the pruning, under the member's row lock (PostgreSQL; SQLite: the write lock), so
-two logins of one member cannot both keep an extra session."""
+two logins of one member cannot both keep an extra session. A login stores its
+session inside its own transaction (:mod:`vault.store.sql.members`), with the
+same statements (:func:`write_session`) under the same lock."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from vault.store._common import check_limit, check_token_hash
-from vault.store.contracts.sessions import SessionRow
+from vault.store.contracts.sessions import NewSession, SessionRow
 from vault.store.sql.dialect import Dialect, both, each
 from vault.store.sql.executor import ForeignKeyViolation, SqlExecutor, Tx
 
@@ -56,17 +58,35 @@ _END = both("DELETE FROM member_sessions WHERE token_hash = $1 AND member_id = $
 END_MEMBER_SESSIONS = both("DELETE FROM member_sessions WHERE member_id = $1")
 
 
-def _session_params(d: Dialect, session: SessionRow) -> tuple[Any, ...]:
-    """_INSERT_SESSION's arguments, checked: a 32-byte hash, aware times in order."""
+#: A new session's statement arguments: the insert's, then the purge limit.
+SessionParams = tuple[tuple[Any, ...], int, int]
+
+
+def session_params(d: Dialect, new: NewSession) -> SessionParams:
+    """:func:`write_session`'s arguments, checked: a 32-byte hash, aware times in
+    order, ``keep`` at least 1, a valid purge limit."""
+    session = new.row
     if not session.created_at < session.idle_expires_at <= session.expires_at:
         raise ValueError("a session needs created_at < idle_expires_at <= expires_at")
-    return (
+    if new.keep < 1:
+        raise ValueError("keep must be at least 1")
+    row = (
         check_token_hash(session.token_hash),
         d.member_id(session.member_id),
         d.time(session.created_at),
         d.time(session.idle_expires_at),
         d.time(session.expires_at),
     )
+    return row, new.keep, check_limit(new.purge_limit)
+
+
+async def write_session(tx: Tx, d: Dialect, params: SessionParams) -> None:
+    """Insert the session, prune its member's, purge a batch of expired ones. The
+    caller holds the member's row lock (the lock order: members first)."""
+    row, keep, limit = params
+    await tx.run(_INSERT_SESSION[d.name], *row)
+    await tx.run(_PRUNE_MEMBER_SESSIONS[d.name], row[1], row[2], keep)
+    await tx.run(_PURGE_SESSIONS[d.name], row[2], limit)
 
 
 def _row(d: Dialect, r: Sequence[Any]) -> SessionRow:
@@ -79,18 +99,13 @@ class SqlSessions(SqlExecutor):
     """Creating (one transaction), looking up, refreshing, ending and purging sessions."""
 
     async def create_session(self, session: SessionRow, *, keep: int, purge_limit: int) -> bool:
-        if keep < 1:
-            raise ValueError("keep must be at least 1")
         d = self._dialect
-        row = _session_params(d, session)
-        limit = check_limit(purge_limit)
+        params = session_params(d, NewSession(session, keep, purge_limit))
 
         async def body(tx: Tx) -> bool:
-            if await tx.fetchval(_LOCK_MEMBER[d.name], row[1]) is None:
+            if await tx.fetchval(_LOCK_MEMBER[d.name], params[0][1]) is None:
                 return False
-            await tx.run(_INSERT_SESSION[d.name], *row)
-            await tx.run(_PRUNE_MEMBER_SESSIONS[d.name], row[1], row[2], keep)
-            await tx.run(_PURGE_SESSIONS[d.name], row[2], limit)
+            await write_session(tx, d, params)
             return True
 
         try:
