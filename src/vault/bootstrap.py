@@ -255,8 +255,6 @@ def wire_vault(
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
         sessions=MemberSessions(store, clock, settings),
-        decoy_key=decoy_key,
-        decoy_ct=decoy_ct,
         # The IP's and the request id's HMAC keys are derived like the page tokens'.
         guard=LoginGuard(
             store,
@@ -265,6 +263,7 @@ def wire_vault(
             clock,
             settings.login_guard,
             _hazmat.derive_mac_key(index_key, "client-ip"),
+            # Decrypted when a login ID is unknown, so that path does the same work.
             (decoy_key, decoy_ct),
         ),
         idempotency=Idempotency(store, _hazmat.derive_mac_key(index_key, "request-id"), clock),

@@ -108,9 +108,6 @@ class VaultParts:
     recovery: Recovery
     export: Export
     sessions: MemberSessions
-    #: Decrypted when a login ID is unknown, so that path does the same work.
-    decoy_key: _hazmat.SecretKey
-    decoy_ct: bytes
     #: Every password check, under the failure counters and the IP throttle.
     guard: LoginGuard
     idempotency: Idempotency
