@@ -19,6 +19,7 @@ lifecycle sidecar on real time unless the test asks for one.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -32,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+import uvloop
 from grpc_support import ADMIN_TOKEN, embedded_settings
 from mail_support import RecordingHandler, SmtpServer
 from process_support import free_port
@@ -44,6 +46,18 @@ from service.logs import configure_logging
 from service.server import RunningServer, run_server
 from vault import FrozenClock
 from vault.store import Store, open_store
+
+# --- The event loop ------------------------------------------------------------
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The in-process servers run on uvloop, the loop `serve` and `sidecar` use by
+    default (the event_loop setting); tests/test_server_process.py also runs a server
+    on asyncio's own loop."""
+    return {"uvloop": uvloop.new_event_loop}
+
 
 # --- PostgreSQL availability ---------------------------------------------------
 

@@ -59,9 +59,13 @@ SIGN_UP = pb.SignUpRequest(
 CLIENT_IP = (("x-client-ip", "203.0.113.9"),)
 
 
-def test_serve_starts_with_defaults_and_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["default", "asyncio"])
+def test_serve_starts_with_defaults_and_stops_gracefully_on_sigterm(
+    tmp_path: Path, event_loop: str
+) -> None:
     data_dir = tmp_path / "data"
-    with serving(tmp_path, data_dir, "first") as (server, channel):
+    chosen = {} if event_loop == "default" else {"event_loop": event_loop}
+    with serving(tmp_path, data_dir, "first", **chosen) as (server, channel):
         members = member_pb2_grpc.MemberServiceStub(channel)
         member_id = members.SignUp(SIGN_UP, timeout=10).member_id
         health = health_pb2_grpc.HealthStub(channel)
@@ -74,6 +78,8 @@ def test_serve_starts_with_defaults_and_stops_gracefully_on_sigterm(tmp_path: Pa
         events = [e["event"] for e in server.events()]
         assert "server_started" in events
         assert events.index("shutdown_requested") < events.index("server_stopped")
+        started = next(e for e in server.events() if e["event"] == "server_started")
+        assert started["event_loop"] == ("uvloop" if event_loop == "default" else "asyncio")
     key_file = data_dir / "kek.json"
     key_bytes = key_file.read_bytes()
     assert (data_dir / "vault.db").exists()

@@ -30,7 +30,8 @@ def serve() -> None:
     """Run the gRPC server (embedded default: SQLite and a key file in ./privacy-vault-data)."""
     from service.server import serve as run
 
-    run_async(run(load_settings()))
+    settings = load_settings()
+    run_async(run(settings), settings.event_loop)
 
 
 @app.command()
@@ -53,7 +54,8 @@ def sidecar(
 
     settings = load_settings()
     code = run_async(
-        run_cli(settings, once=once, dry_run=dry_run, interval=interval, out=sys.stdout)
+        run_cli(settings, once=once, dry_run=dry_run, interval=interval, out=sys.stdout),
+        settings.event_loop,
     )
     raise typer.Exit(code)
 

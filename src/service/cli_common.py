@@ -242,12 +242,26 @@ def run_vault_command(work: Callable[[Vault, Output], Awaitable[ExitCode]]) -> N
     raise typer.Exit(code)
 
 
-def run_async(main: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``main``; a vault error (a refused start-up check, a database or key provider
-    that cannot be used) is one line on stderr and an exit code, not a traceback. Vault
-    error messages never carry a value or key material."""
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory if asked for and installed (it is a dependency where it
+    builds, not on Windows); None for asyncio's own loop."""
+    if event_loop != "uvloop":
+        return None
     try:
-        return asyncio.run(main)
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_async(main: Coroutine[Any, Any, _T], event_loop: str = "asyncio") -> _T:
+    """Run ``main`` on ``event_loop`` (the ``event_loop`` setting for the long-running
+    commands); a vault error (a refused start-up check, a database or key provider that
+    cannot be used) is one line on stderr and an exit code, not a traceback. Vault error
+    messages never carry a value or key material."""
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(event_loop)) as runner:
+            return runner.run(main)
     except (ve.VaultError, ServiceError) as exc:
         code = exit_code_for(exc, startup=True)
         typer.echo(f"cannot start: {exc.message}", err=True)

@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     #: for probes that cannot do (m)TLS, like Kubernetes' native gRPC probe. It says
     #: SERVING or NOT_SERVING and nothing else. Unset: no such listener.
     health_listen_address: str | None = None
+    #: The event loop of `serve` and `sidecar`: uvloop (libuv) spends less CPU per call
+    #: than asyncio's own loop (bench/README.md); `asyncio` is the fallback if a platform
+    #: or a debugging tool needs the standard loop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     argon2_time_cost: int = Field(OWASP.time_cost, ge=1)
     argon2_memory_cost: int = Field(OWASP.memory_cost, ge=8)
