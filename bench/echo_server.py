@@ -11,8 +11,10 @@ gap; the difference measured against GetMember is then exactly the service's own
 Configured like the service, from PRIVACY_VAULT_LISTEN_ADDRESS and, for the mTLS
 comparison (bench/run.py --tls), PRIVACY_VAULT_TLS_CERT_FILE, PRIVACY_VAULT_TLS_KEY_FILE and
 PRIVACY_VAULT_TLS_CLIENT_CA_FILE (client certificates required); it serves grpc.health.v1
-for readiness and uses a default ``grpc.aio.server()``. The service sets only limits
-(message sizes, no SO_REUSEPORT), no throughput tuning, so neither side is tuned.
+for readiness and uses a default ``grpc.aio.server()`` on asyncio's own event loop
+(``PRIVACY_VAULT_EVENT_LOOP=uvloop`` puts it on uvloop, the service's default loop). The
+service sets only limits (message sizes, no SO_REUSEPORT), no throughput tuning, so
+neither side is tuned.
 Run: ``python bench/echo_server.py`` (the privacyvault stubs must be importable).
 """
 
@@ -99,4 +101,11 @@ async def serve(address: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(os.environ.get("PRIVACY_VAULT_LISTEN_ADDRESS", "127.0.0.1:50051")))
+    address = os.environ.get("PRIVACY_VAULT_LISTEN_ADDRESS", "127.0.0.1:50051")
+    # asyncio's own loop, grpc.aio's default, unless bench/run.py --echo-event-loop uvloop.
+    if os.environ.get("PRIVACY_VAULT_EVENT_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(address))
+    else:
+        asyncio.run(serve(address))

@@ -123,6 +123,11 @@ def serve(
             proc.wait()
 
 
+def loop_env(env: dict[str, str], event_loop: str) -> dict[str, str]:
+    """``env`` with the server's event loop (PRIVACY_VAULT_EVENT_LOOP) set."""
+    return {**env, "PRIVACY_VAULT_EVENT_LOOP": event_loop}
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -266,8 +271,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], list
     )
     # Both servers stay up all through: the one not in the current slice sits idle.
     with (
-        serve(ECHO_SERVER, env, tmp / "echo.log") as echo,
-        serve(SERVICE, env, tmp / "service.log") as address,
+        serve(ECHO_SERVER, loop_env(env, args.echo_event_loop), tmp / "echo.log") as echo,
+        serve(SERVICE, loop_env(env, args.service_event_loop), tmp / "service.log") as address,
     ):
         tag = f"b{secrets.token_hex(4)}"  # unique per run, also against a reused PostgreSQL
         members = asyncio.run(seed(address, args.members, tag))
@@ -334,6 +339,18 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=float, default=2.0, help="unmeasured seconds of each side first"
     )
     parser.add_argument("--workers", type=int, default=2, help="driver processes")
+    parser.add_argument(
+        "--echo-event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the echo baseline's loop (default: a bare grpc.aio server's, asyncio)",
+    )
+    parser.add_argument(
+        "--service-event-loop",
+        choices=("asyncio", "uvloop"),
+        default="uvloop",
+        help="the service's loop (default: its own default, uvloop)",
+    )
     parser.add_argument(
         "--concurrency", type=int, default=16, help="in-flight calls per worker for echo/GetMember"
     )

@@ -21,7 +21,16 @@ import uuid
 from pathlib import Path
 
 from driver import ClientTls, Load, seed
-from run import ECHO_SERVER, SERVICE, Paired, Ratio, Stats, measure_pairs, serve
+from run import (
+    ECHO_SERVER,
+    SERVICE,
+    Paired,
+    Ratio,
+    Stats,
+    loop_env,
+    measure_pairs,
+    serve,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tls_support import TestPki
@@ -90,9 +99,13 @@ def measure_tls(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], 
     policy_ratio, echo_ratio = TLS_RATIOS
     print(f"running {len(TLS_RATIOS)} interleaved mTLS pairs...", file=sys.stderr)
     with (
-        serve(ECHO_SERVER, base, tmp / "echo.log", tls) as echo,
-        serve(SERVICE, with_policy, tmp / "service-policy.log", tls) as policed,
-        serve(SERVICE, allow_all, tmp / "service-allow-all.log", tls) as open_,
+        serve(ECHO_SERVER, loop_env(base, args.echo_event_loop), tmp / "echo.log", tls) as echo,
+        serve(
+            SERVICE, loop_env(with_policy, args.service_event_loop), tmp / "policy.log", tls
+        ) as policed,
+        serve(
+            SERVICE, loop_env(allow_all, args.service_event_loop), tmp / "allow-all.log", tls
+        ) as open_,
     ):
         tag = f"b{secrets.token_hex(4)}"
         policed_ids = tuple(m for m, _ in asyncio.run(seed(policed, args.members, tag, tls=tls)))
