@@ -202,8 +202,7 @@ async def run_server(
             reflection=settings.reflection_enabled,
             admin_api=settings.admin_token is not None,
             environment=settings.environment,
-            # What runs, not what was asked for: uvloop falls back where it is missing.
-            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # as run
         )
         sidecar_task: asyncio.Task[None] | None = None
         if settings.sidecar_in_process_enabled:
