@@ -16,7 +16,6 @@ import grpc
 import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
 from service.caller_policy import LOCAL, PolicySource
@@ -27,6 +26,7 @@ from service.health_listener import start_health_listener
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
+from service.reflection import enable_reflection
 from service.server_certificates import ServerCertificates, TlsFiles
 from service.wiring import build_sidecar, open_configured_vault
 from vault import Clock, Vault
@@ -153,10 +153,8 @@ def _add_services(
     # Through the interceptor too, so a health call that sends no message ends;
     # List is not implemented by grpc's servicer, and stays UNIMPLEMENTED.
     add_servicer(server, health_servicer, HEALTH_SERVICE, interceptor, ("Check", "Watch"))
-    if settings.reflection_enabled:
-        reflection.enable_server_reflection(
-            (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+    if settings.reflection_enabled:  # v1alpha and v1 (service.reflection)
+        enable_reflection(server, (*service_names, health.SERVICE_NAME))
     return service_names
 
 
