@@ -168,11 +168,6 @@ class ServerCertificates:
     def __repr__(self) -> str:
         return f"<ServerCertificates fingerprint={self._loaded.fingerprint[:16]}>"
 
-    @property
-    def fingerprint(self) -> str:
-        """SHA-256 of the certificate in force (hex)."""
-        return self._loaded.fingerprint
-
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
             self._loaded.configuration,
