@@ -11,7 +11,7 @@ own dependencies at the newest, as a real install gets them). Then:
    check the protobuf and grpcio runtimes they were generated for;
 3. a smoke test: ``privacy-vault serve`` on SQLite in a temporary directory, health,
    SignUp, Authenticate, GetMember, an INVALID_ARGUMENT with its google.rpc.Status
-   details, KeyAdminService, reflection, SIGTERM; then ``keys status``, ``migrate``
+   details, KeyAdminService, reflection (v1alpha and v1), SIGTERM; then ``keys status``, ``migrate``
    and ``backup`` as commands;
 4. unless ``--no-tests``: the test modules in FLOOR_TESTS, which between them use every
    runtime dependency, run at the floors (test tools at their newest, the runtime
@@ -61,6 +61,7 @@ FLOOR_TESTS = (
     "tests/test_store_members.py",
     "tests/test_store_keys.py",
     "tests/test_key_admin_api.py",
+    "tests/test_tls_rotation.py",  # grpc's dynamic TLS credentials, cryptography's PEM checks
 )
 #: Dev-extra packages that lint, type-check or generate; the tests do not need them.
 NOT_FOR_TESTS = re.compile(
@@ -343,6 +344,14 @@ def _calls(target: str, admin_token: str) -> int:
         services = {s.name for r in listed for s in r.list_services_response.service}
         if "privacyvault.v1.MemberService" not in services:
             raise FloorCheckFailed(f"reflection lists {sorted(services)}")
+        # v1 as well (service.reflection): the same messages on v1's path.
+        listed_v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        if {s.name for r in listed_v1 for s in r.list_services_response.service} != services:
+            raise FloorCheckFailed("reflection v1 does not list what v1alpha lists")
         health = health_pb2_grpc.HealthStub(channel)
         named = health.Check(
             health_pb2.HealthCheckRequest(service="privacyvault.v1.MemberService"), timeout=5

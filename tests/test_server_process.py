@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from process_support import SHUTDOWN_TIMEOUT, ServerProcess, cli_env, free_port, run_cli
 from tls_support import TestPki
 
@@ -98,18 +98,25 @@ def test_serve_starts_with_defaults_and_stops_gracefully_on_sigterm(
     assert key_file.read_bytes() == key_bytes
 
 
-def _list_services(channel: grpc.Channel) -> list[str]:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
-    responses = stub.ServerReflectionInfo(iter([request]), timeout=10)
+def _list_services(channel: grpc.Channel, version: str = "v1alpha") -> list[str]:
+    """The services reflection lists, asked under ``grpc.reflection.<version>`` (v1's
+    messages are v1alpha's on the wire)."""
+    call = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    responses = call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     return [s.name for r in responses for s in r.list_services_response.service]
 
 
 def test_reflection_is_on_in_the_embedded_environment(tmp_path: Path) -> None:
     with serving(tmp_path, tmp_path / "data", "embedded") as (_, channel):
         services = _list_services(channel)
+        assert _list_services(channel, "v1") == services
     assert MEMBER_SERVICE in services
     assert "grpc.health.v1.Health" in services
+    assert "grpc.reflection.v1.ServerReflection" in services
 
 
 def _production_settings(tmp_path: Path) -> tuple[grpc.ChannelCredentials, dict[str, str]]:
@@ -127,9 +134,10 @@ def test_reflection_is_off_in_production(tmp_path: Path) -> None:
         server,
         channel,
     ):
-        with pytest.raises(grpc.RpcError) as caught:
-            _list_services(channel)
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        for version in ("v1alpha", "v1"):
+            with pytest.raises(grpc.RpcError) as caught:
+                _list_services(channel, version)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
         started = [e for e in server.events() if e.get("event") == "server_started"]
         assert started
         assert started[0]["reflection"] is False

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from collections.abc import Sequence
+import itertools
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +88,7 @@ class TestPki:
         )
         pki = cls(directory, key, ca)
         pki.ca_cert.write_bytes(pki.ca_pem)
-        cert, server_key = pki._issue(
-            "localhost",
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-            ExtendedKeyUsageOID.SERVER_AUTH,
-        )
+        cert, server_key = pki.server_pair()
         pki.server_cert.write_bytes(cert)
         pki.server_key.write_bytes(server_key)
         pki.server_key.chmod(0o600)
@@ -140,6 +142,14 @@ class TestPki:
         cert = builder.sign(self.ca_key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
+    def server_pair(self) -> tuple[bytes, bytes]:
+        """A new server certificate (127.0.0.1 and localhost) and its key, PEM."""
+        return self._issue(
+            "localhost",
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+            ExtendedKeyUsageOID.SERVER_AUTH,
+        )
+
     def client(self, *uris: str, common_name: str = "test client") -> ClientCert:
         """A client certificate naming ``uris`` in its URI SAN (none, one or several)."""
         sans = [x509.UniformResourceIdentifier(u) for u in uris]
@@ -155,3 +165,58 @@ class TestPki:
     def channel(self, target: str, *uris: str) -> grpc.aio.Channel:
         """An aio channel to ``target`` (127.0.0.1:port) as a client naming ``uris``."""
         return grpc.aio.secure_channel(target, self.credentials(self.client(*uris)))
+
+
+def presented_certificate(port: int, client: ClientCert | None = None) -> x509.Certificate:
+    """The certificate the server on 127.0.0.1:``port`` presents to a new connection: a
+    TLS handshake of its own (ALPN h2, as gRPC's), presenting ``client`` if given. It
+    does not verify the server: the caller compares what came with what it expects.
+    Blocking: from a test's event loop, run it in a thread."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        with tempfile.TemporaryDirectory() as directory:  # ssl loads a chain from files only
+            cert, key = Path(directory, "client.pem"), Path(directory, "client-key.pem")
+            cert.write_bytes(client.cert)
+            key.write_bytes(client.key)
+            context.load_cert_chain(cert, key)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+class SecretVolume:
+    """A directory laid out like a Kubernetes secret volume, updated the way the kubelet
+    does it (its AtomicWriter): each file is a symlink ``name -> ..data/name``, ``..data``
+    a symlink to a directory of this version, and an update writes a new directory and
+    swaps ``..data`` to it in one rename, so every file changes at once."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._versions = itertools.count(1)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def write(self, files: Mapping[str, bytes]) -> None:
+        version = self.directory / f"..version_{next(self._versions)}"
+        version.mkdir()
+        for name, content in files.items():
+            (version / name).write_bytes(content)
+        data = self.directory / "..data"
+        previous = data.resolve() if data.is_symlink() else None
+        staged = self.directory / "..data_tmp"
+        staged.symlink_to(version.name)
+        os.replace(staged, data)
+        for name in files:
+            if not self.path(name).is_symlink():
+                self.path(name).symlink_to(f"..data/{name}")
+        if previous is not None:
+            shutil.rmtree(previous)

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     #: caller is the one SPIFFE ID in its certificate's URI SAN. Without one, every
     #: caller is the identity ``local``.
     tls_client_ca_file: Path | None = None
+    #: How often, at most, a new connection's handshake checks the three TLS files for
+    #: a change (a stat of each); a changed set is reloaded without a restart
+    #: (service.server_certificates). 0: at every handshake.
+    tls_files_check_seconds: float = Field(1.0, ge=0, le=300)
     #: The caller policy (TOML, see service.caller_policy): which identity may call
     #: which RPCs for which purposes. Unset: the built-in development policy, which
     #: allows every caller everything (refused in production and beyond loopback).

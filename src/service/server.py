@@ -16,7 +16,6 @@ import grpc
 import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
 
 from privacyvault.v1 import key_admin_pb2, member_pb2
 from service.caller_policy import LOCAL, PolicySource
@@ -27,6 +26,8 @@ from service.health_listener import start_health_listener
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
+from service.reflection import enable_reflection
+from service.server_certificates import ServerCertificates, TlsFiles
 from service.wiring import build_sidecar, open_configured_vault
 from vault import Clock, Vault
 
@@ -58,14 +59,12 @@ class RunningServer:
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the files in the settings, reloaded when they change (cert-manager and
+    SPIRE rotate them); a set that cannot be used refuses the start."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
-    )
+    files = TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    return ServerCertificates(files, check_every=settings.tls_files_check_seconds).credentials()
 
 
 def _ms(seconds: float) -> int:
@@ -154,10 +153,8 @@ def _add_services(
     # Through the interceptor too, so a health call that sends no message ends;
     # List is not implemented by grpc's servicer, and stays UNIMPLEMENTED.
     add_servicer(server, health_servicer, HEALTH_SERVICE, interceptor, ("Check", "Watch"))
-    if settings.reflection_enabled:
-        reflection.enable_server_reflection(
-            (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+    if settings.reflection_enabled:  # v1alpha and v1 (service.reflection)
+        enable_reflection(server, (*service_names, health.SERVICE_NAME))
     return service_names
 
 
@@ -165,7 +162,9 @@ def _add_services(
 async def run_server(
     settings: Settings, *, clock: Clock | None = None
 ) -> AsyncIterator[RunningServer]:
-    callers = caller_check(settings)  # before anything is opened: a bad policy refuses
+    # Before anything is opened: a bad policy or unusable TLS files refuse the start.
+    callers = caller_check(settings)
+    credentials = _credentials(settings)
     async with open_configured_vault(settings, clock=clock) as vault:
         server = grpc.aio.server(
             options=server_options(settings),
@@ -176,7 +175,6 @@ async def run_server(
         service_names = _add_services(
             server, vault, settings, interceptor, health_servicer, callers
         )
-        credentials = _credentials(settings)
         port = (
             server.add_secure_port(settings.listen_address, credentials)
             if credentials
