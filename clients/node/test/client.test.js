@@ -3,13 +3,32 @@
 // signs up, logs in, is read for two purposes by a calling service and by
 // themselves, an invalid sign-up's field violations are decoded, and the member
 // withdraws (crypto-shredding: NOT_FOUND afterwards).
+//
+// With PRIVACY_VAULT_CLIENT_TLS_CA, _CERT and _KEY (PEM files) it connects with mTLS,
+// presenting that certificate (its SPIFFE ID is the caller), and checks that a purpose
+// the caller policy does not grant it is refused.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 
 import { MemberClient, errorDetail, fieldViolations, grpc, richStatus, sessionMetadata } from '../client.js';
 
-const address = process.env.PRIVACY_VAULT_ADDRESS;
+const {
+  PRIVACY_VAULT_ADDRESS: address,
+  PRIVACY_VAULT_CLIENT_TLS_CA: caFile,
+  PRIVACY_VAULT_CLIENT_TLS_CERT: certFile,
+  PRIVACY_VAULT_CLIENT_TLS_KEY: keyFile,
+} = process.env;
+
+function credentials() {
+  if (!caFile) return grpc.credentials.createInsecure();
+  return grpc.credentials.createSsl(
+    readFileSync(caFile),
+    readFileSync(keyFile),
+    readFileSync(certFile),
+  );
+}
 
 /** The error a call rejects with (fails when it resolves). */
 async function failure(promise) {
@@ -24,7 +43,7 @@ async function failure(promise) {
 let members;
 before(() => {
   assert.ok(address, 'PRIVACY_VAULT_ADDRESS (host:port of a running server) is not set');
-  members = new MemberClient(address);
+  members = new MemberClient(address, { credentials: credentials() });
 });
 after(() => members?.close());
 
@@ -84,6 +103,18 @@ test('a member from sign-up to withdrawal', async (t) => {
     const inquiry = member.consents.find((c) => c.purpose === 'PURPOSE_INQUIRY');
     assert.equal(inquiry.granted, true);
   });
+
+  await t.test(
+    'a purpose the caller policy does not grant is refused',
+    { skip: !caFile && 'embedded: the caller is local, every purpose allowed' },
+    async () => {
+      const error = await failure(
+        members.call('GetMember', { member_id: memberId, purpose: 'PURPOSE_STATISTICS' }),
+      );
+      assert.equal(error.code, grpc.status.PERMISSION_DENIED);
+      assert.equal(errorDetail(error, 'google.rpc.ErrorInfo').reason, 'CALLER_NOT_ALLOWED');
+    },
+  );
 
   await t.test('without the session the own-rights read is refused', async () => {
     const error = await failure(
