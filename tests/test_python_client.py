@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from email.parser import Parser
 from pathlib import Path
 
+import grpc
 import pytest
-from process_support import serving
+from google.rpc import error_details_pb2, status_pb2
+from process_support import free_port, serving
+
+from privacyvault import errors
+from privacyvault.v1 import member_pb2 as pb
+from privacyvault.v1 import member_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "clients" / "python"
@@ -166,3 +172,21 @@ def test_client_declares_the_server_floors_and_version() -> None:
 
 def _name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower()
+
+
+async def test_errors_helper_finds_details_and_none_without_a_status() -> None:
+    """``privacyvault.errors`` on the channel's own error (no server answered: no
+    Status) and on a Status already decoded."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
+        members = member_pb2_grpc.MemberServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await members.SignUp(pb.SignUpRequest(), timeout=2)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert errors.rich_status(caught.value) is None
+    assert errors.error_detail(caught.value, error_details_pb2.ErrorInfo) is None
+    status = status_pb2.Status(code=3, message="invalid")
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason="INVALID_ARGUMENT"))
+    assert errors.error_detail(status, error_details_pb2.BadRequest) is None
+    info = errors.error_detail(status, error_details_pb2.ErrorInfo)
+    assert info is not None
+    assert info.reason == "INVALID_ARGUMENT"
