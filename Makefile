@@ -19,16 +19,16 @@ test: $(BIN)/.installed  ## run the test suite (PostgreSQL tests skip loudly if 
 	$(BIN)/pytest
 
 lint: $(BIN)/.installed  ## ruff, mypy, buf lint, the stale-stub check, the deployment files
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts setup.py clients/python
+	$(BIN)/ruff format --check src tests bench scripts setup.py clients/python
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/python scripts/gen_protos.py --check
 	BIN=$(BIN) scripts/lint_deploy.sh
 
 fmt: $(BIN)/.installed
-	$(BIN)/ruff format src tests bench scripts
-	$(BIN)/ruff check --fix src tests bench scripts
+	$(BIN)/ruff format src tests bench scripts setup.py clients/python
+	$(BIN)/ruff check --fix src tests bench scripts setup.py clients/python
 
 protos: $(BIN)/.installed  ## regenerate the committed stubs from protos/
 	$(BIN)/python scripts/gen_protos.py

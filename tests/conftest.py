@@ -122,16 +122,30 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             "softhsm2); set PRIVACY_VAULT_REQUIRE_SOFTHSM=1 to make this fail.",
             red=True,
         )
-    if any(
-        "container test unavailable" in str(getattr(report, "longrepr", ""))
-        for report in terminalreporter.stats.get("skipped", [])
-    ):
-        terminalreporter.write_sep("!", "THE CONTAINER TEST WAS SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(
-            "The image was NOT run. Build it with scripts/container_build.sh (podman, runc, "
-            "mmdebstrap); set PRIVACY_VAULT_REQUIRE_CONTAINER=1 to make this fail.",
-            red=True,
-        )
+    skip_reasons = [
+        str(getattr(report, "longrepr", "")) for report in terminalreporter.stats.get("skipped", [])
+    ]
+    for reason, title, line in _LOUD_SKIPS:
+        if any(reason in skipped for skipped in skip_reasons):
+            terminalreporter.write_sep("!", title, red=True, bold=True)
+            terminalreporter.write_line(line, red=True)
+
+
+#: (skip reason, banner, what to do): single tests whose skip the summary shouts.
+_LOUD_SKIPS = (
+    (
+        "container test unavailable",
+        "THE CONTAINER TEST WAS SKIPPED",
+        "The image was NOT run. Build it with scripts/container_build.sh (podman, runc, "
+        "mmdebstrap); set PRIVACY_VAULT_REQUIRE_CONTAINER=1 to make this fail.",
+    ),
+    (
+        "node client test unavailable",
+        "THE NODE CLIENT TEST WAS SKIPPED",
+        "The Node client was NOT run. Install node and npm (apt-get install nodejs npm); "
+        "set PRIVACY_VAULT_REQUIRE_NODE=1 to make this fail.",
+    ),
+)
 
 
 def _replay_line(terminalreporter: pytest.TerminalReporter) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from privacyvault import errors
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
@@ -95,44 +96,32 @@ async def signed_in(members: MemberServiceStub, **overrides: object) -> tuple[st
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
-    """The google.rpc.Status an error carries in its trailers."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            assert status.code == error.code().value[0]
-            assert status.message == error.details()
-            return status
-    raise AssertionError("the error carries no google.rpc.Status")
+    """The google.rpc.Status an error carries in its trailers (its code and message
+    the call's own: grpcio-status checks them)."""
+    status = errors.rich_status(error)
+    assert status is not None, "the error carries no google.rpc.Status"
+    return status
+
+
+def _detail(error: grpc.aio.AioRpcError, kind: type[errors.M]) -> errors.M:
+    found = errors.error_detail(rich_status(error), kind)
+    assert found is not None, f"no {kind.DESCRIPTOR.name} detail"
+    return found
 
 
 def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rich_status(error)
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            return {v.field: v.description for v in bad.field_violations}
-    raise AssertionError("no BadRequest detail")
+    bad = _detail(error, error_details_pb2.BadRequest)
+    return {v.field: v.description for v in bad.field_violations}
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rich_status(error)
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
+    return _detail(error, error_details_pb2.ErrorInfo)
 
 
 def precondition_violation(
     error: grpc.aio.AioRpcError,
 ) -> error_details_pb2.PreconditionFailure.Violation:
     """The one violation of the PreconditionFailure detail an error carries."""
-    for detail in rich_status(error).details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            assert len(failure.violations) == 1
-            return failure.violations[0]
-    raise AssertionError("no PreconditionFailure detail")
+    failure = _detail(error, error_details_pb2.PreconditionFailure)
+    assert len(failure.violations) == 1
+    return failure.violations[0]

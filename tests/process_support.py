@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,25 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(timeout=10)
         self._log.close()
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path,
+    data_dir: Path,
+    name: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    **settings: str,
+) -> Iterator[tuple[ServerProcess, grpc.Channel]]:
+    """``serve`` on a free loopback port with ``settings``, its log ``<name>.log`` in
+    ``tmp_path``; (the process, a channel once health says SERVING); killed after."""
+    env = cli_env(data_dir, listen_address=f"127.0.0.1:{free_port()}", **settings)
+    server = ServerProcess(env, tmp_path, tmp_path / f"{name}.log")
+    try:
+        channel = server.wait_serving(credentials)
+        try:
+            yield server, channel
+        finally:
+            channel.close()
+    finally:
+        server.close()

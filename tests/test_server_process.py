@@ -4,9 +4,7 @@ in-process server's limits (request size, default deadline, request ids)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from process_support import SHUTDOWN_TIMEOUT, ServerProcess, cli_env, free_port, run_cli
+from process_support import SHUTDOWN_TIMEOUT, cli_env, run_cli, serving
 from tls_support import TestPki
 
 from privacyvault.v1 import member_pb2 as pb
@@ -27,26 +25,6 @@ MEMBER_SERVICE = "privacyvault.v1.MemberService"
 
 
 # --- the CLI in a subprocess -------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serving(
-    tmp_path: Path,
-    data_dir: Path,
-    name: str,
-    credentials: grpc.ChannelCredentials | None = None,
-    **settings: str,
-) -> Iterator[tuple[ServerProcess, grpc.Channel]]:
-    env = cli_env(data_dir, listen_address=f"127.0.0.1:{free_port()}", **settings)
-    server = ServerProcess(env, tmp_path, tmp_path / f"{name}.log")
-    try:
-        channel = server.wait_serving(credentials)
-        try:
-            yield server, channel
-        finally:
-            channel.close()
-    finally:
-        server.close()
 
 
 SIGN_UP = pb.SignUpRequest(
