@@ -159,6 +159,23 @@ def _add_services(
 
 
 @contextlib.asynccontextmanager
+def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
+    if settings.admin_token is not None and not tls:
+        # The bearer token crosses the network in the clear without TLS.
+        log.warning("admin_api_without_tls")
+    log.info(
+        "server_started",
+        port=port,
+        tls=tls,
+        mtls=settings.tls_client_ca_file is not None,
+        reflection=settings.reflection_enabled,
+        admin_api=settings.admin_token is not None,
+        environment=settings.environment,
+        # What runs, not what was asked for: uvloop falls back to asyncio where missing.
+        event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+    )
+
+
 async def run_server(
     settings: Settings, *, clock: Clock | None = None
 ) -> AsyncIterator[RunningServer]:
@@ -189,19 +206,7 @@ async def run_server(
         for name in ("", *service_names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         running = RunningServer(server, port, health_servicer, vault)
-        if settings.admin_token is not None and credentials is None:
-            # The bearer token crosses the network in the clear without TLS.
-            log.warning("admin_api_without_tls")
-        log.info(
-            "server_started",
-            port=port,
-            tls=credentials is not None,
-            mtls=settings.tls_client_ca_file is not None,
-            reflection=settings.reflection_enabled,
-            admin_api=settings.admin_token is not None,
-            environment=settings.environment,
-            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # as run
-        )
+        _log_started(settings, port, tls=credentials is not None)
         sidecar_task: asyncio.Task[None] | None = None
         if settings.sidecar_in_process_enabled:
             # The embedded default: lifecycle sweeps in this process. Cancelling a
