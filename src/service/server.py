@@ -158,7 +158,6 @@ def _add_services(
     return service_names
 
 
-@contextlib.asynccontextmanager
 def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
     if settings.admin_token is not None and not tls:
         # The bearer token crosses the network in the clear without TLS.
@@ -176,6 +175,7 @@ def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
     )
 
 
+@contextlib.asynccontextmanager
 async def run_server(
     settings: Settings, *, clock: Clock | None = None
 ) -> AsyncIterator[RunningServer]:
