@@ -250,6 +250,7 @@ async def test_the_sidecar_destroys_the_copy_when_its_date_passes_once(
         "retained_member": 1,
         "member_keys": 1,
         "consents": 3,
+        "consent_history": 3,
         "access_log": 0,
     }
     with pytest.raises(NotFound):
