@@ -5,9 +5,10 @@ purposes added by configuration."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import AsyncIterator
-from datetime import timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,17 @@ from grpc_support import (
     sign_up_request,
 )
 from mail_support import SmtpServer, lf_body, relay_for, smtp_mailer
+from process_support import ServerProcess, cli_env, free_port, run_cli
 
 from privacyvault.v1 import consent_pb2 as cpb
 from privacyvault.v1 import consent_pb2_grpc
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
-from service.server import RunningServer, run_server
+from service.caller_policy import CallerPolicyInvalid, parse_policy
+from service.callers import policy_methods
+from service.server import POLICY_SERVICES, RunningServer, run_server
 from vault import FrozenClock
+from vault.purposes import parse_catalogue
 
 Code = grpc.StatusCode
 TEXT_SHA256 = "5" * 64
@@ -659,3 +664,91 @@ def test_an_invalid_purposes_file_refuses_the_settings(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(ValueError, match="PRIVACY_VAULT_PURPOSES_FILE"):
             embedded_settings(tmp_path / "data", purposes_file=path)
+
+
+# --- every replica: a second server process on the same PostgreSQL ------------------------
+
+
+@pytest.mark.postgres
+async def test_reads_follow_each_answer_on_a_second_server_process(
+    make_postgres_database: Callable[[], Awaitable[str]], tmp_path: Path, clock: FrozenClock
+) -> None:
+    url = await make_postgres_database()
+    data = tmp_path / "data"  # shared: both servers use its KEK file
+    settings = embedded_settings(data, database_url=url)
+    async with run_server(settings, clock=clock) as running:
+        env = cli_env(data, database_url=url, listen_address=f"127.0.0.1:{free_port()}")
+        process = ServerProcess(env, tmp_path, tmp_path / "second.log")
+        try:
+            process.wait_serving().close()
+            async with (
+                grpc.aio.insecure_channel(running.target) as here,
+                grpc.aio.insecure_channel(process.target) as there,
+            ):
+                members, consents = (
+                    MemberServiceStub(here),
+                    consent_pb2_grpc.ConsentServiceStub(here),
+                )
+                replica = MemberServiceStub(there)
+                member_id, session = await member(members)
+                assert await refused(replica, member_id) == "PURPOSE_NOT_CONSENTED"
+                for granted in (True, False, True, False):
+                    await answer(consents, member_id, session, INQUIRY=granted)
+                    # The very next read on the other process sees the answer.
+                    if granted:
+                        assert (await read(replica, member_id)).email
+                    else:
+                        assert await refused(replica, member_id) == "PURPOSE_NOT_CONSENTED"
+                history = await consents.ListConsentHistory(
+                    cpb.ListConsentHistoryRequest(member_id=member_id), metadata=session
+                )
+                assert [e.granted for e in history.events if e.purpose_key == "INQUIRY"] == [
+                    False,
+                    True,
+                    False,
+                    True,
+                ]
+        finally:
+            process.terminate()
+            process.close()
+
+
+# --- the privacy officer's CLI ----------------------------------------------------------------
+
+
+def test_the_cli_publishes_a_version_with_the_texts_hash(tmp_path: Path) -> None:
+    text = tmp_path / "policy-v2.txt"
+    text.write_text("Privacy Policy, version 2.\n")
+    env = cli_env(tmp_path / "data")
+    args = ["policy", "publish", "--version", "2", "--text", str(text), "--actor", "officer"]
+    for bad in ("2999-01-01", "2000-01-01", "soon"):  # too far, retroactive, not a date
+        refused_run = run_cli([*args, "--effective-date", bad], env, tmp_path)
+        assert refused_run.returncode == 2, refused_run.stderr
+        assert "effective_date" in refused_run.stderr
+    effective = (datetime.now(UTC) + timedelta(days=7)).date().isoformat()
+    published = run_cli(
+        [*args, "--effective-date", effective, "--changed", "INQUIRY"], env, tmp_path
+    )
+    assert published.returncode == 0, published.stderr
+    (line,) = [json.loads(x) for x in published.stdout.splitlines()]
+    assert line["type"] == "published"
+    assert line["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert line["changed_purposes"] == ["INQUIRY"]
+    assert line["published_by"] == "officer"
+    assert line["effective_at"].startswith(effective)
+    again = run_cli([*args, "--effective-date", effective], env, tmp_path)
+    assert again.returncode == 1  # the number is taken
+    assert "policy version" in again.stderr
+    listed = run_cli(["policy", "list"], env, tmp_path)
+    assert [json.loads(x)["version"] for x in listed.stdout.splitlines()] == ["2"]
+
+
+def test_the_caller_policy_names_configured_purposes_and_only_known_ones() -> None:
+    methods = policy_methods(POLICY_SERVICES)
+    catalogue = parse_catalogue(PURPOSES)
+    policy = parse_policy(POLICY, methods, catalogue.keys)
+    assert policy.allows("local", "MemberService/GetMember", "NEWSLETTER")
+    assert not policy.allows("local", "MemberService/GetMember", "STATISTICS")
+    # Without the purposes file, NEWSLETTER is no purpose: the policy is invalid.
+    with pytest.raises(CallerPolicyInvalid, match=r"purposes\[1\] is not a purpose"):
+        parse_policy(POLICY, methods)
