@@ -39,7 +39,7 @@ PORTAL = "spiffe://example.org/ns/web/sa/member-portal"
 DEV_CLIENT = "spiffe://example.org/ns/dev/sa/client"
 #: What a member-facing application calls: everything of MemberService but
 #: RecordAccess (a calling service's own record of a read).
-MEMBER_FACING = {m for m in METHODS if m.startswith("MemberService/")} - {
+MEMBER_FACING = {m for m in METHODS if m.startswith(("MemberService/", "ConsentService/"))} - {
     "MemberService/RecordAccess"
 }
 

@@ -161,7 +161,11 @@ async def test_the_officer_discloses_with_a_basis_and_every_disclosure_is_record
 ) -> None:
     member = await sign_up(vault, 1)
     await vault.record_access(member, "order.view", "192.0.2.7")
+    await vault.consents.update(member, [ConsentChoice("INQUIRY", False)])
+    await vault.consents.update(member, [ConsentChoice("INQUIRY", True)])
     await vault.withdraw(member, PASSWORD)
+    # The consent history went with the member: nothing of it is left in the vault.
+    assert await vault.parts.store.list_consent_events(member, 100) == []
 
     with pytest.raises(InvalidInput) as bad:
         await vault.retention.disclose(member, "officer", "  ")
@@ -178,6 +182,10 @@ async def test_the_officer_discloses_with_a_basis_and_every_disclosure_is_record
     assert [e["action"] for e in document["access_history"]] == ["order.view"]
     assert [e["ip"] for e in document["access_history"]] == ["192.0.2.7"]
     assert {c["purpose"]: c["granted"] for c in document["consents"]}["INQUIRY"] is True
+    # The whole consent history was copied: sign-up's answers, then the two changes.
+    inquiry = [e["granted"] for e in document["consent_history"] if e["purpose"] == "INQUIRY"]
+    assert inquiry == [True, False, True]
+    assert {e["recorded_by"] for e in document["consent_history"]} == {"member"}
     assert document["basis"] == "court order 2026-117"
     (event,) = await vault.retention.events(member)
     assert (event.actor, event.operation, event.basis) == (
@@ -250,6 +258,7 @@ async def test_the_sidecar_destroys_the_copy_when_its_date_passes_once(
         "retained_member": 1,
         "member_keys": 1,
         "consents": 3,
+        "consent_history": 3,
         "access_log": 0,
     }
     with pytest.raises(NotFound):
@@ -352,7 +361,12 @@ async def test_a_copy_left_by_a_crash_after_the_shred_is_confirmed_and_kept(
         r_clock.now(),
         WITHDRAWAL,
         retention=RetentionCheck(
-            row.key.dek_id, row.ciphertexts, frozenset(), copy.key.kek_version, copy.destroy_after
+            row.key.dek_id,
+            row.ciphertexts,
+            frozenset(),
+            copy.key.kek_version,
+            copy.destroy_after,
+            frozenset(e.event_id for e in copy.consent_history),
         ),
     )
     assert record is not None  # ... and the crash: never confirmed
@@ -374,19 +388,34 @@ async def test_the_shred_refuses_a_copy_that_is_no_longer_current(vault: Vault) 
     assert row is not None
     active = row.key.kek_version
     until = vault.clock.now() + RETAIN
-    good = RetentionCheck(row.key.dek_id, row.ciphertexts, frozenset(), active, until)
+    events = await vault.parts.store.list_consent_events(member, 100)
+    assert events  # sign-up's answers are the first events
+    good = RetentionCheck(
+        row.key.dek_id,
+        row.ciphertexts,
+        frozenset(),
+        active,
+        until,
+        frozenset(e.event_id for e in events),
+    )
     stale_field = replace(good, ciphertexts={**row.ciphertexts, "name": b"\x00" * 40})
     for check in (
         stale_field,
         replace(good, dek_id=row.key.dek_id + 1),
         replace(good, access_entry_ids=frozenset({12345})),
         replace(good, kek_version=active + 1),
+        replace(good, consent_event_ids=frozenset({12345})),
     ):
         with pytest.raises(KeyChanged):
             await vault.parts.store.shred_member(
                 member, vault.clock.now(), WITHDRAWAL, retention=check
             )
         assert await vault.parts.store.get_member(member) is not None  # nothing changed
+    await vault.consents.update(member, [ConsentChoice("STATISTICS", True)])
+    with pytest.raises(KeyChanged):  # a consent answer was recorded since the copy
+        await vault.parts.store.shred_member(member, vault.clock.now(), WITHDRAWAL, retention=good)
+    events = await vault.parts.store.list_consent_events(member, 100)
+    good = replace(good, consent_event_ids=frozenset(e.event_id for e in events))
     await vault.record_access(member, "order.new", "192.0.2.9")
     with pytest.raises(KeyChanged):  # an access-log entry arrived since the copy
         await vault.parts.store.shred_member(member, vault.clock.now(), WITHDRAWAL, retention=good)

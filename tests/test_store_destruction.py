@@ -53,6 +53,7 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
         "member": 1,
         "member_keys": 1,
         "consents": 2,
+        "consent_history": 2,
         "access_log": 3,
         "outbox": 0,
         "password_resets": 0,
@@ -63,6 +64,7 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
     assert await vault.find_member("login_id", member.blind_indexes["login_id"]) is None
     assert await vault.find_member("email", member.blind_indexes["email"]) is None
     assert await vault.list_consents(member.member_id) == []
+    assert await vault.list_consent_events(member.member_id, 10) == []  # the history too
     assert await vault.list_access(member.member_id, 10) == []
     assert await vault.is_destroyed(member.member_id) is True
     # A shredded member takes no new writes.
@@ -106,6 +108,7 @@ async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None
         "member": 1,
         "member_keys": 1,
         "consents": 0,
+        "consent_history": 0,
         "access_log": 0,
         "outbox": 0,
         "password_resets": 0,

@@ -173,7 +173,11 @@ def _identity(value: object, trust_domain: str, where: str) -> str:
 
 
 def _rule(
-    index: int, entry: object, trust_domain: str, methods_with_purpose: Mapping[str, bool]
+    index: int,
+    entry: object,
+    trust_domain: str,
+    methods_with_purpose: Mapping[str, bool],
+    known_purposes: frozenset[str],
 ) -> CallerRule:
     if not isinstance(entry, dict):
         raise CallerPolicyInvalid(f"caller[{index}] must be a table ([[caller]])")
@@ -192,9 +196,10 @@ def _rule(
             )
     purposes = _strings(entry.get("purposes", []), f"{where}: purposes")
     for i, purpose in enumerate(purposes):
-        if purpose not in PURPOSES:
+        if purpose not in known_purposes:
             raise CallerPolicyInvalid(
-                f"{where}: purposes[{i}] is not a purpose (one of {', '.join(sorted(PURPOSES))})"
+                f"{where}: purposes[{i}] is not a purpose of the catalogue "
+                f"(one of {', '.join(sorted(known_purposes))})"
             )
     stated = any(methods_with_purpose[m] for m in methods)
     if stated and not purposes:
@@ -209,9 +214,12 @@ def _rule(
     return CallerRule(identity, frozenset(methods), frozenset(purposes), description)
 
 
-def parse_policy(text: str, methods_with_purpose: Mapping[str, bool]) -> CallerPolicy:
+def parse_policy(
+    text: str, methods_with_purpose: Mapping[str, bool], purposes: frozenset[str] = PURPOSES
+) -> CallerPolicy:
     """A policy from the file's text; ``methods_with_purpose`` maps every method a
-    policy may name ("MemberService/GetMember") to whether its request states a purpose."""
+    policy may name ("MemberService/GetMember") to whether its request states a purpose;
+    ``purposes`` are the catalogue's keys (the built-in ones and configured ones)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -234,7 +242,7 @@ def parse_policy(text: str, methods_with_purpose: Mapping[str, bool]) -> CallerP
     rules: list[CallerRule] = []
     seen: dict[str, int] = {}
     for index, entry in enumerate(entries):
-        rule = _rule(index, entry, trust_domain, methods_with_purpose)
+        rule = _rule(index, entry, trust_domain, methods_with_purpose, purposes)
         if rule.identity in seen:
             first = seen[rule.identity]
             raise CallerPolicyInvalid(
@@ -255,9 +263,12 @@ class PolicySource:
         methods_with_purpose: Mapping[str, bool],
         *,
         check_every: float = 1.0,
+        purposes: frozenset[str] = PURPOSES,
     ) -> None:
         self.path = path
         self._methods = methods_with_purpose
+        #: The catalogue's purpose keys a policy may name.
+        self.purposes = purposes
         self._check_every = check_every
         self._next_check = 0.0
         self._seen: tuple[int, int, int, int] | None = None
@@ -279,7 +290,7 @@ class PolicySource:
             raise CallerPolicyInvalid(
                 f"the caller policy file cannot be read ({type(exc).__name__})"
             ) from None
-        return parse_policy(text, self._methods)
+        return parse_policy(text, self._methods, self.purposes)
 
     def current(self) -> CallerPolicy:
         """The policy in force; at most every ``check_every`` seconds, one stat of the file."""

@@ -206,9 +206,10 @@ def _method_check(
                 method=name,
             )
         if purposes is not None:
-            purpose = purposes.get(request.purpose)
+            # A configured purpose is named by its key (GetMemberRequest.purpose_key).
+            purpose = request.purpose_key or purposes.get(request.purpose) or ""
             # An unknown or unspecified purpose is the servicer's INVALID_ARGUMENT.
-            if purpose is not None and not policy.allows(identity, name, purpose):
+            if purpose in source.purposes and not policy.allows(identity, name, purpose):
                 raise CallerNotAllowed(
                     "the caller policy does not allow this caller this purpose",
                     identity=identity,

@@ -53,6 +53,7 @@ class ExitCode(IntEnum):
 #: What an error means to a script, first match wins; anything else is INTERNAL.
 _EXIT_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], ExitCode], ...] = (
     (ve.PreconditionFailed, ExitCode.REFUSED),
+    (ve.AlreadyExists, ExitCode.REFUSED),
     (ve.InvalidInput, ExitCode.USAGE),
     (ve.NotFound, ExitCode.NOT_FOUND),
     (

@@ -14,12 +14,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vault import OWASP, Argon2Profile, KeyProviderSettings, RetentionRule, VaultSettings
 from vault.bootstrap import retention_database_url
 from vault.login_guard import LoginGuardSettings
+from vault.purposes import DEFAULT_CATALOGUE, PurposeCatalogue, PurposesInvalid, parse_catalogue
 
 ENV_PREFIX = "PRIVACY_VAULT_"
 #: The admin token (a bearer secret in a gRPC header): long enough, printable ASCII
@@ -65,12 +66,31 @@ def _file_sourced_env(fields: Iterable[str]) -> dict[str, str]:
     return values
 
 
+def load_purposes(path: Path | None) -> PurposeCatalogue:
+    """The catalogue of ``path`` (the built-in one without); ValueError naming the
+    entry and rule, never quoting the file."""
+    if path is None:
+        return DEFAULT_CATALOGUE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"PRIVACY_VAULT_PURPOSES_FILE cannot be read ({type(exc).__name__})"
+        ) from None
+    try:
+        return parse_catalogue(text)
+    except PurposesInvalid as exc:
+        raise ValueError(f"PRIVACY_VAULT_PURPOSES_FILE: {exc}") from None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         secrets_dir=os.environ.get("PRIVACY_VAULT_SECRETS_DIR") or None,
         extra="ignore",
     )
+
+    _catalogue: PurposeCatalogue = PrivateAttr(default=DEFAULT_CATALOGUE)
 
     #: "embedded" (the default: developer-friendly, reflection on) or "production".
     environment: Literal["embedded", "production"] = "embedded"
@@ -111,6 +131,9 @@ class Settings(BaseSettings):
     caller_policy_file: Path | None = None
     #: How often the policy file is checked for a change (one stat), in seconds.
     caller_policy_check_seconds: float = Field(1.0, ge=0, le=300)
+    #: Purposes beyond the built-in ones (TOML, see vault.purposes): read and checked
+    #: once, at start; an invalid file refuses the start. Unset: the built-in purposes.
+    purposes_file: Path | None = None
     #: Take the caller's identity from ``x-forwarded-client-cert`` (a mesh sidecar
     #: terminating mTLS), and only from a loopback peer. Off: the header is ignored.
     trust_forwarded_client_cert: bool = False
@@ -257,6 +280,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _purposes(self) -> Settings:
+        self._catalogue = load_purposes(self.purposes_file)
+        return self
+
+    @property
+    def purposes(self) -> PurposeCatalogue:
+        """The purpose catalogue: the built-in purposes and the file's."""
+        return self._catalogue
+
+    @model_validator(mode="after")
     def _session_idle_within_lifetime(self) -> Settings:
         if self.session_idle_minutes > self.session_lifetime_hours * 60:
             raise ValueError("session_idle_minutes must not exceed session_lifetime_hours")
@@ -358,6 +391,7 @@ class Settings(BaseSettings):
     def vault_settings(self) -> VaultSettings:
         return VaultSettings(
             policy_version=self.policy_version,
+            purposes=self.purposes,
             privacy_officer_contact=self.privacy_officer_contact,
             dek_cache_size=self.dek_cache_size,
             dek_cache_ttl=self.dek_cache_ttl_seconds,

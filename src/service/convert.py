@@ -12,12 +12,15 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from privacyvault.v1 import consent_pb2 as cpb
 from privacyvault.v1 import key_admin_pb2 as kpb
 from privacyvault.v1 import member_pb2 as mpb
 from vault import AccessEntry, MemberView, Purpose
 from vault.clock import to_micros
+from vault.consents import ConsentEventRow, ConsentState, PolicyVersionRow
 from vault.errors import FieldViolation, InvalidInput
 from vault.keyadmin import KekVersionStatus, KeyEvent, RewrapProgress
+from vault.purposes import MEMBERSHIP, OPT_IN
 
 # --- time -----------------------------------------------------------------------------------
 
@@ -53,11 +56,21 @@ def purpose_from_pb(value: int, field: str) -> Purpose:
         raise InvalidInput([FieldViolation(field, "must name a purpose")]) from None
 
 
+def purpose_key(
+    value: int, key: str, field: str = "purpose", key_field: str = "purpose_key"
+) -> str:
+    """The catalogue key a request names by its enum ``field`` or its string
+    ``key_field``: exactly one of them (an unknown key is the vault's to refuse)."""
+    if key:
+        if value:
+            raise InvalidInput([FieldViolation(key_field, f"set either {field} or {key_field}")])
+        return key
+    return purpose_from_pb(value, field).value
+
+
 def purpose_pb(value: str) -> mpb.Purpose.ValueType:
-    try:
-        return _PURPOSE_VALUES[value]  # a dict lookup: four times a member read
-    except KeyError:
-        return mpb.Purpose.Value(_PURPOSE_PREFIX + value)  # its ValueError, as before
+    """The enum value of a built-in purpose's key; UNSPECIFIED for a configured one."""
+    return _PURPOSE_VALUES.get(value, mpb.PURPOSE_UNSPECIFIED)  # a dict lookup: hot path
 
 
 def member_pb(view: MemberView) -> mpb.Member:
@@ -82,10 +95,16 @@ def fill_member(member: mpb.Member, view: MemberView) -> None:
     _set_timestamp(member.created_at, view.created_at)
     _set_timestamp(member.last_seen_at, view.last_seen_at)
     add = member.consents.add
+    outdated = view.outdated_purposes
     for c in view.consents:
         consent = add(
-            purpose=purpose_pb(c.purpose), granted=c.granted, policy_version=c.policy_version
+            purpose=purpose_pb(c.purpose),
+            granted=c.granted,
+            policy_version=c.policy_version,
+            purpose_key=c.purpose,
         )
+        if outdated and c.purpose in outdated:
+            consent.outdated = True
         _set_timestamp(consent.recorded_at, c.recorded_at)
 
 
@@ -151,4 +170,52 @@ def event_pb(e: KeyEvent) -> kpb.KeyEvent:
         member_id=e.member_id or "",
         details={k: _detail(v) for k, v in e.details.items()},
         caller=e.caller,
+    )
+
+
+# --- consents -------------------------------------------------------------------------------
+
+_CONSENT_KINDS = {MEMBERSHIP: cpb.CONSENT_KIND_MEMBERSHIP, OPT_IN: cpb.CONSENT_KIND_OPT_IN}
+
+
+def consent_state_pb(state: ConsentState) -> cpb.ConsentState:
+    spec = state.purpose
+    message = cpb.ConsentState(
+        purpose_key=spec.key,
+        purpose=purpose_pb(spec.key),
+        kind=_CONSENT_KINDS.get(spec.consent, cpb.CONSENT_KIND_UNSPECIFIED),
+        fields=sorted(spec.fields),
+        legal_basis=spec.legal_basis,
+        granted=state.granted,
+        answered=state.answered,
+        policy_version=state.policy_version,
+        outdated=state.outdated,
+    )
+    if state.recorded_at is not None:
+        _set_timestamp(message.recorded_at, state.recorded_at)
+    if state.reconsent_due_at is not None:
+        _set_timestamp(message.reconsent_due_at, state.reconsent_due_at)
+    return message
+
+
+def consent_event_pb(e: ConsentEventRow) -> cpb.ConsentEvent:
+    return cpb.ConsentEvent(
+        purpose_key=e.purpose,
+        purpose=purpose_pb(e.purpose),
+        granted=e.granted,
+        policy_version=e.policy_version,
+        recorded_at=timestamp(e.recorded_at),
+        recorded_by=e.recorded_by,
+        caller=e.caller,
+    )
+
+
+def policy_version_pb(v: PolicyVersionRow) -> cpb.PolicyVersion:
+    return cpb.PolicyVersion(
+        version=v.version,
+        published_at=timestamp(v.published_at),
+        effective_at=timestamp(v.effective_at),
+        text_sha256=v.text_sha256,
+        changed_purposes=list(v.changed_purposes),
+        published_by=v.published_by,
     )

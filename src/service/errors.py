@@ -67,6 +67,13 @@ class MalformedRequest(ServiceError):
 #: computed from the error (:func:`_reason`).
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ve.IdempotencyKeyReused, grpc.StatusCode.INVALID_ARGUMENT, "IDEMPOTENCY_KEY_REUSED"),
+    # Withdrawing a membership purpose alone: never valid, whatever the state (the
+    # same rule SignUp applies with a field violation); Withdraw is the way.
+    (
+        ve.PurposeRequiredForMembership,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PURPOSE_REQUIRED_FOR_MEMBERSHIP",
+    ),
     (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, None),  # LOGIN_ID_TAKEN, EMAIL_TAKEN
     (ve.NotFound, grpc.StatusCode.NOT_FOUND, None),  # MEMBER_NOT_FOUND, KEK_VERSION_NOT_FOUND
@@ -76,6 +83,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     # Missing, unknown, expired, ended or another member's session: one answer.
     (ve.MemberSessionRequired, grpc.StatusCode.UNAUTHENTICATED, "MEMBER_SESSION_REQUIRED"),
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED, "PURPOSE_NOT_CONSENTED"),
+    # A grant that predates a policy version in force: the member must answer again.
+    (ve.ConsentOutdated, grpc.StatusCode.PERMISSION_DENIED, "CONSENT_OUTDATED"),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION, None),
     # Too much work queued: refused at once, with RetryInfo saying when to retry.
     (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
@@ -127,6 +136,13 @@ def _retry_info(seconds: float) -> any_pb2.Any:
 
 
 def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
+    if isinstance(exc, ve.PurposeRequiredForMembership):
+        info = error_details_pb2.ErrorInfo(
+            reason="PURPOSE_REQUIRED_FOR_MEMBERSHIP",
+            domain=DOMAIN,
+            metadata={"purpose": exc.purpose, "use": "MemberService/Withdraw"},
+        )
+        return [_bad_request(exc.violations), _packed(info)]
     if isinstance(exc, ve.InvalidInput):
         return [_bad_request(exc.violations)]
     if isinstance(exc, ve.AlreadyExists):
@@ -139,11 +155,11 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
                 )
             )
         ]
-    if isinstance(exc, ve.PurposeNotAllowed):
+    if isinstance(exc, ve.PurposeNotAllowed | ve.ConsentOutdated):
         return [
             _packed(
                 error_details_pb2.ErrorInfo(
-                    reason="PURPOSE_NOT_CONSENTED", domain=DOMAIN, metadata={"purpose": exc.purpose}
+                    reason=_reason(exc), domain=DOMAIN, metadata={"purpose": exc.purpose}
                 )
             )
         ]

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from privacyvault.v1 import consent_pb2
 from privacyvault.v1 import member_pb2 as pb
 from service.interceptors import Context, metadata_value
 
@@ -29,7 +30,12 @@ def _always(request: Any) -> bool:
 
 
 def _member_request(request: Any) -> bool:
-    return bool(request.purpose == pb.PURPOSE_MEMBER_REQUEST)
+    return bool(
+        request.purpose == pb.PURPOSE_MEMBER_REQUEST or request.purpose_key == _MEMBER_REQUEST_KEY
+    )
+
+
+_MEMBER_REQUEST_KEY = "MEMBER_REQUEST"
 
 
 #: RPC name -> whether a request to it exercises the member's own rights.
@@ -57,30 +63,51 @@ WITHOUT_SESSION = frozenset(
 )
 
 
-def check_classified(service: ServiceDescriptor) -> None:
+#: ConsentService: every RPC is the member's own right (section 1(2): the member's
+#: consent is theirs to see and change).
+CONSENT_RIGHTS: Mapping[str, Callable[[Any], bool]] = {
+    "GetConsents": _always,
+    "UpdateConsents": _always,
+    "ListConsentHistory": _always,
+}
+
+
+def check_classified(
+    service: ServiceDescriptor,
+    rights: Mapping[str, Callable[[Any], bool]] = MEMBER_RIGHTS,
+    without: frozenset[str] = WITHOUT_SESSION,
+) -> None:
     """RuntimeError unless every RPC of ``service`` is in exactly one of the lists."""
     names = {m.name for m in service.methods}
-    both = MEMBER_RIGHTS.keys() & WITHOUT_SESSION
-    unclassified = names - MEMBER_RIGHTS.keys() - WITHOUT_SESSION
-    unknown = (MEMBER_RIGHTS.keys() | WITHOUT_SESSION) - names
+    both = rights.keys() & without
+    unclassified = names - rights.keys() - without
+    unknown = (rights.keys() | without) - names
     if both or unclassified or unknown:
         raise RuntimeError(
-            "every MemberService RPC must be in MEMBER_RIGHTS or WITHOUT_SESSION, once: "
+            f"every {service.name} RPC must be in its rights or without-session list, once: "
             f"{sorted(both | unclassified | unknown)}"
         )
 
 
 check_classified(pb.DESCRIPTOR.services_by_name["MemberService"])
+check_classified(
+    consent_pb2.DESCRIPTOR.services_by_name["ConsentService"], CONSENT_RIGHTS, frozenset()
+)
 
 
 class SessionCheck(Protocol):
     async def require(self, token: str, member_id: str) -> None: ...
 
 
-def guard(name: str, behavior: Callable[..., Any], sessions: SessionCheck) -> Callable[..., Any]:
+def guard(
+    name: str,
+    behavior: Callable[..., Any],
+    sessions: SessionCheck,
+    rights: Mapping[str, Callable[[Any], bool]] = MEMBER_RIGHTS,
+) -> Callable[..., Any]:
     """``behavior`` (the servicer's method ``name``), checking the member's session
-    first when the request is one of the member's own rights."""
-    needs = MEMBER_RIGHTS.get(name)
+    first when the request is one of the member's own rights (in ``rights``)."""
+    needs = rights.get(name)
     if needs is None:
         return behavior
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
-from service.convert import access_entry_pb, fill_member, purpose_from_pb, timestamp
+from service.convert import access_entry_pb, fill_member, purpose_key, timestamp
 from service.interceptors import Context, metadata_value
 from service.member_rights import MEMBER_RIGHTS, SESSION_KEY, guard
 from vault import (
@@ -23,7 +23,6 @@ from vault import (
     MemberChanges,
     MemberView,
     NewMember,
-    Purpose,
     WithdrawalOutcome,
 )
 
@@ -47,7 +46,9 @@ class MemberVault(Protocol):
     async def authenticate(
         self, login_id: str, password: str, client_ip: str, *, ip_field: str = ...
     ) -> Login: ...
-    async def get_member(self, member_id: str, purpose: Purpose) -> MemberView: ...
+    async def get_member(
+        self, member_id: str, purpose: str, *, purpose_field: str = ...
+    ) -> MemberView: ...
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView: ...
     async def change_password(self, member_id: str, current: str, new: str) -> None: ...
     async def withdraw(self, member_id: str, password: str) -> WithdrawalOutcome: ...
@@ -70,7 +71,15 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
 
     async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.SignUpResponse:
         consents = [
-            ConsentChoice(purpose_from_pb(c.purpose, f"consents[{i}].purpose"), c.granted)
+            ConsentChoice(
+                purpose_key(
+                    c.purpose,
+                    c.purpose_key,
+                    f"consents[{i}].purpose",
+                    f"consents[{i}].purpose_key",
+                ),
+                c.granted,
+            )
             for i, c in enumerate(request.consents)
         ]
         member_id = await self._vault.sign_up(
@@ -103,8 +112,11 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def GetMember(
         self, request: pb.GetMemberRequest, context: Context
     ) -> pb.GetMemberResponse:
+        key = purpose_key(request.purpose, request.purpose_key)
         view = await self._vault.get_member(
-            request.member_id, purpose_from_pb(request.purpose, "purpose")
+            request.member_id,
+            key,
+            purpose_field="purpose_key" if request.purpose_key else "purpose",
         )
         response = pb.GetMemberResponse()
         fill_member(response.member, view)  # in place: no Member made and copied in

@@ -17,10 +17,11 @@ import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
 
-from privacyvault.v1 import key_admin_pb2, member_pb2
+from privacyvault.v1 import consent_pb2, key_admin_pb2, member_pb2
 from service.caller_policy import LOCAL, PolicySource
 from service.callers import CallerCheck, policy_methods
 from service.config import Settings
+from service.consent_servicer import ConsentServicer, PolicyAdminServicer
 from service.field_limits import check_field_limits
 from service.health_listener import start_health_listener
 from service.interceptors import ServiceInterceptor, add_servicer
@@ -35,10 +36,16 @@ log = structlog.get_logger("service.server")
 
 MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
 KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
+CONSENT_SERVICE = consent_pb2.DESCRIPTOR.services_by_name["ConsentService"]
+POLICY_ADMIN_SERVICE = consent_pb2.DESCRIPTOR.services_by_name["PolicyAdminService"]
 HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
-SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
+SERVICE_NAMES = (
+    MEMBER_SERVICE.full_name,
+    CONSENT_SERVICE.full_name,
+    POLICY_ADMIN_SERVICE.full_name,
+)
 #: The services under the caller policy (health and reflection are not).
-POLICY_SERVICES = (MEMBER_SERVICE, KEY_ADMIN_SERVICE)
+POLICY_SERVICES = (MEMBER_SERVICE, KEY_ADMIN_SERVICE, CONSENT_SERVICE, POLICY_ADMIN_SERVICE)
 
 
 @dataclass
@@ -107,6 +114,7 @@ def caller_check(settings: Settings) -> CallerCheck:
         settings.caller_policy_file,
         policy_methods(POLICY_SERVICES),
         check_every=settings.caller_policy_check_seconds,
+        purposes=settings.purposes.keys,
     )
     mutual_tls = settings.tls_client_ca_file is not None
     log.info(
@@ -139,6 +147,23 @@ def _add_services(
         server,
         MemberServicer(vault),
         MEMBER_SERVICE,
+        interceptor,
+        validate=check_field_limits,
+        authorization=callers,
+    )
+    consents = ConsentServicer(vault.consents, vault.sessions)
+    add_servicer(
+        server,
+        consents,
+        CONSENT_SERVICE,
+        interceptor,
+        validate=check_field_limits,
+        authorization=callers,
+    )
+    add_servicer(
+        server,
+        PolicyAdminServicer(vault.consents),
+        POLICY_ADMIN_SERVICE,
         interceptor,
         validate=check_field_limits,
         authorization=callers,

@@ -25,6 +25,7 @@ from vault.bindings import INDEX_KEY_ID
 from vault.cache import DekCache
 from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
+from vault.consents import Consents
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
@@ -238,6 +239,9 @@ def wire_vault(
     indexes = BlindIndexes(index_key)
     decoy_key = _hazmat.SecretKey(0, _hazmat.new_key_material())
     decoy_ct = _hazmat.seal_field(decoy_key, "decoy", "password_hash", b"x" * 97)
+    # Page tokens are authenticated under a key of their own, derived from the
+    # index key: nothing new to store, and every replica derives the same key.
+    page_token_key = _hazmat.derive_mac_key(index_key, "page-token")
     return VaultParts(
         store=store,
         retained=retained,
@@ -247,14 +251,13 @@ def wire_vault(
         settings=settings,
         member_keys=keys,
         indexes=indexes,
-        # Page tokens are authenticated under a key of their own, derived from the
-        # index key: nothing new to store, and every replica derives the same key.
-        page_token_key=_hazmat.derive_mac_key(index_key, "page-token"),
+        page_token_key=page_token_key,
         keys=KeyAdmin(store, provider, keys, clock, retained),
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
         sessions=MemberSessions(store, clock, settings),
+        consents=Consents(store, clock, settings, page_token_key),
         # The IP's and the request id's HMAC keys are derived like the page tokens'.
         guard=LoginGuard(
             store,

@@ -42,9 +42,9 @@ class InvalidInput(VaultError):
 class AlreadyExists(VaultError):
     """A unique field is taken. Only the field's name is said, never its value."""
 
-    def __init__(self, field: str) -> None:
+    def __init__(self, field: str, what: str = "a member") -> None:
         self.field = field
-        super().__init__(f"a member with this {field} already exists")
+        super().__init__(f"{what} with this {field} already exists")
 
 
 class NotFound(VaultError):
@@ -93,6 +93,35 @@ class PurposeNotAllowed(VaultError):
     def __init__(self, purpose: str) -> None:
         self.purpose = purpose
         super().__init__(f"the member has not consented to the purpose {purpose}")
+
+
+class ConsentOutdated(VaultError):
+    """The member's consent to the stated purpose predates a policy version that
+    materially changed the purpose: they must consent again (UpdateConsents)."""
+
+    def __init__(self, purpose: str) -> None:
+        self.purpose = purpose
+        super().__init__(
+            f"the member's consent to the purpose {purpose} predates a material change of "
+            "the privacy policy; the member must consent again"
+        )
+
+
+class PurposeRequiredForMembership(InvalidInput):
+    """A membership purpose cannot be withdrawn alone: ending it is ending the
+    membership (Withdraw). ``field`` is the request field that asked for it."""
+
+    def __init__(self, field: str, purpose: str) -> None:
+        self.purpose = purpose
+        super().__init__(
+            [
+                FieldViolation(
+                    field,
+                    f"{purpose} is part of membership and cannot be withdrawn alone; to end "
+                    "it, withdraw from membership (MemberService.Withdraw)",
+                )
+            ]
+        )
 
 
 class PreconditionFailed(VaultError):

@@ -18,7 +18,16 @@ from vault.errors import PreconditionFailed
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
-from vault.store.base import AccessEntryRow, AccessLogStore, MemberRow, MemberStore
+from vault.purposes import consent_outdated
+from vault.store.base import (
+    AccessEntryRow,
+    AccessLogStore,
+    ConsentEventRow,
+    ConsentStore,
+    MemberRow,
+    MemberStore,
+    whole_consent_history,
+)
 
 EXPORT_FORMAT = "privacy-vault-export/1"
 #: The largest export document export_member returns in one piece (UTF-8 bytes):
@@ -36,8 +45,9 @@ def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRo
     return AccessEntry(at=row.at, action=action, ip=ip, caller=caller)
 
 
-class ExportStores(MemberStore, AccessLogStore, Protocol):
-    """The vault-database slice an export reads: the member and their access log."""
+class ExportStores(MemberStore, AccessLogStore, ConsentStore, Protocol):
+    """The vault-database slice an export reads: the member, their access log and
+    their consent history."""
 
 
 class Export:
@@ -87,7 +97,9 @@ class Export:
         mid = row.member_id
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
         view = await self._keys.read_under_key(row, lambda r, dek: member_view(r, everything, dek))
-        head = self._head(view, row)
+        history = await whole_consent_history(self._store, mid)
+        version = await self._store.current_policy_version(self._clock.now())
+        head = self._head(view, row, history, version or self._settings.policy_version)
         # The head pretty-printed, its closing brace replaced by the history, which
         # is written one entry per line as the pages come.
         text = json.dumps(head, ensure_ascii=False, indent=2)
@@ -131,12 +143,19 @@ class Export:
         for at in range(0, len(joined), EXPORT_PIECE_CHARS):
             yield joined[at : at + EXPORT_PIECE_CHARS]
 
-    def _head(self, view: MemberView, row: MemberRow) -> dict[str, object]:
+    def _head(
+        self,
+        view: MemberView,
+        row: MemberRow,
+        history: list[ConsentEventRow],
+        policy_version: str,
+    ) -> dict[str, object]:
         """The document but its access history."""
+        now = self._clock.now()
         return {
             "format": EXPORT_FORMAT,
             "exported_at": self._clock.now().isoformat(),
-            "policy_version": self._settings.policy_version,
+            "policy_version": policy_version,
             "privacy_officer": self._settings.privacy_officer_contact,
             "member": {
                 "member_id": view.member_id,
@@ -154,7 +173,20 @@ class Export:
                     "granted": c.granted,
                     "policy_version": c.policy_version,
                     "recorded_at": c.recorded_at.isoformat(),
+                    "outdated": consent_outdated(c, now),
                 }
                 for c in row.consents
+            ],
+            # Append-only, oldest first: every answer, under which version, by whom.
+            "consent_history": [
+                {
+                    "purpose": e.purpose,
+                    "granted": e.granted,
+                    "policy_version": e.policy_version,
+                    "recorded_at": e.recorded_at.isoformat(),
+                    "recorded_by": e.recorded_by,
+                    "caller": e.caller,
+                }
+                for e in history
             ],
         }

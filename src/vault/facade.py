@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 
 from vault import _hazmat, ids, member_cipher, policy
+from vault.calls import current_caller
 from vault.clock import Clock
+from vault.consents import Consents
 from vault.errors import (
     AlreadyExists,
     AuthenticationFailed,
@@ -28,7 +31,6 @@ from vault.errors import (
     InvalidInput,
     NotFound,
     Overloaded,
-    PurposeNotAllowed,
 )
 from vault.export import EXPORT_MAX_BYTES as EXPORT_MAX_BYTES
 from vault.export import EXPORT_PIECE_CHARS as EXPORT_PIECE_CHARS
@@ -59,6 +61,7 @@ from vault.page_tokens import decode_page_token, encode_page_token
 from vault.passwords import PasswordHasher, PasswordStats
 from vault.policy import Purpose, Violations
 from vault.providers.base import KeyProvider
+from vault.purposes import check_answers, consent_outdated
 from vault.recovery import Recovery, email_changed_notice, sealed_field
 from vault.retention import WITHDRAWAL, Retention
 from vault.sessions import Login, MemberSessions
@@ -108,6 +111,8 @@ class VaultParts:
     recovery: Recovery
     export: Export
     sessions: MemberSessions
+    #: Consent over time: answers, histories, policy versions (vault.consents).
+    consents: Consents
     #: Every password check, under the failure counters and the IP throttle.
     guard: LoginGuard
     idempotency: Idempotency
@@ -139,6 +144,9 @@ class Vault:
         self.retention = parts.retention
         #: Member sessions: the member's own rights need one (vault.sessions).
         self.sessions = parts.sessions
+        #: The member's consents over time and the policy versions (vault.consents).
+        self.consents = parts.consents
+        self._purposes = parts.settings.purposes
 
     def __repr__(self) -> str:
         return f"<Vault provider={self._provider.name}>"
@@ -206,14 +214,15 @@ class Vault:
             "email": self._indexes.email(plain["email"]),
         }
         consent_rows = tuple(
-            ConsentRow(p.value, granted, self._settings.policy_version, now)
-            for p, granted in sorted(consents.items())
+            ConsentRow(key, granted, self._settings.policy_version, now)
+            for key, granted in sorted(consents.items())
         )
 
         async def insert(key_row: MemberKeyRow) -> None:
             await self._store.insert_member(
                 MemberRow(member_id, now, now, ciphertexts, indexes, key_row, consent_rows),
                 self._idempotency.key(request, member_id),
+                caller=current_caller(),
             )
 
         try:
@@ -229,7 +238,7 @@ class Vault:
         log.info("member_signed_up")
         return member_id
 
-    def _checked_new_member(self, new: NewMember) -> tuple[dict[str, str], dict[Purpose, bool]]:
+    def _checked_new_member(self, new: NewMember) -> tuple[dict[str, str], dict[str, bool]]:
         """The sign-up's fields to encrypt (the password still plain) and its consents."""
         v = Violations()
         login_id = policy.check_login_id(new.login_id, v)
@@ -238,7 +247,7 @@ class Vault:
         email = policy.check_email(new.email, v)
         mobile = policy.check_mobile_phone(new.mobile_phone, v) if new.mobile_phone else ""
         policy.check_birth_date(new.birth_date, self._clock.now().date(), v)
-        consents = policy.check_consents(new.consents, v)
+        consents = check_answers(self._purposes, new.consents, v, "consents", sign_up=True)
         check_request_id(new.request_id, v)
         v.raise_if_any()
         assert login_id
@@ -299,18 +308,32 @@ class Vault:
             raise AuthenticationFailed from None  # shredded between the lookup and now
         return Login(row.member_id, token)
 
-    async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
+    async def get_member(
+        self, member_id: str, purpose: str, *, purpose_field: str = "purpose"
+    ) -> MemberView:
+        """The member as ``purpose`` (a catalogue key) may see them. The consent check
+        reads what the member row's own query brought (no cache, no second query):
+        PurposeNotAllowed without a grant, ConsentOutdated for a grant a policy
+        version in force has made outdated."""
+        spec = self._purposes.get(purpose)
+        if spec is None:
+            raise InvalidInput([FieldViolation(purpose_field, "must name a purpose")])
         row = await load_member(self._store, member_id)
-        if not policy.purpose_permitted(purpose, row.consents):
-            raise PurposeNotAllowed(purpose.value)
-        allowed = policy.ALLOWED_FIELDS[purpose]
+        now = self._clock.now()
+        self._purposes.check_read(spec, row.consents, now)
+        allowed = spec.fields
         if not allowed:  # statistics: nothing to decrypt, no key needed
-            return MemberView(
+            view = MemberView(
                 row.member_id, row.created_at, row.last_seen_at, consents=row.consents
             )
-        return await self._member_keys.read_under_key(
-            row, lambda r, dek: member_view(r, allowed, dek)
-        )
+        else:
+            view = await self._member_keys.read_under_key(
+                row, lambda r, dek: member_view(r, allowed, dek)
+            )
+        if any(c.reconsent_due_at is not None for c in row.consents):  # rare: no cost else
+            outdated = frozenset(c.purpose for c in row.consents if consent_outdated(c, now))
+            view = dataclasses.replace(view, outdated_purposes=outdated)
+        return view
 
     async def update_member(self, member_id: str, changes: MemberChanges) -> MemberView:
         """Correct the named fields; the answer is the MEMBER_REQUEST view (the caller
@@ -550,7 +573,7 @@ class Vault:
 
 def _sign_up_fields(new: NewMember) -> list[object]:
     """What a sign-up's request id is bound to: every field as sent."""
-    consents = sorted((c.purpose.value, c.granted) for c in new.consents)
+    consents = sorted((str(c.purpose), c.granted) for c in new.consents)
     return [
         new.login_id,
         new.password,

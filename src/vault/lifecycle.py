@@ -23,6 +23,7 @@ here sees or logs personal data: only member ids, times and counts.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,17 +31,20 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from vault.clock import Clock
+from vault.consents import policy_notice
 from vault.errors import NotFound
 from vault.idempotency import IDEMPOTENCY_TTL
 from vault.login_guard import STALE_COUNTERS
 from vault.retention import RETENTION_EXPIRED, destroy_copy, reconcile_copies
 from vault.store.base import (
     AccessLogStore,
+    ConsentStore,
     DestructionStore,
     IdempotencyStore,
     InactivityStore,
     LoginFailureStore,
     OutboxMessage,
+    PolicyVersionRow,
     RetentionStore,
 )
 
@@ -53,6 +57,10 @@ SHRED_REASON = "inactivity"
 # The store's cutoffs are strict ("before"); one microsecond makes a member due at
 # exactly the boundary (inactive for exactly the period), as the policy reads.
 _TICK = timedelta(microseconds=1)
+
+
+def _notice(version: PolicyVersionRow, now: datetime, member_id: str) -> OutboxMessage:
+    return policy_notice(version, member_id, now)
 
 
 class ShredFunction(Protocol):
@@ -91,6 +99,8 @@ class RoundReport:
     """What one round did (or, in a dry run, would do): counts only."""
 
     notices: int = 0
+    #: Policy version notices queued (members asked to consent again).
+    policy_notices: int = 0
     shredded: int = 0
     access_log_purged: int = 0
     #: Withdrawn members' retained copies destroyed (their date passed).
@@ -105,6 +115,7 @@ class RoundReport:
     def as_dict(self) -> dict[str, int | bool]:
         return {
             "notices": self.notices,
+            "policy_notices": self.policy_notices,
             "shredded": self.shredded,
             "access_log_purged": self.access_log_purged,
             "retained_destroyed": self.retained_destroyed,
@@ -144,6 +155,7 @@ class LifecycleStep:
 
 
 class LifecycleStores(
+    ConsentStore,
     InactivityStore,
     AccessLogStore,
     DestructionStore,
@@ -151,7 +163,8 @@ class LifecycleStores(
     IdempotencyStore,
     Protocol,
 ):
-    """The vault-database slice the lifecycle sweeps: inactivity, the access log's
+    """The vault-database slice the lifecycle sweeps: policy versions' notices,
+    inactivity, the access log's
     purge, destruction records (to settle retained copies), and the purges of stale
     failure counters and expired request ids."""
 
@@ -291,6 +304,30 @@ class Lifecycle:
             if len(due) < policy.batch_size or done == 0:
                 return destroyed
 
+    async def send_policy_notices(self, *, dry_run: bool = False) -> int:
+        """Queue each published version's notices to the members it asks again, a page
+        (one short transaction, with the version's cursor) at a time, so every
+        affected member gets exactly one per version however many there are. A dry
+        run counts nothing (0): the notices are mail, not personal data kept."""
+        if dry_run:
+            return 0
+        now, size = self._clock.now(), self._policy.batch_size
+        versions = {v.version: v for v in await self._store.list_policy_versions()}
+        queued = 0
+        for name in await self._store.versions_with_pending_notices(size):
+            version = versions.get(name)
+            if version is None:  # published after the list was read: the next round
+                continue
+            while True:
+                count, done = await self._store.queue_policy_notices(
+                    name, size, functools.partial(_notice, version, now)
+                )
+                queued += count
+                await self._batch_done("policy_notices", count)
+                if done:
+                    break
+        return queued
+
     async def purge_counters(self, *, dry_run: bool = False) -> int:
         """Delete stale failure counters (unknown login IDs only), ended IP windows and
         expired request ids, batch by batch. A dry run counts nothing (0): these
@@ -318,6 +355,7 @@ class Lifecycle:
         return (
             LifecycleStep("shredded", "shredded", self.expire_inactive),
             LifecycleStep("notices", "inactivity_notices", self.send_inactivity_notices),
+            LifecycleStep("policy_notices", "policy_notices", self.send_policy_notices),
             LifecycleStep("retained_destroyed", "retained_destroyed", self.destroy_retained),
             LifecycleStep("access_log_purged", "access_log_purged", self.purge_access_logs),
             LifecycleStep("counters_purged", "counters_purged", self.purge_counters),

@@ -29,8 +29,17 @@ LOGIN_ID_REMINDER = "login_id_reminder"
 PASSWORD_RESET = "password_reset"  # noqa: S105 - a message kind, not a password
 #: To the old address, after the member's e-mail address was changed.
 EMAIL_CHANGED = "email_changed"
+#: A published privacy policy version changes purposes the member consented to.
+POLICY_CHANGED = "policy_changed"
 KINDS = frozenset(
-    {INACTIVITY_NOTICE, PASSWORD_CHANGED, LOGIN_ID_REMINDER, PASSWORD_RESET, EMAIL_CHANGED}
+    {
+        INACTIVITY_NOTICE,
+        PASSWORD_CHANGED,
+        LOGIN_ID_REMINDER,
+        PASSWORD_RESET,
+        EMAIL_CHANGED,
+        POLICY_CHANGED,
+    }
 )
 # A param named "sealed_<name>" is a secret encrypted under the member's DEK (see
 # Vault.start_password_reset); it is opened at send time into Recipient.unsealed[name].
@@ -54,6 +63,17 @@ _ITEM_LABELS = {
     "consents": "your consent records",
     "access_log": "your access history (IP addresses, access dates and times, service use)",
 }
+# Purpose keys -> the words a member reads; a configured purpose reads as its key.
+_PURPOSE_LABELS = {
+    "INQUIRY": "answering your inquiries (name, e-mail, mobile phone)",
+    "STATISTICS": "user statistics to improve the service",
+}
+
+
+def _purpose_label(key: str) -> str:
+    return _PURPOSE_LABELS.get(key, key.replace("_", " ").lower())
+
+
 # Section 6: "All personal data of the member including the name and e-mail address".
 _ALWAYS_LISTED = ("name", "email")
 
@@ -164,6 +184,8 @@ class MailRenderer:
             subject, body = self._password_reset(message, recipient)
         elif message.kind == EMAIL_CHANGED:
             subject, body = self._email_changed(message, recipient)
+        elif message.kind == POLICY_CHANGED:
+            subject, body = self._policy_changed(message, recipient)
         else:
             raise ValueError(f"unknown outbox message kind {message.kind!r}")
         mail = EmailMessage()
@@ -231,6 +253,27 @@ class MailRenderer:
             f"taken over your account: contact {self._contact} at once.\n"
         )
         return "The e-mail address of your account was changed", body
+
+    def _policy_changed(self, message: OutboxMessage, recipient: Recipient) -> tuple[str, str]:
+        version = message.params.get("version", "")
+        purposes = [p for p in message.params.get("purposes", "").split(",") if p]
+        if not version or not purposes or "effective_at" not in message.params:
+            raise ValueError("policy_changed needs version, purposes and effective_at params")
+        effective_at = parse_utc(message.params["effective_at"])
+        when = format_utc(effective_at)
+        changed = "\n".join(f"  - {_purpose_label(p)}" for p in purposes)
+        body = (
+            f"Dear {recipient.name},\n\n"
+            f"We have published version {version} of our privacy policy. It changes how\n"
+            "we use your personal data for these purposes, to which you had consented:\n"
+            f"{changed}\n\n"
+            f"The new version applies from {when}. From then on we will\n"
+            "not use your data for these purposes until you have read the new version\n"
+            "and given your consent again; you may also refuse it. Your other consents\n"
+            "stay as they are.\n\n"
+            f"If you have questions about your personal data, contact {self._contact}.\n"
+        )
+        return f"Our privacy policy changes on {effective_at:%Y-%m-%d}: your consent", body
 
     def _login_id_reminder(self, recipient: Recipient) -> tuple[str, str]:
         if not recipient.login_id:

@@ -17,6 +17,7 @@ from vault import _hazmat, member_cipher, policy
 from vault.errors import NotFound
 from vault.login_guard import LoginGuardSettings
 from vault.policy import ConsentChoice, Violations
+from vault.purposes import DEFAULT_CATALOGUE, PurposeCatalogue
 from vault.retention import RetentionRule
 from vault.store.base import ConsentRow, MemberRow
 
@@ -60,6 +61,8 @@ class VaultSettings:
     sessions_per_member: int = 20
     #: Failure counters, lockouts and the per-IP throttle (vault.login_guard).
     login_guard: LoginGuardSettings = field(default_factory=LoginGuardSettings)
+    #: The purposes reads may state (vault.purposes): the built-in ones by default.
+    purposes: PurposeCatalogue = DEFAULT_CATALOGUE
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:
@@ -144,6 +147,8 @@ class MemberView:
     email: str | None = None
     mobile_phone: str | None = None
     consents: tuple[ConsentRow, ...] = ()
+    #: Purposes whose grant a policy version in force has made outdated.
+    outdated_purposes: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"<MemberView {self.member_id}>"
@@ -208,8 +213,11 @@ async def member_view(
         member_id=row.member_id,
         created_at=row.created_at,
         last_seen_at=row.last_seen_at,
+        login_id=values.get("login_id"),
+        name=values.get("name"),
+        email=values.get("email"),
+        mobile_phone=values.get("mobile_phone"),
         consents=row.consents,
-        **values,
     )
 
 

@@ -27,6 +27,8 @@ _PAGE_CURSOR = struct.Struct(">Bqq")
 _PAGE_TOKEN_BYTES = _PAGE_CURSOR.size + _hazmat.TOKEN_TAG_SIZE
 _PAGE_TOKEN_TEXT = re.compile(rf"[A-Za-z0-9_-]{{{-(-_PAGE_TOKEN_BYTES * 4 // 3)}}}")
 _ACCESS_LISTING = b"access_history"
+#: ListConsentHistory's tokens: the same form, bound to another listing.
+CONSENT_LISTING = b"consent_history"
 _MIN_MICROS, _MAX_MICROS = (
     to_micros(datetime.min.replace(tzinfo=UTC)),
     to_micros(datetime.max.replace(tzinfo=UTC)),
@@ -34,25 +36,36 @@ _MIN_MICROS, _MAX_MICROS = (
 _MAX_ENTRY_ID = 2**63 - 1
 
 
-def page_token_data(member_id: str, cursor: bytes) -> bytes:
+def page_token_data(member_id: str, cursor: bytes, listing: bytes = _ACCESS_LISTING) -> bytes:
     return (
         b"pv.page-token"
         + struct.pack(">H", len(member_id))
         + member_id.encode()
-        + struct.pack(">H", len(_ACCESS_LISTING))
-        + _ACCESS_LISTING
+        + struct.pack(">H", len(listing))
+        + listing
         + cursor
     )
 
 
 def encode_page_token(key: _hazmat.MacKey, member_id: str, row: AccessEntryRow) -> str:
-    cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, to_micros(row.at), row.entry_id)
-    tag = _hazmat.token_tag(key, page_token_data(member_id, cursor))
+    return encode_cursor(key, member_id, row.at, row.entry_id)
+
+
+def encode_cursor(
+    key: _hazmat.MacKey,
+    member_id: str,
+    at: datetime,
+    row_id: int,
+    listing: bytes = _ACCESS_LISTING,
+) -> str:
+    """A token for the page after the row (``at``, ``row_id``) of ``listing``."""
+    cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, to_micros(at), row_id)
+    tag = _hazmat.token_tag(key, page_token_data(member_id, cursor, listing))
     return base64.urlsafe_b64encode(cursor + tag).decode().rstrip("=")
 
 
 def decode_page_token(
-    key: _hazmat.MacKey, member_id: str, token: str
+    key: _hazmat.MacKey, member_id: str, token: str, listing: bytes = _ACCESS_LISTING
 ) -> tuple[datetime, int] | None:
     """The (at, entry_id) cursor of a token issued for ``member_id``'s history, or
     None for anything else. The length and alphabet are checked before decoding,
@@ -67,7 +80,7 @@ def decode_page_token(
     if len(raw) != _PAGE_TOKEN_BYTES:
         return None
     cursor, tag = raw[: _PAGE_CURSOR.size], raw[_PAGE_CURSOR.size :]
-    if not _hazmat.token_tag_matches(key, page_token_data(member_id, cursor), tag):
+    if not _hazmat.token_tag_matches(key, page_token_data(member_id, cursor, listing), tag):
         return None
     version, micros, entry_id = _PAGE_CURSOR.unpack(cursor)
     if version != _PAGE_TOKEN_VERSION or not 0 < entry_id <= _MAX_ENTRY_ID:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
-from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -31,13 +30,6 @@ class Purpose(StrEnum):
     INQUIRY = "INQUIRY"
     MEMBER_REQUEST = "MEMBER_REQUEST"
     STATISTICS = "STATISTICS"
-
-
-class ConsentRecord(Protocol):
-    @property
-    def purpose(self) -> str: ...
-    @property
-    def granted(self) -> bool: ...
 
 
 PII_FIELDS: tuple[str, ...] = ("login_id", "name", "email", "mobile_phone")
@@ -62,17 +54,6 @@ REQUIRED_PURPOSES: frozenset[Purpose] = frozenset(
 OPTIONAL_PURPOSES: frozenset[Purpose] = frozenset({Purpose.INQUIRY, Purpose.STATISTICS})
 #: Section 7: the member's own access right needs no consent.
 CONSENT_FREE_PURPOSES: frozenset[Purpose] = frozenset({Purpose.MEMBER_REQUEST})
-
-
-def purpose_permitted(purpose: Purpose, consents: Iterable[ConsentRecord]) -> bool:
-    """Whether the member's recorded consents allow reading for ``purpose``."""
-    if purpose in CONSENT_FREE_PURPOSES:
-        return True
-    default = purpose in REQUIRED_PURPOSES
-    for consent in consents:
-        if consent.purpose == purpose.value:
-            return consent.granted
-    return default
 
 
 class Violations:
@@ -238,31 +219,8 @@ def check_action(value: str, v: Violations, field: str = "action") -> str | None
 
 @dataclass(frozen=True, slots=True)
 class ConsentChoice:
-    purpose: Purpose
+    """A member's answer for one purpose (a catalogue key: a Purpose's value, or a
+    configured purpose's key; see vault.purposes)."""
+
+    purpose: str
     granted: bool
-
-
-def check_consents(
-    choices: Iterable[ConsentChoice], v: Violations, field: str = "consents"
-) -> dict[Purpose, bool]:
-    """Sign-up consents: required purposes are implied and cannot be refused;
-    optional ones are recorded as answered; the member's own access right is not
-    a consent."""
-    decided: dict[Purpose, bool] = {}
-    for i, choice in enumerate(choices):
-        where = f"{field}[{i}].purpose"
-        if choice.purpose in CONSENT_FREE_PURPOSES:
-            v.add(where, f"{choice.purpose.value} is the member's right and needs no consent")
-        elif choice.purpose in decided:
-            v.add(where, f"{choice.purpose.value} is given more than once")
-        elif choice.purpose in REQUIRED_PURPOSES and not choice.granted:
-            v.add(
-                f"{field}[{i}].granted",
-                f"{choice.purpose.value} is required to provide the service and cannot be "
-                "refused at sign-up (privacy policy, sections 1 and 3)",
-            )
-        else:
-            decided[choice.purpose] = choice.granted
-    for purpose in REQUIRED_PURPOSES:
-        decided.setdefault(purpose, True)
-    return decided

@@ -49,6 +49,7 @@ from vault.member_keys import MemberKeys
 from vault.store.base import (
     RETAINED_FIELDS,
     AccessLogStore,
+    ConsentStore,
     DestructionRecord,
     DestructionStore,
     MemberRow,
@@ -59,6 +60,7 @@ from vault.store.base import (
     RetentionEvent,
     RetentionStore,
     whole_access_log,
+    whole_consent_history,
 )
 
 log = structlog.get_logger("vault.retention")
@@ -99,9 +101,9 @@ def _check_basis(basis: str) -> str:
     return basis
 
 
-class RetentionStores(MemberStore, AccessLogStore, DestructionStore, Protocol):
+class RetentionStores(MemberStore, AccessLogStore, ConsentStore, DestructionStore, Protocol):
     """The vault-database slice a withdrawal moves out of: the member, their access
-    log, and the shred with its destruction record."""
+    log and consent history, and the shred with its destruction record."""
 
 
 class Retention:
@@ -160,6 +162,7 @@ class Retention:
                 dek_id=row.key.dek_id,
                 ciphertexts=row.ciphertexts,
                 access_entry_ids=frozenset(e.entry_id for e in copy.access_log),
+                consent_event_ids=frozenset(e.event_id for e in copy.consent_history),
                 kek_version=copy.key.kek_version,
                 retained_until=copy.destroy_after,
             )
@@ -189,6 +192,7 @@ class Retention:
     async def _copy(self, row: MemberRow, now: datetime, attempt: str) -> RetainedMember:
         mid = row.member_id
         entries = await whole_access_log(self._store, mid)
+        history = await whole_consent_history(self._store, mid)
         active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
@@ -204,6 +208,7 @@ class Retention:
             ciphertexts={f: row.ciphertexts[f] for f in RETAINED_FIELDS},
             consents=row.consents,
             access_log=tuple(entries),
+            consent_history=tuple(history),
             attempt=attempt,
         )
 
@@ -248,6 +253,17 @@ class Retention:
                     "recorded_at": c.recorded_at.isoformat(),
                 }
                 for c in copy.consents
+            ],
+            "consent_history": [
+                {
+                    "purpose": e.purpose,
+                    "granted": e.granted,
+                    "policy_version": e.policy_version,
+                    "recorded_at": e.recorded_at.isoformat(),
+                    "recorded_by": e.recorded_by,
+                    "caller": e.caller,
+                }
+                for e in copy.consent_history
             ],
             "access_history": [
                 {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
@@ -300,6 +316,7 @@ async def destroy_copy(
             "retained_member": 1,
             "member_keys": 1,
             "consents": len(copy.consents),
+            "consent_history": len(copy.consent_history),
             "access_log": len(copy.access_log),
         },
         kek_versions=(copy.key.kek_version,),

@@ -63,17 +63,24 @@ class ConsentChoice(_message.Message):
 
     PURPOSE_FIELD_NUMBER: _builtins.int
     GRANTED_FIELD_NUMBER: _builtins.int
+    PURPOSE_KEY_FIELD_NUMBER: _builtins.int
     purpose: Global___Purpose.ValueType
+    """Either purpose or purpose_key, not both."""
     granted: _builtins.bool
+    purpose_key: _builtins.str
+    """A purpose by its catalogue key (a configured purpose has no enum value).
+    At most 64 characters.
+    """
     def __init__(
         self,
         *,
         purpose: Global___Purpose.ValueType = ...,
         granted: _builtins.bool = ...,
+        purpose_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "purpose", b"purpose", "purpose_key", b"purpose_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -89,10 +96,18 @@ class Consent(_message.Message):
     GRANTED_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     RECORDED_AT_FIELD_NUMBER: _builtins.int
+    PURPOSE_KEY_FIELD_NUMBER: _builtins.int
+    OUTDATED_FIELD_NUMBER: _builtins.int
     purpose: Global___Purpose.ValueType
     granted: _builtins.bool
     policy_version: _builtins.str
     """The privacy policy version the member answered."""
+    purpose_key: _builtins.str
+    """The purpose's catalogue key (configured purposes have no enum value)."""
+    outdated: _builtins.bool
+    """The grant predates a policy version in force that materially changed the
+    purpose: reads for it are CONSENT_OUTDATED until the member consents again.
+    """
     @_builtins.property
     def recorded_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -102,10 +117,12 @@ class Consent(_message.Message):
         granted: _builtins.bool = ...,
         policy_version: _builtins.str = ...,
         recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        purpose_key: _builtins.str = ...,
+        outdated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "policy_version", b"policy_version", "purpose", b"purpose", "recorded_at", b"recorded_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "outdated", b"outdated", "policy_version", b"policy_version", "purpose", b"purpose", "purpose_key", b"purpose_key", "recorded_at", b"recorded_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,7 +228,7 @@ class SignUpRequest(_message.Message):
     """
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentChoice]:
-        """At most one choice per purpose; at most 8 items."""
+        """At most one choice per purpose; at most 32 items."""
 
     def __init__(
         self,
@@ -317,18 +334,26 @@ class GetMemberRequest(_message.Message):
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
+    PURPOSE_KEY_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id as SignUp returned it (a UUID). At most 45 characters."""
     purpose: Global___Purpose.ValueType
+    """Exactly one of purpose and purpose_key."""
+    purpose_key: _builtins.str
+    """A purpose by its catalogue key: an enum name without "PURPOSE_", or a
+    purpose the deployment configured (PRIVACY_VAULT_PURPOSES_FILE). At most
+    64 characters.
+    """
     def __init__(
         self,
         *,
         member_id: _builtins.str = ...,
         purpose: Global___Purpose.ValueType = ...,
+        purpose_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "purpose", b"purpose", "purpose_key", b"purpose_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

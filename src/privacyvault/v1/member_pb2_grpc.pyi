@@ -121,8 +121,14 @@ class MemberServiceStub:
     purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
     and needs the member's session (`x-member-session`; else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    A purpose is named by `purpose` or by `purpose_key` (exactly one). The
+    consent check is part of the read's own query: a withdrawal applies to the
+    very next read on every server.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
-    (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+    (the member refused the purpose, or never granted an opt-in or configured
+    one), CONSENT_OUTDATED (the member's grant predates a policy version in
+    force that materially changed the purpose: ask them to consent again,
+    ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
     policy does not allow the caller the stated purpose; UNAUTHENTICATED
     MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
     """
@@ -329,8 +335,14 @@ class MemberServiceAsyncStub(MemberServiceStub):
     purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
     and needs the member's session (`x-member-session`; else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    A purpose is named by `purpose` or by `purpose_key` (exactly one). The
+    consent check is part of the read's own query: a withdrawal applies to the
+    very next read on every server.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
-    (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+    (the member refused the purpose, or never granted an opt-in or configured
+    one), CONSENT_OUTDATED (the member's grant predates a policy version in
+    force that materially changed the purpose: ask them to consent again,
+    ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
     policy does not allow the caller the stated purpose; UNAUTHENTICATED
     MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
     """
@@ -552,8 +564,14 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         purpose allows are set. PURPOSE_MEMBER_REQUEST is the member's own right
         and needs the member's session (`x-member-session`; else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        A purpose is named by `purpose` or by `purpose_key` (exactly one). The
+        consent check is part of the read's own query: a withdrawal applies to the
+        very next read on every server.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
-        (the member refused the purpose), or CALLER_NOT_ALLOWED when the caller
+        (the member refused the purpose, or never granted an opt-in or configured
+        one), CONSENT_OUTDATED (the member's grant predates a policy version in
+        force that materially changed the purpose: ask them to consent again,
+        ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
         policy does not allow the caller the stated purpose; UNAUTHENTICATED
         MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
         """

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Protocol
 
 from vault.store.contracts.access_log import AccessLogStore
+from vault.store.contracts.consents import ConsentStore
 from vault.store.contracts.database import Database
 from vault.store.contracts.destruction import DestructionStore
 from vault.store.contracts.idempotency import IdempotencyStore
@@ -39,8 +40,10 @@ from vault.store.contracts.sessions import NewSession, SessionRow, SessionStore
 from vault.store.rows import (
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
+    RECORDED_BY_MEMBER,
     RETAINED_FIELDS,
     AccessEntryRow,
+    ConsentEventRow,
     ConsentRow,
     DestructionRecord,
     IndexedField,
@@ -52,8 +55,10 @@ from vault.store.rows import (
     MemberKeyRow,
     MemberRow,
     NewAccessEntry,
+    NewConsent,
     NewPasswordReset,
     OutboxMessage,
+    PolicyVersionRow,
     RecoveryMailOutcome,
     RetainedMember,
     RetainedSummary,
@@ -65,10 +70,13 @@ from vault.store.rows import (
 __all__ = [
     "ENCRYPTED_FIELDS",
     "INDEXED_FIELDS",
+    "RECORDED_BY_MEMBER",
     "RETAINED_FIELDS",
     "AccessEntryRow",
     "AccessLogStore",
+    "ConsentEventRow",
     "ConsentRow",
+    "ConsentStore",
     "Database",
     "DestructionRecord",
     "DestructionStore",
@@ -87,11 +95,13 @@ __all__ = [
     "MemberRow",
     "MemberStore",
     "NewAccessEntry",
+    "NewConsent",
     "NewPasswordReset",
     "NewSession",
     "OutboxMessage",
     "OutboxStore",
     "PasswordStore",
+    "PolicyVersionRow",
     "RecoveryMailOutcome",
     "RecoveryStore",
     "RetainedMember",
@@ -104,6 +114,7 @@ __all__ = [
     "SessionStore",
     "Store",
     "whole_access_log",
+    "whole_consent_history",
 ]
 
 
@@ -111,6 +122,7 @@ class Store(
     Database,
     KeyStore,
     MemberStore,
+    ConsentStore,
     PasswordStore,
     AccessLogStore,
     DestructionStore,
@@ -140,3 +152,17 @@ async def whole_access_log(
         if len(rows) < page:
             return entries
         cursor = (rows[-1].at, rows[-1].entry_id)
+
+
+async def whole_consent_history(
+    store: ConsentStore, member_id: str, page: int = 1000
+) -> list[ConsentEventRow]:
+    """Every consent event of the member, oldest first, read page by page."""
+    events: list[ConsentEventRow] = []
+    before: int | None = None
+    while True:
+        rows = await store.list_consent_events(member_id, page, before)
+        events.extend(rows)
+        if len(rows) < page:
+            return events[::-1]
+        before = rows[-1].event_id

@@ -45,10 +45,57 @@ class MemberKeyRow:
 
 @dataclass(frozen=True, slots=True)
 class ConsentRow:
+    """A member's current answer for one purpose (the last event of its history)."""
+
     purpose: str
     granted: bool
     policy_version: str
     recorded_at: datetime
+    #: When a policy version published after this answer, materially changing the
+    #: purpose, takes effect (the earliest such); None if none. Computed by the read.
+    reconsent_due_at: datetime | None = None
+
+
+#: Who recorded a consent event: the member (their session, or their sign-up).
+RECORDED_BY_MEMBER = "member"
+
+
+@dataclass(frozen=True, slots=True)
+class NewConsent:
+    """One answer to record: the purpose's key and whether it is granted."""
+
+    purpose: str
+    granted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentEventRow:
+    """One event of a member's append-only consent history."""
+
+    event_id: int
+    purpose: str
+    granted: bool
+    policy_version: str
+    recorded_at: datetime
+    #: "member", or the identity that recorded it on the member's behalf.
+    recorded_by: str
+    #: The calling service the event came through ("local", "internal", a SPIFFE ID).
+    caller: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersionRow:
+    """A published privacy policy version."""
+
+    version: str
+    published_at: datetime
+    #: From then on, consents predating publication to a changed purpose are outdated.
+    effective_at: datetime
+    text_sha256: str
+    #: The purposes whose use it materially changes (keys), sorted.
+    changed_purposes: tuple[str, ...]
+    published_by: str
+    caller: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +181,8 @@ class RetentionCheck:
     access_entry_ids: frozenset[int]
     kek_version: int
     retained_until: datetime
+    #: The consent history's event ids as copied: an event since means copy again.
+    consent_event_ids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +263,8 @@ class RetainedMember:
     ciphertexts: Mapping[str, bytes]  # exactly RETAINED_FIELDS
     consents: tuple[ConsentRow, ...] = ()
     access_log: tuple[AccessEntryRow, ...] = ()
+    #: The member's consent history (oldest first), as it stood at the move.
+    consent_history: tuple[ConsentEventRow, ...] = ()
     #: Which withdrawal attempt wrote the copy: only that attempt may replace it.
     attempt: str = ""
     #: False until the vault's shred committed; an unconfirmed copy left by a crash

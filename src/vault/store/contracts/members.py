@@ -20,9 +20,12 @@ class MemberStore(Protocol):
     """Members with their key and consents (ciphertexts and blind indexes only)."""
 
     async def insert_member(
-        self, member: MemberRow, idempotency: IdempotencyKey | None = None
+        self, member: MemberRow, idempotency: IdempotencyKey | None = None, *, caller: str = ""
     ) -> None:
-        """Insert the member, its key and its consents in one transaction (with
+        """Insert the member, its key and its consents in one transaction, the
+        consents also as the member's first consent events (recorded by the member,
+        through ``caller``, under the newest published policy version, else the
+        consents' own) (with
         ``idempotency``, the key too: see IdempotencyStore). PreconditionFailed if
         the key's KEK version has been destroyed meanwhile."""
         ...

@@ -18,8 +18,8 @@ wait for each other (a deadlock):
    under is still the member's, FOR UPDATE to replace or delete it;
 3. ``kek_versions`` rows: FOR SHARE, so a version stays active or undestroyed
    until commit;
-4. the member's own rows in ``access_log``, ``consents``, ``outbox`` and
-   ``password_resets``.
+4. the member's own rows in ``access_log``, ``consents``, ``consent_events``,
+   ``outbox`` and ``password_resets``.
 
 Three kinds of transaction touch a subset only, and keep to the same order: a
 sign-up locks the KEK version first, but the rows it then inserts are new (no

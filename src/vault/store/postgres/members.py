@@ -10,10 +10,14 @@ from vault.store._common import CT_COLUMNS, HMAC_COLUMNS, MEMBER_COLUMNS, hmac_c
 from vault.store.postgres._db import _PostgresDatabase, _uuid
 from vault.store.rows import ConsentRow, IndexedField, MemberKeyRow, MemberRow
 
-# The member's consents ride along as an array of records: one round trip.
+# The member's consents ride along as an array of records: one round trip. Each
+# carries when a later policy version's material change of its purpose applies
+# (policy_changes): the consent check is in the read's own query, never a cache.
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, ARRAY("
-    "SELECT ROW(c.purpose, c.granted, c.policy_version, c.recorded_at) FROM consents AS c "
+    "SELECT ROW(c.purpose, c.granted, c.policy_version, c.recorded_at, "
+    "(SELECT min(p.effective_at) FROM policy_changes AS p WHERE p.purpose = c.purpose "
+    "AND p.published_at > c.recorded_at)) FROM consents AS c "
     "WHERE c.member_id = m.member_id ORDER BY c.purpose) AS consents "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
@@ -38,8 +42,8 @@ def _member(row: Mapping[str, Any]) -> MemberRow:
 
 
 def _consent(row: Sequence[Any]) -> ConsentRow:
-    purpose, granted, policy_version, recorded_at = row
-    return ConsentRow(str(purpose), bool(granted), str(policy_version), recorded_at)
+    purpose, granted, policy_version, recorded_at, due = row
+    return ConsentRow(str(purpose), bool(granted), str(policy_version), recorded_at, due)
 
 
 class PostgresMembers(_PostgresDatabase):

@@ -29,6 +29,7 @@ _VERSION_STATE = both("SELECT state FROM kek_versions WHERE version = $1{share}"
 # Step 4. An update names the partition key (at) too, so PostgreSQL finds each
 # row by partition pruning rather than a probe of every month.
 _LOCK_ENTRIES = both("SELECT entry_id, at FROM access_log WHERE member_id = $1{update}")
+_LOCK_CONSENT_EVENTS = both("SELECT event_id FROM consent_events WHERE member_id = $1{update}")
 MEMBER_EXISTS = both("SELECT 1 FROM members WHERE member_id = $1{share}")
 _OUTBOX_ROW = (
     "INSERT INTO outbox (message_id, member_id, kind, params, created_at, attempts, "
@@ -104,4 +105,8 @@ async def matches_retention(
     if active is None or int(active) != check.kek_version:
         return False
     # An entry came (or went) since the withdrawal read them: copy again.
-    return set(await locked_entries(tx, d, key)) == set(check.access_entry_ids)
+    if set(await locked_entries(tx, d, key)) != set(check.access_entry_ids):
+        return False
+    # So did a consent event (an answer recorded since the copy was made).
+    events = await tx.fetch(_LOCK_CONSENT_EVENTS[d.name], key)
+    return {int(r[0]) for r in events} == set(check.consent_event_ids)

@@ -17,8 +17,17 @@ from vault.store._common import (
 )
 from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.contracts.sessions import NewSession
-from vault.store.rows import AccessEntryRow, ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
+from vault.store.rows import (
+    RECORDED_BY_MEMBER,
+    AccessEntryRow,
+    ConsentRow,
+    MemberRow,
+    NewAccessEntry,
+    NewConsent,
+    OutboxMessage,
+)
 from vault.store.sql import guards
+from vault.store.sql.consents import append_consents
 from vault.store.sql.dialect import both
 from vault.store.sql.executor import (
     ForeignKeyViolation,
@@ -39,10 +48,6 @@ _INSERT_MEMBER = both(
 )
 _INSERT_KEY = both(
     "INSERT INTO member_keys (member_id, dek_id, kek_version, wrapped_dek) VALUES ($1, $2, $3, $4)"
-)
-_INSERT_CONSENT = both(
-    "INSERT INTO consents (member_id, purpose, granted, policy_version, recorded_at) "
-    "VALUES ($1, $2, $3, $4, $5)"
 )
 _LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
 # A connection cancels a pending inactivity notice (the clock restarts).
@@ -74,7 +79,7 @@ class SqlMembers(SqlExecutor):
     """Sign-ups, updates, logins and consents."""
 
     async def insert_member(
-        self, member: MemberRow, idempotency: IdempotencyKey | None = None
+        self, member: MemberRow, idempotency: IdempotencyKey | None = None, *, caller: str = ""
     ) -> None:
         d = self._dialect
         member_id = d.member_id(check_new_member(member))
@@ -86,10 +91,9 @@ class SqlMembers(SqlExecutor):
             *(bytes(member.ciphertexts[f]) for f in CT_COLUMNS),
         ]
         key = member.key
-        consents = [
-            (member_id, c.purpose, c.granted, c.policy_version, d.time(c.recorded_at))
-            for c in member.consents
-        ]
+        # Sign-up's answers are the member's first consent events, under the version
+        # in force (the newest published; before any, the configured one).
+        consents = member.consents
         request = key_params(d, idempotency)
 
         async def body(tx: Tx) -> None:
@@ -98,7 +102,17 @@ class SqlMembers(SqlExecutor):
             await tx.run(
                 _INSERT_KEY[d.name], member_id, key.dek_id, key.kek_version, bytes(key.wrapped_dek)
             )
-            await tx.run_many(_INSERT_CONSENT[d.name], consents)
+            for c in consents:
+                await append_consents(
+                    tx,
+                    d,
+                    member_id,
+                    [NewConsent(c.purpose, c.granted)],
+                    c.recorded_at,
+                    recorded_by=RECORDED_BY_MEMBER,
+                    caller=caller,
+                    default_version=c.policy_version,
+                )
             await store_key(tx, d, request)  # a live key there rolls the member back
 
         try:

@@ -4,6 +4,7 @@ few differences in front, and its connection layer behind."""
 from __future__ import annotations
 
 from vault.store.sql.access_log import SqlAccessLog
+from vault.store.sql.consents import SqlConsents
 from vault.store.sql.destruction import SqlDestruction
 from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
@@ -22,6 +23,7 @@ class SqlVaultStore(
     SqlKeys,
     SqlKeyEvents,
     SqlMembers,
+    SqlConsents,
     SqlPasswords,
     SqlAccessLog,
     SqlDestruction,

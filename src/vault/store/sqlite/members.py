@@ -18,12 +18,16 @@ from vault.store._common import (
 from vault.store.rows import ConsentRow, IndexedField, MemberKeyRow, MemberRow
 from vault.store.sqlite._db import _SqliteDatabase
 
-# The member's consents ride along as a JSON array: one statement per read.
+# The member's consents ride along as a JSON array: one statement per read. Each
+# carries when a later policy version's material change of its purpose applies
+# (policy_changes): the consent check is in the read's own query, never a cache.
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, (SELECT json_group_array("
-    "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at)) FROM "
-    "(SELECT purpose, granted, policy_version, recorded_at FROM consents "
-    "WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
+    "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at, c.due)) FROM "
+    "(SELECT x.purpose, x.granted, x.policy_version, x.recorded_at, "
+    "(SELECT min(p.effective_at) FROM policy_changes AS p WHERE p.purpose = x.purpose "
+    "AND p.published_at > x.recorded_at) AS due FROM consents AS x "
+    "WHERE x.member_id = m.member_id ORDER BY x.purpose) AS c) AS consents "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 # Built once: the member read is GetMember's hot path.
@@ -54,8 +58,14 @@ def _member(row: tuple[Any, ...]) -> MemberRow:
         key=MemberKeyRow(member_id, dek_id, kek_version, wrapped_dek),
         consents=tuple(
             [
-                ConsentRow(purpose, granted == 1, version, from_micros(at))
-                for purpose, granted, version, at in _decode(consents)[0]
+                ConsentRow(
+                    purpose,
+                    granted == 1,
+                    version,
+                    from_micros(at),
+                    None if due is None else from_micros(due),
+                )
+                for purpose, granted, version, at, due in _decode(consents)[0]
             ]
         ),
     )
