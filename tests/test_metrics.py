@@ -152,6 +152,8 @@ async def test_the_server_counts_calls_by_code_and_domain_events_without_persona
     assert value(after, "grpc_server_started_total", **auth) == 2
     assert value(after, "grpc_server_handled_total", **auth, grpc_code="Unauthenticated") == 1
     assert value(after, "grpc_server_handled_total", **auth, grpc_code="OK") == 1
+    assert value(after, "grpc_server_msg_received_total", **auth) == 2
+    assert value(after, "grpc_server_msg_sent_total", **auth) == 1
     get = rpc("GetMember")
     assert value(after, "grpc_server_started_total", **get) == 4
     assert value(after, "grpc_server_handled_total", **get, grpc_code="OK") == 1

@@ -234,7 +234,7 @@ class Metrics:
         """``handler`` (the request wrapper of a unary method), counted and timed."""
         rpc = self._rpc(path, "unary")
         started, received, sent, done = rpc.started, rpc.received, rpc.sent, rpc.done
-        ok = grpc.StatusCode.OK
+        ok, cancelled = grpc.StatusCode.OK, grpc.StatusCode.CANCELLED
 
         async def measured(requests: Any, context: Context) -> Any:
             started()
@@ -242,7 +242,10 @@ class Metrics:
             try:
                 response = await handler(requests, context)
             except BaseException as exc:
-                done(status_code(exc, context), begun)
+                code = status_code(exc, context)
+                if code is not cancelled:  # the request was read (all but a rare empty call)
+                    received()
+                done(code, begun)
                 raise
             received()
             sent()
