@@ -134,6 +134,13 @@ async def test_the_server_counts_calls_by_code_and_domain_events_without_persona
                 pb.GetMemberRequest(member_id=str(uuid.uuid4()), purpose=pb.PURPOSE_IDENTIFICATION)
             )
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        first_session = await member_session(members, first)
+        pieces = [
+            piece
+            async for piece in members.StreamMemberData(
+                pb.StreamMemberDataRequest(member_id=first_id), metadata=first_session
+            )
+        ]
         session = await member_session(members, second)
         await members.Withdraw(
             pb.WithdrawRequest(member_id=second_id, password=second.password), metadata=session
@@ -149,17 +156,21 @@ async def test_the_server_counts_calls_by_code_and_domain_events_without_persona
     assert value(after, "grpc_server_msg_received_total", **rpc("SignUp")) == 2
     assert value(after, "grpc_server_msg_sent_total", **rpc("SignUp")) == 2
     auth = rpc("Authenticate")
-    assert value(after, "grpc_server_started_total", **auth) == 2
+    assert value(after, "grpc_server_started_total", **auth) == 3
     assert value(after, "grpc_server_handled_total", **auth, grpc_code="Unauthenticated") == 1
-    assert value(after, "grpc_server_handled_total", **auth, grpc_code="OK") == 1
-    assert value(after, "grpc_server_msg_received_total", **auth) == 2
-    assert value(after, "grpc_server_msg_sent_total", **auth) == 1
+    assert value(after, "grpc_server_handled_total", **auth, grpc_code="OK") == 2
+    assert value(after, "grpc_server_msg_received_total", **auth) == 3
+    assert value(after, "grpc_server_msg_sent_total", **auth) == 2
     get = rpc("GetMember")
     assert value(after, "grpc_server_started_total", **get) == 4
     assert value(after, "grpc_server_handled_total", **get, grpc_code="OK") == 1
     assert value(after, "grpc_server_handled_total", **get, grpc_code="PermissionDenied") == 2
     assert value(after, "grpc_server_handled_total", **get, grpc_code="NotFound") == 1
     assert value(after, "grpc_server_handling_seconds_count", **get) == 4
+    stream = rpc("StreamMemberData", "server_stream")
+    assert value(after, "grpc_server_handled_total", **stream, grpc_code="OK") == 1
+    assert value(after, "grpc_server_msg_received_total", **stream) == 1
+    assert value(after, "grpc_server_msg_sent_total", **stream) == len(pieces) > 0
     check = rpc("Check", service="grpc.health.v1.Health")
     assert value(after, "grpc_server_handled_total", **check, grpc_code="OK") == 1
 
