@@ -9,8 +9,6 @@ the personal data the test sent: none of it may appear in any label or anywhere 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -22,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_support import CLIENT_IP, member_session, sign_up_request
-from process_support import cli_env, free_port
+from process_support import ServerProcess, cli_env, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from privacyvault.v1 import member_pb2 as pb
@@ -240,37 +238,18 @@ async def test_a_lockout_is_counted_once_when_it_starts(
 # --- the sidecar's own endpoint --------------------------------------------------------
 
 
-class SidecarProcess:
-    def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
-        self._log = log.open("wb")
-        self.log_path = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "sidecar"],
-            env=env,
-            cwd=cwd,
-            stdout=self._log,
-            stderr=self._log,
-        )
-
-    def close(self) -> int:
-        self.process.terminate()
-        code = self.process.wait(timeout=20)
-        self._log.close()
-        return int(code)
-
-
-async def _first_round(port: int, sidecar: SidecarProcess) -> tuple[str, Samples]:
+async def _first_round(port: int, sidecar: ServerProcess) -> tuple[str, Samples]:
     """The sidecar's page once its first round is done."""
     deadline = time.monotonic() + 30
     while True:
-        assert sidecar.process.poll() is None, sidecar.log_path.read_text()
+        assert sidecar.process.poll() is None, sidecar.log_text()
         try:
             text, samples = await scraped(port)
             if value(samples, "privacy_vault_sidecar_rounds_total", outcome="done") >= 1:
                 return text, samples
         except OSError:
             pass  # not listening yet
-        assert time.monotonic() < deadline, sidecar.log_path.read_text()
+        assert time.monotonic() < deadline, sidecar.log_text()
         await asyncio.sleep(0.2)
 
 
@@ -296,7 +275,7 @@ async def test_the_sidecar_serves_its_rounds_and_the_database_gauges(
         members = MemberServiceStub(channel)
         requests = [sign_up_request(), sign_up_request()]
         ids = [(await members.SignUp(r)).member_id for r in requests]
-        sidecar = SidecarProcess(env, tmp_path, tmp_path / "sidecar.log")
+        sidecar = ServerProcess(env, tmp_path, tmp_path / "sidecar.log", ("sidecar",))
         try:
             text, first = await _first_round(port, sidecar)
             assert value(first, "privacy_vault_lifecycle_processed_total", step="notices") == 2
@@ -318,8 +297,11 @@ async def test_the_sidecar_serves_its_rounds_and_the_database_gauges(
             await server.vault.keys.rotate("metrics test")
             later_text, later = await scraped(port)
         finally:
-            code = sidecar.close()
-    assert code == 0, sidecar.log_path.read_text()
+            try:
+                code, _ = sidecar.terminate()
+            finally:
+                sidecar.close()
+    assert code == 0, sidecar.log_text()
     assert value(later, "privacy_vault_lifecycle_due", step="notices") == 1
     assert value(later, "privacy_vault_kek_versions", state="active") == 1
     assert value(later, "privacy_vault_kek_versions", state="decrypt_only") == 1
