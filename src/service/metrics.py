@@ -141,6 +141,78 @@ class _Rpc:
         self.seconds(time.perf_counter() - started)
 
 
+class _RpcFamilies:
+    """go-grpc-prometheus's server metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        rpc_labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server.", rpc_labels, registry=registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure.",
+            (*rpc_labels, "grpc_code"),
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency (seconds) of gRPC that had been application-level handled "
+            "by the server.",
+            rpc_labels,
+            buckets=HANDLING_BUCKETS,
+            registry=registry,
+        )
+        self.received = Counter(
+            "grpc_server_msg_received",
+            "RPC messages received on the server.",
+            rpc_labels,
+            registry=registry,
+        )
+        self.sent = Counter(
+            "grpc_server_msg_sent",
+            "gRPC messages sent on the server.",
+            rpc_labels,
+            registry=registry,
+        )
+
+
+class _SidecarFamilies:
+    """The lifecycle sidecar's rounds and the mail they relayed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rounds = Counter(
+            "privacy_vault_sidecar_rounds",
+            "Lifecycle sidecar rounds by outcome: done, lease_held_elsewhere, failed.",
+            ("outcome",),
+            registry=registry,
+        )
+        self.round_seconds = Histogram(
+            "privacy_vault_sidecar_round_seconds",
+            "How long a lifecycle sidecar round took (rounds this process ran).",
+            buckets=ROUND_BUCKETS,
+            registry=registry,
+        )
+        self.lease = Gauge(
+            "privacy_vault_sidecar_lease_held",
+            "1 while this process's sidecar holds the lifecycle lease (as of its last round).",
+            registry=registry,
+        )
+        self.processed = Counter(
+            "privacy_vault_lifecycle_processed",
+            "What the sidecar's rounds did, by step (members shredded, notices sent...).",
+            ("step",),
+            registry=registry,
+        )
+        self.mail = Counter(
+            "privacy_vault_mail",
+            "Outbox mail relayed, by outcome: sent, dropped (member gone), retried, failed "
+            "(given up).",
+            ("outcome",),
+            registry=registry,
+        )
+
+
 class Metrics:
     """A process's metrics: one registry, served over HTTP once :meth:`serve` ran."""
 
@@ -149,84 +221,28 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.registry.register(GC_COLLECTOR)
-        rpc_labels = ("grpc_type", "grpc_service", "grpc_method")
-        r = self.registry
-        self._started = Counter(
-            "grpc_server_started", "RPCs started on the server.", rpc_labels, registry=r
-        )
-        self._handled = Counter(
-            "grpc_server_handled",
-            "RPCs completed on the server, regardless of success or failure.",
-            (*rpc_labels, "grpc_code"),
-            registry=r,
-        )
-        self._seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Response latency (seconds) of gRPC that had been application-level handled "
-            "by the server.",
-            rpc_labels,
-            buckets=HANDLING_BUCKETS,
-            registry=r,
-        )
-        self._received = Counter(
-            "grpc_server_msg_received",
-            "RPC messages received on the server.",
-            rpc_labels,
-            registry=r,
-        )
-        self._sent = Counter(
-            "grpc_server_msg_sent", "gRPC messages sent on the server.", rpc_labels, registry=r
-        )
+        self._rpcs = _RpcFamilies(self.registry)
+        self._sidecar = _SidecarFamilies(self.registry)
         self._denials = Counter(
             "privacy_vault_policy_denials",
             "Calls refused by the caller policy (reason caller_policy) or for want of the "
             "member's consent to the purpose (reason consent).",
             ("caller", "method", "purpose", "reason"),
-            registry=r,
+            registry=self.registry,
         )
         self._callers: set[str] = set()
-        self._rounds = Counter(
-            "privacy_vault_sidecar_rounds",
-            "Lifecycle sidecar rounds by outcome: done, lease_held_elsewhere, failed.",
-            ("outcome",),
-            registry=r,
-        )
-        self._round_seconds = Histogram(
-            "privacy_vault_sidecar_round_seconds",
-            "How long a lifecycle sidecar round took (rounds this process ran).",
-            buckets=ROUND_BUCKETS,
-            registry=r,
-        )
-        self._lease = Gauge(
-            "privacy_vault_sidecar_lease_held",
-            "1 while this process's sidecar holds the lifecycle lease (as of its last round).",
-            registry=r,
-        )
-        self._processed = Counter(
-            "privacy_vault_lifecycle_processed",
-            "What the sidecar's rounds did, by step (members shredded, notices sent...).",
-            ("step",),
-            registry=r,
-        )
-        self._mail = Counter(
-            "privacy_vault_mail",
-            "Outbox mail relayed, by outcome: sent, dropped (member gone), retried, failed "
-            "(given up).",
-            ("outcome",),
-            registry=r,
-        )
         self._http: WSGIServer | None = None
         self.port: int | None = None
 
     # --- gRPC --------------------------------------------------------------------------
     def _rpc(self, path: str, grpc_type: str) -> _Rpc:
-        labels = (grpc_type, *split_path(path))
+        labels, f = (grpc_type, *split_path(path)), self._rpcs
         return _Rpc(
-            started=self._started.labels(*labels).inc,
-            received=self._received.labels(*labels).inc,
-            sent=self._sent.labels(*labels).inc,
-            seconds=self._seconds.labels(*labels).observe,
-            handled_family=self._handled,
+            started=f.started.labels(*labels).inc,
+            received=f.received.labels(*labels).inc,
+            sent=f.sent.labels(*labels).inc,
+            seconds=f.seconds.labels(*labels).observe,
+            handled_family=f.handled,
             labels=labels,
         )
 
@@ -318,19 +334,20 @@ class Metrics:
 
     def sidecar_round(self, outcome: str, seconds: float, report: RoundReport | None) -> None:
         """The sidecar's hook after each round (service.sidecar.RoundHook)."""
-        self._rounds.labels(outcome).inc()
+        f = self._sidecar
+        f.rounds.labels(outcome).inc()
         if outcome == "lease_held_elsewhere":
-            self._lease.set(0)
+            f.lease.set(0)
             return
-        self._round_seconds.observe(seconds)
+        f.round_seconds.observe(seconds)
         if report is None:
             return
-        self._lease.set(1)
+        f.lease.set(1)
         counts = report.as_dict()
         for step in ROUND_COUNTS:
-            self._processed.labels(step).inc(int(counts[step]))
+            f.processed.labels(step).inc(int(counts[step]))
         for outcome_ in MAIL_OUTCOMES:
-            self._mail.labels(outcome_).inc(int(counts[f"mail_{outcome_}"]))
+            f.mail.labels(outcome_).inc(int(counts[f"mail_{outcome_}"]))
 
     # --- the endpoint ----------------------------------------------------------------------
     def serve(self, address: str) -> int:

@@ -191,6 +191,21 @@ async def _tracing(settings: Settings, given: Tracing | None) -> AsyncIterator[T
         tracing.close()
 
 
+def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
+    if settings.admin_token is not None and not tls:
+        # The bearer token crosses the network in the clear without TLS.
+        log.warning("admin_api_without_tls")
+    log.info(
+        "server_started",
+        port=port,
+        tls=tls,
+        mtls=settings.tls_client_ca_file is not None,
+        reflection=settings.reflection_enabled,
+        admin_api=settings.admin_token is not None,
+        environment=settings.environment,
+    )
+
+
 @contextlib.asynccontextmanager
 async def run_server(
     settings: Settings, *, clock: Clock | None = None, tracing: Tracing | None = None
@@ -227,18 +242,7 @@ async def run_server(
         running = RunningServer(
             server, port, health_servicer, vault, None if metrics is None else metrics.port
         )
-        if settings.admin_token is not None and credentials is None:
-            # The bearer token crosses the network in the clear without TLS.
-            log.warning("admin_api_without_tls")
-        log.info(
-            "server_started",
-            port=port,
-            tls=credentials is not None,
-            mtls=settings.tls_client_ca_file is not None,
-            reflection=settings.reflection_enabled,
-            admin_api=settings.admin_token is not None,
-            environment=settings.environment,
-        )
+        _log_started(settings, port, tls=credentials is not None)
         sidecar_task: asyncio.Task[None] | None = None
         if settings.sidecar_in_process_enabled:
             # The embedded default: lifecycle sweeps in this process. Cancelling a
