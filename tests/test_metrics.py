@@ -9,6 +9,7 @@ the personal data the test sent: none of it may appear in any label or anywhere 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import urllib.request
 import uuid
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
+from service.metrics import MetricsUnavailable
 from service.server import run_server
 from vault import FrozenClock
 
@@ -88,6 +90,17 @@ def policy_file(tmp_path: Path) -> Path:
 async def test_metrics_are_off_unless_an_address_is_set(server_settings: Settings) -> None:
     async with run_server(server_settings) as running:
         assert running.metrics_port is None
+
+
+async def test_a_metrics_address_in_use_refuses_the_start(server_settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = server_settings.model_copy(update={"metrics_address": address})
+        with pytest.raises(MetricsUnavailable, match=f"{address} cannot be listened on"):
+            async with run_server(settings):
+                pytest.fail("the server started")
 
 
 async def test_the_server_counts_calls_by_code_and_domain_events_without_personal_data(

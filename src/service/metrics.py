@@ -45,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.errors import CallerNotAllowed
+from service.errors import CallerNotAllowed, ServiceError
 from vault import errors as ve
 from vault.activity import Activity
 from vault.calls import current_caller
@@ -99,6 +99,10 @@ MAIL_OUTCOMES = ("sent", "dropped", "retried", "failed")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler = Callable[[Any, Context], Any]
+
+
+class MetricsUnavailable(ServiceError):
+    """The metrics address cannot be listened on: the start is refused."""
 
 
 def status_code(exc: BaseException, context: Context) -> grpc.StatusCode:
@@ -353,7 +357,12 @@ class Metrics:
     def serve(self, address: str) -> int:
         """Serve ``/metrics`` on ``address`` (host:port) in a thread; the port bound."""
         host, _, port = address.rpartition(":")
-        self._http, _ = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        try:
+            self._http, _ = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        except OSError as exc:  # in use, or not an address of this host
+            raise MetricsUnavailable(
+                f"PRIVACY_VAULT_METRICS_ADDRESS {address} cannot be listened on: {exc.strerror}"
+            ) from None
         self.port = int(self._http.server_port)
         log.info("metrics_listener_started", port=self.port)
         return self.port

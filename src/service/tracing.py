@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health
 
 from service import logs
+from service.errors import ServiceError
 from service.metrics import split_path, status_code
 from vault.calls import INTERNAL, current_caller
 
@@ -52,7 +53,7 @@ SERVER_ERRORS = frozenset(
 )
 
 
-class TracingUnavailable(RuntimeError):
+class TracingUnavailable(ServiceError):
     """Tracing is on but OpenTelemetry is not installed."""
 
 
