@@ -2,6 +2,7 @@
 
     python bench/run.py [--pairs 8] [--slice 1.5] [--database-url URL] [--json out.json] [--check]
     python bench/run.py --tls ...   (the mTLS pairs of bench/tls_bench.py instead)
+    python bench/run.py --metrics ...   (GetMember with / without metrics, bench/metrics_bench.py)
 
 Pairs: bare grpc.aio echo server / GetMember; raw argon2id verify / Authenticate; raw
 argon2id hash / SignUp. Each pair of scenarios alternates in short slices, A B B A A B ...,
@@ -380,7 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the mTLS pairs instead: GetMember under a 50-entry caller policy / allow-all, "
         "and / the echo over mTLS",
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="the metrics pair instead: GetMember with the Prometheus endpoint on (and "
+        "scraped) / GetMember without it",
+    )
     args = parser.parse_args(argv)
+    if args.tls and args.metrics:
+        parser.error("--tls and --metrics are separate runs")
     args.only = args.only or [r.service for r in RATIOS]
     measured: list[tuple[dict[str, Stats], list[Paired]]] = []
 
@@ -390,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 from tls_bench import measure_tls
 
                 measured.append(measure_tls(args, Path(tmp)))
+            elif args.metrics:
+                from metrics_bench import measure_metrics
+
+                measured.append(measure_metrics(args, Path(tmp)))
             else:
                 measured.append(measure(args, Path(tmp)))
 

@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: python-pkcs11 (test_pkcs11_provider, SoftHSM2), aiosmtplib (test_mailer), typer,
 #: rich, pydantic-settings and structlog (test_server_process), asyncpg and the grpc
 #: packages (test_member_api, the members and keys store contracts and
-#: test_key_admin_api on both backends), argon2-cffi and email-validator (sign-ups everywhere).
+#: test_key_admin_api on both backends), argon2-cffi and email-validator (sign-ups everywhere),
+#: prometheus-client (test_metrics).
 FLOOR_TESTS = (
     "tests/test_crypto.py",
     "tests/test_pkcs11_provider.py",
@@ -62,6 +63,7 @@ FLOOR_TESTS = (
     "tests/test_store_keys.py",
     "tests/test_key_admin_api.py",
     "tests/test_tls_rotation.py",  # grpc's dynamic TLS credentials, cryptography's PEM checks
+    "tests/test_metrics.py",
 )
 #: Dev-extra packages that lint, type-check or generate; the tests do not need them.
 NOT_FOR_TESTS = re.compile(

@@ -62,14 +62,18 @@ def run_cli(
 
 class ServerProcess:
     """``python -m service serve`` on ``PRIVACY_VAULT_LISTEN_ADDRESS`` of ``env``, its
-    stdout and stderr (JSON log lines) in ``log_path``."""
+    stdout and stderr (JSON log lines) in ``log_path``; or another long-running
+    ``command`` (``("sidecar",)``), with the same output and ending."""
 
-    def __init__(self, env: dict[str, str], cwd: Path, log_path: Path) -> None:
-        self.port = int(env["PRIVACY_VAULT_LISTEN_ADDRESS"].rsplit(":", 1)[1])
+    def __init__(
+        self, env: dict[str, str], cwd: Path, log_path: Path, command: tuple[str, ...] = ("serve",)
+    ) -> None:
+        address = env.get("PRIVACY_VAULT_LISTEN_ADDRESS", "127.0.0.1:50051")
+        self.port = int(address.rsplit(":", 1)[1])
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, "-m", "service", *command],
             env=env,
             cwd=cwd,
             stdout=self._log,

@@ -3,7 +3,8 @@ and run by podman read-only, as uid 10001, without capabilities, with only a dat
 volume writable (not even /tmp), on host networking at a free loopback port. The
 image's own health check says SERVING, SignUp, Authenticate, GetMember (a calling
 service's read, and the member's own with the session) and EndSession work over gRPC
-from outside, and SIGTERM stops it with exit code 0.
+from outside, its metrics endpoint counts them without personal data, and SIGTERM
+stops it with exit code 0.
 
 Without podman or without the image (``PRIVACY_VAULT_IMAGE``, default
 ``localhost/privacy-vault:ci``) the test is skipped loudly, or fails when
@@ -18,6 +19,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,13 +86,14 @@ def podman() -> Podman:
 class Container:
     name: str
     target: str
+    metrics: str
 
 
 @pytest.fixture
 def container(podman: Podman) -> Iterator[Container]:
     name = f"pv-test-{secrets.token_hex(4)}"
     volume = f"{name}-data"
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     podman.ok("volume", "create", volume)
     try:
         podman.ok(
@@ -118,10 +121,12 @@ def container(podman: Podman) -> Iterator[Container]:
             "PRIVACY_VAULT_ARGON2_MEMORY_COST=8",
             "--env",
             "PRIVACY_VAULT_SHUTDOWN_GRACE_SECONDS=2",
+            "--env",
+            f"PRIVACY_VAULT_METRICS_ADDRESS=127.0.0.1:{metrics_port}",
             IMAGE,
             "serve",
         )
-        yield Container(name, f"127.0.0.1:{port}")
+        yield Container(name, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         podman.run("rm", "--force", "--time", "0", name)
         podman.run("volume", "rm", "--force", volume)
@@ -187,6 +192,19 @@ def test_image_serves_read_only_as_non_root_and_stops_on_sigterm(
         members.EndSession(
             pb.EndSessionRequest(member_id=signed_up.member_id), metadata=session, timeout=20
         )
+
+    # Its metrics endpoint counted the calls, and shows nothing of the member (issue 11).
+    with urllib.request.urlopen(container.metrics, timeout=20) as page:
+        metrics = page.read().decode()
+    assert (
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="SignUp",'
+        'grpc_service="privacyvault.v1.MemberService",grpc_type="unary"} 1.0'
+    ) in metrics
+    assert "privacy_vault_sign_ups_total 1.0" in metrics
+    for personal in ("container01", "Container Member", signed_up.member_id, "203.0.113.7"):
+        assert personal not in metrics
+    # The otel extra is in the image: tracing is a setting away.
+    podman.ok("exec", container.name, "python", "-c", "import opentelemetry.sdk.trace")
 
     # `podman stop` sends the image's STOPSIGNAL (SIGTERM) and waits; no SIGKILL needed.
     started = time.monotonic()

@@ -316,6 +316,10 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
         "counters_purged": 0,
         "kek_rotated": 0,
         "kek_versions_destroyed": 0,
+        "mail_sent": 0,
+        "mail_dropped": 0,
+        "mail_retried": 0,
+        "mail_failed": 0,
         "dry_run": True,
     }
     after = (

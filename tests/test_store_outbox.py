@@ -28,6 +28,8 @@ async def test_outbox_due_retry_and_sent(vault: Store) -> None:
     assert await vault.enqueue_outbox(first)
 
     assert await vault.due_outbox(ts(0), 10) == []
+    assert await vault.outbox_depth(ts(0)) == (2, 0)
+    assert await vault.outbox_depth(ts(1)) == (2, 1)
     due = await vault.due_outbox(ts(10), 10)
     assert due == [
         replace(first, next_attempt_at=ts(1)),
@@ -43,6 +45,9 @@ async def test_outbox_due_retry_and_sent(vault: Store) -> None:
     await vault.outbox_sent(second.message_id)
     await vault.outbox_sent(second.message_id)  # idempotent
     assert [m.message_id for m in await vault.due_outbox(ts(100), 10)] == [first.message_id]
+    assert await vault.outbox_depth(ts(10)) == (1, 0)
+    await vault.outbox_sent(first.message_id)
+    assert await vault.outbox_depth(ts(1000)) == (0, 0)
 
 
 async def test_enqueue_for_a_missing_member_is_false(vault: Store) -> None:

@@ -172,6 +172,18 @@ class Settings(BaseSettings):
     #: or a debugging tool needs the standard loop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
+    #: Prometheus metrics over plain HTTP on an address of their own (e.g. 0.0.0.0:9464,
+    #: port 0 for any free one): ``/metrics``, for ``serve`` and ``sidecar`` alike. No
+    #: personal data in any label. Unset (the default): no metrics endpoint.
+    metrics_address: str | None = None
+    #: Gauges that need a database query (KEK versions and the keys each wraps, the
+    #: outbox, the lifecycle's due counts) are re-read at a scrape at most this often.
+    metrics_refresh_seconds: float = Field(15.0, ge=0, le=3600)
+    #: OpenTelemetry tracing: a span per RPC (W3C trace context from the caller), the
+    #: trace id in log lines. Needs the ``otel`` extra; the exporter is OTLP, set by the
+    #: standard OTEL_EXPORTER_OTLP_* variables (OTEL_SERVICE_NAME names the service).
+    otel_enabled: bool = False
+
     argon2_time_cost: int = Field(OWASP.time_cost, ge=1)
     argon2_memory_cost: int = Field(OWASP.memory_cost, ge=8)
     argon2_parallelism: int = Field(OWASP.parallelism, ge=1)
@@ -246,7 +258,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("listen_address", "health_listen_address")
+    @field_validator("listen_address", "health_listen_address", "metrics_address")
     @classmethod
     def _has_port(cls, value: str | None) -> str | None:
         if value is None:

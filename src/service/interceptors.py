@@ -27,8 +27,8 @@ import os
 import re
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -192,10 +192,32 @@ def _frames(exc: BaseException) -> list[str]:
     return [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)]
 
 
+class CallLayer(Protocol):
+    """Something around every call of a method, added at registration (metrics,
+    tracing): it returns the handler it was given, or a handler that calls it. With no
+    layer a call runs the request wrapper alone, at no cost for what is switched off."""
+
+    def unary(self, path: str, handler: Any) -> Any: ...
+    def stream(self, path: str, handler: Any) -> Any: ...
+
+
+#: Told of every refused call (the metrics count the caller policy's refusals).
+Refused = Callable[[str, BaseException], None]
+
+
 class ServiceInterceptor:
-    def __init__(self, default_deadline: float) -> None:
+    def __init__(
+        self,
+        default_deadline: float,
+        *,
+        layers: Sequence[CallLayer] = (),
+        on_refused: Refused | None = None,
+    ) -> None:
         self._default_deadline = default_deadline
         self._slow_reads = _SlowReads(default_deadline)
+        # Innermost first: the last layer sees the call first (tracing around metrics).
+        self._layers = tuple(layers)
+        self._on_refused = on_refused
 
     async def close(self) -> None:
         await self._slow_reads.close()
@@ -206,6 +228,20 @@ class ServiceInterceptor:
     def unary(
         self, method: str, behavior: UnaryBehavior, accept: Accept = _accept_checked
     ) -> UnaryBehavior:
+        wrapped = self._unary(method, behavior, accept)
+        for layer in self._layers:
+            wrapped = layer.unary(method, wrapped)
+        return wrapped
+
+    def stream(
+        self, method: str, behavior: StreamBehavior, accept: Accept = _accept_checked
+    ) -> StreamBehavior:
+        wrapped = self._stream(method, behavior, accept)
+        for layer in self._layers:
+            wrapped = layer.stream(method, wrapped)
+        return wrapped
+
+    def _unary(self, method: str, behavior: UnaryBehavior, accept: Accept) -> UnaryBehavior:
         default = self._default_deadline
         slow_reads = self._slow_reads
 
@@ -239,9 +275,7 @@ class ServiceInterceptor:
 
         return wrapped
 
-    def stream(
-        self, method: str, behavior: StreamBehavior, accept: Accept = _accept_checked
-    ) -> StreamBehavior:
+    def _stream(self, method: str, behavior: StreamBehavior, accept: Accept) -> StreamBehavior:
         writes_itself = not inspect.isasyncgenfunction(behavior)
 
         async def wrapped(requests: Any, context: Context) -> AsyncIterator[Any]:
@@ -284,6 +318,8 @@ class ServiceInterceptor:
             log.warning("rpc_failed", error_type=type(exc).__name__, **fields)
         else:
             log.info("rpc_refused", **fields)
+        if self._on_refused is not None:
+            self._on_refused(method, exc)
         trailers: list[tuple[str, str | bytes]] = [(REQUEST_ID_KEY, rid)]
         if details:
             trailers.append(("grpc-status-details-bin", details))

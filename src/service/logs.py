@@ -99,6 +99,24 @@ class _Output:
 _OUTPUT = _Output()
 # Changed in place only: cached loggers hold this very list.
 _PROCESSORS: list[structlog.types.Processor] = []
+#: Processors added by a part that is switched on (tracing's trace ids), run before
+#: the net and the renderer; kept across :func:`configure_logging`.
+_ADDED: list[structlog.types.Processor] = []
+
+
+def add_processor(processor: structlog.types.Processor) -> None:
+    """Run ``processor`` on every event from now on (until :func:`remove_processor`)."""
+    if processor not in _ADDED:
+        _ADDED.append(processor)
+        if _PROCESSORS:
+            _PROCESSORS.insert(_PROCESSORS.index(_drop_forbidden), processor)
+
+
+def remove_processor(processor: structlog.types.Processor) -> None:
+    if processor in _ADDED:
+        _ADDED.remove(processor)
+    if processor in _PROCESSORS:
+        _PROCESSORS.remove(processor)
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
@@ -116,6 +134,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *_ADDED,
         _drop_forbidden,
         renderer,
     ]

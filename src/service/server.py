@@ -24,12 +24,14 @@ from service.config import Settings
 from service.consent_servicer import ConsentServicer, PolicyAdminServicer
 from service.field_limits import check_field_limits
 from service.health_listener import start_health_listener
-from service.interceptors import ServiceInterceptor, add_servicer
+from service.interceptors import CallLayer, ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
+from service.metrics import Metrics
 from service.reflection import enable_reflection
 from service.server_certificates import ServerCertificates, TlsFiles
-from service.wiring import build_sidecar, open_configured_vault
+from service.tracing import Tracing
+from service.wiring import build_sidecar, open_configured_vault, serving_metrics
 from vault import Clock, Vault
 
 log = structlog.get_logger("service.server")
@@ -54,6 +56,8 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     vault: Vault
+    #: The metrics endpoint's port (PRIVACY_VAULT_METRICS_ADDRESS), None without one.
+    metrics_port: int | None = None
 
     @property
     def target(self) -> str:
@@ -183,6 +187,32 @@ def _add_services(
     return service_names
 
 
+def _interceptor(
+    settings: Settings, metrics: Metrics | None, tracing: Tracing | None
+) -> ServiceInterceptor:
+    """The request wrapper, with the layers that are on: metrics, and tracing around
+    them (so a span covers what the metrics time)."""
+    layers: list[CallLayer] = [layer for layer in (metrics, tracing) if layer is not None]
+    return ServiceInterceptor(
+        settings.default_deadline_seconds,
+        layers=layers,
+        on_refused=None if metrics is None else metrics.denied,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _tracing(settings: Settings, given: Tracing | None) -> AsyncIterator[Tracing | None]:
+    """``given`` (a test's, with its own exporter), or the one the settings ask for."""
+    if given is not None or not settings.otel_enabled:
+        yield given
+        return
+    tracing = Tracing()
+    try:
+        yield tracing
+    finally:
+        tracing.close()
+
+
 def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
     if settings.admin_token is not None and not tls:
         # The bearer token crosses the network in the clear without TLS.
@@ -202,17 +232,21 @@ def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
 
 @contextlib.asynccontextmanager
 async def run_server(
-    settings: Settings, *, clock: Clock | None = None
+    settings: Settings, *, clock: Clock | None = None, tracing: Tracing | None = None
 ) -> AsyncIterator[RunningServer]:
     # Before anything is opened: a bad policy or unusable TLS files refuse the start.
     callers = caller_check(settings)
     credentials = _credentials(settings)
-    async with open_configured_vault(settings, clock=clock) as vault:
+    async with (
+        _tracing(settings, tracing) as tracer,
+        open_configured_vault(settings, clock=clock) as vault,
+        serving_metrics(settings, vault) as metrics,
+    ):
         server = grpc.aio.server(
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_calls,
         )
-        interceptor = ServiceInterceptor(settings.default_deadline_seconds)
+        interceptor = _interceptor(settings, metrics, tracer)
         health_servicer = health.aio.HealthServicer()
         service_names = _add_services(
             server, vault, settings, interceptor, health_servicer, callers
@@ -230,13 +264,15 @@ async def run_server(
         await server.start()
         for name in ("", *service_names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        running = RunningServer(server, port, health_servicer, vault)
+        running = RunningServer(
+            server, port, health_servicer, vault, None if metrics is None else metrics.port
+        )
         _log_started(settings, port, tls=credentials is not None)
         sidecar_task: asyncio.Task[None] | None = None
         if settings.sidecar_in_process_enabled:
             # The embedded default: lifecycle sweeps in this process. Cancelling a
             # round is safe (every step is crash-safe); the lease is released.
-            sidecar = build_sidecar(vault, settings)
+            sidecar = build_sidecar(vault, settings, metrics=metrics)
             sidecar_task = asyncio.create_task(sidecar.run(asyncio.Event()))
         try:
             yield running

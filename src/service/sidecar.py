@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from functools import partial
@@ -56,10 +57,28 @@ class KeyMaintenance(Protocol):
     async def maintain(self, actor: str, *, rotate_after: timedelta) -> dict[str, int]: ...
 
 
+class RelayCounts(Protocol):
+    """What one pass of the relay did (:class:`service.mailer.RelayResult`)."""
+
+    @property
+    def sent(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    @property
+    def retried(self) -> int: ...
+    @property
+    def failed(self) -> int: ...
+
+
 class MailRelay(Protocol):
     """The outbox relay (:class:`service.mailer.OutboxRelay`): one pass over due mail."""
 
-    async def relay_once(self) -> object: ...
+    async def relay_once(self) -> RelayCounts: ...
+
+
+#: Told after each round: its outcome ("done", "lease_held_elsewhere", "failed"), how
+#: long it took in seconds, and its report (None unless done). The metrics use it.
+RoundHook = Callable[[str, float, RoundReport | None], None]
 
 
 #: A step of the sidecar's round: does its work and writes its counts in the report.
@@ -78,6 +97,7 @@ class Sidecar:
         relay: MailRelay | None = None,
         keys: KeyMaintenance | None = None,
         rotate_after: timedelta | None = None,
+        on_round: RoundHook | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -87,6 +107,7 @@ class Sidecar:
         self._interval = interval
         self._ttl = max(timedelta(seconds=interval * _LEASE_INTERVALS), _MIN_LEASE)
         self.holder = holder or make_holder()
+        self._on_round = on_round
         if (keys is None) != (rotate_after is None):
             raise ValueError("key maintenance needs both keys and rotate_after")
         # The lifecycle's steps in its order, then the sidecar's own.
@@ -143,13 +164,18 @@ class Sidecar:
         log.info("sidecar_started", interval_seconds=self._interval)
         try:
             while not stop.is_set():
+                started = time.perf_counter()
+                report, outcome = None, "failed"
                 try:
-                    await self.run_round()
+                    report = await self.run_round()
+                    outcome = "done" if report is not None else "lease_held_elsewhere"
                 except StorageUnavailable:
                     log.warning("lifecycle_round_failed", error="StorageUnavailable")
                 except Exception as exc:  # noqa: BLE001 - the loop outlives a bad round
                     # The type only, no traceback: its text is not vetted for personal data.
                     log.error("lifecycle_round_failed", error=type(exc).__name__)  # noqa: TRY400
+                if self._on_round is not None:
+                    self._on_round(outcome, time.perf_counter() - started, report)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self._interval)
         finally:
@@ -170,4 +196,6 @@ async def _maintain_keys(
 
 
 async def _relay_mail(relay: MailRelay, report: RoundReport) -> None:
-    await relay.relay_once()
+    done = await relay.relay_once()
+    report.mail_sent, report.mail_dropped = done.sent, done.dropped
+    report.mail_retried, report.mail_failed = done.retried, done.failed

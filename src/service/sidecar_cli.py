@@ -16,7 +16,12 @@ from typing import TextIO
 
 from service.cli_common import Output
 from service.config import Settings
-from service.wiring import build_sidecar, open_configured_vault, open_dry_run_lifecycle
+from service.wiring import (
+    build_sidecar,
+    open_configured_vault,
+    open_dry_run_lifecycle,
+    serving_metrics,
+)
 from vault.lifecycle import LifecycleStep, RoundReport
 
 
@@ -58,17 +63,20 @@ async def run_cli(
     if dry_run:
         return await _dry_run(settings, out)
     async with open_configured_vault(settings) as vault:
-        sidecar = build_sidecar(vault, settings, interval=interval)
         if once:
+            sidecar = build_sidecar(vault, settings, interval=interval)
             try:
                 report = await sidecar.run_round()
             finally:
                 await sidecar.release()
             print_report(sidecar.lifecycle.steps, report, out)
             return 0
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await sidecar.run(stop)
+        # A process that stays up serves its own metrics (one round has nothing to scrape).
+        async with serving_metrics(settings, vault) as metrics:
+            sidecar = build_sidecar(vault, settings, interval=interval, metrics=metrics)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await sidecar.run(stop)
     return 0

@@ -16,6 +16,7 @@ from datetime import timedelta
 from service.config import Settings
 from service.mail_spool import mail_spool
 from service.mailer import build_relay
+from service.metrics import Metrics
 from service.sidecar import Sidecar
 from vault import Clock, Vault, bootstrap, migrate_database, open_vault
 from vault.lifecycle import Lifecycle, LifecyclePolicy
@@ -66,11 +67,18 @@ def lifecycle_policy(settings: Settings) -> LifecyclePolicy:
     )
 
 
-def build_sidecar(vault: Vault, settings: Settings, *, interval: float | None = None) -> Sidecar:
+def build_sidecar(
+    vault: Vault,
+    settings: Settings,
+    *,
+    interval: float | None = None,
+    metrics: Metrics | None = None,
+) -> Sidecar:
     """The sidecar ``settings`` describe, on ``vault``: its lifecycle steps, the mail
-    relay, and key maintenance when PRIVACY_VAULT_SIDECAR_KEY_MAINTENANCE is on."""
+    relay, and key maintenance when PRIVACY_VAULT_SIDECAR_KEY_MAINTENANCE is on. With
+    ``metrics``, its rounds are counted and the database-backed gauges served."""
     maintain = settings.sidecar_key_maintenance
-    return Sidecar(
+    sidecar = Sidecar(
         vault.lifecycle(lifecycle_policy(settings)),
         vault.leases,
         vault.clock,
@@ -78,7 +86,33 @@ def build_sidecar(vault: Vault, settings: Settings, *, interval: float | None = 
         relay=build_relay(settings, vault.outbox, vault, vault.clock),
         keys=vault.keys if maintain else None,
         rotate_after=timedelta(days=settings.kek_rotation_days) if maintain else None,
+        on_round=None if metrics is None else metrics.sidecar_round,
     )
+    if metrics is not None:
+        metrics.watch_store(
+            vault.keys,
+            vault.outbox,
+            sidecar.lifecycle,
+            refresh_seconds=settings.metrics_refresh_seconds,
+            now=vault.clock.now,
+        )
+    return sidecar
+
+
+@contextlib.asynccontextmanager
+async def serving_metrics(settings: Settings, vault: Vault) -> AsyncIterator[Metrics | None]:
+    """The metrics endpoint PRIVACY_VAULT_METRICS_ADDRESS asks for, with the vault's
+    counts; None (and no endpoint) when it is unset."""
+    if settings.metrics_address is None:
+        yield None
+        return
+    metrics = Metrics()
+    metrics.watch_vault(vault.activity)
+    metrics.serve(settings.metrics_address)
+    try:
+        yield metrics
+    finally:
+        await metrics.close()
 
 
 def open_dry_run_lifecycle(settings: Settings) -> AbstractAsyncContextManager[Lifecycle | None]:

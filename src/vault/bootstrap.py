@@ -21,6 +21,7 @@ from typing import Literal
 import structlog
 
 from vault import _hazmat
+from vault.activity import Activity
 from vault.bindings import INDEX_KEY_ID
 from vault.cache import DekCache
 from vault.calls import INTERNAL
@@ -242,6 +243,7 @@ def wire_vault(
     # Page tokens are authenticated under a key of their own, derived from the
     # index key: nothing new to store, and every replica derives the same key.
     page_token_key = _hazmat.derive_mac_key(index_key, "page-token")
+    activity = Activity()
     return VaultParts(
         store=store,
         retained=retained,
@@ -252,8 +254,8 @@ def wire_vault(
         member_keys=keys,
         indexes=indexes,
         page_token_key=page_token_key,
-        keys=KeyAdmin(store, provider, keys, clock, retained),
-        retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
+        keys=KeyAdmin(store, provider, keys, clock, retained, activity),
+        retention=Retention(store, retained, keys, clock, settings.withdrawal_retention, activity),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
         sessions=MemberSessions(store, clock, settings),
@@ -268,8 +270,10 @@ def wire_vault(
             _hazmat.derive_mac_key(index_key, "client-ip"),
             # Decrypted when a login ID is unknown, so that path does the same work.
             (decoy_key, decoy_ct),
+            activity,
         ),
         idempotency=Idempotency(store, _hazmat.derive_mac_key(index_key, "request-id"), clock),
+        activity=activity,
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from vault import _hazmat, ids, member_cipher, policy
+from vault.activity import Activity
 from vault.calls import current_caller
 from vault.clock import Clock
 from vault.consents import Consents
@@ -116,6 +117,8 @@ class VaultParts:
     #: Every password check, under the failure counters and the IP throttle.
     guard: LoginGuard
     idempotency: Idempotency
+    #: What this vault did (counts for the service's metrics), shared by its components.
+    activity: Activity
 
     def __repr__(self) -> str:
         return f"<VaultParts provider={self.provider.name}>"
@@ -138,6 +141,8 @@ class Vault:
         self._export = parts.export
         self._guard, self._idempotency = parts.guard, parts.idempotency
         self._shred_hooks: list[ShredHook] = []
+        #: Counts of what this vault did since it opened (vault.activity).
+        self.activity = parts.activity
         #: Key management (rotation, re-wrap, destruction) for the security team.
         self.keys = parts.keys
         #: Withdrawn members' data in the separated storage (policy section 6).
@@ -173,6 +178,7 @@ class Vault:
             policy,
             retained=self.parts.retained,
             on_batch=on_batch,
+            activity=self.activity,
         )
 
     @property
@@ -235,6 +241,7 @@ class Vault:
         self._member_keys.cache_key(member_id, dek)
         # A new account starts with no failures (guesses at the ID before it existed).
         await self._store.clear_login_failures(indexes["login_id"])
+        self.activity.sign_ups += 1
         log.info("member_signed_up")
         return member_id
 
@@ -397,6 +404,7 @@ class Vault:
         await self._check_password(await self._member_keys.dek(row.key), row, password)
         if self.retention.enabled:
             retained_until = await self.retention.withdraw(mid)
+            self.activity.shredded(WITHDRAWAL)
             await self._shredded(mid)  # the live member is shredded by the move
             return WithdrawalOutcome(retained_until=retained_until)
         return WithdrawalOutcome(destroyed_at=await self.shred(mid, reason=WITHDRAWAL))
@@ -422,6 +430,7 @@ class Vault:
         self._member_keys.evict(member_id)
         if record is None:
             raise NotFound
+        self.activity.shredded(reason)
         log.info(
             "member_shredded",
             member_id=member_id,

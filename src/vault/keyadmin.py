@@ -23,6 +23,7 @@ from typing import Protocol
 import structlog
 
 from vault import _hazmat, ids, member_cipher
+from vault.activity import Activity
 from vault.calls import current_caller
 from vault.clock import Clock
 from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
@@ -142,8 +143,10 @@ class KeyAdmin:
         member_keys: MemberKeys,
         clock: Clock,
         retained: RetentionStore | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self._store = store
+        self._activity = activity or Activity()
         # Only for KEK versions' life (create, destroy): wrapping goes through member_keys.
         self._provider = provider
         self._member_keys = member_keys
@@ -219,6 +222,7 @@ class KeyAdmin:
         # The material exists before the database says the version is active.
         await self._provider.create_version(new_version)
         row = await self._store.rotate_kek(new_version, self._clock.now())
+        self._activity.kek_rotations += 1
         previous = [v.version for v in versions if v.state == "active"]
         await self._event(
             actor,
@@ -258,6 +262,7 @@ class KeyAdmin:
                 index_key.key_id, index_key.kek_version, target, wrapped
             )
             rewrapped, skipped = rewrapped + moved, skipped + (not moved)
+            self._activity.keys_rewrapped += moved
         tally = _Tally(total, rewrapped, skipped, seen=rewrapped + skipped)
         # The vault's DEKs, then the retention store's: the same protocol, one pass each.
         sources: list[_KeySource] = [self._store]
@@ -304,6 +309,7 @@ class KeyAdmin:
                 if pending is not None:
                     applied = await pending
                     tally.rewrapped += applied
+                    self._activity.keys_rewrapped += applied
                     tally.skipped += pending_size - applied
                     tally.batches += 1
                     yield tally.progress(target, done=False)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from vault.activity import Activity
 from vault.clock import Clock
 from vault.consents import policy_notice
 from vault.errors import NotFound
@@ -110,6 +111,12 @@ class RoundReport:
     #: Key maintenance (rotate when due, re-wrap, destroy unused versions), when on.
     kek_rotated: int = 0
     kek_versions_destroyed: int = 0
+    #: The mail relay's pass (the sidecar's last step): sent, dropped (the member is
+    #: gone), rescheduled, given up.
+    mail_sent: int = 0
+    mail_dropped: int = 0
+    mail_retried: int = 0
+    mail_failed: int = 0
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, int | bool]:
@@ -122,6 +129,10 @@ class RoundReport:
             "counters_purged": self.counters_purged,
             "kek_rotated": self.kek_rotated,
             "kek_versions_destroyed": self.kek_versions_destroyed,
+            "mail_sent": self.mail_sent,
+            "mail_dropped": self.mail_dropped,
+            "mail_retried": self.mail_retried,
+            "mail_failed": self.mail_failed,
             "dry_run": self.dry_run,
         }
 
@@ -182,8 +193,10 @@ class Lifecycle:
         *,
         retained: RetentionStore | None = None,
         on_batch: BatchHook | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self._store = store
+        self._activity = activity or Activity()
         self._shred = shred
         self._clock = clock
         self._policy = policy or LifecyclePolicy()
@@ -300,6 +313,7 @@ class Lifecycle:
                 if await destroy_copy(self._store, retained, member_id, RETENTION_EXPIRED, now):
                     done += 1
             destroyed += done
+            self._activity.shredded(RETENTION_EXPIRED, done)
             await self._batch_done("retained_destroyed", done)
             if len(due) < policy.batch_size or done == 0:
                 return destroyed

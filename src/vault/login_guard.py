@@ -31,6 +31,7 @@ from typing import Protocol
 import structlog
 
 from vault import _hazmat, member_cipher
+from vault.activity import Activity
 from vault.clock import Clock
 from vault.errors import AuthenticationFailed, TooManyAttempts
 from vault.member_keys import MemberKeys
@@ -97,8 +98,10 @@ class LoginGuard:
         settings: LoginGuardSettings,
         ip_key: _hazmat.MacKey,
         decoy: tuple[_hazmat.SecretKey, bytes],
+        activity: Activity | None = None,
     ) -> None:
         self._store = store
+        self._activity = activity or Activity()
         self._hasher = hasher
         self._member_keys = member_keys
         self._clock = clock
@@ -122,6 +125,7 @@ class LoginGuard:
         if start is None or state.ip_failures < self.settings.ip_failure_limit:
             return
         if now < start + window:
+            self._activity.login_throttled += 1
             raise TooManyAttempts((start + window - now).total_seconds())
 
     async def check(
@@ -149,11 +153,15 @@ class LoginGuard:
             row, dek = found
             encoded = member_cipher.open_row_field(dek, row, "password_hash")
             right = await self._hasher.verify(encoded, password)
-        if right and not self.locked(state, self._clock.now()):
+        locked = self.locked(state, self._clock.now())
+        if right and not locked:
             if state.failures:
                 await self._store.clear_login_failures(login_hmac)
             return encoded
-        await self._record_failure(login_hmac, found, ip, ip_hmac, action)
+        failures = await self._record_failure(login_hmac, found, ip, ip_hmac, action)
+        self._activity.login_failures += 1
+        if not locked and failures >= self.settings.lock_after:
+            self._activity.lockouts += 1  # this failure locked it
         raise AuthenticationFailed
 
     async def _record_failure(
@@ -163,7 +171,8 @@ class LoginGuard:
         ip: str | None,
         ip_hmac: bytes | None,
         action: str,
-    ) -> None:
+    ) -> int:
+        """Record the failure; the account's consecutive failures now."""
         now = self._clock.now()
         failure = FailedLogin(
             login_hmac, now, ip_hmac, None if ip_hmac is None else now - self.settings.ip_window
@@ -178,6 +187,7 @@ class LoginGuard:
         count = await self._store.record_login_failure(failure)
         if found is not None and not count.entry_written:
             await self._log_again(found[0].member_id, now, action, ip or "")
+        return count.failures
 
     async def _log_again(self, member_id: str, at: datetime, action: str, ip: str) -> None:
         """The member's key changed under the failure: log it under the new key

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import structlog
 
 from vault import ids, member_cipher
+from vault.activity import Activity
 from vault.clock import Clock
 from vault.errors import (
     Conflict,
@@ -116,7 +117,9 @@ class Retention:
         member_keys: MemberKeys,
         clock: Clock,
         rule: RetentionRule,
+        activity: Activity | None = None,
     ) -> None:
+        self._activity = activity or Activity()
         if rule.period > timedelta(0) and retained is None:
             raise ValueError("a retention period needs a retention store")
         self._store = store
@@ -277,6 +280,7 @@ class Retention:
         record = await self._destroy_copy(copy.member_id, RETENTION_DESTROYED)
         if record is None:
             raise NotFound  # the sidecar destroyed it meanwhile
+        self._activity.shredded(RETENTION_DESTROYED)
         return record
 
     async def _use(

@@ -28,3 +28,7 @@ class OutboxStore(Protocol):
     async def outbox_retry(
         self, message_id: str, attempts: int, next_attempt_at: datetime
     ) -> None: ...
+
+    async def outbox_depth(self, now: datetime) -> tuple[int, int]:
+        """(messages waiting, of which due by ``now``): counts for the metrics."""
+        ...

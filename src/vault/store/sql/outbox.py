@@ -19,6 +19,11 @@ _DUE = both(
     "ORDER BY next_attempt_at, created_at, message_id LIMIT $2"
 )
 _SENT = both("DELETE FROM outbox WHERE message_id = $1")
+# One pass over the outbox (it holds only mail not yet sent: small).
+_DEPTH = both(
+    "SELECT count(*), coalesce(sum(CASE WHEN next_attempt_at <= $1 THEN 1 ELSE 0 END), 0) "
+    "FROM outbox"
+)
 _RETRY = both("UPDATE outbox SET attempts = $2, next_attempt_at = $3 WHERE message_id = $1")
 
 
@@ -64,3 +69,8 @@ class SqlOutbox(SqlExecutor):
     async def outbox_retry(self, message_id: str, attempts: int, next_attempt_at: datetime) -> None:
         d = self._dialect
         await self._run(_RETRY[d.name], message_id, attempts, d.time(next_attempt_at))
+
+    async def outbox_depth(self, now: datetime) -> tuple[int, int]:
+        d = self._dialect
+        ((waiting, due),) = await self._fetch(_DEPTH[d.name], d.time(now))
+        return int(waiting), int(due)
