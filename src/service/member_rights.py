@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from privacyvault.v1 import consent_pb2
+from privacyvault.v1 import consent_pb2, disclosure_pb2
 from privacyvault.v1 import member_pb2 as pb
 from service.interceptors import Context, metadata_value
 
@@ -71,6 +71,11 @@ CONSENT_RIGHTS: Mapping[str, Callable[[Any], bool]] = {
     "ListConsentHistory": _always,
 }
 
+#: DisclosureService: the member's ledger is theirs to read (sections 4 and 7);
+#: Disclose is a calling service's (the caller policy and the consent decide).
+DISCLOSURE_RIGHTS: Mapping[str, Callable[[Any], bool]] = {"ListDisclosures": _always}
+DISCLOSURE_WITHOUT_SESSION = frozenset({"Disclose"})
+
 
 def check_classified(
     service: ServiceDescriptor,
@@ -92,6 +97,11 @@ def check_classified(
 check_classified(pb.DESCRIPTOR.services_by_name["MemberService"])
 check_classified(
     consent_pb2.DESCRIPTOR.services_by_name["ConsentService"], CONSENT_RIGHTS, frozenset()
+)
+check_classified(
+    disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"],
+    DISCLOSURE_RIGHTS,
+    DISCLOSURE_WITHOUT_SESSION,
 )
 
 

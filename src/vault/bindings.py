@@ -25,3 +25,8 @@ def dek_context(member_id: str, dek_id: int) -> bytes:
 def access_field(kind: str, at: datetime) -> str:
     """``kind`` is "action", "ip" or "caller"; the entry's time (to the microsecond) is bound in."""
     return f"access.{kind}@{to_micros(at)}"
+
+
+def disclosure_field(at: datetime) -> str:
+    """A disclosure ledger entry's sealed details, bound to the entry's time."""
+    return f"disclosure.details@{to_micros(at)}"

@@ -26,6 +26,7 @@ from vault.cache import DekCache
 from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
 from vault.consents import Consents
+from vault.disclosures import Disclosures
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
@@ -258,6 +259,7 @@ def wire_vault(
         export=Export(store, keys, clock, settings),
         sessions=MemberSessions(store, clock, settings),
         consents=Consents(store, clock, settings, page_token_key),
+        disclosures=Disclosures(store, keys, clock, settings, page_token_key),
         # The IP's and the request id's HMAC keys are derived like the page tokens'.
         guard=LoginGuard(
             store,

@@ -107,6 +107,18 @@ class ConsentOutdated(VaultError):
         )
 
 
+class NoConsentToProvide(VaultError):
+    """Provision to a third party without the member's consent to provision to that
+    recipient and without a recorded legal basis (policy section 4)."""
+
+    def __init__(self, recipient_id: str) -> None:
+        self.recipient_id = recipient_id
+        super().__init__(
+            "the member has not consented to provision to this recipient, and no legal "
+            "basis was given"
+        )
+
+
 class PurposeRequiredForMembership(InvalidInput):
     """A membership purpose cannot be withdrawn alone: ending it is ending the
     membership (Withdraw). ``field`` is the request field that asked for it."""

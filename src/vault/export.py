@@ -15,6 +15,7 @@ from typing import Protocol
 from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
 from vault.errors import PreconditionFailed
+from vault.ledger import entry_json, opened_ledger
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
@@ -24,6 +25,7 @@ from vault.store.base import (
     AccessLogStore,
     ConsentEventRow,
     ConsentStore,
+    DisclosureStore,
     MemberRow,
     MemberStore,
     whole_consent_history,
@@ -45,9 +47,9 @@ def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRo
     return AccessEntry(at=row.at, action=action, ip=ip, caller=caller)
 
 
-class ExportStores(MemberStore, AccessLogStore, ConsentStore, Protocol):
-    """The vault-database slice an export reads: the member, their access log and
-    their consent history."""
+class ExportStores(MemberStore, AccessLogStore, ConsentStore, DisclosureStore, Protocol):
+    """The vault-database slice an export reads: the member, their access log,
+    their consent history and their disclosure ledger."""
 
 
 class Export:
@@ -98,8 +100,13 @@ class Export:
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
         view = await self._keys.read_under_key(row, lambda r, dek: member_view(r, everything, dek))
         history = await whole_consent_history(self._store, mid)
+        ledger = await self._keys.read_under_key(
+            row, lambda r, dek: opened_ledger(self._store, mid, dek)
+        )
         version = await self._store.current_policy_version(self._clock.now())
         head = self._head(view, row, history, version or self._settings.policy_version)
+        # Who received what, when and on which basis (policy section 4), oldest first.
+        head["disclosures"] = [entry_json(e) for e in ledger]
         # The head pretty-printed, its closing brace replaced by the history, which
         # is written one entry per line as the pages come.
         text = json.dumps(head, ensure_ascii=False, indent=2)

@@ -22,6 +22,7 @@ from vault import _hazmat, ids, member_cipher, policy
 from vault.calls import current_caller
 from vault.clock import Clock
 from vault.consents import Consents
+from vault.disclosures import Disclosures
 from vault.errors import (
     AlreadyExists,
     AuthenticationFailed,
@@ -113,6 +114,8 @@ class VaultParts:
     sessions: MemberSessions
     #: Consent over time: answers, histories, policy versions (vault.consents).
     consents: Consents
+    #: Third-party provision: the recipients registry and the ledger (vault.disclosures).
+    disclosures: Disclosures
     #: Every password check, under the failure counters and the IP throttle.
     guard: LoginGuard
     idempotency: Idempotency
@@ -146,6 +149,8 @@ class Vault:
         self.sessions = parts.sessions
         #: The member's consents over time and the policy versions (vault.consents).
         self.consents = parts.consents
+        #: Provision to registered recipients, and the members' ledgers.
+        self.disclosures = parts.disclosures
         self._purposes = parts.settings.purposes
 
     def __repr__(self) -> str:

@@ -45,6 +45,7 @@ from vault.errors import (
     NotFound,
     PreconditionFailed,
 )
+from vault.ledger import entry_json, legal_entities, open_entry
 from vault.member_keys import MemberKeys
 from vault.store.base import (
     RETAINED_FIELDS,
@@ -52,6 +53,7 @@ from vault.store.base import (
     ConsentStore,
     DestructionRecord,
     DestructionStore,
+    DisclosureStore,
     MemberRow,
     MemberStore,
     RetainedMember,
@@ -61,6 +63,7 @@ from vault.store.base import (
     RetentionStore,
     whole_access_log,
     whole_consent_history,
+    whole_disclosure_ledger,
 )
 
 log = structlog.get_logger("vault.retention")
@@ -101,9 +104,12 @@ def _check_basis(basis: str) -> str:
     return basis
 
 
-class RetentionStores(MemberStore, AccessLogStore, ConsentStore, DestructionStore, Protocol):
+class RetentionStores(
+    MemberStore, AccessLogStore, ConsentStore, DisclosureStore, DestructionStore, Protocol
+):
     """The vault-database slice a withdrawal moves out of: the member, their access
-    log and consent history, and the shred with its destruction record."""
+    log, consent history and disclosure ledger, and the shred with its destruction
+    record."""
 
 
 class Retention:
@@ -163,6 +169,7 @@ class Retention:
                 ciphertexts=row.ciphertexts,
                 access_entry_ids=frozenset(e.entry_id for e in copy.access_log),
                 consent_event_ids=frozenset(e.event_id for e in copy.consent_history),
+                disclosure_ids=frozenset(e.disclosure_id for e in copy.disclosures),
                 kek_version=copy.key.kek_version,
                 retained_until=copy.destroy_after,
             )
@@ -193,6 +200,7 @@ class Retention:
         mid = row.member_id
         entries = await whole_access_log(self._store, mid)
         history = await whole_consent_history(self._store, mid)
+        ledger = await whole_disclosure_ledger(self._store, mid)
         active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
@@ -209,6 +217,7 @@ class Retention:
             consents=row.consents,
             access_log=tuple(entries),
             consent_history=tuple(history),
+            disclosures=tuple(ledger),
             attempt=attempt,
         )
 
@@ -235,6 +244,8 @@ class Retention:
             (e.at, *member_cipher.open_access(dek, mid, e), member_cipher.open_caller(dek, mid, e))
             for e in copy.access_log
         ]
+        entities = await legal_entities(self._store)
+        ledger = [entry_json(open_entry(dek, mid, e, entities)) for e in copy.disclosures]
         return {
             "format": DISCLOSURE_FORMAT,
             "member_id": mid,
@@ -269,6 +280,7 @@ class Retention:
                 {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
                 for at, action, ip, caller in history
             ],
+            "disclosures": ledger,
         }
 
     async def destroy(self, member_id: str, actor: str, basis: str) -> DestructionRecord:
@@ -318,6 +330,7 @@ async def destroy_copy(
             "consents": len(copy.consents),
             "consent_history": len(copy.consent_history),
             "access_log": len(copy.access_log),
+            "disclosure_ledger": len(copy.disclosures),
         },
         kek_versions=(copy.key.kek_version,),
     )

@@ -26,6 +26,7 @@ from vault.store.contracts.access_log import AccessLogStore
 from vault.store.contracts.consents import ConsentStore
 from vault.store.contracts.database import Database
 from vault.store.contracts.destruction import DestructionStore
+from vault.store.contracts.disclosures import DisclosureStore
 from vault.store.contracts.idempotency import IdempotencyStore
 from vault.store.contracts.inactivity import InactivityStore
 from vault.store.contracts.keys import KeyStore
@@ -46,6 +47,7 @@ from vault.store.rows import (
     ConsentEventRow,
     ConsentRow,
     DestructionRecord,
+    DisclosureRow,
     IndexedField,
     IndexKeyRow,
     KekState,
@@ -56,9 +58,11 @@ from vault.store.rows import (
     MemberRow,
     NewAccessEntry,
     NewConsent,
+    NewDisclosure,
     NewPasswordReset,
     OutboxMessage,
     PolicyVersionRow,
+    RecipientRow,
     RecoveryMailOutcome,
     RetainedMember,
     RetainedSummary,
@@ -80,6 +84,8 @@ __all__ = [
     "Database",
     "DestructionRecord",
     "DestructionStore",
+    "DisclosureRow",
+    "DisclosureStore",
     "IdempotencyStore",
     "InactivityStore",
     "IndexKeyRow",
@@ -96,12 +102,14 @@ __all__ = [
     "MemberStore",
     "NewAccessEntry",
     "NewConsent",
+    "NewDisclosure",
     "NewPasswordReset",
     "NewSession",
     "OutboxMessage",
     "OutboxStore",
     "PasswordStore",
     "PolicyVersionRow",
+    "RecipientRow",
     "RecoveryMailOutcome",
     "RecoveryStore",
     "RetainedMember",
@@ -115,6 +123,7 @@ __all__ = [
     "Store",
     "whole_access_log",
     "whole_consent_history",
+    "whole_disclosure_ledger",
 ]
 
 
@@ -123,6 +132,7 @@ class Store(
     KeyStore,
     MemberStore,
     ConsentStore,
+    DisclosureStore,
     PasswordStore,
     AccessLogStore,
     DestructionStore,
@@ -166,3 +176,17 @@ async def whole_consent_history(
         if len(rows) < page:
             return events[::-1]
         before = rows[-1].event_id
+
+
+async def whole_disclosure_ledger(
+    store: DisclosureStore, member_id: str, page: int = 1000
+) -> list[DisclosureRow]:
+    """Every disclosure of the member, oldest first, read page by page."""
+    entries: list[DisclosureRow] = []
+    before: int | None = None
+    while True:
+        rows = await store.list_disclosures(member_id, page, before)
+        entries.extend(rows)
+        if len(rows) < page:
+            return entries[::-1]
+        before = rows[-1].disclosure_id

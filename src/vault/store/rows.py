@@ -84,6 +84,58 @@ class ConsentEventRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RecipientRow:
+    """A third party registered to receive members' data (policy section 4). No
+    member data: the recipient's own name, contact and terms."""
+
+    recipient_id: str
+    legal_entity: str
+    contact_email: str
+    #: The catalogue purposes it may receive data for, and the fields it may receive.
+    purposes: tuple[str, ...]
+    fields: tuple[str, ...]
+    legal_basis: str
+    contract_reference: str
+    registered_at: datetime
+    registered_by: str
+
+
+#: What a disclosure rests on: the member's consent to provision, a recorded legal
+#: basis, or a correction notice (the corrected value sent to a past recipient).
+DisclosureBasis = Literal["consent", "legal", "correction"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewDisclosure:
+    """A ledger entry to append. ``details_ct`` is sealed under the member's DEK
+    (the caller and, for a legal basis, its reference and approver), bound to
+    ``at``; the rest names no one but the member by id."""
+
+    recipient_id: str
+    purpose: str
+    fields: tuple[str, ...]
+    basis: DisclosureBasis
+    at: datetime
+    details_ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DisclosureRow:
+    """One entry of a member's disclosure ledger, as stored."""
+
+    disclosure_id: int
+    recipient_id: str
+    purpose: str
+    fields: tuple[str, ...]
+    basis: DisclosureBasis
+    at: datetime
+    details_ct: bytes
+
+    def __repr__(self) -> str:
+        return f"<DisclosureRow {self.disclosure_id} {self.recipient_id}>"
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyVersionRow:
     """A published privacy policy version."""
 
@@ -183,6 +235,8 @@ class RetentionCheck:
     retained_until: datetime
     #: The consent history's event ids as copied: an event since means copy again.
     consent_event_ids: frozenset[int] = frozenset()
+    #: The disclosure ledger's entry ids as copied, likewise.
+    disclosure_ids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +319,8 @@ class RetainedMember:
     access_log: tuple[AccessEntryRow, ...] = ()
     #: The member's consent history (oldest first), as it stood at the move.
     consent_history: tuple[ConsentEventRow, ...] = ()
+    #: The member's disclosure ledger (oldest first), still sealed, as at the move.
+    disclosures: tuple[DisclosureRow, ...] = ()
     #: Which withdrawal attempt wrote the copy: only that attempt may replace it.
     attempt: str = ""
     #: False until the vault's shred committed; an unconfirmed copy left by a crash

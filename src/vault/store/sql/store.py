@@ -6,6 +6,7 @@ from __future__ import annotations
 from vault.store.sql.access_log import SqlAccessLog
 from vault.store.sql.consents import SqlConsents
 from vault.store.sql.destruction import SqlDestruction
+from vault.store.sql.disclosures import SqlDisclosures
 from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
@@ -24,6 +25,7 @@ class SqlVaultStore(
     SqlKeyEvents,
     SqlMembers,
     SqlConsents,
+    SqlDisclosures,
     SqlPasswords,
     SqlAccessLog,
     SqlDestruction,

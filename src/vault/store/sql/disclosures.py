@@ -1,0 +1,142 @@
+"""The recipients registry and the disclosure ledgers (see
+:class:`vault.store.contracts.disclosures.DisclosureStore`), once for both backends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from vault.errors import AlreadyExists
+from vault.store._common import check_limit, require_aware
+from vault.store.rows import DisclosureRow, NewDisclosure, RecipientRow
+from vault.store.sql import guards
+from vault.store.sql.dialect import Dialect, both
+from vault.store.sql.executor import MemberGone, SqlExecutor, Tx, UniqueViolation
+
+_RECIPIENT_COLUMNS = (
+    "recipient_id, legal_entity, contact_email, purposes, fields, legal_basis, "
+    "contract_reference, registered_at, registered_by"
+)
+_INSERT_RECIPIENT = both(
+    f"INSERT INTO recipients ({_RECIPIENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+)
+_RECIPIENT = both(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE recipient_id = $1")
+_RECIPIENTS = both(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients ORDER BY recipient_id")
+#: A ledger entry's columns, in the order :func:`disclosure_row` reads them.
+DISCLOSURE_COLUMNS = "disclosure_id, recipient_id, purpose, fields, basis, disclosed_at, details_ct"
+_INSERT = both(
+    "INSERT INTO disclosures (member_id, recipient_id, purpose, fields, basis, disclosed_at, "
+    "details_ct) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING disclosure_id"
+)
+_PAGE = both(
+    f"SELECT {DISCLOSURE_COLUMNS} FROM disclosures WHERE member_id = $1 AND disclosure_id < $2 "
+    "ORDER BY disclosure_id DESC LIMIT $3"
+)
+_CURRENT_ANSWER = both("SELECT granted FROM consents WHERE member_id = $1 AND purpose = $2")
+
+
+def _recipient(d: Dialect, row: Sequence[Any]) -> RecipientRow:
+    rid, entity, contact, purposes, fields, basis, contract, at, by = row
+    return RecipientRow(
+        str(rid),
+        str(entity),
+        str(contact),
+        tuple(str(p) for p in json.loads(purposes)),
+        tuple(str(f) for f in json.loads(fields)),
+        str(basis),
+        str(contract),
+        d.from_time(at),
+        str(by),
+    )
+
+
+def disclosure_row(d: Dialect, row: Sequence[Any]) -> DisclosureRow:
+    """An entry read as :data:`DISCLOSURE_COLUMNS`."""
+    did, recipient, purpose, fields, basis, at, details = row
+    return DisclosureRow(
+        int(did),
+        str(recipient),
+        str(purpose),
+        tuple(str(f) for f in json.loads(fields)),
+        basis,
+        d.from_time(at),
+        bytes(details),
+    )
+
+
+class SqlDisclosures(SqlExecutor):
+    """Registering and reading recipients; appending to and paging a member's ledger."""
+
+    async def register_recipient(self, recipient: RecipientRow) -> None:
+        d = self._dialect
+        try:
+            await self._run(
+                _INSERT_RECIPIENT[d.name],
+                recipient.recipient_id,
+                recipient.legal_entity,
+                recipient.contact_email,
+                json.dumps(list(recipient.purposes)),
+                json.dumps(list(recipient.fields)),
+                recipient.legal_basis,
+                recipient.contract_reference,
+                d.time(require_aware(recipient.registered_at)),
+                recipient.registered_by,
+            )
+        except UniqueViolation:
+            # The id is the one unique constraint (and not personal data).
+            raise AlreadyExists("recipient_id", "a recipient") from None
+
+    async def get_recipient(self, recipient_id: str) -> RecipientRow | None:
+        d = self._dialect
+        rows = await self._fetch(_RECIPIENT[d.name], recipient_id)
+        return _recipient(d, rows[0]) if rows else None
+
+    async def list_recipients(self) -> list[RecipientRow]:
+        d = self._dialect
+        return [_recipient(d, r) for r in await self._fetch(_RECIPIENTS[d.name])]
+
+    async def append_disclosure(
+        self,
+        member_id: str,
+        entry: NewDisclosure,
+        *,
+        dek_id: int,
+        consent_purpose: str | None = None,
+    ) -> int | None:
+        d = self._dialect
+        key = d.member_id(member_id)
+        row = (
+            key,
+            entry.recipient_id,
+            entry.purpose,
+            json.dumps(list(entry.fields)),
+            entry.basis,
+            d.time(require_aware(entry.at)),
+            bytes(entry.details_ct),
+        )
+
+        async def body(tx: Tx) -> int | None:
+            # Step 1 of the lock order, FOR SHARE: a consent change (FOR NO KEY UPDATE
+            # on the same row) or a shred waits for us, or has committed and is seen.
+            if await tx.fetchval(guards.MEMBER_EXISTS[d.name], key) is None:
+                return None
+            await guards.check_dek(tx, d, key, dek_id)
+            if consent_purpose is not None:
+                granted = await tx.fetchval(_CURRENT_ANSWER[d.name], key, consent_purpose)
+                if not granted:
+                    return None
+            return int(await tx.fetchval(_INSERT[d.name], *row))
+
+        try:
+            return await self._in_transaction(body)
+        except MemberGone:
+            return None
+
+    async def list_disclosures(
+        self, member_id: str, limit: int, before_id: int | None = None
+    ) -> list[DisclosureRow]:
+        d = self._dialect
+        before = 2**63 - 1 if before_id is None else int(before_id)
+        rows = await self._fetch(_PAGE[d.name], d.member_id(member_id), before, check_limit(limit))
+        return [disclosure_row(d, r) for r in rows]
