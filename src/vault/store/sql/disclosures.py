@@ -70,19 +70,23 @@ class SqlDisclosures(SqlExecutor):
 
     async def register_recipient(self, recipient: RecipientRow) -> None:
         d = self._dialect
+        row = (
+            recipient.recipient_id,
+            recipient.legal_entity,
+            recipient.contact_email,
+            json.dumps(list(recipient.purposes)),
+            json.dumps(list(recipient.fields)),
+            recipient.legal_basis,
+            recipient.contract_reference,
+            d.time(require_aware(recipient.registered_at)),
+            recipient.registered_by,
+        )
+
+        async def body(tx: Tx) -> None:
+            await tx.run(_INSERT_RECIPIENT[d.name], *row)
+
         try:
-            await self._run(
-                _INSERT_RECIPIENT[d.name],
-                recipient.recipient_id,
-                recipient.legal_entity,
-                recipient.contact_email,
-                json.dumps(list(recipient.purposes)),
-                json.dumps(list(recipient.fields)),
-                recipient.legal_basis,
-                recipient.contract_reference,
-                d.time(require_aware(recipient.registered_at)),
-                recipient.registered_by,
-            )
+            await self._in_transaction(body)
         except UniqueViolation:
             # The id is the one unique constraint (and not personal data).
             raise AlreadyExists("recipient_id", "a recipient") from None
