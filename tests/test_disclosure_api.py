@@ -13,15 +13,22 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_support import embedded_settings, error_info, field_violations, member_session
+from grpc_support import (
+    admin_metadata,
+    embedded_settings,
+    error_info,
+    field_violations,
+    member_session,
+)
 from grpc_support import sign_up_request as sign_up
 from process_support import cli_env, run_cli
 
 from privacyvault.v1 import consent_pb2 as cpb
-from privacyvault.v1 import consent_pb2_grpc
+from privacyvault.v1 import consent_pb2_grpc, disclosure_pb2_grpc
 from privacyvault.v1 import disclosure_pb2 as dpb
-from privacyvault.v1 import disclosure_pb2_grpc
+from privacyvault.v1 import key_admin_pb2 as kpb
 from privacyvault.v1 import member_pb2 as pb
+from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.caller_policy import CallerPolicyInvalid, parse_policy
 from service.callers import policy_methods
@@ -477,6 +484,24 @@ def test_the_cli_registers_and_lists_recipients(tmp_path: Path) -> None:
     again = run_cli(args, env, tmp_path)
     assert again.returncode == 1  # the id is taken
     listed = run_cli(["recipients", "list"], env, tmp_path)
-    assert [json.loads(x)["recipient_id"] for x in listed.stdout.splitlines()] == [
-        "acme_delivery"
-    ]
+    assert [json.loads(x)["recipient_id"] for x in listed.stdout.splitlines()] == ["acme_delivery"]
+
+
+async def test_a_member_key_rotation_reseals_the_ledger(
+    admin_channel: grpc.aio.Channel,
+) -> None:
+    members = MemberServiceStub(admin_channel)
+    disclosures = disclosure_pb2_grpc.DisclosureServiceStub(admin_channel)
+    await disclosure_pb2_grpc.RecipientAdminServiceStub(admin_channel).RegisterRecipient(ACME)
+    member_id, session = await member(members)
+    await disclosures.Disclose(disclose(member_id, "name", legal_basis=COURT_ORDER))
+    keys = KeyAdminServiceStub(admin_channel)
+    rotated = await keys.RotateMemberKey(
+        kpb.RotateMemberKeyRequest(member_id=member_id), metadata=admin_metadata("security")
+    )
+    assert rotated.dek_id == 2
+    # Sealed under the new DEK: the entry still opens, and new ones append under it.
+    await disclosures.Disclose(disclose(member_id, "mobile_phone", legal_basis=COURT_ORDER))
+    entries = await ledger(disclosures, member_id, session)
+    assert [list(e.fields) for e in entries] == [["mobile_phone"], ["name"]]
+    assert {e.legal_reference for e in entries} == {"court order 2026-117"}

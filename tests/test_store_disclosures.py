@@ -52,7 +52,9 @@ async def test_the_ledger_appends_and_pages_newest_first(vault: Store) -> None:
     await vault.register_recipient(ACME)
     member = new_member()
     await vault.insert_member(member)
-    ids = [await vault.append_disclosure(member.member_id, disclosure(i), dek_id=1) for i in range(3)]
+    ids = [
+        await vault.append_disclosure(member.member_id, disclosure(i), dek_id=1) for i in range(3)
+    ]
     assert all(i is not None for i in ids)
     rows = await vault.list_disclosures(member.member_id, 10)
     assert [r.disclosure_id for r in rows] == ids[::-1]

@@ -160,22 +160,15 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
                 )
             )
         ]
-    if isinstance(exc, ve.PurposeNotAllowed | ve.ConsentOutdated):
+    if isinstance(exc, ve.PurposeNotAllowed | ve.ConsentOutdated | ve.NoConsentToProvide):
+        metadata = (
+            {"recipient_id": exc.recipient_id}
+            if isinstance(exc, ve.NoConsentToProvide)
+            else {"purpose": exc.purpose}
+        )
         return [
             _packed(
-                error_details_pb2.ErrorInfo(
-                    reason=_reason(exc), domain=DOMAIN, metadata={"purpose": exc.purpose}
-                )
-            )
-        ]
-    if isinstance(exc, ve.NoConsentToProvide):
-        return [
-            _packed(
-                error_details_pb2.ErrorInfo(
-                    reason="NO_CONSENT_TO_PROVIDE",
-                    domain=DOMAIN,
-                    metadata={"recipient_id": exc.recipient_id},
-                )
+                error_details_pb2.ErrorInfo(reason=_reason(exc), domain=DOMAIN, metadata=metadata)
             )
         ]
     if isinstance(exc, ve.TooManyAttempts):

@@ -129,13 +129,13 @@ class RegisterRecipientRequest(_message.Message):
     before. At most 48 characters.
     """
     legal_entity: _builtins.str
-    """1-200 characters."""
+    """1-200 characters: at most 200 characters."""
     contact_email: _builtins.str
     """An e-mail address. At most 254 characters."""
     legal_basis: _builtins.str
-    """1-500 characters."""
+    """1-500 characters: at most 500 characters."""
     contract_reference: _builtins.str
-    """1-200 characters."""
+    """1-200 characters: at most 200 characters."""
     @_builtins.property
     def purposes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """1-32 catalogue purposes that take consent. At most 32 items of at most 64
@@ -144,7 +144,9 @@ class RegisterRecipientRequest(_message.Message):
 
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """1-4 of login_id, name, email, mobile_phone. At most 4 items."""
+        """1-4 of login_id, name, email, mobile_phone: at most 4 items of at most
+        32 characters.
+        """
 
     def __init__(
         self,
@@ -230,10 +232,12 @@ class LegalBasis(_message.Message):
     APPROVED_BY_FIELD_NUMBER: _builtins.int
     reference: _builtins.str
     """The statute or the request's reference, e.g. "Criminal Procedure Act
-    art. 199, request 2026-0142". 1-200 characters.
+    art. 199, request 2026-0142". 1-200 characters: at most 200 characters.
     """
     approved_by: _builtins.str
-    """Who approved the provision (e.g. the privacy officer). 1-200 characters."""
+    """Who approved the provision (e.g. the privacy officer). 1-200 characters:
+    at most 200 characters.
+    """
     def __init__(
         self,
         *,
@@ -271,7 +275,7 @@ class DiscloseRequest(_message.Message):
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The fields to provide: at least one, each one the recipient may receive.
-        At most 4 items.
+        At most 4 items of at most 32 characters.
         """
 
     @_builtins.property

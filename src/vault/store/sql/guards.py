@@ -113,5 +113,9 @@ async def matches_retention(
     if {int(r[0]) for r in events} != set(check.consent_event_ids):
         return False
     # And a disclosure (its ledger entry came after the copy was made).
-    ledger = await tx.fetch(_LOCK_DISCLOSURES[d.name], key)
-    return {int(r[0]) for r in ledger} == set(check.disclosure_ids)
+    return set(await locked_disclosures(tx, d, key)) == set(check.disclosure_ids)
+
+
+async def locked_disclosures(tx: Tx, d: Dialect, key: Any) -> list[int]:
+    """Step 4: the member's ledger entry ids; appends (which check the DEK) wait."""
+    return [int(r[0]) for r in await tx.fetch(_LOCK_DISCLOSURES[d.name], key)]
