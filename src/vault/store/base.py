@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Protocol
 
 from vault.store.contracts.access_log import AccessLogStore
+from vault.store.contracts.corrections import CorrectionStore, StatisticsStore
 from vault.store.contracts.database import Database
 from vault.store.contracts.destruction import DestructionStore
 from vault.store.contracts.idempotency import IdempotencyStore
@@ -37,11 +38,13 @@ from vault.store.contracts.recovery import RecoveryStore
 from vault.store.contracts.retention import RetentionStore
 from vault.store.contracts.sessions import NewSession, SessionRow, SessionStore
 from vault.store.rows import (
+    CORRECTABLE_FIELDS,
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
     RETAINED_FIELDS,
     AccessEntryRow,
     ConsentRow,
+    CorrectionRow,
     DestructionRecord,
     IndexedField,
     IndexKeyRow,
@@ -55,20 +58,25 @@ from vault.store.rows import (
     NewPasswordReset,
     OutboxMessage,
     RecoveryMailOutcome,
+    ResealedCorrection,
     RetainedMember,
     RetainedSummary,
     RetentionCheck,
     RetentionEvent,
     RewrapUpdate,
+    StatisticsCounts,
 )
 
 __all__ = [
+    "CORRECTABLE_FIELDS",
     "ENCRYPTED_FIELDS",
     "INDEXED_FIELDS",
     "RETAINED_FIELDS",
     "AccessEntryRow",
     "AccessLogStore",
     "ConsentRow",
+    "CorrectionRow",
+    "CorrectionStore",
     "Database",
     "DestructionRecord",
     "DestructionStore",
@@ -94,6 +102,7 @@ __all__ = [
     "PasswordStore",
     "RecoveryMailOutcome",
     "RecoveryStore",
+    "ResealedCorrection",
     "RetainedMember",
     "RetainedSummary",
     "RetentionCheck",
@@ -102,6 +111,8 @@ __all__ = [
     "RewrapUpdate",
     "SessionRow",
     "SessionStore",
+    "StatisticsCounts",
+    "StatisticsStore",
     "Store",
     "whole_access_log",
 ]
@@ -121,6 +132,8 @@ class Store(
     SessionStore,
     LoginFailureStore,
     IdempotencyStore,
+    CorrectionStore,
+    StatisticsStore,
     Protocol,
 ):
     """One database holding the vault: every domain's Protocol. See the module

@@ -7,6 +7,7 @@ into JSON."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from vault.store._common import (
@@ -19,6 +20,7 @@ from vault.store.contracts.idempotency import IdempotencyKey
 from vault.store.contracts.sessions import NewSession
 from vault.store.rows import AccessEntryRow, ConsentRow, MemberRow, NewAccessEntry, OutboxMessage
 from vault.store.sql import guards
+from vault.store.sql.corrections import STATISTICS_PURPOSE, count_sign_up, release_corrected
 from vault.store.sql.dialect import both
 from vault.store.sql.executor import (
     ForeignKeyViolation,
@@ -44,7 +46,6 @@ _INSERT_CONSENT = both(
     "INSERT INTO consents (member_id, purpose, granted, policy_version, recorded_at) "
     "VALUES ($1, $2, $3, $4, $5)"
 )
-_LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
 # A connection cancels a pending inactivity notice (the clock restarts).
 _SEEN = "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL"
 _LOGIN = both(f"{_SEEN} WHERE member_id = $1")
@@ -91,6 +92,7 @@ class SqlMembers(SqlExecutor):
             for c in member.consents
         ]
         request = key_params(d, idempotency)
+        counted = any(c.purpose == STATISTICS_PURPOSE and c.granted for c in member.consents)
 
         async def body(tx: Tx) -> None:
             await guards.require_not_destroyed(tx, d, key.kek_version)
@@ -99,6 +101,8 @@ class SqlMembers(SqlExecutor):
                 _INSERT_KEY[d.name], member_id, key.dek_id, key.kek_version, bytes(key.wrapped_dek)
             )
             await tx.run_many(_INSERT_CONSENT[d.name], consents)
+            if counted:  # consents to statistics as it signs up: a sign-up that day
+                await count_sign_up(tx, d, member.created_at.astimezone(UTC).date())
             await store_key(tx, d, request)  # a live key there rolls the member back
 
         try:
@@ -117,6 +121,8 @@ class SqlMembers(SqlExecutor):
         *,
         dek_id: int,
         notify: OutboxMessage | None = None,
+        corrected_at: datetime | None = None,
+        corrected_by: str = "",
     ) -> bool:
         d = self._dialect
         key = d.member_id(member_id)
@@ -132,11 +138,13 @@ class SqlMembers(SqlExecutor):
             if assignments:
                 if await tx.run(update, key, *(value for _, value in assignments)) != 1:
                     return False
-            elif not await tx.fetchval(_LOCK_MEMBER_ROW[d.name], key):
+            elif not await tx.fetchval(guards.LOCK_MEMBER_ROW[d.name], key):
                 return False
             await guards.check_dek(tx, d, key, dek_id)
             if outbox_row is not None:
                 await tx.run(guards.INSERT_OUTBOX[d.name], *outbox_row)
+            if corrected_at is not None:
+                await release_corrected(tx, d, key, ciphertexts, corrected_at, corrected_by)
             return True
 
         try:

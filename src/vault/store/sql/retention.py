@@ -11,7 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from vault.clock import from_micros, to_micros
-from vault.store._common import RETAINED_COLUMNS, check_limit, check_retained, require_aware
+from vault.store._common import (
+    RETAINED_COLUMNS,
+    check_limit,
+    check_retained,
+    corrections_from_json,
+    corrections_json,
+    require_aware,
+)
 from vault.store.rows import (
     RETAINED_FIELDS,
     ConsentRow,
@@ -36,13 +43,14 @@ _DELETE_ENTRIES = both("DELETE FROM retained_access_log WHERE member_id = $1")
 _DELETE_COPY = both("DELETE FROM retained_members WHERE member_id = $1")
 _INSERT_COPY = both(
     "INSERT INTO retained_members (member_id, retained_at, destroy_after, reason, attempt, "
-    f"dek_id, kek_version, wrapped_dek, {_CT}, consents) VALUES ("
+    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, corrections) VALUES ("
     + ", ".join(f"${i}" for i in range(1, 9 + len(RETAINED_FIELDS)))
-    + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}})"
+    + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}}, ${10 + len(RETAINED_FIELDS)}{{jsonb}})"
 )
 _COPY = both(
     "SELECT retained_at, destroy_after, reason, attempt, confirmed, dek_id, kek_version, "
-    f"wrapped_dek, consents{{text}} AS consents, {_CT} FROM retained_members WHERE member_id = $1"
+    f"wrapped_dek, consents{{text}} AS consents, {_CT}, corrections{{text}} AS corrections "
+    "FROM retained_members WHERE member_id = $1"
 )
 _COPY_ENTRIES = both(
     f"SELECT {ENTRY_COLUMNS} FROM retained_access_log "
@@ -98,6 +106,7 @@ def _copy_row(d: Dialect, member: RetainedMember, key: Any) -> tuple[Any, ...]:
         bytes(member.key.wrapped_dek),
         *(bytes(member.ciphertexts[f]) for f in RETAINED_FIELDS),
         json.dumps(consents),
+        corrections_json(member.corrections),
     )
 
 
@@ -119,6 +128,7 @@ def _retained(
             for p, g, v, t in json.loads(row[8])
         ),
         access_log=tuple(access_entry(d, e) for e in entries),
+        corrections=corrections_from_json(member_id, row[9 + len(RETAINED_FIELDS)]),
         attempt=str(attempt),
         confirmed=bool(confirmed),
     )

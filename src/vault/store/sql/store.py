@@ -4,6 +4,7 @@ few differences in front, and its connection layer behind."""
 from __future__ import annotations
 
 from vault.store.sql.access_log import SqlAccessLog
+from vault.store.sql.corrections import SqlCorrections, SqlStatistics
 from vault.store.sql.destruction import SqlDestruction
 from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
@@ -32,5 +33,7 @@ class SqlVaultStore(
     SqlSessions,
     SqlLoginFailures,
     SqlIdempotency,
+    SqlCorrections,
+    SqlStatistics,
 ):
     """Every statement of the vault store that the dialects agree on."""

@@ -23,7 +23,10 @@ _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, (SELECT json_group_array("
     "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at)) FROM "
     "(SELECT purpose, granted, policy_version, recorded_at FROM consents "
-    "WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents "
+    "WHERE member_id = m.member_id ORDER BY purpose) AS c) AS consents, "
+    # The fields pending corrections freeze (a partial index; NULL for none).
+    "(SELECT group_concat(field) FROM correction_fields "
+    "WHERE member_id = m.member_id AND state = 'pending') AS frozen "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 # Built once: the member read is GetMember's hot path.
@@ -36,6 +39,7 @@ _CT_FIELDS = tuple(CT_COLUMNS)
 _HMAC_FIELDS = tuple(HMAC_COLUMNS)
 _CT_AT = 3 + len(HMAC_COLUMNS)
 _KEY_AT = _CT_AT + len(CT_COLUMNS)
+_NONE_FROZEN: frozenset[str] = frozenset()
 # raw_decode: the C scanner without loads' whitespace checks (SQLite wrote the JSON).
 _decode = json.JSONDecoder().raw_decode
 
@@ -44,7 +48,7 @@ def _member(row: tuple[Any, ...]) -> MemberRow:
     # The columns come typed by the schema (TEXT member_id and purposes, INTEGER
     # ids, BLOB ciphertexts), so no value is converted again.
     member_id = row[0]
-    dek_id, kek_version, wrapped_dek, consents = row[_KEY_AT:]
+    dek_id, kek_version, wrapped_dek, consents, frozen = row[_KEY_AT:]
     return MemberRow(
         member_id=member_id,
         created_at=from_micros(row[1]),
@@ -58,6 +62,7 @@ def _member(row: tuple[Any, ...]) -> MemberRow:
                 for purpose, granted, version, at in _decode(consents)[0]
             ]
         ),
+        frozen=_NONE_FROZEN if frozen is None else frozenset(frozen.split(",")),
     )
 
 
