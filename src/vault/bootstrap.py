@@ -25,6 +25,7 @@ from vault.bindings import INDEX_KEY_ID
 from vault.cache import DekCache
 from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
+from vault.corrections import Corrections
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
@@ -42,6 +43,7 @@ from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.recovery import Recovery
 from vault.retention import Retention
 from vault.sessions import MemberSessions
+from vault.statistics import Statistics
 from vault.store import database_backend, open_retention_store, open_store
 from vault.store.base import (
     IndexKeyRow,
@@ -254,6 +256,8 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
+        corrections=Corrections(store, keys, clock),
+        statistics=Statistics(store, clock, settings.statistics),
         sessions=MemberSessions(store, clock, settings),
         # The IP's and the request id's HMAC keys are derived like the page tokens'.
         guard=LoginGuard(

@@ -14,11 +14,18 @@ from typing import Protocol
 
 from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
+from vault.corrections import Correction, correction_json, opened_corrections
 from vault.errors import PreconditionFailed
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
-from vault.store.base import AccessEntryRow, AccessLogStore, MemberRow, MemberStore
+from vault.store.base import (
+    AccessEntryRow,
+    AccessLogStore,
+    CorrectionStore,
+    MemberRow,
+    MemberStore,
+)
 
 EXPORT_FORMAT = "privacy-vault-export/1"
 #: The largest export document export_member returns in one piece (UTF-8 bytes):
@@ -36,8 +43,9 @@ def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRo
     return AccessEntry(at=row.at, action=action, ip=ip, caller=caller)
 
 
-class ExportStores(MemberStore, AccessLogStore, Protocol):
-    """The vault-database slice an export reads: the member and their access log."""
+class ExportStores(MemberStore, AccessLogStore, CorrectionStore, Protocol):
+    """The vault-database slice an export reads: the member, their access log and
+    their corrections."""
 
 
 class Export:
@@ -86,8 +94,15 @@ class Export:
         row = await load_member(self._store, member_id)
         mid = row.member_id
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
-        view = await self._keys.read_under_key(row, lambda r, dek: member_view(r, everything, dek))
-        head = self._head(view, row)
+        corrections = await self._store.list_corrections(mid)
+
+        async def read_head(
+            r: MemberRow, dek: _hazmat.SecretKey
+        ) -> tuple[MemberView, list[Correction]]:
+            return await member_view(r, everything, dek), opened_corrections(dek, mid, corrections)
+
+        view, opened = await self._keys.read_under_key(row, read_head)
+        head = self._head(view, row, opened)
         # The head pretty-printed, its closing brace replaced by the history, which
         # is written one entry per line as the pages come.
         text = json.dumps(head, ensure_ascii=False, indent=2)
@@ -131,7 +146,9 @@ class Export:
         for at in range(0, len(joined), EXPORT_PIECE_CHARS):
             yield joined[at : at + EXPORT_PIECE_CHARS]
 
-    def _head(self, view: MemberView, row: MemberRow) -> dict[str, object]:
+    def _head(
+        self, view: MemberView, row: MemberRow, corrections: list[Correction]
+    ) -> dict[str, object]:
         """The document but its access history."""
         return {
             "format": EXPORT_FORMAT,
@@ -157,4 +174,6 @@ class Export:
                 }
                 for c in row.consents
             ],
+            # Requested corrections (section 7), oldest first, with their notes.
+            "corrections": [correction_json(c) for c in corrections],
         }

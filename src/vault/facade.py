@@ -19,10 +19,12 @@ from datetime import datetime
 
 from vault import _hazmat, ids, member_cipher, policy
 from vault.clock import Clock
+from vault.corrections import BY_MEMBER, Corrections
 from vault.errors import (
     AlreadyExists,
     AuthenticationFailed,
     Conflict,
+    CorrectionPending,
     DecryptionError,
     FieldViolation,
     InvalidInput,
@@ -62,6 +64,7 @@ from vault.providers.base import KeyProvider
 from vault.recovery import Recovery, email_changed_notice, sealed_field
 from vault.retention import WITHDRAWAL, Retention
 from vault.sessions import Login, MemberSessions
+from vault.statistics import Statistics
 from vault.store.base import (
     ConsentRow,
     LeaseStore,
@@ -107,6 +110,10 @@ class VaultParts:
     retention: Retention
     recovery: Recovery
     export: Export
+    #: Requested corrections, which freeze the fields they name (policy section 7).
+    corrections: Corrections
+    #: Aggregates over members who consent to statistics (policy section 3(3)).
+    statistics: Statistics
     sessions: MemberSessions
     #: Every password check, under the failure counters and the IP throttle.
     guard: LoginGuard
@@ -139,6 +146,8 @@ class Vault:
         self.retention = parts.retention
         #: Member sessions: the member's own rights need one (vault.sessions).
         self.sessions = parts.sessions
+        self.corrections = parts.corrections
+        self.statistics = parts.statistics
 
     def __repr__(self) -> str:
         return f"<Vault provider={self._provider.name}>"
@@ -300,14 +309,18 @@ class Vault:
         return Login(row.member_id, token)
 
     async def get_member(self, member_id: str, purpose: Purpose) -> MemberView:
+        if purpose is Purpose.STATISTICS:
+            # Section 3(3): aggregates over consenting members, never one member.
+            raise InvalidInput([FieldViolation("purpose", policy.STATISTICS_READ)])
         row = await load_member(self._store, member_id)
         if not policy.purpose_permitted(purpose, row.consents):
             raise PurposeNotAllowed(purpose.value)
         allowed = policy.ALLOWED_FIELDS[purpose]
-        if not allowed:  # statistics: nothing to decrypt, no key needed
-            return MemberView(
-                row.member_id, row.created_at, row.last_seen_at, consents=row.consents
-            )
+        # Section 7: fields under a pending correction are the member's own only. The
+        # whole read is refused (not answered without them): a caller must not take
+        # a partial answer for the member's data.
+        if row.frozen and purpose is not Purpose.MEMBER_REQUEST and row.frozen & allowed:
+            raise CorrectionPending(row.frozen & allowed)
         return await self._member_keys.read_under_key(
             row, lambda r, dek: member_view(r, allowed, dek)
         )
@@ -327,20 +340,34 @@ class Vault:
             dek = await self._member_keys.dek(row.key)
             await self._check_password(dek, row, changes.current_password or "")
         indexes = {"email": self._indexes.email(email)} if email is not None else None
+        now = self._clock.now()
+        corrected: set[str] = set()
 
         async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
+            corrected.clear()
+            corrected.update(row.frozen & new_values.keys())
             ciphertexts = {
                 f: member_cipher.seal(key, mid, f, value) for f, value in new_values.items()
             }
             notice = None
             if email is not None:  # sealed from the row written over: the old address
                 notice = email_changed_notice(key, row, self._clock.now())
+            # Releases the pending corrections of these fields (the update is the
+            # member's, by their session) in the same transaction.
             return await self._store.update_member(
-                mid, ciphertexts, indexes, dek_id=row.key.dek_id, notify=notice
+                mid,
+                ciphertexts,
+                indexes,
+                dek_id=row.key.dek_id,
+                notify=notice,
+                corrected_at=now,
+                corrected_by=BY_MEMBER,
             )
 
         await self._member_keys.under_current_key(mid, write)
         log.info("member_updated", fields=sorted(new_values))
+        if corrected:  # the update completed corrections: section 7's notices
+            await self.corrections.applied_at(mid, now)
         return await self.get_member(mid, Purpose.MEMBER_REQUEST)
 
     async def change_password(self, member_id: str, current: str, new: str) -> None:
@@ -388,7 +415,11 @@ class Vault:
         for attempt in range(KEY_CHANGE_RETRIES):
             try:
                 record = await self._store.shred_member(
-                    member_id, self._clock.now(), reason, last_seen_before=last_seen_before
+                    member_id,
+                    self._clock.now(),
+                    reason,
+                    last_seen_before=last_seen_before,
+                    withdrawal=reason == WITHDRAWAL,  # counted in the statistics
                 )
                 break
             except Conflict:

@@ -18,6 +18,7 @@ from vault.errors import NotFound
 from vault.login_guard import LoginGuardSettings
 from vault.policy import ConsentChoice, Violations
 from vault.retention import RetentionRule
+from vault.statistics import StatisticsSettings
 from vault.store.base import ConsentRow, MemberRow
 
 #: The vault's logger (the facade's, recovery's and export's events).
@@ -60,6 +61,8 @@ class VaultSettings:
     sessions_per_member: int = 20
     #: Failure counters, lockouts and the per-IP throttle (vault.login_guard).
     login_guard: LoginGuardSettings = field(default_factory=LoginGuardSettings)
+    #: GetStatistics' minimum cell size and longest date range (vault.statistics).
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:

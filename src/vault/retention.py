@@ -37,6 +37,7 @@ import structlog
 
 from vault import ids, member_cipher
 from vault.clock import Clock
+from vault.corrections import correction_json, opened_corrections
 from vault.errors import (
     Conflict,
     FieldViolation,
@@ -49,6 +50,7 @@ from vault.member_keys import MemberKeys
 from vault.store.base import (
     RETAINED_FIELDS,
     AccessLogStore,
+    CorrectionStore,
     DestructionRecord,
     DestructionStore,
     MemberRow,
@@ -99,9 +101,9 @@ def _check_basis(basis: str) -> str:
     return basis
 
 
-class RetentionStores(MemberStore, AccessLogStore, DestructionStore, Protocol):
+class RetentionStores(MemberStore, AccessLogStore, CorrectionStore, DestructionStore, Protocol):
     """The vault-database slice a withdrawal moves out of: the member, their access
-    log, and the shred with its destruction record."""
+    log and corrections, and the shred with its destruction record."""
 
 
 class Retention:
@@ -162,10 +164,11 @@ class Retention:
                 access_entry_ids=frozenset(e.entry_id for e in copy.access_log),
                 kek_version=copy.key.kek_version,
                 retained_until=copy.destroy_after,
+                corrections=copy.corrections,
             )
             try:
                 record = await self._store.shred_member(
-                    row.member_id, now, WITHDRAWAL, retention=check
+                    row.member_id, now, WITHDRAWAL, retention=check, withdrawal=True
                 )
             except (KeyChanged, Conflict):
                 # Changed (or the KEK rotated) since we read, or rolled back in a
@@ -189,6 +192,7 @@ class Retention:
     async def _copy(self, row: MemberRow, now: datetime, attempt: str) -> RetainedMember:
         mid = row.member_id
         entries = await whole_access_log(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
         active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
@@ -204,6 +208,7 @@ class Retention:
             ciphertexts={f: row.ciphertexts[f] for f in RETAINED_FIELDS},
             consents=row.consents,
             access_log=tuple(entries),
+            corrections=tuple(corrections),
             attempt=attempt,
         )
 
@@ -248,6 +253,9 @@ class Retention:
                     "recorded_at": c.recorded_at.isoformat(),
                 }
                 for c in copy.consents
+            ],
+            "corrections": [
+                correction_json(c) for c in opened_corrections(dek, mid, copy.corrections)
             ],
             "access_history": [
                 {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
@@ -301,6 +309,7 @@ async def destroy_copy(
             "member_keys": 1,
             "consents": len(copy.consents),
             "access_log": len(copy.access_log),
+            "corrections": len(copy.corrections),
         },
         kek_versions=(copy.key.kek_version,),
     )
