@@ -28,6 +28,12 @@ def _always(request: Any) -> bool:
     return True
 
 
+def by_member(context: Context) -> bool:
+    """Whether an OPTIONAL_SESSION call carries a member session (which guard has
+    then checked is a live one of the request's member)."""
+    return bool(metadata_value(context, SESSION_KEY))
+
+
 def _member_request(request: Any) -> bool:
     return bool(request.purpose == pb.PURPOSE_MEMBER_REQUEST)
 
@@ -42,7 +48,13 @@ MEMBER_RIGHTS: Mapping[str, Callable[[Any], bool]] = {
     "StreamMemberData": _always,
     "ListAccessHistory": _always,
     "EndSession": _always,
+    "ListCorrections": _always,
 }
+#: The member's right, or a calling service acting for the member (section 7: the
+#: member "contacts the privacy manager"): a session that is sent must be a live one
+#: of that member, and makes the call the member's own; without one, the caller
+#: policy alone decides, and the calling service is recorded.
+OPTIONAL_SESSION = frozenset({"RequestCorrection", "CloseCorrection"})
 #: Anonymous (sign-up, login, recovery by what the member knows) or a calling
 #: service's own record (RecordAccess): no member session.
 WITHOUT_SESSION = frozenset(
@@ -60,12 +72,14 @@ WITHOUT_SESSION = frozenset(
 def check_classified(service: ServiceDescriptor) -> None:
     """RuntimeError unless every RPC of ``service`` is in exactly one of the lists."""
     names = {m.name for m in service.methods}
-    both = MEMBER_RIGHTS.keys() & WITHOUT_SESSION
-    unclassified = names - MEMBER_RIGHTS.keys() - WITHOUT_SESSION
-    unknown = (MEMBER_RIGHTS.keys() | WITHOUT_SESSION) - names
+    lists = (set(MEMBER_RIGHTS), set(WITHOUT_SESSION), set(OPTIONAL_SESSION))
+    both = {n for i, a in enumerate(lists) for b in lists[i + 1 :] for n in a & b}
+    unclassified = names - set().union(*lists)
+    unknown = set().union(*lists) - names
     if both or unclassified or unknown:
         raise RuntimeError(
-            "every MemberService RPC must be in MEMBER_RIGHTS or WITHOUT_SESSION, once: "
+            "every MemberService RPC must be in MEMBER_RIGHTS, WITHOUT_SESSION or "
+            "OPTIONAL_SESSION, once: "
             f"{sorted(both | unclassified | unknown)}"
         )
 
@@ -79,13 +93,15 @@ class SessionCheck(Protocol):
 
 def guard(name: str, behavior: Callable[..., Any], sessions: SessionCheck) -> Callable[..., Any]:
     """``behavior`` (the servicer's method ``name``), checking the member's session
-    first when the request is one of the member's own rights."""
+    first when the request is one of the member's own rights (for OPTIONAL_SESSION
+    methods: when a session is sent)."""
     needs = MEMBER_RIGHTS.get(name)
-    if needs is None:
+    optional = name in OPTIONAL_SESSION
+    if needs is None and not optional:
         return behavior
 
     async def check(request: Any, context: Context) -> None:
-        if needs(request):
+        if by_member(context) if optional else needs(request):  # type: ignore[misc]
             await sessions.require(metadata_value(context, SESSION_KEY), request.member_id)
 
     if inspect.isasyncgenfunction(behavior):

@@ -18,7 +18,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from privacyvault.v1 import key_admin_pb2, member_pb2
+from privacyvault.v1 import key_admin_pb2, member_pb2, statistics_pb2
 from service.caller_policy import LOCAL, PolicySource
 from service.callers import CallerCheck, policy_methods
 from service.config import Settings
@@ -27,6 +27,7 @@ from service.health_listener import start_health_listener
 from service.interceptors import ServiceInterceptor, add_servicer
 from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
+from service.statistics_servicer import StatisticsServicer
 from service.wiring import build_sidecar, open_configured_vault
 from vault import Clock, Vault
 
@@ -34,10 +35,11 @@ log = structlog.get_logger("service.server")
 
 MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
 KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
+STATISTICS_SERVICE = statistics_pb2.DESCRIPTOR.services_by_name["StatisticsService"]
 HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
-SERVICE_NAMES = (MEMBER_SERVICE.full_name,)
+SERVICE_NAMES = (MEMBER_SERVICE.full_name, STATISTICS_SERVICE.full_name)
 #: The services under the caller policy (health and reflection are not).
-POLICY_SERVICES = (MEMBER_SERVICE, KEY_ADMIN_SERVICE)
+POLICY_SERVICES = (MEMBER_SERVICE, KEY_ADMIN_SERVICE, STATISTICS_SERVICE)
 
 
 @dataclass
@@ -140,6 +142,14 @@ def _add_services(
         server,
         MemberServicer(vault),
         MEMBER_SERVICE,
+        interceptor,
+        validate=check_field_limits,
+        authorization=callers,
+    )
+    add_servicer(
+        server,
+        StatisticsServicer(vault.statistics),
+        STATISTICS_SERVICE,
         interceptor,
         validate=check_field_limits,
         authorization=callers,
