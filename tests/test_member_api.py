@@ -165,8 +165,7 @@ async def test_each_purpose_sees_only_its_fields(members: MemberServiceStub) -> 
         pb.PURPOSE_ACCOUNT_RECOVERY: {"login_id", "email"},
         pb.PURPOSE_INQUIRY: {"name", "email", "mobile_phone"},
         pb.PURPOSE_MEMBER_REQUEST: {"login_id", "name", "email", "mobile_phone"},
-        pb.PURPOSE_STATISTICS: set(),
-    }
+    }  # PURPOSE_STATISTICS reads no member (tests/test_statistics.py)
     for purpose, fields in expected.items():
         member = await _get(members, member_id, purpose, session)
         assert _set_fields(member) == fields, pb.Purpose.Name(purpose)
@@ -190,7 +189,7 @@ async def test_consents_are_recorded_with_policy_version(members: MemberServiceS
     assert all(c.policy_version == "1" and c.recorded_at.seconds > 0 for c in member.consents)
 
 
-@pytest.mark.parametrize("purpose", [pb.PURPOSE_INQUIRY, pb.PURPOSE_STATISTICS])
+@pytest.mark.parametrize("purpose", [pb.PURPOSE_INQUIRY])
 async def test_optional_purposes_need_a_grant(members: MemberServiceStub, purpose: int) -> None:
     refused = (
         await members.SignUp(sign_up_request(consents=[pb.ConsentChoice(purpose=purpose)]))  # type: ignore[arg-type]
