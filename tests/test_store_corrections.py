@@ -77,10 +77,12 @@ async def test_closing_releases_the_pending_fields_with_a_reason(vault: Store) -
     assert await vault.update_member(
         member.member_id, {"name": b"x"}, dek_id=1, corrected_at=ts(2), corrected_by="member"
     )
-    closed = await vault.close_correction(
+    result = await vault.close_correction(
         member.member_id, pending.correction_id, ts(3), "spiffe://x/y", b"why", dek_id=1
     )
-    assert closed is not None
+    assert result is not None
+    closed, now_closed = result
+    assert now_closed
     assert closed.state == "closed"
     assert dict(closed.fields) == {"name": "corrected", "mobile_phone": "closed"}
     assert (closed.resolved_at, closed.resolved_by, closed.reason_ct) == (
@@ -95,7 +97,7 @@ async def test_closing_releases_the_pending_fields_with_a_reason(vault: Store) -
     again = await vault.close_correction(
         member.member_id, pending.correction_id, ts(4), "member", b"other", dek_id=1
     )
-    assert again == closed
+    assert again == (closed, False)
     assert (
         await vault.close_correction(
             member.member_id, str(uuid.uuid4()), ts(4), "member", b"r", dek_id=1

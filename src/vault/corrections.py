@@ -182,7 +182,7 @@ class Corrections:
         assert mid
         by = BY_MEMBER if by_member else current_caller()
         at = self._clock.now()
-        result: list[CorrectionRow | None] = [None]
+        result: list[tuple[CorrectionRow, bool] | None] = [None]
 
         async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
             sealed = member_cipher.seal_correction_text(key, mid, "reason", cid, text)
@@ -192,10 +192,10 @@ class Corrections:
             return True
 
         await self._keys.under_current_key(mid, write)
-        closed = result[0]
-        if closed is None:
+        if result[0] is None:
             raise CorrectionNotFound
-        if closed.resolved_at != at or closed.state != "closed":
+        closed, now_closed = result[0]
+        if not now_closed:
             raise CorrectionResolved(closed.state)
         log.info("correction_closed", member_id=mid, by=by)
         return (await self._opened(mid, [closed]))[0]

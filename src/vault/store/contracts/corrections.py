@@ -34,12 +34,13 @@ class CorrectionStore(Protocol):
         reason_ct: bytes,
         *,
         dek_id: int,
-    ) -> CorrectionRow | None:
+    ) -> tuple[CorrectionRow, bool] | None:
         """Close a pending correction of the member: its still pending fields are
         released ("closed"), with ``reason_ct`` (sealed under DEK ``dek_id``), the
-        time and who. Returns the correction as it is afterwards (unchanged if it
-        was no longer pending); None if the member has no such correction.
-        KeyChanged if the DEK was rotated meanwhile."""
+        time and who. Returns the correction as it is afterwards and whether this
+        call closed it (False: it was no longer pending, and is unchanged); None if
+        the member has no such correction. KeyChanged if the DEK was rotated
+        meanwhile."""
         ...
 
 

@@ -216,23 +216,26 @@ class SqlCorrections(SqlExecutor):
         reason_ct: bytes,
         *,
         dek_id: int,
-    ) -> CorrectionRow | None:
+    ) -> tuple[CorrectionRow, bool] | None:
         d = self._dialect
         key = d.member_id(member_id)
         when = d.time(require_aware(at))
 
-        async def body(tx: Tx) -> CorrectionRow | None:
+        async def body(tx: Tx) -> tuple[CorrectionRow, bool] | None:
             # The lock order: the member row first, then its key, then its own rows.
             if not await tx.fetchval(guards.LOCK_MEMBER_ROW[d.name], key):
                 return None
             await guards.check_dek(tx, d, key, dek_id)
-            if await tx.run(_CLOSE[d.name], key, correction_id, when, by, bytes(reason_ct)):
+            closed = bool(
+                await tx.run(_CLOSE[d.name], key, correction_id, when, by, bytes(reason_ct))
+            )
+            if closed:
                 await tx.run(_CLOSE_FIELDS[d.name], key, correction_id, when)
             found = await tx.fetchrow(_ONE[d.name], key, correction_id)
             if found is None:
                 return None
             fields = [f for f in await tx.fetch(_LIST_FIELDS[d.name], key) if f[0] == correction_id]
-            return correction_rows(d, str(key), [found], fields)[0]
+            return correction_rows(d, str(key), [found], fields)[0], closed
 
         try:
             return await self._in_transaction(body)
