@@ -30,11 +30,13 @@ class GetStatisticsRequest(_message.Message):
     purpose: _member_pb2.Purpose.ValueType
     """Must be PURPOSE_STATISTICS: the caller policy checks the caller may state it."""
     start_date: _builtins.str
-    """The first and last day (UTC, inclusive) of the per-day counts, YYYY-MM-DD;
-    both empty: the 30 days up to today. At most 92 days
-    (PRIVACY_VAULT_STATISTICS_MAX_DAYS). At most 10 characters each.
+    """The first day (UTC) of the per-day counts, YYYY-MM-DD; with end_date
+    empty too: the 30 days up to today. At most 10 characters.
     """
     end_date: _builtins.str
+    """The last day (UTC, inclusive), YYYY-MM-DD. The range spans at most 92
+    days (PRIVACY_VAULT_STATISTICS_MAX_DAYS). At most 10 characters.
+    """
     def __init__(
         self,
         *,
