@@ -11,7 +11,7 @@ from store_support import T0, entry, new_member, ts
 
 from vault.errors import KeyChanged
 from vault.store import ConsentRow, Store
-from vault.store.base import CorrectionRow, MemberKeyRow
+from vault.store.base import CorrectionRow, MemberKeyRow, RetentionCheck
 
 
 def correction(
@@ -209,3 +209,30 @@ async def test_statistics_count_only_consenting_members(vault: Store) -> None:
     assert (await vault.statistics(ts(60), next_day, next_day)).days == (
         (next_day.isoformat(), 0, 1),
     )
+
+
+async def test_a_withdrawal_copy_is_stale_once_a_correction_changed(vault: Store) -> None:
+    member = new_member()
+    await vault.insert_member(member)
+    pending = correction(member.member_id, "name")
+    assert await vault.insert_correction(pending, dek_id=1)
+    check = RetentionCheck(
+        dek_id=1,
+        ciphertexts=member.ciphertexts,
+        access_entry_ids=frozenset(),
+        kek_version=1,
+        retained_until=ts(86_400),
+        corrections=tuple(await vault.list_corrections(member.member_id)),
+    )
+    # A correction closed after the copy was read: the shred refuses, nothing changes.
+    assert await vault.close_correction(
+        member.member_id, pending.correction_id, ts(2), "member", b"r", dek_id=1
+    )
+    with pytest.raises(KeyChanged):
+        await vault.shred_member(member.member_id, ts(3), "withdrawal", retention=check)
+    assert await vault.get_member(member.member_id) is not None
+    # Read again, the copy matches and the shred goes through.
+    fresh = replace(check, corrections=tuple(await vault.list_corrections(member.member_id)))
+    record = await vault.shred_member(member.member_id, ts(3), "withdrawal", retention=fresh)
+    assert record is not None
+    assert record.retained_until == ts(86_400)
