@@ -20,6 +20,11 @@ member, or by a calling service the caller policy allows CloseCorrection).
 The note and the closing reason are free text that may hold personal data: sealed
 under the member's DEK, bound to the correction's id. Who requested and who
 resolved are recorded in clear: a calling service's identity or "member".
+
+Two hooks for the disclosure step (issue 12 item 4), which comes later: a
+disclosure must refuse frozen fields with :func:`refuse_frozen`, and
+:meth:`Corrections.notify_recipients` is where the correction notices to the
+recipients who received an old value plug in (not built yet: see there).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import structlog
 from vault import _hazmat, ids, member_cipher, policy
 from vault.calls import current_caller
 from vault.clock import Clock
-from vault.errors import CorrectionNotFound, CorrectionResolved, NotFound
+from vault.errors import CorrectionNotFound, CorrectionPending, CorrectionResolved, NotFound
 from vault.member_keys import MemberKeys
 from vault.policy import Violations
 from vault.store.base import (
@@ -54,6 +59,15 @@ NOTE_MAX = 1000
 REASON_MAX = 500
 #: "urn:uuid:" and a UUID, as member ids.
 CORRECTION_ID_MAX = 45
+
+
+def refuse_frozen(row: MemberRow, fields: frozenset[str]) -> None:
+    """CorrectionPending if a pending correction freezes any of ``fields``: the one
+    check every use of a member's data but the member's own goes through (GetMember
+    for a purpose; the disclosure step's Disclose, with the fields it would
+    provide). ``row`` is the member as read, ``frozen`` included: no extra query."""
+    if row.frozen and (held := row.frozen & fields):
+        raise CorrectionPending(held)
 
 
 class CorrectionStores(MemberStore, CorrectionStore, Protocol):
@@ -217,8 +231,11 @@ class Corrections:
 
     async def applied_at(self, member_id: str, at: datetime) -> list[AppliedCorrection]:
         """The corrections the member's update at ``at`` completed (UpdateMember
-        calls it when the update corrected a frozen field); each is handed to
-        :meth:`notify_recipients`."""
+        calls it after its transaction, when the update corrected a frozen field);
+        each is handed to :meth:`notify_recipients`. Found by their resolution time:
+        two updates of one member in the same microsecond would both see them (the
+        disclosure step, which makes the notices, may want the ids from the
+        update's own transaction instead)."""
         applied = [
             AppliedCorrection(
                 member_id,

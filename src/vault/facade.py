@@ -19,12 +19,11 @@ from datetime import datetime
 
 from vault import _hazmat, ids, member_cipher, policy
 from vault.clock import Clock
-from vault.corrections import BY_MEMBER, Corrections
+from vault.corrections import BY_MEMBER, Corrections, refuse_frozen
 from vault.errors import (
     AlreadyExists,
     AuthenticationFailed,
     Conflict,
-    CorrectionPending,
     DecryptionError,
     FieldViolation,
     InvalidInput,
@@ -319,8 +318,8 @@ class Vault:
         # Section 7: fields under a pending correction are the member's own only. The
         # whole read is refused (not answered without them): a caller must not take
         # a partial answer for the member's data.
-        if row.frozen and purpose is not Purpose.MEMBER_REQUEST and row.frozen & allowed:
-            raise CorrectionPending(row.frozen & allowed)
+        if row.frozen and purpose is not Purpose.MEMBER_REQUEST:
+            refuse_frozen(row, allowed)
         return await self._member_keys.read_under_key(
             row, lambda r, dek: member_view(r, allowed, dek)
         )
