@@ -101,7 +101,8 @@ def guard(name: str, behavior: Callable[..., Any], sessions: SessionCheck) -> Ca
         return behavior
 
     async def check(request: Any, context: Context) -> None:
-        if by_member(context) if optional else needs(request):  # type: ignore[misc]
+        wanted = by_member(context) if optional else needs is not None and needs(request)
+        if wanted:
             await sessions.require(metadata_value(context, SESSION_KEY), request.member_id)
 
     if inspect.isasyncgenfunction(behavior):
