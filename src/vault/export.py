@@ -14,6 +14,7 @@ from typing import Protocol
 
 from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
+from vault.corrections import Correction, correction_json, opened_corrections
 from vault.errors import PreconditionFailed
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
@@ -24,6 +25,7 @@ from vault.store.base import (
     AccessLogStore,
     ConsentEventRow,
     ConsentStore,
+    CorrectionStore,
     MemberRow,
     MemberStore,
     whole_consent_history,
@@ -45,9 +47,9 @@ def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRo
     return AccessEntry(at=row.at, action=action, ip=ip, caller=caller)
 
 
-class ExportStores(MemberStore, AccessLogStore, ConsentStore, Protocol):
-    """The vault-database slice an export reads: the member, their access log and
-    their consent history."""
+class ExportStores(MemberStore, AccessLogStore, ConsentStore, CorrectionStore, Protocol):
+    """The vault-database slice an export reads: the member, their access log, their
+    consent history and their corrections."""
 
 
 class Export:
@@ -96,10 +98,17 @@ class Export:
         row = await load_member(self._store, member_id)
         mid = row.member_id
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
-        view = await self._keys.read_under_key(row, lambda r, dek: member_view(r, everything, dek))
+        corrections = await self._store.list_corrections(mid)
+
+        async def read_head(
+            r: MemberRow, dek: _hazmat.SecretKey
+        ) -> tuple[MemberView, list[Correction]]:
+            return await member_view(r, everything, dek), opened_corrections(dek, mid, corrections)
+
+        view, opened = await self._keys.read_under_key(row, read_head)
         history = await whole_consent_history(self._store, mid)
         version = await self._store.current_policy_version(self._clock.now())
-        head = self._head(view, row, history, version or self._settings.policy_version)
+        head = self._head(view, row, history, version or self._settings.policy_version, opened)
         # The head pretty-printed, its closing brace replaced by the history, which
         # is written one entry per line as the pages come.
         text = json.dumps(head, ensure_ascii=False, indent=2)
@@ -149,6 +158,7 @@ class Export:
         row: MemberRow,
         history: list[ConsentEventRow],
         policy_version: str,
+        corrections: list[Correction],
     ) -> dict[str, object]:
         """The document but its access history."""
         now = self._clock.now()
@@ -189,4 +199,6 @@ class Export:
                 }
                 for e in history
             ],
+            # Requested corrections (section 7), oldest first, with their notes.
+            "corrections": [correction_json(c) for c in corrections],
         }

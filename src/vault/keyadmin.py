@@ -34,6 +34,7 @@ from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     AccessLogStore,
+    CorrectionStore,
     KeyStore,
     MemberKeyRow,
     MemberRow,
@@ -127,9 +128,9 @@ class _MemberLocks:
                 del self._locks[member_id]
 
 
-class KeyAdminStores(KeyStore, MemberStore, AccessLogStore, Protocol):
+class KeyAdminStores(KeyStore, MemberStore, AccessLogStore, CorrectionStore, Protocol):
     """The vault-database slice key management uses: the key hierarchy's rows, and a
-    member with their access log (to rotate one member's key)."""
+    member with their access log and corrections (to rotate one member's key)."""
 
 
 class KeyAdmin:
@@ -387,8 +388,10 @@ class KeyAdmin:
         # Read after the row, in statements of its own: a rotation that commits in
         # between leaves entries sealed under a newer DEK than ``old_key``.
         log_rows = await whole_access_log(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
         try:
             entries = member_cipher.reseal_access_log(old_key, new_key, mid, log_rows)
+            sealed, resealed = member_cipher.reseal_corrections(old_key, new_key, mid, corrections)
         except DecryptionError:
             current = await self._store.get_member(mid)
             if current is not None and current.key.dek_id == old.dek_id:
@@ -402,6 +405,8 @@ class KeyAdmin:
                 ciphertexts,
                 entries,
                 old_ciphertexts=row.ciphertexts,
+                corrections=resealed,
+                old_corrections=sealed,
             )
         except (PreconditionFailed, Conflict):
             # The version we wrapped under was destroyed meanwhile, or the database

@@ -37,6 +37,7 @@ import structlog
 
 from vault import ids, member_cipher
 from vault.clock import Clock
+from vault.corrections import correction_json, opened_corrections
 from vault.errors import (
     Conflict,
     FieldViolation,
@@ -50,6 +51,7 @@ from vault.store.base import (
     RETAINED_FIELDS,
     AccessLogStore,
     ConsentStore,
+    CorrectionStore,
     DestructionRecord,
     DestructionStore,
     MemberRow,
@@ -101,9 +103,11 @@ def _check_basis(basis: str) -> str:
     return basis
 
 
-class RetentionStores(MemberStore, AccessLogStore, ConsentStore, DestructionStore, Protocol):
+class RetentionStores(
+    MemberStore, AccessLogStore, ConsentStore, CorrectionStore, DestructionStore, Protocol
+):
     """The vault-database slice a withdrawal moves out of: the member, their access
-    log and consent history, and the shred with its destruction record."""
+    log, consent history and corrections, and the shred with its destruction record."""
 
 
 class Retention:
@@ -165,10 +169,11 @@ class Retention:
                 consent_event_ids=frozenset(e.event_id for e in copy.consent_history),
                 kek_version=copy.key.kek_version,
                 retained_until=copy.destroy_after,
+                corrections=copy.corrections,
             )
             try:
                 record = await self._store.shred_member(
-                    row.member_id, now, WITHDRAWAL, retention=check
+                    row.member_id, now, WITHDRAWAL, retention=check, withdrawal=True
                 )
             except (KeyChanged, Conflict):
                 # Changed (or the KEK rotated) since we read, or rolled back in a
@@ -193,6 +198,7 @@ class Retention:
         mid = row.member_id
         entries = await whole_access_log(self._store, mid)
         history = await whole_consent_history(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
         active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
@@ -209,6 +215,7 @@ class Retention:
             consents=row.consents,
             access_log=tuple(entries),
             consent_history=tuple(history),
+            corrections=tuple(corrections),
             attempt=attempt,
         )
 
@@ -265,6 +272,9 @@ class Retention:
                 }
                 for e in copy.consent_history
             ],
+            "corrections": [
+                correction_json(c) for c in opened_corrections(dek, mid, copy.corrections)
+            ],
             "access_history": [
                 {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
                 for at, action, ip, caller in history
@@ -318,6 +328,7 @@ async def destroy_copy(
             "consents": len(copy.consents),
             "consent_history": len(copy.consent_history),
             "access_log": len(copy.access_log),
+            "corrections": len(copy.corrections),
         },
         kek_versions=(copy.key.kek_version,),
     )

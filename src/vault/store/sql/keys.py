@@ -18,8 +18,16 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.rows import IndexKeyRow, KekUsage, KekVersionRow, MemberKeyRow, ResealedAccess
+from vault.store.rows import (
+    IndexKeyRow,
+    KekUsage,
+    KekVersionRow,
+    MemberKeyRow,
+    ResealedAccess,
+    ResealedCorrection,
+)
 from vault.store.sql import guards
+from vault.store.sql.corrections import reseal_corrections
 from vault.store.sql.dialect import Dialect, both
 from vault.store.sql.executor import SqlExecutor, Tx, UniqueViolation
 
@@ -219,6 +227,8 @@ class SqlKeys(SqlRewrapRead):
         access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
+        corrections: Mapping[str, ResealedCorrection] | None = None,
+        old_corrections: Mapping[str, ResealedCorrection] | None = None,
     ) -> bool:
         canonical, expected = check_key_replacement(
             member_id, new_key, ciphertexts, old_ciphertexts
@@ -242,6 +252,8 @@ class SqlKeys(SqlRewrapRead):
             present = await guards.locked_entries(tx, d, key)
             if set(present) != set(access_log):
                 return False  # an entry came (or went) since the caller read them
+            if not await reseal_corrections(tx, d, key, old_corrections or {}, corrections or {}):
+                return False  # a correction's text came or changed since
             await tx.run(_REPLACE_KEY[d.name], *new_key_row)
             await tx.run(update_fields, key, *(value for _, value in assignments))
             await tx.run_many(

@@ -11,7 +11,14 @@ from datetime import datetime
 from typing import Any
 
 from vault.clock import from_micros, to_micros
-from vault.store._common import RETAINED_COLUMNS, check_limit, check_retained, require_aware
+from vault.store._common import (
+    RETAINED_COLUMNS,
+    check_limit,
+    check_retained,
+    corrections_from_json,
+    corrections_json,
+    require_aware,
+)
 from vault.store.rows import (
     RETAINED_FIELDS,
     ConsentEventRow,
@@ -37,14 +44,16 @@ _DELETE_ENTRIES = both("DELETE FROM retained_access_log WHERE member_id = $1")
 _DELETE_COPY = both("DELETE FROM retained_members WHERE member_id = $1")
 _INSERT_COPY = both(
     "INSERT INTO retained_members (member_id, retained_at, destroy_after, reason, attempt, "
-    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, consent_history) VALUES ("
+    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, consent_history, corrections) VALUES ("
     + ", ".join(f"${i}" for i in range(1, 9 + len(RETAINED_FIELDS)))
-    + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}}, ${10 + len(RETAINED_FIELDS)}{{jsonb}})"
+    + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}}, ${10 + len(RETAINED_FIELDS)}{{jsonb}}"
+    + f", ${11 + len(RETAINED_FIELDS)}{{jsonb}})"
 )
 _COPY = both(
     "SELECT retained_at, destroy_after, reason, attempt, confirmed, dek_id, kek_version, "
     f"wrapped_dek, consents{{text}} AS consents, {_CT}, "
-    "consent_history{text} AS consent_history FROM retained_members WHERE member_id = $1"
+    "consent_history{text} AS consent_history, corrections{text} AS corrections "
+    "FROM retained_members WHERE member_id = $1"
 )
 _COPY_ENTRIES = both(
     f"SELECT {ENTRY_COLUMNS} FROM retained_access_log "
@@ -114,6 +123,7 @@ def _copy_row(d: Dialect, member: RetainedMember, key: Any) -> tuple[Any, ...]:
                 for e in member.consent_history
             ]
         ),
+        corrections_json(member.corrections),
     )
 
 
@@ -139,6 +149,7 @@ def _retained(
             ConsentEventRow(int(i), str(p), bool(g), str(v), from_micros(int(t)), str(b), str(c))
             for i, p, g, v, t, b, c in json.loads(row[9 + len(RETAINED_FIELDS)])
         ),
+        corrections=corrections_from_json(member_id, row[10 + len(RETAINED_FIELDS)]),
         attempt=str(attempt),
         confirmed=bool(confirmed),
     )
