@@ -58,6 +58,7 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
         "access_log": 3,
         "outbox": 0,
         "password_resets": 0,
+        "corrections": 0,
     }
     assert record.kek_versions == (2,)
 
@@ -114,6 +115,7 @@ async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None
         "access_log": 0,
         "outbox": 0,
         "password_resets": 0,
+        "corrections": 0,
     }
     assert r0.kek_versions == (1,)
 

@@ -20,6 +20,7 @@ from privacyvault.v1 import member_pb2 as mpb
 from vault import AccessEntry, MemberView, Purpose
 from vault.clock import to_micros
 from vault.consents import ConsentEventRow, ConsentState, PolicyVersionRow
+from vault.corrections import Correction
 from vault.disclosures import DisclosedData, DisclosureEntry, RecipientRow
 from vault.errors import FieldViolation, InvalidInput
 from vault.keyadmin import KekVersionStatus, KeyEvent, RewrapProgress
@@ -269,3 +270,22 @@ def disclosure_pb(e: DisclosureEntry) -> dpb.Disclosure:
         disclosed_at=timestamp(e.at),
         caller=e.caller,
     )
+
+
+# --- corrections ----------------------------------------------------------------------------
+
+
+def correction_pb(c: Correction) -> mpb.Correction:
+    message = mpb.Correction(
+        correction_id=c.correction_id,
+        requested_by=c.requested_by,
+        fields=dict(c.fields),
+        state=c.state,
+        note=c.note,
+        resolved_by=c.resolved_by,
+        reason=c.reason,
+    )
+    _set_timestamp(message.requested_at, c.requested_at)
+    if c.resolved_at is not None:
+        _set_timestamp(message.resolved_at, c.resolved_at)
+    return message

@@ -76,6 +76,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     ),
     (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, None),  # LOGIN_ID_TAKEN, EMAIL_TAKEN
+    (ve.CorrectionNotFound, grpc.StatusCode.NOT_FOUND, "CORRECTION_NOT_FOUND"),
     # MEMBER_NOT_FOUND, RECIPIENT_NOT_FOUND, KEK_VERSION_NOT_FOUND
     (ve.NotFound, grpc.StatusCode.NOT_FOUND, None),
     # The same reason for a wrong login ID or a wrong password: no oracle.
@@ -88,6 +89,9 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ve.ConsentOutdated, grpc.StatusCode.PERMISSION_DENIED, "CONSENT_OUTDATED"),
     # Provision to a third party with neither the member's consent nor a legal basis.
     (ve.NoConsentToProvide, grpc.StatusCode.PERMISSION_DENIED, "NO_CONSENT_TO_PROVIDE"),
+    # A pending correction freezes the fields (policy section 7); metadata "fields".
+    (ve.CorrectionPending, grpc.StatusCode.FAILED_PRECONDITION, "CORRECTION_PENDING"),
+    (ve.CorrectionResolved, grpc.StatusCode.FAILED_PRECONDITION, "CORRECTION_RESOLVED"),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION, None),
     # Too much work queued: refused at once, with RetryInfo saying when to retry.
     (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
@@ -231,6 +235,8 @@ def _with_error_info(exc: BaseException, details: list[any_pb2.Any]) -> list[any
     if any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in details):
         return details
     metadata = exc.metadata if isinstance(exc, CallerNotAllowed) else {}
+    if isinstance(exc, ve.CorrectionPending):
+        metadata = {"fields": ",".join(exc.fields)}  # field names, never values
     info = error_details_pb2.ErrorInfo(reason=_reason(exc), domain=DOMAIN, metadata=metadata)
     return [*details, _packed(info)]
 

@@ -17,7 +17,7 @@ import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
 
-from privacyvault.v1 import consent_pb2, disclosure_pb2, key_admin_pb2, member_pb2
+from privacyvault.v1 import consent_pb2, disclosure_pb2, key_admin_pb2, member_pb2, statistics_pb2
 from service.caller_policy import LOCAL, PolicySource
 from service.callers import CallerCheck, policy_methods
 from service.config import Settings
@@ -30,6 +30,7 @@ from service.key_admin_servicer import KeyAdminServicer
 from service.member_servicer import MemberServicer
 from service.reflection import enable_reflection
 from service.server_certificates import ServerCertificates, TlsFiles
+from service.statistics_servicer import StatisticsServicer
 from service.wiring import build_sidecar, open_configured_vault
 from vault import Clock, Vault
 
@@ -41,6 +42,7 @@ CONSENT_SERVICE = consent_pb2.DESCRIPTOR.services_by_name["ConsentService"]
 POLICY_ADMIN_SERVICE = consent_pb2.DESCRIPTOR.services_by_name["PolicyAdminService"]
 DISCLOSURE_SERVICE = disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"]
 RECIPIENT_ADMIN_SERVICE = disclosure_pb2.DESCRIPTOR.services_by_name["RecipientAdminService"]
+STATISTICS_SERVICE = statistics_pb2.DESCRIPTOR.services_by_name["StatisticsService"]
 HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
 SERVICE_NAMES = (
     MEMBER_SERVICE.full_name,
@@ -48,6 +50,7 @@ SERVICE_NAMES = (
     POLICY_ADMIN_SERVICE.full_name,
     DISCLOSURE_SERVICE.full_name,
     RECIPIENT_ADMIN_SERVICE.full_name,
+    STATISTICS_SERVICE.full_name,
 )
 #: The services under the caller policy (health and reflection are not).
 POLICY_SERVICES = (
@@ -57,6 +60,7 @@ POLICY_SERVICES = (
     POLICY_ADMIN_SERVICE,
     DISCLOSURE_SERVICE,
     RECIPIENT_ADMIN_SERVICE,
+    STATISTICS_SERVICE,
 )
 
 
@@ -155,20 +159,15 @@ def _add_services(
 ) -> tuple[str, ...]:
     """Register the servicers ``settings`` ask for; the names of the API services."""
     callers = caller_check.authorization
-    add_servicer(
-        server,
-        MemberServicer(vault),
-        MEMBER_SERVICE,
-        interceptor,
-        validate=check_field_limits,
-        authorization=callers,
-    )
-    for servicer, service in (
+    api = (
+        (MemberServicer(vault), MEMBER_SERVICE),
         (ConsentServicer(vault.consents, vault.sessions), CONSENT_SERVICE),
         (PolicyAdminServicer(vault.consents), POLICY_ADMIN_SERVICE),
+        (StatisticsServicer(vault.statistics), STATISTICS_SERVICE),
         (DisclosureServicer(vault.disclosures, vault.sessions), DISCLOSURE_SERVICE),
         (RecipientAdminServicer(vault.disclosures), RECIPIENT_ADMIN_SERVICE),
-    ):
+    )
+    for servicer, service in api:
         add_servicer(
             server,
             servicer,

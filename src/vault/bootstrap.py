@@ -26,6 +26,7 @@ from vault.cache import DekCache
 from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
 from vault.consents import Consents
+from vault.corrections import Corrections
 from vault.disclosures import Disclosures
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
@@ -44,6 +45,7 @@ from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.recovery import Recovery
 from vault.retention import Retention
 from vault.sessions import MemberSessions
+from vault.statistics import Statistics
 from vault.store import database_backend, open_retention_store, open_store
 from vault.store.base import (
     IndexKeyRow,
@@ -257,6 +259,8 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
+        corrections=Corrections(store, keys, clock),
+        statistics=Statistics(store, clock, settings.statistics, settings.purposes),
         sessions=MemberSessions(store, clock, settings),
         consents=Consents(store, clock, settings, page_token_key),
         disclosures=Disclosures(store, keys, clock, settings, page_token_key),

@@ -35,6 +35,7 @@ from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     AccessLogStore,
+    CorrectionStore,
     DisclosureStore,
     KeyStore,
     MemberKeyRow,
@@ -130,9 +131,12 @@ class _MemberLocks:
                 del self._locks[member_id]
 
 
-class KeyAdminStores(KeyStore, MemberStore, AccessLogStore, DisclosureStore, Protocol):
+class KeyAdminStores(
+    KeyStore, MemberStore, AccessLogStore, CorrectionStore, DisclosureStore, Protocol
+):
     """The vault-database slice key management uses: the key hierarchy's rows, and a
-    member with their access log and disclosure ledger (to rotate one member's key)."""
+    member with their access log, corrections and disclosure ledger (to rotate one
+    member's key)."""
 
 
 class KeyAdmin:
@@ -390,9 +394,11 @@ class KeyAdmin:
         # Read after the row, in statements of its own: a rotation that commits in
         # between leaves entries sealed under a newer DEK than ``old_key``.
         log_rows = await whole_access_log(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
         ledger_rows = await whole_disclosure_ledger(self._store, mid)
         try:
             entries = member_cipher.reseal_access_log(old_key, new_key, mid, log_rows)
+            sealed, resealed = member_cipher.reseal_corrections(old_key, new_key, mid, corrections)
             ledger = {
                 e.disclosure_id: member_cipher.reseal(
                     old_key, new_key, mid, disclosure_field(e.at), e.details_ct
@@ -412,6 +418,8 @@ class KeyAdmin:
                 ciphertexts,
                 entries,
                 old_ciphertexts=row.ciphertexts,
+                corrections=resealed,
+                old_corrections=sealed,
                 disclosures=ledger,
             )
         except (PreconditionFailed, Conflict):

@@ -261,7 +261,7 @@ def check_answers(
     (:class:`PurposeRequiredForMembership`: that is Withdraw)."""
     decided: dict[str, bool] = {}
     for i, choice in enumerate(choices):
-        where = f"{field}[{i}].purpose"
+        where = f"{field}[{i}].{choice.named_by}"
         spec = catalogue.get(choice.purpose)
         if spec is None:
             v.add(where, "must name a purpose of the catalogue")

@@ -37,6 +37,7 @@ import structlog
 
 from vault import ids, member_cipher
 from vault.clock import Clock
+from vault.corrections import correction_json, opened_corrections
 from vault.errors import (
     Conflict,
     FieldViolation,
@@ -51,6 +52,7 @@ from vault.store.base import (
     RETAINED_FIELDS,
     AccessLogStore,
     ConsentStore,
+    CorrectionStore,
     DestructionRecord,
     DestructionStore,
     DisclosureStore,
@@ -105,11 +107,17 @@ def _check_basis(basis: str) -> str:
 
 
 class RetentionStores(
-    MemberStore, AccessLogStore, ConsentStore, DisclosureStore, DestructionStore, Protocol
+    MemberStore,
+    AccessLogStore,
+    ConsentStore,
+    CorrectionStore,
+    DisclosureStore,
+    DestructionStore,
+    Protocol,
 ):
     """The vault-database slice a withdrawal moves out of: the member, their access
-    log, consent history and disclosure ledger, and the shred with its destruction
-    record."""
+    log, consent history, corrections and disclosure ledger, and the shred with its
+    destruction record."""
 
 
 class Retention:
@@ -172,10 +180,11 @@ class Retention:
                 disclosure_ids=frozenset(e.disclosure_id for e in copy.disclosures),
                 kek_version=copy.key.kek_version,
                 retained_until=copy.destroy_after,
+                corrections=copy.corrections,
             )
             try:
                 record = await self._store.shred_member(
-                    row.member_id, now, WITHDRAWAL, retention=check
+                    row.member_id, now, WITHDRAWAL, retention=check, withdrawal=True
                 )
             except (KeyChanged, Conflict):
                 # Changed (or the KEK rotated) since we read, or rolled back in a
@@ -201,6 +210,7 @@ class Retention:
         entries = await whole_access_log(self._store, mid)
         history = await whole_consent_history(self._store, mid)
         ledger = await whole_disclosure_ledger(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
         active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
@@ -218,6 +228,7 @@ class Retention:
             access_log=tuple(entries),
             consent_history=tuple(history),
             disclosures=tuple(ledger),
+            corrections=tuple(corrections),
             attempt=attempt,
         )
 
@@ -276,6 +287,9 @@ class Retention:
                 }
                 for e in copy.consent_history
             ],
+            "corrections": [
+                correction_json(c) for c in opened_corrections(dek, mid, copy.corrections)
+            ],
             "access_history": [
                 {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
                 for at, action, ip, caller in history
@@ -331,6 +345,7 @@ async def destroy_copy(
             "consent_history": len(copy.consent_history),
             "access_log": len(copy.access_log),
             "disclosure_ledger": len(copy.disclosures),
+            "corrections": len(copy.corrections),
         },
         kek_versions=(copy.key.kek_version,),
     )

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from vault.store.contracts.access_log import AccessLogStore
 from vault.store.contracts.consents import ConsentStore
+from vault.store.contracts.corrections import CorrectionStore, StatisticsStore
 from vault.store.contracts.database import Database
 from vault.store.contracts.destruction import DestructionStore
 from vault.store.contracts.disclosures import DisclosureStore
@@ -39,6 +40,7 @@ from vault.store.contracts.recovery import RecoveryStore
 from vault.store.contracts.retention import RetentionStore
 from vault.store.contracts.sessions import NewSession, SessionRow, SessionStore
 from vault.store.rows import (
+    CORRECTABLE_FIELDS,
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
     RECORDED_BY_MEMBER,
@@ -46,6 +48,7 @@ from vault.store.rows import (
     AccessEntryRow,
     ConsentEventRow,
     ConsentRow,
+    CorrectionRow,
     DestructionRecord,
     DisclosureRow,
     IndexedField,
@@ -64,14 +67,17 @@ from vault.store.rows import (
     PolicyVersionRow,
     RecipientRow,
     RecoveryMailOutcome,
+    ResealedCorrection,
     RetainedMember,
     RetainedSummary,
     RetentionCheck,
     RetentionEvent,
     RewrapUpdate,
+    StatisticsCounts,
 )
 
 __all__ = [
+    "CORRECTABLE_FIELDS",
     "ENCRYPTED_FIELDS",
     "INDEXED_FIELDS",
     "RECORDED_BY_MEMBER",
@@ -81,6 +87,8 @@ __all__ = [
     "ConsentEventRow",
     "ConsentRow",
     "ConsentStore",
+    "CorrectionRow",
+    "CorrectionStore",
     "Database",
     "DestructionRecord",
     "DestructionStore",
@@ -112,6 +120,7 @@ __all__ = [
     "RecipientRow",
     "RecoveryMailOutcome",
     "RecoveryStore",
+    "ResealedCorrection",
     "RetainedMember",
     "RetainedSummary",
     "RetentionCheck",
@@ -120,6 +129,8 @@ __all__ = [
     "RewrapUpdate",
     "SessionRow",
     "SessionStore",
+    "StatisticsCounts",
+    "StatisticsStore",
     "Store",
     "whole_access_log",
     "whole_consent_history",
@@ -143,6 +154,8 @@ class Store(
     SessionStore,
     LoginFailureStore,
     IdempotencyStore,
+    CorrectionStore,
+    StatisticsStore,
     Protocol,
 ):
     """One database holding the vault: every domain's Protocol. See the module

@@ -31,6 +31,8 @@ _VERSION_STATE = both("SELECT state FROM kek_versions WHERE version = $1{share}"
 _LOCK_ENTRIES = both("SELECT entry_id, at FROM access_log WHERE member_id = $1{update}")
 _LOCK_CONSENT_EVENTS = both("SELECT event_id FROM consent_events WHERE member_id = $1{update}")
 _LOCK_DISCLOSURES = both("SELECT disclosure_id FROM disclosures WHERE member_id = $1{update}")
+# A member's own write that changes no member column still takes its row first.
+LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
 MEMBER_EXISTS = both("SELECT 1 FROM members WHERE member_id = $1{share}")
 _OUTBOX_ROW = (
     "INSERT INTO outbox (message_id, member_id, kind, params, created_at, attempts, "

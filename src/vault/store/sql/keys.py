@@ -18,8 +18,16 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.rows import IndexKeyRow, KekUsage, KekVersionRow, MemberKeyRow, ResealedAccess
+from vault.store.rows import (
+    IndexKeyRow,
+    KekUsage,
+    KekVersionRow,
+    MemberKeyRow,
+    ResealedAccess,
+    ResealedCorrection,
+)
 from vault.store.sql import guards
+from vault.store.sql.corrections import reseal_corrections
 from vault.store.sql.dialect import Dialect, both
 from vault.store.sql.executor import SqlExecutor, Tx, UniqueViolation
 
@@ -220,6 +228,8 @@ class SqlKeys(SqlRewrapRead):
         access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
+        corrections: Mapping[str, ResealedCorrection] | None = None,
+        old_corrections: Mapping[str, ResealedCorrection] | None = None,
         disclosures: Mapping[int, bytes] | None = None,
     ) -> bool:
         ledger = {} if disclosures is None else disclosures
@@ -247,6 +257,8 @@ class SqlKeys(SqlRewrapRead):
                 return False  # an entry came (or went) since the caller read them
             if set(await guards.locked_disclosures(tx, d, key)) != set(ledger):
                 return False  # so did a disclosure
+            if not await reseal_corrections(tx, d, key, old_corrections or {}, corrections or {}):
+                return False  # a correction's text came or changed since
             await tx.run(_REPLACE_KEY[d.name], *new_key_row)
             await tx.run(update_fields, key, *(value for _, value in assignments))
             await tx.run_many(

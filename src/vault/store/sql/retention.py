@@ -12,7 +12,14 @@ from datetime import datetime
 from typing import Any
 
 from vault.clock import from_micros, to_micros
-from vault.store._common import RETAINED_COLUMNS, check_limit, check_retained, require_aware
+from vault.store._common import (
+    RETAINED_COLUMNS,
+    check_limit,
+    check_retained,
+    corrections_from_json,
+    corrections_json,
+    require_aware,
+)
 from vault.store.rows import (
     RETAINED_FIELDS,
     ConsentEventRow,
@@ -39,15 +46,17 @@ _DELETE_ENTRIES = both("DELETE FROM retained_access_log WHERE member_id = $1")
 _DELETE_COPY = both("DELETE FROM retained_members WHERE member_id = $1")
 _INSERT_COPY = both(
     "INSERT INTO retained_members (member_id, retained_at, destroy_after, reason, attempt, "
-    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, consent_history, disclosures) VALUES ("
+    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, consent_history, corrections, "
+    "disclosures) VALUES ("
     + ", ".join(f"${i}" for i in range(1, 9 + len(RETAINED_FIELDS)))
     + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}}, ${10 + len(RETAINED_FIELDS)}{{jsonb}}"
-    + f", ${11 + len(RETAINED_FIELDS)}{{jsonb}})"
+    + f", ${11 + len(RETAINED_FIELDS)}{{jsonb}}, ${12 + len(RETAINED_FIELDS)}{{jsonb}})"
 )
 _COPY = both(
     "SELECT retained_at, destroy_after, reason, attempt, confirmed, dek_id, kek_version, "
     f"wrapped_dek, consents{{text}} AS consents, {_CT}, "
-    "consent_history{text} AS consent_history, disclosures{text} AS disclosures "
+    "consent_history{text} AS consent_history, corrections{text} AS corrections, "
+    "disclosures{text} AS disclosures "
     "FROM retained_members WHERE member_id = $1"
 )
 _COPY_ENTRIES = both(
@@ -118,6 +127,7 @@ def _copy_row(d: Dialect, member: RetainedMember, key: Any) -> tuple[Any, ...]:
                 for e in member.consent_history
             ]
         ),
+        corrections_json(member.corrections),
         json.dumps(
             [
                 [
@@ -157,6 +167,7 @@ def _retained(
             ConsentEventRow(int(i), str(p), bool(g), str(v), from_micros(int(t)), str(b), str(c))
             for i, p, g, v, t, b, c in json.loads(row[9 + len(RETAINED_FIELDS)])
         ),
+        corrections=corrections_from_json(member_id, row[10 + len(RETAINED_FIELDS)]),
         disclosures=tuple(
             DisclosureRow(
                 int(i),
@@ -167,7 +178,7 @@ def _retained(
                 from_micros(int(t)),
                 base64.b64decode(c),
             )
-            for i, r, p, f, b, t, c in json.loads(row[10 + len(RETAINED_FIELDS)])
+            for i, r, p, f, b, t, c in json.loads(row[11 + len(RETAINED_FIELDS)])
         ),
         attempt=str(attempt),
         confirmed=bool(confirmed),

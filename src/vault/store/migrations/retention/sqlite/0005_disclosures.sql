@@ -1,4 +1,4 @@
--- A retained copy keeps the member's disclosure ledger (vault migration 0013/0014):
+-- A retained copy keeps the member's disclosure ledger (vault migration 0014):
 -- a JSON array of [disclosure_id, recipient_id, purpose, fields, basis,
 -- disclosed_at (us), details_ct (base64, still sealed under the member's DEK)],
 -- oldest first.
