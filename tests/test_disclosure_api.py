@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_support import (
     admin_metadata,
     embedded_settings,
@@ -21,6 +22,7 @@ from grpc_support import (
     member_session,
 )
 from grpc_support import sign_up_request as sign_up
+from mail_support import SmtpServer, lf_body, relay_for, smtp_mailer
 from process_support import cli_env, run_cli
 
 from privacyvault.v1 import consent_pb2 as cpb
@@ -505,3 +507,127 @@ async def test_a_member_key_rotation_reseals_the_ledger(
     entries = await ledger(disclosures, member_id, session)
     assert [list(e.fields) for e in entries] == [["mobile_phone"], ["name"]]
     assert {e.legal_reference for e in entries} == {"court order 2026-117"}
+
+
+# --- corrections (policy section 7) -------------------------------------------------------
+
+
+async def request_correction(
+    members: MemberServiceStub, member_id: str, session: Metadata, *fields: str
+) -> None:
+    await members.RequestCorrection(
+        pb.RequestCorrectionRequest(member_id=member_id, fields=list(fields)), metadata=session
+    )
+
+
+async def test_a_pending_correction_blocks_disclosure_of_exactly_its_fields(
+    registry: disclosure_pb2_grpc.RecipientAdminServiceStub,
+    members: MemberServiceStub,
+    consents: consent_pb2_grpc.ConsentServiceStub,
+    disclosures: disclosure_pb2_grpc.DisclosureServiceStub,
+) -> None:
+    member_id, session = await member(members)
+    await consent(consents, member_id, session)
+    await request_correction(members, member_id, session, "name")
+    for request in (
+        disclose(member_id, "name"),
+        disclose(member_id, "mobile_phone", "name"),
+        disclose(member_id, "name", legal_basis=COURT_ORDER),  # no basis unfreezes it
+    ):
+        error = await fails(disclosures.Disclose(request), Code.FAILED_PRECONDITION)
+        assert error_info(error).reason == "CORRECTION_PENDING"
+    reply = await disclosures.Disclose(disclose(member_id, "mobile_phone"))
+    assert [f.field for f in reply.fields] == ["mobile_phone"]
+    assert [list(e.fields) for e in await ledger(disclosures, member_id, session)] == [
+        ["mobile_phone"]
+    ]
+
+
+def recipient(recipient_id: str, *fields: str) -> dpb.RegisterRecipientRequest:
+    request = dpb.RegisterRecipientRequest()
+    request.CopyFrom(ACME)
+    request.recipient_id = recipient_id
+    request.legal_entity = f"{recipient_id.title()} Ltd"
+    request.contact_email = f"privacy@{recipient_id}.example"
+    del request.fields[:]
+    request.fields.extend(fields)
+    return request
+
+
+async def test_applying_a_correction_notifies_exactly_the_recipients_of_the_old_value(
+    channel: grpc.aio.Channel,
+    members: MemberServiceStub,
+    disclosures: disclosure_pb2_grpc.DisclosureServiceStub,
+    server: RunningServer,
+    clock: FrozenClock,
+    smtp_server: SmtpServer,
+) -> None:
+    registry = disclosure_pb2_grpc.RecipientAdminServiceStub(channel)
+    for rid, fields in (
+        ("acme", ("name", "mobile_phone")),
+        ("beta", ("name", "email")),
+        ("gamma", ("mobile_phone",)),
+        ("delta", ("name",)),
+    ):
+        await registry.RegisterRecipient(recipient(rid, *fields))
+    request = sign_up(name="Old Name", mobile_phone="010-1111-2222")
+    member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
+    bystander, _ = await member(members)
+
+    def to(rid: str, *fields: str, mid: str = member_id) -> dpb.DiscloseRequest:
+        got = disclose(mid, *fields, legal_basis=COURT_ORDER)
+        got.recipient_id = rid
+        return got
+
+    await disclosures.Disclose(to("acme", "name", "mobile_phone"))
+    await disclosures.Disclose(to("beta", "email"))  # not a corrected field
+    await disclosures.Disclose(to("gamma", "mobile_phone"))
+    await disclosures.Disclose(to("delta", "name", mid=bystander))  # another member
+    clock.advance(timedelta(minutes=1))
+    await request_correction(members, member_id, session, "name", "mobile_phone")
+    clock.advance(timedelta(minutes=1))
+    await members.UpdateMember(
+        pb.UpdateMemberRequest(
+            member_id=member_id,
+            name="New Name",
+            mobile_phone="010-3333-4444",
+            update_mask=FieldMask(paths=["name", "mobile_phone"]),
+        ),
+        metadata=session,
+    )
+    entries = await ledger(disclosures, member_id, session)
+    notices = {
+        e.recipient_id: list(e.fields)
+        for e in entries
+        if e.basis == dpb.DISCLOSURE_BASIS_CORRECTION
+    }
+    assert notices == {"acme": ["name", "mobile_phone"], "gamma": ["mobile_phone"]}
+
+    relay = relay_for(server, smtp_mailer(smtp_server.port), clock)
+    assert (await relay.relay_once()).sent == 2
+    mails = {m.rcpt_tos[0]: m for m in smtp_server.handler.received}
+    assert set(mails) == {"privacy@acme.example", "privacy@gamma.example"}
+    acme = lf_body(mails["privacy@acme.example"].message)
+    assert "name: New Name" in acme
+    assert "mobile phone number: 01033334444" in acme
+    gamma = lf_body(mails["privacy@gamma.example"].message)
+    assert "mobile phone number: 01033334444" in gamma
+    assert "New Name" not in gamma  # it never received the name
+    for mail in mails.values():
+        text = lf_body(mail.message)
+        # Nothing of the member but the corrected values of fields it received.
+        for other in ("Old Name", "01011112222", request.email, request.login_id):
+            assert other not in text
+        assert "Old Name" not in str(mail.message["To"])
+    (acme_ref,) = [e for e in entries if e.recipient_id == "acme" and e.basis == 2]
+    assert f"#{acme_ref.disclosure_id}" in acme
+
+    # A later update that completes no correction notifies nobody.
+    await members.UpdateMember(
+        pb.UpdateMemberRequest(
+            member_id=member_id, name="Newer Name", update_mask=FieldMask(paths=["name"])
+        ),
+        metadata=session,
+    )
+    assert len(await ledger(disclosures, member_id, session)) == len(entries)

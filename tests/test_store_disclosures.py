@@ -7,11 +7,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from store_support import CONSENTS, T0, new_member, ts
+from store_support import CONSENTS, T0, message, new_member, ts
 
-from vault.errors import AlreadyExists, KeyChanged
+from vault.errors import AlreadyExists, CorrectionPending, KeyChanged
 from vault.store.base import (
     ENCRYPTED_FIELDS,
+    CorrectionRow,
     NewConsent,
     NewDisclosure,
     RecipientRow,
@@ -132,3 +133,41 @@ async def test_a_withdrawal_shred_refuses_a_ledger_changed_since_the_copy(vault:
     fresh = replace(check, disclosure_ids=frozenset(r.disclosure_id for r in rows))
     assert await vault.shred_member(member.member_id, ts(5), "withdrawal", retention=fresh)
     assert await vault.list_disclosures(member.member_id, 10) == []
+
+
+async def test_a_correction_notice_is_recorded_and_queued_once(vault: Store) -> None:
+    await vault.register_recipient(ACME)
+    member = new_member()
+    await vault.insert_member(member)
+    mid = member.member_id
+    notice = message(mid, ts(3), kind="correction_notice")
+    entry = disclosure(3, basis="correction")
+    first = await vault.append_correction_notice(mid, entry, notice, dek_id=1)
+    assert first is not None
+    # A retry of the same notice (same message id) writes nothing, queues nothing.
+    assert await vault.append_correction_notice(mid, entry, notice, dek_id=1) is None
+    (row,) = await vault.list_disclosures(mid, 10)
+    assert (row.disclosure_id, row.basis) == (first, "correction")
+    queued = await vault.due_outbox(ts(10), 10)
+    assert [m.message_id for m in queued] == [notice.message_id]
+    with pytest.raises(KeyChanged):
+        await vault.append_correction_notice(
+            mid, entry, message(mid, ts(4), kind="correction_notice"), dek_id=2
+        )
+    gone = new_member().member_id
+    assert await vault.append_correction_notice(gone, entry, message(gone), dek_id=1) is None
+
+
+async def test_an_append_refuses_fields_under_a_pending_correction(vault: Store) -> None:
+    await vault.register_recipient(ACME)
+    member = new_member()
+    await vault.insert_member(member)
+    mid = member.member_id
+    pending = CorrectionRow("c-1", mid, ts(1), "member", {"name": "pending"})
+    assert await vault.insert_correction(pending, dek_id=1)
+    with pytest.raises(CorrectionPending) as frozen:  # seen in the write's own transaction
+        await vault.append_disclosure(mid, disclosure(2), dek_id=1)
+    assert frozen.value.fields == ("name",)
+    other = replace(disclosure(2), fields=("mobile_phone",))
+    assert await vault.append_disclosure(mid, other, dek_id=1)
+    assert [r.fields for r in await vault.list_disclosures(mid, 10)] == [("mobile_phone",)]

@@ -245,6 +245,8 @@ def wire_vault(
     # Page tokens are authenticated under a key of their own, derived from the
     # index key: nothing new to store, and every replica derives the same key.
     page_token_key = _hazmat.derive_mac_key(index_key, "page-token")
+    # Applied corrections are handed to the disclosures (section 7's notices).
+    disclosures = Disclosures(store, keys, clock, settings, page_token_key)
     return VaultParts(
         store=store,
         retained=retained,
@@ -259,11 +261,11 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
-        corrections=Corrections(store, keys, clock),
+        corrections=Corrections(store, keys, clock, disclosures.notify_correction),
         statistics=Statistics(store, clock, settings.statistics, settings.purposes),
         sessions=MemberSessions(store, clock, settings),
         consents=Consents(store, clock, settings, page_token_key),
-        disclosures=Disclosures(store, keys, clock, settings, page_token_key),
+        disclosures=disclosures,
         # The IP's and the request id's HMAC keys are derived like the page tokens'.
         guard=LoginGuard(
             store,

@@ -21,16 +21,16 @@ The note and the closing reason are free text that may hold personal data: seale
 under the member's DEK, bound to the correction's id. Who requested and who
 resolved are recorded in clear: a calling service's identity or "member".
 
-Two hooks for the disclosure step (issue 12 item 4), which comes later: a
-disclosure must refuse frozen fields with :func:`refuse_frozen`, and
-:meth:`Corrections.notify_recipients` is where the correction notices to the
-recipients who received an old value plug in (not built yet: see there).
+Two hooks for the disclosure step (:mod:`vault.disclosures`): a disclosure refuses
+frozen fields with :func:`refuse_frozen`, and :meth:`Corrections.notify_recipients`
+hands each applied correction to the notifier (``Disclosures.notify_correction``)
+that sends the recipients who received an old value a correction notice.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -40,7 +40,13 @@ import structlog
 from vault import _hazmat, ids, member_cipher, policy
 from vault.calls import current_caller
 from vault.clock import Clock
-from vault.errors import CorrectionNotFound, CorrectionPending, CorrectionResolved, NotFound
+from vault.errors import (
+    CorrectionNotFound,
+    CorrectionPending,
+    CorrectionResolved,
+    NotFound,
+    VaultError,
+)
 from vault.member_keys import MemberKeys
 from vault.policy import Violations
 from vault.store.base import (
@@ -145,10 +151,17 @@ async def _load(store: MemberStore, member_id: str) -> MemberRow:
 class Corrections:
     """Reached as ``vault.corrections``. Holds no gRPC and no SQL."""
 
-    def __init__(self, store: CorrectionStores, keys: MemberKeys, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: CorrectionStores,
+        keys: MemberKeys,
+        clock: Clock,
+        notifier: Callable[[AppliedCorrection], Awaitable[object]] | None = None,
+    ) -> None:
         self._store = store
         self._keys = keys
         self._clock = clock
+        self._notifier = notifier
 
     def __repr__(self) -> str:
         return "<Corrections>"
@@ -254,17 +267,21 @@ class Corrections:
 
     async def notify_recipients(self, applied: AppliedCorrection) -> None:
         """Section 7's second duty: tell every third party that received the old
-        value of a corrected field the result (a correction notice through the
-        outbox to the recipient's contact address, itself a ledger entry).
-
-        NOT BUILT YET: this is the disclosure step's job (issue 12 item 4), which
-        brings the recipients registry and the disclosure ledger this needs. Until
-        then the service provides no data to third parties at all (there is no
-        disclosure RPC), so no recipient can hold an old value and there is nobody
-        to notify. The disclosure step replaces this body: look up the ledger rows
-        of ``applied.member_id`` that included any of ``applied.fields`` before
-        ``applied.applied_at`` and enqueue one notice per recipient."""
-        return None
+        value of a corrected field the result (vault.disclosures: a correction
+        notice through the outbox to the recipient's contact address, itself a
+        ledger entry). The update has committed by now: a failure is logged (no
+        values) and does not undo or fail it."""
+        if self._notifier is None:
+            return
+        try:
+            await self._notifier(applied)
+        except VaultError as exc:
+            log.warning(
+                "correction_notices_failed",
+                member_id=applied.member_id,
+                correction_id=applied.correction_id,
+                error=type(exc).__name__,
+            )
 
 
 def opened_corrections(

@@ -15,6 +15,18 @@ or where the law requires it. So a disclosure needs one of:
   registration is never changed (register a new recipient instead);
 - a recorded legal basis: the statute or request reference and who approved it.
 
+A field under a pending correction is never provided (policy section 7:
+CorrectionPending, through :func:`vault.corrections.refuse_frozen` on the member as
+read, and again in the ledger write's transaction). When a correction is applied,
+every recipient whose ledger entries (before then) include a corrected field gets
+one correction notice (:meth:`Disclosures.notify_correction`, the corrections'
+hook): through the outbox, to the recipient's contact address, naming only the
+disclosure references it received and the corrected values of the fields it
+received, sealed under the member's DEK until the relay sends it (a member shredded
+before then takes the notice along). Each notice is itself a ledger entry (basis
+``correction``), recorded with the outbox row in one transaction, once per
+correction and recipient.
+
 Either way only the recipient's registered fields go out, for one of its registered
 purposes, and every provision is appended to the member's ledger in the same
 transaction that re-checks the consent (a withdrawal committed before is seen).
@@ -25,7 +37,9 @@ the member's DEK, so a shred destroys them with the rest of the member.
 
 from __future__ import annotations
 
+import base64
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,9 +47,11 @@ from typing import Protocol
 
 from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
+from vault.corrections import AppliedCorrection, refuse_frozen
 from vault.errors import NoConsentToProvide, NotFound, PurposeNotAllowed
 from vault.ledger import (
     CONSENT,
+    CORRECTION,
     LEGAL,
     DisclosureEntry,
     LegalBasis,
@@ -43,17 +59,23 @@ from vault.ledger import (
     open_entry,
     seal_details,
 )
+from vault.mail import CORRECTED_VALUE_PREFIX, CORRECTION_NOTICE, SEALED_PREFIX, SEALED_RECIPIENT
 from vault.member_keys import MemberKeys
 from vault.members import VaultSettings, load_member, log
 from vault.page_tokens import DISCLOSURE_LISTING, decode_page_token, encode_cursor
 from vault.policy import PII_FIELDS, Violations
 from vault.purposes import NO_CONSENT, provision_spec
+from vault.recovery import sealed_field
 from vault.store.base import (
+    CORRECTABLE_FIELDS,
+    DisclosureRow,
     DisclosureStore,
     MemberRow,
     MemberStore,
     NewDisclosure,
+    OutboxMessage,
     RecipientRow,
+    whole_disclosure_ledger,
 )
 
 __all__ = [
@@ -72,6 +94,8 @@ BASIS_MAX = 500
 EMAIL_MAX = 254
 MAX_RECIPIENT_PURPOSES = 32
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+# Correction notice ids: one per (correction, recipient), so none is queued twice.
+_NOTICE_NAMESPACE = uuid.UUID("5d0c7a52-3f0e-4d8e-9d61-2b7f1c4e8a90")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +246,7 @@ class Disclosures:
                 v.add(f"fields[{i}]", "must be a field the recipient may receive, once")
         v.raise_if_any()
         row = await load_member(self._store, mid)
+        refuse_frozen(row, frozenset(fields))  # section 7: FAILED_PRECONDITION
         consent_key = None
         if legal is None:
             spec = provision_spec(recipient.recipient_id, recipient.legal_entity, recipient.fields)
@@ -245,6 +270,7 @@ class Disclosures:
         answer: list[DisclosedData] = []
 
         async def write(current: MemberRow, dek: _hazmat.SecretKey) -> bool:
+            refuse_frozen(current, frozenset(fields))  # a row read again on a retry
             at = self._clock.now()
             values = {f: member_cipher.open_row_field(dek, current, f) for f in fields}
             entry = NewDisclosure(
@@ -312,3 +338,81 @@ class Disclosures:
 
     async def _entities(self) -> dict[str, str]:
         return await legal_entities(self._store)
+
+    # --- section 7: the recipients of a corrected value ---------------------------------
+    async def notify_correction(self, applied: AppliedCorrection) -> int:
+        """One correction notice per recipient whose entries before
+        ``applied.applied_at`` include a corrected field (see the module docstring);
+        returns how many were queued (a retry of the same correction queues none)."""
+        mid, corrected = applied.member_id, set(applied.fields)
+        received: dict[str, list[DisclosureRow]] = {}
+        for entry in await whole_disclosure_ledger(self._store, mid):
+            if entry.at < applied.applied_at and corrected & set(entry.fields):
+                received.setdefault(entry.recipient_id, []).append(entry)
+        if not received:
+            return 0
+        registry = {r.recipient_id: r for r in await self._store.list_recipients()}
+        queued = 0
+        for recipient_id, entries in sorted(received.items()):
+            got = {f for e in entries for f in e.fields}
+            fields = tuple(f for f in CORRECTABLE_FIELDS if f in corrected and f in got)
+            queued += await self._notice(applied, registry[recipient_id], fields, entries)
+        log.info("correction_notices_queued", member_id=mid, notices=queued)
+        return queued
+
+    async def _notice(
+        self,
+        applied: AppliedCorrection,
+        recipient: RecipientRow,
+        fields: tuple[str, ...],
+        entries: list[DisclosureRow],
+    ) -> int:
+        mid = applied.member_id
+        key = f"{applied.correction_id}\0{recipient.recipient_id}"
+        message_id = str(uuid.uuid5(_NOTICE_NAMESPACE, key))
+        queued: list[int] = []
+
+        def sealed(dek: _hazmat.SecretKey, name: str, value: str) -> str:
+            blob = member_cipher.seal(dek, mid, sealed_field(message_id, name), value)
+            return base64.b64encode(blob).decode()
+
+        async def write(row: MemberRow, dek: _hazmat.SecretKey) -> bool:
+            at = self._clock.now()
+            params = {
+                "recipient_id": recipient.recipient_id,
+                "legal_entity": recipient.legal_entity,
+                "contract": recipient.contract_reference,
+                "references": ", ".join(f"#{e.disclosure_id}" for e in entries),
+                "fields": ",".join(fields),
+                "correction_id": applied.correction_id,
+                "applied_at": applied.applied_at.isoformat(),
+                SEALED_PREFIX + SEALED_RECIPIENT: sealed(
+                    dek, SEALED_RECIPIENT, recipient.contact_email
+                ),
+            }
+            for name in fields:  # the corrected values, as the member row now holds them
+                value = member_cipher.open_row_field(dek, row, name)
+                params[SEALED_PREFIX + CORRECTED_VALUE_PREFIX + name] = sealed(
+                    dek, CORRECTED_VALUE_PREFIX + name, value
+                )
+            notice = OutboxMessage(message_id, mid, CORRECTION_NOTICE, params, at)
+            entry = NewDisclosure(
+                recipient.recipient_id,
+                entries[-1].purpose,
+                fields,
+                CORRECTION,
+                at,
+                seal_details(dek, mid, at, None),
+            )
+            written = await self._store.append_correction_notice(
+                mid, entry, notice, dek_id=row.key.dek_id
+            )
+            if written is not None:
+                queued.append(written)
+            return True
+
+        try:
+            await self._keys.under_current_key(mid, write)
+        except NotFound:
+            return 0  # shredded since the update: nobody to correct for
+        return len(queued)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from vault.store.rows import DisclosureRow, NewDisclosure, RecipientRow
+from vault.store.rows import DisclosureRow, NewDisclosure, OutboxMessage, RecipientRow
 
 
 class DisclosureStore(Protocol):
@@ -32,10 +32,21 @@ class DisclosureStore(Protocol):
     ) -> int | None:
         """Append one ledger entry in one transaction and return its id, if the
         member exists, ``entry.details_ct`` was sealed under their current DEK
-        (``dek_id``; KeyChanged otherwise) and, with ``consent_purpose``, the
-        member's current answer to it is a grant (read in the same transaction,
-        under the member's row, so a withdrawal committed before is seen). None,
-        with nothing written, when the member is gone or the answer is not a grant."""
+        (``dek_id``; KeyChanged otherwise), no field of it is under a pending
+        correction (CorrectionPending otherwise) and, with ``consent_purpose``, the
+        member's current answer to it is a grant (all read in the same transaction,
+        under the member's row, so a withdrawal or a correction request committed
+        before is seen). None, with nothing written, when the member is gone or the
+        answer is not a grant."""
+        ...
+
+    async def append_correction_notice(
+        self, member_id: str, entry: NewDisclosure, notice: OutboxMessage, *, dek_id: int
+    ) -> int | None:
+        """A correction notice (policy section 7): its ledger entry, recorded with
+        ``notice.message_id``, and the notice in the outbox, in one transaction.
+        None, with nothing written, when the member is gone or a notice of that id
+        was recorded before (a retry sends nothing twice); KeyChanged as above."""
         ...
 
     async def list_disclosures(

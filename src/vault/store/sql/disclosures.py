@@ -7,9 +7,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from vault.errors import AlreadyExists
+from vault.errors import AlreadyExists, CorrectionPending
 from vault.store._common import check_limit, require_aware
-from vault.store.rows import DisclosureRow, NewDisclosure, RecipientRow
+from vault.store.rows import DisclosureRow, NewDisclosure, OutboxMessage, RecipientRow
 from vault.store.sql import guards
 from vault.store.sql.dialect import Dialect, both
 from vault.store.sql.executor import MemberGone, SqlExecutor, Tx, UniqueViolation
@@ -33,7 +33,36 @@ _PAGE = both(
     f"SELECT {DISCLOSURE_COLUMNS} FROM disclosures WHERE member_id = $1 AND disclosure_id < $2 "
     "ORDER BY disclosure_id DESC LIMIT $3"
 )
+_INSERT_NOTICE = both(
+    "INSERT INTO disclosures (member_id, recipient_id, purpose, fields, basis, disclosed_at, "
+    "details_ct, notice_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING disclosure_id"
+)
 _CURRENT_ANSWER = both("SELECT granted FROM consents WHERE member_id = $1 AND purpose = $2")
+_PENDING_FIELDS = both(
+    "SELECT field FROM correction_fields WHERE member_id = $1 AND state = 'pending'"
+)
+
+
+def _ledger_params(d: Dialect, key: Any, entry: NewDisclosure) -> tuple[Any, ...]:
+    return (
+        key,
+        entry.recipient_id,
+        entry.purpose,
+        json.dumps(list(entry.fields)),
+        entry.basis,
+        d.time(require_aware(entry.at)),
+        bytes(entry.details_ct),
+    )
+
+
+async def _member_held(tx: Tx, d: Dialect, key: Any, dek_id: int) -> bool:
+    """Step 1 of the lock order, FOR SHARE: a consent change or a correction request
+    (FOR NO KEY UPDATE on the same row) or a shred waits for us, or has committed and
+    is seen. Then the DEK the entry was sealed under must still be the member's."""
+    if await tx.fetchval(guards.MEMBER_EXISTS[d.name], key) is None:
+        return False
+    await guards.check_dek(tx, d, key, dek_id)
+    return True
 
 
 def _recipient(d: Dialect, row: Sequence[Any]) -> RecipientRow:
@@ -110,22 +139,15 @@ class SqlDisclosures(SqlExecutor):
     ) -> int | None:
         d = self._dialect
         key = d.member_id(member_id)
-        row = (
-            key,
-            entry.recipient_id,
-            entry.purpose,
-            json.dumps(list(entry.fields)),
-            entry.basis,
-            d.time(require_aware(entry.at)),
-            bytes(entry.details_ct),
-        )
+        row = _ledger_params(d, key, entry)
 
         async def body(tx: Tx) -> int | None:
-            # Step 1 of the lock order, FOR SHARE: a consent change (FOR NO KEY UPDATE
-            # on the same row) or a shred waits for us, or has committed and is seen.
-            if await tx.fetchval(guards.MEMBER_EXISTS[d.name], key) is None:
+            if not await _member_held(tx, d, key, dek_id):
                 return None
-            await guards.check_dek(tx, d, key, dek_id)
+            # Section 7: a field under a pending correction is not provided.
+            pending = {str(r[0]) for r in await tx.fetch(_PENDING_FIELDS[d.name], key)}
+            if held := pending & set(entry.fields):
+                raise CorrectionPending(frozenset(held))
             if consent_purpose is not None:
                 granted = await tx.fetchval(_CURRENT_ANSWER[d.name], key, consent_purpose)
                 if not granted:
@@ -136,6 +158,25 @@ class SqlDisclosures(SqlExecutor):
             return await self._in_transaction(body)
         except MemberGone:
             return None
+
+    async def append_correction_notice(
+        self, member_id: str, entry: NewDisclosure, notice: OutboxMessage, *, dek_id: int
+    ) -> int | None:
+        d = self._dialect
+        key = d.member_id(member_id)
+        row = (*_ledger_params(d, key, entry), notice.message_id)
+
+        async def body(tx: Tx) -> int | None:
+            if not await _member_held(tx, d, key, dek_id):
+                return None
+            disclosure_id = int(await tx.fetchval(_INSERT_NOTICE[d.name], *row))
+            await tx.run(guards.ENQUEUE_OUTBOX[d.name], *guards.outbox_params(d, notice))
+            return disclosure_id
+
+        try:
+            return await self._in_transaction(body)
+        except (MemberGone, UniqueViolation):
+            return None  # gone, or this notice was recorded (and queued) before
 
     async def list_disclosures(
         self, member_id: str, limit: int, before_id: int | None = None

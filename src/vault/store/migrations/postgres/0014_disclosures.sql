@@ -16,7 +16,8 @@ CREATE TABLE recipients (
     CONSTRAINT recipients_pkey PRIMARY KEY (recipient_id)
 );
 
--- The disclosure ledger: one row per provision (and per correction notice), never
+-- The disclosure ledger: one row per provision (and per correction notice, policy
+-- section 7: the corrected value sent to a recipient of the old one), never
 -- updated, gone only with the member (a shred, or the withdrawal's move into
 -- retention). recipient_id, purpose and the field names (a JSON array) are not
 -- personal; details_ct (the caller and a legal basis's reference and approver) is
@@ -30,7 +31,10 @@ CREATE TABLE disclosures (
     basis         text        NOT NULL,
     disclosed_at  timestamptz NOT NULL,
     details_ct    bytea       NOT NULL,
+    -- A correction notice's outbox message id: each is recorded (and sent) once.
+    notice_id     text,
     CONSTRAINT disclosures_pkey PRIMARY KEY (disclosure_id),
+    CONSTRAINT disclosures_notice_id_key UNIQUE (notice_id),
     CONSTRAINT disclosures_member_id_fkey
         FOREIGN KEY (member_id) REFERENCES members (member_id) ON DELETE CASCADE,
     CONSTRAINT disclosures_recipient_id_fkey

@@ -15,7 +15,8 @@ CREATE TABLE recipients (
     registered_by      TEXT    NOT NULL
 );
 
--- The disclosure ledger: one row per provision (and per correction notice), never
+-- The disclosure ledger: one row per provision (and per correction notice, policy
+-- section 7: the corrected value sent to a recipient of the old one), never
 -- updated, gone only with the member (a shred, or the withdrawal's move into
 -- retention). recipient_id, purpose and the field names (a JSON array) are not
 -- personal; details_ct (the caller and a legal basis's reference and approver) is
@@ -28,7 +29,9 @@ CREATE TABLE disclosures (
     fields        TEXT    NOT NULL,
     basis         TEXT    NOT NULL CHECK (basis IN ('consent', 'legal', 'correction')),
     disclosed_at  INTEGER NOT NULL,
-    details_ct    BLOB    NOT NULL
+    details_ct    BLOB    NOT NULL,
+    -- A correction notice's outbox message id: each is recorded (and sent) once.
+    notice_id     TEXT    UNIQUE
 );
 CREATE INDEX disclosures_member_idx ON disclosures (member_id, disclosure_id);
 -- Which members received a recipient's data (correction notices look it up).
