@@ -179,7 +179,7 @@ async def test_without_consent_or_basis_nothing_is_provided_or_recorded(
     error = await fails(disclosures.Disclose(disclose(member_id)), Code.PERMISSION_DENIED)
     info = error_info(error)
     assert info.reason == "NO_CONSENT_TO_PROVIDE"
-    assert dict(info.metadata) == {"recipient_id": "acme_delivery"}
+    assert dict(info.metadata) == {}  # nothing of the request echoed
     # A refusal recorded is no consent either.
     await consent(consents, member_id, session, granted=False)
     error = await fails(disclosures.Disclose(disclose(member_id)), Code.PERMISSION_DENIED)

@@ -87,7 +87,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED, "PURPOSE_NOT_CONSENTED"),
     # A grant that predates a policy version in force: the member must answer again.
     (ve.ConsentOutdated, grpc.StatusCode.PERMISSION_DENIED, "CONSENT_OUTDATED"),
-    # Provision to a third party with neither the member's consent nor a legal basis.
+    # Provision to a third party with neither the member's consent nor a legal basis
+    # (no metadata: the caller knows the recipient it named, and nothing is echoed).
     (ve.NoConsentToProvide, grpc.StatusCode.PERMISSION_DENIED, "NO_CONSENT_TO_PROVIDE"),
     # A pending correction freezes the fields (policy section 7); metadata "fields".
     (ve.CorrectionPending, grpc.StatusCode.FAILED_PRECONDITION, "CORRECTION_PENDING"),
@@ -164,15 +165,12 @@ def _details(exc: ve.VaultError) -> list[any_pb2.Any]:
                 )
             )
         ]
-    if isinstance(exc, ve.PurposeNotAllowed | ve.ConsentOutdated | ve.NoConsentToProvide):
-        metadata = (
-            {"recipient_id": exc.recipient_id}
-            if isinstance(exc, ve.NoConsentToProvide)
-            else {"purpose": exc.purpose}
-        )
+    if isinstance(exc, ve.PurposeNotAllowed | ve.ConsentOutdated):
         return [
             _packed(
-                error_details_pb2.ErrorInfo(reason=_reason(exc), domain=DOMAIN, metadata=metadata)
+                error_details_pb2.ErrorInfo(
+                    reason=_reason(exc), domain=DOMAIN, metadata={"purpose": exc.purpose}
+                )
             )
         ]
     if isinstance(exc, ve.TooManyAttempts):
