@@ -22,7 +22,7 @@ from grpc_support import (
     sign_up_request,
 )
 from mail_support import SmtpServer, lf_body, relay_for, smtp_mailer
-from process_support import ServerProcess, cli_env, free_port, run_cli
+from process_support import cli_env, run_cli, serving
 
 from privacyvault.v1 import consent_pb2 as cpb
 from privacyvault.v1 import consent_pb2_grpc
@@ -257,8 +257,8 @@ async def test_bad_answers_are_invalid_arguments(
 ) -> None:
     member_id, session = await member(members)
     cases = {
-        "changes[0].purpose": [cpb.ConsentChange(purpose_key="NO_SUCH_PURPOSE", granted=True)],
-        "changes[1].purpose": [
+        "changes[0].purpose_key": [cpb.ConsentChange(purpose_key="NO_SUCH_PURPOSE", granted=True)],
+        "changes[1].purpose_key": [
             cpb.ConsentChange(purpose_key="INQUIRY", granted=True),
             cpb.ConsentChange(purpose_key="INQUIRY", granted=False),
         ],
@@ -282,7 +282,7 @@ async def test_bad_answers_are_invalid_arguments(
         ),
         Code.INVALID_ARGUMENT,
     )
-    assert "needs no consent" in field_violations(error)["changes[0].purpose"]
+    assert "needs no consent" in field_violations(error)["changes[0].purpose_key"]
 
 
 async def test_get_consents_lists_every_purpose_that_takes_consent(
@@ -344,7 +344,6 @@ async def test_a_material_change_blocks_exactly_the_affected_consents(
 
     # The grant that predates the version: outdated. Nothing else is.
     assert await refused(members, before) == "CONSENT_OUTDATED"
-    assert (await read(members, before, pb.PURPOSE_STATISTICS)).member_id == before
     assert (await read(members, before, pb.PURPOSE_IDENTIFICATION)).login_id
     assert await refused(members, refuser) == "PURPOSE_NOT_CONSENTED"  # never granted
     assert await refused(members, silent) == "PURPOSE_NOT_CONSENTED"
@@ -395,15 +394,17 @@ async def test_a_material_change_blocks_exactly_the_affected_consents(
 
 async def test_a_version_without_a_material_change_blocks_nothing(
     members: MemberServiceStub,
+    consents: consent_pb2_grpc.ConsentServiceStub,
     officer: consent_pb2_grpc.PolicyAdminServiceStub,
     clock: FrozenClock,
     server: RunningServer,
 ) -> None:
-    granted, _ = await member(members, INQUIRY, STATISTICS)
+    granted, session = await member(members, INQUIRY, STATISTICS)
     clock.advance(timedelta(minutes=1))
     await publish(officer, "1.1", today(clock))
     assert (await read(members, granted)).email
-    assert (await read(members, granted, pb.PURPOSE_STATISTICS)).member_id == granted
+    # STATISTICS reads no member (GetStatistics): its grant is seen in GetConsents.
+    assert not any(s.outdated for s in (await states(consents, granted, session)).values())
     assert await server.vault.lifecycle().send_policy_notices() == 0
     listed = await officer.ListPolicyVersions(cpb.ListPolicyVersionsRequest())
     assert [(v.version, list(v.changed_purposes)) for v in listed.versions] == [("1.1", [])]
@@ -449,7 +450,7 @@ async def test_successive_versions_ask_again_only_for_what_each_changes(
     # Version 3 touches STATISTICS only: the INQUIRY grant under 2 stays valid.
     await publish(officer, "3", today(clock), "STATISTICS")
     assert (await read(members, first)).email
-    assert await refused(members, first, pb.PURPOSE_STATISTICS) == "CONSENT_OUTDATED"
+    assert (await states(consents, first, first_session))["STATISTICS"].outdated
     clock.advance(timedelta(minutes=1))
     # Version 4 changes INQUIRY again: the grant under 2 predates it.
     await publish(officer, "4", today(clock), "INQUIRY")
@@ -459,7 +460,7 @@ async def test_successive_versions_ask_again_only_for_what_each_changes(
     assert await refused(members, first) == "PURPOSE_NOT_CONSENTED"
     await answer(consents, first, first_session, INQUIRY=True, STATISTICS=True)
     assert (await read(members, first)).email
-    assert (await read(members, first, pb.PURPOSE_STATISTICS)).member_id == first
+    assert not (await states(consents, first, first_session))["STATISTICS"].outdated
     # The sidecar runs only now: every grant the versions changed has been given
     # again since, so nobody is asked any more and no notice is queued.
     assert await server.vault.lifecycle().send_policy_notices() == 0
@@ -677,10 +678,7 @@ async def test_reads_follow_each_answer_on_a_second_server_process(
     data = tmp_path / "data"  # shared: both servers use its KEK file
     settings = embedded_settings(data, database_url=url)
     async with run_server(settings, clock=clock) as running:
-        env = cli_env(data, database_url=url, listen_address=f"127.0.0.1:{free_port()}")
-        process = ServerProcess(env, tmp_path, tmp_path / "second.log")
-        try:
-            process.wait_serving().close()
+        with serving(tmp_path, data, "second", database_url=url) as (process, _):
             async with (
                 grpc.aio.insecure_channel(running.target) as here,
                 grpc.aio.insecure_channel(process.target) as there,
@@ -708,9 +706,6 @@ async def test_reads_follow_each_answer_on_a_second_server_process(
                     False,
                     True,
                 ]
-        finally:
-            process.terminate()
-            process.close()
 
 
 # --- the privacy officer's CLI ----------------------------------------------------------------

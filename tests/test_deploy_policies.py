@@ -38,10 +38,11 @@ METHODS = policy_methods(POLICY_SERVICES)
 PORTAL = "spiffe://example.org/ns/web/sa/member-portal"
 DEV_CLIENT = "spiffe://example.org/ns/dev/sa/client"
 #: What a member-facing application calls: everything of MemberService but
-#: RecordAccess (a calling service's own record of a read).
+#: RecordAccess (a calling service's own record of a read), the consents, and the
+#: member's disclosure ledger.
 MEMBER_FACING = {m for m in METHODS if m.startswith(("MemberService/", "ConsentService/"))} - {
     "MemberService/RecordAccess"
-}
+} | {"DisclosureService/ListDisclosures"}
 
 
 def _policy(path: Path) -> CallerPolicy:
@@ -59,6 +60,7 @@ def test_the_kubernetes_example_policy_is_valid_and_serves_a_member_facing_app()
     assert not policy.allows(PORTAL, "MemberService/GetMember", "INQUIRY")
     assert not policy.allows(PORTAL, "MemberService/RecordAccess")
     assert not any(m.startswith("KeyAdminService/") for m in portal.methods)
+    assert not policy.allows(PORTAL, "DisclosureService/Disclose", "INQUIRY")
 
 
 @dataclass(frozen=True)

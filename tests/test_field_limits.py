@@ -34,10 +34,11 @@ from grpc_support import (
 )
 from pydantic import SecretStr
 
-from privacyvault.v1 import field_limits_pb2, key_admin_pb2, member_pb2
+from privacyvault.v1 import field_limits_pb2, key_admin_pb2, member_pb2, statistics_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
+from privacyvault.v1.statistics_pb2_grpc import StatisticsServiceStub
 from service.config import Settings
 from service.member_rights import MEMBER_RIGHTS
 from service.server import RunningServer
@@ -47,6 +48,7 @@ PROTOS = Path(__file__).resolve().parent.parent / "protos" / "privacyvault" / "v
 SERVICES = (
     member_pb2.DESCRIPTOR.services_by_name["MemberService"],
     key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"],
+    statistics_pb2.DESCRIPTOR.services_by_name["StatisticsService"],
 )
 ADMIN = admin_metadata("limits@test")
 CLIENT_IP = (("x-client-ip", "192.0.2.77"),)
@@ -103,7 +105,7 @@ def test_every_request_string_and_repeated_field_declares_a_limit() -> None:
 def test_every_limit_is_written_in_the_field_comment() -> None:
     """The proto comments say each limit (what a caller reading the .proto sees)."""
     undocumented = []
-    for proto in ("member.proto", "key_admin.proto"):
+    for proto in ("member.proto", "key_admin.proto", "statistics.proto", "disclosure.proto"):
         lines = (PROTOS / proto).read_text().splitlines()
         for i, line in enumerate(lines):
             if not re.match(r"\s*(optional |repeated )?[\w.]+ \w+ = \d+", line):
@@ -172,6 +174,15 @@ def _base(method: str, ctx: Context) -> Message:
             token="t" * 43, new_password="another one 1"
         ),
         "EndSession": lambda: pb.EndSessionRequest(member_id=mid),
+        "RequestCorrection": lambda: pb.RequestCorrectionRequest(
+            member_id=mid, fields=["mobile_phone"], note="the number is old"
+        ),
+        # No such correction: at the limit, only INVALID_ARGUMENT on correction_id.
+        "CloseCorrection": lambda: pb.CloseCorrectionRequest(
+            member_id=mid, correction_id="none", reason="verified as correct"
+        ),
+        "ListCorrections": lambda: pb.ListCorrectionsRequest(member_id=mid),
+        "GetStatistics": lambda: statistics_pb2.GetStatisticsRequest(purpose=pb.PURPOSE_STATISTICS),
         "RotateMemberKey": lambda: key_admin_pb2.RotateMemberKeyRequest(member_id=mid),
     }
     return requests[method]()
@@ -202,11 +213,8 @@ async def _call(
     channel: grpc.aio.Channel, method: MethodDescriptor, request: Message, ctx: Context
 ) -> None:
     service = method.containing_service
-    stub: Any = (
-        KeyAdminServiceStub(channel)
-        if service.name == "KeyAdminService"
-        else MemberServiceStub(channel)
-    )
+    stubs = {"KeyAdminService": KeyAdminServiceStub, "StatisticsService": StatisticsServiceStub}
+    stub: Any = stubs.get(service.name, MemberServiceStub)(channel)
     metadata = ADMIN if service.name == "KeyAdminService" else CLIENT_IP
     if service.name == "MemberService" and method.name in MEMBER_RIGHTS:
         session = ctx.session
@@ -234,7 +242,8 @@ def _cases() -> list[tuple[MethodDescriptor, FieldDescriptor]]:
 
 
 def _set(request: Message, field: FieldDescriptor, value: object) -> None:
-    if field.is_repeated:
+    if field.is_repeated:  # replacing what the base request had
+        del getattr(request, field.name)[:]
         getattr(request, field.name).extend(value)  # type: ignore[call-overload]
     elif field.message_type is not None:  # a FieldMask: the value is its paths
         paths = getattr(request, field.name).paths
@@ -253,6 +262,11 @@ def _values(field: FieldDescriptor, ctx: Context) -> list[tuple[str, object, obj
         )
         n = _max_length(field)
         out.append(("path length", ["a" * n], ["a" * (n + 1)]))
+    elif field.is_repeated and field.type == FieldDescriptor.TYPE_STRING:  # fields
+        n = _max_items(field)
+        out.append(("items", ["name", "email", "mobile_phone"][:n], ["name"] * (n + 1)))
+        n = _max_length(field)
+        out.append(("item length", ["a" * n], ["a" * (n + 1)]))
     elif field.is_repeated:  # consents
         n = _max_items(field)
         choice = pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, granted=True)
@@ -272,6 +286,8 @@ def _limit_description(field: FieldDescriptor, what: str) -> str:
         return f"paths must be at most {_max_length(field)} characters"
     if what == "items":
         return f"must have at most {_max_items(field)} items"
+    if what == "item length":
+        return f"items must be at most {_max_length(field)} characters"
     return f"must be at most {_max_length(field)} characters"
 
 

@@ -55,12 +55,12 @@ from grpc_support import (
 )
 from pydantic import SecretStr
 
-from privacyvault.v1 import consent_pb2, key_admin_pb2, member_pb2
+from privacyvault.v1 import consent_pb2, disclosure_pb2, key_admin_pb2, member_pb2, statistics_pb2
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
 from service.errors import DOMAIN
-from service.member_rights import CONSENT_RIGHTS, MEMBER_RIGHTS
+from service.member_rights import CONSENT_RIGHTS, DISCLOSURE_RIGHTS, MEMBER_RIGHTS
 from service.server import RunningServer
 
 SEED = int(os.environ.get("PRIVACY_VAULT_FUZZ_SEED", "8016"))
@@ -76,6 +76,9 @@ SERVICES = (
     key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"],
     consent_pb2.DESCRIPTOR.services_by_name["ConsentService"],
     consent_pb2.DESCRIPTOR.services_by_name["PolicyAdminService"],
+    disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"],
+    disclosure_pb2.DESCRIPTOR.services_by_name["RecipientAdminService"],
+    statistics_pb2.DESCRIPTOR.services_by_name["StatisticsService"],
 )
 METHODS: tuple[MethodDescriptor, ...] = tuple(m for s in SERVICES for m in s.methods)
 ADMIN_SERVICE = SERVICES[1].full_name
@@ -97,7 +100,13 @@ def _vocabulary() -> frozenset[str]:
         for oneof in descriptor.oneofs:
             names.add(oneof.name)
 
-    for file in (member_pb2.DESCRIPTOR, key_admin_pb2.DESCRIPTOR, consent_pb2.DESCRIPTOR):
+    for file in (
+        member_pb2.DESCRIPTOR,
+        key_admin_pb2.DESCRIPTOR,
+        consent_pb2.DESCRIPTOR,
+        disclosure_pb2.DESCRIPTOR,
+        statistics_pb2.DESCRIPTOR,
+    ):
         for message in file.message_types_by_name.values():
             walk(message)
         for enum in file.enum_types_by_name.values():
@@ -772,7 +781,7 @@ async def _keep_sessions(
     name = case.method.name
     if replies is None:
         # The member's own live session refused: it had ended (say, by a reset).
-        if own and (name in MEMBER_RIGHTS or name in CONSENT_RIGHTS):
+        if own and (name in MEMBER_RIGHTS or name in CONSENT_RIGHTS or name in DISCLOSURE_RIGHTS):
             await _log_in(members, pools, member_id)
         return
     if name == "SignUp" and isinstance(request, pb.SignUpRequest) and replies:
@@ -935,7 +944,7 @@ def test_the_generator_covers_every_rpc_and_replays_from_its_seed() -> None:
     assert first != sequence(SEED + 1)
     assert {name for name, _ in first} == {m.full_name for m in METHODS}
     # A new RPC is fuzzed by construction; this count makes adding one a visible step.
-    assert [len(s.methods) for s in SERVICES] == [14, 6, 3, 2]
+    assert [len(s.methods) for s in SERVICES] == [17, 6, 3, 2, 2, 2, 1]
 
 
 def test_the_echo_check_sees_an_echo_and_ignores_the_apis_own_names() -> None:

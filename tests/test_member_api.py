@@ -165,8 +165,7 @@ async def test_each_purpose_sees_only_its_fields(members: MemberServiceStub) -> 
         pb.PURPOSE_ACCOUNT_RECOVERY: {"login_id", "email"},
         pb.PURPOSE_INQUIRY: {"name", "email", "mobile_phone"},
         pb.PURPOSE_MEMBER_REQUEST: {"login_id", "name", "email", "mobile_phone"},
-        pb.PURPOSE_STATISTICS: set(),
-    }
+    }  # PURPOSE_STATISTICS reads no member (tests/test_statistics.py)
     for purpose, fields in expected.items():
         member = await _get(members, member_id, purpose, session)
         assert _set_fields(member) == fields, pb.Purpose.Name(purpose)
@@ -190,7 +189,7 @@ async def test_consents_are_recorded_with_policy_version(members: MemberServiceS
     assert all(c.policy_version == "1" and c.recorded_at.seconds > 0 for c in member.consents)
 
 
-@pytest.mark.parametrize("purpose", [pb.PURPOSE_INQUIRY, pb.PURPOSE_STATISTICS])
+@pytest.mark.parametrize("purpose", [pb.PURPOSE_INQUIRY])
 async def test_optional_purposes_need_a_grant(members: MemberServiceStub, purpose: int) -> None:
     refused = (
         await members.SignUp(sign_up_request(consents=[pb.ConsentChoice(purpose=purpose)]))  # type: ignore[arg-type]
@@ -217,6 +216,24 @@ async def test_required_purposes_cannot_be_refused(members: MemberServiceStub) -
         "consents[1].purpose",  # the member's own access right is not a consent
         "consents[3].purpose",  # given twice
     }
+
+
+async def test_a_bad_purpose_key_is_reported_on_purpose_key(members: MemberServiceStub) -> None:
+    consents = [
+        pb.ConsentChoice(purpose_key="NO_SUCH_PURPOSE", granted=True),
+        pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, granted=True),
+        pb.ConsentChoice(purpose_key="INQUIRY", granted=True),  # given twice, by key
+        pb.ConsentChoice(purpose_key="MEMBER_REQUEST", granted=True),
+    ]
+    error = await _fails(members.SignUp(sign_up_request(consents=consents)), Code.INVALID_ARGUMENT)
+    assert set(field_violations(error)) == {
+        "consents[0].purpose_key",
+        "consents[2].purpose_key",
+        "consents[3].purpose_key",
+    }
+    both = [pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, purpose_key="INQUIRY", granted=True)]
+    error = await _fails(members.SignUp(sign_up_request(consents=both)), Code.INVALID_ARGUMENT)
+    assert set(field_violations(error)) == {"consents[0].purpose_key"}
 
 
 async def test_consent_without_a_purpose_is_invalid(members: MemberServiceStub) -> None:

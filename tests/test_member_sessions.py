@@ -81,6 +81,9 @@ def _calls(member_id: str) -> dict[str, Callable[[MemberServiceStub, Any], Await
         "EndSession": lambda m, md: m.EndSession(
             pb.EndSessionRequest(member_id=member_id), metadata=md
         ),
+        "ListCorrections": lambda m, md: m.ListCorrections(
+            pb.ListCorrectionsRequest(member_id=member_id), metadata=md
+        ),
     }
 
 

@@ -260,6 +260,8 @@ async def test_the_sidecar_destroys_the_copy_when_its_date_passes_once(
         "consents": 3,
         "consent_history": 3,
         "access_log": 0,
+        "disclosure_ledger": 0,
+        "corrections": 0,
     }
     with pytest.raises(NotFound):
         await vault.retention.disclose(member, "officer", "too late")

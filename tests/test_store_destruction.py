@@ -54,9 +54,11 @@ async def test_shred_member_destroys_everything(vault: Store) -> None:
         "member_keys": 1,
         "consents": 2,
         "consent_history": 2,
+        "disclosure_ledger": 0,
         "access_log": 3,
         "outbox": 0,
         "password_resets": 0,
+        "corrections": 0,
     }
     assert record.kek_versions == (2,)
 
@@ -109,9 +111,11 @@ async def test_destruction_records_are_listed_oldest_first(vault: Store) -> None
         "member_keys": 1,
         "consents": 0,
         "consent_history": 0,
+        "disclosure_ledger": 0,
         "access_log": 0,
         "outbox": 0,
         "password_resets": 0,
+        "corrections": 0,
     }
     assert r0.kek_versions == (1,)
 

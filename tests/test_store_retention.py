@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 from store_support import T0, ts
@@ -15,6 +16,7 @@ from vault.store import RetentionStore, open_retention_store
 from vault.store.base import (
     RETAINED_FIELDS,
     AccessEntryRow,
+    CorrectionRow,
     MemberKeyRow,
     RetainedMember,
     RetentionEvent,
@@ -109,3 +111,27 @@ async def test_events_are_listed_oldest_first_and_per_member(retained: Retention
     assert await retained.list_events() == events  # in the order recorded
     assert await retained.list_events(one.upper()) == [events[0], events[2]]
     assert await retained.list_events(str(uuid.uuid4())) == []
+
+
+async def test_a_copy_keeps_its_corrections(retained: RetentionStore) -> None:
+    member = copy()
+    corrections = (
+        CorrectionRow(
+            correction_id=str(uuid.uuid4()),
+            member_id=member.member_id,
+            requested_at=ts(1),
+            requested_by="spiffe://example.org/ns/support/sa/helpdesk",
+            fields={"name": "corrected", "email": "closed"},
+            state="closed",
+            note_ct=b"sealed-note",
+            resolved_at=ts(2),
+            resolved_by="member",
+            reason_ct=b"sealed-reason",
+        ),
+        CorrectionRow(str(uuid.uuid4()), member.member_id, ts(3), "member", {"name": "pending"}),
+    )
+    member = replace(member, corrections=corrections)
+    assert await retained.put_retained(member, stale_before=T0)
+    found = await retained.get_retained(member.member_id)
+    assert found is not None
+    assert found.corrections == corrections

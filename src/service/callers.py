@@ -40,6 +40,7 @@ log = structlog.get_logger("service.callers")
 XFCC_KEY = "x-forwarded-client-cert"
 _PEM_CERT = "x509_pem_cert"
 _PURPOSE_FIELD = "purpose"
+_PURPOSE_KEY_FIELD = "purpose_key"
 _PURPOSE_ENUM = "Purpose"
 _PURPOSE_PREFIX = "PURPOSE_"
 _CACHED_CERTIFICATES = 1024
@@ -187,11 +188,12 @@ class CallerCheck:
         """The check of one method (built once, when the method is registered)."""
         name = method_name(method.containing_service, method.name)
         purposes = _purpose_names(method.input_type)
-        return _method_check(self, name, purposes)
+        keyed = _PURPOSE_KEY_FIELD in method.input_type.fields_by_name
+        return _method_check(self, name, purposes, keyed=keyed)
 
 
 def _method_check(
-    check: CallerCheck, name: str, purposes: Mapping[int, str] | None
+    check: CallerCheck, name: str, purposes: Mapping[int, str] | None, *, keyed: bool
 ) -> Callable[[Any, Context], None]:
     source = check.policy
 
@@ -206,8 +208,10 @@ def _method_check(
                 method=name,
             )
         if purposes is not None:
-            # A configured purpose is named by its key (GetMemberRequest.purpose_key).
-            purpose = request.purpose_key or purposes.get(request.purpose) or ""
+            # A configured purpose is named by its key (GetMemberRequest.purpose_key);
+            # a request without that field (GetStatistics) names built-in ones only.
+            key = request.purpose_key if keyed else ""
+            purpose = key or purposes.get(request.purpose) or ""
             # An unknown or unspecified purpose is the servicer's INVALID_ARGUMENT.
             if purpose in source.purposes and not policy.allows(identity, name, purpose):
                 raise CallerNotAllowed(

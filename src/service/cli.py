@@ -1,7 +1,7 @@
 """``privacy-vault``: run the server and the sidecar, apply migrations, manage keys
 (``keys``) and withdrawn members' retained data (``retention``), back up the embedded
 databases (``backup``), check a server's health (``health``), publish privacy policy
-versions (``policy``)."""
+versions (``policy``), register third-party recipients (``recipients``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from service import backup_cli, health_cli
 from service.cli_common import load_settings, run_async
 from service.keys_cli import keys_app
 from service.policy_cli import policy_app
+from service.recipients_cli import recipients_app
 from service.retention_cli import retention_app
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(retention_app, name="retention")
 app.add_typer(policy_app, name="policy")
+app.add_typer(recipients_app, name="recipients")
 app.command(name="backup", epilog=backup_cli.EXIT_CODES_HELP)(backup_cli.backup)
 app.command(name="health", epilog=health_cli.HELP_EPILOG)(health_cli.health)
 

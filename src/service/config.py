@@ -21,6 +21,7 @@ from vault import OWASP, Argon2Profile, KeyProviderSettings, RetentionRule, Vaul
 from vault.bootstrap import retention_database_url
 from vault.login_guard import LoginGuardSettings
 from vault.purposes import DEFAULT_CATALOGUE, PurposeCatalogue, PurposesInvalid, parse_catalogue
+from vault.statistics import StatisticsSettings
 
 ENV_PREFIX = "PRIVACY_VAULT_"
 #: The admin token (a bearer secret in a gRPC header): long enough, printable ASCII
@@ -213,6 +214,11 @@ class Settings(BaseSettings):
     #: RESOURCE_EXHAUSTED with RetryInfo until the window ends.
     login_ip_failure_limit: int = Field(100, ge=1, le=1_000_000)
     login_ip_window_seconds: float = Field(900.0, gt=0, le=86_400)
+
+    #: GetStatistics (policy section 3(3)): counts under this are suppressed, and a
+    #: request's date range may span at most this many days.
+    statistics_min_cell_size: int = Field(10, ge=2, le=1000)
+    statistics_max_days: int = Field(92, ge=1, le=3660)
 
     dek_cache_size: int = Field(10_000, ge=0)
     dek_cache_ttl_seconds: float = Field(300.0, ge=0)
@@ -423,5 +429,8 @@ class Settings(BaseSettings):
             ),
             withdrawal_retention=RetentionRule(
                 timedelta(days=self.withdrawal_retention_days), self.withdrawal_retention_reason
+            ),
+            statistics=StatisticsSettings(
+                minimum_cell=self.statistics_min_cell_size, max_days=self.statistics_max_days
             ),
         )

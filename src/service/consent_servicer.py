@@ -57,7 +57,7 @@ class ConsentServicer(consent_pb2_grpc.ConsentServiceServicer):
     async def UpdateConsents(
         self, request: pb.UpdateConsentsRequest, context: Context
     ) -> pb.UpdateConsentsResponse:
-        choices = [ConsentChoice(c.purpose_key, c.granted) for c in request.changes]
+        choices = [ConsentChoice(c.purpose_key, c.granted, "purpose_key") for c in request.changes]
         states = await self._consents.update(request.member_id, choices)
         return pb.UpdateConsentsResponse(consents=[consent_state_pb(s) for s in states])
 

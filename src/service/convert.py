@@ -1,6 +1,7 @@
 """Vault values to protos and back: the servicers' one place for conversions.
 
-Timestamps, purposes, members, KEK versions, re-wrap progress and key events.
+Timestamps, purposes, members, KEK versions, re-wrap progress, key events, consents,
+recipients and disclosures.
 Nothing here calls the vault or picks a status code; a value the API cannot carry
 (an unknown purpose) is an :class:`~vault.errors.InvalidInput` naming the field.
 """
@@ -13,14 +14,17 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from privacyvault.v1 import consent_pb2 as cpb
+from privacyvault.v1 import disclosure_pb2 as dpb
 from privacyvault.v1 import key_admin_pb2 as kpb
 from privacyvault.v1 import member_pb2 as mpb
 from vault import AccessEntry, MemberView, Purpose
 from vault.clock import to_micros
 from vault.consents import ConsentEventRow, ConsentState, PolicyVersionRow
+from vault.corrections import Correction
+from vault.disclosures import DisclosedData, DisclosureEntry, RecipientRow
 from vault.errors import FieldViolation, InvalidInput
 from vault.keyadmin import KekVersionStatus, KeyEvent, RewrapProgress
-from vault.purposes import MEMBERSHIP, OPT_IN
+from vault.purposes import MEMBERSHIP, OPT_IN, provision_key
 
 # --- time -----------------------------------------------------------------------------------
 
@@ -219,3 +223,69 @@ def policy_version_pb(v: PolicyVersionRow) -> cpb.PolicyVersion:
         changed_purposes=list(v.changed_purposes),
         published_by=v.published_by,
     )
+
+
+# --- disclosures ----------------------------------------------------------------------------
+
+_BASES = {
+    "consent": dpb.DISCLOSURE_BASIS_CONSENT,
+    "legal": dpb.DISCLOSURE_BASIS_LEGAL,
+    "correction": dpb.DISCLOSURE_BASIS_CORRECTION,
+}
+
+
+def recipient_pb(r: RecipientRow) -> dpb.Recipient:
+    return dpb.Recipient(
+        recipient_id=r.recipient_id,
+        legal_entity=r.legal_entity,
+        contact_email=r.contact_email,
+        purposes=list(r.purposes),
+        fields=list(r.fields),
+        legal_basis=r.legal_basis,
+        contract_reference=r.contract_reference,
+        registered_at=timestamp(r.registered_at),
+        registered_by=r.registered_by,
+        consent_purpose_key=provision_key(r.recipient_id),
+    )
+
+
+def disclosed_pb(data: DisclosedData) -> dpb.DiscloseResponse:
+    return dpb.DiscloseResponse(
+        disclosure_id=data.disclosure_id,
+        disclosed_at=timestamp(data.disclosed_at),
+        fields=[dpb.DisclosedField(field=f, value=v) for f, v in data.values.items()],
+    )
+
+
+def disclosure_pb(e: DisclosureEntry) -> dpb.Disclosure:
+    return dpb.Disclosure(
+        disclosure_id=e.disclosure_id,
+        recipient_id=e.recipient_id,
+        legal_entity=e.legal_entity,
+        purpose_key=e.purpose,
+        fields=list(e.fields),
+        basis=_BASES.get(e.basis, dpb.DISCLOSURE_BASIS_UNSPECIFIED),
+        legal_reference=e.legal_reference,
+        approved_by=e.approved_by,
+        disclosed_at=timestamp(e.at),
+        caller=e.caller,
+    )
+
+
+# --- corrections ----------------------------------------------------------------------------
+
+
+def correction_pb(c: Correction) -> mpb.Correction:
+    message = mpb.Correction(
+        correction_id=c.correction_id,
+        requested_by=c.requested_by,
+        fields=dict(c.fields),
+        state=c.state,
+        note=c.note,
+        resolved_by=c.resolved_by,
+        reason=c.reason,
+    )
+    _set_timestamp(message.requested_at, c.requested_at)
+    if c.resolved_at is not None:
+        _set_timestamp(message.resolved_at, c.resolved_at)
+    return message

@@ -76,7 +76,9 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     ),
     (ve.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (ve.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, None),  # LOGIN_ID_TAKEN, EMAIL_TAKEN
-    (ve.NotFound, grpc.StatusCode.NOT_FOUND, None),  # MEMBER_NOT_FOUND, KEK_VERSION_NOT_FOUND
+    (ve.CorrectionNotFound, grpc.StatusCode.NOT_FOUND, "CORRECTION_NOT_FOUND"),
+    # MEMBER_NOT_FOUND, RECIPIENT_NOT_FOUND, KEK_VERSION_NOT_FOUND
+    (ve.NotFound, grpc.StatusCode.NOT_FOUND, None),
     # The same reason for a wrong login ID or a wrong password: no oracle.
     # ... and for a locked account (vault.login_guard).
     (ve.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED, "WRONG_CREDENTIALS"),
@@ -85,6 +87,12 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
     (ve.PurposeNotAllowed, grpc.StatusCode.PERMISSION_DENIED, "PURPOSE_NOT_CONSENTED"),
     # A grant that predates a policy version in force: the member must answer again.
     (ve.ConsentOutdated, grpc.StatusCode.PERMISSION_DENIED, "CONSENT_OUTDATED"),
+    # Provision to a third party with neither the member's consent nor a legal basis
+    # (no metadata: the caller knows the recipient it named, and nothing is echoed).
+    (ve.NoConsentToProvide, grpc.StatusCode.PERMISSION_DENIED, "NO_CONSENT_TO_PROVIDE"),
+    # A pending correction freezes the fields (policy section 7); metadata "fields".
+    (ve.CorrectionPending, grpc.StatusCode.FAILED_PRECONDITION, "CORRECTION_PENDING"),
+    (ve.CorrectionResolved, grpc.StatusCode.FAILED_PRECONDITION, "CORRECTION_RESOLVED"),
     (ve.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION, None),
     # Too much work queued: refused at once, with RetryInfo saying when to retry.
     (ve.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
@@ -104,6 +112,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode, str | None], ...] = (
 )
 #: Anything else: a bug or a failure whose text may hold anything.
 INTERNAL_REASON = "INTERNAL"
+#: NotFound's ``what`` -> reason (anything else names a KEK version).
+_NOT_FOUND_REASONS = {"member": "MEMBER_NOT_FOUND", "recipient": "RECIPIENT_NOT_FOUND"}
 #: PreconditionFailed kinds that name a KEK version's state.
 _PRECONDITION_REASONS = {"ACTIVE": "KEK_VERSION_ACTIVE", "IN_USE": "KEK_VERSION_IN_USE"}
 
@@ -211,7 +221,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ve.AlreadyExists):
         return f"{exc.field.upper()}_TAKEN"
     if isinstance(exc, ve.NotFound):
-        return "MEMBER_NOT_FOUND" if exc.what == "member" else "KEK_VERSION_NOT_FOUND"
+        return _NOT_FOUND_REASONS.get(exc.what, "KEK_VERSION_NOT_FOUND")
     if isinstance(exc, ve.PreconditionFailed):
         default = "FAILED_PRECONDITION" if exc.kind == "STATE" else exc.kind
         return _PRECONDITION_REASONS.get(exc.kind, default)
@@ -223,6 +233,8 @@ def _with_error_info(exc: BaseException, details: list[any_pb2.Any]) -> list[any
     if any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in details):
         return details
     metadata = exc.metadata if isinstance(exc, CallerNotAllowed) else {}
+    if isinstance(exc, ve.CorrectionPending):
+        metadata = {"fields": ",".join(exc.fields)}  # field names, never values
     info = error_details_pb2.ErrorInfo(reason=_reason(exc), domain=DOMAIN, metadata=metadata)
     return [*details, _packed(info)]
 

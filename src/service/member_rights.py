@@ -3,11 +3,11 @@
 The member's own rights (policy section 7: exercised "after identification") need a
 live session of the member named by the request's ``member_id``, sent as the
 ``x-member-session`` metadata value. The table below is the one place that says
-which calls those are. Every RPC of the service must be in it or in
-:data:`WITHOUT_SESSION`: this module refuses to load otherwise, so a new RPC cannot
-be added without deciding. :func:`guard` wraps the servicer's methods with the
-check (MemberServicer does it for itself), which goes through the vault
-(``Vault.sessions``), never to the database from here.
+which calls those are. Every RPC of the service must be in it, in
+:data:`OPTIONAL_SESSION` or in :data:`WITHOUT_SESSION`: this module refuses to load
+otherwise, so a new RPC cannot be added without deciding. :func:`guard` wraps the
+servicer's methods with the check (MemberServicer does it for itself), which goes
+through the vault (``Vault.sessions``), never to the database from here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from privacyvault.v1 import consent_pb2
+from privacyvault.v1 import consent_pb2, disclosure_pb2
 from privacyvault.v1 import member_pb2 as pb
 from service.interceptors import Context, metadata_value
 
@@ -27,6 +27,12 @@ SESSION_KEY = "x-member-session"
 
 def _always(request: Any) -> bool:
     return True
+
+
+def by_member(context: Context) -> bool:
+    """Whether an OPTIONAL_SESSION call carries a member session (which guard has
+    then checked is a live one of the request's member)."""
+    return bool(metadata_value(context, SESSION_KEY))
 
 
 def _member_request(request: Any) -> bool:
@@ -48,7 +54,13 @@ MEMBER_RIGHTS: Mapping[str, Callable[[Any], bool]] = {
     "StreamMemberData": _always,
     "ListAccessHistory": _always,
     "EndSession": _always,
+    "ListCorrections": _always,
 }
+#: The member's right, or a calling service acting for the member (section 7: the
+#: member "contacts the privacy manager"): a session that is sent must be a live one
+#: of that member, and makes the call the member's own; without one, the caller
+#: policy alone decides, and the calling service is recorded.
+OPTIONAL_SESSION = frozenset({"RequestCorrection", "CloseCorrection"})
 #: Anonymous (sign-up, login, recovery by what the member knows) or a calling
 #: service's own record (RecordAccess): no member session.
 WITHOUT_SESSION = frozenset(
@@ -71,27 +83,44 @@ CONSENT_RIGHTS: Mapping[str, Callable[[Any], bool]] = {
     "ListConsentHistory": _always,
 }
 
+#: DisclosureService: the member's ledger is theirs to read (sections 4 and 7);
+#: Disclose is a calling service's (the caller policy and the consent decide).
+DISCLOSURE_RIGHTS: Mapping[str, Callable[[Any], bool]] = {"ListDisclosures": _always}
+DISCLOSURE_WITHOUT_SESSION = frozenset({"Disclose"})
+
 
 def check_classified(
     service: ServiceDescriptor,
     rights: Mapping[str, Callable[[Any], bool]] = MEMBER_RIGHTS,
     without: frozenset[str] = WITHOUT_SESSION,
+    optional: frozenset[str] = OPTIONAL_SESSION,
 ) -> None:
     """RuntimeError unless every RPC of ``service`` is in exactly one of the lists."""
     names = {m.name for m in service.methods}
-    both = rights.keys() & without
-    unclassified = names - rights.keys() - without
-    unknown = (rights.keys() | without) - names
+    lists = (set(rights), set(without), set(optional))
+    both = {n for i, a in enumerate(lists) for b in lists[i + 1 :] for n in a & b}
+    unclassified = names - set().union(*lists)
+    unknown = set().union(*lists) - names
     if both or unclassified or unknown:
         raise RuntimeError(
-            f"every {service.name} RPC must be in its rights or without-session list, once: "
+            f"every {service.name} RPC must be in its rights, without-session or "
+            "optional-session list, once: "
             f"{sorted(both | unclassified | unknown)}"
         )
 
 
 check_classified(pb.DESCRIPTOR.services_by_name["MemberService"])
 check_classified(
-    consent_pb2.DESCRIPTOR.services_by_name["ConsentService"], CONSENT_RIGHTS, frozenset()
+    consent_pb2.DESCRIPTOR.services_by_name["ConsentService"],
+    CONSENT_RIGHTS,
+    frozenset(),
+    frozenset(),
+)
+check_classified(
+    disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"],
+    DISCLOSURE_RIGHTS,
+    DISCLOSURE_WITHOUT_SESSION,
+    frozenset(),
 )
 
 
@@ -106,13 +135,16 @@ def guard(
     rights: Mapping[str, Callable[[Any], bool]] = MEMBER_RIGHTS,
 ) -> Callable[..., Any]:
     """``behavior`` (the servicer's method ``name``), checking the member's session
-    first when the request is one of the member's own rights (in ``rights``)."""
+    first when the request is one of the member's own rights (in ``rights``; for
+    OPTIONAL_SESSION methods: when a session is sent)."""
     needs = rights.get(name)
-    if needs is None:
+    optional = name in OPTIONAL_SESSION
+    if needs is None and not optional:
         return behavior
 
     async def check(request: Any, context: Context) -> None:
-        if needs(request):
+        wanted = by_member(context) if optional else needs is not None and needs(request)
+        if wanted:
             await sessions.require(metadata_value(context, SESSION_KEY), request.member_id)
 
     if inspect.isasyncgenfunction(behavior):

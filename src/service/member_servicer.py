@@ -8,14 +8,20 @@ servicer wraps those methods itself, so it cannot be registered without the chec
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1 import member_pb2_grpc
-from service.convert import access_entry_pb, fill_member, purpose_key, timestamp
+from service.convert import (
+    access_entry_pb,
+    correction_pb,
+    fill_member,
+    purpose_key,
+    timestamp,
+)
 from service.interceptors import Context, metadata_value
-from service.member_rights import MEMBER_RIGHTS, SESSION_KEY, guard
+from service.member_rights import MEMBER_RIGHTS, OPTIONAL_SESSION, SESSION_KEY, by_member, guard
 from vault import (
     AccessPage,
     ConsentChoice,
@@ -25,6 +31,7 @@ from vault import (
     NewMember,
     WithdrawalOutcome,
 )
+from vault.corrections import Correction
 
 CLIENT_IP_KEY = "x-client-ip"
 
@@ -36,11 +43,25 @@ class MemberSessionsApi(Protocol):
     async def end(self, token: str, member_id: str) -> None: ...
 
 
+class CorrectionsApi(Protocol):
+    """Vault.corrections, as the servicer uses it."""
+
+    async def request(
+        self, member_id: str, fields: Iterable[str], note: str, *, by_member: bool
+    ) -> Correction: ...
+    async def close(
+        self, member_id: str, correction_id: str, reason: str, *, by_member: bool
+    ) -> Correction: ...
+    async def member_corrections(self, member_id: str) -> list[Correction]: ...
+
+
 class MemberVault(Protocol):
     """The slice of the vault this servicer needs."""
 
     @property
     def sessions(self) -> MemberSessionsApi: ...
+    @property
+    def corrections(self) -> CorrectionsApi: ...
 
     async def sign_up(self, new: NewMember) -> str: ...
     async def authenticate(
@@ -66,7 +87,7 @@ class MemberVault(Protocol):
 class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     def __init__(self, vault: MemberVault) -> None:
         self._vault = vault
-        for name in MEMBER_RIGHTS:
+        for name in (*MEMBER_RIGHTS, *OPTIONAL_SESSION):
             setattr(self, name, guard(name, getattr(self, name), vault.sessions))
 
     async def SignUp(self, request: pb.SignUpRequest, context: Context) -> pb.SignUpResponse:
@@ -79,6 +100,7 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
                     f"consents[{i}].purpose_key",
                 ),
                 c.granted,
+                "purpose_key" if c.purpose_key else "purpose",
             )
             for i, c in enumerate(request.consents)
         ]
@@ -211,3 +233,25 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     ) -> pb.EndSessionResponse:
         await self._vault.sessions.end(metadata_value(context, SESSION_KEY), request.member_id)
         return pb.EndSessionResponse()
+
+    async def RequestCorrection(
+        self, request: pb.RequestCorrectionRequest, context: Context
+    ) -> pb.RequestCorrectionResponse:
+        correction = await self._vault.corrections.request(
+            request.member_id, request.fields, request.note, by_member=by_member(context)
+        )
+        return pb.RequestCorrectionResponse(correction=correction_pb(correction))
+
+    async def CloseCorrection(
+        self, request: pb.CloseCorrectionRequest, context: Context
+    ) -> pb.CloseCorrectionResponse:
+        correction = await self._vault.corrections.close(
+            request.member_id, request.correction_id, request.reason, by_member=by_member(context)
+        )
+        return pb.CloseCorrectionResponse(correction=correction_pb(correction))
+
+    async def ListCorrections(
+        self, request: pb.ListCorrectionsRequest, context: Context
+    ) -> pb.ListCorrectionsResponse:
+        found = await self._vault.corrections.member_corrections(request.member_id)
+        return pb.ListCorrectionsResponse(corrections=[correction_pb(c) for c in found])

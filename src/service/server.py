@@ -17,11 +17,12 @@ import structlog
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2
 
-from privacyvault.v1 import consent_pb2, key_admin_pb2, member_pb2
+from privacyvault.v1 import consent_pb2, disclosure_pb2, key_admin_pb2, member_pb2, statistics_pb2
 from service.caller_policy import LOCAL, PolicySource
 from service.callers import CallerCheck, policy_methods
 from service.config import Settings
 from service.consent_servicer import ConsentServicer, PolicyAdminServicer
+from service.disclosure_servicer import DisclosureServicer, RecipientAdminServicer
 from service.field_limits import check_field_limits
 from service.health_listener import start_health_listener
 from service.interceptors import CallLayer, ServiceInterceptor, add_servicer
@@ -30,6 +31,7 @@ from service.member_servicer import MemberServicer
 from service.metrics import Metrics
 from service.reflection import enable_reflection
 from service.server_certificates import ServerCertificates, TlsFiles
+from service.statistics_servicer import StatisticsServicer
 from service.tracing import Tracing
 from service.wiring import build_sidecar, open_configured_vault, serving_metrics
 from vault import Clock, Vault
@@ -40,14 +42,28 @@ MEMBER_SERVICE = member_pb2.DESCRIPTOR.services_by_name["MemberService"]
 KEY_ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
 CONSENT_SERVICE = consent_pb2.DESCRIPTOR.services_by_name["ConsentService"]
 POLICY_ADMIN_SERVICE = consent_pb2.DESCRIPTOR.services_by_name["PolicyAdminService"]
+DISCLOSURE_SERVICE = disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"]
+RECIPIENT_ADMIN_SERVICE = disclosure_pb2.DESCRIPTOR.services_by_name["RecipientAdminService"]
+STATISTICS_SERVICE = statistics_pb2.DESCRIPTOR.services_by_name["StatisticsService"]
 HEALTH_SERVICE = descriptor_pool.Default().FindServiceByName(health.SERVICE_NAME)
 SERVICE_NAMES = (
     MEMBER_SERVICE.full_name,
     CONSENT_SERVICE.full_name,
     POLICY_ADMIN_SERVICE.full_name,
+    DISCLOSURE_SERVICE.full_name,
+    RECIPIENT_ADMIN_SERVICE.full_name,
+    STATISTICS_SERVICE.full_name,
 )
 #: The services under the caller policy (health and reflection are not).
-POLICY_SERVICES = (MEMBER_SERVICE, KEY_ADMIN_SERVICE, CONSENT_SERVICE, POLICY_ADMIN_SERVICE)
+POLICY_SERVICES = (
+    MEMBER_SERVICE,
+    KEY_ADMIN_SERVICE,
+    CONSENT_SERVICE,
+    POLICY_ADMIN_SERVICE,
+    DISCLOSURE_SERVICE,
+    RECIPIENT_ADMIN_SERVICE,
+    STATISTICS_SERVICE,
+)
 
 
 @dataclass
@@ -147,31 +163,23 @@ def _add_services(
 ) -> tuple[str, ...]:
     """Register the servicers ``settings`` ask for; the names of the API services."""
     callers = caller_check.authorization
-    add_servicer(
-        server,
-        MemberServicer(vault),
-        MEMBER_SERVICE,
-        interceptor,
-        validate=check_field_limits,
-        authorization=callers,
+    api = (
+        (MemberServicer(vault), MEMBER_SERVICE),
+        (ConsentServicer(vault.consents, vault.sessions), CONSENT_SERVICE),
+        (PolicyAdminServicer(vault.consents), POLICY_ADMIN_SERVICE),
+        (StatisticsServicer(vault.statistics), STATISTICS_SERVICE),
+        (DisclosureServicer(vault.disclosures, vault.sessions), DISCLOSURE_SERVICE),
+        (RecipientAdminServicer(vault.disclosures), RECIPIENT_ADMIN_SERVICE),
     )
-    consents = ConsentServicer(vault.consents, vault.sessions)
-    add_servicer(
-        server,
-        consents,
-        CONSENT_SERVICE,
-        interceptor,
-        validate=check_field_limits,
-        authorization=callers,
-    )
-    add_servicer(
-        server,
-        PolicyAdminServicer(vault.consents),
-        POLICY_ADMIN_SERVICE,
-        interceptor,
-        validate=check_field_limits,
-        authorization=callers,
-    )
+    for servicer, service in api:
+        add_servicer(
+            server,
+            servicer,
+            service,
+            interceptor,
+            validate=check_field_limits,
+            authorization=callers,
+        )
     service_names: tuple[str, ...] = SERVICE_NAMES
     if settings.admin_token is not None:
         keys = KeyAdminServicer(vault.keys, settings.admin_token.get_secret_value())

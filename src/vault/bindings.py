@@ -1,8 +1,8 @@
 """What each wrapped key and ciphertext is bound to (its associated data).
 
 One place for these names: a wrapped DEK names its member and DEK id, the index
-key its id, and an access-log ciphertext its time, so no ciphertext can be moved
-to another row and still decrypt.
+key its id, an access-log ciphertext its time and a correction's texts its id, so
+no ciphertext can be moved to another row and still decrypt.
 """
 
 from __future__ import annotations
@@ -25,3 +25,13 @@ def dek_context(member_id: str, dek_id: int) -> bytes:
 def access_field(kind: str, at: datetime) -> str:
     """``kind`` is "action", "ip" or "caller"; the entry's time (to the microsecond) is bound in."""
     return f"access.{kind}@{to_micros(at)}"
+
+
+def disclosure_field(at: datetime) -> str:
+    """A disclosure ledger entry's sealed details, bound to the entry's time."""
+    return f"disclosure.details@{to_micros(at)}"
+
+
+def correction_field(kind: str, correction_id: str) -> str:
+    """``kind`` is "note" or "reason" (the closing reason) of the correction."""
+    return f"correction.{kind}@{correction_id}"

@@ -27,6 +27,8 @@ from vault.cache import DekCache
 from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
 from vault.consents import Consents
+from vault.corrections import Corrections
+from vault.disclosures import Disclosures
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
@@ -44,6 +46,7 @@ from vault.providers.pkcs11 import Pkcs11KeyProvider
 from vault.recovery import Recovery
 from vault.retention import Retention
 from vault.sessions import MemberSessions
+from vault.statistics import Statistics
 from vault.store import database_backend, open_retention_store, open_store
 from vault.store.base import (
     IndexKeyRow,
@@ -244,6 +247,9 @@ def wire_vault(
     # index key: nothing new to store, and every replica derives the same key.
     page_token_key = _hazmat.derive_mac_key(index_key, "page-token")
     activity = Activity()
+
+    # Applied corrections are handed to the disclosures (section 7's notices).
+    disclosures = Disclosures(store, keys, clock, settings, page_token_key)
     return VaultParts(
         store=store,
         retained=retained,
@@ -258,8 +264,11 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention, activity),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
+        corrections=Corrections(store, keys, clock, disclosures.notify_correction),
+        statistics=Statistics(store, clock, settings.statistics, settings.purposes),
         sessions=MemberSessions(store, clock, settings),
         consents=Consents(store, clock, settings, page_token_key),
+        disclosures=disclosures,
         # The IP's and the request id's HMAC keys are derived like the page tokens'.
         guard=LoginGuard(
             store,

@@ -37,14 +37,17 @@ from vault.purposes import (
     MEMBERSHIP,
     NO_CONSENT,
     OPT_IN,
+    PurposeCatalogue,
     PurposeSpec,
     check_answers,
     consent_outdated,
+    provision_spec,
 )
 from vault.store.base import (
     RECORDED_BY_MEMBER,
     ConsentEventRow,
     ConsentStore,
+    DisclosureStore,
     MemberStore,
     NewConsent,
     OutboxMessage,
@@ -95,8 +98,9 @@ class ConsentHistoryPage:
     next_page_token: str = ""
 
 
-class ConsentStores(MemberStore, ConsentStore, Protocol):
-    """The vault-database slice consents use: the member read and the histories."""
+class ConsentStores(MemberStore, ConsentStore, DisclosureStore, Protocol):
+    """The vault-database slice consents use: the member read, the histories, and
+    the recipients registry (each recipient is a provision purpose)."""
 
 
 def notice_id(version: str, member_id: str) -> str:
@@ -137,13 +141,22 @@ class Consents:
     def __repr__(self) -> str:
         return "<Consents>"
 
+    async def catalogue(self) -> PurposeCatalogue:
+        """The configured catalogue and a provision purpose per registered recipient
+        (vault.disclosures), read now: a recipient registered on another replica
+        is answerable at once."""
+        recipients = await self._store.list_recipients()
+        return self._catalogue.with_specs(
+            provision_spec(r.recipient_id, r.legal_entity, r.fields) for r in recipients
+        )
+
     async def current(self, member_id: str) -> list[ConsentState]:
         """Every purpose that takes consent, with the member's answer (one read)."""
         row = await load_member(self._store, member_id)
         now = self._clock.now()
         answers = {c.purpose: c for c in row.consents}
         states = []
-        for spec in self._catalogue.consentable():
+        for spec in (await self.catalogue()).consentable():
             answer = answers.get(spec.key)
             if answer is None:
                 implied = spec.builtin and spec.consent == MEMBERSHIP
@@ -171,7 +184,7 @@ class Consents:
         mid = policy.check_member_id(member_id, v)
         if not choices:
             v.add("changes", "must name at least one purpose")
-        answers = check_answers(self._catalogue, choices, v, "changes", sign_up=False)
+        answers = check_answers(await self.catalogue(), choices, v, "changes", sign_up=False)
         v.raise_if_any()
         assert mid
         recorded = await self._store.record_consents(
@@ -245,9 +258,10 @@ class Consents:
         if len(changed_purposes) > MAX_CHANGES:
             v.add("changed_purposes", f"must name at most {MAX_CHANGES} purposes")
         seen: set[str] = set()
+        catalogue = await self.catalogue()
         for i, key in enumerate(changed_purposes[:MAX_CHANGES]):
             where = f"changed_purposes[{i}]"
-            spec = self._catalogue.get(key)
+            spec = catalogue.get(key)
             if spec is None:
                 v.add(where, "must name a purpose of the catalogue")
             elif spec.consent == NO_CONSENT:

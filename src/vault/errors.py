@@ -107,6 +107,18 @@ class ConsentOutdated(VaultError):
         )
 
 
+class NoConsentToProvide(VaultError):
+    """Provision to a third party without the member's consent to provision to that
+    recipient and without a recorded legal basis (policy section 4)."""
+
+    def __init__(self, recipient_id: str) -> None:
+        self.recipient_id = recipient_id
+        super().__init__(
+            "the member has not consented to provision to this recipient, and no legal "
+            "basis was given"
+        )
+
+
 class PurposeRequiredForMembership(InvalidInput):
     """A membership purpose cannot be withdrawn alone: ending it is ending the
     membership (Withdraw). ``field`` is the request field that asked for it."""
@@ -180,3 +192,33 @@ class Conflict(VaultError):
 
     def __init__(self) -> None:
         super().__init__("the operation conflicted with a concurrent one; retry")
+
+
+class CorrectionPending(PreconditionFailed):
+    """The read names fields a pending correction freezes (policy section 7: not
+    used or provided until the correction is complete). ``fields`` are field names."""
+
+    def __init__(self, fields: frozenset[str]) -> None:
+        self.fields = tuple(sorted(fields))
+        super().__init__(
+            "member",
+            "a correction the member requested is pending for "
+            f"{', '.join(self.fields)}: not used until it is resolved",
+            kind="CORRECTION_PENDING",
+        )
+
+
+class CorrectionNotFound(NotFound):
+    """The member has no correction with that id."""
+
+    def __init__(self) -> None:
+        super().__init__("correction")
+
+
+class CorrectionResolved(PreconditionFailed):
+    """The correction is no longer pending (applied or closed already)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(
+            "correction", f"the correction is {state} already", kind="CORRECTION_RESOLVED"
+        )

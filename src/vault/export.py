@@ -14,7 +14,9 @@ from typing import Protocol
 
 from vault import _hazmat, member_cipher, policy
 from vault.clock import Clock
+from vault.corrections import Correction, correction_json, opened_corrections
 from vault.errors import PreconditionFailed
+from vault.ledger import entry_json, opened_ledger
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
@@ -24,6 +26,8 @@ from vault.store.base import (
     AccessLogStore,
     ConsentEventRow,
     ConsentStore,
+    CorrectionStore,
+    DisclosureStore,
     MemberRow,
     MemberStore,
     whole_consent_history,
@@ -45,9 +49,11 @@ def open_access_entry(dek: _hazmat.SecretKey, member_id: str, row: AccessEntryRo
     return AccessEntry(at=row.at, action=action, ip=ip, caller=caller)
 
 
-class ExportStores(MemberStore, AccessLogStore, ConsentStore, Protocol):
-    """The vault-database slice an export reads: the member, their access log and
-    their consent history."""
+class ExportStores(
+    MemberStore, AccessLogStore, ConsentStore, CorrectionStore, DisclosureStore, Protocol
+):
+    """The vault-database slice an export reads: the member, their access log, their
+    consent history, their corrections and their disclosure ledger."""
 
 
 class Export:
@@ -96,10 +102,22 @@ class Export:
         row = await load_member(self._store, member_id)
         mid = row.member_id
         everything = policy.ALLOWED_FIELDS[Purpose.MEMBER_REQUEST]
-        view = await self._keys.read_under_key(row, lambda r, dek: member_view(r, everything, dek))
+        corrections = await self._store.list_corrections(mid)
+
+        async def read_head(
+            r: MemberRow, dek: _hazmat.SecretKey
+        ) -> tuple[MemberView, list[Correction]]:
+            return await member_view(r, everything, dek), opened_corrections(dek, mid, corrections)
+
+        view, opened = await self._keys.read_under_key(row, read_head)
         history = await whole_consent_history(self._store, mid)
+        ledger = await self._keys.read_under_key(
+            row, lambda r, dek: opened_ledger(self._store, mid, dek)
+        )
         version = await self._store.current_policy_version(self._clock.now())
-        head = self._head(view, row, history, version or self._settings.policy_version)
+        head = self._head(view, row, history, version or self._settings.policy_version, opened)
+        # Who received what, when and on which basis (policy section 4), oldest first.
+        head["disclosures"] = [entry_json(e) for e in ledger]
         # The head pretty-printed, its closing brace replaced by the history, which
         # is written one entry per line as the pages come.
         text = json.dumps(head, ensure_ascii=False, indent=2)
@@ -149,6 +167,7 @@ class Export:
         row: MemberRow,
         history: list[ConsentEventRow],
         policy_version: str,
+        corrections: list[Correction],
     ) -> dict[str, object]:
         """The document but its access history."""
         now = self._clock.now()
@@ -189,4 +208,6 @@ class Export:
                 }
                 for e in history
             ],
+            # Requested corrections (section 7), oldest first, with their notes.
+            "corrections": [correction_json(c) for c in corrections],
         }

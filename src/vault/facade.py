@@ -23,6 +23,8 @@ from vault.activity import Activity
 from vault.calls import current_caller
 from vault.clock import Clock
 from vault.consents import Consents
+from vault.corrections import BY_MEMBER, Corrections, refuse_frozen
+from vault.disclosures import Disclosures
 from vault.errors import (
     AlreadyExists,
     AuthenticationFailed,
@@ -66,6 +68,7 @@ from vault.purposes import check_answers, consent_outdated
 from vault.recovery import Recovery, email_changed_notice, sealed_field
 from vault.retention import WITHDRAWAL, Retention
 from vault.sessions import Login, MemberSessions
+from vault.statistics import Statistics
 from vault.store.base import (
     ConsentRow,
     LeaseStore,
@@ -111,9 +114,15 @@ class VaultParts:
     retention: Retention
     recovery: Recovery
     export: Export
+    #: Requested corrections, which freeze the fields they name (policy section 7).
+    corrections: Corrections
+    #: Aggregates over members who consent to statistics (policy section 3(3)).
+    statistics: Statistics
     sessions: MemberSessions
     #: Consent over time: answers, histories, policy versions (vault.consents).
     consents: Consents
+    #: Third-party provision: the recipients registry and the ledger (vault.disclosures).
+    disclosures: Disclosures
     #: Every password check, under the failure counters and the IP throttle.
     guard: LoginGuard
     idempotency: Idempotency
@@ -151,7 +160,11 @@ class Vault:
         self.sessions = parts.sessions
         #: The member's consents over time and the policy versions (vault.consents).
         self.consents = parts.consents
+        #: Provision to registered recipients, and the members' ledgers.
+        self.disclosures = parts.disclosures
         self._purposes = parts.settings.purposes
+        self.corrections = parts.corrections
+        self.statistics = parts.statistics
 
     def __repr__(self) -> str:
         return f"<Vault provider={self._provider.name}>"
@@ -319,17 +332,26 @@ class Vault:
         self, member_id: str, purpose: str, *, purpose_field: str = "purpose"
     ) -> MemberView:
         """The member as ``purpose`` (a catalogue key) may see them. The consent check
-        reads what the member row's own query brought (no cache, no second query):
-        PurposeNotAllowed without a grant, ConsentOutdated for a grant a policy
-        version in force has made outdated."""
+        and the correction freeze read what the member row's own query brought (no
+        cache, no second query): PurposeNotAllowed without a grant, ConsentOutdated
+        for a grant a policy version in force has made outdated, CorrectionPending
+        when a field the purpose reads is under a pending correction."""
         spec = self._purposes.get(purpose)
         if spec is None:
             raise InvalidInput([FieldViolation(purpose_field, "must name a purpose")])
+        if spec.key == Purpose.STATISTICS:
+            # Section 3(3): aggregates over consenting members, never one member.
+            raise InvalidInput([FieldViolation(purpose_field, policy.STATISTICS_READ)])
         row = await load_member(self._store, member_id)
         now = self._clock.now()
         self._purposes.check_read(spec, row.consents, now)
         allowed = spec.fields
-        if not allowed:  # statistics: nothing to decrypt, no key needed
+        # Section 7: fields under a pending correction are the member's own only. The
+        # whole read is refused (not answered without them): a caller must not take
+        # a partial answer for the member's data.
+        if row.frozen and spec.key != Purpose.MEMBER_REQUEST:
+            refuse_frozen(row, allowed)
+        if not allowed:  # a configured purpose of no fields: nothing to decrypt
             view = MemberView(
                 row.member_id, row.created_at, row.last_seen_at, consents=row.consents
             )
@@ -357,20 +379,34 @@ class Vault:
             dek = await self._member_keys.dek(row.key)
             await self._check_password(dek, row, changes.current_password or "")
         indexes = {"email": self._indexes.email(email)} if email is not None else None
+        now = self._clock.now()
+        corrected: set[str] = set()
 
         async def write(row: MemberRow, key: _hazmat.SecretKey) -> bool:
+            corrected.clear()
+            corrected.update(row.frozen & new_values.keys())
             ciphertexts = {
                 f: member_cipher.seal(key, mid, f, value) for f, value in new_values.items()
             }
             notice = None
             if email is not None:  # sealed from the row written over: the old address
                 notice = email_changed_notice(key, row, self._clock.now())
+            # Releases the pending corrections of these fields (the update is the
+            # member's, by their session) in the same transaction.
             return await self._store.update_member(
-                mid, ciphertexts, indexes, dek_id=row.key.dek_id, notify=notice
+                mid,
+                ciphertexts,
+                indexes,
+                dek_id=row.key.dek_id,
+                notify=notice,
+                corrected_at=now,
+                corrected_by=BY_MEMBER,
             )
 
         await self._member_keys.under_current_key(mid, write)
         log.info("member_updated", fields=sorted(new_values))
+        if corrected:  # the update completed corrections: section 7's notices
+            await self.corrections.applied_at(mid, now)
         return await self.get_member(mid, Purpose.MEMBER_REQUEST)
 
     async def change_password(self, member_id: str, current: str, new: str) -> None:
@@ -419,7 +455,11 @@ class Vault:
         for attempt in range(KEY_CHANGE_RETRIES):
             try:
                 record = await self._store.shred_member(
-                    member_id, self._clock.now(), reason, last_seen_before=last_seen_before
+                    member_id,
+                    self._clock.now(),
+                    reason,
+                    last_seen_before=last_seen_before,
+                    withdrawal=reason == WITHDRAWAL,  # counted in the statistics
                 )
                 break
             except Conflict:

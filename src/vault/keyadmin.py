@@ -24,6 +24,7 @@ import structlog
 
 from vault import _hazmat, ids, member_cipher
 from vault.activity import Activity
+from vault.bindings import disclosure_field
 from vault.calls import current_caller
 from vault.clock import Clock
 from vault.errors import Conflict, DecryptionError, KeyChanged, NotFound, PreconditionFailed
@@ -35,6 +36,8 @@ from vault.providers.base import KeyProvider
 from vault.store.base import (
     ENCRYPTED_FIELDS,
     AccessLogStore,
+    CorrectionStore,
+    DisclosureStore,
     KeyStore,
     MemberKeyRow,
     MemberRow,
@@ -42,6 +45,7 @@ from vault.store.base import (
     RetentionStore,
     RewrapUpdate,
     whole_access_log,
+    whole_disclosure_ledger,
 )
 from vault.store.base import KekVersionRow as KekVersionRow  # re-exported: the service's types
 from vault.store.base import KeyEvent as KeyEvent
@@ -128,9 +132,12 @@ class _MemberLocks:
                 del self._locks[member_id]
 
 
-class KeyAdminStores(KeyStore, MemberStore, AccessLogStore, Protocol):
+class KeyAdminStores(
+    KeyStore, MemberStore, AccessLogStore, CorrectionStore, DisclosureStore, Protocol
+):
     """The vault-database slice key management uses: the key hierarchy's rows, and a
-    member with their access log (to rotate one member's key)."""
+    member with their access log, corrections and disclosure ledger (to rotate one
+    member's key)."""
 
 
 class KeyAdmin:
@@ -393,8 +400,17 @@ class KeyAdmin:
         # Read after the row, in statements of its own: a rotation that commits in
         # between leaves entries sealed under a newer DEK than ``old_key``.
         log_rows = await whole_access_log(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
+        ledger_rows = await whole_disclosure_ledger(self._store, mid)
         try:
             entries = member_cipher.reseal_access_log(old_key, new_key, mid, log_rows)
+            sealed, resealed = member_cipher.reseal_corrections(old_key, new_key, mid, corrections)
+            ledger = {
+                e.disclosure_id: member_cipher.reseal(
+                    old_key, new_key, mid, disclosure_field(e.at), e.details_ct
+                )
+                for e in ledger_rows
+            }
         except DecryptionError:
             current = await self._store.get_member(mid)
             if current is not None and current.key.dek_id == old.dek_id:
@@ -408,6 +424,9 @@ class KeyAdmin:
                 ciphertexts,
                 entries,
                 old_ciphertexts=row.ciphertexts,
+                corrections=resealed,
+                old_corrections=sealed,
+                disclosures=ledger,
             )
         except (PreconditionFailed, Conflict):
             # The version we wrapped under was destroyed meanwhile, or the database

@@ -31,6 +31,10 @@ PASSWORD_RESET = "password_reset"  # noqa: S105 - a message kind, not a password
 EMAIL_CHANGED = "email_changed"
 #: A published privacy policy version changes purposes the member consented to.
 POLICY_CHANGED = "policy_changed"
+#: To a third party that received a value since corrected (policy section 7): not
+#: to the member. It goes to the recipient's contact address (sealed "to") and
+#: carries only the corrected values of fields it received (sealed "value_<field>").
+CORRECTION_NOTICE = "correction_notice"
 KINDS = frozenset(
     {
         INACTIVITY_NOTICE,
@@ -39,8 +43,11 @@ KINDS = frozenset(
         PASSWORD_RESET,
         EMAIL_CHANGED,
         POLICY_CHANGED,
+        CORRECTION_NOTICE,
     }
 )
+#: A correction notice's sealed param for a field's corrected value.
+CORRECTED_VALUE_PREFIX = "value_"
 # A param named "sealed_<name>" is a secret encrypted under the member's DEK (see
 # Vault.start_password_reset); it is opened at send time into Recipient.unsealed[name].
 SEALED_PREFIX = "sealed_"
@@ -186,6 +193,8 @@ class MailRenderer:
             subject, body = self._email_changed(message, recipient)
         elif message.kind == POLICY_CHANGED:
             subject, body = self._policy_changed(message, recipient)
+        elif message.kind == CORRECTION_NOTICE:
+            subject, body = self._correction_notice(message, recipient)
         else:
             raise ValueError(f"unknown outbox message kind {message.kind!r}")
         mail = EmailMessage()
@@ -193,7 +202,13 @@ class MailRenderer:
         # Built from its parts: Address(addr_spec=...) refuses a non-ASCII local part
         # (NonASCIILocalPartDefect) although SMTPUTF8 delivers it.
         local_part, domain = mailbox(recipient.unsealed.get(SEALED_RECIPIENT, recipient.email))
-        mail["To"] = Address(display_name=recipient.name, username=local_part, domain=domain)
+        # A third party's notice is addressed to the recipient, never by the member's name.
+        display = (
+            message.params.get("legal_entity", "")
+            if message.kind == CORRECTION_NOTICE
+            else recipient.name
+        )
+        mail["To"] = Address(display_name=display, username=local_part, domain=domain)
         mail["Subject"] = subject
         # The outbox id, not a fresh one: a retry after an unconfirmed delivery is
         # then recognisably the same mail.
@@ -274,6 +289,40 @@ class MailRenderer:
             f"If you have questions about your personal data, contact {self._contact}.\n"
         )
         return f"Our privacy policy changes on {effective_at:%Y-%m-%d}: your consent", body
+
+    def _correction_notice(self, message: OutboxMessage, recipient: Recipient) -> tuple[str, str]:
+        """Only what the recipient received before (the disclosure references, the
+        field names) and the corrected values of those fields: no other data of the
+        member, and not the old values."""
+        p = message.params
+        fields = [f for f in p.get("fields", "").split(",") if f]
+        references = p.get("references", "")
+        if SEALED_RECIPIENT not in recipient.unsealed or not fields or not references:
+            raise ValueError("correction_notice needs its sealed address, fields and references")
+        if "applied_at" not in p or "correction_id" not in p:
+            raise ValueError("correction_notice needs applied_at and correction_id params")
+        values = []
+        for name in fields:
+            value = recipient.unsealed.get(CORRECTED_VALUE_PREFIX + name)
+            if value is None:
+                raise ValueError("correction_notice needs each field's sealed corrected value")
+            label = _ITEM_LABELS.get(name, name).removeprefix("your ")
+            values.append(f"  - {label}: {value or '(removed)'}")
+        listed = "\n".join(values)
+        body = (
+            f"To {p.get('legal_entity', 'the recipient')},\n\n"
+            "We provided you with personal data of one of our members (our disclosure\n"
+            f"references {references}, under contract {p.get('contract', '-')}). The\n"
+            "member has had data we provided corrected; under our privacy policy\n"
+            "(section 7) we tell you the result so that you can correct your records.\n"
+            "The corrected values are:\n\n"
+            f"{listed}\n\n"
+            f"Corrected on {format_utc(parse_utc(p['applied_at']))}; our correction\n"
+            f"reference is {p['correction_id']}. Please replace the values you hold and\n"
+            "use only the corrected ones from now on.\n\n"
+            f"If you have questions, contact {self._contact}.\n"
+        )
+        return f"Correction of personal data we provided (ref. {references})", body
 
     def _login_id_reminder(self, recipient: Recipient) -> tuple[str, str]:
         if not recipient.login_id:

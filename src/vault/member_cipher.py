@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from vault import _hazmat
-from vault.bindings import access_field
+from vault.bindings import access_field, correction_field
 from vault.calls import current_caller
-from vault.store.base import AccessEntryRow, MemberRow, NewAccessEntry
-from vault.store.rows import ResealedAccess
+from vault.store.base import AccessEntryRow, CorrectionRow, MemberRow, NewAccessEntry
+from vault.store.rows import ResealedAccess, ResealedCorrection
 
 SecretKey = _hazmat.SecretKey
 
@@ -91,3 +91,39 @@ def reseal_access_log(
         )
         for e in entries
     }
+
+
+def seal_correction_text(dek: SecretKey, member_id: str, kind: str, cid: str, text: str) -> bytes:
+    """A correction's note or closing reason ("note", "reason"), bound to its id."""
+    return seal(dek, member_id, correction_field(kind, cid), text)
+
+
+def open_correction_text(
+    dek: SecretKey, member_id: str, kind: str, cid: str, blob: bytes | None
+) -> str:
+    """The note or reason in clear; "" when there is none."""
+    if blob is None:
+        return ""
+    return open_text(dek, member_id, correction_field(kind, cid), blob)
+
+
+def reseal_corrections(
+    old: SecretKey, new: SecretKey, member_id: str, corrections: Iterable[CorrectionRow]
+) -> tuple[dict[str, ResealedCorrection], dict[str, ResealedCorrection]]:
+    """(as read, re-sealed under ``new``) for each correction with a sealed text."""
+    before: dict[str, ResealedCorrection] = {}
+    after: dict[str, ResealedCorrection] = {}
+    for c in corrections:
+        if c.note_ct is None and c.reason_ct is None:
+            continue
+        cid = c.correction_id
+        before[cid] = (c.note_ct, c.reason_ct)
+        after[cid] = (
+            None
+            if c.note_ct is None
+            else reseal(old, new, member_id, correction_field("note", cid), c.note_ct),
+            None
+            if c.reason_ct is None
+            else reseal(old, new, member_id, correction_field("reason", cid), c.reason_ct),
+        )
+    return before, after

@@ -19,6 +19,7 @@ from vault.login_guard import LoginGuardSettings
 from vault.policy import ConsentChoice, Violations
 from vault.purposes import DEFAULT_CATALOGUE, PurposeCatalogue
 from vault.retention import RetentionRule
+from vault.statistics import StatisticsSettings
 from vault.store.base import ConsentRow, MemberRow
 
 #: The vault's logger (the facade's, recovery's and export's events).
@@ -63,6 +64,8 @@ class VaultSettings:
     login_guard: LoginGuardSettings = field(default_factory=LoginGuardSettings)
     #: The purposes reads may state (vault.purposes): the built-in ones by default.
     purposes: PurposeCatalogue = DEFAULT_CATALOGUE
+    #: GetStatistics' minimum cell size and longest date range (vault.statistics).
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
 
     def __post_init__(self) -> None:
         if not timedelta(0) < self.password_reset_ttl <= MAX_PASSWORD_RESET_TTL:

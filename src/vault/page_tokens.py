@@ -29,6 +29,8 @@ _PAGE_TOKEN_TEXT = re.compile(rf"[A-Za-z0-9_-]{{{-(-_PAGE_TOKEN_BYTES * 4 // 3)}
 _ACCESS_LISTING = b"access_history"
 #: ListConsentHistory's tokens: the same form, bound to another listing.
 CONSENT_LISTING = b"consent_history"
+#: ListDisclosures' tokens.
+DISCLOSURE_LISTING = b"disclosures"
 _MIN_MICROS, _MAX_MICROS = (
     to_micros(datetime.min.replace(tzinfo=UTC)),
     to_micros(datetime.max.replace(tzinfo=UTC)),

@@ -5,6 +5,7 @@ Section numbers refer to ``privacy-policy.txt``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import unicodedata
@@ -40,8 +41,14 @@ ALLOWED_FIELDS: Mapping[Purpose, frozenset[str]] = {
     Purpose.ACCOUNT_RECOVERY: frozenset({"login_id", "email"}),
     Purpose.INQUIRY: frozenset({"name", "email", "mobile_phone"}),
     Purpose.MEMBER_REQUEST: frozenset(PII_FIELDS),
+    # Aggregates only (StatisticsService); GetMember refuses it.
     Purpose.STATISTICS: frozenset(),
 }
+
+#: Why GetMember refuses STATISTICS (section 3(3): aggregates only).
+STATISTICS_READ = (
+    "STATISTICS reads no member's data; use StatisticsService.GetStatistics for aggregates"
+)
 
 #: Section 3(1): sign-up and service (identifying, re-issuing a lost ID or
 #: password) is what membership is; signing up is consenting to it, and
@@ -90,7 +97,8 @@ ACTION_MAX = 64
 IP_MAX = 45
 
 
-def _has_control(text: str) -> bool:
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control, format, surrogate, private or unassigned character."""
     return any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in text)
 
 
@@ -127,7 +135,7 @@ def check_name(value: str, v: Violations, field: str = "name") -> str | None:
         v.add(field, f"must be 1-{NAME_MAX} printable characters")
         return None
     name = unicodedata.normalize("NFC", value.strip())
-    if not 1 <= len(name) <= NAME_MAX or _has_control(name):
+    if not 1 <= len(name) <= NAME_MAX or has_control(name):
         v.add(field, f"must be 1-{NAME_MAX} printable characters")
         return None
     return name
@@ -224,3 +232,6 @@ class ConsentChoice:
 
     purpose: str
     granted: bool
+    #: The request field that named the purpose ("purpose" or "purpose_key"): where
+    #: a violation of it is reported.
+    named_by: str = dataclasses.field(default="purpose", compare=False)

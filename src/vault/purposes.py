@@ -15,6 +15,12 @@ A configured purpose is new to every existing member: section 3 asks for separat
 consent, so whatever its kind, nothing is read for it before the member has a
 recorded grant. That is why a configured purpose may not be of kind ``none``
 (no consent needed) and may not redefine a built-in one.
+
+Provision to a third party (section 4) is a purpose of its own per registered
+recipient (:mod:`vault.disclosures`): ``PROVIDE_TO_<RECIPIENT ID>``, opt-in, the
+recipient's fields, added to the catalogue by the registry (:func:`provision_spec`),
+so the member grants, withdraws and is asked again about it like any opt-in
+purpose. The prefix is reserved: a purposes file may not use it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ PURPOSE_KEY_MAX = 64
 MAX_PURPOSES = 100
 LEGAL_BASIS_MAX = 500
 _ENTRY_KEYS = frozenset({"key", "fields", "consent", "legal_basis"})
+#: The keys of provision purposes: the prefix and the recipient id in upper case.
+PROVISION_PREFIX = "PROVIDE_TO_"
 
 _BUILTIN_BASIS: Mapping[Purpose, str] = {
     Purpose.IDENTIFICATION: "membership: sign-up and service (policy sections 1(1), 3(1))",
@@ -108,6 +116,10 @@ class PurposeCatalogue:
     def get(self, key: str) -> PurposeSpec | None:
         return self._specs.get(key)
 
+    def with_specs(self, specs: Iterable[PurposeSpec]) -> PurposeCatalogue:
+        """This catalogue and ``specs`` (the registry's provision purposes)."""
+        return PurposeCatalogue([*self, *specs])
+
     @property
     def keys(self) -> frozenset[str]:
         return frozenset(self._specs)
@@ -148,6 +160,23 @@ def _builtin(purpose: Purpose) -> PurposeSpec:
     )
 
 
+def provision_key(recipient_id: str) -> str:
+    """The purpose a member grants to allow provision to a recipient (ids are
+    lower-case, so the mapping is one-to-one)."""
+    return PROVISION_PREFIX + recipient_id.upper()
+
+
+def provision_spec(recipient_id: str, legal_entity: str, fields: Iterable[str]) -> PurposeSpec:
+    """A registered recipient as an opt-in purpose: the member's consent to provision
+    to it, of the fields it is registered to receive (policy section 4)."""
+    return PurposeSpec(
+        provision_key(recipient_id),
+        frozenset(fields),
+        OPT_IN,
+        f"the member's consent to provision to {legal_entity} (policy section 4)"[:LEGAL_BASIS_MAX],
+    )
+
+
 BUILTIN_PURPOSES: tuple[PurposeSpec, ...] = tuple(_builtin(p) for p in Purpose)
 DEFAULT_CATALOGUE = PurposeCatalogue(BUILTIN_PURPOSES)
 
@@ -167,6 +196,10 @@ def _entry(index: int, entry: object, taken: set[str]) -> PurposeSpec:
             f"{where}: key must be 2-64 characters of A-Z, 0-9 and '_', starting with a letter"
         )
     where = f"purpose[{index}] ({key})"
+    if key.startswith(PROVISION_PREFIX):
+        raise PurposesInvalid(
+            f"{where}: keys starting {PROVISION_PREFIX} are the recipients registry's"
+        )
     if key in taken:
         raise PurposesInvalid(f"{where}: the key is a built-in purpose's or given twice")
     fields = entry.get("fields")
@@ -228,7 +261,7 @@ def check_answers(
     (:class:`PurposeRequiredForMembership`: that is Withdraw)."""
     decided: dict[str, bool] = {}
     for i, choice in enumerate(choices):
-        where = f"{field}[{i}].purpose"
+        where = f"{field}[{i}].{choice.named_by}"
         spec = catalogue.get(choice.purpose)
         if spec is None:
             v.add(where, "must name a purpose of the catalogue")

@@ -38,6 +38,7 @@ import structlog
 from vault import ids, member_cipher
 from vault.activity import Activity
 from vault.clock import Clock
+from vault.corrections import correction_json, opened_corrections
 from vault.errors import (
     Conflict,
     FieldViolation,
@@ -46,13 +47,16 @@ from vault.errors import (
     NotFound,
     PreconditionFailed,
 )
+from vault.ledger import entry_json, legal_entities, open_entry
 from vault.member_keys import MemberKeys
 from vault.store.base import (
     RETAINED_FIELDS,
     AccessLogStore,
     ConsentStore,
+    CorrectionStore,
     DestructionRecord,
     DestructionStore,
+    DisclosureStore,
     MemberRow,
     MemberStore,
     RetainedMember,
@@ -62,6 +66,7 @@ from vault.store.base import (
     RetentionStore,
     whole_access_log,
     whole_consent_history,
+    whole_disclosure_ledger,
 )
 
 log = structlog.get_logger("vault.retention")
@@ -102,9 +107,18 @@ def _check_basis(basis: str) -> str:
     return basis
 
 
-class RetentionStores(MemberStore, AccessLogStore, ConsentStore, DestructionStore, Protocol):
+class RetentionStores(
+    MemberStore,
+    AccessLogStore,
+    ConsentStore,
+    CorrectionStore,
+    DisclosureStore,
+    DestructionStore,
+    Protocol,
+):
     """The vault-database slice a withdrawal moves out of: the member, their access
-    log and consent history, and the shred with its destruction record."""
+    log, consent history, corrections and disclosure ledger, and the shred with its
+    destruction record."""
 
 
 class Retention:
@@ -166,12 +180,14 @@ class Retention:
                 ciphertexts=row.ciphertexts,
                 access_entry_ids=frozenset(e.entry_id for e in copy.access_log),
                 consent_event_ids=frozenset(e.event_id for e in copy.consent_history),
+                disclosure_ids=frozenset(e.disclosure_id for e in copy.disclosures),
                 kek_version=copy.key.kek_version,
                 retained_until=copy.destroy_after,
+                corrections=copy.corrections,
             )
             try:
                 record = await self._store.shred_member(
-                    row.member_id, now, WITHDRAWAL, retention=check
+                    row.member_id, now, WITHDRAWAL, retention=check, withdrawal=True
                 )
             except (KeyChanged, Conflict):
                 # Changed (or the KEK rotated) since we read, or rolled back in a
@@ -196,6 +212,8 @@ class Retention:
         mid = row.member_id
         entries = await whole_access_log(self._store, mid)
         history = await whole_consent_history(self._store, mid)
+        ledger = await whole_disclosure_ledger(self._store, mid)
+        corrections = await self._store.list_corrections(mid)
         active = await self._member_keys.active_version()
         key = row.key
         if key.kek_version != active:
@@ -212,6 +230,8 @@ class Retention:
             consents=row.consents,
             access_log=tuple(entries),
             consent_history=tuple(history),
+            disclosures=tuple(ledger),
+            corrections=tuple(corrections),
             attempt=attempt,
         )
 
@@ -238,6 +258,8 @@ class Retention:
             (e.at, *member_cipher.open_access(dek, mid, e), member_cipher.open_caller(dek, mid, e))
             for e in copy.access_log
         ]
+        entities = await legal_entities(self._store)
+        ledger = [entry_json(open_entry(dek, mid, e, entities)) for e in copy.disclosures]
         return {
             "format": DISCLOSURE_FORMAT,
             "member_id": mid,
@@ -268,10 +290,14 @@ class Retention:
                 }
                 for e in copy.consent_history
             ],
+            "corrections": [
+                correction_json(c) for c in opened_corrections(dek, mid, copy.corrections)
+            ],
             "access_history": [
                 {"at": at.isoformat(), "action": action, "ip": ip, "caller": caller}
                 for at, action, ip, caller in history
             ],
+            "disclosures": ledger,
         }
 
     async def destroy(self, member_id: str, actor: str, basis: str) -> DestructionRecord:
@@ -322,6 +348,8 @@ async def destroy_copy(
             "consents": len(copy.consents),
             "consent_history": len(copy.consent_history),
             "access_log": len(copy.access_log),
+            "disclosure_ledger": len(copy.disclosures),
+            "corrections": len(copy.corrections),
         },
         kek_versions=(copy.key.kek_version,),
     )

@@ -37,7 +37,9 @@ class _PurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Purpose.Value
     PURPOSE_MEMBER_REQUEST: _Purpose.ValueType  # 4
     """The member's own request to see their data: every field."""
     PURPOSE_STATISTICS: _Purpose.ValueType  # 5
-    """User statistics: no personal data, only timestamps."""
+    """User statistics: aggregates only, from StatisticsService.GetStatistics;
+    GetMember refuses it (INVALID_ARGUMENT on purpose).
+    """
 
 class Purpose(_Purpose, metaclass=_PurposeEnumTypeWrapper):
     """Purpose is why a caller reads personal data (privacy policy, section 3)."""
@@ -52,7 +54,9 @@ PURPOSE_INQUIRY: Purpose.ValueType  # 3
 PURPOSE_MEMBER_REQUEST: Purpose.ValueType  # 4
 """The member's own request to see their data: every field."""
 PURPOSE_STATISTICS: Purpose.ValueType  # 5
-"""User statistics: no personal data, only timestamps."""
+"""User statistics: aggregates only, from StatisticsService.GetStatistics;
+GetMember refuses it (INVALID_ARGUMENT on purpose).
+"""
 Global___Purpose: _TypeAlias = Purpose  # noqa: Y015
 
 @_typing.final
@@ -939,3 +943,222 @@ class EndSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
+
+@_typing.final
+class Correction(_message.Message):
+    """Correction is a requested correction of the member's data (section 7)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CORRECTION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    RESOLVED_AT_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    correction_id: _builtins.str
+    requested_by: _builtins.str
+    """"member" (by the member's session) or the calling service's identity."""
+    state: _builtins.str
+    """"pending", "applied" (every field corrected) or "closed"."""
+    note: _builtins.str
+    resolved_by: _builtins.str
+    reason: _builtins.str
+    """Why it was closed."""
+    @_builtins.property
+    def requested_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The fields named, each "pending", "corrected" (by UpdateMember) or
+        "closed" (with the correction).
+        """
+
+    @_builtins.property
+    def resolved_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        correction_id: _builtins.str = ...,
+        requested_at: _timestamp_pb2.Timestamp | None = ...,
+        requested_by: _builtins.str = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        state: _builtins.str = ...,
+        note: _builtins.str = ...,
+        resolved_at: _timestamp_pb2.Timestamp | None = ...,
+        resolved_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requested_at", b"requested_at", "resolved_at", b"resolved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correction_id", b"correction_id", "fields", b"fields", "note", b"note", "reason", b"reason", "requested_at", b"requested_at", "requested_by", b"requested_by", "resolved_at", b"resolved_at", "resolved_by", b"resolved_by", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Correction: _TypeAlias = Correction  # noqa: Y015
+
+@_typing.final
+class RequestCorrectionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
+    note: _builtins.str
+    """Optional: what is wrong, in the member's words. Stored encrypted under the
+    member's key. At most 1000 characters.
+    """
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Among "name", "email", "mobile_phone" (the fields UpdateMember corrects),
+        each at most once; at least one. At most 3 items of at most 32 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "member_id", b"member_id", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestCorrectionRequest: _TypeAlias = RequestCorrectionRequest  # noqa: Y015
+
+@_typing.final
+class RequestCorrectionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRECTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def correction(self) -> Global___Correction: ...
+    def __init__(
+        self,
+        *,
+        correction: Global___Correction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["correction", b"correction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correction", b"correction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestCorrectionResponse: _TypeAlias = RequestCorrectionResponse  # noqa: Y015
+
+@_typing.final
+class CloseCorrectionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    CORRECTION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
+    correction_id: _builtins.str
+    """As RequestCorrection returned it. At most 45 characters."""
+    reason: _builtins.str
+    """Required: why it is closed (e.g. "the data was verified as correct").
+    Stored encrypted under the member's key. At most 500 characters.
+    """
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        correction_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correction_id", b"correction_id", "member_id", b"member_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseCorrectionRequest: _TypeAlias = CloseCorrectionRequest  # noqa: Y015
+
+@_typing.final
+class CloseCorrectionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRECTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def correction(self) -> Global___Correction: ...
+    def __init__(
+        self,
+        *,
+        correction: Global___Correction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["correction", b"correction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correction", b"correction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloseCorrectionResponse: _TypeAlias = CloseCorrectionResponse  # noqa: Y015
+
+@_typing.final
+class ListCorrectionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member's id as SignUp returned it (a UUID). At most 45 characters."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCorrectionsRequest: _TypeAlias = ListCorrectionsRequest  # noqa: Y015
+
+@_typing.final
+class ListCorrectionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRECTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def corrections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Correction]: ...
+    def __init__(
+        self,
+        *,
+        corrections: _abc.Iterable[Global___Correction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrections", b"corrections"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCorrectionsResponse: _TypeAlias = ListCorrectionsResponse  # noqa: Y015

@@ -153,6 +153,21 @@ class MemberServiceStub:
                 request_serializer=privacyvault_dot_v1_dot_member__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=privacyvault_dot_v1_dot_member__pb2.EndSessionResponse.FromString,
                 _registered_method=True)
+        self.RequestCorrection = channel.unary_unary(
+                '/privacyvault.v1.MemberService/RequestCorrection',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.RequestCorrectionRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.RequestCorrectionResponse.FromString,
+                _registered_method=True)
+        self.CloseCorrection = channel.unary_unary(
+                '/privacyvault.v1.MemberService/CloseCorrection',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.CloseCorrectionRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.CloseCorrectionResponse.FromString,
+                _registered_method=True)
+        self.ListCorrections = channel.unary_unary(
+                '/privacyvault.v1.MemberService/ListCorrections',
+                request_serializer=privacyvault_dot_v1_dot_member__pb2.ListCorrectionsRequest.SerializeToString,
+                response_deserializer=privacyvault_dot_v1_dot_member__pb2.ListCorrectionsResponse.FromString,
+                _registered_method=True)
 
 
 class MemberServiceServicer:
@@ -257,13 +272,19 @@ class MemberServiceServicer:
         A purpose is named by `purpose` or by `purpose_key` (exactly one). The
         consent check is part of the read's own query: a withdrawal applies to the
         very next read on every server.
+        PURPOSE_STATISTICS (or its key "statistics") reads no member:
+        INVALID_ARGUMENT on the field that named it (use
+        StatisticsService.GetStatistics). A purpose that allows a field under a
+        pending correction (RequestCorrection) is refused as a whole:
+        FAILED_PRECONDITION CORRECTION_PENDING; the member's own read is not.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
         (the member refused the purpose, or never granted an opt-in or configured
         one), CONSENT_OUTDATED (the member's grant predates a policy version in
         force that materially changed the purpose: ask them to consent again,
         ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
         policy does not allow the caller the stated purpose; UNAUTHENTICATED
-        MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
+        MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST); FAILED_PRECONDITION
+        CORRECTION_PENDING.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -422,6 +443,48 @@ class MemberServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestCorrection(self, request, context):
+        """RequestCorrection records the member's request to correct the named
+        fields (privacy policy section 7). Until it is resolved, every read of
+        those fields for a purpose other than PURPOSE_MEMBER_REQUEST is refused:
+        a GetMember whose purpose allows any of them fails as a whole with
+        FAILED_PRECONDITION, ErrorInfo reason CORRECTION_PENDING (metadata
+        "fields": the frozen ones it asked for), and a purpose that reads none of
+        them still reads. It is resolved field by field by UpdateMember correcting
+        the field (when every field is corrected the correction is "applied"), or
+        closed with a reason by CloseCorrection. Sent with the member's session
+        (`x-member-session`), it is the member's request ("member"); without one, a
+        calling service's request on the member's behalf (its identity is
+        recorded), which the caller policy must allow.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
+        MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseCorrection(self, request, context):
+        """CloseCorrection ends a pending correction without (the rest of) the
+        update, with a recorded reason; its fields are used again. By the member
+        (session, as RequestCorrection) or by a calling service the caller policy
+        allows this RPC.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND or CORRECTION_NOT_FOUND;
+        FAILED_PRECONDITION CORRECTION_RESOLVED (applied or closed already);
+        UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCorrections(self, request, context):
+        """ListCorrections shows the member their corrections, oldest first, with
+        notes and reasons. It needs the member's session (else UNAUTHENTICATED,
+        MEMBER_SESSION_REQUIRED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemberServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -494,6 +557,21 @@ def add_MemberServiceServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=privacyvault_dot_v1_dot_member__pb2.EndSessionRequest.FromString,
                     response_serializer=privacyvault_dot_v1_dot_member__pb2.EndSessionResponse.SerializeToString,
+            ),
+            'RequestCorrection': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCorrection,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.RequestCorrectionRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.RequestCorrectionResponse.SerializeToString,
+            ),
+            'CloseCorrection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseCorrection,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.CloseCorrectionRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.CloseCorrectionResponse.SerializeToString,
+            ),
+            'ListCorrections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCorrections,
+                    request_deserializer=privacyvault_dot_v1_dot_member__pb2.ListCorrectionsRequest.FromString,
+                    response_serializer=privacyvault_dot_v1_dot_member__pb2.ListCorrectionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -923,6 +1001,87 @@ class MemberService:
             '/privacyvault.v1.MemberService/EndSession',
             privacyvault_dot_v1_dot_member__pb2.EndSessionRequest.SerializeToString,
             privacyvault_dot_v1_dot_member__pb2.EndSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCorrection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/RequestCorrection',
+            privacyvault_dot_v1_dot_member__pb2.RequestCorrectionRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.RequestCorrectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseCorrection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/CloseCorrection',
+            privacyvault_dot_v1_dot_member__pb2.CloseCorrectionRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.CloseCorrectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCorrections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/privacyvault.v1.MemberService/ListCorrections',
+            privacyvault_dot_v1_dot_member__pb2.ListCorrectionsRequest.SerializeToString,
+            privacyvault_dot_v1_dot_member__pb2.ListCorrectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

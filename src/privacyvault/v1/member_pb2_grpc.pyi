@@ -124,13 +124,19 @@ class MemberServiceStub:
     A purpose is named by `purpose` or by `purpose_key` (exactly one). The
     consent check is part of the read's own query: a withdrawal applies to the
     very next read on every server.
+    PURPOSE_STATISTICS (or its key "statistics") reads no member:
+    INVALID_ARGUMENT on the field that named it (use
+    StatisticsService.GetStatistics). A purpose that allows a field under a
+    pending correction (RequestCorrection) is refused as a whole:
+    FAILED_PRECONDITION CORRECTION_PENDING; the member's own read is not.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
     (the member refused the purpose, or never granted an opt-in or configured
     one), CONSENT_OUTDATED (the member's grant predates a policy version in
     force that materially changed the purpose: ask them to consent again,
     ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
     policy does not allow the caller the stated purpose; UNAUTHENTICATED
-    MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
+    MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST); FAILED_PRECONDITION
+    CORRECTION_PENDING.
     """
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]
     """UpdateMember corrects the fields named in update_mask. It needs the
@@ -241,6 +247,36 @@ class MemberServiceStub:
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
     second EndSession with the same token).
     """
+    RequestCorrection: _grpc.UnaryUnaryMultiCallable[_member_pb2.RequestCorrectionRequest, _member_pb2.RequestCorrectionResponse]
+    """RequestCorrection records the member's request to correct the named
+    fields (privacy policy section 7). Until it is resolved, every read of
+    those fields for a purpose other than PURPOSE_MEMBER_REQUEST is refused:
+    a GetMember whose purpose allows any of them fails as a whole with
+    FAILED_PRECONDITION, ErrorInfo reason CORRECTION_PENDING (metadata
+    "fields": the frozen ones it asked for), and a purpose that reads none of
+    them still reads. It is resolved field by field by UpdateMember correcting
+    the field (when every field is corrected the correction is "applied"), or
+    closed with a reason by CloseCorrection. Sent with the member's session
+    (`x-member-session`), it is the member's request ("member"); without one, a
+    calling service's request on the member's behalf (its identity is
+    recorded), which the caller policy must allow.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
+    MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+    """
+    CloseCorrection: _grpc.UnaryUnaryMultiCallable[_member_pb2.CloseCorrectionRequest, _member_pb2.CloseCorrectionResponse]
+    """CloseCorrection ends a pending correction without (the rest of) the
+    update, with a recorded reason; its fields are used again. By the member
+    (session, as RequestCorrection) or by a calling service the caller policy
+    allows this RPC.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND or CORRECTION_NOT_FOUND;
+    FAILED_PRECONDITION CORRECTION_RESOLVED (applied or closed already);
+    UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
+    """
+    ListCorrections: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListCorrectionsRequest, _member_pb2.ListCorrectionsResponse]
+    """ListCorrections shows the member their corrections, oldest first, with
+    notes and reasons. It needs the member's session (else UNAUTHENTICATED,
+    MEMBER_SESSION_REQUIRED).
+    """
 
 @_typing.type_check_only
 class MemberServiceAsyncStub(MemberServiceStub):
@@ -338,13 +374,19 @@ class MemberServiceAsyncStub(MemberServiceStub):
     A purpose is named by `purpose` or by `purpose_key` (exactly one). The
     consent check is part of the read's own query: a withdrawal applies to the
     very next read on every server.
+    PURPOSE_STATISTICS (or its key "statistics") reads no member:
+    INVALID_ARGUMENT on the field that named it (use
+    StatisticsService.GetStatistics). A purpose that allows a field under a
+    pending correction (RequestCorrection) is refused as a whole:
+    FAILED_PRECONDITION CORRECTION_PENDING; the member's own read is not.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
     (the member refused the purpose, or never granted an opt-in or configured
     one), CONSENT_OUTDATED (the member's grant predates a policy version in
     force that materially changed the purpose: ask them to consent again,
     ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
     policy does not allow the caller the stated purpose; UNAUTHENTICATED
-    MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
+    MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST); FAILED_PRECONDITION
+    CORRECTION_PENDING.
     """
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.UpdateMemberResponse]  # type: ignore[assignment]
     """UpdateMember corrects the fields named in update_mask. It needs the
@@ -454,6 +496,36 @@ class MemberServiceAsyncStub(MemberServiceStub):
     It needs that session to be a live one of member_id (else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
     second EndSession with the same token).
+    """
+    RequestCorrection: _aio.UnaryUnaryMultiCallable[_member_pb2.RequestCorrectionRequest, _member_pb2.RequestCorrectionResponse]  # type: ignore[assignment]
+    """RequestCorrection records the member's request to correct the named
+    fields (privacy policy section 7). Until it is resolved, every read of
+    those fields for a purpose other than PURPOSE_MEMBER_REQUEST is refused:
+    a GetMember whose purpose allows any of them fails as a whole with
+    FAILED_PRECONDITION, ErrorInfo reason CORRECTION_PENDING (metadata
+    "fields": the frozen ones it asked for), and a purpose that reads none of
+    them still reads. It is resolved field by field by UpdateMember correcting
+    the field (when every field is corrected the correction is "applied"), or
+    closed with a reason by CloseCorrection. Sent with the member's session
+    (`x-member-session`), it is the member's request ("member"); without one, a
+    calling service's request on the member's behalf (its identity is
+    recorded), which the caller policy must allow.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
+    MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+    """
+    CloseCorrection: _aio.UnaryUnaryMultiCallable[_member_pb2.CloseCorrectionRequest, _member_pb2.CloseCorrectionResponse]  # type: ignore[assignment]
+    """CloseCorrection ends a pending correction without (the rest of) the
+    update, with a recorded reason; its fields are used again. By the member
+    (session, as RequestCorrection) or by a calling service the caller policy
+    allows this RPC.
+    Reasons: NOT_FOUND MEMBER_NOT_FOUND or CORRECTION_NOT_FOUND;
+    FAILED_PRECONDITION CORRECTION_RESOLVED (applied or closed already);
+    UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
+    """
+    ListCorrections: _aio.UnaryUnaryMultiCallable[_member_pb2.ListCorrectionsRequest, _member_pb2.ListCorrectionsResponse]  # type: ignore[assignment]
+    """ListCorrections shows the member their corrections, oldest first, with
+    notes and reasons. It needs the member's session (else UNAUTHENTICATED,
+    MEMBER_SESSION_REQUIRED).
     """
 
 class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -567,13 +639,19 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         A purpose is named by `purpose` or by `purpose_key` (exactly one). The
         consent check is part of the read's own query: a withdrawal applies to the
         very next read on every server.
+        PURPOSE_STATISTICS (or its key "statistics") reads no member:
+        INVALID_ARGUMENT on the field that named it (use
+        StatisticsService.GetStatistics). A purpose that allows a field under a
+        pending correction (RequestCorrection) is refused as a whole:
+        FAILED_PRECONDITION CORRECTION_PENDING; the member's own read is not.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND; PERMISSION_DENIED PURPOSE_NOT_CONSENTED
         (the member refused the purpose, or never granted an opt-in or configured
         one), CONSENT_OUTDATED (the member's grant predates a policy version in
         force that materially changed the purpose: ask them to consent again,
         ConsentService.UpdateConsents), or CALLER_NOT_ALLOWED when the caller
         policy does not allow the caller the stated purpose; UNAUTHENTICATED
-        MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST).
+        MEMBER_SESSION_REQUIRED (PURPOSE_MEMBER_REQUEST); FAILED_PRECONDITION
+        CORRECTION_PENDING.
         """
 
     @_abc_1.abstractmethod
@@ -749,6 +827,54 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         It needs that session to be a live one of member_id (else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
         second EndSession with the same token).
+        """
+
+    @_abc_1.abstractmethod
+    def RequestCorrection(
+        self,
+        request: _member_pb2.RequestCorrectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.RequestCorrectionResponse, _abc.Awaitable[_member_pb2.RequestCorrectionResponse]]:
+        """RequestCorrection records the member's request to correct the named
+        fields (privacy policy section 7). Until it is resolved, every read of
+        those fields for a purpose other than PURPOSE_MEMBER_REQUEST is refused:
+        a GetMember whose purpose allows any of them fails as a whole with
+        FAILED_PRECONDITION, ErrorInfo reason CORRECTION_PENDING (metadata
+        "fields": the frozen ones it asked for), and a purpose that reads none of
+        them still reads. It is resolved field by field by UpdateMember correcting
+        the field (when every field is corrected the correction is "applied"), or
+        closed with a reason by CloseCorrection. Sent with the member's session
+        (`x-member-session`), it is the member's request ("member"); without one, a
+        calling service's request on the member's behalf (its identity is
+        recorded), which the caller policy must allow.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
+        MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+        """
+
+    @_abc_1.abstractmethod
+    def CloseCorrection(
+        self,
+        request: _member_pb2.CloseCorrectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.CloseCorrectionResponse, _abc.Awaitable[_member_pb2.CloseCorrectionResponse]]:
+        """CloseCorrection ends a pending correction without (the rest of) the
+        update, with a recorded reason; its fields are used again. By the member
+        (session, as RequestCorrection) or by a calling service the caller policy
+        allows this RPC.
+        Reasons: NOT_FOUND MEMBER_NOT_FOUND or CORRECTION_NOT_FOUND;
+        FAILED_PRECONDITION CORRECTION_RESOLVED (applied or closed already);
+        UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCorrections(
+        self,
+        request: _member_pb2.ListCorrectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_member_pb2.ListCorrectionsResponse, _abc.Awaitable[_member_pb2.ListCorrectionsResponse]]:
+        """ListCorrections shows the member their corrections, oldest first, with
+        notes and reasons. It needs the member's session (else UNAUTHENTICATED,
+        MEMBER_SESSION_REQUIRED).
         """
 
 def add_MemberServiceServicer_to_server(servicer: MemberServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

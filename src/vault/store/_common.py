@@ -7,17 +7,21 @@ echo the offending value.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import get_args
 
 from vault import ids
+from vault.clock import from_micros, to_micros
 from vault.errors import PreconditionFailed
 from vault.store.rows import (
+    CORRECTABLE_FIELDS,
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
     RETAINED_FIELDS,
+    CorrectionRow,
     KekState,
     KekVersionRow,
     MemberKeyRow,
@@ -180,15 +184,20 @@ _SHRED_ITEMS: Mapping[str, str] = {
     "member_keys": "member_keys",
     "consents": "consents",
     "consent_events": "consent_history",
+    "disclosures": "disclosure_ledger",
     "access_log": "access_log",
     "outbox": "outbox",
     "password_resets": "password_resets",
+    "corrections": "corrections",
 }
 SHRED_TABLES: tuple[str, ...] = (
     "outbox",
     "password_resets",
     "access_log",
+    "disclosures",
     "consent_events",
+    "correction_fields",
+    "corrections",
     "consents",
     "member_keys",
     "members",
@@ -216,3 +225,50 @@ def check_retained(member: RetainedMember) -> str:
 
 #: Retained field -> column, the only source of those column names in SQL.
 RETAINED_COLUMNS: Mapping[str, str] = {f: CT_COLUMNS[f] for f in RETAINED_FIELDS}
+
+
+def _b64(value: bytes | None) -> str | None:
+    return None if value is None else base64.b64encode(value).decode()
+
+
+def _unb64(value: str | None) -> bytes | None:
+    return None if value is None else base64.b64decode(value, validate=True)
+
+
+def corrections_json(corrections: tuple[CorrectionRow, ...]) -> str:
+    """A retained copy's corrections as stored: JSON, times in microseconds, the
+    sealed note and reason in base64 (still under the member's DEK)."""
+    return json.dumps(
+        [
+            {
+                "correction_id": c.correction_id,
+                "requested_at": to_micros(require_aware(c.requested_at)),
+                "requested_by": c.requested_by,
+                "fields": dict(c.fields),
+                "state": c.state,
+                "note_ct": _b64(c.note_ct),
+                "resolved_at": None if c.resolved_at is None else to_micros(c.resolved_at),
+                "resolved_by": c.resolved_by,
+                "reason_ct": _b64(c.reason_ct),
+            }
+            for c in corrections
+        ]
+    )
+
+
+def corrections_from_json(member_id: str, text: str) -> tuple[CorrectionRow, ...]:
+    return tuple(
+        CorrectionRow(
+            correction_id=c["correction_id"],
+            member_id=member_id,
+            requested_at=from_micros(int(c["requested_at"])),
+            requested_by=c["requested_by"],
+            fields={f: c["fields"][f] for f in CORRECTABLE_FIELDS if f in c["fields"]},
+            state=c["state"],
+            note_ct=_unb64(c["note_ct"]),
+            resolved_at=None if c["resolved_at"] is None else from_micros(int(c["resolved_at"])),
+            resolved_by=c["resolved_by"],
+            reason_ct=_unb64(c["reason_ct"]),
+        )
+        for c in json.loads(text)
+    )

@@ -24,8 +24,10 @@ from typing import Protocol
 
 from vault.store.contracts.access_log import AccessLogStore
 from vault.store.contracts.consents import ConsentStore
+from vault.store.contracts.corrections import CorrectionStore, StatisticsStore
 from vault.store.contracts.database import Database
 from vault.store.contracts.destruction import DestructionStore
+from vault.store.contracts.disclosures import DisclosureStore
 from vault.store.contracts.idempotency import IdempotencyStore
 from vault.store.contracts.inactivity import InactivityStore
 from vault.store.contracts.keys import KeyStore
@@ -38,6 +40,7 @@ from vault.store.contracts.recovery import RecoveryStore
 from vault.store.contracts.retention import RetentionStore
 from vault.store.contracts.sessions import NewSession, SessionRow, SessionStore
 from vault.store.rows import (
+    CORRECTABLE_FIELDS,
     ENCRYPTED_FIELDS,
     INDEXED_FIELDS,
     RECORDED_BY_MEMBER,
@@ -45,7 +48,9 @@ from vault.store.rows import (
     AccessEntryRow,
     ConsentEventRow,
     ConsentRow,
+    CorrectionRow,
     DestructionRecord,
+    DisclosureRow,
     IndexedField,
     IndexKeyRow,
     KekState,
@@ -56,18 +61,23 @@ from vault.store.rows import (
     MemberRow,
     NewAccessEntry,
     NewConsent,
+    NewDisclosure,
     NewPasswordReset,
     OutboxMessage,
     PolicyVersionRow,
+    RecipientRow,
     RecoveryMailOutcome,
+    ResealedCorrection,
     RetainedMember,
     RetainedSummary,
     RetentionCheck,
     RetentionEvent,
     RewrapUpdate,
+    StatisticsCounts,
 )
 
 __all__ = [
+    "CORRECTABLE_FIELDS",
     "ENCRYPTED_FIELDS",
     "INDEXED_FIELDS",
     "RECORDED_BY_MEMBER",
@@ -77,9 +87,13 @@ __all__ = [
     "ConsentEventRow",
     "ConsentRow",
     "ConsentStore",
+    "CorrectionRow",
+    "CorrectionStore",
     "Database",
     "DestructionRecord",
     "DestructionStore",
+    "DisclosureRow",
+    "DisclosureStore",
     "IdempotencyStore",
     "InactivityStore",
     "IndexKeyRow",
@@ -96,14 +110,17 @@ __all__ = [
     "MemberStore",
     "NewAccessEntry",
     "NewConsent",
+    "NewDisclosure",
     "NewPasswordReset",
     "NewSession",
     "OutboxMessage",
     "OutboxStore",
     "PasswordStore",
     "PolicyVersionRow",
+    "RecipientRow",
     "RecoveryMailOutcome",
     "RecoveryStore",
+    "ResealedCorrection",
     "RetainedMember",
     "RetainedSummary",
     "RetentionCheck",
@@ -112,9 +129,12 @@ __all__ = [
     "RewrapUpdate",
     "SessionRow",
     "SessionStore",
+    "StatisticsCounts",
+    "StatisticsStore",
     "Store",
     "whole_access_log",
     "whole_consent_history",
+    "whole_disclosure_ledger",
 ]
 
 
@@ -123,6 +143,7 @@ class Store(
     KeyStore,
     MemberStore,
     ConsentStore,
+    DisclosureStore,
     PasswordStore,
     AccessLogStore,
     DestructionStore,
@@ -133,6 +154,8 @@ class Store(
     SessionStore,
     LoginFailureStore,
     IdempotencyStore,
+    CorrectionStore,
+    StatisticsStore,
     Protocol,
 ):
     """One database holding the vault: every domain's Protocol. See the module
@@ -166,3 +189,17 @@ async def whole_consent_history(
         if len(rows) < page:
             return events[::-1]
         before = rows[-1].event_id
+
+
+async def whole_disclosure_ledger(
+    store: DisclosureStore, member_id: str, page: int = 1000
+) -> list[DisclosureRow]:
+    """Every disclosure of the member, oldest first, read page by page."""
+    entries: list[DisclosureRow] = []
+    before: int | None = None
+    while True:
+        rows = await store.list_disclosures(member_id, page, before)
+        entries.extend(rows)
+        if len(rows) < page:
+            return entries[::-1]
+        before = rows[-1].disclosure_id

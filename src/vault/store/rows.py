@@ -84,6 +84,58 @@ class ConsentEventRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RecipientRow:
+    """A third party registered to receive members' data (policy section 4). No
+    member data: the recipient's own name, contact and terms."""
+
+    recipient_id: str
+    legal_entity: str
+    contact_email: str
+    #: The catalogue purposes it may receive data for, and the fields it may receive.
+    purposes: tuple[str, ...]
+    fields: tuple[str, ...]
+    legal_basis: str
+    contract_reference: str
+    registered_at: datetime
+    registered_by: str
+
+
+#: What a disclosure rests on: the member's consent to provision, a recorded legal
+#: basis, or a correction notice (the corrected value sent to a past recipient).
+DisclosureBasis = Literal["consent", "legal", "correction"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewDisclosure:
+    """A ledger entry to append. ``details_ct`` is sealed under the member's DEK
+    (the caller and, for a legal basis, its reference and approver), bound to
+    ``at``; the rest names no one but the member by id."""
+
+    recipient_id: str
+    purpose: str
+    fields: tuple[str, ...]
+    basis: DisclosureBasis
+    at: datetime
+    details_ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DisclosureRow:
+    """One entry of a member's disclosure ledger, as stored."""
+
+    disclosure_id: int
+    recipient_id: str
+    purpose: str
+    fields: tuple[str, ...]
+    basis: DisclosureBasis
+    at: datetime
+    details_ct: bytes
+
+    def __repr__(self) -> str:
+        return f"<DisclosureRow {self.disclosure_id} {self.recipient_id}>"
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyVersionRow:
     """A published privacy policy version."""
 
@@ -113,6 +165,9 @@ class MemberRow:
     # One per purpose, in purpose order. Read with the member (one round trip
     # for the hot GetMember path) and inserted with it.
     consents: tuple[ConsentRow, ...] = ()
+    # The fields a pending correction freezes (policy section 7), read in the same
+    # statement as the member: every read but the member's own is refused them.
+    frozen: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +221,52 @@ class KekUsage:
     retained_keys: int = 0
 
 
+#: The fields a correction may name: those UpdateMember can correct.
+CORRECTABLE_FIELDS: tuple[str, ...] = ("name", "email", "mobile_phone")
+CorrectionState = Literal["pending", "applied", "closed"]
+#: A field of a correction: still frozen, corrected by an update, or closed with it.
+CorrectionFieldState = Literal["pending", "corrected", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionRow:
+    """A requested correction (policy section 7). The note and the closing reason
+    are sealed under the member's DEK; who asked and who resolved are caller
+    identities or "member"."""
+
+    correction_id: str
+    member_id: str
+    requested_at: datetime
+    requested_by: str
+    #: Field name -> its state, in CORRECTABLE_FIELDS order.
+    fields: Mapping[str, CorrectionFieldState]
+    state: CorrectionState = "pending"
+    note_ct: bytes | None = None
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    reason_ct: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"<CorrectionRow {self.correction_id} {self.state}>"
+
+
+#: A correction's note and closing reason re-sealed under a new DEK: (note, reason).
+ResealedCorrection = tuple[bytes | None, bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class StatisticsCounts:
+    """Raw counts over members who consent to statistics (unsuppressed: the vault
+    suppresses small cells before anything leaves it)."""
+
+    members: int
+    active_members: int
+    #: Purpose -> members (of those counted) who consent to it.
+    consents: Mapping[str, int]
+    #: (day as YYYY-MM-DD, sign-ups, withdrawals) for the days that have any.
+    days: tuple[tuple[str, int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class RetentionCheck:
     """A withdrawal into retention copied the member as read; the shred that follows
@@ -183,6 +284,11 @@ class RetentionCheck:
     retained_until: datetime
     #: The consent history's event ids as copied: an event since means copy again.
     consent_event_ids: frozenset[int] = frozenset()
+    #: The disclosure ledger's entry ids as copied, likewise.
+    disclosure_ids: frozenset[int] = frozenset()
+    #: The member's corrections as the copy holds them (a request, an update or a
+    #: closure since makes the copy stale).
+    corrections: tuple[CorrectionRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +371,9 @@ class RetainedMember:
     access_log: tuple[AccessEntryRow, ...] = ()
     #: The member's consent history (oldest first), as it stood at the move.
     consent_history: tuple[ConsentEventRow, ...] = ()
+    #: The member's disclosure ledger (oldest first), still sealed, as at the move.
+    disclosures: tuple[DisclosureRow, ...] = ()
+    corrections: tuple[CorrectionRow, ...] = ()
     #: Which withdrawal attempt wrote the copy: only that attempt may replace it.
     attempt: str = ""
     #: False until the vault's shred committed; an unconfirmed copy left by a crash

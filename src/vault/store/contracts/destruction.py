@@ -23,10 +23,11 @@ class DestructionStore(Protocol):
         *,
         last_seen_before: datetime | None = None,
         retention: RetentionCheck | None = None,
+        withdrawal: bool = False,
     ) -> DestructionRecord | None:
         """Crypto-shred: in one transaction delete the member's DEK rows, blind
         indexes, ciphertexts, consents, access log, pending mail and password
-        reset tokens; leave a tombstone and a
+        reset tokens, corrections; leave a tombstone and a
         destruction record. Then scrub what the backend can (SQLite: WAL
         checkpoint). None if no such member (already shredded or never was), or if
         ``last_seen_before`` is given and the member connected at or after it (checked
@@ -34,7 +35,11 @@ class DestructionStore(Protocol):
 
         With ``retention`` (a withdrawal whose data was copied to the retention
         store), the record carries ``retained_until``; KeyChanged, with nothing
-        changed, if the member no longer matches the check (see RetentionCheck)."""
+        changed, if the member no longer matches the check (see RetentionCheck).
+
+        ``withdrawal``: the member withdrew; if they consent to STATISTICS at this
+        moment, the withdrawals of the day (UTC) of ``destroyed_at`` count one more
+        (StatisticsStore), in the same transaction."""
         ...
 
     async def record_destruction(

@@ -13,6 +13,7 @@ from vault.store.rows import (
     KeyEvent,
     MemberKeyRow,
     ResealedAccess,
+    ResealedCorrection,
     RewrapUpdate,
 )
 
@@ -80,13 +81,21 @@ class KeyStore(Protocol):
         access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
+        corrections: Mapping[str, ResealedCorrection] | None = None,
+        old_corrections: Mapping[str, ResealedCorrection] | None = None,
+        disclosures: Mapping[int, bytes] | None = None,
     ) -> bool:
         """Per-member DEK rotation, atomically: the new key row, every field
         ciphertext, and every access-log entry (entry_id -> (action_ct, ip_ct, caller_ct))
         re-encrypted. Only if the member still has ``old_dek_id``, exactly these
         access-log entries, and field ciphertexts equal to ``old_ciphertexts`` (what
         the caller re-encrypted: a field written meanwhile under the old DEK must not
-        be overwritten by its stale value); False otherwise (retry with fresh data)."""
+        be overwritten by its stale value); False otherwise (retry with fresh data).
+        The member's corrections' sealed texts (correction_id -> (note_ct,
+        reason_ct)) are re-sealed too: ``old_corrections`` must be exactly those
+        the member holds now (none: the member must have none), ``corrections``
+        their replacements. So is every disclosure ledger entry (disclosure_id ->
+        details_ct): exactly the member's entries (none when ``disclosures`` is None)."""
         ...
 
     async def record_key_event(self, event: KeyEvent) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Protocol
 
 from vault.store.contracts.idempotency import IdempotencyKey
@@ -25,13 +26,15 @@ class MemberStore(Protocol):
         """Insert the member, its key and its consents in one transaction, the
         consents also as the member's first consent events (recorded by the member,
         through ``caller``, under the newest published policy version, else the
-        consents' own) (with
-        ``idempotency``, the key too: see IdempotencyStore). PreconditionFailed if
-        the key's KEK version has been destroyed meanwhile."""
+        consents' own) (with ``idempotency``, the key too: see IdempotencyStore); a
+        member who consents to STATISTICS counts as a sign-up of its day (UTC) in
+        StatisticsStore. PreconditionFailed if the key's KEK version has been
+        destroyed meanwhile."""
         ...
 
     async def get_member(self, member_id: str) -> MemberRow | None:
-        """The member with its key and consents."""
+        """The member with its key, consents and the fields pending corrections
+        freeze (``frozen``), in one statement: the hot read path."""
         ...
 
     async def find_member(self, index: IndexedField, hmac: bytes) -> MemberRow | None:
@@ -46,13 +49,20 @@ class MemberStore(Protocol):
         *,
         dek_id: int,
         notify: OutboxMessage | None = None,
+        corrected_at: datetime | None = None,
+        corrected_by: str = "",
     ) -> bool:
         """Replace the named ciphertexts (and blind indexes), encrypted under the
         member's DEK ``dek_id``. False if no such member; KeyChanged if the member's
         DEK has been rotated meanwhile (the ciphertexts would be unreadable).
 
         ``notify`` (for the same member) is enqueued in the same transaction: it
-        is written exactly when the update is, never without it."""
+        is written exactly when the update is, never without it.
+
+        With ``corrected_at``, the update is a correction (policy section 7): in
+        the same transaction, the pending correction fields among the named fields
+        are released ("corrected"), and each correction left with no pending field
+        is applied at ``corrected_at`` by ``corrected_by``."""
         ...
 
     async def record_login(

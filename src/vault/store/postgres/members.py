@@ -13,12 +13,16 @@ from vault.store.rows import ConsentRow, IndexedField, MemberKeyRow, MemberRow
 # The member's consents ride along as an array of records: one round trip. Each
 # carries when a later policy version's material change of its purpose applies
 # (policy_changes): the consent check is in the read's own query, never a cache.
+# So are the fields pending corrections freeze.
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, ARRAY("
     "SELECT ROW(c.purpose, c.granted, c.policy_version, c.recorded_at, "
     "(SELECT min(p.effective_at) FROM policy_changes AS p WHERE p.purpose = c.purpose "
     "AND p.published_at > c.recorded_at)) FROM consents AS c "
-    "WHERE c.member_id = m.member_id ORDER BY c.purpose) AS consents "
+    "WHERE c.member_id = m.member_id ORDER BY c.purpose) AS consents, "
+    # The fields pending corrections freeze (a partial index).
+    "ARRAY(SELECT f.field FROM correction_fields AS f "
+    "WHERE f.member_id = m.member_id AND f.state = 'pending') AS frozen "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 
@@ -38,6 +42,7 @@ def _member(row: Mapping[str, Any]) -> MemberRow:
             wrapped_dek=bytes(row["wrapped_dek"]),
         ),
         consents=tuple(_consent(c) for c in row["consents"]),
+        frozen=frozenset(row["frozen"]),
     )
 
 

@@ -15,7 +15,6 @@ from vault.store.sql import guards
 from vault.store.sql.dialect import Dialect, both, each
 from vault.store.sql.executor import SqlExecutor, Tx, UniqueViolation
 
-_LOCK_MEMBER = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
 CURRENT_VERSION = both(
     "SELECT version FROM policy_versions WHERE published_at <= $1 "
     "ORDER BY published_at DESC, version DESC LIMIT 1"
@@ -162,7 +161,7 @@ class SqlConsents(SqlExecutor):
         async def body(tx: Tx) -> list[ConsentEventRow] | None:
             # Step 1 of the lock order: a shred (or the withdrawal's move, which checks
             # the history it copied) waits for us, or we find the member gone.
-            if await tx.fetchval(_LOCK_MEMBER[d.name], key) is None:
+            if await tx.fetchval(guards.LOCK_MEMBER_ROW[d.name], key) is None:
                 return None
             return await append_consents(
                 tx,

@@ -15,6 +15,7 @@ from vault.errors import KeyChanged
 from vault.store._common import SHRED_TABLES, check_retention, require_aware, shred_items
 from vault.store.rows import DestructionRecord, RetentionCheck
 from vault.store.sql import guards
+from vault.store.sql.corrections import count_withdrawal, locked_corrections
 from vault.store.sql.dialect import DIALECTS, Dialect, both
 from vault.store.sql.executor import SqlExecutor, Tx
 from vault.store.sql.login_failures import DELETE_MEMBER_FAILURES
@@ -86,6 +87,7 @@ class SqlDestruction(SqlExecutor):
         *,
         last_seen_before: datetime | None = None,
         retention: RetentionCheck | None = None,
+        withdrawal: bool = False,
     ) -> DestructionRecord | None:
         d = self._dialect
         key = d.member_id(member_id)
@@ -104,10 +106,13 @@ class SqlDestruction(SqlExecutor):
                 return None  # connected since the caller decided: not inactive
             key_row = await tx.fetchrow(guards.LOCK_MEMBER_KEY[d.name], key)
             dek_id = None if key_row is None else int(key_row[0])
-            if retention is not None and not await guards.matches_retention(
-                tx, d, key, retention, expected, locked, dek_id
+            if retention is not None and not (
+                await guards.matches_retention(tx, d, key, retention, expected, locked, dek_id)
+                and tuple(await locked_corrections(tx, d, key)) == retention.corrections
             ):
                 raise KeyChanged
+            if withdrawal:  # before its consents go: counted as it consents now
+                await count_withdrawal(tx, d, key, destroyed_at)
             # The counter is keyed by the login ID's index: it goes before the member row.
             await tx.run(DELETE_MEMBER_FAILURES[d.name], key)
             counts = {table: await tx.run(_DELETE[table][d.name], key) for table in SHRED_TABLES}

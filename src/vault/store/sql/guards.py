@@ -30,6 +30,9 @@ _VERSION_STATE = both("SELECT state FROM kek_versions WHERE version = $1{share}"
 # row by partition pruning rather than a probe of every month.
 _LOCK_ENTRIES = both("SELECT entry_id, at FROM access_log WHERE member_id = $1{update}")
 _LOCK_CONSENT_EVENTS = both("SELECT event_id FROM consent_events WHERE member_id = $1{update}")
+_LOCK_DISCLOSURES = both("SELECT disclosure_id FROM disclosures WHERE member_id = $1{update}")
+# A member's own write that changes no member column still takes its row first.
+LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
 MEMBER_EXISTS = both("SELECT 1 FROM members WHERE member_id = $1{share}")
 _OUTBOX_ROW = (
     "INSERT INTO outbox (message_id, member_id, kind, params, created_at, attempts, "
@@ -109,4 +112,12 @@ async def matches_retention(
         return False
     # So did a consent event (an answer recorded since the copy was made).
     events = await tx.fetch(_LOCK_CONSENT_EVENTS[d.name], key)
-    return {int(r[0]) for r in events} == set(check.consent_event_ids)
+    if {int(r[0]) for r in events} != set(check.consent_event_ids):
+        return False
+    # And a disclosure (its ledger entry came after the copy was made).
+    return set(await locked_disclosures(tx, d, key)) == set(check.disclosure_ids)
+
+
+async def locked_disclosures(tx: Tx, d: Dialect, key: Any) -> list[int]:
+    """Step 4: the member's ledger entry ids; appends (which check the DEK) wait."""
+    return [int(r[0]) for r in await tx.fetch(_LOCK_DISCLOSURES[d.name], key)]

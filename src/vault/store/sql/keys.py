@@ -18,8 +18,16 @@ from vault.store._common import (
     require_aware,
     update_assignments,
 )
-from vault.store.rows import IndexKeyRow, KekUsage, KekVersionRow, MemberKeyRow, ResealedAccess
+from vault.store.rows import (
+    IndexKeyRow,
+    KekUsage,
+    KekVersionRow,
+    MemberKeyRow,
+    ResealedAccess,
+    ResealedCorrection,
+)
 from vault.store.sql import guards
+from vault.store.sql.corrections import reseal_corrections
 from vault.store.sql.dialect import Dialect, both
 from vault.store.sql.executor import SqlExecutor, Tx, UniqueViolation
 
@@ -67,6 +75,7 @@ _TO_REWRAP = {
 _REPLACE_KEY = both(
     "UPDATE member_keys SET dek_id = $2, kek_version = $3, wrapped_dek = $4 WHERE member_id = $1"
 )
+_REWRITE_DISCLOSURE = both("UPDATE disclosures SET details_ct = $2 WHERE disclosure_id = $1")
 _REWRITE_ENTRY = both(
     "UPDATE access_log SET action_ct = $3, ip_ct = $4, caller_ct = $5 "
     "WHERE entry_id = $1 AND at = $2"
@@ -219,7 +228,11 @@ class SqlKeys(SqlRewrapRead):
         access_log: Mapping[int, ResealedAccess],
         *,
         old_ciphertexts: Mapping[str, bytes],
+        corrections: Mapping[str, ResealedCorrection] | None = None,
+        old_corrections: Mapping[str, ResealedCorrection] | None = None,
+        disclosures: Mapping[int, bytes] | None = None,
     ) -> bool:
+        ledger = {} if disclosures is None else disclosures
         canonical, expected = check_key_replacement(
             member_id, new_key, ciphertexts, old_ciphertexts
         )
@@ -242,6 +255,10 @@ class SqlKeys(SqlRewrapRead):
             present = await guards.locked_entries(tx, d, key)
             if set(present) != set(access_log):
                 return False  # an entry came (or went) since the caller read them
+            if set(await guards.locked_disclosures(tx, d, key)) != set(ledger):
+                return False  # so did a disclosure
+            if not await reseal_corrections(tx, d, key, old_corrections or {}, corrections or {}):
+                return False  # a correction's text came or changed since
             await tx.run(_REPLACE_KEY[d.name], *new_key_row)
             await tx.run(update_fields, key, *(value for _, value in assignments))
             await tx.run_many(
@@ -250,6 +267,9 @@ class SqlKeys(SqlRewrapRead):
                     (i, present[i], bytes(a), bytes(ip), None if c is None else bytes(c))
                     for i, (a, ip, c) in access_log.items()
                 ],
+            )
+            await tx.run_many(
+                _REWRITE_DISCLOSURE[d.name], [(i, bytes(ct)) for i, ct in ledger.items()]
             )
             return True
 

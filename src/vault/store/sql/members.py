@@ -7,6 +7,7 @@ into JSON."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from vault.store._common import (
@@ -28,6 +29,7 @@ from vault.store.rows import (
 )
 from vault.store.sql import guards
 from vault.store.sql.consents import append_consents
+from vault.store.sql.corrections import STATISTICS_PURPOSE, count_sign_up, release_corrected
 from vault.store.sql.dialect import both
 from vault.store.sql.executor import (
     ForeignKeyViolation,
@@ -49,7 +51,6 @@ _INSERT_MEMBER = both(
 _INSERT_KEY = both(
     "INSERT INTO member_keys (member_id, dek_id, kek_version, wrapped_dek) VALUES ($1, $2, $3, $4)"
 )
-_LOCK_MEMBER_ROW = both("SELECT 1 FROM members WHERE member_id = $1{no_key_update}")
 # A connection cancels a pending inactivity notice (the clock restarts).
 _SEEN = "UPDATE members SET last_seen_at = $2, inactivity_notice_at = NULL"
 _LOGIN = both(f"{_SEEN} WHERE member_id = $1")
@@ -95,6 +96,7 @@ class SqlMembers(SqlExecutor):
         # in force (the newest published; before any, the configured one).
         consents = member.consents
         request = key_params(d, idempotency)
+        counted = any(c.purpose == STATISTICS_PURPOSE and c.granted for c in member.consents)
 
         async def body(tx: Tx) -> None:
             await guards.require_not_destroyed(tx, d, key.kek_version)
@@ -113,6 +115,8 @@ class SqlMembers(SqlExecutor):
                     caller=caller,
                     default_version=c.policy_version,
                 )
+            if counted:  # consents to statistics as it signs up: a sign-up that day
+                await count_sign_up(tx, d, member.created_at.astimezone(UTC).date())
             await store_key(tx, d, request)  # a live key there rolls the member back
 
         try:
@@ -131,6 +135,8 @@ class SqlMembers(SqlExecutor):
         *,
         dek_id: int,
         notify: OutboxMessage | None = None,
+        corrected_at: datetime | None = None,
+        corrected_by: str = "",
     ) -> bool:
         d = self._dialect
         key = d.member_id(member_id)
@@ -146,11 +152,13 @@ class SqlMembers(SqlExecutor):
             if assignments:
                 if await tx.run(update, key, *(value for _, value in assignments)) != 1:
                     return False
-            elif not await tx.fetchval(_LOCK_MEMBER_ROW[d.name], key):
+            elif not await tx.fetchval(guards.LOCK_MEMBER_ROW[d.name], key):
                 return False
             await guards.check_dek(tx, d, key, dek_id)
             if outbox_row is not None:
                 await tx.run(guards.INSERT_OUTBOX[d.name], *outbox_row)
+            if corrected_at is not None:
+                await release_corrected(tx, d, key, ciphertexts, corrected_at, corrected_by)
             return True
 
         try:

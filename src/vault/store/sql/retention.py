@@ -5,17 +5,26 @@ in one snapshot (``_in_read``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from vault.clock import from_micros, to_micros
-from vault.store._common import RETAINED_COLUMNS, check_limit, check_retained, require_aware
+from vault.store._common import (
+    RETAINED_COLUMNS,
+    check_limit,
+    check_retained,
+    corrections_from_json,
+    corrections_json,
+    require_aware,
+)
 from vault.store.rows import (
     RETAINED_FIELDS,
     ConsentEventRow,
     ConsentRow,
+    DisclosureRow,
     KekUsage,
     MemberKeyRow,
     RetainedMember,
@@ -37,14 +46,18 @@ _DELETE_ENTRIES = both("DELETE FROM retained_access_log WHERE member_id = $1")
 _DELETE_COPY = both("DELETE FROM retained_members WHERE member_id = $1")
 _INSERT_COPY = both(
     "INSERT INTO retained_members (member_id, retained_at, destroy_after, reason, attempt, "
-    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, consent_history) VALUES ("
+    f"dek_id, kek_version, wrapped_dek, {_CT}, consents, consent_history, corrections, "
+    "disclosures) VALUES ("
     + ", ".join(f"${i}" for i in range(1, 9 + len(RETAINED_FIELDS)))
-    + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}}, ${10 + len(RETAINED_FIELDS)}{{jsonb}})"
+    + f", ${9 + len(RETAINED_FIELDS)}{{jsonb}}, ${10 + len(RETAINED_FIELDS)}{{jsonb}}"
+    + f", ${11 + len(RETAINED_FIELDS)}{{jsonb}}, ${12 + len(RETAINED_FIELDS)}{{jsonb}})"
 )
 _COPY = both(
     "SELECT retained_at, destroy_after, reason, attempt, confirmed, dek_id, kek_version, "
     f"wrapped_dek, consents{{text}} AS consents, {_CT}, "
-    "consent_history{text} AS consent_history FROM retained_members WHERE member_id = $1"
+    "consent_history{text} AS consent_history, corrections{text} AS corrections, "
+    "disclosures{text} AS disclosures "
+    "FROM retained_members WHERE member_id = $1"
 )
 _COPY_ENTRIES = both(
     f"SELECT {ENTRY_COLUMNS} FROM retained_access_log "
@@ -114,6 +127,21 @@ def _copy_row(d: Dialect, member: RetainedMember, key: Any) -> tuple[Any, ...]:
                 for e in member.consent_history
             ]
         ),
+        corrections_json(member.corrections),
+        json.dumps(
+            [
+                [
+                    e.disclosure_id,
+                    e.recipient_id,
+                    e.purpose,
+                    list(e.fields),
+                    e.basis,
+                    to_micros(require_aware(e.at)),
+                    base64.b64encode(e.details_ct).decode(),
+                ]
+                for e in member.disclosures
+            ]
+        ),
     )
 
 
@@ -138,6 +166,19 @@ def _retained(
         consent_history=tuple(
             ConsentEventRow(int(i), str(p), bool(g), str(v), from_micros(int(t)), str(b), str(c))
             for i, p, g, v, t, b, c in json.loads(row[9 + len(RETAINED_FIELDS)])
+        ),
+        corrections=corrections_from_json(member_id, row[10 + len(RETAINED_FIELDS)]),
+        disclosures=tuple(
+            DisclosureRow(
+                int(i),
+                str(r),
+                str(p),
+                tuple(map(str, f)),
+                b,
+                from_micros(int(t)),
+                base64.b64decode(c),
+            )
+            for i, r, p, f, b, t, c in json.loads(row[11 + len(RETAINED_FIELDS)])
         ),
         attempt=str(attempt),
         confirmed=bool(confirmed),

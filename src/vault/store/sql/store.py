@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from vault.store.sql.access_log import SqlAccessLog
 from vault.store.sql.consents import SqlConsents
+from vault.store.sql.corrections import SqlCorrections, SqlStatistics
 from vault.store.sql.destruction import SqlDestruction
+from vault.store.sql.disclosures import SqlDisclosures
 from vault.store.sql.idempotency import SqlIdempotency
 from vault.store.sql.inactivity import SqlInactivity
 from vault.store.sql.key_events import SqlKeyEvents
@@ -24,6 +26,7 @@ class SqlVaultStore(
     SqlKeyEvents,
     SqlMembers,
     SqlConsents,
+    SqlDisclosures,
     SqlPasswords,
     SqlAccessLog,
     SqlDestruction,
@@ -34,5 +37,7 @@ class SqlVaultStore(
     SqlSessions,
     SqlLoginFailures,
     SqlIdempotency,
+    SqlCorrections,
+    SqlStatistics,
 ):
     """Every statement of the vault store that the dialects agree on."""

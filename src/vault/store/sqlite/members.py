@@ -21,13 +21,17 @@ from vault.store.sqlite._db import _SqliteDatabase
 # The member's consents ride along as a JSON array: one statement per read. Each
 # carries when a later policy version's material change of its purpose applies
 # (policy_changes): the consent check is in the read's own query, never a cache.
+# So are the fields pending corrections freeze.
 _SELECT_MEMBER = (
     f"SELECT {MEMBER_COLUMNS}, (SELECT json_group_array("
     "json_array(c.purpose, c.granted, c.policy_version, c.recorded_at, c.due)) FROM "
     "(SELECT x.purpose, x.granted, x.policy_version, x.recorded_at, "
     "(SELECT min(p.effective_at) FROM policy_changes AS p WHERE p.purpose = x.purpose "
     "AND p.published_at > x.recorded_at) AS due FROM consents AS x "
-    "WHERE x.member_id = m.member_id ORDER BY x.purpose) AS c) AS consents "
+    "WHERE x.member_id = m.member_id ORDER BY x.purpose) AS c) AS consents, "
+    # The fields pending corrections freeze (a partial index; NULL for none).
+    "(SELECT group_concat(field) FROM correction_fields "
+    "WHERE member_id = m.member_id AND state = 'pending') AS frozen "
     "FROM members AS m JOIN member_keys AS k ON k.member_id = m.member_id"
 )
 # Built once: the member read is GetMember's hot path.
@@ -40,6 +44,7 @@ _CT_FIELDS = tuple(CT_COLUMNS)
 _HMAC_FIELDS = tuple(HMAC_COLUMNS)
 _CT_AT = 3 + len(HMAC_COLUMNS)
 _KEY_AT = _CT_AT + len(CT_COLUMNS)
+_NONE_FROZEN: frozenset[str] = frozenset()
 # raw_decode: the C scanner without loads' whitespace checks (SQLite wrote the JSON).
 _decode = json.JSONDecoder().raw_decode
 
@@ -48,7 +53,7 @@ def _member(row: tuple[Any, ...]) -> MemberRow:
     # The columns come typed by the schema (TEXT member_id and purposes, INTEGER
     # ids, BLOB ciphertexts), so no value is converted again.
     member_id = row[0]
-    dek_id, kek_version, wrapped_dek, consents = row[_KEY_AT:]
+    dek_id, kek_version, wrapped_dek, consents, frozen = row[_KEY_AT:]
     return MemberRow(
         member_id=member_id,
         created_at=from_micros(row[1]),
@@ -68,6 +73,7 @@ def _member(row: tuple[Any, ...]) -> MemberRow:
                 for purpose, granted, version, at, due in _decode(consents)[0]
             ]
         ),
+        frozen=_NONE_FROZEN if frozen is None else frozenset(frozen.split(",")),
     )
 
 

@@ -1,0 +1,418 @@
+"""Third-party provision (policy section 4): the recipients registry, Disclose and
+the member's disclosure ledger.
+
+"[The company] will not [...] disclose the user's personal data to the outside,
+in principle", except with the member's agreement to provision to the third party,
+or where the law requires it. So a disclosure needs one of:
+
+- the member's consent to provision to *that recipient*: each registered recipient
+  is an opt-in purpose of the catalogue, ``PROVIDE_TO_<RECIPIENT ID>``
+  (:func:`vault.purposes.provision_spec`), which the member grants and withdraws
+  with UpdateConsents, sees in GetConsents and their consent history, and is asked
+  again about when a policy version materially changes it, like any opt-in purpose
+  (a grant so outdated refuses: ConsentOutdated). One consent per recipient: it
+  covers the purposes and fields the recipient is registered for, which is why a
+  registration is never changed (register a new recipient instead);
+- a recorded legal basis: the statute or request reference and who approved it.
+
+A field under a pending correction is never provided (policy section 7:
+CorrectionPending, through :func:`vault.corrections.refuse_frozen` on the member as
+read, and again in the ledger write's transaction). When a correction is applied,
+every recipient whose ledger entries (before then) include a corrected field gets
+one correction notice (:meth:`Disclosures.notify_correction`, the corrections'
+hook): through the outbox, to the recipient's contact address, naming only the
+disclosure references it received and the corrected values of the fields it
+received, sealed under the member's DEK until the relay sends it (a member shredded
+before then takes the notice along). Each notice is itself a ledger entry (basis
+``correction``), recorded with the outbox row in one transaction, once per
+correction and recipient.
+
+Either way only the recipient's registered fields go out, for one of its registered
+purposes, and every provision is appended to the member's ledger in the same
+transaction that re-checks the consent (a withdrawal committed before is seen).
+The ledger names the recipient, purpose and fields in clear (none of them is
+personal); the caller and a legal basis's reference and approver are sealed under
+the member's DEK, so a shred destroys them with the rest of the member.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from vault import _hazmat, member_cipher, policy
+from vault.clock import Clock
+from vault.corrections import AppliedCorrection, refuse_frozen
+from vault.errors import NoConsentToProvide, NotFound, PurposeNotAllowed
+from vault.ledger import (
+    CONSENT,
+    CORRECTION,
+    LEGAL,
+    DisclosureEntry,
+    LegalBasis,
+    legal_entities,
+    open_entry,
+    seal_details,
+)
+from vault.mail import CORRECTED_VALUE_PREFIX, CORRECTION_NOTICE, SEALED_PREFIX, SEALED_RECIPIENT
+from vault.member_keys import MemberKeys
+from vault.members import VaultSettings, load_member, log
+from vault.page_tokens import DISCLOSURE_LISTING, decode_page_token, encode_cursor
+from vault.policy import PII_FIELDS, Violations
+from vault.purposes import NO_CONSENT, provision_spec
+from vault.recovery import sealed_field
+from vault.store.base import (
+    CORRECTABLE_FIELDS,
+    DisclosureRow,
+    DisclosureStore,
+    MemberRow,
+    MemberStore,
+    NewDisclosure,
+    OutboxMessage,
+    RecipientRow,
+    whole_disclosure_ledger,
+)
+
+__all__ = [
+    "DisclosedData",
+    "DisclosureEntry",
+    "DisclosurePage",
+    "Disclosures",
+    "LegalBasis",
+    "RecipientRow",
+]
+
+RECIPIENT_ID = re.compile(r"[a-z][a-z0-9_]{1,47}")
+RECIPIENT_ID_MAX = 48
+TEXT_MAX = 200
+BASIS_MAX = 500
+EMAIL_MAX = 254
+MAX_RECIPIENT_PURPOSES = 32
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+# Correction notice ids: one per (correction, recipient), so none is queued twice.
+_NOTICE_NAMESPACE = uuid.UUID("5d0c7a52-3f0e-4d8e-9d61-2b7f1c4e8a90")
+
+
+@dataclass(frozen=True, slots=True)
+class DisclosedData:
+    """What Disclose answers: the fields asked for (the recipient's), and the entry."""
+
+    disclosure_id: int
+    disclosed_at: datetime
+    values: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DisclosurePage:
+    entries: tuple[DisclosureEntry, ...]
+    next_page_token: str = ""
+
+
+class DisclosureStores(MemberStore, DisclosureStore, Protocol):
+    """The vault-database slice disclosures use: the member read, the registry and
+    the ledger."""
+
+
+def _text(value: str, field: str, v: Violations, limit: int = TEXT_MAX) -> str:
+    value = value.strip()
+    if not value or len(value) > limit:
+        v.add(field, f"must be 1-{limit} characters")
+    return value
+
+
+class Disclosures:
+    """Reached as ``Vault.disclosures``."""
+
+    def __init__(
+        self,
+        store: DisclosureStores,
+        member_keys: MemberKeys,
+        clock: Clock,
+        settings: VaultSettings,
+        page_token_key: _hazmat.MacKey,
+    ) -> None:
+        self._store = store
+        self._keys = member_keys
+        self._clock = clock
+        self._catalogue = settings.purposes
+        self._page_token_key = page_token_key
+
+    def __repr__(self) -> str:
+        return "<Disclosures>"
+
+    # --- the privacy officer's registry ---------------------------------------------
+    async def register(
+        self,
+        recipient_id: str,
+        legal_entity: str,
+        contact_email: str,
+        purposes: Sequence[str],
+        fields: Sequence[str],
+        legal_basis: str,
+        contract_reference: str,
+        actor: str,
+    ) -> RecipientRow:
+        """Register a recipient (AlreadyExists("recipient_id") if the id is taken)."""
+        v = Violations()
+        if len(recipient_id) > RECIPIENT_ID_MAX or not RECIPIENT_ID.fullmatch(recipient_id):
+            v.add("recipient_id", "must be 2-48 characters of a-z, 0-9 and '_', starting a-z")
+        entity = _text(legal_entity, "legal_entity", v)
+        contact = policy.check_email(contact_email, v, "contact_email")
+        self._check_purposes(purposes, v)
+        if not fields:
+            v.add("fields", "must name at least one field")
+        for i, name in enumerate(fields):
+            if name not in PII_FIELDS or name in fields[:i]:
+                v.add(f"fields[{i}]", f"must be one of {', '.join(PII_FIELDS)}, once")
+        basis = _text(legal_basis, "legal_basis", v, BASIS_MAX)
+        contract = _text(contract_reference, "contract_reference", v)
+        v.raise_if_any()
+        assert contact
+        row = RecipientRow(
+            recipient_id,
+            entity,
+            contact,
+            tuple(purposes),
+            tuple(sorted(fields)),
+            basis,
+            contract,
+            self._clock.now(),
+            actor,
+        )
+        await self._store.register_recipient(row)
+        log.info(
+            "recipient_registered",
+            recipient_id=recipient_id,
+            purposes=list(row.purposes),
+            fields=list(row.fields),
+            actor=actor,
+        )
+        return row
+
+    def _check_purposes(self, purposes: Sequence[str], v: Violations) -> None:
+        if not purposes or len(purposes) > MAX_RECIPIENT_PURPOSES:
+            v.add("purposes", f"must name 1-{MAX_RECIPIENT_PURPOSES} purposes")
+        for i, key in enumerate(purposes[:MAX_RECIPIENT_PURPOSES]):
+            spec = self._catalogue.get(key)
+            if spec is None or spec.consent == NO_CONSENT or key in purposes[:i]:
+                v.add(
+                    f"purposes[{i}]",
+                    "must name a purpose of the catalogue that takes consent, once",
+                )
+
+    async def recipients(self) -> list[RecipientRow]:
+        return await self._store.list_recipients()
+
+    # --- provision --------------------------------------------------------------------
+    async def disclose(
+        self,
+        member_id: str,
+        recipient_id: str,
+        purpose: str,
+        fields: Sequence[str],
+        legal: LegalBasis | None = None,
+        *,
+        purpose_field: str = "purpose",
+    ) -> DisclosedData:
+        """The member's ``fields`` for ``recipient_id``, recorded in the ledger (see
+        the module docstring); NoConsentToProvide without consent or a legal basis."""
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        if len(recipient_id) > RECIPIENT_ID_MAX or not RECIPIENT_ID.fullmatch(recipient_id):
+            v.add("recipient_id", "must be a registered recipient's id")
+        if self._catalogue.get(purpose) is None:
+            v.add(purpose_field, "must name a purpose")
+        if not fields:
+            v.add("fields", "must name at least one field")
+        if legal is not None:
+            legal = LegalBasis(
+                _text(legal.reference, "legal_basis.reference", v),
+                _text(legal.approved_by, "legal_basis.approved_by", v),
+            )
+        v.raise_if_any()
+        assert mid
+        recipient = await self._store.get_recipient(recipient_id)
+        if recipient is None:
+            raise NotFound("recipient")
+        if purpose not in recipient.purposes:
+            v.add(purpose_field, "is not a purpose the recipient is registered to receive for")
+        for i, name in enumerate(fields):
+            if name not in recipient.fields or name in fields[:i]:
+                v.add(f"fields[{i}]", "must be a field the recipient may receive, once")
+        v.raise_if_any()
+        row = await load_member(self._store, mid)
+        refuse_frozen(row, frozenset(fields))  # section 7: FAILED_PRECONDITION
+        consent_key = None
+        if legal is None:
+            spec = provision_spec(recipient.recipient_id, recipient.legal_entity, recipient.fields)
+            try:  # ConsentOutdated rises as it is: the member must answer again
+                self._catalogue.check_read(spec, row.consents, self._clock.now())
+            except PurposeNotAllowed:
+                raise NoConsentToProvide(recipient_id) from None
+            consent_key = spec.key
+        return await self._provide(row, recipient, purpose, tuple(fields), legal, consent_key)
+
+    async def _provide(
+        self,
+        row: MemberRow,
+        recipient: RecipientRow,
+        purpose: str,
+        fields: tuple[str, ...],
+        legal: LegalBasis | None,
+        consent_key: str | None,
+    ) -> DisclosedData:
+        mid = row.member_id
+        answer: list[DisclosedData] = []
+
+        async def write(current: MemberRow, dek: _hazmat.SecretKey) -> bool:
+            refuse_frozen(current, frozenset(fields))  # a row read again on a retry
+            at = self._clock.now()
+            values = {f: member_cipher.open_row_field(dek, current, f) for f in fields}
+            entry = NewDisclosure(
+                recipient.recipient_id,
+                purpose,
+                fields,
+                LEGAL if legal is not None else CONSENT,
+                at,
+                seal_details(dek, mid, at, legal),
+            )
+            disclosure_id = await self._store.append_disclosure(
+                mid, entry, dek_id=current.key.dek_id, consent_purpose=consent_key
+            )
+            if disclosure_id is not None:
+                answer.append(DisclosedData(disclosure_id, at, values))
+            return True  # None: gone, or the consent withdrawn meanwhile (below)
+
+        await self._keys.under_current_key(mid, write, first=(row, await self._keys.dek(row.key)))
+        if not answer:
+            await load_member(self._store, mid)  # NotFound if shredded meanwhile
+            raise NoConsentToProvide(recipient.recipient_id)
+        log.info(
+            "member_disclosed",
+            member_id=mid,
+            recipient_id=recipient.recipient_id,
+            purpose=purpose,
+            fields=list(fields),
+            basis=LEGAL if legal is not None else CONSENT,
+        )
+        return answer[0]
+
+    # --- the member's ledger ----------------------------------------------------------
+    async def ledger(self, member_id: str, page_size: int, page_token: str) -> DisclosurePage:
+        """The member's ledger, newest first, a page at a time (their session was
+        checked by the caller)."""
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        if page_size < 0:
+            v.add("page_size", "must not be negative")
+        cursor = None
+        if page_token and mid:
+            cursor = decode_page_token(self._page_token_key, mid, page_token, DISCLOSURE_LISTING)
+        if page_token and cursor is None:
+            v.add("page_token", "is not a token ListDisclosures returned for this member")
+        v.raise_if_any()
+        assert mid
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        entities = await self._entities()
+
+        async def read(r: MemberRow, dek: _hazmat.SecretKey) -> DisclosurePage:
+            rows = await self._store.list_disclosures(
+                mid, size + 1, None if cursor is None else cursor[1]
+            )
+            token = ""
+            if len(rows) > size:
+                last = rows[size - 1]
+                token = encode_cursor(
+                    self._page_token_key, mid, last.at, last.disclosure_id, DISCLOSURE_LISTING
+                )
+            return DisclosurePage(
+                tuple(open_entry(dek, mid, x, entities) for x in rows[:size]), token
+            )
+
+        return await self._keys.read_under_key(await load_member(self._store, mid), read)
+
+    async def _entities(self) -> dict[str, str]:
+        return await legal_entities(self._store)
+
+    # --- section 7: the recipients of a corrected value ---------------------------------
+    async def notify_correction(self, applied: AppliedCorrection) -> int:
+        """One correction notice per recipient whose entries before
+        ``applied.applied_at`` include a corrected field (see the module docstring);
+        returns how many were queued (a retry of the same correction queues none)."""
+        mid, corrected = applied.member_id, set(applied.fields)
+        received: dict[str, list[DisclosureRow]] = {}
+        for entry in await whole_disclosure_ledger(self._store, mid):
+            if entry.at < applied.applied_at and corrected & set(entry.fields):
+                received.setdefault(entry.recipient_id, []).append(entry)
+        if not received:
+            return 0
+        registry = {r.recipient_id: r for r in await self._store.list_recipients()}
+        queued = 0
+        for recipient_id, entries in sorted(received.items()):
+            got = {f for e in entries for f in e.fields}
+            fields = tuple(f for f in CORRECTABLE_FIELDS if f in corrected and f in got)
+            queued += await self._notice(applied, registry[recipient_id], fields, entries)
+        log.info("correction_notices_queued", member_id=mid, notices=queued)
+        return queued
+
+    async def _notice(
+        self,
+        applied: AppliedCorrection,
+        recipient: RecipientRow,
+        fields: tuple[str, ...],
+        entries: list[DisclosureRow],
+    ) -> int:
+        mid = applied.member_id
+        key = f"{applied.correction_id}\0{recipient.recipient_id}"
+        message_id = str(uuid.uuid5(_NOTICE_NAMESPACE, key))
+        queued: list[int] = []
+
+        def sealed(dek: _hazmat.SecretKey, name: str, value: str) -> str:
+            blob = member_cipher.seal(dek, mid, sealed_field(message_id, name), value)
+            return base64.b64encode(blob).decode()
+
+        async def write(row: MemberRow, dek: _hazmat.SecretKey) -> bool:
+            at = self._clock.now()
+            params = {
+                "recipient_id": recipient.recipient_id,
+                "legal_entity": recipient.legal_entity,
+                "contract": recipient.contract_reference,
+                "references": ", ".join(f"#{e.disclosure_id}" for e in entries),
+                "fields": ",".join(fields),
+                "correction_id": applied.correction_id,
+                "applied_at": applied.applied_at.isoformat(),
+                SEALED_PREFIX + SEALED_RECIPIENT: sealed(
+                    dek, SEALED_RECIPIENT, recipient.contact_email
+                ),
+            }
+            for name in fields:  # the corrected values, as the member row now holds them
+                value = member_cipher.open_row_field(dek, row, name)
+                params[SEALED_PREFIX + CORRECTED_VALUE_PREFIX + name] = sealed(
+                    dek, CORRECTED_VALUE_PREFIX + name, value
+                )
+            notice = OutboxMessage(message_id, mid, CORRECTION_NOTICE, params, at)
+            entry = NewDisclosure(
+                recipient.recipient_id,
+                entries[-1].purpose,
+                fields,
+                CORRECTION,
+                at,
+                seal_details(dek, mid, at, None),
+            )
+            written = await self._store.append_correction_notice(
+                mid, entry, notice, dek_id=row.key.dek_id
+            )
+            if written is not None:
+                queued.append(written)
+            return True
+
+        try:
+            await self._keys.under_current_key(mid, write)
+        except NotFound:
+            return 0  # shredded since the update: nobody to correct for
+        return len(queued)

@@ -1,0 +1,5 @@
+-- A retained copy keeps the member's disclosure ledger (vault migration 0014):
+-- a JSON array of [disclosure_id, recipient_id, purpose, fields, basis,
+-- disclosed_at (us), details_ct (base64, still sealed under the member's DEK)],
+-- oldest first.
+ALTER TABLE retained_members ADD COLUMN disclosures jsonb NOT NULL DEFAULT '[]'::jsonb;
