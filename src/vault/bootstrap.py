@@ -199,7 +199,13 @@ async def bootstrap_keys(
     rows = await store.list_kek_versions()
     if not rows:
         await provider.create_version(1)
-        if await store.insert_kek_version(KekVersionRow(1, "active", now)):
+        try:
+            created = await store.insert_kek_version(KekVersionRow(1, "active", now))
+        except PreconditionFailed:
+            # Replicas starting together on an empty database: another one's version 1
+            # is active already (the one-active index refused ours). Use it.
+            created = False
+        if created:
             await store.record_key_event(
                 KeyEvent(now, "bootstrap", "create_kek_version", 1, details={}, caller=INTERNAL)
             )
