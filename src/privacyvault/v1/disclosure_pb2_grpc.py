@@ -91,7 +91,9 @@ class DisclosureServiceServicer:
         fields the recipient is registered to receive may be asked for. The caller
         policy names the purposes a caller may state here, as for GetMember.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND, RECIPIENT_NOT_FOUND; PERMISSION_DENIED
-        NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; INVALID_ARGUMENT (a field).
+        NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; FAILED_PRECONDITION
+        CORRECTION_PENDING (a field asked for is under a pending correction);
+        INVALID_ARGUMENT (a field).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -60,7 +60,9 @@ class DisclosureServiceStub:
     fields the recipient is registered to receive may be asked for. The caller
     policy names the purposes a caller may state here, as for GetMember.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND, RECIPIENT_NOT_FOUND; PERMISSION_DENIED
-    NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; INVALID_ARGUMENT (a field).
+    NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; FAILED_PRECONDITION
+    CORRECTION_PENDING (a field asked for is under a pending correction);
+    INVALID_ARGUMENT (a field).
     """
     ListDisclosures: _grpc.UnaryUnaryMultiCallable[_disclosure_pb2.ListDisclosuresRequest, _disclosure_pb2.ListDisclosuresResponse]
     """ListDisclosures pages through the member's ledger, newest first: who
@@ -104,7 +106,9 @@ class DisclosureServiceAsyncStub(DisclosureServiceStub):
     fields the recipient is registered to receive may be asked for. The caller
     policy names the purposes a caller may state here, as for GetMember.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND, RECIPIENT_NOT_FOUND; PERMISSION_DENIED
-    NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; INVALID_ARGUMENT (a field).
+    NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; FAILED_PRECONDITION
+    CORRECTION_PENDING (a field asked for is under a pending correction);
+    INVALID_ARGUMENT (a field).
     """
     ListDisclosures: _aio.UnaryUnaryMultiCallable[_disclosure_pb2.ListDisclosuresRequest, _disclosure_pb2.ListDisclosuresResponse]  # type: ignore[assignment]
     """ListDisclosures pages through the member's ledger, newest first: who
@@ -151,7 +155,9 @@ class DisclosureServiceServicer(metaclass=_abc_1.ABCMeta):
         fields the recipient is registered to receive may be asked for. The caller
         policy names the purposes a caller may state here, as for GetMember.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND, RECIPIENT_NOT_FOUND; PERMISSION_DENIED
-        NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; INVALID_ARGUMENT (a field).
+        NO_CONSENT_TO_PROVIDE, CONSENT_OUTDATED; FAILED_PRECONDITION
+        CORRECTION_PENDING (a field asked for is under a pending correction);
+        INVALID_ARGUMENT (a field).
         """
 
     @_abc_1.abstractmethod
