@@ -5,12 +5,15 @@ lists and exports; a withdrawal takes the ledger into retention or shreds it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -22,7 +25,7 @@ from grpc_support import (
     member_session,
 )
 from grpc_support import sign_up_request as sign_up
-from mail_support import SmtpServer, lf_body, relay_for, smtp_mailer
+from mail_support import SmtpServer, lf_body, outbox, relay_for, smtp_mailer
 from process_support import cli_env, run_cli
 
 from privacyvault.v1 import consent_pb2 as cpb
@@ -34,8 +37,11 @@ from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.caller_policy import CallerPolicyInvalid, parse_policy
 from service.callers import policy_methods
+from service.config import Settings
 from service.server import POLICY_SERVICES, RunningServer, run_server
+from service.sidecar import Sidecar
 from vault import FrozenClock
+from vault.lifecycle import RoundReport
 
 Code = grpc.StatusCode
 Metadata = tuple[tuple[str, str], ...]
@@ -596,16 +602,16 @@ async def test_applying_a_correction_notifies_exactly_the_recipients_of_the_old_
         ),
         metadata=session,
     )
+    # The update's transaction records the notices as owed; the sidecar's round
+    # queues them (each with its ledger entry) and its relay sends them.
+    assert await notices_in(disclosures, member_id, session) == {}
+    report = await sidecar_round(server, clock, smtp_server)
+    assert (report.correction_notices, report.mail_sent) == (2, 2)
     entries = await ledger(disclosures, member_id, session)
-    notices = {
-        e.recipient_id: list(e.fields)
-        for e in entries
-        if e.basis == dpb.DISCLOSURE_BASIS_CORRECTION
+    assert await notices_in(disclosures, member_id, session) == {
+        "acme": ["name", "mobile_phone"],
+        "gamma": ["mobile_phone"],
     }
-    assert notices == {"acme": ["name", "mobile_phone"], "gamma": ["mobile_phone"]}
-
-    relay = relay_for(server, smtp_mailer(smtp_server.port), clock)
-    assert (await relay.relay_once()).sent == 2
     mails = {m.rcpt_tos[0]: m for m in smtp_server.handler.received}
     assert set(mails) == {"privacy@acme.example", "privacy@gamma.example"}
     acme = lf_body(mails["privacy@acme.example"].message)
@@ -623,11 +629,200 @@ async def test_applying_a_correction_notifies_exactly_the_recipients_of_the_old_
     (acme_ref,) = [e for e in entries if e.recipient_id == "acme" and e.basis == 2]
     assert f"#{acme_ref.disclosure_id}" in acme
 
-    # A later update that completes no correction notifies nobody.
+    # A later update that completes no correction notifies nobody; another round
+    # sends nothing again.
     await members.UpdateMember(
         pb.UpdateMemberRequest(
             member_id=member_id, name="Newer Name", update_mask=FieldMask(paths=["name"])
         ),
         metadata=session,
     )
+    report = await sidecar_round(server, clock, smtp_server)
+    assert (report.correction_notices, report.mail_sent) == (0, 0)
     assert len(await ledger(disclosures, member_id, session)) == len(entries)
+    assert len(smtp_server.handler.received) == 2
+
+
+async def sidecar_round(
+    server: RunningServer, clock: FrozenClock, smtp_server: SmtpServer, *, dry_run: bool = False
+) -> RoundReport:
+    """A round of the lifecycle sidecar on the server's vault (its lease, its steps),
+    with the outbox relay to the test's SMTP server."""
+    relay = relay_for(server, smtp_mailer(smtp_server.port), clock)
+    vault = server.vault
+    # One holder for every round of a test: it takes its own lease again.
+    sidecar = Sidecar(
+        vault.lifecycle(), vault.leases, clock, interval=60, holder="test:1:x", relay=relay
+    )
+    report = await sidecar.run_round(dry_run=dry_run)
+    assert report is not None
+    return report
+
+
+async def notices_in(
+    disclosures: disclosure_pb2_grpc.DisclosureServiceStub, member_id: str, session: Metadata
+) -> dict[str, list[str]]:
+    """The member's correction notices in their ledger: recipient -> fields."""
+    return {
+        e.recipient_id: list(e.fields)
+        for e in await ledger(disclosures, member_id, session)
+        if e.basis == dpb.DISCLOSURE_BASIS_CORRECTION
+    }
+
+
+async def corrected_member(
+    channel: grpc.aio.Channel, *, register: bool = True
+) -> tuple[str, Metadata, str]:
+    """A member whose name ACME received, then corrected by UpdateMember: the
+    update has committed and one notice (to ACME) is owed, nothing queued yet.
+    Returns the member id, their session and their password."""
+    members = MemberServiceStub(channel)
+    disclosures = disclosure_pb2_grpc.DisclosureServiceStub(channel)
+    if register:
+        await disclosure_pb2_grpc.RecipientAdminServiceStub(channel).RegisterRecipient(ACME)
+    request = sign_up(name="Old Name", mobile_phone="010-1111-2222")
+    member_id = (await members.SignUp(request)).member_id
+    session = await member_session(members, request)
+    await disclosures.Disclose(disclose(member_id, "name", legal_basis=COURT_ORDER))
+    await request_correction(members, member_id, session, "name")
+    await members.UpdateMember(
+        pb.UpdateMemberRequest(
+            member_id=member_id, name="New Name", update_mask=FieldMask(paths=["name"])
+        ),
+        metadata=session,
+    )
+    assert await notices_in(disclosures, member_id, session) == {}
+    return member_id, session, request.password
+
+
+async def test_notices_owed_at_a_crash_go_out_once_from_a_fresh_server(
+    server_settings: Settings, clock: FrozenClock, smtp_server: SmtpServer
+) -> None:
+    # The first process commits the update (notices owed) and stops before any
+    # sidecar round: as a crash right after UpdateMember's transaction would.
+    async with run_server(server_settings, clock=clock) as first:
+        channel = grpc.aio.insecure_channel(first.target)
+        member_id, session, _ = await corrected_member(channel)
+        await channel.close()
+    assert smtp_server.handler.received == []
+    # A fresh process on the same database: its sidecar queues and sends the notice.
+    async with run_server(server_settings, clock=clock) as second:
+        done = await sidecar_round(second, clock, smtp_server)
+        again = await sidecar_round(second, clock, smtp_server)
+        async with grpc.aio.insecure_channel(second.target) as channel:
+            disclosures = disclosure_pb2_grpc.DisclosureServiceStub(channel)
+            assert await notices_in(disclosures, member_id, session) == {"acme_delivery": ["name"]}
+    assert (done.correction_notices, done.mail_sent) == (1, 1)
+    assert (again.correction_notices, again.mail_sent) == (0, 0)  # exactly once
+    (mail,) = smtp_server.handler.received
+    assert mail.rcpt_tos == ["privacy@acme.example"]
+    assert "name: New Name" in lf_body(mail.message)
+
+
+async def test_a_dry_run_counts_the_notices_owed_and_queues_none(
+    server: RunningServer, channel: grpc.aio.Channel, clock: FrozenClock, smtp_server: SmtpServer
+) -> None:
+    member_id, session, _ = await corrected_member(channel)
+    report = await sidecar_round(server, clock, smtp_server, dry_run=True)
+    assert report.correction_notices == 1
+    disclosures = disclosure_pb2_grpc.DisclosureServiceStub(channel)
+    assert await notices_in(disclosures, member_id, session) == {}
+    report = await sidecar_round(server, clock, smtp_server)
+    assert report.correction_notices == 1
+
+
+async def test_a_notice_owed_is_made_under_the_members_key_rotated_since(
+    admin_channel: grpc.aio.Channel,
+    admin_server: RunningServer,
+    clock: FrozenClock,
+    smtp_server: SmtpServer,
+) -> None:
+    member_id, session, _ = await corrected_member(admin_channel)
+    rotated = await KeyAdminServiceStub(admin_channel).RotateMemberKey(
+        kpb.RotateMemberKeyRequest(member_id=member_id), metadata=admin_metadata("security")
+    )
+    assert rotated.dek_id == 2
+    report = await sidecar_round(admin_server, clock, smtp_server)
+    assert (report.correction_notices, report.mail_sent) == (1, 1)
+    (mail,) = smtp_server.handler.received
+    assert "name: New Name" in lf_body(mail.message)
+    disclosures = disclosure_pb2_grpc.DisclosureServiceStub(admin_channel)
+    assert await notices_in(disclosures, member_id, session) == {"acme_delivery": ["name"]}
+
+
+async def test_a_shred_before_the_notice_is_sent_drops_it(
+    server: RunningServer, channel: grpc.aio.Channel, clock: FrozenClock, smtp_server: SmtpServer
+) -> None:
+    members = MemberServiceStub(channel)
+    # Shredded while the notice is owed: the debt goes with the member.
+    owed, owed_session, owed_password = await corrected_member(channel)
+    await members.Withdraw(
+        pb.WithdrawRequest(member_id=owed, password=owed_password), metadata=owed_session
+    )
+    assert await server.vault.lifecycle().send_correction_notices() == 0
+    # Shredded after the notice was queued, before the relay: the shred takes the
+    # queued notice along (its sealed address and values with the member's key).
+    queued, queued_session, password = await corrected_member(channel, register=False)
+    assert await server.vault.lifecycle().send_correction_notices() == 1
+    store = server.vault.parts.store
+    assert [m.kind for m in await outbox(store, clock)] == ["correction_notice"]
+    await members.Withdraw(
+        pb.WithdrawRequest(member_id=queued, password=password), metadata=queued_session
+    )
+    assert await outbox(store, clock) == []
+    report = await sidecar_round(server, clock, smtp_server)
+    assert (report.correction_notices, report.mail_sent) == (0, 0)
+    assert smtp_server.handler.received == []
+
+
+# --- the ledger's sealing ------------------------------------------------------------------
+
+
+async def _swap_details(url: str, first: int, second: int) -> None:
+    """Swap two ledger entries' sealed details in the database, as someone with
+    write access to it could (the vault's own statements never do)."""
+    read = "SELECT details_ct FROM disclosures WHERE disclosure_id = {}"
+    write = "UPDATE disclosures SET details_ct = {} WHERE disclosure_id = {}"
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
+            a, b = (db.execute(read.format("?"), (i,)).fetchone()[0] for i in (first, second))
+            db.executemany(write.format("?", "?"), [(b, first), (a, second)])
+            db.commit()
+        return
+    conn = await asyncpg.connect(url)
+    try:
+        a, b = [await conn.fetchval(read.format("$1"), i) for i in (first, second)]
+        await conn.executemany(write.format("$1", "$2"), [(b, first), (a, second)])
+    finally:
+        await conn.close()
+
+
+async def test_two_entries_sealed_details_swapped_do_not_open(
+    registry: disclosure_pb2_grpc.RecipientAdminServiceStub,
+    members: MemberServiceStub,
+    disclosures: disclosure_pb2_grpc.DisclosureServiceStub,
+    store_url: str,
+) -> None:
+    # Two entries of one member in the same microsecond (the clock is frozen): bound
+    # to the time alone, their sealed details would open in each other's place.
+    member_id, session = await member(members)
+    first = await disclosures.Disclose(disclose(member_id, "name", legal_basis=COURT_ORDER))
+    other = dpb.LegalBasis(reference="tax audit 2026-9", approved_by="the auditor")
+    second = await disclosures.Disclose(disclose(member_id, "mobile_phone", legal_basis=other))
+    assert first.disclosed_at == second.disclosed_at
+    before = await ledger(disclosures, member_id, session)
+    assert [e.legal_reference for e in before] == ["tax audit 2026-9", "court order 2026-117"]
+    await _swap_details(store_url, first.disclosure_id, second.disclosure_id)
+    error = await fails(
+        disclosures.ListDisclosures(
+            dpb.ListDisclosuresRequest(member_id=member_id), metadata=session
+        ),
+        Code.INTERNAL,
+    )
+    # One opaque error: no entry, reference or key material in what the caller sees.
+    assert error_info(error).reason == "DECRYPTION_FAILED"
+    for secret in ("court order", "tax audit", member_id):
+        assert secret not in (error.details() or "")
+    # Swapped back, both open again: nothing else was harmed.
+    await _swap_details(store_url, first.disclosure_id, second.disclosure_id)
+    assert await ledger(disclosures, member_id, session) == before

@@ -1,9 +1,12 @@
 """Every string field of the API has a documented maximum length and is refused past
 it; IP addresses are stored only in canonical form (issue 8, item 7).
 
-Descriptor-driven: every string field (and repeated field) of every request of
-MemberService and KeyAdminService is sent at its limit plus one, which must be
-INVALID_ARGUMENT with the limit's field violation, and at its limit, which must
+Descriptor-driven: every string field (and repeated field) of every request of every
+service of the API (MemberService, ConsentService, PolicyAdminService,
+StatisticsService, DisclosureService, RecipientAdminService, KeyAdminService), and
+of the messages inside those requests (a legal basis, a consent change), is sent at
+its limit plus one, which must be INVALID_ARGUMENT with the limit's field violation
+(named by its path, e.g. ``legal_basis.reference``), and at its limit, which must
 not be refused for its length (it is accepted, or refused for another reason;
 never INTERNAL or UNKNOWN). On SQLite and PostgreSQL, over real gRPC.
 """
@@ -34,21 +37,63 @@ from grpc_support import (
 )
 from pydantic import SecretStr
 
-from privacyvault.v1 import field_limits_pb2, key_admin_pb2, member_pb2, statistics_pb2
+from privacyvault.v1 import (
+    consent_pb2,
+    consent_pb2_grpc,
+    disclosure_pb2,
+    disclosure_pb2_grpc,
+    field_limits_pb2,
+    key_admin_pb2,
+    member_pb2,
+    statistics_pb2,
+)
+from privacyvault.v1 import consent_pb2 as cpb
+from privacyvault.v1 import disclosure_pb2 as dpb
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.key_admin_pb2_grpc import KeyAdminServiceStub
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from privacyvault.v1.statistics_pb2_grpc import StatisticsServiceStub
 from service.config import Settings
-from service.member_rights import MEMBER_RIGHTS
+from service.member_rights import CONSENT_RIGHTS, DISCLOSURE_RIGHTS, MEMBER_RIGHTS
 from service.server import RunningServer
 
 Code = grpc.StatusCode
 PROTOS = Path(__file__).resolve().parent.parent / "protos" / "privacyvault" / "v1"
 SERVICES = (
     member_pb2.DESCRIPTOR.services_by_name["MemberService"],
-    key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"],
+    consent_pb2.DESCRIPTOR.services_by_name["ConsentService"],
+    consent_pb2.DESCRIPTOR.services_by_name["PolicyAdminService"],
     statistics_pb2.DESCRIPTOR.services_by_name["StatisticsService"],
+    disclosure_pb2.DESCRIPTOR.services_by_name["DisclosureService"],
+    disclosure_pb2.DESCRIPTOR.services_by_name["RecipientAdminService"],
+    key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"],
+)
+#: The services whose methods take the member's session, and which methods.
+SESSION_RIGHTS = {
+    "MemberService": MEMBER_RIGHTS,
+    "ConsentService": CONSENT_RIGHTS,
+    "DisclosureService": DISCLOSURE_RIGHTS,
+}
+STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
+    "MemberService": MemberServiceStub,
+    "ConsentService": consent_pb2_grpc.ConsentServiceStub,
+    "PolicyAdminService": consent_pb2_grpc.PolicyAdminServiceStub,
+    "StatisticsService": StatisticsServiceStub,
+    "DisclosureService": disclosure_pb2_grpc.DisclosureServiceStub,
+    "RecipientAdminService": disclosure_pb2_grpc.RecipientAdminServiceStub,
+    "KeyAdminService": KeyAdminServiceStub,
+}
+#: The walk's recipient, registered before it (so Disclose gets past the registry).
+WALK_RECIPIENT = dpb.RegisterRecipientRequest(
+    recipient_id="walk_recipient",
+    legal_entity="Walk Ltd",
+    contact_email="privacy@walk.example",
+    purposes=["INQUIRY"],
+    # The login ID: no correction freezes it (the walk's RequestCorrection freezes
+    # the rest), so Disclose at its limits provides it.
+    fields=["login_id", "name"],
+    legal_basis="the member's consent (section 4)",
+    contract_reference="WALK-1",
 )
 ADMIN = admin_metadata("limits@test")
 CLIENT_IP = (("x-client-ip", "192.0.2.77"),)
@@ -105,7 +150,7 @@ def test_every_request_string_and_repeated_field_declares_a_limit() -> None:
 def test_every_limit_is_written_in_the_field_comment() -> None:
     """The proto comments say each limit (what a caller reading the .proto sees)."""
     undocumented = []
-    for proto in ("member.proto", "key_admin.proto", "statistics.proto", "disclosure.proto"):
+    for proto in (p.name for p in sorted(PROTOS.glob("*.proto"))):
         lines = (PROTOS / proto).read_text().splitlines()
         for i, line in enumerate(lines):
             if not re.match(r"\s*(optional |repeated )?[\w.]+ \w+ = \d+", line):
@@ -184,8 +229,35 @@ def _base(method: str, ctx: Context) -> Message:
         "ListCorrections": lambda: pb.ListCorrectionsRequest(member_id=mid),
         "GetStatistics": lambda: statistics_pb2.GetStatisticsRequest(purpose=pb.PURPOSE_STATISTICS),
         "RotateMemberKey": lambda: key_admin_pb2.RotateMemberKeyRequest(member_id=mid),
+        "GetConsents": lambda: cpb.GetConsentsRequest(member_id=mid),
+        "UpdateConsents": lambda: cpb.UpdateConsentsRequest(
+            member_id=mid, changes=[cpb.ConsentChange(purpose_key="INQUIRY", granted=True)]
+        ),
+        "ListConsentHistory": lambda: cpb.ListConsentHistoryRequest(member_id=mid),
+        # Published versions are forever: each request names a new one.
+        "PublishPolicyVersion": lambda: cpb.PublishPolicyVersionRequest(
+            version=f"walk-{n}", effective_date="2030-01-01", text_sha256="a" * 64
+        ),
+        "ListPolicyVersions": lambda: cpb.ListPolicyVersionsRequest(),
+        "Disclose": lambda: dpb.DiscloseRequest(
+            member_id=mid,
+            recipient_id=WALK_RECIPIENT.recipient_id,
+            purpose=pb.PURPOSE_INQUIRY,
+            fields=["login_id"],
+            legal_basis=dpb.LegalBasis(reference="court order 1", approved_by="the officer"),
+        ),
+        "ListDisclosures": lambda: dpb.ListDisclosuresRequest(member_id=mid),
+        "RegisterRecipient": lambda: _recipient(n),
+        "ListRecipients": lambda: dpb.ListRecipientsRequest(),
     }
     return requests[method]()
+
+
+def _recipient(n: int) -> dpb.RegisterRecipientRequest:
+    request = dpb.RegisterRecipientRequest()
+    request.CopyFrom(WALK_RECIPIENT)
+    request.recipient_id = f"walk_{n}"
+    return request
 
 
 def _at_max(field: str, n: int, ctx: Context) -> str:
@@ -203,6 +275,13 @@ def _at_max(field: str, n: int, ctx: Context) -> str:
         "member_id": lambda: ("urn:uuid:" + ctx.member_id)[-n:],
         "action": lambda: "a" * n,
         "ip": lambda: LONGEST_IP,
+        "recipient_id": lambda: f"walk_{i}".ljust(n, "a"),
+        "contact_email": lambda: _email(i, n),
+        "effective_date": lambda: "2030-01-01",
+        "start_date": lambda: "2026-01-01",
+        "end_date": lambda: "2026-01-31",
+        "text_sha256": lambda: "a" * n,
+        "version": lambda: f"walk-{i}".ljust(n, "v"),
     }
     value = valid.get(field, lambda: "a" * n)()
     assert len(value) == n, (field, len(value))
@@ -213,10 +292,9 @@ async def _call(
     channel: grpc.aio.Channel, method: MethodDescriptor, request: Message, ctx: Context
 ) -> None:
     service = method.containing_service
-    stubs = {"KeyAdminService": KeyAdminServiceStub, "StatisticsService": StatisticsServiceStub}
-    stub: Any = stubs.get(service.name, MemberServiceStub)(channel)
+    stub = STUBS[service.name](channel)
     metadata = ADMIN if service.name == "KeyAdminService" else CLIENT_IP
-    if service.name == "MemberService" and method.name in MEMBER_RIGHTS:
+    if method.name in SESSION_RIGHTS.get(service.name, {}):
         session = ctx.session
         if method.name == "EndSession":  # a session of its own to end, not ctx's
             login = pb.AuthenticateRequest(login_id=ctx.login_id, password=ctx.password)
@@ -231,26 +309,69 @@ async def _call(
         await call
 
 
-def _cases() -> list[tuple[MethodDescriptor, FieldDescriptor]]:
+Path_ = tuple[FieldDescriptor, ...]
+
+
+def _limited(descriptor: Any, chain: Path_ = ()) -> list[Path_]:
+    """The paths to every limited field of a message type, nested ones included."""
+    found: list[Path_] = []
+    for field in descriptor.fields:
+        path = (*chain, field)
+        if _max_length(field) or _max_items(field):
+            found.append(path)
+        inner = field.message_type
+        if inner is not None and not inner.full_name.startswith("google.protobuf."):
+            found.extend(_limited(inner, path))
+    return found
+
+
+def _cases() -> list[tuple[MethodDescriptor, Path_]]:
     return [
-        (method, field)
+        (method, path)
         for service in SERVICES
         for method in service.methods
-        for field in method.input_type.fields
-        if _max_length(field) or _max_items(field)
+        for path in _limited(method.input_type)
     ]
 
 
-def _set(request: Message, field: FieldDescriptor, value: object) -> None:
+def _name(path: Path_) -> str:
+    """The field violation's name: ``legal_basis.reference``, ``changes[0].purpose_key``."""
+    return (
+        ".".join(f.name + ("[0]" if f.is_repeated else "") for f in path[:-1])
+        + ("." if len(path) > 1 else "")
+        + path[-1].name
+    )
+
+
+def _set(request: Message, path: Path_, value: object) -> None:
+    message: Any = request
+    for parent in path[:-1]:  # into the (first item of the) enclosing message
+        inner = getattr(message, parent.name)
+        if parent.is_repeated and not len(inner):
+            inner.add()
+        message = inner[0] if parent.is_repeated else inner
+    field = path[-1]
     if field.is_repeated:  # replacing what the base request had
-        del getattr(request, field.name)[:]
-        getattr(request, field.name).extend(value)  # type: ignore[call-overload]
+        del getattr(message, field.name)[:]
+        getattr(message, field.name).extend(value)
     elif field.message_type is not None:  # a FieldMask: the value is its paths
-        paths = getattr(request, field.name).paths
+        paths = getattr(message, field.name).paths
         del paths[:]
         paths.extend(value)
     else:
-        setattr(request, field.name, value)
+        setattr(message, field.name, value)
+
+
+#: Valid items of repeated fields, repeated as need be to reach a limit.
+ITEM_VALUES = {
+    "fields": ["name", "email", "mobile_phone", "login_id"],
+    "purposes": ["INQUIRY"],
+    "changed_purposes": ["INQUIRY"],
+}
+ITEM_MESSAGES: dict[str, Message] = {
+    "consents": pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, granted=True),
+    "changes": cpb.ConsentChange(purpose_key="INQUIRY", granted=True),
+}
 
 
 def _values(field: FieldDescriptor, ctx: Context) -> list[tuple[str, object, object]]:
@@ -262,15 +383,16 @@ def _values(field: FieldDescriptor, ctx: Context) -> list[tuple[str, object, obj
         )
         n = _max_length(field)
         out.append(("path length", ["a" * n], ["a" * (n + 1)]))
-    elif field.is_repeated and field.type == FieldDescriptor.TYPE_STRING:  # fields
+    elif field.is_repeated and field.type == FieldDescriptor.TYPE_STRING:  # fields, purposes
         n = _max_items(field)
-        out.append(("items", ["name", "email", "mobile_phone"][:n], ["name"] * (n + 1)))
+        valid = ITEM_VALUES[field.name]
+        out.append(("items", (valid * n)[:n], (valid * (n + 1))[: n + 1]))
         n = _max_length(field)
         out.append(("item length", ["a" * n], ["a" * (n + 1)]))
-    elif field.is_repeated:  # consents
+    elif field.is_repeated:  # consents, consent changes
         n = _max_items(field)
-        choice = pb.ConsentChoice(purpose=pb.PURPOSE_INQUIRY, granted=True)
-        out.append(("items", [choice] * n, [choice] * (n + 1)))
+        item = ITEM_MESSAGES[field.name]
+        out.append(("items", [item] * n, [item] * (n + 1)))
     else:
         n = _max_length(field)
         at_max = _at_max(field.name, n, ctx)
@@ -306,42 +428,64 @@ async def test_every_field_past_its_limit_is_refused_and_at_its_limit_is_not(
     member_id = (await members.SignUp(first)).member_id
     session = await member_session(members, first)
     ctx = Context(member_id, first.login_id, first.password, session)
+    registry = disclosure_pb2_grpc.RecipientAdminServiceStub(admin_channel)
+    await registry.RegisterRecipient(WALK_RECIPIENT)
     cases = _cases()
-    assert len(cases) >= 30  # every request string field of both services
+    walked = {(m.containing_service.name, m.name) for m, _ in cases}
+    # Every method of every service that takes a limited field is in the walk.
+    assert walked == {
+        (service.name, method.name)
+        for service in SERVICES
+        for method in service.methods
+        if _limited(method.input_type)
+    }
+    assert {service for service, _ in walked} == {s.name for s in SERVICES}
+    assert len(cases) >= 60
     problems: list[str] = []
     checked = 0
-    for method, field in cases:
+    for method, path in cases:
+        field, name = path[-1], _name(path)
         for what, at_max, past in _values(field, ctx):
-            label = f"{method.name}.{field.name} ({what})"
+            label = f"{method.containing_service.name}.{method.name}.{name} ({what})"
             limit = _limit_description(field, what)
 
             request = _base(method.name, ctx)
-            _set(request, field, past)
+            _set(request, path, past)
             try:
                 await _call(admin_channel, method, request, ctx)
                 problems.append(f"{label}: past the limit was accepted")
             except grpc.aio.AioRpcError as error:
                 if error.code() != Code.INVALID_ARGUMENT:
                     problems.append(f"{label}: past the limit gave {error.code().name}")
-                elif field_violations(error) != {field.name: limit}:
+                elif field_violations(error) != {name: limit}:
                     problems.append(f"{label}: past the limit gave {field_violations(error)}")
 
             request = _base(method.name, ctx)
-            _set(request, field, at_max)
+            _set(request, path, at_max)
             try:
                 await _call(admin_channel, method, request, ctx)
             except grpc.aio.AioRpcError as error:
                 if error.code() in (Code.INTERNAL, Code.UNKNOWN):
                     problems.append(f"{label}: at the limit gave {error.code().name}")
                 elif error.code() == Code.INVALID_ARGUMENT:
-                    if field_violations(error).get(field.name) == limit:
+                    if field_violations(error).get(name) == limit:
                         problems.append(f"{label}: at the limit was refused for its length")
-                elif method.name not in ("Authenticate", "ChangePassword", "Withdraw"):
-                    # Those three get a wrong password on purpose (UNAUTHENTICATED).
+                elif error.code() not in AT_MAX_REFUSALS.get(method.name, ()):
                     problems.append(f"{label}: at the limit gave {error.code().name}")
             checked += 1
-    assert problems == []
-    assert checked == sum(len(_values(f, ctx)) for _, f in cases)
+    assert problems == [], "\n".join(problems)
+    assert checked == sum(len(_values(p[-1], ctx)) for _, p in cases)
+
+
+#: What a request at its limits may be refused with, other than INVALID_ARGUMENT: a
+#: wrong password on purpose; for Disclose, a recipient id at the limit no one
+#: registered.
+AT_MAX_REFUSALS: dict[str, tuple[grpc.StatusCode, ...]] = {
+    "Authenticate": (Code.UNAUTHENTICATED,),
+    "ChangePassword": (Code.UNAUTHENTICATED,),
+    "Withdraw": (Code.UNAUTHENTICATED,),
+    "Disclose": (Code.NOT_FOUND,),
+}
 
 
 # --- IP addresses ----------------------------------------------------------------------

@@ -310,6 +310,7 @@ async def test_dry_run_counts_and_changes_nothing(vault: Vault, lc_clock: Frozen
     assert report.as_dict() == {
         "notices": 2,
         "policy_notices": 0,
+        "correction_notices": 0,
         "shredded": 1,
         "access_log_purged": 3,
         "retained_destroyed": 0,
@@ -412,6 +413,7 @@ async def test_cli_dry_run_prints_counts_as_json_lines(tmp_path: Path) -> None:
         "shredded": 0,
         "inactivity_notices": 1,
         "policy_notices": 0,
+        "correction_notices": 0,
         "retained_destroyed": 0,
         "access_log_purged": 1,
         "counters_purged": 0,

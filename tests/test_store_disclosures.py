@@ -4,6 +4,7 @@ its end with the member."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -34,7 +35,8 @@ ACME = RecipientRow(
 
 
 def disclosure(n: int = 0, basis: str = "consent") -> NewDisclosure:
-    return NewDisclosure("acme", "INQUIRY", ("name",), basis, ts(n), f"sealed-{n}".encode())  # type: ignore[arg-type]
+    sealed = f"sealed-{n}".encode()
+    return NewDisclosure("acme", "INQUIRY", ("name",), basis, ts(n), sealed, str(uuid.uuid4()))  # type: ignore[arg-type]
 
 
 async def test_a_recipient_is_registered_once(vault: Store) -> None:
@@ -135,27 +137,63 @@ async def test_a_withdrawal_shred_refuses_a_ledger_changed_since_the_copy(vault:
     assert await vault.list_disclosures(member.member_id, 10) == []
 
 
-async def test_a_correction_notice_is_recorded_and_queued_once(vault: Store) -> None:
+async def test_an_applied_correction_owes_notices_until_one_transaction_settles_it(
+    vault: Store,
+) -> None:
+    await vault.register_recipient(ACME)
+    member, quiet = new_member(), new_member()
+    for m in (member, quiet):
+        await vault.insert_member(m)
+        pending = CorrectionRow(
+            f"c-{m.member_id}", m.member_id, ts(1), "member", {"name": "pending"}
+        )
+        assert await vault.insert_correction(pending, dek_id=1)
+    mid = member.member_id
+    await vault.append_disclosure(mid, replace(disclosure(0), fields=("mobile_phone",)), dek_id=1)
+    assert await vault.corrections_owing_notices(10) == []  # nothing applied yet
+    for m in (member, quiet):
+        # The update's own transaction applies the correction and, for a member with
+        # ledger entries, records that its notices are owed.
+        assert await vault.update_member(
+            m.member_id, {"name": b"x"}, dek_id=1, corrected_at=ts(2), corrected_by="member"
+        )
+    cid = f"c-{mid}"
+    # Only the member whose ledger has entries owes notices.
+    assert await vault.corrections_owing_notices(10) == [(mid, cid)]
+    notice = message(mid, ts(3), kind="correction_notice")
+    entry = disclosure(3, basis="correction")
+    with pytest.raises(KeyChanged):  # sealed under a DEK that is not the member's now
+        await vault.queue_correction_notices(mid, cid, [(entry, notice)], dek_id=2)
+    assert await vault.queue_correction_notices(mid, cid, [(entry, notice)], dek_id=1)
+    assert (mid, cid) not in await vault.corrections_owing_notices(10)
+    # A retry (or a second sidecar) finds it settled: nothing written, nothing queued.
+    again = message(mid, ts(4), kind="correction_notice")
+    assert not await vault.queue_correction_notices(
+        mid, cid, [(disclosure(4, basis="correction"), again)], dek_id=1
+    )
+    rows = await vault.list_disclosures(mid, 10)
+    assert [r.basis for r in rows] == ["correction", "consent"]
+    queued = await vault.due_outbox(ts(10), 10)
+    assert [m.message_id for m in queued] == [notice.message_id]
+    gone = new_member().member_id
+    assert not await vault.queue_correction_notices(gone, cid, [], dek_id=1)
+
+
+async def test_a_shred_takes_the_notices_owed_along(vault: Store) -> None:
     await vault.register_recipient(ACME)
     member = new_member()
     await vault.insert_member(member)
     mid = member.member_id
-    notice = message(mid, ts(3), kind="correction_notice")
-    entry = disclosure(3, basis="correction")
-    first = await vault.append_correction_notice(mid, entry, notice, dek_id=1)
-    assert first is not None
-    # A retry of the same notice (same message id) writes nothing, queues nothing.
-    assert await vault.append_correction_notice(mid, entry, notice, dek_id=1) is None
-    (row,) = await vault.list_disclosures(mid, 10)
-    assert (row.disclosure_id, row.basis) == (first, "correction")
-    queued = await vault.due_outbox(ts(10), 10)
-    assert [m.message_id for m in queued] == [notice.message_id]
-    with pytest.raises(KeyChanged):
-        await vault.append_correction_notice(
-            mid, entry, message(mid, ts(4), kind="correction_notice"), dek_id=2
-        )
-    gone = new_member().member_id
-    assert await vault.append_correction_notice(gone, entry, message(gone), dek_id=1) is None
+    await vault.append_disclosure(mid, disclosure(0), dek_id=1)
+    await vault.insert_correction(
+        CorrectionRow("c-1", mid, ts(1), "member", {"mobile_phone": "pending"}), dek_id=1
+    )
+    await vault.update_member(
+        mid, {"mobile_phone": b"x"}, dek_id=1, corrected_at=ts(2), corrected_by="member"
+    )
+    assert await vault.corrections_owing_notices(10) == [(mid, "c-1")]
+    assert await vault.shred_member(mid, ts(3), "withdrawal")
+    assert await vault.corrections_owing_notices(10) == []
 
 
 async def test_an_append_refuses_fields_under_a_pending_correction(vault: Store) -> None:

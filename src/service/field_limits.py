@@ -1,8 +1,8 @@
 """The API's field limits, read from the protos' own options (field_limits.proto).
 
 Every string field of every request declares ``max_length`` and every repeated
-field ``max_items``; :func:`check_field_limits` is the first thing done with a
-MemberService request (``validate`` of service.interceptors.add_servicer), so no
+field ``max_items``; :func:`check_field_limits` is the first thing done with every
+API service's request (``validate`` of service.interceptors.add_servicer), so no
 regex, e-mail parser or password hash ever runs on an oversized value. The limits
 are read once per message type and cached: a call pays one ``len`` per string field.
 """

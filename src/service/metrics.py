@@ -89,6 +89,7 @@ REFRESH_TIMEOUT = 10.0
 ROUND_COUNTS = (
     "shredded",
     "notices",
+    "correction_notices",
     "retained_destroyed",
     "access_log_purged",
     "counters_purged",

@@ -1,7 +1,8 @@
 """What each wrapped key and ciphertext is bound to (its associated data).
 
 One place for these names: a wrapped DEK names its member and DEK id, the index
-key its id, an access-log ciphertext its time and a correction's texts its id, so
+key its id, an access-log ciphertext its time, a ledger entry's details its id and
+time and a correction's texts its id, so
 no ciphertext can be moved to another row and still decrypt.
 """
 
@@ -27,9 +28,11 @@ def access_field(kind: str, at: datetime) -> str:
     return f"access.{kind}@{to_micros(at)}"
 
 
-def disclosure_field(at: datetime) -> str:
-    """A disclosure ledger entry's sealed details, bound to the entry's time."""
-    return f"disclosure.details@{to_micros(at)}"
+def disclosure_field(entry_id: str, at: datetime) -> str:
+    """A disclosure ledger entry's sealed details, bound to the entry's own id (a
+    UUID made before the insert: two entries of one member in the same microsecond
+    cannot trade details) and its time."""
+    return f"disclosure.details@{entry_id}@{to_micros(at)}"
 
 
 def correction_field(kind: str, correction_id: str) -> str:

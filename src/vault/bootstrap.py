@@ -10,6 +10,7 @@ them all. The stores are opened here (and for a dry run's counts,
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import AsyncIterator, Iterable
@@ -28,7 +29,7 @@ from vault.calls import INTERNAL
 from vault.clock import Clock, SystemClock
 from vault.consents import Consents
 from vault.corrections import Corrections
-from vault.disclosures import Disclosures
+from vault.disclosures import Disclosures, NoticePage, count_owed_notices
 from vault.errors import DecryptionError, KeyUnavailable, PreconditionFailed
 from vault.export import Export
 from vault.facade import Vault, VaultParts, VaultSettings
@@ -254,7 +255,6 @@ def wire_vault(
     page_token_key = _hazmat.derive_mac_key(index_key, "page-token")
     activity = Activity()
 
-    # Applied corrections are handed to the disclosures (section 7's notices).
     disclosures = Disclosures(store, keys, clock, settings, page_token_key)
     return VaultParts(
         store=store,
@@ -270,7 +270,7 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention, activity),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
-        corrections=Corrections(store, keys, clock, disclosures.notify_correction),
+        corrections=Corrections(store, keys, clock),
         statistics=Statistics(store, clock, settings.statistics, settings.purposes),
         sessions=MemberSessions(store, clock, settings),
         consents=Consents(store, clock, settings, page_token_key),
@@ -419,11 +419,17 @@ async def open_dry_run_lifecycle(
         retained_url = retention_database_url(data_dir, url, retention_url)
         if retained_url is not None and _exists(retained_url):
             retained = await open_retention_store(retained_url, pool_size=1)
-        yield Lifecycle(store, _no_shred, SystemClock(), policy, retained=retained)
+        notices = functools.partial(_count_notices, store)
+        yield Lifecycle(store, _no_shred, SystemClock(), policy, retained=retained, notices=notices)
     finally:
         if retained is not None:
             await retained.close()
         await store.close()
+
+
+async def _count_notices(store: Store, limit: int, *, dry_run: bool = False) -> NoticePage:
+    # A dry run's lifecycle has no key: it only counts the notices owed.
+    return await count_owed_notices(store, limit)
 
 
 async def _no_shred(

@@ -21,16 +21,17 @@ The note and the closing reason are free text that may hold personal data: seale
 under the member's DEK, bound to the correction's id. Who requested and who
 resolved are recorded in clear: a calling service's identity or "member".
 
-Two hooks for the disclosure step (:mod:`vault.disclosures`): a disclosure refuses
-frozen fields with :func:`refuse_frozen`, and :meth:`Corrections.notify_recipients`
-hands each applied correction to the notifier (``Disclosures.notify_correction``)
-that sends the recipients who received an old value a correction notice.
+For the disclosure step (:mod:`vault.disclosures`): a disclosure refuses frozen
+fields with :func:`refuse_frozen`; and the transaction in which UpdateMember applies
+a correction of a member with ledger entries marks it as owing the recipients of
+the old values notices, which the sidecar queues (``queue_correction_notices`` of
+``Disclosures``), so a crash after the update loses none.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -45,7 +46,6 @@ from vault.errors import (
     CorrectionPending,
     CorrectionResolved,
     NotFound,
-    VaultError,
 )
 from vault.member_keys import MemberKeys
 from vault.policy import Violations
@@ -101,7 +101,8 @@ class Correction:
 
 @dataclass(frozen=True, slots=True)
 class AppliedCorrection:
-    """A correction UpdateMember completed: the fields corrected, when, by whom."""
+    """A correction UpdateMember completed: the fields corrected, when, by whom
+    (what its notices to the recipients of the old values are made from)."""
 
     member_id: str
     correction_id: str
@@ -156,12 +157,10 @@ class Corrections:
         store: CorrectionStores,
         keys: MemberKeys,
         clock: Clock,
-        notifier: Callable[[AppliedCorrection], Awaitable[object]] | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._clock = clock
-        self._notifier = notifier
 
     def __repr__(self) -> str:
         return "<Corrections>"
@@ -241,47 +240,6 @@ class Corrections:
             return opened_corrections(dek, r.member_id, rows)
 
         return await self._keys.read_under_key(row, read)
-
-    async def applied_at(self, member_id: str, at: datetime) -> list[AppliedCorrection]:
-        """The corrections the member's update at ``at`` completed (UpdateMember
-        calls it after its transaction, when the update corrected a frozen field);
-        each is handed to :meth:`notify_recipients`. Found by their resolution time:
-        two updates of one member in the same microsecond would both see them (the
-        disclosure step, which makes the notices, may want the ids from the
-        update's own transaction instead)."""
-        applied = [
-            AppliedCorrection(
-                member_id,
-                c.correction_id,
-                tuple(f for f, s in c.fields.items() if s == "corrected"),
-                at,
-                c.resolved_by or BY_MEMBER,
-            )
-            for c in await self._store.list_corrections(member_id)
-            if c.state == "applied" and c.resolved_at == at
-        ]
-        for done in applied:
-            log.info("correction_applied", member_id=member_id, fields=list(done.fields))
-            await self.notify_recipients(done)
-        return applied
-
-    async def notify_recipients(self, applied: AppliedCorrection) -> None:
-        """Section 7's second duty: tell every third party that received the old
-        value of a corrected field the result (vault.disclosures: a correction
-        notice through the outbox to the recipient's contact address, itself a
-        ledger entry). The update has committed by now: a failure is logged (no
-        values) and does not undo or fail it."""
-        if self._notifier is None:
-            return
-        try:
-            await self._notifier(applied)
-        except VaultError as exc:
-            log.warning(
-                "correction_notices_failed",
-                member_id=applied.member_id,
-                correction_id=applied.correction_id,
-                error=type(exc).__name__,
-            )
 
 
 def opened_corrections(

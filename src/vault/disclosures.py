@@ -18,14 +18,17 @@ or where the law requires it. So a disclosure needs one of:
 A field under a pending correction is never provided (policy section 7:
 CorrectionPending, through :func:`vault.corrections.refuse_frozen` on the member as
 read, and again in the ledger write's transaction). When a correction is applied,
-every recipient whose ledger entries (before then) include a corrected field gets
-one correction notice (:meth:`Disclosures.notify_correction`, the corrections'
-hook): through the outbox, to the recipient's contact address, naming only the
-disclosure references it received and the corrected values of the fields it
-received, sealed under the member's DEK until the relay sends it (a member shredded
-before then takes the notice along). Each notice is itself a ledger entry (basis
-``correction``), recorded with the outbox row in one transaction, once per
-correction and recipient.
+every recipient whose ledger entries (up to then) include a corrected field gets
+one correction notice: through the outbox, to the recipient's contact address,
+naming only the disclosure references it received and the corrected values of the
+fields it received, sealed under the member's DEK until the relay sends it (a
+member shredded before then takes the notice along). UpdateMember's transaction
+that applies the correction also records that it owes notices; the sidecar's step
+(:meth:`Disclosures.queue_correction_notices`) makes them under the member's
+current key and settles each correction in one transaction: every notice's outbox
+row and its own ledger entry (basis ``correction``), and the mark cleared. So a
+crash after the update loses no notice, and a rerun or a second sidecar repeats
+none: one per correction and recipient.
 
 Either way only the recipient's registered fields go out, for one of its registered
 purposes, and every provision is appended to the member's ledger in the same
@@ -56,8 +59,8 @@ from vault.ledger import (
     DisclosureEntry,
     LegalBasis,
     legal_entities,
+    new_entry,
     open_entry,
-    seal_details,
 )
 from vault.mail import CORRECTED_VALUE_PREFIX, CORRECTION_NOTICE, SEALED_PREFIX, SEALED_RECIPIENT
 from vault.member_keys import MemberKeys
@@ -68,6 +71,7 @@ from vault.purposes import NO_CONSENT, provision_spec
 from vault.recovery import sealed_field
 from vault.store.base import (
     CORRECTABLE_FIELDS,
+    CorrectionStore,
     DisclosureRow,
     DisclosureStore,
     MemberRow,
@@ -113,9 +117,9 @@ class DisclosurePage:
     next_page_token: str = ""
 
 
-class DisclosureStores(MemberStore, DisclosureStore, Protocol):
-    """The vault-database slice disclosures use: the member read, the registry and
-    the ledger."""
+class DisclosureStores(MemberStore, DisclosureStore, CorrectionStore, Protocol):
+    """The vault-database slice disclosures use: the member read, the registry,
+    the ledger, and the corrections that owe notices."""
 
 
 def _text(value: str, field: str, v: Violations, limit: int = TEXT_MAX) -> str:
@@ -273,14 +277,8 @@ class Disclosures:
             refuse_frozen(current, frozenset(fields))  # a row read again on a retry
             at = self._clock.now()
             values = {f: member_cipher.open_row_field(dek, current, f) for f in fields}
-            entry = NewDisclosure(
-                recipient.recipient_id,
-                purpose,
-                fields,
-                LEGAL if legal is not None else CONSENT,
-                at,
-                seal_details(dek, mid, at, legal),
-            )
+            basis = LEGAL if legal is not None else CONSENT
+            entry = new_entry(dek, mid, recipient.recipient_id, purpose, fields, basis, at, legal)
             disclosure_id = await self._store.append_disclosure(
                 mid, entry, dek_id=current.key.dek_id, consent_purpose=consent_key
             )
@@ -340,79 +338,141 @@ class Disclosures:
         return await legal_entities(self._store)
 
     # --- section 7: the recipients of a corrected value ---------------------------------
-    async def notify_correction(self, applied: AppliedCorrection) -> int:
-        """One correction notice per recipient whose entries before
-        ``applied.applied_at`` include a corrected field (see the module docstring);
-        returns how many were queued (a retry of the same correction queues none)."""
-        mid, corrected = applied.member_id, set(applied.fields)
-        received: dict[str, list[DisclosureRow]] = {}
-        for entry in await whole_disclosure_ledger(self._store, mid):
-            if entry.at < applied.applied_at and corrected & set(entry.fields):
-                received.setdefault(entry.recipient_id, []).append(entry)
-        if not received:
-            return 0
+    async def queue_correction_notices(self, limit: int, *, dry_run: bool = False) -> NoticePage:
+        """One page of the sidecar's step: up to ``limit`` applied corrections that
+        owe notices (marked in UpdateMember's transaction), each settled in one
+        transaction of its own, under the member's current key (see the module
+        docstring). A dry run writes nothing and counts the notices owed."""
+        if dry_run:
+            return await count_owed_notices(self._store, limit)
+        owing = await self._store.corrections_owing_notices(limit)
+        settled = queued = 0
+        for member_id, correction_id in owing:
+            done = await self._settle(member_id, correction_id)
+            if done is not None:
+                settled, queued = settled + 1, queued + done
+        return NoticePage(len(owing), settled, queued)
+
+    async def _settle(self, mid: str, correction_id: str) -> int | None:
+        """The notices one correction owes, queued; None if it was settled by
+        someone else, or the member is gone (a shred takes the debt along)."""
+        applied = await _applied(self._store, mid, correction_id)
+        if applied is None:
+            return None
+        owed = await _owed(self._store, applied)
         registry = {r.recipient_id: r for r in await self._store.list_recipients()}
-        queued = 0
-        for recipient_id, entries in sorted(received.items()):
-            got = {f for e in entries for f in e.fields}
-            fields = tuple(f for f in CORRECTABLE_FIELDS if f in corrected and f in got)
-            queued += await self._notice(applied, registry[recipient_id], fields, entries)
-        log.info("correction_notices_queued", member_id=mid, notices=queued)
-        return queued
-
-    async def _notice(
-        self,
-        applied: AppliedCorrection,
-        recipient: RecipientRow,
-        fields: tuple[str, ...],
-        entries: list[DisclosureRow],
-    ) -> int:
-        mid = applied.member_id
-        key = f"{applied.correction_id}\0{recipient.recipient_id}"
-        message_id = str(uuid.uuid5(_NOTICE_NAMESPACE, key))
-        queued: list[int] = []
-
-        def sealed(dek: _hazmat.SecretKey, name: str, value: str) -> str:
-            blob = member_cipher.seal(dek, mid, sealed_field(message_id, name), value)
-            return base64.b64encode(blob).decode()
+        result: list[int] = []
 
         async def write(row: MemberRow, dek: _hazmat.SecretKey) -> bool:
             at = self._clock.now()
-            params = {
-                "recipient_id": recipient.recipient_id,
-                "legal_entity": recipient.legal_entity,
-                "contract": recipient.contract_reference,
-                "references": ", ".join(f"#{e.disclosure_id}" for e in entries),
-                "fields": ",".join(fields),
-                "correction_id": applied.correction_id,
-                "applied_at": applied.applied_at.isoformat(),
-                SEALED_PREFIX + SEALED_RECIPIENT: sealed(
-                    dek, SEALED_RECIPIENT, recipient.contact_email
-                ),
-            }
-            for name in fields:  # the corrected values, as the member row now holds them
-                value = member_cipher.open_row_field(dek, row, name)
-                params[SEALED_PREFIX + CORRECTED_VALUE_PREFIX + name] = sealed(
-                    dek, CORRECTED_VALUE_PREFIX + name, value
-                )
-            notice = OutboxMessage(message_id, mid, CORRECTION_NOTICE, params, at)
-            entry = NewDisclosure(
-                recipient.recipient_id,
-                entries[-1].purpose,
-                fields,
-                CORRECTION,
-                at,
-                seal_details(dek, mid, at, None),
-            )
-            written = await self._store.append_correction_notice(
-                mid, entry, notice, dek_id=row.key.dek_id
-            )
-            if written is not None:
-                queued.append(written)
+            notices = [
+                self._notice(dek, row, applied, registry[rid], fields, entries, at)
+                for rid, fields, entries in owed
+            ]
+            if await self._store.queue_correction_notices(
+                mid, correction_id, notices, dek_id=row.key.dek_id
+            ):
+                result.append(len(notices))
             return True
 
         try:
             await self._keys.under_current_key(mid, write)
         except NotFound:
-            return 0  # shredded since the update: nobody to correct for
-        return len(queued)
+            return None
+        if not result:
+            return None
+        log.info("correction_notices_queued", member_id=mid, notices=result[0])
+        return result[0]
+
+    def _notice(
+        self,
+        dek: _hazmat.SecretKey,
+        row: MemberRow,
+        applied: AppliedCorrection,
+        recipient: RecipientRow,
+        fields: tuple[str, ...],
+        entries: list[DisclosureRow],
+        at: datetime,
+    ) -> tuple[NewDisclosure, OutboxMessage]:
+        """One recipient's notice (its message id one per correction and recipient)
+        and its own ledger entry."""
+        mid = applied.member_id
+        key = f"{applied.correction_id}\0{recipient.recipient_id}"
+        message_id = str(uuid.uuid5(_NOTICE_NAMESPACE, key))
+
+        def sealed(name: str, value: str) -> str:
+            blob = member_cipher.seal(dek, mid, sealed_field(message_id, name), value)
+            return base64.b64encode(blob).decode()
+
+        params = {
+            "recipient_id": recipient.recipient_id,
+            "legal_entity": recipient.legal_entity,
+            "contract": recipient.contract_reference,
+            "references": ", ".join(f"#{e.disclosure_id}" for e in entries),
+            "fields": ",".join(fields),
+            "correction_id": applied.correction_id,
+            "applied_at": applied.applied_at.isoformat(),
+            SEALED_PREFIX + SEALED_RECIPIENT: sealed(SEALED_RECIPIENT, recipient.contact_email),
+        }
+        for name in fields:  # the corrected values, as the member row now holds them
+            value = member_cipher.open_row_field(dek, row, name)
+            params[SEALED_PREFIX + CORRECTED_VALUE_PREFIX + name] = sealed(
+                CORRECTED_VALUE_PREFIX + name, value
+            )
+        notice = OutboxMessage(message_id, mid, CORRECTION_NOTICE, params, at)
+        purpose = entries[-1].purpose
+        return new_entry(dek, mid, recipient.recipient_id, purpose, fields, CORRECTION, at), notice
+
+
+@dataclass(frozen=True, slots=True)
+class NoticePage:
+    """A page of the correction notices' step: corrections listed, of them settled
+    now, and the notices queued (in a dry run: owed)."""
+
+    listed: int
+    settled: int
+    notices: int
+
+
+async def _applied(
+    store: DisclosureStores, mid: str, correction_id: str
+) -> AppliedCorrection | None:
+    """The applied correction as it stands (None: gone with its member)."""
+    for c in await store.list_corrections(mid):
+        if c.correction_id == correction_id and c.state == "applied" and c.resolved_at:
+            fields = tuple(f for f, state in c.fields.items() if state == "corrected")
+            return AppliedCorrection(mid, correction_id, fields, c.resolved_at, c.resolved_by or "")
+    return None
+
+
+async def _owed(
+    store: DisclosureStores, applied: AppliedCorrection
+) -> list[tuple[str, tuple[str, ...], list[DisclosureRow]]]:
+    """Each recipient whose entries up to the correction include a corrected
+    field: the corrected fields it received, and those entries (oldest first)."""
+    corrected = set(applied.fields)
+    received: dict[str, list[DisclosureRow]] = {}
+    for entry in await whole_disclosure_ledger(store, applied.member_id):
+        # Up to the update (no entry of a frozen field is written between the request
+        # and it; one in its very microsecond is the old value's). A notice received
+        # before counts too: it carried a value now corrected.
+        if entry.at <= applied.applied_at and corrected & set(entry.fields):
+            received.setdefault(entry.recipient_id, []).append(entry)
+    owed = []
+    for recipient_id, entries in sorted(received.items()):
+        got = {f for e in entries for f in e.fields}
+        fields = tuple(f for f in CORRECTABLE_FIELDS if f in corrected and f in got)
+        owed.append((recipient_id, fields, entries))
+    return owed
+
+
+async def count_owed_notices(store: DisclosureStores, limit: int) -> NoticePage:
+    """A dry run's page: the notices up to ``limit`` corrections owe, nothing written
+    (the store alone: no key is needed to count)."""
+    owing = await store.corrections_owing_notices(limit)
+    owed = 0
+    for mid, correction_id in owing:
+        applied = await _applied(store, mid, correction_id)
+        if applied is not None:
+            owed += len(await _owed(store, applied))
+    return NoticePage(len(owing), 0, owed)

@@ -192,6 +192,7 @@ class Vault:
             retained=self.parts.retained,
             on_batch=on_batch,
             activity=self.activity,
+            notices=self.disclosures.queue_correction_notices,
         )
 
     @property
@@ -392,7 +393,9 @@ class Vault:
             if email is not None:  # sealed from the row written over: the old address
                 notice = email_changed_notice(key, row, self._clock.now())
             # Releases the pending corrections of these fields (the update is the
-            # member's, by their session) in the same transaction.
+            # member's, by their session) in the same transaction; a correction
+            # it completes is marked as owing its notices (section 7), which the
+            # sidecar queues: nothing is lost if we stop right after the commit.
             return await self._store.update_member(
                 mid,
                 ciphertexts,
@@ -404,9 +407,7 @@ class Vault:
             )
 
         await self._member_keys.under_current_key(mid, write)
-        log.info("member_updated", fields=sorted(new_values))
-        if corrected:  # the update completed corrections: section 7's notices
-            await self.corrections.applied_at(mid, now)
+        log.info("member_updated", fields=sorted(new_values), corrected=sorted(corrected))
         return await self.get_member(mid, Purpose.MEMBER_REQUEST)
 
     async def change_password(self, member_id: str, current: str, new: str) -> None:

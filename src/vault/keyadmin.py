@@ -407,7 +407,7 @@ class KeyAdmin:
             sealed, resealed = member_cipher.reseal_corrections(old_key, new_key, mid, corrections)
             ledger = {
                 e.disclosure_id: member_cipher.reseal(
-                    old_key, new_key, mid, disclosure_field(e.at), e.details_ct
+                    old_key, new_key, mid, disclosure_field(e.entry_id, e.at), e.details_ct
                 )
                 for e in ledger_rows
             }

@@ -8,13 +8,19 @@ member modules import, can open a ledger without importing the rest.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from vault import _hazmat, member_cipher
 from vault.bindings import disclosure_field
 from vault.calls import current_caller
-from vault.store.base import DisclosureRow, DisclosureStore, whole_disclosure_ledger
+from vault.store.base import (
+    DisclosureRow,
+    DisclosureStore,
+    NewDisclosure,
+    whole_disclosure_ledger,
+)
 from vault.store.rows import DisclosureBasis
 
 CONSENT: DisclosureBasis = "consent"
@@ -47,21 +53,34 @@ class DisclosureEntry:
     approved_by: str = ""
 
 
-def seal_details(
-    dek: _hazmat.SecretKey, member_id: str, at: datetime, legal: LegalBasis | None
-) -> bytes:
-    """An entry's sealed details: the caller, and a legal basis's reference and approver."""
+def new_entry(
+    dek: _hazmat.SecretKey,
+    member_id: str,
+    recipient_id: str,
+    purpose: str,
+    fields: tuple[str, ...],
+    basis: DisclosureBasis,
+    at: datetime,
+    legal: LegalBasis | None = None,
+) -> NewDisclosure:
+    """A ledger entry to append, with a fresh random id (made before the insert, so
+    its sealed details, the caller and a legal basis's reference and approver, are
+    bound to it and to ``at``)."""
+    entry_id = str(uuid.uuid4())
     details = {"caller": current_caller()}
     if legal is not None:
         details |= {"reference": legal.reference, "approved_by": legal.approved_by}
-    return member_cipher.seal(dek, member_id, disclosure_field(at), json.dumps(details))
+    sealed = member_cipher.seal(dek, member_id, disclosure_field(entry_id, at), json.dumps(details))
+    return NewDisclosure(recipient_id, purpose, fields, basis, at, sealed, entry_id)
 
 
 def open_entry(
     dek: _hazmat.SecretKey, member_id: str, row: DisclosureRow, entities: dict[str, str]
 ) -> DisclosureEntry:
     details = json.loads(
-        member_cipher.open_text(dek, member_id, disclosure_field(row.at), row.details_ct)
+        member_cipher.open_text(
+            dek, member_id, disclosure_field(row.entry_id, row.at), row.details_ct
+        )
     )
     return DisclosureEntry(
         row.disclosure_id,

@@ -11,6 +11,10 @@
   the retention store as well).
 - Brute-force counters of login IDs no member has and IP windows, once stale
   (a day), and request ids past their 24 hours are purged.
+- Correction notices (section 7): each correction UpdateMember applied, marked in
+  its transaction as owing notices, gets one per recipient of an old value, queued
+  with their ledger entries and the mark cleared in one transaction per correction
+  (:meth:`vault.disclosures.Disclosures.queue_correction_notices`).
 - Withdrawn members' copies in the separated retention storage are destroyed once
   their destroy-after time passes, and copies a crash left unconfirmed are settled
   (:mod:`vault.retention`).
@@ -33,6 +37,7 @@ from typing import Any, Protocol
 from vault.activity import Activity
 from vault.clock import Clock
 from vault.consents import policy_notice
+from vault.disclosures import NoticePage
 from vault.errors import NotFound
 from vault.idempotency import IDEMPOTENCY_TTL
 from vault.login_guard import STALE_COUNTERS
@@ -72,6 +77,13 @@ class ShredFunction(Protocol):
     ) -> Awaitable[Any]: ...
 
 
+class NoticeFunction(Protocol):
+    """Disclosures.queue_correction_notices: one page of the corrections that owe
+    notices, settled (or, in a dry run, counted)."""
+
+    def __call__(self, limit: int, *, dry_run: bool = False) -> Awaitable[NoticePage]: ...
+
+
 #: Called after each batch with the step name and the batch's count; tests use it
 #: to stop a sweep part-way.
 BatchHook = Callable[[str, int], Awaitable[None]]
@@ -102,6 +114,8 @@ class RoundReport:
     notices: int = 0
     #: Policy version notices queued (members asked to consent again).
     policy_notices: int = 0
+    #: Correction notices queued to recipients of corrected values (section 7).
+    correction_notices: int = 0
     shredded: int = 0
     access_log_purged: int = 0
     #: Withdrawn members' retained copies destroyed (their date passed).
@@ -123,6 +137,7 @@ class RoundReport:
         return {
             "notices": self.notices,
             "policy_notices": self.policy_notices,
+            "correction_notices": self.correction_notices,
             "shredded": self.shredded,
             "access_log_purged": self.access_log_purged,
             "retained_destroyed": self.retained_destroyed,
@@ -194,8 +209,10 @@ class Lifecycle:
         retained: RetentionStore | None = None,
         on_batch: BatchHook | None = None,
         activity: Activity | None = None,
+        notices: NoticeFunction | None = None,
     ) -> None:
         self._store = store
+        self._notices = notices
         self._activity = activity or Activity()
         self._shred = shred
         self._clock = clock
@@ -342,6 +359,26 @@ class Lifecycle:
                     break
         return queued
 
+    async def send_correction_notices(self, *, dry_run: bool = False) -> int:
+        """Queue the notices applied corrections owe, a page of corrections at a time
+        (each settled in one transaction: its notices, their ledger entries, the mark
+        cleared), so a crash or a second sidecar neither loses nor repeats one. A dry
+        run counts the notices up to ``dry_run_limit`` corrections owe."""
+        if self._notices is None:
+            return 0
+        policy = self._policy
+        if dry_run:
+            return (await self._notices(policy.dry_run_limit, dry_run=True)).notices
+        queued = 0
+        while True:
+            page = await self._notices(policy.batch_size)
+            queued += page.notices
+            await self._batch_done("correction_notices", page.notices)
+            # Settled corrections leave the list; a page with none settled (every
+            # one raced away, or keyed anew) is left to the next round.
+            if page.listed < policy.batch_size or page.settled == 0:
+                return queued
+
     async def purge_counters(self, *, dry_run: bool = False) -> int:
         """Delete stale failure counters (unknown login IDs only), ended IP windows and
         expired request ids, batch by batch. A dry run counts nothing (0): these
@@ -370,6 +407,7 @@ class Lifecycle:
             LifecycleStep("shredded", "shredded", self.expire_inactive),
             LifecycleStep("notices", "inactivity_notices", self.send_inactivity_notices),
             LifecycleStep("policy_notices", "policy_notices", self.send_policy_notices),
+            LifecycleStep("correction_notices", "correction_notices", self.send_correction_notices),
             LifecycleStep("retained_destroyed", "retained_destroyed", self.destroy_retained),
             LifecycleStep("access_log_purged", "access_log_purged", self.purge_access_logs),
             LifecycleStep("counters_purged", "counters_purged", self.purge_counters),

@@ -109,7 +109,9 @@ DisclosureBasis = Literal["consent", "legal", "correction"]
 class NewDisclosure:
     """A ledger entry to append. ``details_ct`` is sealed under the member's DEK
     (the caller and, for a legal basis, its reference and approver), bound to
-    ``at``; the rest names no one but the member by id."""
+    ``entry_id`` and ``at``; the rest names no one but the member by id.
+    ``entry_id`` is a random UUID made before the insert (so the sealing can bind
+    to it), unique across the ledger."""
 
     recipient_id: str
     purpose: str
@@ -117,6 +119,7 @@ class NewDisclosure:
     basis: DisclosureBasis
     at: datetime
     details_ct: bytes
+    entry_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,8 @@ class DisclosureRow:
     basis: DisclosureBasis
     at: datetime
     details_ct: bytes
+    #: The UUID the details are sealed to (NewDisclosure.entry_id).
+    entry_id: str
 
     def __repr__(self) -> str:
         return f"<DisclosureRow {self.disclosure_id} {self.recipient_id}>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from vault.store.rows import DisclosureRow, NewDisclosure, OutboxMessage, RecipientRow
@@ -40,13 +41,25 @@ class DisclosureStore(Protocol):
         answer is not a grant."""
         ...
 
-    async def append_correction_notice(
-        self, member_id: str, entry: NewDisclosure, notice: OutboxMessage, *, dek_id: int
-    ) -> int | None:
-        """A correction notice (policy section 7): its ledger entry, recorded with
-        ``notice.message_id``, and the notice in the outbox, in one transaction.
-        None, with nothing written, when the member is gone or a notice of that id
-        was recorded before (a retry sends nothing twice); KeyChanged as above."""
+    async def corrections_owing_notices(self, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` applied corrections that owe their recipients notices
+        (policy section 7: marked in UpdateMember's transaction), as (member id,
+        correction id), oldest applied first."""
+        ...
+
+    async def queue_correction_notices(
+        self,
+        member_id: str,
+        correction_id: str,
+        notices: Sequence[tuple[NewDisclosure, OutboxMessage]],
+        *,
+        dek_id: int,
+    ) -> bool:
+        """Settle what the correction owes, in one transaction: each notice's ledger
+        entry (recorded with its message id, unique) and outbox row, and the
+        correction's mark cleared. True if this call settled it; False, with nothing
+        written, when the member is gone or the correction owes nothing (any more:
+        a retry, or another sidecar, sends nothing twice); KeyChanged as above."""
         ...
 
     async def list_disclosures(

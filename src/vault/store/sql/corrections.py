@@ -51,9 +51,11 @@ _CLOSE = both(
     "reason_ct = $5 WHERE member_id = $1 AND correction_id = $2 AND state = 'pending'"
 )
 # UpdateMember: the corrected fields are released, then every correction of the
-# member left with no pending field is applied.
+# member left with no pending field is applied; if the member has ledger entries,
+# it owes their recipients notices (policy section 7), which the sidecar queues.
 _APPLY = both(
-    "UPDATE corrections SET state = 'applied', resolved_at = $2, resolved_by = $3 "
+    "UPDATE corrections SET state = 'applied', resolved_at = $2, resolved_by = $3, "
+    "notices_due = EXISTS (SELECT 1 FROM disclosures AS x WHERE x.member_id = $1) "
     "WHERE member_id = $1 AND state = 'pending' AND NOT EXISTS (SELECT 1 FROM "
     "correction_fields AS f WHERE f.correction_id = corrections.correction_id "
     "AND f.state = 'pending')"

@@ -11,7 +11,7 @@ from vault.errors import AlreadyExists, CorrectionPending
 from vault.store._common import check_limit, require_aware
 from vault.store.rows import DisclosureRow, NewDisclosure, OutboxMessage, RecipientRow
 from vault.store.sql import guards
-from vault.store.sql.dialect import Dialect, both
+from vault.store.sql.dialect import Dialect, both, each
 from vault.store.sql.executor import MemberGone, SqlExecutor, Tx, UniqueViolation
 
 _RECIPIENT_COLUMNS = (
@@ -24,18 +24,37 @@ _INSERT_RECIPIENT = both(
 _RECIPIENT = both(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE recipient_id = $1")
 _RECIPIENTS = both(f"SELECT {_RECIPIENT_COLUMNS} FROM recipients ORDER BY recipient_id")
 #: A ledger entry's columns, in the order :func:`disclosure_row` reads them.
-DISCLOSURE_COLUMNS = "disclosure_id, recipient_id, purpose, fields, basis, disclosed_at, details_ct"
+DISCLOSURE_COLUMNS = (
+    "disclosure_id, recipient_id, purpose, fields, basis, disclosed_at, details_ct, entry_id"
+)
 _INSERT = both(
     "INSERT INTO disclosures (member_id, recipient_id, purpose, fields, basis, disclosed_at, "
-    "details_ct) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING disclosure_id"
+    "details_ct, entry_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING disclosure_id"
 )
 _PAGE = both(
     f"SELECT {DISCLOSURE_COLUMNS} FROM disclosures WHERE member_id = $1 AND disclosure_id < $2 "
     "ORDER BY disclosure_id DESC LIMIT $3"
 )
+_OWING = each(
+    lambda d: (
+        "SELECT member_id, correction_id FROM corrections WHERE "
+        f"{d.flag('notices_due')} ORDER BY resolved_at, correction_id LIMIT $1"
+    )
+)
+# Under the member's row (FOR SHARE): the correction still owes its notices.
+_LOCK_OWING = each(
+    lambda d: (
+        "SELECT 1 FROM corrections WHERE member_id = $1 AND correction_id = $2 AND "
+        f"{d.flag('notices_due')}" + "{update}"
+    )
+)
+_SETTLED = both(
+    "UPDATE corrections SET notices_due = $3 WHERE member_id = $1 AND correction_id = $2"
+)
 _INSERT_NOTICE = both(
     "INSERT INTO disclosures (member_id, recipient_id, purpose, fields, basis, disclosed_at, "
-    "details_ct, notice_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING disclosure_id"
+    "details_ct, entry_id, notice_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+    "RETURNING disclosure_id"
 )
 _CURRENT_ANSWER = both("SELECT granted FROM consents WHERE member_id = $1 AND purpose = $2")
 _PENDING_FIELDS = both(
@@ -52,6 +71,7 @@ def _ledger_params(d: Dialect, key: Any, entry: NewDisclosure) -> tuple[Any, ...
         entry.basis,
         d.time(require_aware(entry.at)),
         bytes(entry.details_ct),
+        d.member_id(entry.entry_id),  # a UUID, as member ids are
     )
 
 
@@ -82,7 +102,7 @@ def _recipient(d: Dialect, row: Sequence[Any]) -> RecipientRow:
 
 def disclosure_row(d: Dialect, row: Sequence[Any]) -> DisclosureRow:
     """An entry read as :data:`DISCLOSURE_COLUMNS`."""
-    did, recipient, purpose, fields, basis, at, details = row
+    did, recipient, purpose, fields, basis, at, details, entry_id = row
     return DisclosureRow(
         int(did),
         str(recipient),
@@ -91,6 +111,7 @@ def disclosure_row(d: Dialect, row: Sequence[Any]) -> DisclosureRow:
         basis,
         d.from_time(at),
         bytes(details),
+        str(entry_id),
     )
 
 
@@ -159,24 +180,38 @@ class SqlDisclosures(SqlExecutor):
         except MemberGone:
             return None
 
-    async def append_correction_notice(
-        self, member_id: str, entry: NewDisclosure, notice: OutboxMessage, *, dek_id: int
-    ) -> int | None:
+    async def corrections_owing_notices(self, limit: int) -> list[tuple[str, str]]:
+        d = self._dialect
+        rows = await self._fetch(_OWING[d.name], check_limit(limit))
+        return [(str(mid), str(cid)) for mid, cid in rows]
+
+    async def queue_correction_notices(
+        self,
+        member_id: str,
+        correction_id: str,
+        notices: Sequence[tuple[NewDisclosure, OutboxMessage]],
+        *,
+        dek_id: int,
+    ) -> bool:
         d = self._dialect
         key = d.member_id(member_id)
-        row = (*_ledger_params(d, key, entry), notice.message_id)
+        rows = [((*_ledger_params(d, key, e), m.message_id), m) for e, m in notices]
 
-        async def body(tx: Tx) -> int | None:
+        async def body(tx: Tx) -> bool:
             if not await _member_held(tx, d, key, dek_id):
-                return None
-            disclosure_id = int(await tx.fetchval(_INSERT_NOTICE[d.name], *row))
-            await tx.run(guards.ENQUEUE_OUTBOX[d.name], *guards.outbox_params(d, notice))
-            return disclosure_id
+                return False
+            if await tx.fetchval(_LOCK_OWING[d.name], key, correction_id) is None:
+                return False  # settled meanwhile (another sidecar), or no such correction
+            for entry, message in rows:
+                await tx.fetchval(_INSERT_NOTICE[d.name], *entry)
+                await tx.run(guards.ENQUEUE_OUTBOX[d.name], *guards.outbox_params(d, message))
+            await tx.run(_SETTLED[d.name], key, correction_id, False)
+            return True
 
         try:
             return await self._in_transaction(body)
-        except (MemberGone, UniqueViolation):
-            return None  # gone, or this notice was recorded (and queued) before
+        except MemberGone:
+            return False
 
     async def list_disclosures(
         self, member_id: str, limit: int, before_id: int | None = None

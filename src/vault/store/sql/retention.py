@@ -138,6 +138,7 @@ def _copy_row(d: Dialect, member: RetainedMember, key: Any) -> tuple[Any, ...]:
                     e.basis,
                     to_micros(require_aware(e.at)),
                     base64.b64encode(e.details_ct).decode(),
+                    e.entry_id,
                 ]
                 for e in member.disclosures
             ]
@@ -177,8 +178,9 @@ def _retained(
                 b,
                 from_micros(int(t)),
                 base64.b64decode(c),
+                str(e),
             )
-            for i, r, p, f, b, t, c in json.loads(row[11 + len(RETAINED_FIELDS)])
+            for i, r, p, f, b, t, c, e in json.loads(row[11 + len(RETAINED_FIELDS)])
         ),
         attempt=str(attempt),
         confirmed=bool(confirmed),

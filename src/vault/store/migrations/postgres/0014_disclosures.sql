@@ -31,9 +31,13 @@ CREATE TABLE disclosures (
     basis         text        NOT NULL,
     disclosed_at  timestamptz NOT NULL,
     details_ct    bytea       NOT NULL,
+    -- Made by the vault before the insert: details_ct is sealed to it (and to
+    -- disclosed_at), so no two entries can trade their details.
+    entry_id      uuid        NOT NULL,
     -- A correction notice's outbox message id: each is recorded (and sent) once.
     notice_id     text,
     CONSTRAINT disclosures_pkey PRIMARY KEY (disclosure_id),
+    CONSTRAINT disclosures_entry_id_key UNIQUE (entry_id),
     CONSTRAINT disclosures_notice_id_key UNIQUE (notice_id),
     CONSTRAINT disclosures_member_id_fkey
         FOREIGN KEY (member_id) REFERENCES members (member_id) ON DELETE CASCADE,
@@ -44,3 +48,12 @@ CREATE TABLE disclosures (
 CREATE INDEX disclosures_member_idx ON disclosures (member_id, disclosure_id);
 -- Which members received a recipient's data (correction notices look it up).
 CREATE INDEX disclosures_recipient_idx ON disclosures (recipient_id, member_id);
+
+-- Policy section 7's notices, owed: UpdateMember's transaction that applies a
+-- correction of a member with ledger entries sets notices_due; the sidecar queues
+-- the notices (their ledger entries and outbox rows) and clears it in one
+-- transaction per correction, so a crash between the two loses none and a retry
+-- sends none twice. A shred takes the correction, and the debt, along.
+ALTER TABLE corrections ADD COLUMN notices_due boolean     NOT NULL DEFAULT false;
+CREATE INDEX corrections_notices_due_idx ON corrections (resolved_at, correction_id)
+    WHERE notices_due;

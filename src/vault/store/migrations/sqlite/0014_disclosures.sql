@@ -30,9 +30,21 @@ CREATE TABLE disclosures (
     basis         TEXT    NOT NULL CHECK (basis IN ('consent', 'legal', 'correction')),
     disclosed_at  INTEGER NOT NULL,
     details_ct    BLOB    NOT NULL,
+    -- Made by the vault before the insert: details_ct is sealed to it (and to
+    -- disclosed_at), so no two entries can trade their details.
+    entry_id      TEXT    NOT NULL UNIQUE,
     -- A correction notice's outbox message id: each is recorded (and sent) once.
     notice_id     TEXT    UNIQUE
 );
 CREATE INDEX disclosures_member_idx ON disclosures (member_id, disclosure_id);
 -- Which members received a recipient's data (correction notices look it up).
 CREATE INDEX disclosures_recipient_idx ON disclosures (recipient_id, member_id);
+
+-- Policy section 7's notices, owed: UpdateMember's transaction that applies a
+-- correction of a member with ledger entries sets notices_due; the sidecar queues
+-- the notices (their ledger entries and outbox rows) and clears it in one
+-- transaction per correction, so a crash between the two loses none and a retry
+-- sends none twice. A shred takes the correction, and the debt, along.
+ALTER TABLE corrections ADD COLUMN notices_due INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX corrections_notices_due_idx ON corrections (resolved_at, correction_id)
+    WHERE notices_due = 1;
