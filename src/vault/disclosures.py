@@ -123,9 +123,13 @@ class DisclosureStores(MemberStore, DisclosureStore, CorrectionStore, Protocol):
 
 
 def _text(value: str, field: str, v: Violations, limit: int = TEXT_MAX) -> str:
+    """One line of printable text: these values go into mail headers (a recipient's
+    name in To), notice bodies and what members are shown."""
     value = value.strip()
     if not value or len(value) > limit:
         v.add(field, f"must be 1-{limit} characters")
+    elif policy.has_control(value) or any(c in "\u2028\u2029" for c in value):
+        v.add(field, "must be one line of printable characters")
     return value
 
 

@@ -168,11 +168,11 @@ class Statistics:
 
         by_day = {d: (s, w) for d, s, w in counts.days}
         days = []
-        day = first
-        while day <= last:
+        # By offset: stepping past the last day would overflow at 9999-12-31.
+        for offset in range((last - first).days + 1):
+            day = first + timedelta(days=offset)
             sign_ups, withdrawals = by_day.get(day.isoformat(), (0, 0))
             days.append(DayCounts(day, cell(sign_ups), cell(withdrawals)))
-            day += timedelta(days=1)
         members = cell(counts.members)
         consents = []
         for purpose in self._rated:

@@ -456,8 +456,10 @@ class MemberServiceServicer:
         (`x-member-session`), it is the member's request ("member"); without one, a
         calling service's request on the member's behalf (its identity is
         recorded), which the caller policy must allow.
+        A member has at most 20 pending corrections and 500 in all.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
-        MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+        MEMBER_SESSION_REQUIRED (a session that is sent but not live);
+        FAILED_PRECONDITION TOO_MANY_CORRECTIONS (resolve or close one first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

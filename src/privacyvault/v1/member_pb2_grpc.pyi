@@ -260,8 +260,10 @@ class MemberServiceStub:
     (`x-member-session`), it is the member's request ("member"); without one, a
     calling service's request on the member's behalf (its identity is
     recorded), which the caller policy must allow.
+    A member has at most 20 pending corrections and 500 in all.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
-    MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+    MEMBER_SESSION_REQUIRED (a session that is sent but not live);
+    FAILED_PRECONDITION TOO_MANY_CORRECTIONS (resolve or close one first).
     """
     CloseCorrection: _grpc.UnaryUnaryMultiCallable[_member_pb2.CloseCorrectionRequest, _member_pb2.CloseCorrectionResponse]
     """CloseCorrection ends a pending correction without (the rest of) the
@@ -510,8 +512,10 @@ class MemberServiceAsyncStub(MemberServiceStub):
     (`x-member-session`), it is the member's request ("member"); without one, a
     calling service's request on the member's behalf (its identity is
     recorded), which the caller policy must allow.
+    A member has at most 20 pending corrections and 500 in all.
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
-    MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+    MEMBER_SESSION_REQUIRED (a session that is sent but not live);
+    FAILED_PRECONDITION TOO_MANY_CORRECTIONS (resolve or close one first).
     """
     CloseCorrection: _aio.UnaryUnaryMultiCallable[_member_pb2.CloseCorrectionRequest, _member_pb2.CloseCorrectionResponse]  # type: ignore[assignment]
     """CloseCorrection ends a pending correction without (the rest of) the
@@ -847,8 +851,10 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         (`x-member-session`), it is the member's request ("member"); without one, a
         calling service's request on the member's behalf (its identity is
         recorded), which the caller policy must allow.
+        A member has at most 20 pending corrections and 500 in all.
         Reasons: NOT_FOUND MEMBER_NOT_FOUND; UNAUTHENTICATED
-        MEMBER_SESSION_REQUIRED (a session that is sent but not live).
+        MEMBER_SESSION_REQUIRED (a session that is sent but not live);
+        FAILED_PRECONDITION TOO_MANY_CORRECTIONS (resolve or close one first).
         """
 
     @_abc_1.abstractmethod

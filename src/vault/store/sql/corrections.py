@@ -9,6 +9,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
+from vault.errors import PreconditionFailed
 from vault.store._common import require_aware
 from vault.store.rows import (
     CORRECTABLE_FIELDS,
@@ -30,6 +31,16 @@ _INSERT_FIELD = both(
     "INSERT INTO correction_fields (correction_id, member_id, field, state) "
     "VALUES ($1, $2, $3, 'pending')"
 )
+# A member's corrections, pending and in all: counted under the member's row lock.
+_TALLY = both(
+    "SELECT count(*), coalesce(sum(CASE WHEN state = 'pending' THEN 1 ELSE 0 END), 0) "
+    "FROM corrections WHERE member_id = $1"
+)
+#: Bounds on one member's corrections, so no caller can grow a member's record (and
+#: its ListCorrections answer, the export) without end: pending ones at a time, and
+#: all kept (the record of the member's right exercised stays until the shred).
+MAX_PENDING_CORRECTIONS = 20
+MAX_CORRECTIONS = 500
 _COLUMNS = (
     "correction_id, requested_at, requested_by, note_ct, state, resolved_at, resolved_by, reason_ct"
 )
@@ -204,9 +215,20 @@ class SqlCorrections(SqlExecutor):
         note = _optional(row.note_ct)
 
         async def body(tx: Tx) -> bool:
-            if not await tx.fetchval(guards.MEMBER_EXISTS[d.name], key):
+            # The row lock orders concurrent requests, so the bounds below hold.
+            if not await tx.fetchval(guards.LOCK_MEMBER_ROW[d.name], key):
                 return False
             await guards.check_dek(tx, d, key, dek_id)
+            tally = await tx.fetchrow(_TALLY[d.name], key)
+            assert tally is not None  # an aggregate always answers one row
+            total, pending = tally
+            if pending >= MAX_PENDING_CORRECTIONS or total >= MAX_CORRECTIONS:
+                raise PreconditionFailed(
+                    "member_id",
+                    f"a member may have {MAX_PENDING_CORRECTIONS} pending corrections and "
+                    f"{MAX_CORRECTIONS} in all: resolve or close one first",
+                    kind="TOO_MANY_CORRECTIONS",
+                )
             await tx.run(_INSERT[d.name], row.correction_id, key, at, row.requested_by, note)
             await tx.run_many(_INSERT_FIELD[d.name], [(row.correction_id, key, f) for f in names])
             return True
