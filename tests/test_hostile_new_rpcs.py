@@ -130,7 +130,8 @@ async def test_a_flood_of_corrections_never_breaks_the_members_listing(
             pb.RequestCorrectionRequest(member_id=member_id, fields=["name"]), metadata=session
         )
     )
-    assert again is not None and error_info(again).reason == "TOO_MANY_CORRECTIONS"
+    assert again is not None
+    assert error_info(again).reason == "TOO_MANY_CORRECTIONS"
 
 
 async def test_a_members_corrections_in_all_are_bounded_too(
@@ -146,7 +147,8 @@ async def test_a_members_corrections_in_all_are_bounded_too(
             metadata=session,
         )
     error = await error_of(members.RequestCorrection(ask, metadata=session))
-    assert error is not None and error.code() == Code.FAILED_PRECONDITION
+    assert error is not None
+    assert error.code() == Code.FAILED_PRECONDITION
     assert error_info(error).reason == "TOO_MANY_CORRECTIONS"
     listed = await members.ListCorrections(
         pb.ListCorrectionsRequest(member_id=member_id), metadata=session
