@@ -20,7 +20,7 @@ from vault.ledger import entry_json, opened_ledger
 from vault.member_keys import MemberKeys
 from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
 from vault.policy import Purpose
-from vault.purposes import consent_outdated
+from vault.purposes import consent_event_json, consent_outdated
 from vault.store.base import (
     AccessEntryRow,
     AccessLogStore,
@@ -197,17 +197,7 @@ class Export:
                 for c in row.consents
             ],
             # Append-only, oldest first: every answer, under which version, by whom.
-            "consent_history": [
-                {
-                    "purpose": e.purpose,
-                    "granted": e.granted,
-                    "policy_version": e.policy_version,
-                    "recorded_at": e.recorded_at.isoformat(),
-                    "recorded_by": e.recorded_by,
-                    "caller": e.caller,
-                }
-                for e in history
-            ],
+            "consent_history": [consent_event_json(e) for e in history],
             # Requested corrections (section 7), oldest first, with their notes.
             "corrections": [correction_json(c) for c in corrections],
         }

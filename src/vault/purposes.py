@@ -42,6 +42,7 @@ from vault.policy import (
     Purpose,
     Violations,
 )
+from vault.store.rows import ConsentEventRow
 
 ConsentKind = Literal["membership", "opt-in", "none"]
 MEMBERSHIP: ConsentKind = "membership"
@@ -284,3 +285,15 @@ def check_answers(
             if spec.consent == MEMBERSHIP:
                 decided.setdefault(spec.key, True)
     return decided
+
+
+def consent_event_json(event: ConsentEventRow) -> dict[str, object]:
+    """One consent event as the export and the retained copy write it."""
+    return {
+        "purpose": event.purpose,
+        "granted": event.granted,
+        "policy_version": event.policy_version,
+        "recorded_at": event.recorded_at.isoformat(),
+        "recorded_by": event.recorded_by,
+        "caller": event.caller,
+    }

@@ -49,6 +49,7 @@ from vault.errors import (
 )
 from vault.ledger import entry_json, legal_entities, open_entry
 from vault.member_keys import MemberKeys
+from vault.purposes import consent_event_json
 from vault.store.base import (
     RETAINED_FIELDS,
     AccessLogStore,
@@ -279,17 +280,7 @@ class Retention:
                 }
                 for c in copy.consents
             ],
-            "consent_history": [
-                {
-                    "purpose": e.purpose,
-                    "granted": e.granted,
-                    "policy_version": e.policy_version,
-                    "recorded_at": e.recorded_at.isoformat(),
-                    "recorded_by": e.recorded_by,
-                    "caller": e.caller,
-                }
-                for e in copy.consent_history
-            ],
+            "consent_history": [consent_event_json(e) for e in copy.consent_history],
             "corrections": [
                 correction_json(c) for c in opened_corrections(dek, mid, copy.corrections)
             ],
