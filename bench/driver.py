@@ -3,7 +3,7 @@
 ``run_schedule`` runs a list of slices (see ``Slice``), one after the other, in spawned
 processes that stay up for the whole list: P load workers, each with one grpc.aio channel
 per server and C concurrent in-flight calls of the slice's RPC, and, when the list has raw
-slices, one argon2-cffi process with os.cpu_count() threads (argon2-cffi releases the GIL).
+slices, one argon2-cffi process with a thread per usable CPU (argon2-cffi releases the GIL).
 Only the processes that own a slice's scenario run it; the others, and the servers not in
 it, sit idle. The parent starts a slice only when every call of the previous one has
 returned, so no work spills into the next measurement. Each slice keeps the latency of
@@ -85,6 +85,29 @@ def open_channel(address: str, tls: ClientTls | None = None) -> grpc.aio.Channel
     if tls is None:
         return grpc.aio.insecure_channel(address)
     return grpc.aio.secure_channel(address, tls.credentials())
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """``bench/run.py --pin``: the servers and raw argon2 may run on the ``server`` CPUs
+    only, the load workers on the ``client`` CPUs: the client's own work is then off
+    the cores the two sides of a ratio are measured on."""
+
+    server: frozenset[int]
+    client: frozenset[int]
+
+    @classmethod
+    def halves(cls) -> Pinning:
+        """The first half of this process's CPUs (at least one) for the servers, the rest
+        for the client."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise RuntimeError("--pin needs at least 2 CPUs")
+        half = len(cpus) // 2
+        return cls(frozenset(cpus[:half]), frozenset(cpus[half:]))
+
+    def server_command(self, cmd: list[str]) -> list[str]:
+        return ["taskset", "--cpu-list", ",".join(map(str, sorted(self.server))), *cmd]
 
 
 @dataclass(frozen=True)
@@ -261,11 +284,17 @@ async def _drive(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
             link.send(DONE, (index, sample))
 
 
-def _load_worker(loads: Mapping[str, Load], worker: int, link: _Link) -> None:
+def _load_worker(
+    loads: Mapping[str, Load], worker: int, cpus: frozenset[int] | None, link: _Link
+) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     asyncio.run(_drive(loads, worker, link))
 
 
-def _argon2_worker(ops: Mapping[str, RawOp], params: Argon2Params, link: _Link) -> None:
+def _argon2_worker(
+    ops: Mapping[str, RawOp], params: Argon2Params, cpus: frozenset[int] | None, link: _Link
+) -> None:
     # Its own session, like the service (run.serve): with the kernel's autogroup scheduling
     # each session is one CPU-share group, so on a shared machine the raw hashing threads
     # and the service's get the same share, not this process's share of the bench's group.
@@ -287,7 +316,9 @@ def _argon2_worker(ops: Mapping[str, RawOp], params: Argon2Params, link: _Link) 
                 latencies.append((t1 - t0) * 1000)
         return latencies
 
-    threads = os.cpu_count() or 1
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+    threads = len(os.sched_getaffinity(0))  # as the service's pool: a thread per usable CPU
     with ThreadPoolExecutor(threads) as pool:  # threads made once, idle between slices
         link.send(READY)
         while (command := link.commands.get()) is not None:
@@ -374,6 +405,7 @@ def run_schedule(
     workers: int,
     raw: Mapping[str, RawOp] | None = None,
     params: Argon2Params | None = None,
+    pin: Pinning | None = None,
 ) -> list[Sample]:
     """Run the slices of `schedule` one after the other (RPC scenarios from `loads` on
     `workers` processes, raw argon2 ones from `raw` in one more); each starts when every
@@ -381,11 +413,12 @@ def run_schedule(
     raw = raw or {}
     if unknown := {part.scenario for part in schedule} - set(loads) - set(raw):
         raise ValueError(f"no load for {sorted(unknown)}")
+    client, server = (None, None) if pin is None else (pin.client, pin.server)
     jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
-        (_load_worker, (dict(loads), w)) for w in range(workers)
+        (_load_worker, (dict(loads), w, client)) for w in range(workers)
     ]
     if raw:
-        jobs.append((_argon2_worker, (dict(raw), params or Argon2Params())))
+        jobs.append((_argon2_worker, (dict(raw), params or Argon2Params(), server)))
     load_workers, argon2 = set(range(workers)), {workers}
     with _Workers(jobs) as processes:
         return [

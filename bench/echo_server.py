@@ -15,6 +15,15 @@ for readiness and uses a default ``grpc.aio.server()`` on asyncio's own event lo
 (``PRIVACY_VAULT_EVENT_LOOP=uvloop`` puts it on uvloop, the service's default loop). The
 service sets only limits (message sizes, no SO_REUSEPORT), no throughput tuning, so
 neither side is tuned.
+It also answers MemberService.Authenticate the barest way a gRPC server can check a
+password: argon2-cffi's verify of the request's password against one hash made at start,
+on a thread pool of one thread per usable CPU (the service's default pool), with the argon2
+costs of PRIVACY_VAULT_ARGON2_* (the service's); the answer has the service's shape (a
+member id and a 43-character session token). Against raw argon2 it is the floor that the
+gRPC framework and the client's own work leave on the machine; against the service's
+Authenticate, the difference is the service's own work around the hash (failure
+counters, lookups, DEK, session, access log, the write).
+
 Run: ``python bench/echo_server.py`` (the privacyvault stubs must be importable).
 """
 
@@ -22,11 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import VerificationError
+from driver import PASSWORD
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -58,6 +73,41 @@ async def get_member(
     return member_pb2.GetMemberResponse(member=member)
 
 
+class _Verifier:
+    """argon2id verification of one password on a thread pool: the bare check."""
+
+    def __init__(self, password: str) -> None:
+        env = os.environ.get
+        self._hasher = PasswordHasher(
+            time_cost=int(env("PRIVACY_VAULT_ARGON2_TIME_COST", "2")),
+            memory_cost=int(env("PRIVACY_VAULT_ARGON2_MEMORY_COST", "19456")),
+            parallelism=int(env("PRIVACY_VAULT_ARGON2_PARALLELISM", "1")),
+            hash_len=32,
+            salt_len=16,
+            type=Type.ID,
+        )
+        self._encoded = self._hasher.hash(password)
+        threads = len(os.sched_getaffinity(0))  # the service's default: usable CPUs
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="argon2")
+        self._member_id = str(uuid.uuid4())
+
+    def _verify(self, password: str) -> bool:
+        try:
+            return bool(self._hasher.verify(self._encoded, password))
+        except VerificationError:
+            return False
+
+    async def authenticate(
+        self, request: member_pb2.AuthenticateRequest, context: Any
+    ) -> member_pb2.AuthenticateResponse:
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self._pool, self._verify, request.password):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong password")
+        return member_pb2.AuthenticateResponse(
+            member_id=self._member_id, session_token=secrets.token_urlsafe(32)
+        )
+
+
 def _mtls_credentials() -> grpc.ServerCredentials | None:
     """The same TLS as the service's (mTLS, client certificates required), if configured."""
     files = [os.environ.get(f"PRIVACY_VAULT_TLS_{n}_FILE") for n in ("CERT", "KEY", "CLIENT_CA")]
@@ -71,17 +121,21 @@ def _mtls_credentials() -> grpc.ServerCredentials | None:
 
 async def serve(address: str) -> None:
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(
-        get_member,
-        request_deserializer=member_pb2.GetMemberRequest.FromString,
-        response_serializer=member_pb2.GetMemberResponse.SerializeToString,
-    )
+    verifier = _Verifier(PASSWORD)
+    handlers = {
+        "GetMember": grpc.unary_unary_rpc_method_handler(
+            get_member,
+            request_deserializer=member_pb2.GetMemberRequest.FromString,
+            response_serializer=member_pb2.GetMemberResponse.SerializeToString,
+        ),
+        "Authenticate": grpc.unary_unary_rpc_method_handler(
+            verifier.authenticate,
+            request_deserializer=member_pb2.AuthenticateRequest.FromString,
+            response_serializer=member_pb2.AuthenticateResponse.SerializeToString,
+        ),
+    }
     server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "privacyvault.v1.MemberService", {"GetMember": handler}
-            ),
-        )
+        (grpc.method_handlers_generic_handler("privacyvault.v1.MemberService", handlers),)
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -35,6 +35,7 @@ from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.member_rights import MEMBER_RIGHTS
 from service.server import RunningServer
 from vault import FrozenClock
+from vault.sessions import PURGE_BATCH, PURGE_EVERY
 from vault.store.contracts.login_failures import FailedLogin
 
 Code = grpc.StatusCode
@@ -251,6 +252,22 @@ async def test_a_members_21st_session_ends_the_oldest(
     for session in sessions[1:]:
         await _get(members, member_id, session)
     assert len(await _stored_sessions(store_url)) == 20
+
+
+async def test_every_16th_login_purges_anyones_expired_sessions(
+    members: MemberServiceStub, clock: FrozenClock, store_url: str
+) -> None:
+    """The login transaction deletes expired sessions only every PURGE_EVERY-th time
+    (this server's first login is one): the others are a statement shorter."""
+    assert (PURGE_BATCH, PURGE_EVERY) == (100, 16)  # six purged per login, one added
+    expired_id, _ = await signed_in(members)  # login 0: purges (nothing yet)
+    clock.advance(timedelta(minutes=16))  # its session is now idle-expired
+    request = sign_up_request()
+    await members.SignUp(request)
+    for login in range(1, PURGE_EVERY + 1):
+        await member_session(members, request)
+        stored = {str(row[1]) for row in await _stored_sessions(store_url)}
+        assert (expired_id in stored) == (login < PURGE_EVERY), login
 
 
 # --- revocation ---------------------------------------------------------------------------------

@@ -125,6 +125,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         # A connection must finish its (TLS) handshake in this long.
         ("grpc.server_handshake_timeout_ms", 20_000),
+        # No bandwidth-delay probing: it sizes flow-control windows for bulk transfers
+        # and costs a PING round trip per burst of data; our messages are small
+        # (bench/README.md: worth ~0.01-0.02 of Authenticate / raw argon2).
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 

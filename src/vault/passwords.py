@@ -36,6 +36,14 @@ _R = TypeVar("_R")
 _MEAN_WEIGHT = 0.1
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's cpuset, taskset), not the
+    machine's: more hashing threads than that only take turns."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True, slots=True)
 class Argon2Profile:
     """argon2id cost parameters; memory_cost is in KiB."""
@@ -77,7 +85,7 @@ class PasswordHasher:
         queue_limit: int | None = None,
     ) -> None:
         self.profile = profile
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or usable_cpus()
         self.queue_limit = queue_limit or QUEUE_PER_WORKER * self.workers
         if self.workers < 1 or self.queue_limit < 1:
             raise ValueError("workers and queue_limit must be at least 1")

@@ -9,7 +9,9 @@ the login at the latest; EndSession, a password change or reset (in the password
 write's own transaction, :mod:`vault.store.sql.passwords`) and the member's shred
 end it sooner. A member has at most ``sessions_per_member`` live sessions:
 a login past it ends the oldest, so a loop of logins cannot grow the table, and
-each login purges a batch of anyone's expired sessions with it.
+every ``PURGE_EVERY``-th login purges a batch of anyone's expired sessions with it
+(more than the logins in between added, so expired rows cannot pile up; the
+other logins' transactions are a statement shorter).
 
 Every refusal is one :class:`~vault.errors.MemberSessionRequired`, whatever the
 reason, so the answer tells nothing about the member or the token.
@@ -36,8 +38,9 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 #: A use moves the idle end only when that gains more than this: a burst of calls
 #: from one page writes once, and the idle lifetime is exact to within a minute.
 REFRESH_STEP = timedelta(minutes=1)
-#: Expired sessions (anyone's) deleted with each login.
-PURGE_BATCH = 100
+#: Expired sessions (anyone's) deleted with every PURGE_EVERY-th login of a process:
+#: up to 100 / 16 (6) per login, while a login adds one.
+PURGE_BATCH, PURGE_EVERY = 100, 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,7 @@ class MemberSessions:
         self._idle = settings.session_idle
         self._lifetime = settings.session_lifetime
         self._keep = settings.sessions_per_member
+        self._logins = 0
 
     def __repr__(self) -> str:
         return f"<MemberSessions idle={self._idle} lifetime={self._lifetime}>"
@@ -77,7 +81,9 @@ class MemberSessions:
         now = self._clock.now()
         ends = now + self._lifetime
         row = SessionRow(token_hash(token), member_id, now, min(now + self._idle, ends), ends)
-        return token, NewSession(row, self._keep, PURGE_BATCH)
+        purge = PURGE_BATCH if self._logins % PURGE_EVERY == 0 else 0
+        self._logins += 1
+        return token, NewSession(row, self._keep, purge)
 
     async def start(self, member_id: str) -> str:
         """A new session for an authenticated member, in a transaction of its own

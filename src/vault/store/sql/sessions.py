@@ -86,7 +86,8 @@ async def write_session(tx: Tx, d: Dialect, params: SessionParams) -> None:
     row, keep, limit = params
     await tx.run(_INSERT_SESSION[d.name], *row)
     await tx.run(_PRUNE_MEMBER_SESSIONS[d.name], row[1], row[2], keep)
-    await tx.run(_PURGE_SESSIONS[d.name], row[2], limit)
+    if limit:  # most logins purge nothing (vault.sessions.PURGE_EVERY)
+        await tx.run(_PURGE_SESSIONS[d.name], row[2], limit)
 
 
 def _row(d: Dialect, r: Sequence[Any]) -> SessionRow:
