@@ -30,7 +30,8 @@ from vault.calls import current_caller
 from vault.clock import Clock
 from vault.errors import NotFound
 from vault.mail import POLICY_CHANGED
-from vault.members import VaultSettings, load_member, log
+from vault.member_rows import load_member
+from vault.members import VaultSettings, log
 from vault.page_tokens import CONSENT_LISTING, decode_page_token, encode_cursor
 from vault.policy import ConsentChoice, Violations
 from vault.purposes import (

@@ -45,9 +45,9 @@ from vault.errors import (
     CorrectionNotFound,
     CorrectionPending,
     CorrectionResolved,
-    NotFound,
 )
 from vault.member_keys import MemberKeys
+from vault.member_rows import load_member
 from vault.policy import Violations
 from vault.store.base import (
     CORRECTABLE_FIELDS,
@@ -136,19 +136,6 @@ def _checked_correction_id(value: str, v: Violations) -> str:
     return ids.canonical_member_id(value) or ""
 
 
-async def _load(store: MemberStore, member_id: str) -> MemberRow:
-    """As vault.members.load_member (which this module cannot import: retention,
-    which members imports, imports this)."""
-    v = Violations()
-    mid = policy.check_member_id(member_id, v)
-    v.raise_if_any()
-    assert mid
-    row = await store.get_member(mid)
-    if row is None:
-        raise NotFound
-    return row
-
-
 class Corrections:
     """Reached as ``vault.corrections``. Holds no gRPC and no SQL."""
 
@@ -228,13 +215,13 @@ class Corrections:
 
     async def member_corrections(self, member_id: str) -> list[Correction]:
         """The member's corrections, oldest first, texts opened."""
-        row = await _load(self._store, member_id)
+        row = await load_member(self._store, member_id)
         return await self._opened(row.member_id, await self._store.list_corrections(row.member_id))
 
     async def _opened(self, member_id: str, rows: list[CorrectionRow]) -> list[Correction]:
         if not rows:
             return []
-        row = await _load(self._store, member_id)
+        row = await load_member(self._store, member_id)
 
         async def read(r: MemberRow, dek: _hazmat.SecretKey) -> list[Correction]:
             return opened_corrections(dek, r.member_id, rows)

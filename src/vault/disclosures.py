@@ -64,7 +64,8 @@ from vault.ledger import (
 )
 from vault.mail import CORRECTED_VALUE_PREFIX, CORRECTION_NOTICE, SEALED_PREFIX, SEALED_RECIPIENT
 from vault.member_keys import MemberKeys
-from vault.members import VaultSettings, load_member, log
+from vault.member_rows import load_member
+from vault.members import VaultSettings, log
 from vault.page_tokens import DISCLOSURE_LISTING, decode_page_token, encode_cursor
 from vault.policy import PII_FIELDS, Violations
 from vault.purposes import NO_CONSENT, provision_spec

@@ -18,7 +18,8 @@ from vault.corrections import Correction, correction_json, opened_corrections
 from vault.errors import PreconditionFailed
 from vault.ledger import entry_json, opened_ledger
 from vault.member_keys import MemberKeys
-from vault.members import AccessEntry, MemberView, VaultSettings, load_member, member_view
+from vault.member_rows import load_member
+from vault.members import AccessEntry, MemberView, VaultSettings, member_view
 from vault.policy import Purpose
 from vault.purposes import consent_event_json, consent_outdated
 from vault.store.base import (

@@ -44,6 +44,7 @@ from vault.lifecycle import BatchHook, Lifecycle, LifecyclePolicy
 from vault.login_guard import LOGIN_FAILED, LoginGuard
 from vault.mail import SEALED_PREFIX, MailOutbox, Recipient
 from vault.member_keys import KEY_CHANGE_RETRIES, MemberKeys
+from vault.member_rows import load_member
 from vault.members import AccessEntry as AccessEntry
 from vault.members import (
     AccessPage,
@@ -55,7 +56,6 @@ from vault.members import (
     VaultSettings,
     WithdrawalOutcome,
     checked_changes,
-    load_member,
     log,
     member_view,
     open_member_field,

@@ -1,4 +1,5 @@
-"""The vault's member types, settings and the one way a member row is read.
+"""The vault's member types and settings (a member row is read by
+:func:`vault.member_rows.load_member`).
 
 Shared by the facade and the components it delegates to (recovery, export), so
 none of them imports the facade.
@@ -9,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
 
 import structlog
 
 from vault import _hazmat, member_cipher, policy
-from vault.errors import NotFound
 from vault.login_guard import LoginGuardSettings
 from vault.policy import ConsentChoice, Violations
 from vault.purposes import DEFAULT_CATALOGUE, PurposeCatalogue
@@ -180,22 +179,6 @@ class AccessPage:
 class WithdrawalOutcome:
     destroyed_at: datetime | None = None
     retained_until: datetime | None = None
-
-
-class MemberReader(Protocol):
-    async def get_member(self, member_id: str) -> MemberRow | None: ...
-
-
-async def load_member(store: MemberReader, member_id: str) -> MemberRow:
-    """The member's row; InvalidInput for a malformed id, NotFound for none."""
-    v = Violations()
-    mid = policy.check_member_id(member_id, v)
-    v.raise_if_any()
-    assert mid
-    row = await store.get_member(mid)
-    if row is None:
-        raise NotFound
-    return row
 
 
 open_member_field = member_cipher.open_row_field

@@ -31,7 +31,8 @@ from vault.mail import (
     SEALED_RECIPIENT,
 )
 from vault.member_keys import MemberKeys
-from vault.members import BlindIndexes, VaultSettings, load_member, log, open_member_field
+from vault.member_rows import load_member
+from vault.members import BlindIndexes, VaultSettings, log, open_member_field
 from vault.passwords import MAX_RETRY_AFTER, MIN_RETRY_AFTER, PasswordHasher
 from vault.policy import Violations
 from vault.store.base import (
