@@ -8,12 +8,17 @@ import base64
 import hashlib
 import hmac
 import struct
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
-from grpc_support import Metadata, field_violations, sign_up_request, vault_session
+from grpc_support import Metadata, error_info, field_violations, sign_up_request, vault_session
 
+from privacyvault.v1 import consent_pb2 as cpb
+from privacyvault.v1 import consent_pb2_grpc, disclosure_pb2_grpc
+from privacyvault.v1 import disclosure_pb2 as dpb
 from privacyvault.v1 import member_pb2 as pb
 from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.config import Settings
@@ -218,3 +223,37 @@ def test_the_page_token_key_is_hkdf_of_the_index_key_under_its_own_purpose() -> 
     assert _hazmat.token_tag(other, data) != expected
     assert _hazmat.blind_index(index_key, "page-token", data.decode())[:16] != expected
     assert repr(key) == "<MacKey id=1>"  # no key bytes
+
+
+#: Every list RPC that pages, called with a request's fields and the member's session.
+_LISTS: dict[str, Callable[[grpc.aio.Channel, dict[str, Any], Metadata], Awaitable[Any]]] = {
+    "ListAccessHistory": lambda channel, fields, session: MemberServiceStub(
+        channel
+    ).ListAccessHistory(pb.ListAccessHistoryRequest(**fields), metadata=session),
+    "ListConsentHistory": lambda channel, fields, session: consent_pb2_grpc.ConsentServiceStub(
+        channel
+    ).ListConsentHistory(cpb.ListConsentHistoryRequest(**fields), metadata=session),
+    "ListDisclosures": lambda channel, fields, session: disclosure_pb2_grpc.DisclosureServiceStub(
+        channel
+    ).ListDisclosures(dpb.ListDisclosuresRequest(**fields), metadata=session),
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(_LISTS))
+async def test_every_list_checks_its_page_alike(
+    rpc: str, members: MemberServiceStub, channel: grpc.aio.Channel, server: RunningServer
+) -> None:
+    member_id = (await members.SignUp(sign_up_request())).member_id
+    session = await vault_session(server, member_id)
+    bad = {"member_id": member_id, "page_size": -1, "page_token": "garbage!"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _LISTS[rpc](channel, bad, session)
+    assert caught.value.code() == Code.INVALID_ARGUMENT
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+    assert field_violations(caught.value) == {
+        "page_size": "must not be negative",
+        "page_token": f"is not a token {rpc} returned for this member",
+    }
+    # More than the most is cut to it (AIP-158), not refused.
+    page = await _LISTS[rpc](channel, {"member_id": member_id, "page_size": 2**31 - 1}, session)
+    assert page.next_page_token == ""

@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from typing import Protocol
 
 from vault import _hazmat, policy
@@ -32,7 +33,7 @@ from vault.errors import NotFound
 from vault.mail import POLICY_CHANGED
 from vault.member_rows import load_member
 from vault.members import VaultSettings, log
-from vault.page_tokens import CONSENT_LISTING, decode_page_token, encode_cursor
+from vault.page_tokens import CONSENT_LISTING, checked_page, decode_page_token, encode_cursor
 from vault.policy import ConsentChoice, Violations
 from vault.purposes import (
     MEMBERSHIP,
@@ -56,7 +57,6 @@ from vault.store.base import (
     whole_consent_history,
 )
 
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 MAX_CHANGES = 32
 __all__ = [
     "ConsentEventRow",
@@ -210,17 +210,15 @@ class Consents:
         """The member's consent events, newest first, a page at a time."""
         v = Violations()
         mid = policy.check_member_id(member_id, v)
-        if page_size < 0:
-            v.add("page_size", "must not be negative")
-        cursor = None
-        if page_token and mid:
-            cursor = decode_page_token(self._page_token_key, mid, page_token, CONSENT_LISTING)
-        if page_token and cursor is None:
-            v.add("page_token", "is not a token ListConsentHistory returned for this member")
+        opener = (
+            None
+            if mid is None
+            else partial(decode_page_token, self._page_token_key, mid, listing=CONSENT_LISTING)
+        )
+        size, cursor = checked_page(page_size, page_token, opener, "ListConsentHistory", v)
         v.raise_if_any()
         assert mid
         await load_member(self._store, mid)  # NotFound for a member that is gone
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         rows = await self._store.list_consent_events(
             mid, size + 1, None if cursor is None else cursor[1]
         )

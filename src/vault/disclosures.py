@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Protocol
 
 from vault import _hazmat, member_cipher, policy
@@ -66,7 +67,7 @@ from vault.mail import CORRECTED_VALUE_PREFIX, CORRECTION_NOTICE, SEALED_PREFIX,
 from vault.member_keys import MemberKeys
 from vault.member_rows import load_member
 from vault.members import VaultSettings, log
-from vault.page_tokens import DISCLOSURE_LISTING, decode_page_token, encode_cursor
+from vault.page_tokens import DISCLOSURE_LISTING, checked_page, decode_page_token, encode_cursor
 from vault.policy import PII_FIELDS, Violations
 from vault.purposes import NO_CONSENT, provision_spec
 from vault.recovery import sealed_field
@@ -98,7 +99,6 @@ TEXT_MAX = 200
 BASIS_MAX = 500
 EMAIL_MAX = 254
 MAX_RECIPIENT_PURPOSES = 32
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 # Correction notice ids: one per (correction, recipient), so none is queued twice.
 _NOTICE_NAMESPACE = uuid.UUID("5d0c7a52-3f0e-4d8e-9d61-2b7f1c4e8a90")
 
@@ -311,16 +311,14 @@ class Disclosures:
         checked by the caller)."""
         v = Violations()
         mid = policy.check_member_id(member_id, v)
-        if page_size < 0:
-            v.add("page_size", "must not be negative")
-        cursor = None
-        if page_token and mid:
-            cursor = decode_page_token(self._page_token_key, mid, page_token, DISCLOSURE_LISTING)
-        if page_token and cursor is None:
-            v.add("page_token", "is not a token ListDisclosures returned for this member")
+        opener = (
+            None
+            if mid is None
+            else partial(decode_page_token, self._page_token_key, mid, listing=DISCLOSURE_LISTING)
+        )
+        size, cursor = checked_page(page_size, page_token, opener, "ListDisclosures", v)
         v.raise_if_any()
         assert mid
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         entities = await self._entities()
 
         async def read(r: MemberRow, dek: _hazmat.SecretKey) -> DisclosurePage:

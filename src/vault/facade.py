@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from vault import _hazmat, ids, member_cipher, policy
 from vault.activity import Activity
@@ -60,7 +61,7 @@ from vault.members import (
     member_view,
     open_member_field,
 )
-from vault.page_tokens import decode_page_token, encode_page_token
+from vault.page_tokens import checked_page, decode_page_token, encode_page_token
 from vault.passwords import PasswordHasher, PasswordStats
 from vault.policy import Purpose, Violations
 from vault.providers.base import KeyProvider
@@ -92,7 +93,6 @@ __all__ = [
 ]
 
 FIRST_DEK_ID = 1
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,18 +564,10 @@ class Vault:
     async def list_access(self, member_id: str, page_size: int, page_token: str) -> AccessPage:
         v = Violations()
         mid = policy.check_member_id(member_id, v)
-        if page_size < 0:
-            v.add("page_size", "must not be negative")
-        cursor = None
-        if page_token and mid:
-            # Checked before anything reaches the database: only a token this
-            # vault issued for this member's history opens to a cursor.
-            cursor = decode_page_token(self._page_token_key, mid, page_token)
-        if page_token and cursor is None:
-            v.add("page_token", "is not a token ListAccessHistory returned for this member")
+        opener = None if mid is None else partial(decode_page_token, self._page_token_key, mid)
+        size, cursor = checked_page(page_size, page_token, opener, "ListAccessHistory", v)
         v.raise_if_any()
         assert mid
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
         async def read(row: MemberRow, dek: _hazmat.SecretKey) -> AccessPage:
             # One extra row tells whether another page exists.

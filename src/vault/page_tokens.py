@@ -1,4 +1,5 @@
-"""ListAccessHistory's page tokens: opaque to callers, authenticated by us."""
+"""The list RPCs' paging (AIP-158): page sizes, and page tokens opaque to callers
+and authenticated by us."""
 
 from __future__ import annotations
 
@@ -6,14 +7,22 @@ import base64
 import binascii
 import re
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from vault import _hazmat
 from vault.clock import from_micros, to_micros
+from vault.policy import Violations
 from vault.store.base import AccessEntryRow
 
 #: The longest page token accepted (the API's documented limit; ours are 44).
 PAGE_TOKEN_MAX = 128
+#: Every list's page size: 0 asks for the default, and more than the most is cut
+#: to it (AIP-158), so one call reads a bounded number of rows.
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
+
+Cursor = TypeVar("Cursor")
 
 # Page tokens (ListAccessHistory). Opaque to callers and authenticated by us:
 #   token = base64url(version 0x02 | at (int64 µs) | entry_id (int64) | tag (16))
@@ -90,3 +99,30 @@ def decode_page_token(
     if not _MIN_MICROS <= micros <= _MAX_MICROS:
         return None
     return from_micros(micros), entry_id
+
+
+def checked_page(
+    page_size: int,
+    page_token: str,
+    open_token: Callable[[str], Cursor | None] | None,
+    rpc: str,
+    v: Violations,
+) -> tuple[int, Cursor | None]:
+    """A list request's page: the number of rows to answer (0 means
+    DEFAULT_PAGE_SIZE, more than MAX_PAGE_SIZE is cut to it) and the cursor
+    ``page_token`` opens to (None for the first page).
+
+    ``open_token`` opens a token of this listing issued for the member, or answers
+    None; it is None itself when the member id was not valid (then no token is).
+    A negative size and a token that does not open are field violations in ``v``,
+    which the caller raises before the size or cursor is used."""
+    if page_size < 0:
+        v.add("page_size", "must not be negative")
+    cursor = None
+    if page_token:
+        # Checked before anything reaches the database: only a token this vault
+        # issued for this member's listing opens to a cursor.
+        cursor = None if open_token is None else open_token(page_token)
+        if cursor is None:
+            v.add("page_token", f"is not a token {rpc} returned for this member")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), cursor
