@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,133 @@ async def test_bad_correction_requests_are_refused(members: MemberServiceStub) -
         pb.ListCorrectionsRequest(member_id=member_id), metadata=session
     )
     assert list(listed.corrections) == []
+
+
+# --- ListCorrections pages (AIP-158) ------------------------------------------------------
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+async def file_corrections(
+    members: MemberServiceStub, clock: FrozenClock, member_id: str, session: Metadata, n: int
+) -> list[str]:
+    """``n`` corrections, three at each instant (ties, ordered by id), every other
+    one closed (a member has at most 20 pending); their ids."""
+    filed = []
+    for i in range(n):
+        if i % 3 == 0:
+            clock.advance(timedelta(seconds=1))
+        asked = await members.RequestCorrection(
+            pb.RequestCorrectionRequest(member_id=member_id, fields=["name"], note=f"n{i}"),
+            metadata=session,
+        )
+        filed.append(asked.correction.correction_id)
+        if i % 2:
+            await members.CloseCorrection(
+                pb.CloseCorrectionRequest(
+                    member_id=member_id, correction_id=filed[-1], reason="checked"
+                ),
+                metadata=session,
+            )
+    return filed
+
+
+def list_corrections(
+    members: MemberServiceStub, member_id: str, session: Metadata, **paging: Any
+) -> Any:
+    return members.ListCorrections(
+        pb.ListCorrectionsRequest(member_id=member_id, **paging), metadata=session
+    )
+
+
+async def test_pages_cover_every_correction_exactly_once_in_order(
+    members: MemberServiceStub, clock: FrozenClock
+) -> None:
+    member_id, _, session = await new_member(members)
+    filed = await file_corrections(members, clock, member_id, session, 23)
+    seen: list[tuple[int, int, str]] = []
+    token, pages = "", 0
+    while True:
+        page = await list_corrections(members, member_id, session, page_size=5, page_token=token)
+        assert len(page.corrections) <= 5
+        seen.extend(
+            (c.requested_at.seconds, c.requested_at.nanos, c.correction_id)
+            for c in page.corrections
+        )
+        pages += 1
+        if pages == 2:
+            # Requests and closures between pages neither skip nor repeat one.
+            filed += await file_corrections(members, clock, member_id, session, 2)
+            await members.CloseCorrection(
+                pb.CloseCorrectionRequest(
+                    member_id=member_id, correction_id=filed[0], reason="checked"
+                ),
+                metadata=session,
+            )
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == 5
+    assert sorted(c for _, _, c in seen) == sorted(filed)
+    assert seen == sorted(seen)  # oldest first; at one instant, by id
+    # The default page is 20, and more than the most (100) is read as the most.
+    first = await list_corrections(members, member_id, session)
+    assert len(first.corrections) == 20
+    assert first.next_page_token
+    whole = await list_corrections(members, member_id, session, page_size=2**31 - 1)
+    assert [c.correction_id for c in whole.corrections] == [c for _, _, c in seen]
+    assert whole.next_page_token == ""
+
+
+async def test_bad_paging_is_invalid_argument_with_field_violations(
+    members: MemberServiceStub, clock: FrozenClock
+) -> None:
+    member_id, _, session = await new_member(members)
+    other_id, _, other_session = await new_member(members)
+    await file_corrections(members, clock, member_id, session, 3)
+    await file_corrections(members, clock, other_id, other_session, 3)
+    token = (await list_corrections(members, member_id, session, page_size=1)).next_page_token
+    assert token
+    await members.RecordAccess(  # one entry more than the login: a second page
+        pb.RecordAccessRequest(member_id=member_id, action="order.view", ip="192.0.2.1")
+    )
+    history = await members.ListAccessHistory(
+        pb.ListAccessHistoryRequest(member_id=member_id, page_size=1), metadata=session
+    )
+    assert history.next_page_token
+
+    async def refused(mid: str, md: Metadata, **paging: Any) -> dict[str, str]:
+        error = await fails(list_corrections(members, mid, md, **paging), Code.INVALID_ARGUMENT)
+        assert error_info(error).reason == "INVALID_ARGUMENT"
+        return field_violations(error)
+
+    assert await refused(member_id, session, page_size=-1) == {"page_size": "must not be negative"}
+    not_ours = {"page_token": "is not a token ListCorrections returned for this member"}
+    assert await refused(member_id, session, page_token="garbage!") == not_ours
+    # Another member's token, with that member's own session: refused.
+    assert await refused(other_id, other_session, page_token=token) == not_ours
+    # Another listing's token of the same member: refused, and the other way round.
+    assert await refused(member_id, session, page_token=history.next_page_token) == not_ours
+    error = await fails(
+        members.ListAccessHistory(
+            pb.ListAccessHistoryRequest(member_id=member_id, page_token=token), metadata=session
+        ),
+        Code.INVALID_ARGUMENT,
+    )
+    assert set(field_violations(error)) == {"page_token"}
+    # Any character altered, or one more or less: refused.
+    altered = {token[:-1], token + "A", token[1:]}
+    for i, char in enumerate(token):
+        altered.add(token[:i] + _ALPHABET[(_ALPHABET.index(char) + 1) % 64] + token[i + 1 :])
+    for bad in sorted(altered):
+        assert await refused(member_id, session, page_token=bad) == not_ours
+    # Both at once, both named; the token still pages on for its own member.
+    assert set(await refused(member_id, session, page_size=-5, page_token="x")) == {
+        "page_size",
+        "page_token",
+    }
+    rest = await list_corrections(members, member_id, session, page_token=token)
+    assert len(rest.corrections) == 2
 
 
 async def test_the_export_and_a_key_rotation_carry_the_corrections(

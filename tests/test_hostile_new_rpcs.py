@@ -22,6 +22,7 @@ from privacyvault.v1.member_pb2_grpc import MemberServiceStub
 from service.server import RunningServer
 from service.sidecar import Sidecar
 from vault import FrozenClock
+from vault.page_tokens import MAX_PAGE_SIZE
 from vault.store.sql.corrections import MAX_CORRECTIONS, MAX_PENDING_CORRECTIONS
 
 Code = grpc.StatusCode
@@ -76,7 +77,7 @@ async def test_statistics_range_ending_on_the_last_representable_day_is_not_inte
         assert set(field_violations(error)) <= {"start_date", "end_date"}
 
 
-# Was: corrections per member were unbounded and ListCorrections has no paging.
+# Was: corrections per member were unbounded and ListCorrections had no paging.
 # Any caller the policy allows RequestCorrection (no member session needed) can
 # file corrections until the member's ListCorrections answer passes gRPC's 4 MiB
 # limit: the member then gets RESOURCE_EXHAUSTED ("Sent message larger than max")
@@ -150,10 +151,21 @@ async def test_a_members_corrections_in_all_are_bounded_too(
     assert error is not None
     assert error.code() == Code.FAILED_PRECONDITION
     assert error_info(error).reason == "TOO_MANY_CORRECTIONS"
-    listed = await members.ListCorrections(
-        pb.ListCorrectionsRequest(member_id=member_id), metadata=session
-    )
-    assert len(listed.corrections) == MAX_CORRECTIONS
+    # The listing pages (at most MAX_PAGE_SIZE a page, whatever is asked for) and
+    # holds every one of them once.
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await members.ListCorrections(
+            pb.ListCorrectionsRequest(member_id=member_id, page_size=1000, page_token=token),
+            metadata=session,
+        )
+        assert len(page.corrections) == min(MAX_PAGE_SIZE, MAX_CORRECTIONS - len(listed))
+        listed += [c.correction_id for c in page.corrections]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(set(listed)) == len(listed) == MAX_CORRECTIONS
 
 
 # Was: RegisterRecipient took control characters (CR, LF, NUL, ESC) in

@@ -236,6 +236,9 @@ _LISTS: dict[str, Callable[[grpc.aio.Channel, dict[str, Any], Metadata], Awaitab
     "ListDisclosures": lambda channel, fields, session: disclosure_pb2_grpc.DisclosureServiceStub(
         channel
     ).ListDisclosures(dpb.ListDisclosuresRequest(**fields), metadata=session),
+    "ListCorrections": lambda channel, fields, session: MemberServiceStub(channel).ListCorrections(
+        pb.ListCorrectionsRequest(**fields), metadata=session
+    ),
 }
 
 

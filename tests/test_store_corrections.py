@@ -59,6 +59,59 @@ async def test_a_pending_correction_freezes_its_fields_in_the_member_read(vault:
     assert listed[1].resolved_by == "member"
 
 
+async def test_pages_follow_the_listing_order_without_gaps_or_repeats(vault: Store) -> None:
+    member = new_member()
+    other = new_member()
+    await vault.insert_member(member)
+    await vault.insert_member(other)
+    # Inserted out of order; three share an instant (ordered by id among them).
+    requested: list[tuple[int, list[str]]] = [
+        (5, ["name"]),
+        (1, ["email"]),
+        (3, ["name", "email"]),
+        (3, ["mobile_phone"]),
+        (3, ["name"]),
+        (2, ["email", "mobile_phone"]),
+    ]
+    made = [correction(member.member_id, *fields, at=at) for at, fields in requested]
+    for c in made:
+        assert await vault.insert_correction(c, dek_id=1)
+    assert await vault.insert_correction(correction(other.member_id, "name", at=1), dek_id=1)
+    # A released field and a closed one come with their page.
+    assert await vault.update_member(
+        member.member_id, {"email": b"x"}, dek_id=1, corrected_at=ts(6), corrected_by="member"
+    )
+    assert await vault.close_correction(
+        member.member_id, made[3].correction_id, ts(7), "member", b"why", dek_id=1
+    )
+    whole = await vault.list_corrections(member.member_id)
+    assert [(c.requested_at, c.correction_id) for c in whole] == sorted(
+        (c.requested_at, c.correction_id) for c in made
+    )
+    for limit in (1, 2, 4, 6, 100):
+        paged: list[CorrectionRow] = []
+        after = None
+        while True:
+            page = await vault.list_corrections_page(member.member_id, limit, after)
+            assert len(page) <= limit
+            paged += page
+            if len(page) < limit:
+                break
+            after = (page[-1].requested_at, page[-1].correction_id)
+        assert paged == whole, limit
+    last = whole[-1]
+    assert (
+        await vault.list_corrections_page(
+            member.member_id, 10, (last.requested_at, last.correction_id)
+        )
+        == []
+    )
+    assert await vault.list_corrections_page(member.member_id, 0) == []
+    assert await vault.list_corrections_page(str(uuid.uuid4()), 10) == []
+    with pytest.raises(ValueError):
+        await vault.list_corrections_page(member.member_id, -1)
+
+
 async def test_an_update_that_is_no_correction_releases_nothing(vault: Store) -> None:
     member = new_member()
     await vault.insert_member(member)

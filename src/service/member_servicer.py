@@ -31,7 +31,7 @@ from vault import (
     NewMember,
     WithdrawalOutcome,
 )
-from vault.corrections import Correction
+from vault.corrections import Correction, CorrectionPage
 
 CLIENT_IP_KEY = "x-client-ip"
 
@@ -52,7 +52,9 @@ class CorrectionsApi(Protocol):
     async def close(
         self, member_id: str, correction_id: str, reason: str, *, by_member: bool
     ) -> Correction: ...
-    async def member_corrections(self, member_id: str) -> list[Correction]: ...
+    async def member_corrections(
+        self, member_id: str, page_size: int, page_token: str
+    ) -> CorrectionPage: ...
 
 
 class MemberVault(Protocol):
@@ -253,5 +255,10 @@ class MemberServicer(member_pb2_grpc.MemberServiceServicer):
     async def ListCorrections(
         self, request: pb.ListCorrectionsRequest, context: Context
     ) -> pb.ListCorrectionsResponse:
-        found = await self._vault.corrections.member_corrections(request.member_id)
-        return pb.ListCorrectionsResponse(corrections=[correction_pb(c) for c in found])
+        page = await self._vault.corrections.member_corrections(
+            request.member_id, request.page_size, request.page_token
+        )
+        return pb.ListCorrectionsResponse(
+            corrections=[correction_pb(c) for c in page.corrections],
+            next_page_token=page.next_page_token,
+        )

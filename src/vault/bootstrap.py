@@ -270,7 +270,7 @@ def wire_vault(
         retention=Retention(store, retained, keys, clock, settings.withdrawal_retention, activity),
         recovery=Recovery(store, keys, hasher, clock, settings, indexes, decoy_key),
         export=Export(store, keys, clock, settings),
-        corrections=Corrections(store, keys, clock),
+        corrections=Corrections(store, keys, clock, page_token_key),
         statistics=Statistics(store, clock, settings.statistics, settings.purposes),
         sessions=MemberSessions(store, clock, settings),
         consents=Consents(store, clock, settings, page_token_key),

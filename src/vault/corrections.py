@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -48,6 +49,7 @@ from vault.errors import (
 )
 from vault.member_keys import MemberKeys
 from vault.member_rows import load_member
+from vault.page_tokens import checked_page, decode_correction_token, encode_correction_token
 from vault.policy import Violations
 from vault.store.base import (
     CORRECTABLE_FIELDS,
@@ -100,6 +102,12 @@ class Correction:
 
 
 @dataclass(frozen=True, slots=True)
+class CorrectionPage:
+    corrections: tuple[Correction, ...]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class AppliedCorrection:
     """A correction UpdateMember completed: the fields corrected, when, by whom
     (what its notices to the recipients of the old values are made from)."""
@@ -144,10 +152,12 @@ class Corrections:
         store: CorrectionStores,
         keys: MemberKeys,
         clock: Clock,
+        page_token_key: _hazmat.MacKey,
     ) -> None:
         self._store = store
         self._keys = keys
         self._clock = clock
+        self._page_token_key = page_token_key
 
     def __repr__(self) -> str:
         return "<Corrections>"
@@ -213,10 +223,34 @@ class Corrections:
         log.info("correction_closed", member_id=mid, by=by)
         return (await self._opened(mid, [closed]))[0]
 
-    async def member_corrections(self, member_id: str) -> list[Correction]:
-        """The member's corrections, oldest first, texts opened."""
-        row = await load_member(self._store, member_id)
-        return await self._opened(row.member_id, await self._store.list_corrections(row.member_id))
+    async def member_corrections(
+        self, member_id: str, page_size: int, page_token: str
+    ) -> CorrectionPage:
+        """The member's corrections, oldest first, a page at a time, texts opened.
+        Paged by (requested_at, correction_id), which never changes: no correction
+        is on two pages, and none there was at the first page is skipped, whatever
+        is requested or closed meanwhile."""
+        v = Violations()
+        mid = policy.check_member_id(member_id, v)
+        opener = (
+            None if mid is None else partial(decode_correction_token, self._page_token_key, mid)
+        )
+        size, cursor = checked_page(page_size, page_token, opener, "ListCorrections", v)
+        v.raise_if_any()
+        assert mid
+
+        async def read(r: MemberRow, dek: _hazmat.SecretKey) -> CorrectionPage:
+            # One extra row tells whether another page exists.
+            rows = await self._store.list_corrections_page(mid, size + 1, cursor)
+            token = ""
+            if len(rows) > size:
+                last = rows[size - 1]
+                token = encode_correction_token(
+                    self._page_token_key, mid, last.requested_at, last.correction_id
+                )
+            return CorrectionPage(tuple(opened_corrections(dek, mid, rows[:size])), token)
+
+        return await self._keys.read_under_key(await load_member(self._store, mid), read)
 
     async def _opened(self, member_id: str, rows: list[CorrectionRow]) -> list[Correction]:
         if not rows:

@@ -7,6 +7,7 @@ import base64
 import binascii
 import re
 import struct
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -16,30 +17,32 @@ from vault.clock import from_micros, to_micros
 from vault.policy import Violations
 from vault.store.base import AccessEntryRow
 
-#: The longest page token accepted (the API's documented limit; ours are 44).
-PAGE_TOKEN_MAX = 128
 #: Every list's page size: 0 asks for the default, and more than the most is cut
 #: to it (AIP-158), so one call reads a bounded number of rows.
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100
 
 Cursor = TypeVar("Cursor")
 
-# Page tokens (ListAccessHistory). Opaque to callers and authenticated by us:
+# Page tokens (every list's). Opaque to callers and authenticated by us:
 #   token = base64url(version 0x02 | at (int64 µs) | entry_id (int64) | tag (16))
 #   tag   = HMAC(page-token key, "pv.page-token" | version | len|member_id
 #                | len|listing | at | entry_id)[:16]
 # so a token opens only for the member and the listing it was issued for (the
 # page size is not bound: it may change between pages). Anything else -- the
 # old unauthenticated "v1:" text tokens included -- is refused before SQL.
+# ListCorrections' rows have UUIDs, not integers: its cursor is
+#   version 0x02 | at (int64 µs) | correction_id (the UUID's 16 bytes)
+# tagged the same way (55 characters).
 _PAGE_TOKEN_VERSION = 2
 _PAGE_CURSOR = struct.Struct(">Bqq")
-_PAGE_TOKEN_BYTES = _PAGE_CURSOR.size + _hazmat.TOKEN_TAG_SIZE
-_PAGE_TOKEN_TEXT = re.compile(rf"[A-Za-z0-9_-]{{{-(-_PAGE_TOKEN_BYTES * 4 // 3)}}}")
+_UUID_CURSOR = struct.Struct(">Bq16s")
+_TOKEN_ALPHABET = re.compile(r"[A-Za-z0-9_-]*")
 _ACCESS_LISTING = b"access_history"
 #: ListConsentHistory's tokens: the same form, bound to another listing.
 CONSENT_LISTING = b"consent_history"
 #: ListDisclosures' tokens.
 DISCLOSURE_LISTING = b"disclosures"
+_CORRECTION_LISTING = b"corrections"
 _MIN_MICROS, _MAX_MICROS = (
     to_micros(datetime.min.replace(tzinfo=UTC)),
     to_micros(datetime.max.replace(tzinfo=UTC)),
@@ -71,27 +74,51 @@ def encode_cursor(
 ) -> str:
     """A token for the page after the row (``at``, ``row_id``) of ``listing``."""
     cursor = _PAGE_CURSOR.pack(_PAGE_TOKEN_VERSION, to_micros(at), row_id)
+    return _tagged(key, member_id, cursor, listing)
+
+
+def encode_correction_token(
+    key: _hazmat.MacKey, member_id: str, at: datetime, correction_id: str
+) -> str:
+    """A ListCorrections token for the page after the correction (``at``, its id)."""
+    cursor = _UUID_CURSOR.pack(_PAGE_TOKEN_VERSION, to_micros(at), uuid.UUID(correction_id).bytes)
+    return _tagged(key, member_id, cursor, _CORRECTION_LISTING)
+
+
+def _tagged(key: _hazmat.MacKey, member_id: str, cursor: bytes, listing: bytes) -> str:
     tag = _hazmat.token_tag(key, page_token_data(member_id, cursor, listing))
     return base64.urlsafe_b64encode(cursor + tag).decode().rstrip("=")
+
+
+def _opened(
+    key: _hazmat.MacKey, member_id: str, token: str, listing: bytes, cursor_size: int
+) -> bytes | None:
+    """The cursor bytes of a token issued for ``member_id``'s ``listing``, or None.
+    The length and alphabet are checked before decoding, then that the text is the
+    one encoding of its bytes (no altered padding bits), and the tag (in constant
+    time) before the cursor is returned."""
+    size = cursor_size + _hazmat.TOKEN_TAG_SIZE
+    if len(token) != -(-size * 4 // 3) or not _TOKEN_ALPHABET.fullmatch(token):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    if len(raw) != size or base64.urlsafe_b64encode(raw).decode().rstrip("=") != token:
+        return None
+    cursor, tag = raw[:cursor_size], raw[cursor_size:]
+    if not _hazmat.token_tag_matches(key, page_token_data(member_id, cursor, listing), tag):
+        return None
+    return cursor
 
 
 def decode_page_token(
     key: _hazmat.MacKey, member_id: str, token: str, listing: bytes = _ACCESS_LISTING
 ) -> tuple[datetime, int] | None:
     """The (at, entry_id) cursor of a token issued for ``member_id``'s history, or
-    None for anything else. The length and alphabet are checked before decoding,
-    the tag (in constant time) before the cursor is read, and the cursor's values
-    are range-checked after."""
-    if len(token) > PAGE_TOKEN_MAX or not _PAGE_TOKEN_TEXT.fullmatch(token):
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (ValueError, binascii.Error):
-        return None
-    if len(raw) != _PAGE_TOKEN_BYTES:
-        return None
-    cursor, tag = raw[: _PAGE_CURSOR.size], raw[_PAGE_CURSOR.size :]
-    if not _hazmat.token_tag_matches(key, page_token_data(member_id, cursor, listing), tag):
+    None for anything else; the cursor's values are range-checked after the tag."""
+    cursor = _opened(key, member_id, token, listing, _PAGE_CURSOR.size)
+    if cursor is None:
         return None
     version, micros, entry_id = _PAGE_CURSOR.unpack(cursor)
     if version != _PAGE_TOKEN_VERSION or not 0 < entry_id <= _MAX_ENTRY_ID:
@@ -99,6 +126,20 @@ def decode_page_token(
     if not _MIN_MICROS <= micros <= _MAX_MICROS:
         return None
     return from_micros(micros), entry_id
+
+
+def decode_correction_token(
+    key: _hazmat.MacKey, member_id: str, token: str
+) -> tuple[datetime, str] | None:
+    """The (requested_at, correction_id) cursor of a ListCorrections token issued
+    for ``member_id``, or None for anything else."""
+    cursor = _opened(key, member_id, token, _CORRECTION_LISTING, _UUID_CURSOR.size)
+    if cursor is None:
+        return None
+    version, micros, correction_id = _UUID_CURSOR.unpack(cursor)
+    if version != _PAGE_TOKEN_VERSION or not _MIN_MICROS <= micros <= _MAX_MICROS:
+        return None
+    return from_micros(micros), str(uuid.UUID(bytes=correction_id))
 
 
 def checked_page(

@@ -479,9 +479,18 @@ class MemberServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCorrections(self, request, context):
-        """ListCorrections shows the member their corrections, oldest first, with
-        notes and reasons. It needs the member's session (else UNAUTHENTICATED,
-        MEMBER_SESSION_REQUIRED).
+        """ListCorrections pages through the member's corrections, oldest first (by
+        the time requested, then the correction id), with notes and reasons: no
+        correction is on two pages, and none there was at the first page is
+        skipped, whatever is requested or closed meanwhile. Page tokens work as
+        ListAccessHistory's (opaque, authenticated, bound to the member and to
+        this listing): one that is
+        altered, made up or issued for another member or listing is
+        INVALID_ARGUMENT with a field violation on page_token, and a negative
+        page_size one on page_size. It needs the member's session (else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_size or page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -275,9 +275,18 @@ class MemberServiceStub:
     UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
     """
     ListCorrections: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListCorrectionsRequest, _member_pb2.ListCorrectionsResponse]
-    """ListCorrections shows the member their corrections, oldest first, with
-    notes and reasons. It needs the member's session (else UNAUTHENTICATED,
-    MEMBER_SESSION_REQUIRED).
+    """ListCorrections pages through the member's corrections, oldest first (by
+    the time requested, then the correction id), with notes and reasons: no
+    correction is on two pages, and none there was at the first page is
+    skipped, whatever is requested or closed meanwhile. Page tokens work as
+    ListAccessHistory's (opaque, authenticated, bound to the member and to
+    this listing): one that is
+    altered, made up or issued for another member or listing is
+    INVALID_ARGUMENT with a field violation on page_token, and a negative
+    page_size one on page_size. It needs the member's session (else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_size or page_token.
     """
 
 @_typing.type_check_only
@@ -527,9 +536,18 @@ class MemberServiceAsyncStub(MemberServiceStub):
     UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
     """
     ListCorrections: _aio.UnaryUnaryMultiCallable[_member_pb2.ListCorrectionsRequest, _member_pb2.ListCorrectionsResponse]  # type: ignore[assignment]
-    """ListCorrections shows the member their corrections, oldest first, with
-    notes and reasons. It needs the member's session (else UNAUTHENTICATED,
-    MEMBER_SESSION_REQUIRED).
+    """ListCorrections pages through the member's corrections, oldest first (by
+    the time requested, then the correction id), with notes and reasons: no
+    correction is on two pages, and none there was at the first page is
+    skipped, whatever is requested or closed meanwhile. Page tokens work as
+    ListAccessHistory's (opaque, authenticated, bound to the member and to
+    this listing): one that is
+    altered, made up or issued for another member or listing is
+    INVALID_ARGUMENT with a field violation on page_token, and a negative
+    page_size one on page_size. It needs the member's session (else
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_size or page_token.
     """
 
 class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -878,9 +896,18 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.ListCorrectionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.ListCorrectionsResponse, _abc.Awaitable[_member_pb2.ListCorrectionsResponse]]:
-        """ListCorrections shows the member their corrections, oldest first, with
-        notes and reasons. It needs the member's session (else UNAUTHENTICATED,
-        MEMBER_SESSION_REQUIRED).
+        """ListCorrections pages through the member's corrections, oldest first (by
+        the time requested, then the correction id), with notes and reasons: no
+        correction is on two pages, and none there was at the first page is
+        skipped, whatever is requested or closed meanwhile. Page tokens work as
+        ListAccessHistory's (opaque, authenticated, bound to the member and to
+        this listing): one that is
+        altered, made up or issued for another member or listing is
+        INVALID_ARGUMENT with a field violation on page_token, and a negative
+        page_size one on page_size. It needs the member's session (else
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_size or page_token.
         """
 
 def add_MemberServiceServicer_to_server(servicer: MemberServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

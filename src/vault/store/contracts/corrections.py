@@ -22,7 +22,15 @@ class CorrectionStore(Protocol):
         ...
 
     async def list_corrections(self, member_id: str) -> list[CorrectionRow]:
-        """The member's corrections, oldest first."""
+        """The member's corrections, oldest first (by requested_at, then id)."""
+        ...
+
+    async def list_corrections_page(
+        self, member_id: str, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[CorrectionRow]:
+        """At most ``limit`` of the member's corrections in list_corrections' order,
+        those after the one requested at ``after`` = (requested_at, correction_id)
+        if given: a page of ListCorrections, which pages by the last one's pair."""
         ...
 
     async def close_correction(

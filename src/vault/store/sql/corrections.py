@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from vault.errors import PreconditionFailed
-from vault.store._common import require_aware
+from vault.store._common import check_limit, require_aware
 from vault.store.rows import (
     CORRECTABLE_FIELDS,
     CorrectionFieldState,
@@ -37,15 +37,19 @@ _TALLY = both(
     "FROM corrections WHERE member_id = $1"
 )
 #: Bounds on one member's corrections, so no caller can grow a member's record (and
-#: its ListCorrections answer, the export) without end: pending ones at a time, and
+#: its export and retention copy) without end: pending ones at a time, and
 #: all kept (the record of the member's right exercised stays until the shred).
 MAX_PENDING_CORRECTIONS = 20
 MAX_CORRECTIONS = 500
 _COLUMNS = (
     "correction_id, requested_at, requested_by, note_ct, state, resolved_at, resolved_by, reason_ct"
 )
-_LIST = both(
-    f"SELECT {_COLUMNS} FROM corrections WHERE member_id = $1 ORDER BY requested_at, correction_id"
+_OLDEST = "ORDER BY requested_at, correction_id"
+_LIST = both(f"SELECT {_COLUMNS} FROM corrections WHERE member_id = $1 {_OLDEST}")
+_PAGE = both(f"SELECT {_COLUMNS} FROM corrections WHERE member_id = $1 {_OLDEST} LIMIT $2")
+_PAGE_AFTER = both(
+    f"SELECT {_COLUMNS} FROM corrections WHERE member_id = $1 "
+    f"AND (requested_at, correction_id) > ($2, $3) {_OLDEST} LIMIT $4"
 )
 _LIST_FIELDS = both(
     "SELECT correction_id, field, state FROM correction_fields WHERE member_id = $1"
@@ -243,6 +247,30 @@ class SqlCorrections(SqlExecutor):
         key = d.member_id(member_id)
         rows = await self._fetch(_LIST[d.name], key)
         fields = await self._fetch(_LIST_FIELDS[d.name], key) if rows else []
+        return correction_rows(d, str(key), rows, fields)
+
+    async def list_corrections_page(
+        self, member_id: str, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[CorrectionRow]:
+        d = self._dialect
+        key, limit = d.member_id(member_id), check_limit(limit)
+        if after is None:
+            rows = await self._fetch(_PAGE[d.name], key, limit)
+        else:
+            when = d.time(require_aware(after[0]))
+            rows = await self._fetch(_PAGE_AFTER[d.name], key, when, str(after[1]), limit)
+        if not rows:
+            return []
+        # Only the page's fields: at most limit corrections' (3 each).
+        marks = ", ".join(f"${i}" for i in range(2, 2 + len(rows)))
+        fields = await self._fetch(
+            d.sql(
+                "SELECT correction_id, field, state FROM correction_fields "
+                f"WHERE member_id = $1 AND correction_id IN ({marks})"
+            ),
+            key,
+            *(str(r[0]) for r in rows),
+        )
         return correction_rows(d, str(key), rows, fields)
 
     async def close_correction(
