@@ -302,6 +302,7 @@ class PolicyAdminServiceServicer:
 
     def ListPolicyVersions(self, request, context):
         """ListPolicyVersions lists the published versions, oldest first.
+        Reasons: only those every RPC may answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -220,7 +220,9 @@ class PolicyAdminServiceStub:
     Reasons: ALREADY_EXISTS POLICY_VERSION_TAKEN; INVALID_ARGUMENT (a field).
     """
     ListPolicyVersions: _grpc.UnaryUnaryMultiCallable[_consent_pb2.ListPolicyVersionsRequest, _consent_pb2.ListPolicyVersionsResponse]
-    """ListPolicyVersions lists the published versions, oldest first."""
+    """ListPolicyVersions lists the published versions, oldest first.
+    Reasons: only those every RPC may answer.
+    """
 
 @_typing.type_check_only
 class PolicyAdminServiceAsyncStub(PolicyAdminServiceStub):
@@ -245,7 +247,9 @@ class PolicyAdminServiceAsyncStub(PolicyAdminServiceStub):
     Reasons: ALREADY_EXISTS POLICY_VERSION_TAKEN; INVALID_ARGUMENT (a field).
     """
     ListPolicyVersions: _aio.UnaryUnaryMultiCallable[_consent_pb2.ListPolicyVersionsRequest, _consent_pb2.ListPolicyVersionsResponse]  # type: ignore[assignment]
-    """ListPolicyVersions lists the published versions, oldest first."""
+    """ListPolicyVersions lists the published versions, oldest first.
+    Reasons: only those every RPC may answer.
+    """
 
 class PolicyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """PolicyAdminService is the privacy officer's: publishing privacy policy
@@ -279,6 +283,8 @@ class PolicyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _consent_pb2.ListPolicyVersionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_consent_pb2.ListPolicyVersionsResponse, _abc.Awaitable[_consent_pb2.ListPolicyVersionsResponse]]:
-        """ListPolicyVersions lists the published versions, oldest first."""
+        """ListPolicyVersions lists the published versions, oldest first.
+        Reasons: only those every RPC may answer.
+        """
 
 def add_PolicyAdminServiceServicer_to_server(servicer: PolicyAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -252,6 +252,7 @@ class RecipientAdminServiceServicer:
 
     def ListRecipients(self, request, context):
         """ListRecipients lists the registered recipients, by id.
+        Reasons: only those every RPC may answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -195,7 +195,9 @@ class RecipientAdminServiceStub:
     Reasons: ALREADY_EXISTS RECIPIENT_ID_TAKEN; INVALID_ARGUMENT (a field).
     """
     ListRecipients: _grpc.UnaryUnaryMultiCallable[_disclosure_pb2.ListRecipientsRequest, _disclosure_pb2.ListRecipientsResponse]
-    """ListRecipients lists the registered recipients, by id."""
+    """ListRecipients lists the registered recipients, by id.
+    Reasons: only those every RPC may answer.
+    """
 
 @_typing.type_check_only
 class RecipientAdminServiceAsyncStub(RecipientAdminServiceStub):
@@ -213,7 +215,9 @@ class RecipientAdminServiceAsyncStub(RecipientAdminServiceStub):
     Reasons: ALREADY_EXISTS RECIPIENT_ID_TAKEN; INVALID_ARGUMENT (a field).
     """
     ListRecipients: _aio.UnaryUnaryMultiCallable[_disclosure_pb2.ListRecipientsRequest, _disclosure_pb2.ListRecipientsResponse]  # type: ignore[assignment]
-    """ListRecipients lists the registered recipients, by id."""
+    """ListRecipients lists the registered recipients, by id.
+    Reasons: only those every RPC may answer.
+    """
 
 class RecipientAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """RecipientAdminService is the privacy officer's recipients registry. The
@@ -240,6 +244,8 @@ class RecipientAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _disclosure_pb2.ListRecipientsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_disclosure_pb2.ListRecipientsResponse, _abc.Awaitable[_disclosure_pb2.ListRecipientsResponse]]:
-        """ListRecipients lists the registered recipients, by id."""
+        """ListRecipients lists the registered recipients, by id.
+        Reasons: only those every RPC may answer.
+        """
 
 def add_RecipientAdminServiceServicer_to_server(servicer: RecipientAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -144,6 +144,7 @@ class KeyAdminServiceServicer:
     def GetKeyStatus(self, request, context):
         """GetKeyStatus lists every KEK version with its state and how many member
         keys (DEKs) and index keys it still wraps.
+        Reasons: only those every RPC may answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +167,8 @@ class KeyAdminServiceServicer:
         and streams one message per batch, the last with done set. A run that is
         interrupted (or exceeds its deadline; set one long enough) can simply be
         started again: it resumes where the keys are.
+        Reasons: only those every RPC may answer (UNAVAILABLE KEY_UNAVAILABLE
+        when the key provider cannot be reached: start it again later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,6 +198,7 @@ class KeyAdminServiceServicer:
 
     def ListKeyEvents(self, request, context):
         """ListKeyEvents returns the audit trail of key operations, newest first.
+        Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (limit out of range).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,6 +72,7 @@ class KeyAdminServiceStub:
     GetKeyStatus: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.GetKeyStatusRequest, _key_admin_pb2.GetKeyStatusResponse]
     """GetKeyStatus lists every KEK version with its state and how many member
     keys (DEKs) and index keys it still wraps.
+    Reasons: only those every RPC may answer.
     """
     RotateKek: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.RotateKekRequest, _key_admin_pb2.RotateKekResponse]
     """RotateKek adds a KEK version and makes it active: every new DEK, in every
@@ -86,6 +87,8 @@ class KeyAdminServiceStub:
     and streams one message per batch, the last with done set. A run that is
     interrupted (or exceeds its deadline; set one long enough) can simply be
     started again: it resumes where the keys are.
+    Reasons: only those every RPC may answer (UNAVAILABLE KEY_UNAVAILABLE
+    when the key provider cannot be reached: start it again later).
     """
     DestroyKekVersion: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.DestroyKekVersionRequest, _key_admin_pb2.DestroyKekVersionResponse]
     """DestroyKekVersion destroys a KEK version's material, irreversibly. It is
@@ -102,7 +105,9 @@ class KeyAdminServiceStub:
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; ABORTED KEY_CHANGED.
     """
     ListKeyEvents: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeyEventsRequest, _key_admin_pb2.ListKeyEventsResponse]
-    """ListKeyEvents returns the audit trail of key operations, newest first."""
+    """ListKeyEvents returns the audit trail of key operations, newest first.
+    Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (limit out of range).
+    """
 
 @_typing.type_check_only
 class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
@@ -148,6 +153,7 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     GetKeyStatus: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.GetKeyStatusRequest, _key_admin_pb2.GetKeyStatusResponse]  # type: ignore[assignment]
     """GetKeyStatus lists every KEK version with its state and how many member
     keys (DEKs) and index keys it still wraps.
+    Reasons: only those every RPC may answer.
     """
     RotateKek: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.RotateKekRequest, _key_admin_pb2.RotateKekResponse]  # type: ignore[assignment]
     """RotateKek adds a KEK version and makes it active: every new DEK, in every
@@ -162,6 +168,8 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     and streams one message per batch, the last with done set. A run that is
     interrupted (or exceeds its deadline; set one long enough) can simply be
     started again: it resumes where the keys are.
+    Reasons: only those every RPC may answer (UNAVAILABLE KEY_UNAVAILABLE
+    when the key provider cannot be reached: start it again later).
     """
     DestroyKekVersion: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.DestroyKekVersionRequest, _key_admin_pb2.DestroyKekVersionResponse]  # type: ignore[assignment]
     """DestroyKekVersion destroys a KEK version's material, irreversibly. It is
@@ -178,7 +186,9 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     Reasons: NOT_FOUND MEMBER_NOT_FOUND; ABORTED KEY_CHANGED.
     """
     ListKeyEvents: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeyEventsRequest, _key_admin_pb2.ListKeyEventsResponse]  # type: ignore[assignment]
-    """ListKeyEvents returns the audit trail of key operations, newest first."""
+    """ListKeyEvents returns the audit trail of key operations, newest first.
+    Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (limit out of range).
+    """
 
 class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyAdminService is the security team's key management: KEK rotation,
@@ -227,6 +237,7 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_key_admin_pb2.GetKeyStatusResponse, _abc.Awaitable[_key_admin_pb2.GetKeyStatusResponse]]:
         """GetKeyStatus lists every KEK version with its state and how many member
         keys (DEKs) and index keys it still wraps.
+        Reasons: only those every RPC may answer.
         """
 
     @_abc_1.abstractmethod
@@ -253,6 +264,8 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         and streams one message per batch, the last with done set. A run that is
         interrupted (or exceeds its deadline; set one long enough) can simply be
         started again: it resumes where the keys are.
+        Reasons: only those every RPC may answer (UNAVAILABLE KEY_UNAVAILABLE
+        when the key provider cannot be reached: start it again later).
         """
 
     @_abc_1.abstractmethod
@@ -287,6 +300,8 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_admin_pb2.ListKeyEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_admin_pb2.ListKeyEventsResponse, _abc.Awaitable[_key_admin_pb2.ListKeyEventsResponse]]:
-        """ListKeyEvents returns the audit trail of key operations, newest first."""
+        """ListKeyEvents returns the audit trail of key operations, newest first.
+        Reasons: INVALID_ARGUMENT INVALID_ARGUMENT (limit out of range).
+        """
 
 def add_KeyAdminServiceServicer_to_server(servicer: KeyAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -438,6 +438,7 @@ class MemberServiceServicer:
         It needs that session to be a live one of member_id (else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
         second EndSession with the same token).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

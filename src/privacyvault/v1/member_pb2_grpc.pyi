@@ -246,6 +246,7 @@ class MemberServiceStub:
     It needs that session to be a live one of member_id (else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
     second EndSession with the same token).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
     """
     RequestCorrection: _grpc.UnaryUnaryMultiCallable[_member_pb2.RequestCorrectionRequest, _member_pb2.RequestCorrectionResponse]
     """RequestCorrection records the member's request to correct the named
@@ -507,6 +508,7 @@ class MemberServiceAsyncStub(MemberServiceStub):
     It needs that session to be a live one of member_id (else
     UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
     second EndSession with the same token).
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
     """
     RequestCorrection: _aio.UnaryUnaryMultiCallable[_member_pb2.RequestCorrectionRequest, _member_pb2.RequestCorrectionResponse]  # type: ignore[assignment]
     """RequestCorrection records the member's request to correct the named
@@ -849,6 +851,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         It needs that session to be a live one of member_id (else
         UNAUTHENTICATED, MEMBER_SESSION_REQUIRED, which is also the answer to a
         second EndSession with the same token).
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED.
         """
 
     @_abc_1.abstractmethod
