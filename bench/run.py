@@ -68,10 +68,11 @@ RATIOS = (
 )
 #: Measured in the same rounds as Authenticate / raw: argon2 verify behind a bare grpc.aio
 #: server (bench/echo_server.py). Against it, Authenticate shows the service's own work
-#: around the hash; against raw, it shows what the framework and the client leave.
+#: around the hash (the failure counters, lookups, session, access log and their durable
+#: write: at most 15%); against raw, it shows what the framework and the client leave.
 BARE_VERIFY = "argon2 verify, bare grpc.aio"
 AUTHENTICATE_FLOOR = (
-    Ratio("Authenticate", BARE_VERIFY, 0.9),
+    Ratio("Authenticate", BARE_VERIFY, 0.85),
     Ratio(BARE_VERIFY, "argon2 verify (raw)", None),
 )
 ECHO_SERVER = [sys.executable, str(Path(__file__).with_name("echo_server.py"))]
