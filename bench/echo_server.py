@@ -15,14 +15,16 @@ for readiness and uses a default ``grpc.aio.server()`` on asyncio's own event lo
 (``PRIVACY_VAULT_EVENT_LOOP=uvloop`` puts it on uvloop, the service's default loop). The
 service sets only limits (message sizes, no SO_REUSEPORT), no throughput tuning, so
 neither side is tuned.
-It also answers MemberService.Authenticate the barest way a gRPC server can check a
-password: argon2-cffi's verify of the request's password against one hash made at start,
-on a thread pool of one thread per usable CPU (the service's default pool), with the argon2
-costs of PRIVACY_VAULT_ARGON2_* (the service's); the answer has the service's shape (a
-member id and a 43-character session token). Against raw argon2 it is the floor that the
+It also answers MemberService.Authenticate and SignUp the barest way a gRPC server can
+check or hash a password: argon2-cffi's verify of the request's password against one
+hash made at start, or its hash of the request's password, on a thread pool of one
+thread per usable CPU (the service's default pool), with the argon2 costs of
+PRIVACY_VAULT_ARGON2_* (the service's); the answers have the service's shape (a member
+id, and a 43-character session token). Against raw argon2 they are the floor that the
 gRPC framework and the client's own work leave on the machine; against the service's
-Authenticate, the difference is the service's own work around the hash (failure
-counters, lookups, DEK, session, access log, the write).
+RPCs, the difference is the service's own work around the hash (for a login: failure
+counters, lookups, DEK, session, access log, the write; for a sign-up: validation, blind
+indexes, a new DEK, the encrypted fields, the write).
 
 Run: ``python bench/echo_server.py`` (the privacyvault stubs must be importable).
 """
@@ -73,8 +75,9 @@ async def get_member(
     return member_pb2.GetMemberResponse(member=member)
 
 
-class _Verifier:
-    """argon2id verification of one password on a thread pool: the bare check."""
+class _Passwords:
+    """argon2id on a thread pool, the barest way: Authenticate verifies the request's
+    password against one hash made at start, SignUp hashes it and answers a new id."""
 
     def __init__(self, password: str) -> None:
         env = os.environ.get
@@ -107,6 +110,13 @@ class _Verifier:
             member_id=self._member_id, session_token=secrets.token_urlsafe(32)
         )
 
+    async def sign_up(
+        self, request: member_pb2.SignUpRequest, context: Any
+    ) -> member_pb2.SignUpResponse:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._hasher.hash, request.password)
+        return member_pb2.SignUpResponse(member_id=str(uuid.uuid4()))
+
 
 def _mtls_credentials() -> grpc.ServerCredentials | None:
     """The same TLS as the service's (mTLS, client certificates required), if configured."""
@@ -121,7 +131,7 @@ def _mtls_credentials() -> grpc.ServerCredentials | None:
 
 async def serve(address: str) -> None:
     server = grpc.aio.server()
-    verifier = _Verifier(PASSWORD)
+    passwords = _Passwords(PASSWORD)
     handlers = {
         "GetMember": grpc.unary_unary_rpc_method_handler(
             get_member,
@@ -129,9 +139,14 @@ async def serve(address: str) -> None:
             response_serializer=member_pb2.GetMemberResponse.SerializeToString,
         ),
         "Authenticate": grpc.unary_unary_rpc_method_handler(
-            verifier.authenticate,
+            passwords.authenticate,
             request_deserializer=member_pb2.AuthenticateRequest.FromString,
             response_serializer=member_pb2.AuthenticateResponse.SerializeToString,
+        ),
+        "SignUp": grpc.unary_unary_rpc_method_handler(
+            passwords.sign_up,
+            request_deserializer=member_pb2.SignUpRequest.FromString,
+            response_serializer=member_pb2.SignUpResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers(

@@ -11,8 +11,8 @@ of slices, and its median and spread are reported with the pooled rates. Authent
 in rounds of three, with argon2 verify behind a bare grpc.aio server (bench/echo_server.py)
 as the third: Authenticate / that floor is the service's own work around the hash, the
 floor / raw what the gRPC framework and the client leave of the machine (a diagnostic,
-no target). --check exits 1 when a median misses its target or any call returned a
-non-OK status.
+no target); SignUp likewise with the bare server's argon2 hash (both diagnostics).
+--check exits 1 when a median misses its target or any call returned a non-OK status.
 """
 
 from __future__ import annotations
@@ -70,10 +70,15 @@ RATIOS = (
 #: server (bench/echo_server.py). Against it, Authenticate shows the service's own work
 #: around the hash (the failure counters, lookups, session, access log and their durable
 #: write: at most 15%); against raw, it shows what the framework and the client leave.
-BARE_VERIFY = "argon2 verify, bare grpc.aio"
+BARE_VERIFY, BARE_HASH = "argon2 verify, bare grpc.aio", "argon2 hash, bare grpc.aio"
 AUTHENTICATE_FLOOR = (
     Ratio("Authenticate", BARE_VERIFY, 0.85),
     Ratio(BARE_VERIFY, "argon2 verify (raw)", None),
+)
+#: The same for SignUp (argon2 hash behind the bare server).
+SIGN_UP_FLOOR = (
+    Ratio("SignUp", BARE_HASH, None),
+    Ratio(BARE_HASH, "argon2 hash (raw)", None),
 )
 ECHO_SERVER = [sys.executable, str(Path(__file__).with_name("echo_server.py"))]
 SERVICE = [sys.executable, "-m", "service", "serve"]
@@ -305,7 +310,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], list
     per_ratio = 2 * args.warmup + 2 * args.pairs * (args.settle + args.slice)
     print(
         f"running {len(args.only)} interleaved groups of scenarios, ~{per_ratio:.0f} s "
-        "each (Authenticate's, of three, half as long again)...",
+        "each (Authenticate's and SignUp's, of three, half as long again)...",
         file=sys.stderr,
     )
     # Both servers stay up all through: the one not in the current slice sits idle.
@@ -349,8 +354,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Stats], list
         if sign_up.service in args.only:
             pairs(
                 sign_up,
-                {sign_up.service: Load(address, "SignUp", args.password_concurrency, tag=tag)},
+                {
+                    sign_up.service: Load(address, "SignUp", args.password_concurrency, tag=tag),
+                    BARE_HASH: Load(echo, "SignUp", args.password_concurrency, tag=tag),
+                },
                 {sign_up.baseline: "hash"},
+                SIGN_UP_FLOOR,
             )
     return results, paired
 
