@@ -274,7 +274,7 @@ def report(results: dict[str, Stats], paired: list[Paired]) -> bool:
         ok = ok and p.passed
         q1, q3 = p.quartiles
         if p.ratio.target is None:
-            verdict = "(no target: what the framework and the client leave)"
+            verdict = "(reported, no target)"
         else:
             verdict = f"(target median >= {p.ratio.target})  {'PASS' if p.passed else 'MISS'}"
         print(
