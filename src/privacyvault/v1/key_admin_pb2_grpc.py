@@ -155,7 +155,9 @@ class KeyAdminServiceServicer:
         server process, is wrapped under it from the next call on. The previous
         active version becomes decrypt-only.
         Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
-        version, e.g. a read-only mounted key file).
+        version, e.g. a read-only mounted key file); FAILED_PRECONDITION
+        FAILED_PRECONDITION when another RotateKek made the same version at the
+        same time (that one is active: check GetKeyStatus before rotating again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,7 +79,9 @@ class KeyAdminServiceStub:
     server process, is wrapped under it from the next call on. The previous
     active version becomes decrypt-only.
     Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
-    version, e.g. a read-only mounted key file).
+    version, e.g. a read-only mounted key file); FAILED_PRECONDITION
+    FAILED_PRECONDITION when another RotateKek made the same version at the
+    same time (that one is active: check GetKeyStatus before rotating again).
     """
     RewrapMemberKeys: _grpc.UnaryStreamMultiCallable[_key_admin_pb2.RewrapMemberKeysRequest, _key_admin_pb2.RewrapMemberKeysResponse]
     """RewrapMemberKeys moves every member DEK and the index key to the active
@@ -160,7 +162,9 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     server process, is wrapped under it from the next call on. The previous
     active version becomes decrypt-only.
     Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
-    version, e.g. a read-only mounted key file).
+    version, e.g. a read-only mounted key file); FAILED_PRECONDITION
+    FAILED_PRECONDITION when another RotateKek made the same version at the
+    same time (that one is active: check GetKeyStatus before rotating again).
     """
     RewrapMemberKeys: _aio.UnaryStreamMultiCallable[_key_admin_pb2.RewrapMemberKeysRequest, _key_admin_pb2.RewrapMemberKeysResponse]  # type: ignore[assignment]
     """RewrapMemberKeys moves every member DEK and the index key to the active
@@ -250,7 +254,9 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         server process, is wrapped under it from the next call on. The previous
         active version becomes decrypt-only.
         Reasons: UNAVAILABLE KEY_UNAVAILABLE (the key provider cannot add a
-        version, e.g. a read-only mounted key file).
+        version, e.g. a read-only mounted key file); FAILED_PRECONDITION
+        FAILED_PRECONDITION when another RotateKek made the same version at the
+        same time (that one is active: check GetKeyStatus before rotating again).
         """
 
     @_abc_1.abstractmethod

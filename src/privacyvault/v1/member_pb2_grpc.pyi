@@ -63,10 +63,11 @@ class MemberServiceStub:
 
     Member sessions. The member's own rights (GetMember with
     PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
-    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
-    live session of that same member, from Authenticate's session_token, sent
-    as the `x-member-session` metadata value. Without one the call is
-    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    ExportMemberData, StreamMemberData, ListAccessHistory, ListCorrections,
+    EndSession) need a live session of that same member, from Authenticate's
+    session_token, sent as the `x-member-session` metadata value (for
+    RequestCorrection and CloseCorrection it is optional: see there). Without
+    one the call is UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
     id. It is checked after the field limits and the member id's form (a
@@ -169,12 +170,17 @@ class MemberServiceStub:
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
     sessions ended with the member), and the login ID and e-mail are free
-    again. ABORTED if another withdrawal of the same member is in flight. It
-    needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
-    and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
-    toward the lockout); the sessions end with the member.
+    again. Of two withdrawals of the same member at once, one ends the
+    membership and the other is NOT_FOUND MEMBER_NOT_FOUND, or, with a
+    retention rule, may be ABORTED KEY_CHANGED while the first is still moving
+    the member. It needs the member's session (else UNAUTHENTICATED,
+    MEMBER_SESSION_REQUIRED) and the password (wrong: as for ChangePassword,
+    WRONG_CREDENTIALS, counted toward the lockout); the sessions end with the
+    member.
     Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
-    RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
+    RESOURCE_EXHAUSTED OVERLOADED; NOT_FOUND MEMBER_NOT_FOUND (withdrawn by
+    another call meanwhile); ABORTED KEY_CHANGED (the member changed during
+    the move into retention).
     """
     ExportMemberData: _grpc.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -328,10 +334,11 @@ class MemberServiceAsyncStub(MemberServiceStub):
 
     Member sessions. The member's own rights (GetMember with
     PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
-    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
-    live session of that same member, from Authenticate's session_token, sent
-    as the `x-member-session` metadata value. Without one the call is
-    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    ExportMemberData, StreamMemberData, ListAccessHistory, ListCorrections,
+    EndSession) need a live session of that same member, from Authenticate's
+    session_token, sent as the `x-member-session` metadata value (for
+    RequestCorrection and CloseCorrection it is optional: see there). Without
+    one the call is UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
     id. It is checked after the field limits and the member id's form (a
@@ -431,12 +438,17 @@ class MemberServiceAsyncStub(MemberServiceStub):
     when the rule's period ends. Either way every later call for the member is
     NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
     sessions ended with the member), and the login ID and e-mail are free
-    again. ABORTED if another withdrawal of the same member is in flight. It
-    needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
-    and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
-    toward the lockout); the sessions end with the member.
+    again. Of two withdrawals of the same member at once, one ends the
+    membership and the other is NOT_FOUND MEMBER_NOT_FOUND, or, with a
+    retention rule, may be ABORTED KEY_CHANGED while the first is still moving
+    the member. It needs the member's session (else UNAUTHENTICATED,
+    MEMBER_SESSION_REQUIRED) and the password (wrong: as for ChangePassword,
+    WRONG_CREDENTIALS, counted toward the lockout); the sessions end with the
+    member.
     Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
-    RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
+    RESOURCE_EXHAUSTED OVERLOADED; NOT_FOUND MEMBER_NOT_FOUND (withdrawn by
+    another call meanwhile); ABORTED KEY_CHANGED (the member changed during
+    the move into retention).
     """
     ExportMemberData: _aio.UnaryUnaryMultiCallable[_member_pb2.ExportMemberDataRequest, _member_pb2.ExportMemberDataResponse]  # type: ignore[assignment]
     """ExportMemberData returns the member's whole record as a JSON document
@@ -589,10 +601,11 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Member sessions. The member's own rights (GetMember with
     PURPOSE_MEMBER_REQUEST, UpdateMember, ChangePassword, Withdraw,
-    ExportMemberData, StreamMemberData, ListAccessHistory, EndSession) need a
-    live session of that same member, from Authenticate's session_token, sent
-    as the `x-member-session` metadata value. Without one the call is
-    UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
+    ExportMemberData, StreamMemberData, ListAccessHistory, ListCorrections,
+    EndSession) need a live session of that same member, from Authenticate's
+    session_token, sent as the `x-member-session` metadata value (for
+    RequestCorrection and CloseCorrection it is optional: see there). Without
+    one the call is UNAUTHENTICATED with a google.rpc.ErrorInfo of reason
     MEMBER_SESSION_REQUIRED: the same answer for a missing, malformed, unknown,
     expired or ended session, another member's session, and an unknown member
     id. It is checked after the field limits and the member id's form (a
@@ -726,12 +739,17 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         when the rule's period ends. Either way every later call for the member is
         NOT_FOUND (the member's own rights: MEMBER_SESSION_REQUIRED, as the
         sessions ended with the member), and the login ID and e-mail are free
-        again. ABORTED if another withdrawal of the same member is in flight. It
-        needs the member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED)
-        and the password (wrong: as for ChangePassword, WRONG_CREDENTIALS, counted
-        toward the lockout); the sessions end with the member.
+        again. Of two withdrawals of the same member at once, one ends the
+        membership and the other is NOT_FOUND MEMBER_NOT_FOUND, or, with a
+        retention rule, may be ABORTED KEY_CHANGED while the first is still moving
+        the member. It needs the member's session (else UNAUTHENTICATED,
+        MEMBER_SESSION_REQUIRED) and the password (wrong: as for ChangePassword,
+        WRONG_CREDENTIALS, counted toward the lockout); the sessions end with the
+        member.
         Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED or WRONG_CREDENTIALS;
-        RESOURCE_EXHAUSTED OVERLOADED; ABORTED KEY_CHANGED (retry).
+        RESOURCE_EXHAUSTED OVERLOADED; NOT_FOUND MEMBER_NOT_FOUND (withdrawn by
+        another call meanwhile); ABORTED KEY_CHANGED (the member changed during
+        the move into retention).
         """
 
     @_abc_1.abstractmethod
