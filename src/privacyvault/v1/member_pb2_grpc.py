@@ -496,7 +496,9 @@ class MemberServiceServicer:
         altered, made up or issued for another member or listing is
         INVALID_ARGUMENT with a field violation on page_token, and a negative
         page_size one on page_size. It needs the member's session (else
-        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED). Until 2026-12-05 it answered
+        every correction at once: a client that does not follow next_page_token
+        sees the first page only.
         Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
         INVALID_ARGUMENT on page_size or page_token.
         """

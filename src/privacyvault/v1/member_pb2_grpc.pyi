@@ -291,7 +291,9 @@ class MemberServiceStub:
     altered, made up or issued for another member or listing is
     INVALID_ARGUMENT with a field violation on page_token, and a negative
     page_size one on page_size. It needs the member's session (else
-    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED). Until 2026-12-05 it answered
+    every correction at once: a client that does not follow next_page_token
+    sees the first page only.
     Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
     INVALID_ARGUMENT on page_size or page_token.
     """
@@ -559,7 +561,9 @@ class MemberServiceAsyncStub(MemberServiceStub):
     altered, made up or issued for another member or listing is
     INVALID_ARGUMENT with a field violation on page_token, and a negative
     page_size one on page_size. It needs the member's session (else
-    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+    UNAUTHENTICATED, MEMBER_SESSION_REQUIRED). Until 2026-12-05 it answered
+    every correction at once: a client that does not follow next_page_token
+    sees the first page only.
     Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
     INVALID_ARGUMENT on page_size or page_token.
     """
@@ -926,7 +930,9 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         altered, made up or issued for another member or listing is
         INVALID_ARGUMENT with a field violation on page_token, and a negative
         page_size one on page_size. It needs the member's session (else
-        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
+        UNAUTHENTICATED, MEMBER_SESSION_REQUIRED). Until 2026-12-05 it answered
+        every correction at once: a client that does not follow next_page_token
+        sees the first page only.
         Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
         INVALID_ARGUMENT on page_size or page_token.
         """

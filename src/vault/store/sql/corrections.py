@@ -54,6 +54,16 @@ _PAGE_AFTER = both(
 _LIST_FIELDS = both(
     "SELECT correction_id, field, state FROM correction_fields WHERE member_id = $1"
 )
+# A page's fields: those of the corrections from its first to its last, by the page's own
+# order (one statement text whatever the page size, unlike an IN list: asyncpg caches
+# prepared statements by text). A correction added inside that range meanwhile is not in
+# the page's rows, and correction_rows ignores its fields.
+_PAGE_FIELDS = both(
+    "SELECT f.correction_id, f.field, f.state FROM correction_fields f "
+    "JOIN corrections c ON c.member_id = f.member_id AND c.correction_id = f.correction_id "
+    "WHERE f.member_id = $1 AND (c.requested_at, c.correction_id) >= ($2, $3) "
+    "AND (c.requested_at, c.correction_id) <= ($4, $5)"
+)
 # Read under the member's row lock by a withdrawal's check, in the same order.
 _LOCK_LIST = both(f"SELECT {_COLUMNS} FROM corrections WHERE member_id = $1 " + "{update}")
 _ONE = both(f"SELECT {_COLUMNS} FROM corrections WHERE member_id = $1 AND correction_id = $2")
@@ -262,15 +272,8 @@ class SqlCorrections(SqlExecutor):
         if not rows:
             return []
         # Only the page's fields: at most limit corrections' (3 each).
-        marks = ", ".join(f"${i}" for i in range(2, 2 + len(rows)))
-        fields = await self._fetch(
-            d.sql(
-                "SELECT correction_id, field, state FROM correction_fields "
-                f"WHERE member_id = $1 AND correction_id IN ({marks})"
-            ),
-            key,
-            *(str(r[0]) for r in rows),
-        )
+        first, last = rows[0], rows[-1]
+        fields = await self._fetch(_PAGE_FIELDS[d.name], key, first[1], first[0], last[1], last[0])
         return correction_rows(d, str(key), rows, fields)
 
     async def close_correction(
