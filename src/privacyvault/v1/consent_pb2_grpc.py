@@ -118,8 +118,8 @@ class ConsentServiceServicer:
         first: sign-up's answers are the first events. Page tokens work as
         ListAccessHistory's (opaque, authenticated, bound to the member and to
         this listing).
-        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-        page_token.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_size or page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

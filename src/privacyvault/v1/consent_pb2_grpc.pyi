@@ -74,8 +74,8 @@ class ConsentServiceStub:
     first: sign-up's answers are the first events. Page tokens work as
     ListAccessHistory's (opaque, authenticated, bound to the member and to
     this listing).
-    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-    page_token.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_size or page_token.
     """
 
 @_typing.type_check_only
@@ -124,8 +124,8 @@ class ConsentServiceAsyncStub(ConsentServiceStub):
     first: sign-up's answers are the first events. Page tokens work as
     ListAccessHistory's (opaque, authenticated, bound to the member and to
     this listing).
-    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-    page_token.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_size or page_token.
     """
 
 class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -189,8 +189,8 @@ class ConsentServiceServicer(metaclass=_abc_1.ABCMeta):
         first: sign-up's answers are the first events. Page tokens work as
         ListAccessHistory's (opaque, authenticated, bound to the member and to
         this listing).
-        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-        page_token.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_size or page_token.
         """
 
 def add_ConsentServiceServicer_to_server(servicer: ConsentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

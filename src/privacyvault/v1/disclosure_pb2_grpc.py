@@ -105,8 +105,8 @@ class DisclosureServiceServicer:
         member's own rights: it needs a live session of that member in the
         `x-member-session` metadata value (else UNAUTHENTICATED,
         MEMBER_SESSION_REQUIRED). Page tokens work as ListAccessHistory's.
-        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-        page_token.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_size or page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

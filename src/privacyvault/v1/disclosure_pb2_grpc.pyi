@@ -70,8 +70,8 @@ class DisclosureServiceStub:
     member's own rights: it needs a live session of that member in the
     `x-member-session` metadata value (else UNAUTHENTICATED,
     MEMBER_SESSION_REQUIRED). Page tokens work as ListAccessHistory's.
-    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-    page_token.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_size or page_token.
     """
 
 @_typing.type_check_only
@@ -116,8 +116,8 @@ class DisclosureServiceAsyncStub(DisclosureServiceStub):
     member's own rights: it needs a live session of that member in the
     `x-member-session` metadata value (else UNAUTHENTICATED,
     MEMBER_SESSION_REQUIRED). Page tokens work as ListAccessHistory's.
-    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-    page_token.
+    Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+    INVALID_ARGUMENT on page_size or page_token.
     """
 
 class DisclosureServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -171,8 +171,8 @@ class DisclosureServiceServicer(metaclass=_abc_1.ABCMeta):
         member's own rights: it needs a live session of that member in the
         `x-member-session` metadata value (else UNAUTHENTICATED,
         MEMBER_SESSION_REQUIRED). Page tokens work as ListAccessHistory's.
-        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT on
-        page_token.
+        Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
+        INVALID_ARGUMENT on page_size or page_token.
         """
 
 def add_DisclosureServiceServicer_to_server(servicer: DisclosureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

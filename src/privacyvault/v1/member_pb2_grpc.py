@@ -397,7 +397,7 @@ class MemberServiceServicer:
         INVALID_ARGUMENT with a field violation on page_token. It needs the
         member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
-        INVALID_ARGUMENT on page_token.
+        INVALID_ARGUMENT on page_size or page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

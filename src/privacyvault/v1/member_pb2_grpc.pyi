@@ -220,7 +220,7 @@ class MemberServiceStub:
     INVALID_ARGUMENT with a field violation on page_token. It needs the
     member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
-    INVALID_ARGUMENT on page_token.
+    INVALID_ARGUMENT on page_size or page_token.
     """
     FindLoginId: _grpc.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -490,7 +490,7 @@ class MemberServiceAsyncStub(MemberServiceStub):
     INVALID_ARGUMENT with a field violation on page_token. It needs the
     member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
     Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
-    INVALID_ARGUMENT on page_token.
+    INVALID_ARGUMENT on page_size or page_token.
     """
     FindLoginId: _aio.UnaryUnaryMultiCallable[_member_pb2.FindLoginIdRequest, _member_pb2.FindLoginIdResponse]  # type: ignore[assignment]
     """FindLoginId sends the login ID of the account registered with `email` to
@@ -817,7 +817,7 @@ class MemberServiceServicer(metaclass=_abc_1.ABCMeta):
         INVALID_ARGUMENT with a field violation on page_token. It needs the
         member's session (else UNAUTHENTICATED, MEMBER_SESSION_REQUIRED).
         Reasons: UNAUTHENTICATED MEMBER_SESSION_REQUIRED; INVALID_ARGUMENT
-        INVALID_ARGUMENT on page_token.
+        INVALID_ARGUMENT on page_size or page_token.
         """
 
     @_abc_1.abstractmethod
