@@ -13,12 +13,14 @@ back by the worker when the job is done, cancelled or not.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from argon2 import PasswordHasher as _Argon2Hasher
@@ -36,12 +38,65 @@ _R = TypeVar("_R")
 _MEAN_WEIGHT = 0.1
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a container's cpuset, taskset), not the
-    machine's: more hashing threads than that only take turns."""
+def usable_cpus(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> int:
+    """The CPUs this process may use, not the machine's: the CPUs it may run on (a
+    cpuset, taskset), and at most its cgroup's CPU quota rounded up (a Kubernetes CPU
+    limit, ``docker --cpus``). More hashing threads than that only take turns, and the
+    queue (QUEUE_PER_WORKER a thread) would admit work the quota cannot finish."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0)) or 1
+    else:
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(proc_cgroup, cgroup_root)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(proc_cgroup: Path, cgroup_root: Path) -> float | None:
+    """The lowest CPU quota (in CPUs) on this process's cgroup and its ancestors, cgroup
+    v2 (cpu.max) or v1 (cpu.cfs_quota_us / cpu.cfs_period_us); None without one, or
+    where it cannot be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: one hierarchy
+            base, read = cgroup_root, _v2_quota
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own mount
+            base, read = cgroup_root / controllers, _v1_quota
+        else:
+            continue
+        here = base / path.lstrip("/")
+        for directory in (here, *here.parents):
+            if directory != base and base not in directory.parents:
+                break
+            if (quota := read(directory)) is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _v2_quota(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()
+        return int(quota) / int(period) if quota != "max" and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
