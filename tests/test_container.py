@@ -111,6 +111,8 @@ def container(podman: Podman) -> Iterator[Container]:
             "no-new-privileges",
             "--network",
             "host",
+            "--cpus",  # a CPU quota (the cgroup's), as a Kubernetes CPU limit sets
+            "1",
             "--volume",
             f"{volume}:/var/lib/privacy-vault",
             "--env",
@@ -214,9 +216,13 @@ def test_image_serves_read_only_as_non_root_and_stops_on_sigterm(
     logs = podman.run("logs", container.name)
     assert state["ExitCode"] == 0, logs.stdout + logs.stderr
     assert took < 30, "stopped by SIGKILL after the timeout, not by SIGTERM"
-    events = [
-        json.loads(line)["event"]
+    lines = [
+        json.loads(line)
         for line in (logs.stdout + logs.stderr).splitlines()
         if line.startswith("{")
     ]
+    events = [line["event"] for line in lines]
     assert events.index("shutdown_requested") < events.index("server_stopped")
+    # One password thread for the one CPU of its quota, whatever the host has.
+    (started_line,) = [line for line in lines if line["event"] == "server_started"]
+    assert started_line["password_workers"] == 1

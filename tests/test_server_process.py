@@ -20,6 +20,7 @@ from privacyvault.v1 import member_pb2_grpc
 from service.config import Settings
 from service.server import run_server
 from vault import FrozenClock
+from vault.passwords import usable_cpus
 
 MEMBER_SERVICE = "privacyvault.v1.MemberService"
 
@@ -58,6 +59,8 @@ def test_serve_starts_with_defaults_and_stops_gracefully_on_sigterm(
         assert events.index("shutdown_requested") < events.index("server_stopped")
         started = next(e for e in server.events() if e["event"] == "server_started")
         assert started["event_loop"] == ("uvloop" if event_loop == "default" else "asyncio")
+        # The default pool: the CPUs this (child) process may use, as the test's own.
+        assert started["password_workers"] == usable_cpus()
     key_file = data_dir / "kek.json"
     key_bytes = key_file.read_bytes()
     assert (data_dir / "vault.db").exists()

@@ -225,7 +225,7 @@ async def _tracing(settings: Settings, given: Tracing | None) -> AsyncIterator[T
         tracing.close()
 
 
-def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
+def _log_started(settings: Settings, port: int, vault: Vault, *, tls: bool) -> None:
     if settings.admin_token is not None and not tls:
         # The bearer token crosses the network in the clear without TLS.
         log.warning("admin_api_without_tls")
@@ -239,6 +239,8 @@ def _log_started(settings: Settings, port: int, *, tls: bool) -> None:
         environment=settings.environment,
         # What runs, not what was asked for: uvloop falls back to asyncio where missing.
         event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+        # The default follows the CPUs the process may use (affinity, cgroup quota).
+        password_workers=vault.password_stats.workers,
     )
 
 
@@ -279,7 +281,7 @@ async def run_server(
         running = RunningServer(
             server, port, health_servicer, vault, None if metrics is None else metrics.port
         )
-        _log_started(settings, port, tls=credentials is not None)
+        _log_started(settings, port, vault, tls=credentials is not None)
         sidecar_task: asyncio.Task[None] | None = None
         if settings.sidecar_in_process_enabled:
             # The embedded default: lifecycle sweeps in this process. Cancelling a

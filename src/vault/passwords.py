@@ -121,12 +121,14 @@ CHEAPEST = Argon2Profile(time_cost=1, memory_cost=8, parallelism=1)
 @dataclass(frozen=True, slots=True)
 class PasswordStats:
     """Counts since start: jobs admitted (hashes, verifications, the decoy's
-    included), jobs refused because the queue was full, and jobs in flight now."""
+    included), jobs refused because the queue was full, and jobs in flight now;
+    and the pool's threads."""
 
     hashed: int
     verified: int
     refused: int
     in_flight: int
+    workers: int
 
 
 class PasswordHasher:
@@ -171,7 +173,9 @@ class PasswordHasher:
     @property
     def stats(self) -> PasswordStats:
         with self._lock:
-            return PasswordStats(self._hashed, self._verified, self._refused, self._in_flight)
+            return PasswordStats(
+                self._hashed, self._verified, self._refused, self._in_flight, self.workers
+            )
 
     def _admit(self, hashing: bool) -> None:
         """Take a slot, or refuse at once with the time the queue needs to drain."""
