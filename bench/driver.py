@@ -36,12 +36,14 @@ from argon2 import PasswordHasher
 
 try:
     from privacyvault.v1 import member_pb2, member_pb2_grpc
+    from vault.passwords import usable_cpus
 
     SOURCE_PATH: str | None = None
 except ImportError:  # not pip-installed yet: use the source tree (and pass it to servers)
     SOURCE_PATH = str(Path(__file__).resolve().parent.parent / "src")
     sys.path.insert(0, SOURCE_PATH)
     from privacyvault.v1 import member_pb2, member_pb2_grpc
+    from vault.passwords import usable_cpus
 
 Rpc = Literal["GetMember", "Authenticate", "SignUp"]
 RawOp = Literal["hash", "verify"]
@@ -318,7 +320,7 @@ def _argon2_worker(
 
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
-    threads = len(os.sched_getaffinity(0))  # as the service's pool: a thread per usable CPU
+    threads = usable_cpus()  # the service pool's default: affinity and cgroup quota
     with ThreadPoolExecutor(threads) as pool:  # threads made once, idle between slices
         link.send(READY)
         while (command := link.commands.get()) is not None:

@@ -48,6 +48,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from privacyvault.v1 import member_pb2
+from vault.passwords import usable_cpus
 
 _CREATED = Timestamp(seconds=1_700_000_000)
 _SEEN = Timestamp(seconds=1_750_000_000)
@@ -90,8 +91,8 @@ class _Passwords:
             type=Type.ID,
         )
         self._encoded = self._hasher.hash(password)
-        threads = len(os.sched_getaffinity(0))  # the service's default: usable CPUs
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="argon2")
+        # The service pool's default size (affinity and cgroup quota).
+        self._pool = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="argon2")
         self._member_id = str(uuid.uuid4())
 
     def _verify(self, password: str) -> bool:
